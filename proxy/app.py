@@ -1,0 +1,116 @@
+"""``create_app(settings)``: a pure factory. No I/O until the app starts.
+
+Long-lived resources (the pooled upstream session, the rate limiter's storage)
+are made in ``cleanup_ctx`` and closed there; all state is on the app behind
+the typed keys of keys.py.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from .config import Settings
+from .handlers import about_view, healthz_view, model_view, models_view, proxy_view
+from .health import Health
+from .keys import HEALTH, LIMITER, OBSERVER, RUNTIME, SESSION, STARTED_AT
+from .middlewares import Cors, error_middleware
+from .observe import Observer
+from .ratelimit import MemoryRateLimiter, RateLimiter
+from .runtime import RuntimeHolder, build_runtime
+
+__all__ = ["create_app", "make_upstream_session", "server_options"]
+
+# Below the keep-alive timeout of common upstream servers (uvicorn's is 5 s),
+# so we never send a request on a connection the upstream is about to close.
+POOL_KEEPALIVE_SECONDS = 4.0
+
+
+def server_options() -> dict[str, Any]:
+    """Keyword arguments for aiohttp's server (``AppRunner``/``TestServer``).
+
+    The runner must also get ``handler_cancellation=True`` (``TestServer`` always
+    passes it): a client that goes away cancels its handler, which closes the
+    upstream request; aiohttp notices silent disconnects only so.
+
+    - ``auto_decompress=False``: request bodies are forwarded exactly as they came.
+    - ``access_log=None``: our own access log is written when a response *ends*.
+    """
+    return {
+        "auto_decompress": False,
+        "access_log": None,
+        "max_line_size": 8190,
+        "max_field_size": 8190,
+        "max_headers": 100,
+    }
+
+
+def make_upstream_session() -> aiohttp.ClientSession:
+    """One pooled session per process, set up for a pass-through (reliability.md §0.1)."""
+    connector = aiohttp.TCPConnector(
+        limit=0,  # no global cap: the upstreams' own limits apply
+        limit_per_host=0,
+        keepalive_timeout=POOL_KEEPALIVE_SECONDS,
+        enable_cleanup_closed=False,
+        ttl_dns_cache=60,
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        cookie_jar=aiohttp.DummyCookieJar(),  # never carry one client's cookies to another
+        auto_decompress=False,
+        trust_env=False,
+        timeout=aiohttp.ClientTimeout(total=None),
+        skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+        raise_for_status=False,
+    )
+
+
+async def _upstream_session_ctx(app: web.Application) -> AsyncIterator[None]:
+    app[SESSION] = make_upstream_session()
+    yield
+    await app[SESSION].close()
+
+
+async def _limiter_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[RUNTIME].current.settings
+    limiter: RateLimiter
+    if settings.rate_limit_storage is not None:
+        from .ratelimit_redis import RedisRateLimiter
+
+        limiter = RedisRateLimiter(settings.rate_limit_storage)
+    else:
+        limiter = MemoryRateLimiter()
+    app[LIMITER] = limiter
+    yield
+    await limiter.close()
+
+
+def create_app(settings: Settings, observer: Observer | None = None) -> web.Application:
+    """Build the application for ``settings``. Does no I/O."""
+    middlewares = [error_middleware]
+    cors = Cors(settings.server.cors) if settings.server.cors is not None else None
+    if cors is not None:
+        middlewares.insert(0, cors.middleware)
+    app = web.Application(middlewares=middlewares, client_max_size=settings.server.max_body_bytes)
+    app[RUNTIME] = RuntimeHolder(build_runtime(settings))
+    app[STARTED_AT] = time.time()
+    app[HEALTH] = Health()
+    app[OBSERVER] = observer or Observer(settings.log)
+    app[HEALTH].on_change = app[OBSERVER].breaker_changed
+    if cors is not None:
+        app.on_response_prepare.append(cors.on_prepare)
+    app.cleanup_ctx.append(_upstream_session_ctx)
+    app.cleanup_ctx.append(_limiter_ctx)
+
+    router = app.router
+    router.add_get("/healthz", healthz_view, allow_head=True)
+    router.add_get("/about", about_view)
+    for prefix in ("/v1", ""):
+        router.add_get(f"{prefix}/models", models_view)
+        router.add_get(prefix + "/models/{model:.+}", model_view)
+    router.add_route("*", "/{tail:.*}", proxy_view)
+    return app

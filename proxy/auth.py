@@ -1,0 +1,55 @@
+"""Proxy keys: who may use the proxy, and which models.
+
+Keys are held only as SHA-256 digests. A presented key is hashed and compared
+with every configured digest using ``hmac.compare_digest``, always all of
+them, so the time taken does not depend on which key (if any) matched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Sequence
+from fnmatch import fnmatchcase
+
+from multidict import CIMultiDictProxy
+
+from .config import AuthKey
+
+__all__ = ["KeyTable", "presented_key"]
+
+
+def presented_key(headers: CIMultiDictProxy[str]) -> str | None:
+    """The key a client sent: ``Authorization: Bearer <key>`` or Azure-style ``api-key``."""
+    auth = headers.get("Authorization")
+    if auth is not None:
+        scheme, _, token = auth.strip().partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            return token.strip()
+        return None
+    key = headers.get("api-key")
+    return key.strip() if key else None
+
+
+class KeyTable:
+    def __init__(self, keys: Sequence[AuthKey]) -> None:
+        self.keys = tuple(keys)
+
+    def __bool__(self) -> bool:
+        return bool(self.keys)
+
+    def authenticate(self, presented: str | None) -> AuthKey | None:
+        if presented is None:
+            return None
+        digest = hashlib.sha256(presented.encode("utf-8", "surrogatepass")).digest()
+        found: AuthKey | None = None
+        for key in self.keys:
+            if hmac.compare_digest(digest, key.sha256):
+                found = key
+        return found
+
+    @staticmethod
+    def allows(key: AuthKey | None, model: str) -> bool:
+        if key is None or key.models is None:
+            return True
+        return any(fnmatchcase(model, pattern) for pattern in key.models)

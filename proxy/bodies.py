@@ -1,0 +1,106 @@
+"""Reading a request body within bounds, and finding the model in it.
+
+The body is read once, as bytes, with two bounds: ``server.max_body_bytes``
+(a ``Content-Length`` above it is refused before a byte is read; exactly that
+many bytes is accepted, one more is 413) and ``server.body_idle_timeout`` (the
+longest silence while the body arrives, so a slow client cannot hold a
+connection forever). aiohttp's own decompression of request bodies is off
+(``auto_decompress=False``); the bytes read are the bytes that came.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import zlib
+
+from aiohttp import web
+from aiohttp.helpers import parse_mimetype
+
+from .errors import InvalidRequest, RequestTooLarge
+from .findmodel import (
+    FoundModel,
+    find_json_model,
+    find_multipart_model,
+    multipart_boundary,
+)
+
+__all__ = ["decoded_for_routing", "find_model", "read_body"]
+
+
+def _too_large(limit: int) -> RequestTooLarge:
+    return RequestTooLarge(
+        f"The request body is larger than this proxy accepts ({limit} bytes).",
+        param=None,
+    )
+
+
+async def read_body(request: web.Request, limit: int, idle_timeout: float) -> bytes:
+    """All of the body's bytes, as sent, or :class:`RequestTooLarge`."""
+    length = request.content_length
+    if length is not None and length > limit:
+        raise _too_large(limit)
+    content = request.content
+    if length is not None:
+        # One read with a known size: no per-chunk list for the common case.
+        async with asyncio.timeout(idle_timeout) as deadline:
+            chunks: list[bytes] = []
+            size = 0
+            while size < length:
+                chunk = await content.readany()
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+                deadline.reschedule(asyncio.get_running_loop().time() + idle_timeout)
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    chunks = []
+    size = 0
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(idle_timeout) as deadline:
+        while chunk := await content.readany():
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(limit)
+            chunks.append(chunk)
+            deadline.reschedule(loop.time() + idle_timeout)
+    return b"".join(chunks)
+
+
+def decoded_for_routing(body: bytes, content_encoding: str | None, limit: int) -> bytes:
+    """The body as the upstream will understand it, for finding the model only.
+
+    A compressed body is inflated with a hard output bound (``limit``), so a
+    gzip bomb costs at most that much memory; the compressed bytes are what is
+    forwarded.
+    """
+    if not content_encoding or content_encoding.strip().lower() == "identity":
+        return body
+    encoding = content_encoding.strip().lower()
+    if encoding in ("gzip", "x-gzip"):
+        wbits = 16 + zlib.MAX_WBITS
+    elif encoding == "deflate":
+        wbits = zlib.MAX_WBITS
+    else:
+        raise InvalidRequest(
+            f"Content-Encoding {encoding!r} is not supported on this endpoint "
+            "(gzip, deflate or none).",
+            code="unsupported_content_encoding",
+        )
+    inflater = zlib.decompressobj(wbits)
+    try:
+        out = inflater.decompress(body, limit + 1)
+    except zlib.error:
+        raise InvalidRequest(
+            "The request body is not valid compressed data.", code="invalid_body_encoding"
+        ) from None
+    if len(out) > limit or inflater.unconsumed_tail:
+        raise _too_large(limit)
+    return out
+
+
+def find_model(body: bytes, content_type_header: str) -> FoundModel:
+    """The model of a model-routed request: multipart form field or JSON key."""
+    mime = parse_mimetype(content_type_header)
+    if mime.type == "multipart" and mime.subtype == "form-data":
+        return find_multipart_model(body, multipart_boundary(dict(mime.parameters)))
+    return find_json_model(body)

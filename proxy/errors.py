@@ -1,0 +1,179 @@
+"""The one error taxonomy of the proxy, rendered as OpenAI's error JSON in one place.
+
+::
+
+    ProxyError                      status  type                   code
+    ├── InvalidRequest               400    invalid_request_error  (given)
+    ├── Unauthorized                 401    invalid_request_error  invalid_api_key
+    ├── ModelNotAllowed              403    invalid_request_error  model_not_allowed
+    ├── NotFound                     404    invalid_request_error  (given)
+    ├── MethodNotAllowed             405    invalid_request_error  method_not_allowed
+    ├── RequestTooLarge              413    invalid_request_error  request_too_large
+    ├── RateLimited                  429    requests               rate_limit_exceeded
+    ├── UpstreamUnavailable          502    api_error              upstream_unavailable
+    ├── UpstreamAuthFailed           502    api_error              upstream_auth_failed
+    ├── ServiceUnavailable           503    api_error              (given)
+    └── UpstreamTimeout              504    api_error              upstream_timeout
+
+Every response the proxy makes up has exactly the four keys ``message``,
+``type``, ``param`` and ``code`` (``null`` where empty) and the header
+``x-oaimux-error: <code>``, so clients and operators can tell our errors from
+the upstream's. Messages never quote headers, keys or bodies.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+
+from aiohttp import web
+
+__all__ = [
+    "ERROR_HEADER",
+    "InvalidRequest",
+    "MethodNotAllowed",
+    "ModelNotAllowed",
+    "NotFound",
+    "ProxyError",
+    "RateLimited",
+    "RequestTooLarge",
+    "ServiceUnavailable",
+    "Unauthorized",
+    "UpstreamAuthFailed",
+    "UpstreamTimeout",
+    "UpstreamUnavailable",
+    "error_body",
+    "error_response",
+    "from_http_exception",
+]
+
+ERROR_HEADER = "x-oaimux-error"
+
+
+class ProxyError(Exception):
+    """An error the proxy answers itself, before any response byte went out."""
+
+    status = 500
+    type = "api_error"
+    code = "internal_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        param: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        self.param = param
+        self.headers = dict(headers or {})
+
+
+class InvalidRequest(ProxyError):
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class Unauthorized(ProxyError):
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class ModelNotAllowed(ProxyError):
+    status = 403
+    type = "invalid_request_error"
+    code = "model_not_allowed"
+
+
+class NotFound(ProxyError):
+    status = 404
+    type = "invalid_request_error"
+    code = "unknown_url"
+
+
+class MethodNotAllowed(ProxyError):
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
+
+
+class RequestTooLarge(ProxyError):
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class RateLimited(ProxyError):
+    status = 429
+    type = "requests"
+    code = "rate_limit_exceeded"
+
+
+class UpstreamUnavailable(ProxyError):
+    status = 502
+    type = "api_error"
+    code = "upstream_unavailable"
+
+
+class UpstreamAuthFailed(ProxyError):
+    status = 502
+    type = "api_error"
+    code = "upstream_auth_failed"
+
+
+class ServiceUnavailable(ProxyError):
+    status = 503
+    type = "api_error"
+    code = "service_unavailable"
+
+
+class UpstreamTimeout(ProxyError):
+    status = 504
+    type = "api_error"
+    code = "upstream_timeout"
+
+
+def error_body(message: str, type_: str, code: str | None, param: str | None = None) -> bytes:
+    """OpenAI's error object: exactly four keys, ``null`` where empty."""
+    return json.dumps(
+        {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    ).encode()
+
+
+def error_response(err: ProxyError) -> web.Response:
+    """Render a :class:`ProxyError`; the only place an error body is made."""
+    headers = {ERROR_HEADER: err.code, **err.headers}
+    return web.Response(
+        status=err.status,
+        body=error_body(err.message, err.type, err.code, err.param),
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+_HTTP_CODES: dict[int, tuple[type[ProxyError], str, str]] = {
+    400: (InvalidRequest, "invalid_request", "The request could not be parsed."),
+    404: (NotFound, "unknown_url", "Unknown request URL."),
+    405: (MethodNotAllowed, "method_not_allowed", "Method not allowed for this URL."),
+    413: (RequestTooLarge, "request_too_large", "The request body is too large."),
+    431: (InvalidRequest, "headers_too_large", "Request headers are too large."),
+}
+
+
+def from_http_exception(exc: web.HTTPException) -> ProxyError:
+    """Translate aiohttp's own exceptions (router 404/405, body 413) into our taxonomy."""
+    kind, code, message = _HTTP_CODES.get(
+        exc.status, (ProxyError, "internal_error", "The proxy could not handle the request.")
+    )
+    err = kind(message, code=code)
+    if exc.status == 431:
+        err.status = 431
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        err.headers["Allow"] = ", ".join(sorted(exc.allowed_methods))
+    return err

@@ -1,0 +1,267 @@
+"""Find the ``model`` a request names, and rewrite it, without re-serialising the body.
+
+JSON bodies: :func:`find_json_model` walks the top-level object only. Keys are
+decoded with the standard library's C ``scanstring`` (so ``"\\u006dodel"`` is
+``model``, as the JSON standard says) and each value is consumed by the C
+scanner ``json.loads`` itself uses, so the body is validated exactly as
+``json.loads`` would validate it, yet no Python loop runs over anything but
+the top-level keys. Two top-level ``model`` keys are refused as ambiguous: a
+parser that keeps the first and one that keeps the last would disagree about
+where the request goes (the parser-differential lesson of reliability.md §0.9).
+
+Multipart bodies: :func:`find_multipart_model` finds the ``model`` form field
+by scanning part headers (RFC 7578), refusing two of them.
+
+Rewrites (``rewrite_model``) splice new bytes in place of the old value; every
+other byte of the body is kept as it came.
+"""
+
+from __future__ import annotations
+
+import json
+import json.decoder
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp.multipart import parse_content_disposition
+
+from .errors import InvalidRequest
+
+__all__ = [
+    "FoundModel",
+    "find_json_model",
+    "find_multipart_model",
+    "multipart_boundary",
+    "rewrite_model",
+]
+
+# The standard library's own scanner and string decoder (C-accelerated), so the
+# model finder accepts and rejects exactly what json.loads does.
+_DECODER = json.JSONDecoder()
+_scan_value: Callable[[str, int], tuple[Any, int]] = _DECODER.scan_once  # type: ignore[attr-defined]
+_scan_string: Callable[[str, int, bool], tuple[str, int]] = json.decoder.scanstring  # type: ignore[attr-defined]
+_skip_ws: Callable[[str, int], re.Match[str]] = json.decoder.WHITESPACE.match  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True, slots=True)
+class FoundModel:
+    """The model's value and where its encoded form sits in the body (byte offsets)."""
+
+    model: str
+    start: int  # first byte of the value as it is encoded in the body
+    end: int  # one past its last byte
+    # For JSON the value is replaced by a JSON string; for multipart by raw bytes.
+    json_value: bool
+    codec: str = "utf-8"  # how a replacement value is encoded (the body's own encoding)
+
+
+def _missing() -> InvalidRequest:
+    return InvalidRequest("you must provide a model parameter", code="missing_model", param="model")
+
+
+def _invalid_json(detail: str) -> InvalidRequest:
+    return InvalidRequest(
+        f"We could not parse the JSON body of your request ({detail}). "
+        "The OpenAI API expects a JSON payload.",
+        code="invalid_json",
+    )
+
+
+def find_json_model(body: bytes) -> FoundModel:
+    """Return the top-level ``model`` of a JSON object body.
+
+    Raises :class:`InvalidRequest` with code ``invalid_json`` when ``json.loads``
+    would reject the body, ``missing_model`` when there is no top-level string
+    ``model``, and ``ambiguous_model`` when there are two.
+    """
+    try:
+        encoding = json.detect_encoding(body)
+        text = body.decode(encoding, "surrogatepass")
+    except (UnicodeDecodeError, LookupError):
+        raise _invalid_json("not valid UTF-8/16/32 text") from None
+    if text.startswith("\ufeff"):
+        # json.loads refuses a BOM left in decoded text ("Unexpected UTF-8 BOM").
+        raise _invalid_json("unexpected byte order mark")
+    n = len(text)
+    pos = _skip_ws(text, 0).end()
+    if pos >= n or text[pos] != "{":
+        _check_is_json(text, pos)
+        raise _missing()
+    pos = _skip_ws(text, pos + 1).end()
+    found: tuple[str, int, int] | None = None
+    if pos < n and text[pos] == "}":
+        pos += 1
+    else:
+        while True:
+            if pos >= n or text[pos] != '"':
+                raise _invalid_json(f"expected a property name at character {pos}")
+            try:
+                key, pos = _scan_string(text, pos + 1, True)
+            except ValueError as exc:
+                raise _invalid_json(str(exc)) from None
+            pos = _skip_ws(text, pos).end()
+            if pos >= n or text[pos] != ":":
+                raise _invalid_json(f"expected ':' at character {pos}")
+            pos = _skip_ws(text, pos + 1).end()
+            value_start = pos
+            try:
+                value, pos = _scan_value(text, pos)
+            except StopIteration:
+                raise _invalid_json(f"expected a value at character {pos}") from None
+            except (ValueError, RecursionError) as exc:
+                raise _invalid_json(str(exc)) from None
+            if key == "model":
+                if found is not None:
+                    raise InvalidRequest(
+                        "the request names 'model' more than once",
+                        code="ambiguous_model",
+                        param="model",
+                    )
+                found = (value, value_start, pos) if isinstance(value, str) else ("", -1, -1)
+            pos = _skip_ws(text, pos).end()
+            if pos < n and text[pos] == ",":
+                pos = _skip_ws(text, pos + 1).end()
+                continue
+            if pos < n and text[pos] == "}":
+                pos += 1
+                break
+            raise _invalid_json(f"expected ',' or '}}' at character {pos}")
+    if _skip_ws(text, pos).end() != n:
+        raise _invalid_json(f"extra data at character {pos}")
+    if found is None or found[1] < 0:
+        raise _missing()
+    model, start, end = found
+    if encoding != "utf-8":
+        # Rare (UTF-16/32, or a UTF-8 BOM): offsets in code units must be mapped
+        # to bytes by encoding the prefix in the body's own encoding.
+        return _with_byte_offsets(body, text, encoding, model, start, end)
+    if text.isascii():
+        return FoundModel(model, start, end, True)
+    return FoundModel(
+        model,
+        len(text[:start].encode("utf-8", "surrogatepass")),
+        len(text[:end].encode("utf-8", "surrogatepass")),
+        True,
+    )
+
+
+def _with_byte_offsets(
+    body: bytes, text: str, encoding: str, model: str, start: int, end: int
+) -> FoundModel:
+    bom = 0
+    codec = encoding
+    if encoding == "utf-8-sig":
+        bom, codec = 3, "utf-8"
+    elif encoding in ("utf-16", "utf-32"):
+        # json.detect_encoding names these only when a BOM gives the byte order.
+        width = 2 if encoding == "utf-16" else 4
+        little = body[:width] in (b"\xff\xfe", b"\xff\xfe\x00\x00")
+        bom, codec = width, f"{encoding}-{'le' if little else 'be'}"
+    head = len(text[:start].encode(codec, "surrogatepass"))
+    value = len(text[start:end].encode(codec, "surrogatepass"))
+    return FoundModel(model, bom + head, bom + head + value, True, codec)
+
+
+def _check_is_json(text: str, pos: int) -> None:
+    """For a body that is not an object: invalid_json if json.loads refuses it."""
+    try:
+        _, end = _scan_value(text, pos)
+    except StopIteration:
+        raise _invalid_json("the body is empty or not JSON") from None
+    except (ValueError, RecursionError) as exc:
+        raise _invalid_json(str(exc)) from None
+    if _skip_ws(text, end).end() != len(text):
+        raise _invalid_json(f"extra data at character {end}")
+
+
+def multipart_boundary(content_type_params: dict[str, str]) -> bytes:
+    """The boundary parameter of a multipart/form-data Content-Type (RFC 2046 §5.1.1)."""
+    boundary = content_type_params.get("boundary", "")
+    if not 1 <= len(boundary) <= 70:
+        raise InvalidRequest(
+            "multipart/form-data needs a boundary of 1 to 70 characters",
+            code="invalid_multipart",
+        )
+    return boundary.encode("latin-1", "replace")
+
+
+def find_multipart_model(body: bytes, boundary: bytes) -> FoundModel:
+    """Return the value of the ``model`` form field of a complete multipart body.
+
+    Raises ``missing_model`` when no part is named ``model``, ``ambiguous_model``
+    when two are, and ``invalid_multipart`` when the framing is broken.
+    """
+    delimiter = b"--" + boundary
+    # The first delimiter may open the body or follow a preamble line (RFC 2046).
+    if body.startswith(delimiter):
+        pos = 0
+    else:
+        pos = body.find(b"\r\n" + delimiter)
+        if pos < 0:
+            raise _bad_multipart("no boundary found")
+        pos += 2
+    marker = b"\r\n" + delimiter
+    found: FoundModel | None = None
+    while True:
+        pos += len(delimiter)
+        if body.startswith(b"--", pos):
+            break  # close delimiter
+        line_end = body.find(b"\r\n", pos)
+        if line_end < 0:
+            raise _bad_multipart("unterminated boundary line")
+        headers_end = body.find(b"\r\n\r\n", line_end)
+        if headers_end < 0:
+            if body.startswith(b"\r\n", line_end + 2):
+                headers_end = line_end
+            else:
+                raise _bad_multipart("part headers never end")
+        content_start = headers_end + 4
+        next_delim = body.find(marker, content_start)
+        if next_delim < 0:
+            raise _bad_multipart("no closing boundary")
+        if _part_name(body[line_end + 2 : headers_end]) == "model":
+            if found is not None:
+                raise InvalidRequest(
+                    "the form names 'model' more than once", code="ambiguous_model", param="model"
+                )
+            raw = body[content_start:next_delim]
+            try:
+                value = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise InvalidRequest(
+                    "the model field is not UTF-8 text", code="missing_model", param="model"
+                ) from None
+            found = FoundModel(value, content_start, next_delim, False)
+        pos = next_delim + 2
+    if found is None or not found.model:
+        raise _missing()
+    return found
+
+
+def _part_name(header_block: bytes) -> str | None:
+    for line in header_block.split(b"\r\n"):
+        name, sep, value = line.partition(b":")
+        if sep and name.strip().lower() == b"content-disposition":
+            try:
+                _, params = parse_content_disposition(value.decode("utf-8").strip())
+            except (UnicodeDecodeError, ValueError):
+                return None
+            return params.get("name")
+    return None
+
+
+def _bad_multipart(detail: str) -> InvalidRequest:
+    return InvalidRequest(
+        f"The multipart/form-data body could not be parsed: {detail}.", code="invalid_multipart"
+    )
+
+
+def rewrite_model(body: bytes, found: FoundModel, new_model: str) -> bytes:
+    """Return ``body`` with only the model's value replaced by ``new_model``."""
+    if found.json_value:
+        encoded = json.dumps(new_model).encode(found.codec)
+    else:
+        encoded = new_model.encode("utf-8")
+    return b"".join((body[: found.start], encoded, body[found.end :]))

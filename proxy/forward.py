@@ -1,0 +1,306 @@
+"""The hot path: send the request to an upstream and pump the response back.
+
+Contract of :func:`forward`:
+
+- Before the client's response is prepared, every failure becomes a
+  :class:`~proxy.errors.ProxyError` (rendered as OpenAI JSON by the middleware).
+  Upstreams are tried in the route's order (fallback list, or weighted
+  balance then the rest), skipping those whose circuit breaker is open; a
+  retry or a move to the next upstream happens only on a failure before any
+  response byte reached the client: cannot connect, 429 or 5xx, the proxy's own
+  credential refused, and (only when the route opts in) a response timeout.
+- After the response is prepared, the response is the client's. A failure
+  can only abort the client's connection, so no terminating chunk is written
+  and the client library raises instead of taking a truncated body as whole
+  (Go's ReverseProxy does the same: "all we can do is abort the request").
+  No byte the upstream did not send is ever written.
+- The client going away cancels the handler (``handler_cancellation=True``);
+  the ``finally`` below then closes the upstream connection at once, so an
+  abandoned generation stops costing tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDictProxy
+from yarl import URL
+
+from .config import Route
+from .errors import (
+    ProxyError,
+    UpstreamAuthFailed,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from .health import Health, order_upstreams
+from .observe import Exchange, Observer
+from .runtime import Runtime, UpstreamPlan
+
+__all__ = ["OUR_REQUEST_ID_HEADER", "abort_client", "forward"]
+
+log = logging.getLogger("oaimux.forward")
+
+OUR_REQUEST_ID_HEADER = "x-oaimux-request-id"
+
+_SSE = "text/event-stream"
+_NO_BODY_METHODS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
+
+
+class _Refused(Exception):
+    """An upstream answer we will not relay; try the next one."""
+
+    def __init__(self, error: ProxyError, kind: str) -> None:
+        super().__init__(kind)
+        self.error = error
+        self.kind = kind
+
+
+def abort_client(request: web.BaseRequest) -> None:
+    """Close the client's connection without ending the response cleanly.
+
+    The handler then returns the prepared response; aiohttp's ``write_eof`` on a
+    closing transport raises ``ConnectionError``, which aiohttp treats as a
+    client disconnect: nothing more is written, nothing is logged as an error.
+    """
+    transport = request.transport
+    if transport is not None:
+        transport.abort()
+
+
+async def forward(
+    request: web.Request,
+    inbound: CIMultiDictProxy[str],
+    runtime: Runtime,
+    route: Route,
+    path: str,
+    query_string: str,
+    body: bytes,
+    ex: Exchange,
+    client_authorization: str | None,
+    session: aiohttp.ClientSession,
+    health: Health,
+    observer: Observer,
+) -> web.StreamResponse:
+    """Proxy one request along ``route``; see the module docstring for the contract."""
+    names = order_upstreams(route.upstreams, route.balance)
+    plans = runtime.plans
+    usable = [n for n in names if health.available(n, plans[n].upstream.circuit_breaker)]
+    if not usable:
+        # Every breaker is open: try them anyway rather than fail without trying.
+        usable = names
+    last_error: ProxyError = UpstreamUnavailable("No upstream could be reached.")
+    previous: str | None = None
+    for position, name in enumerate(usable):
+        plan = plans[name]
+        is_last_upstream = position == len(usable) - 1
+        attempts = plan.upstream.retries.attempts + 1
+        if previous is not None:
+            observer.fallback(previous, name)
+        previous = name
+        for attempt in range(attempts):
+            if attempt:
+                # Full jitter (AWS architecture blog, "Exponential Backoff And Jitter").
+                await asyncio.sleep(
+                    random.uniform(0, plan.upstream.retries.backoff * 2 ** (attempt - 1))
+                )
+            final = is_last_upstream and attempt == attempts - 1
+            ex.tried.append(name)
+            try:
+                upstream_resp = await _open(
+                    request.method,
+                    inbound,
+                    plan,
+                    path,
+                    query_string,
+                    body,
+                    ex,
+                    client_authorization,
+                    session,
+                )
+            except _Refused as refused:
+                health.failure(name, plan.upstream.circuit_breaker)
+                observer.upstream_failure(name, refused.kind)
+                last_error = refused.error
+                if isinstance(refused.error, UpstreamTimeout) and not route.fallback_on_timeout:
+                    # The request was fully sent: the upstream may be generating
+                    # already. Trying again could run (and bill) it twice.
+                    raise refused.error from None
+                if isinstance(refused.error, (UpstreamTimeout, UpstreamAuthFailed)):
+                    break  # another attempt at the same upstream would fare the same
+                continue
+            except asyncio.CancelledError:
+                health.release_probe(name, plan.upstream.circuit_breaker)
+                raise
+            status = upstream_resp.status
+            if (
+                status in (401, 403)
+                and plan.upstream.injects_credential
+                and not plan.upstream.pass_client_auth
+            ):
+                await _log_auth_failure(upstream_resp, name)
+                health.failure(name, plan.upstream.circuit_breaker)
+                observer.upstream_failure(name, "auth")
+                last_error = UpstreamAuthFailed(
+                    f"The upstream '{name}' refused the proxy's credential. "
+                    "This is a configuration problem of the proxy, not of your request."
+                )
+                break
+            if (status == 429 or status >= 500) and not final:
+                upstream_resp.close()
+                health.failure(name, plan.upstream.circuit_breaker)
+                observer.upstream_failure(name, f"status_{status}")
+                continue
+            if status >= 500:
+                health.failure(name, plan.upstream.circuit_breaker)
+            else:
+                health.success(name, plan.upstream.circuit_breaker)
+            ex.tried.pop()
+            ex.upstream = name
+            return await _relay(request, upstream_resp, plan, ex)
+    raise last_error
+
+
+async def _open(
+    method: str,
+    inbound: CIMultiDictProxy[str],
+    plan: UpstreamPlan,
+    path: str,
+    query_string: str,
+    body: bytes,
+    ex: Exchange,
+    client_authorization: str | None,
+    session: aiohttp.ClientSession,
+) -> aiohttp.ClientResponse:
+    """Send the request; return the upstream's response once its headers are in."""
+    url: URL = plan.url_for(path, query_string)
+    headers = plan.request_headers.build(inbound, ex.request_id, client_authorization)
+    timeouts = plan.upstream.timeouts
+    try:
+        async with asyncio.timeout(timeouts.response):
+            return await session.request(
+                method,
+                url,
+                headers=headers,
+                data=body if body or method not in _NO_BODY_METHODS else None,
+                allow_redirects=False,
+                timeout=plan.client_timeout,
+            )
+    except TimeoutError:
+        raise _Refused(
+            UpstreamTimeout(
+                f"The upstream '{plan.name}' sent no response headers within "
+                f"{timeouts.response:g} seconds."
+            ),
+            "timeout",
+        ) from None
+    except aiohttp.ClientConnectorError:
+        kind = "connect"
+    except aiohttp.ServerTimeoutError:
+        kind = "connect_timeout"
+    except aiohttp.ServerDisconnectedError:
+        kind = "disconnected"
+    except aiohttp.ClientResponseError:
+        kind = "bad_response"
+    except (aiohttp.ClientError, OSError):
+        kind = "reset"
+    # Never include the exception: its repr can carry request headers (our key).
+    log.warning(
+        "upstream %s failed before responding (%s) [request %s]", plan.name, kind, ex.request_id
+    )
+    raise _Refused(
+        UpstreamUnavailable(f"The upstream '{plan.name}' could not be reached ({kind})."), kind
+    )
+
+
+async def _log_auth_failure(upstream_resp: aiohttp.ClientResponse, name: str) -> None:
+    """Log that an upstream refused our credential, without its body (which can
+    quote part of the key), then drop the response."""
+    log.error(
+        "upstream %s answered %d to the proxy's own credential; check its key "
+        "(response body withheld: it can quote the key)",
+        name,
+        upstream_resp.status,
+    )
+    upstream_resp.close()
+
+
+async def _relay(
+    request: web.Request, upstream_resp: aiohttp.ClientResponse, plan: UpstreamPlan, ex: Exchange
+) -> web.StreamResponse:
+    """Stream the upstream's response to the client, chunk by chunk, as it arrives."""
+    completed = False
+    try:
+        resp = web.StreamResponse(status=upstream_resp.status, reason=upstream_resp.reason)
+        resp.headers.extend(plan.response_headers.build(upstream_resp.headers))
+        # The upstream's own x-request-id (OpenAI support asks for it) passes
+        # unchanged; ours is always in x-oaimux-request-id, and in x-request-id
+        # when the upstream sent none.
+        resp.headers[OUR_REQUEST_ID_HEADER] = ex.request_id
+        if "x-request-id" not in resp.headers:
+            resp.headers["x-request-id"] = ex.request_id
+        length = upstream_resp.content_length
+        content_type = upstream_resp.headers.get("Content-Type", "")
+        ex.streaming = length is None or content_type.startswith(_SSE)
+        if length is not None:
+            resp.content_length = length
+        if ex.streaming:
+            # Keep an nginx in front from buffering the stream.
+            resp.headers["X-Accel-Buffering"] = "no"
+        ex.status = upstream_resp.status
+        await resp.prepare(request)
+        ex.ttfb = time.perf_counter() - ex.started
+        protocol = upstream_resp.connection.protocol if upstream_resp.connection else None
+        if protocol is not None:
+            # From here on, bound the silence between two body chunks.
+            protocol.read_timeout = plan.upstream.timeouts.idle
+            protocol.start_timeout()
+        content = upstream_resp.content
+        read = content.readany
+        write = resp.write
+        sent = 0
+        tail = b""
+        try:
+            while chunk := await read():
+                await write(chunk)
+                sent += len(chunk)
+                tail = chunk
+        except aiohttp.ClientPayloadError:
+            ex.outcome = "upstream_reset"
+        except aiohttp.SocketTimeoutError:
+            ex.outcome = "idle_timeout"
+        except (aiohttp.ClientError, OSError):
+            ex.outcome = "upstream_reset"
+        ex.bytes_out = sent
+        ex.tail = tail
+        if ex.outcome != "complete":
+            log.warning(
+                "upstream %s failed mid-body (%s) after %d bytes; aborting the client's "
+                "connection [request %s]",
+                plan.name,
+                ex.outcome,
+                sent,
+                ex.request_id,
+            )
+            abort_client(request)
+            return resp
+        await resp.write_eof()
+        completed = True
+        return resp
+    except asyncio.CancelledError:
+        ex.outcome = "client_gone"
+        raise
+    except ConnectionError:
+        ex.outcome = "client_gone"
+        raise
+    finally:
+        if completed:
+            upstream_resp.release()
+        else:
+            # Close, never pool: the connection is mid-body.
+            upstream_resp.close()

@@ -1,0 +1,318 @@
+"""Thin views: the proxy itself, and the proxy's own endpoints.
+
+A request to the proxy goes: vet the path → identify the caller (address,
+proxy key) → read the body and find the model (or match a path route) →
+check the key may use that model → take a rate-limit token → forward.
+Errors before forwarding are rendered by errors.error_response.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from urllib.parse import unquote
+
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from . import __version__
+from .admission import Caller, charge, identify, unauthorized
+from .auth import KeyTable
+from .bodies import decoded_for_routing, find_model, read_body
+from .config import Route
+from .errors import (
+    InvalidRequest,
+    MethodNotAllowed,
+    ModelNotAllowed,
+    NotFound,
+    ProxyError,
+    error_response,
+)
+from .findmodel import rewrite_model
+from .forward import OUR_REQUEST_ID_HEADER, forward
+from .keys import HEALTH, LIMITER, OBSERVER, RUNTIME, SESSION, STARTED_AT
+from .observe import Exchange
+from .runtime import Runtime
+
+__all__ = [
+    "MODEL_FORM_PATHS",
+    "MODEL_JSON_PATHS",
+    "about_view",
+    "healthz_view",
+    "model_view",
+    "models_view",
+    "proxy_view",
+]
+
+# POST endpoints routed by the body's top-level "model" (JSON) ...
+MODEL_JSON_PATHS = frozenset(
+    {
+        "chat/completions",
+        "completions",
+        "embeddings",
+        "audio/speech",
+        "images/generations",
+        "moderations",
+        "responses",
+    }
+)
+# ... or by the "model" form field (multipart/form-data; JSON is accepted too).
+MODEL_FORM_PATHS = frozenset(
+    {"audio/transcriptions", "audio/translations", "images/edits", "images/variations"}
+)
+MODEL_PATHS = MODEL_JSON_PATHS | MODEL_FORM_PATHS
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
+# Query parameters that carry credentials (Google- and Azure-style clients).
+_KEY_PARAMS = frozenset({"key", "api-key", "api_key", "apikey", "access_token", "token"})
+
+
+def request_id_for(request: web.BaseRequest) -> str:
+    """The client's X-Request-Id when it is sane (length, characters), else a new one."""
+    given = request.headers.get("X-Request-Id")
+    if given is not None and _REQUEST_ID.match(given):
+        return given
+    return uuid.uuid4().hex
+
+
+def vet_path(raw_path: str) -> str:
+    """The path after ``/v1/`` (or ``/``), still percent-encoded, or an error.
+
+    A path that could climb above the upstream's base path is refused: ``.``
+    and ``..`` segments, encoded slashes and backslashes, in any encoding
+    (reliability.md D: traversal and encoded-slash confusion).
+    """
+    if not raw_path.startswith("/"):
+        raise InvalidRequest("Only origin-form request targets are accepted.", code="invalid_path")
+    path = raw_path[4:] if raw_path.startswith("/v1/") else raw_path[1:]
+    if "%" in path or "\\" in path or "." in path:
+        decoded = unquote(path)
+        lowered = path.lower()
+        if "%2f" in lowered or "%5c" in lowered or "\\" in decoded or "%25" in lowered:
+            raise InvalidRequest("Encoded slashes are not accepted in paths.", code="invalid_path")
+        if any(seg in (".", "..") for seg in decoded.split("/")):
+            raise InvalidRequest("Dot segments are not accepted in paths.", code="invalid_path")
+    return path
+
+
+def vet_query(query_string: str) -> tuple[str, list[str]]:
+    """Drop key-bearing parameters; return the query to forward and every ``model`` value.
+
+    The query string is forwarded as it came unless a parameter had to go.
+    """
+    if not query_string:
+        return "", []
+    parts = query_string.split("&")
+    models: list[str] = []
+    kept: list[str] = []
+    dropped = False
+    for part in parts:
+        name = unquote(part.split("=", 1)[0].replace("+", " ")).lower()
+        if name in _KEY_PARAMS:
+            dropped = True
+            continue
+        if name == "model":
+            models.append(unquote(part.partition("=")[2].replace("+", " ")))
+        kept.append(part)
+    return ("&".join(kept) if dropped else query_string), models
+
+
+async def proxy_view(request: web.Request) -> web.StreamResponse:
+    """Every ``/v1/*`` and ``/*`` request that is not one of the proxy's own."""
+    app = request.app
+    runtime = app[RUNTIME].current
+    raw_path, _, raw_query = request.raw_path.partition("?")
+    ex = Exchange(
+        request_id=request_id_for(request),
+        method=request.method,
+        path=raw_path[:512],
+        client="-",
+    )
+    observer = app[OBSERVER]
+    try:
+        caller = identify(request, runtime)
+        ex.client = caller.address
+        ex.key_name = caller.key.name if caller.key is not None else None
+        return await _proxy(request, runtime, caller, raw_path, raw_query, ex)
+    except ProxyError as err:
+        ex.status = err.status
+        ex.error_code = err.code
+        ex.outcome = "error"
+        resp = error_response(err)
+        resp.headers[OUR_REQUEST_ID_HEADER] = ex.request_id
+        if err.status == 429:
+            observer.rate_limited(ex)
+        return resp
+    finally:
+        observer.finished(ex)
+
+
+async def _proxy(
+    request: web.Request,
+    runtime: Runtime,
+    caller: Caller,
+    raw_path: str,
+    raw_query: str,
+    ex: Exchange,
+) -> web.StreamResponse:
+    app = request.app
+    limiter = app[LIMITER]
+    settings = runtime.settings
+    if not caller.authenticated:
+        await charge(limiter, runtime, caller, None)
+        raise unauthorized()
+    route: Route | None = None
+    inbound: CIMultiDictProxy[str] = request.headers
+    try:
+        path = vet_path(raw_path)
+        query, query_models = vet_query(raw_query)
+        if len(query_models) > 1:
+            raise InvalidRequest(
+                "the query names 'model' more than once", code="ambiguous_model", param="model"
+            )
+        body = b""
+        upstream_model: str | None = None
+        if path in MODEL_PATHS and request.method == "POST":
+            body = await read_body(
+                request, settings.server.max_body_bytes, settings.server.body_idle_timeout
+            )
+            ex.bytes_in = len(body)
+            content_type = request.headers.get("Content-Type", "application/json")
+            encoding = request.headers.get("Content-Encoding")
+            routable = decoded_for_routing(body, encoding, settings.server.max_body_bytes)
+            found = find_model(routable, content_type)
+            ex.model = found.model
+            match = runtime.table.resolve(found.model)
+            if match is None:
+                raise model_not_found(found.model)
+            if not KeyTable.allows(caller.key, found.model):
+                raise ModelNotAllowed(
+                    f"Your key may not use the model '{_clip(found.model)}'.", param="model"
+                )
+            route = match.route
+            upstream_model = match.upstream_model
+            if upstream_model != found.model:
+                if routable is not body:
+                    # A compressed body is rewritten and sent uncompressed (see README).
+                    inbound = _without(request, "Content-Encoding")
+                body = rewrite_model(routable, found, upstream_model)
+            ex.upstream_model = upstream_model
+        else:
+            route = runtime.table.resolve_path(path)
+            if route is None:
+                if path in MODEL_PATHS:
+                    raise MethodNotAllowed(
+                        f"{request.method} is not allowed on /v1/{path}; use POST.",
+                        headers={"Allow": "POST"},
+                    )
+                raise NotFound(f"Unknown request URL: {request.method} {_clip(raw_path)}.")
+            if request.method not in ("GET", "HEAD", "DELETE", "OPTIONS") or request.body_exists:
+                body = await read_body(
+                    request, settings.server.max_body_bytes, settings.server.body_idle_timeout
+                )
+                ex.bytes_in = len(body)
+        ex.route = route.describe()
+    except ProxyError:
+        await charge(limiter, runtime, caller, route)
+        raise
+    await charge(limiter, runtime, caller, route)
+    return await forward(
+        request,
+        inbound,
+        runtime,
+        route,
+        path,
+        query,
+        body,
+        ex,
+        _client_authorization(request, runtime.keys),
+        app[SESSION],
+        app[HEALTH],
+        app[OBSERVER],
+    )
+
+
+def _without(request: web.Request, header: str) -> CIMultiDictProxy[str]:
+    kept = CIMultiDict(request.headers)
+    kept.popall(header, None)
+    return CIMultiDictProxy(kept)
+
+
+def _client_authorization(request: web.BaseRequest, keys: KeyTable) -> str | None:
+    """The client's Authorization, for upstreams with pass_client_auth; never a proxy key."""
+    if keys:
+        return None
+    return request.headers.get("Authorization")
+
+
+def model_not_found(model: str) -> NotFound:
+    return NotFound(
+        f"The model '{_clip(model)}' does not exist or you do not have access to it.",
+        code="model_not_found",
+        param="model",
+    )
+
+
+def _clip(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+async def _admit(request: web.Request) -> Caller:
+    """Identify and charge a caller of the proxy's own endpoints."""
+    runtime = request.app[RUNTIME].current
+    caller = identify(request, runtime)
+    await charge(request.app[LIMITER], runtime, caller, None)
+    if not caller.authenticated:
+        raise unauthorized()
+    return caller
+
+
+def _model_object(model_id: str, created: int) -> dict[str, object]:
+    return {"id": model_id, "object": "model", "created": created, "owned_by": "oaimux"}
+
+
+async def models_view(request: web.Request) -> web.Response:
+    """``GET /v1/models``: the routing table's exact ids and aliases the caller may use."""
+    caller = await _admit(request)
+    runtime = request.app[RUNTIME].current
+    created = int(request.app[STARTED_AT])
+    ids = [m for m in runtime.table.model_ids() if KeyTable.allows(caller.key, m)]
+    return web.json_response({"object": "list", "data": [_model_object(m, created) for m in ids]})
+
+
+async def model_view(request: web.Request) -> web.Response:
+    """``GET /v1/models/{id}``; ids may contain slashes (``meta-llama/Llama-3``)."""
+    caller = await _admit(request)
+    runtime = request.app[RUNTIME].current
+    model_id = request.match_info["model"]
+    if (
+        model_id not in runtime.table.model_ids() and runtime.table.resolve(model_id) is None
+    ) or not KeyTable.allows(caller.key, model_id):
+        raise model_not_found(model_id)
+    return web.json_response(_model_object(model_id, int(request.app[STARTED_AT])))
+
+
+async def about_view(request: web.Request) -> web.Response:
+    """``GET /about``: what this is; counts only, never a URL, header or key."""
+    await _admit(request)
+    runtime = request.app[RUNTIME].current
+    settings = runtime.settings
+    return web.json_response(
+        {
+            "name": "oaimux",
+            "version": __version__,
+            "description": "One OpenAI-compatible endpoint in front of every model.",
+            "uptime_seconds": round(time.time() - request.app[STARTED_AT], 3),
+            "upstreams": len(settings.upstreams),
+            "routes": len(settings.routes),
+            "models": len(runtime.table.model_ids()),
+            "auth": bool(settings.auth_keys),
+            "rate_limit": settings.rate_limit is not None,
+        }
+    )
+
+
+async def healthz_view(request: web.Request) -> web.Response:
+    """``GET /healthz``: the process is up and serving. Not rate limited."""
+    return web.json_response({"status": "ok"})

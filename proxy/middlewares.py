@@ -1,0 +1,89 @@
+"""The error boundary and CORS, ordered in one place (app.py).
+
+``error_middleware`` is outermost: a :class:`ProxyError`, an aiohttp
+``HTTPException`` (router 404/405, 413) or any unexpected exception becomes
+OpenAI's error JSON, unless the response has already started, in which case
+nothing can be added to it (the connection is aborted instead). Unexpected
+exceptions are logged once, server-side, and never shown to the client.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from .config import CorsSettings
+from .errors import ProxyError, error_response, from_http_exception
+
+__all__ = ["Cors", "error_middleware"]
+
+log = logging.getLogger("oaimux")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ProxyError as err:
+        return error_response(err)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return error_response(from_http_exception(exc))
+    except (ConnectionError, TimeoutError):
+        raise
+    except Exception:  # noqa: BLE001 - the boundary: log once, answer JSON, never a traceback
+        log.exception("unexpected error handling %s %s", request.method, request.path[:200])
+        return error_response(ProxyError("The proxy failed to handle the request."))
+
+
+_ALLOW_METHODS = "GET, POST, PUT, PATCH, DELETE, OPTIONS"
+
+
+class Cors:
+    """CORS for browser apps (off unless ``server.cors`` is set).
+
+    ``middleware`` answers preflights; ``on_prepare`` (an ``on_response_prepare``
+    signal) adds the headers to every response, proxied streams and errors
+    included, just before its headers go out.
+    """
+
+    def __init__(self, cors: CorsSettings) -> None:
+        self.settings = cors
+        self.any_origin = "*" in cors.allow_origins
+        self.allowed = frozenset(cors.allow_origins)
+
+    def _origin(self, request: web.BaseRequest) -> str | None:
+        origin = request.headers.get("Origin")
+        if origin is None or not (self.any_origin or origin in self.allowed):
+            return None
+        return origin
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if (
+            request.method == "OPTIONS"
+            and "Access-Control-Request-Method" in request.headers
+            and self._origin(request) is not None
+        ):
+            resp = web.Response(status=204)
+            resp.headers["Access-Control-Allow-Methods"] = _ALLOW_METHODS
+            requested = request.headers.get("Access-Control-Request-Headers")
+            if requested:
+                resp.headers["Access-Control-Allow-Headers"] = requested
+            resp.headers["Access-Control-Max-Age"] = str(self.settings.max_age)
+            return resp
+        return await handler(request)
+
+    async def on_prepare(self, request: web.Request, response: web.StreamResponse) -> None:
+        origin = self._origin(request)
+        if origin is None:
+            return
+        response.headers["Access-Control-Allow-Origin"] = "*" if self.any_origin else origin
+        response.headers["Access-Control-Expose-Headers"] = "*"
+        if not self.any_origin:
+            response.headers.add("Vary", "Origin")

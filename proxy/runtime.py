@@ -1,0 +1,95 @@
+"""Everything derived from one configuration, swapped as a whole on reload.
+
+A :class:`Runtime` is immutable. A request takes ``holder.current`` once at its
+start and uses that snapshot to its end, so a reload (SIGHUP) never changes the
+rules under a request already running: in-flight requests finish on the old
+configuration, new ones see the new one (issue 4).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import aiohttp
+from yarl import URL
+
+from .auth import KeyTable
+from .config import Route, Settings, Upstream
+from .headers import RequestHeaderPolicy, ResponseHeaderPolicy
+from .routing import RouteTable
+
+__all__ = ["Runtime", "RuntimeHolder", "UpstreamPlan", "build_runtime"]
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamPlan:
+    """An upstream with everything the hot path needs precomputed."""
+
+    upstream: Upstream
+    base: str  # the base URL as text, without a trailing slash
+    request_headers: RequestHeaderPolicy
+    response_headers: ResponseHeaderPolicy
+    client_timeout: aiohttp.ClientTimeout
+
+    @property
+    def name(self) -> str:
+        return self.upstream.name
+
+    def url_for(self, path: str, query_string: str) -> URL:
+        """``<base url>/<path>?<query>``; both are raw (still percent-encoded) and
+        already vetted: no ``..`` segment, no encoded slash (see handlers.py)."""
+        text = f"{self.base}/{path}"
+        if query_string:
+            text = f"{text}?{query_string}"
+        return URL(text, encoded=True)
+
+
+def _plan(upstream: Upstream) -> UpstreamPlan:
+    t = upstream.timeouts
+    return UpstreamPlan(
+        upstream=upstream,
+        base=str(upstream.url).rstrip("/"),
+        request_headers=RequestHeaderPolicy.for_upstream(upstream),
+        response_headers=ResponseHeaderPolicy.for_upstream(upstream),
+        # No total timeout: a stream that keeps producing is never cut. Time to
+        # response headers is bounded by the caller; idle silence by sock_read
+        # once headers are in (see forward.py).
+        client_timeout=aiohttp.ClientTimeout(
+            total=None, connect=None, sock_connect=t.connect, sock_read=None
+        ),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Runtime:
+    settings: Settings
+    table: RouteTable
+    plans: Mapping[str, UpstreamPlan]
+    keys: KeyTable
+
+    def plans_for(self, route: Route) -> tuple[UpstreamPlan, ...]:
+        return tuple(self.plans[name] for name in route.upstreams)
+
+
+def build_runtime(
+    settings: Settings, discovered: Mapping[int, tuple[str, ...]] | None = None
+) -> Runtime:
+    return Runtime(
+        settings=settings,
+        table=RouteTable(settings.routes, discovered),
+        plans={name: _plan(u) for name, u in settings.upstreams.items()},
+        keys=KeyTable(settings.auth_keys),
+    )
+
+
+@dataclass(slots=True)
+class RuntimeHolder:
+    """The one mutable cell: ``current`` is replaced whole, never changed in place."""
+
+    current: Runtime
+    generation: int = field(default=0)
+
+    def swap(self, runtime: Runtime) -> None:
+        self.current = runtime
+        self.generation += 1
