@@ -509,7 +509,7 @@ def print_report(results: dict[str, Any]) -> None:
         print(f"foreign load on the proxy core during non-stream runs: median "
               f"{statistics.median(foreign):.0f}% (other work on this machine; high = noisy)")
     for name, why in results.get("skipped", {}).items():
-        print(f"skipped {name}: {why.splitlines()[0]}")
+        print(f"skipped {name}: {' '.join(why.splitlines()[:2])[:300]}")
     if meta.get("seconds"):
         print(f"run took {meta['seconds']:.0f} s; load tool: {meta.get('load_tool')}")
 

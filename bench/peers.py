@@ -228,6 +228,8 @@ http {{
             proxy_set_header Connection "";   # keep upstream connections alive
             proxy_buffering off;              # stream SSE chunks as they come
             proxy_buffer_size 64k;            # ... read from the mock up to 64 KiB at a time
+            proxy_buffers 8 64k;
+            proxy_busy_buffers_size 128k;
             proxy_request_buffering off;      # stream request bodies too
             proxy_read_timeout 600s;
         }}
