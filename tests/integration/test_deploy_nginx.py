@@ -14,6 +14,9 @@ What is shown:
   X-Forwarded-For sent by the client changes neither the logged address nor the
   rate-limit bucket. The client binds 127.0.0.2 (Linux routes all of 127/8 to
   lo), so its address differs from nginx's own 127.0.0.1.
+- With a stand-in where oaimux would be: nginx reuses one HTTP/1.1 connection
+  for many client connections (the keep-alive pool), and a WebSocket handshake
+  on /v1/realtime is passed through and works in both directions.
 
 nginx missing: skipped locally, a failure when CI is set.
 """
@@ -532,3 +535,69 @@ async def test_forged_forwarded_for_gets_no_fresh_rate_limit_bucket(
     records = await wait_chat_records(oaimux, 4)
     assert [r["client"] for r in records] == [CLIENT_ADDR] * 3 + [OTHER_CLIENT_ADDR]
     assert upstream.chat_requests == 3
+
+
+class StandIn:
+    """Plays oaimux's part for checks of nginx's own behaviour."""
+
+    def __init__(self) -> None:
+        self.peers: list[tuple[str, int]] = []
+        self.connection_headers: list[str | None] = []
+        self.versions: list[str] = []
+        self.ws_paths: list[str] = []
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_post("/v1/echo", self.echo)
+        app.router.add_get("/v1/realtime", self.realtime)
+        return app
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    async def echo(self, request: web.Request) -> web.Response:
+        assert request.transport is not None
+        self.peers.append(request.transport.get_extra_info("peername"))
+        self.connection_headers.append(request.headers.get("Connection"))
+        self.versions.append(f"{request.version.major}.{request.version.minor}")
+        return web.json_response({"ok": True})
+
+    async def realtime(self, request: web.Request) -> web.WebSocketResponse:
+        self.ws_paths.append(request.path_qs)
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for msg in ws:
+            if msg.type == aiohttp.WSMsgType.TEXT:
+                await ws.send_str(f"echo:{msg.data}")
+        return ws
+
+
+async def test_nginx_pools_upstream_connections_and_upgrades_websockets(
+    nginx_bin: str, tmp_path: Path, procs: list[Proc], aiohttp_server: Callable[..., Any]
+) -> None:
+    stand_in = StandIn()
+    server = await aiohttp_server(stand_in.app())
+    port = await start_nginx(nginx_bin, tmp_path, procs, server.port)
+    base = f"http://127.0.0.1:{port}"
+
+    # A new client connection for every request; nginx still reuses its own.
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=aiohttp.ClientTimeout(total=30)
+    ) as session:
+        for _ in range(5):
+            async with session.post(f"{base}/v1/echo", json={}) as resp:
+                assert resp.status == 200
+    assert stand_in.versions == ["1.1"] * 5
+    assert all(h is None or h.lower() != "close" for h in stand_in.connection_headers)
+    assert len(set(stand_in.peers)) == 1, f"nginx opened {len(set(stand_in.peers))} connections"
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+        async with session.ws_connect(f"{base}/v1/realtime?model=gpt-realtime") as ws:
+            for word in ("hello", "again"):
+                await ws.send_str(word)
+                msg = await ws.receive(timeout=10)
+                assert msg.type == aiohttp.WSMsgType.TEXT
+                assert msg.data == f"echo:{word}"
+    assert stand_in.ws_paths == ["/v1/realtime?model=gpt-realtime"]
