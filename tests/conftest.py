@@ -28,7 +28,8 @@ def fake() -> FakeUpstream:
 
 @pytest.fixture
 async def upstream_server(aiohttp_server: Any, fake: FakeUpstream) -> TestServer:
-    server: TestServer = await aiohttp_server(fake.app())
+    # The fake records the raw bytes it was sent, compressed or not.
+    server: TestServer = await aiohttp_server(fake.app(), auto_decompress=False)
     return server
 
 
@@ -59,12 +60,26 @@ def make_settings(upstream_url: str) -> Callable[..., Settings]:
 
 
 @pytest.fixture
-def make_proxy(aiohttp_client: Any, make_settings: Callable[..., Settings]) -> MakeProxy:
-    async def make(config: dict[str, Any] | None = None, **extra: Any) -> TestClient[web.Request, web.Application]:
+def make_proxy_server(aiohttp_server: Any, make_settings: Callable[..., Settings]) -> Callable[..., Awaitable[TestServer]]:
+    """The proxy on a real loopback port, with the same server options as ``oaimux serve``.
+
+    (``TestServer`` ignores constructor kwargs; runner options go to ``start_server``,
+    which the ``aiohttp_server`` fixture forwards.)
+    """
+
+    async def make(config: dict[str, Any] | None = None, **extra: Any) -> TestServer:
         app = create_app(make_settings(config, **extra))
-        client: TestClient[web.Request, web.Application] = await aiohttp_client(
-            app, server_kwargs=server_options()
-        )
+        server: TestServer = await aiohttp_server(app, **server_options())
+        return server
+
+    return make
+
+
+@pytest.fixture
+def make_proxy(aiohttp_client: Any, make_proxy_server: Callable[..., Awaitable[TestServer]]) -> MakeProxy:
+    async def make(config: dict[str, Any] | None = None, **extra: Any) -> TestClient[web.Request, web.Application]:
+        server = await make_proxy_server(config, **extra)
+        client: TestClient[web.Request, web.Application] = await aiohttp_client(server)
         return client
 
     return make

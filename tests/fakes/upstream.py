@@ -73,7 +73,7 @@ class FakeUpstream:
             Received(
                 method=request.method,
                 path=request.path,
-                query_string=request.query_string,
+                query_string=request.raw_path.partition("?")[2],
                 headers={k.lower(): v for k, v in request.headers.items()},
                 header_items=list(request.headers.items()),
                 body=body,
