@@ -40,7 +40,12 @@ def upstream_url(upstream_server: TestServer) -> str:
 
 def basic_config(upstream_url: str, **extra: Any) -> dict[str, Any]:
     config: dict[str, Any] = {
-        "upstreams": {"fake": {"url": upstream_url, "headers": {"set": {"Authorization": "Bearer sk-upstream-secret"}}}},
+        "upstreams": {
+            "fake": {
+                "url": upstream_url,
+                "headers": {"set": {"Authorization": "Bearer sk-upstream-secret"}},
+            }
+        },
         "routes": [
             {"model": "gpt-4o-mini", "upstream": "fake"},
             {"model": "fast", "upstream": "fake", "rewrite_model": "llama3.2:3b"},
@@ -54,13 +59,17 @@ def basic_config(upstream_url: str, **extra: Any) -> dict[str, Any]:
 @pytest.fixture
 def make_settings(upstream_url: str) -> Callable[..., Settings]:
     def make(config: dict[str, Any] | None = None, **extra: Any) -> Settings:
-        return parse_settings(config if config is not None else basic_config(upstream_url, **extra), environ={})
+        return parse_settings(
+            config if config is not None else basic_config(upstream_url, **extra), environ={}
+        )
 
     return make
 
 
 @pytest.fixture
-def make_proxy_server(aiohttp_server: Any, make_settings: Callable[..., Settings]) -> Callable[..., Awaitable[TestServer]]:
+def make_proxy_server(
+    aiohttp_server: Any, make_settings: Callable[..., Settings]
+) -> Callable[..., Awaitable[TestServer]]:
     """The proxy on a real loopback port, with the same server options as ``oaimux serve``.
 
     (``TestServer`` ignores constructor kwargs; runner options go to ``start_server``,
@@ -76,8 +85,12 @@ def make_proxy_server(aiohttp_server: Any, make_settings: Callable[..., Settings
 
 
 @pytest.fixture
-def make_proxy(aiohttp_client: Any, make_proxy_server: Callable[..., Awaitable[TestServer]]) -> MakeProxy:
-    async def make(config: dict[str, Any] | None = None, **extra: Any) -> TestClient[web.Request, web.Application]:
+def make_proxy(
+    aiohttp_client: Any, make_proxy_server: Callable[..., Awaitable[TestServer]]
+) -> MakeProxy:
+    async def make(
+        config: dict[str, Any] | None = None, **extra: Any
+    ) -> TestClient[web.Request, web.Application]:
         server = await make_proxy_server(config, **extra)
         client: TestClient[web.Request, web.Application] = await aiohttp_client(server)
         return client

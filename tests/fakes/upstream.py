@@ -112,7 +112,11 @@ class FakeUpstream:
                     "object": "chat.completion",
                     "model": data.get("model") if isinstance(data, dict) else None,
                     "choices": [
-                        {"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}
+                        {
+                            "index": 0,
+                            "message": {"role": "assistant", "content": "hi"},
+                            "finish_reason": "stop",
+                        }
                     ],
                     "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6},
                 }
@@ -154,6 +158,13 @@ class FakeUpstream:
 
 def _error(status: int) -> web.Response:
     return web.json_response(
-        {"error": {"message": f"upstream says {status}", "type": "server_error", "param": None, "code": None}},
+        {
+            "error": {
+                "message": f"upstream says {status}",
+                "type": "server_error",
+                "param": None,
+                "code": None,
+            }
+        },
         status=status,
     )

@@ -22,14 +22,24 @@ JSON = {"Content-Type": "application/json"}
 @pytest.mark.parametrize("prefix", ["/v1", ""])
 @pytest.mark.parametrize(
     "path",
-    ["chat/completions", "completions", "embeddings", "audio/speech", "images/generations", "moderations", "responses"],
+    [
+        "chat/completions",
+        "completions",
+        "embeddings",
+        "audio/speech",
+        "images/generations",
+        "moderations",
+        "responses",
+    ],
 )
 async def test_json_endpoints_route_by_model_and_keep_bytes(
     make_proxy: Any, fake: FakeUpstream, prefix: str, path: str
 ) -> None:
     client = await make_proxy()
     body = b'{ "input" : "h\xc3\xa9",\t"model":"gpt-4o-mini" , "n": 1.0e0 }'
-    resp = await client.post(f"{prefix}/{path}?api-version=2024-01-01&q=a%26b&dup=1&dup=2&e=", data=body, headers=JSON)
+    resp = await client.post(
+        f"{prefix}/{path}?api-version=2024-01-01&q=a%26b&dup=1&dup=2&e=", data=body, headers=JSON
+    )
     assert resp.status == 200, await resp.text()
     got = fake.last
     assert got.path == f"/v1/{path}"
@@ -40,7 +50,11 @@ async def test_json_endpoints_route_by_model_and_keep_bytes(
 async def test_nested_model_is_not_picked_up(make_proxy: Any, fake: FakeUpstream) -> None:
     client = await make_proxy()
     body = json.dumps(
-        {"tools": [{"model": "gpt-4o-mini"}], "response_format": {"model": "gpt-4o-mini"}, "messages": []}
+        {
+            "tools": [{"model": "gpt-4o-mini"}],
+            "response_format": {"model": "gpt-4o-mini"},
+            "messages": [],
+        }
     )
     resp = await client.post("/v1/chat/completions", data=body, headers=JSON)
     assert resp.status == 400
@@ -48,7 +62,9 @@ async def test_nested_model_is_not_picked_up(make_proxy: Any, fake: FakeUpstream
     assert fake.received == []
 
 
-async def test_alias_rewrite_changes_only_the_model_value(make_proxy: Any, fake: FakeUpstream) -> None:
+async def test_alias_rewrite_changes_only_the_model_value(
+    make_proxy: Any, fake: FakeUpstream
+) -> None:
     client = await make_proxy()
     body = b'{"messages": [{"role": "user", "content": "fast \\"model\\""}],\n  "model":   "fast", "stream": false}'
     resp = await client.post("/v1/chat/completions", data=body, headers=JSON)
@@ -65,7 +81,9 @@ async def test_glob_route_with_namespaced_model(make_proxy: Any, fake: FakeUpstr
     assert fake.last.body == body
 
 
-async def test_multipart_routes_by_form_field_and_rewrites(make_proxy: Any, fake: FakeUpstream) -> None:
+async def test_multipart_routes_by_form_field_and_rewrites(
+    make_proxy: Any, fake: FakeUpstream
+) -> None:
     client = await make_proxy()
     audio = binary_payload(300_000)
     form = aiohttp.FormData()
@@ -92,7 +110,9 @@ async def _payload_bytes(payload: Any) -> Any:
     yield b"".join(chunks)
 
 
-async def test_sse_chunks_arrive_before_the_next_is_sent(make_proxy: Any, fake: FakeUpstream) -> None:
+async def test_sse_chunks_arrive_before_the_next_is_sent(
+    make_proxy: Any, fake: FakeUpstream
+) -> None:
     fake.gated = True
     client = await make_proxy()
     resp = await client.post(
@@ -116,7 +136,10 @@ async def test_sse_chunks_arrive_before_the_next_is_sent(make_proxy: Any, fake: 
 
 async def test_binary_body_arrives_identical(make_proxy: Any, fake: FakeUpstream) -> None:
     client = await make_proxy(
-        routes=[{"path": "binary", "upstream": "fake"}, {"model": "gpt-4o-mini", "upstream": "fake"}]
+        routes=[
+            {"path": "binary", "upstream": "fake"},
+            {"model": "gpt-4o-mini", "upstream": "fake"},
+        ]
     )
     size = 5 * 1024 * 1024 + 17
     resp = await client.get(f"/v1/binary?size={size}")
@@ -131,30 +154,40 @@ async def test_compressed_response_passes_untouched(aiohttp_server: Any, make_pr
     packed = gzip.compress(b'{"ok": true}' * 100)
 
     async def handler(request: web.Request) -> web.Response:
-        return web.Response(body=packed, headers={"Content-Encoding": "gzip", "Content-Type": "application/json"})
+        return web.Response(
+            body=packed, headers={"Content-Encoding": "gzip", "Content-Type": "application/json"}
+        )
 
     app = web.Application()
     app.router.add_post("/v1/embeddings", handler)
     server = await aiohttp_server(app)
     client = await make_proxy(basic_config(str(server.make_url("/v1"))))
     resp = await client.post(
-        "/v1/embeddings", data=b'{"model": "gpt-4o-mini"}', headers={**JSON, "Accept-Encoding": "gzip"},
+        "/v1/embeddings",
+        data=b'{"model": "gpt-4o-mini"}',
+        headers={**JSON, "Accept-Encoding": "gzip"},
         auto_decompress=False,
     )
     assert resp.headers["Content-Encoding"] == "gzip"
     assert await resp.read() == packed
 
 
-async def test_gzip_request_body_is_forwarded_compressed(make_proxy: Any, fake: FakeUpstream) -> None:
+async def test_gzip_request_body_is_forwarded_compressed(
+    make_proxy: Any, fake: FakeUpstream
+) -> None:
     client = await make_proxy()
     packed = gzip.compress(b'{"model": "gpt-4o-mini", "input": "x"}')
-    resp = await client.post("/v1/embeddings", data=packed, headers={**JSON, "Content-Encoding": "gzip"})
+    resp = await client.post(
+        "/v1/embeddings", data=packed, headers={**JSON, "Content-Encoding": "gzip"}
+    )
     assert resp.status == 200, await resp.text()
     assert fake.last.body == packed
     assert fake.last.headers["content-encoding"] == "gzip"
 
 
-async def test_hop_by_hop_and_client_auth_not_forwarded(make_proxy: Any, fake: FakeUpstream) -> None:
+async def test_hop_by_hop_and_client_auth_not_forwarded(
+    make_proxy: Any, fake: FakeUpstream
+) -> None:
     client = await make_proxy()
     resp = await client.post(
         "/v1/chat/completions",
@@ -196,7 +229,9 @@ async def test_proxy_adds_no_client_library_headers(make_proxy: Any, fake: FakeU
     assert "accept" not in got
 
 
-async def test_upstream_headers_set_and_remove(make_proxy: Any, fake: FakeUpstream, upstream_url: str) -> None:
+async def test_upstream_headers_set_and_remove(
+    make_proxy: Any, fake: FakeUpstream, upstream_url: str
+) -> None:
     config = basic_config(upstream_url)
     config["upstreams"]["fake"]["headers"] = {
         "set": {"Authorization": "Bearer up", "X-Team": "a"},
@@ -204,7 +239,9 @@ async def test_upstream_headers_set_and_remove(make_proxy: Any, fake: FakeUpstre
     }
     client = await make_proxy(config)
     await client.post(
-        "/v1/chat/completions", data=b'{"model": "gpt-4o-mini"}', headers={**JSON, "X-Debug": "1", "X-Team": "evil"}
+        "/v1/chat/completions",
+        data=b'{"model": "gpt-4o-mini"}',
+        headers={**JSON, "X-Debug": "1", "X-Team": "evil"},
     )
     got = fake.last.headers
     assert got["x-team"] == "a"
@@ -224,13 +261,18 @@ async def test_redirect_is_relayed_not_followed(aiohttp_server: Any, make_proxy:
     server = await aiohttp_server(app)
     client = await make_proxy(basic_config(str(server.make_url("/v1"))))
     resp = await client.post(
-        "/v1/chat/completions", data=b'{"model": "gpt-4o-mini"}', headers=JSON, allow_redirects=False
+        "/v1/chat/completions",
+        data=b'{"model": "gpt-4o-mini"}',
+        headers=JSON,
+        allow_redirects=False,
     )
     assert resp.status == 302
     assert hits == ["/v1/chat/completions"]
 
 
-async def test_upstream_set_cookie_not_stored_between_clients(aiohttp_server: Any, make_proxy: Any) -> None:
+async def test_upstream_set_cookie_not_stored_between_clients(
+    aiohttp_server: Any, make_proxy: Any
+) -> None:
     seen_cookies: list[str | None] = []
 
     async def handler(request: web.Request) -> web.Response:
@@ -264,7 +306,9 @@ async def test_client_disconnect_while_upstream_thinks_closes_upstream(
     await asyncio.wait_for(fake.upstream_closed.wait(), 10)
 
 
-async def test_client_disconnect_mid_stream_closes_upstream(make_proxy: Any, fake: FakeUpstream) -> None:
+async def test_client_disconnect_mid_stream_closes_upstream(
+    make_proxy: Any, fake: FakeUpstream
+) -> None:
     fake.gated = True
     fake.sse_chunks = 5
     client = await make_proxy()

@@ -51,7 +51,11 @@ def test_env_expansion_and_default() -> None:
 
 
 def test_unset_variable_names_variable_and_key_path() -> None:
-    config = with_(upstreams={"a": {"url": "http://x/v1", "headers": {"set": {"Authorization": "Bearer ${NOPE}"}}}})
+    config = with_(
+        upstreams={
+            "a": {"url": "http://x/v1", "headers": {"set": {"Authorization": "Bearer ${NOPE}"}}}
+        }
+    )
     with pytest.raises(ConfigError) as err:
         parse_settings(config, "f.yaml", environ={})
     assert "NOPE" in str(err.value)
@@ -61,26 +65,48 @@ def test_unset_variable_names_variable_and_key_path() -> None:
 @pytest.mark.parametrize(
     ("config", "where", "what"),
     [
-        (with_(routes=[{"model": "m", "upstream": "nope"}]), "routes[0].upstream", "unknown upstream 'nope'"),
         (
-            with_(routes=[{"model": "m", "upstream": "a"}, {"model": "x", "upstream": ["a", "zz"]}]),
+            with_(routes=[{"model": "m", "upstream": "nope"}]),
+            "routes[0].upstream",
+            "unknown upstream 'nope'",
+        ),
+        (
+            with_(
+                routes=[{"model": "m", "upstream": "a"}, {"model": "x", "upstream": ["a", "zz"]}]
+            ),
             "routes[1].upstream[1]",
             "unknown upstream 'zz'",
         ),
         (with_(upstreams={"a": {"url": "ftp://x"}}), "upstreams.a.url", "http"),
         (with_(upstreams={"a": {"url": "not a url"}}), "upstreams.a.url", "http"),
-        (with_(upstreams={"a": {"url": "http://x", "tiemouts": {}}}), "upstreams.a", "unknown key 'tiemouts'"),
+        (
+            with_(upstreams={"a": {"url": "http://x", "tiemouts": {}}}),
+            "upstreams.a",
+            "unknown key 'tiemouts'",
+        ),
         (with_(server={"port": "80"}), "server.port", "whole number"),
         (with_(server={"max_body_bytes": -1}), "server.max_body_bytes", "whole number"),
-        (with_(server={"trusted_proxies": ["10.0.0.0/33"]}), "server.trusted_proxies[0]", "not an IP network"),
-        (with_(rate_limit={"requests_per_minute": 0, "burst": 5}), "rate_limit.requests_per_minute", "positive"),
+        (
+            with_(server={"trusted_proxies": ["10.0.0.0/33"]}),
+            "server.trusted_proxies[0]",
+            "not an IP network",
+        ),
+        (
+            with_(rate_limit={"requests_per_minute": 0, "burst": 5}),
+            "rate_limit.requests_per_minute",
+            "positive",
+        ),
         (with_(rate_limit={"burst": 5}), "rate_limit", "requests_per_minute"),
         (with_(routes=[{"upstream": "a"}]), "routes[0]", "exactly one of"),
         (with_(routes=[]), "routes", "at least one route"),
         (with_(upstreams={}), "upstreams", "at least one upstream"),
         (with_(log={"format": "xml"}), "log.format", "text or json"),
         (with_(extra=1), "(top level)", "unknown key 'extra'"),
-        (with_(upstreams={"a": {"url": "http://x", "timeouts": {"idle": 0}}}), "upstreams.a.timeouts.idle", "positive"),
+        (
+            with_(upstreams={"a": {"url": "http://x", "timeouts": {"idle": 0}}}),
+            "upstreams.a.timeouts.idle",
+            "positive",
+        ),
         (
             with_(upstreams={"a": {"url": "http://x", "headers": {"set": {"Bad Name": "v"}}}}),
             "upstreams.a.headers.set.Bad Name",

@@ -68,12 +68,18 @@ def test_rewrite_non_ascii_body_offsets() -> None:
 def _form(*parts: tuple[str, bytes], boundary: str = "XyZ") -> bytes:
     out = b""
     for name, value in parts:
-        out += f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'.encode() + value + b"\r\n"
+        out += (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'.encode()
+            + value
+            + b"\r\n"
+        )
     return out + f"--{boundary}--\r\n".encode()
 
 
 def test_multipart_model_and_rewrite() -> None:
-    body = _form(("file", b"\x00\x01binary--XyZ-not-a-boundary"), ("model", b"fast"), ("language", b"en"))
+    body = _form(
+        ("file", b"\x00\x01binary--XyZ-not-a-boundary"), ("model", b"fast"), ("language", b"en")
+    )
     found = find_multipart_model(body, b"XyZ")
     assert found.model == "fast"
     out = rewrite_model(body, found, "whisper-1")
@@ -86,7 +92,7 @@ def test_multipart_model_and_rewrite() -> None:
         (_form(("model", b"a"), ("model", b"b")), "ambiguous_model"),
         (_form(("file", b"x")), "missing_model"),
         (b"garbage", "invalid_multipart"),
-        (b"--XyZ\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nabc", "invalid_multipart"),
+        (b'--XyZ\r\nContent-Disposition: form-data; name="model"\r\n\r\nabc', "invalid_multipart"),
     ],
 )
 def test_multipart_refusals(body: bytes, code: str) -> None:
