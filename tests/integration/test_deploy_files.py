@@ -120,6 +120,7 @@ def test_systemd_unit_runs_unprivileged_and_drains_before_kill() -> None:
     assert service_values("User") and service_values("User") != ["root"]
     assert service_values("EnvironmentFile")
     assert service_values("Restart") == ["on-failure"]
+    assert service_values("RestartPreventExitStatus") == ["2"]  # oaimux's config-error status
     [reload] = service_values("ExecReload")
     assert "-HUP" in reload and "$MAINPID" in reload
     [stop] = service_values("TimeoutStopSec")
