@@ -69,13 +69,24 @@ def _invalid_json(detail: str) -> InvalidRequest:
     )
 
 
-def find_json_model(body: bytes) -> FoundModel:
+def find_json_model(body: bytes, exact_limit: int | None = None) -> FoundModel:
     """Return the top-level ``model`` of a JSON object body.
 
     Raises :class:`InvalidRequest` with code ``invalid_json`` when ``json.loads``
     would reject the body, ``missing_model`` when there is no top-level string
     ``model``, and ``ambiguous_model`` when there are two.
+
+    Bodies over ``exact_limit`` bytes (1 MiB) are UTF-8 checked structurally
+    instead (see :func:`_find_structural`): the same answer for every valid
+    JSON object, at memchr speed for the base64 blobs that make bodies large.
     """
+    if len(body) > (EXACT_LIMIT if exact_limit is None else exact_limit):
+        encoding = json.detect_encoding(body)
+        if encoding == "utf-8":
+            try:
+                return _find_structural(body)
+            except _TooManySteps:
+                pass  # many small values: the C scanner below is faster
     try:
         encoding = json.detect_encoding(body)
         text = body.decode(encoding, "surrogatepass")
@@ -174,6 +185,153 @@ def _check_is_json(text: str, pos: int) -> None:
         raise _invalid_json(str(exc)) from None
     if _skip_ws(text, end).end() != len(text):
         raise _invalid_json(f"extra data at character {end}")
+
+
+# Larger bodies are nearly always one or two base64 blobs (images, audio).
+# Decoding them to text and scanning every character, as json.loads must,
+# costs ~2 ns/byte and a second copy of the body; the structural scan below
+# jumps from quote to quote with bytes.find (memchr) and keeps no copy.
+EXACT_LIMIT = 1 << 20
+# A body of many small values would cost the structural scan one Python step
+# each; past this many steps the exact C scan is faster, so we switch to it.
+_STRUCTURAL_STEPS = 4096
+
+_B_WS = re.compile(rb"[ \t\n\r]*")
+_B_STRUCT = re.compile(rb'["\[\]{}]')
+_B_PRIMITIVE = re.compile(
+    rb"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?|true|false|null|NaN|-?Infinity"
+)
+_QUOTE, _BACKSLASH = 0x22, 0x5C
+_CLOSER = {0x5B: 0x5D, 0x7B: 0x7D}
+
+
+class _TooManySteps(Exception):
+    pass
+
+
+def _string_end(body: bytes, pos: int) -> int:
+    """Index after the string whose opening quote is at ``pos``."""
+    i = pos + 1
+    while True:
+        j = body.find(b'"', i)
+        if j < 0:
+            raise _invalid_json(f"unterminated string starting at byte {pos}")
+        k = j - 1
+        while body[k] == _BACKSLASH:
+            k -= 1
+        if (j - 1 - k) % 2 == 0:  # an even run of backslashes: the quote is real
+            return j + 1
+        i = j + 1
+
+
+def _value_end(body: bytes, pos: int, budget: list[int]) -> int:
+    """Index after the value at ``pos``: strings and brackets are checked, not contents."""
+    if pos >= len(body):
+        raise _invalid_json(f"expected a value at byte {pos}")
+    first = body[pos]
+    if first == _QUOTE:
+        return _string_end(body, pos)
+    closer = _CLOSER.get(first)
+    if closer is None:
+        m = _B_PRIMITIVE.match(body, pos)
+        if m is None:
+            raise _invalid_json(f"expected a value at byte {pos}")
+        return m.end()
+    stack = [closer]
+    i = pos + 1
+    search = _B_STRUCT.search
+    while stack:
+        budget[0] -= 1
+        if budget[0] < 0:
+            raise _TooManySteps
+        m = search(body, i)
+        if m is None:
+            raise _invalid_json(f"unbalanced brackets from byte {pos}")
+        at = m.start()
+        ch = body[at]
+        if ch == _QUOTE:
+            i = _string_end(body, at)
+        elif ch in _CLOSER:
+            stack.append(_CLOSER[ch])
+            i = at + 1
+        elif stack.pop() != ch:
+            raise _invalid_json(f"mismatched bracket at byte {at}")
+        else:
+            i = at + 1
+    return i
+
+
+def _ws_end(body: bytes, pos: int) -> int:
+    m = _B_WS.match(body, pos)
+    return pos if m is None else m.end()
+
+
+def _decode_string(body: bytes, start: int, end: int) -> str:
+    try:
+        value, _ = _scan_string(
+            body[start + 1 : end].decode("utf-8", "surrogatepass") + '"', 0, True
+        )
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise _invalid_json(str(exc)) from None
+    return value
+
+
+def _find_structural(body: bytes) -> FoundModel:
+    """The top-level walk of :func:`find_json_model` on UTF-8 bytes, for large bodies.
+
+    Top-level keys and the model's value are decoded exactly as json.loads
+    would; other values are only checked for terminated strings and balanced
+    brackets (the upstream validates the rest). Raises _TooManySteps when the
+    body turns out to be made of many small values.
+    """
+    n = len(body)
+    budget = [_STRUCTURAL_STEPS]
+    pos = _ws_end(body, 0)
+    if pos >= n or body[pos] != 0x7B:
+        raise _TooManySteps  # not an object: let the exact scan word the error
+    pos = _ws_end(body, pos + 1)
+    found: FoundModel | None = None
+    missing = False
+    if pos < n and body[pos] == 0x7D:
+        pos += 1
+    else:
+        while True:
+            if pos >= n or body[pos] != _QUOTE:
+                raise _invalid_json(f"expected a property name at byte {pos}")
+            key_end = _string_end(body, pos)
+            key = _decode_string(body, pos, key_end)
+            pos = _ws_end(body, key_end)
+            if pos >= n or body[pos] != 0x3A:
+                raise _invalid_json(f"expected ':' at byte {pos}")
+            pos = _ws_end(body, pos + 1)
+            value_start = pos
+            pos = _value_end(body, pos, budget)
+            if key == "model":
+                if found is not None or missing:
+                    raise InvalidRequest(
+                        "the request names 'model' more than once",
+                        code="ambiguous_model",
+                        param="model",
+                    )
+                if body[value_start] == _QUOTE:
+                    found = FoundModel(
+                        _decode_string(body, value_start, pos), value_start, pos, True
+                    )
+                else:
+                    missing = True
+            pos = _ws_end(body, pos)
+            if pos < n and body[pos] == 0x2C:
+                pos = _ws_end(body, pos + 1)
+                continue
+            if pos < n and body[pos] == 0x7D:
+                pos += 1
+                break
+            raise _invalid_json(f"expected ',' or '}}' at byte {pos}")
+    if _ws_end(body, pos) != n:
+        raise _invalid_json(f"extra data at byte {pos}")
+    if found is None:
+        raise _missing()
+    return found
 
 
 def multipart_boundary(content_type_params: dict[str, str]) -> bytes:

@@ -22,8 +22,9 @@ from proxy.findmodel import find_json_model, find_multipart_model, rewrite_model
         '{"model": "gpt-4o"}'.encode("utf-8-sig"),
     ],
 )
-def test_finds_top_level_model(body: bytes) -> None:
-    found = find_json_model(body)
+@pytest.mark.parametrize("exact_limit", [None, 0], ids=["exact", "structural"])
+def test_finds_top_level_model(body: bytes, exact_limit: int | None) -> None:
+    found = find_json_model(body, exact_limit=exact_limit)
     assert found.model == "gpt-4o" == json.loads(body)["model"]
 
 
@@ -46,10 +47,29 @@ def test_finds_top_level_model(body: bytes) -> None:
         (b'{"model": "a", "\\u006dodel": "b"}', "ambiguous_model"),
     ],
 )
-def test_refusals(body: bytes, code: str) -> None:
+@pytest.mark.parametrize("exact_limit", [None, 0], ids=["exact", "structural"])
+def test_refusals(body: bytes, code: str, exact_limit: int | None) -> None:
     with pytest.raises(InvalidRequest) as err:
-        find_json_model(body)
+        find_json_model(body, exact_limit=exact_limit)
     assert err.value.code == code
+
+
+def test_large_blob_body_is_scanned_structurally() -> None:
+    blob = "A" * (3 << 20)
+    body = json.dumps({"messages": [{"content": [{"image_url": {"url": blob}}]}], "model": "gpt-4o"}).encode()
+    found = find_json_model(body)
+    assert found.model == "gpt-4o"
+    assert body[found.start : found.end] == b'"gpt-4o"'
+
+
+def test_large_body_of_many_small_values_falls_back_to_exact_scan() -> None:
+    messages = [{"role": "user", "content": f"message {i} \"q\""} for i in range(40000)]
+    body = json.dumps({"messages": messages, "model": "gpt-4o"}).encode()
+    assert len(body) > 1 << 20
+    assert find_json_model(body).model == "gpt-4o"
+    with pytest.raises(InvalidRequest) as err:
+        find_json_model(body[:-1] + b",}")
+    assert err.value.code == "invalid_json"
 
 
 def test_rewrite_changes_only_the_value() -> None:
