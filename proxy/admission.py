@@ -1,17 +1,22 @@
 """Who is asking, and may they: client identity, proxy keys, the rate limit.
 
 Every request except ``GET /healthz`` and ``GET /metrics`` passes here once,
-and takes exactly one token from exactly one bucket:
+and takes exactly one token from exactly one bucket (:func:`choose_limit`):
 
-- the route's own ``rate_limit`` when the route has one (bucket per client and
-  route), otherwise
-- the key's own ``rate_limit`` when the caller's proxy key has one, otherwise
-- the global ``rate_limit``.
+- the route's own ``rate_limit`` when the request matched a route that has
+  one: a bucket per client *and* route, separate from the client's general
+  bucket (an expensive model gets its own, usually smaller, budget);
+- otherwise the key's own ``rate_limit`` when the caller's proxy key has one;
+- otherwise the global ``rate_limit`` (no limit at all when there is none).
 
 The client is the proxy key's name when proxy keys are configured and the
 caller presented a valid one; otherwise the client address (see clientip.py),
-IPv6 per /64. A failed key check is charged to the caller's address, so
-guessing keys is rate limited too.
+IPv6 per /64. A failed key check is charged to the caller's address under the
+global limit, so guessing keys is rate limited too.
+
+:class:`Admission` owns the bucket storage and what happens when the storage
+cannot be reached (``rate_limit.on_storage_error``: let requests through with
+a throttled warning, or answer 503).
 """
 
 from __future__ import annotations
@@ -19,18 +24,28 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from aiohttp import web
 
 from .auth import presented_key
 from .clientip import client_address, limit_key
-from .config import AuthKey, RateLimitSettings, Route
+from .config import AuthKey, RateLimitSettings, Route, Settings
 from .errors import RateLimited, ServiceUnavailable, Unauthorized
-from .ratelimit import RateLimiter, StorageUnavailable
+from .ratelimit import Decision, RateLimiter, StorageUnavailable
 from .runtime import Runtime
 
-__all__ = ["Caller", "charge", "identify", "openai_duration", "unauthorized"]
+__all__ = [
+    "Admission",
+    "Caller",
+    "charge",
+    "choose_limit",
+    "identify",
+    "openai_duration",
+    "rate_limited",
+    "unauthorized",
+]
 
 log = logging.getLogger("oaimux.ratelimit")
 
@@ -61,8 +76,28 @@ def identify(request: web.BaseRequest, runtime: Runtime) -> Caller:
     return Caller(address, key, key is not None)
 
 
+def choose_limit(
+    settings: Settings, caller: Caller, route: Route | None
+) -> tuple[RateLimitSettings, str] | None:
+    """The one limit this request is charged to, and the bucket's full key.
+
+    ``None`` when no limit applies. The route's bucket is named by the route's
+    selector (``model gpt-4*``), which survives a reload that reorders routes.
+    """
+    if route is not None and route.rate_limit is not None:
+        return route.rate_limit, f"{caller.bucket}|route:{route.describe()}"
+    if caller.key is not None and caller.key.rate_limit is not None:
+        return caller.key.rate_limit, f"{caller.bucket}|key"
+    if settings.rate_limit is not None:
+        return settings.rate_limit, f"{caller.bucket}|global"
+    return None
+
+
 def openai_duration(seconds: float) -> str:
-    """OpenAI's reset format: ``1s``, ``6m0s``, ``1h2m3s``, ``250ms``."""
+    """OpenAI's reset format (Go's duration): ``250ms``, ``1s``, ``6m0s``, ``1h2m3s``.
+
+    Rounded up, to whole milliseconds below one second and to whole seconds above.
+    """
     if seconds < 1:
         return f"{max(1, math.ceil(seconds * 1000))}ms"
     total = math.ceil(seconds)
@@ -75,60 +110,110 @@ def openai_duration(seconds: float) -> str:
     return f"{s}s"
 
 
-_last_storage_warning = 0.0
+def rate_limited(decision: Decision, limit: RateLimitSettings, route: Route | None) -> RateLimited:
+    """The 429 for a refused request, with the headers OpenAI's SDKs read.
 
-
-async def charge(
-    limiter: RateLimiter | None,
-    runtime: Runtime,
-    caller: Caller,
-    route: Route | None,
-) -> None:
-    """Take one token for this request, or raise :class:`RateLimited`."""
-    settings = runtime.settings
-    limit: RateLimitSettings | None
-    if route is not None and route.rate_limit is not None:
-        limit, scope = route.rate_limit, f"route:{route.describe()}"
-    elif caller.key is not None and caller.key.rate_limit is not None:
-        limit, scope = caller.key.rate_limit, "key"
-    else:
-        limit, scope = settings.rate_limit, "global"
-    if limit is None or limiter is None:
-        return
-    try:
-        decision = await limiter.acquire(f"{caller.bucket}|{scope}", limit)
-    except StorageUnavailable:
-        global _last_storage_warning
-        now = time.monotonic()
-        if now - _last_storage_warning > 10:
-            _last_storage_warning = now
-            log.warning(
-                "rate-limit storage unreachable; failing %s",
-                "open (requests are let through)"
-                if settings.rate_limit_fail_open
-                else "closed (503)",
-            )
-        if settings.rate_limit_fail_open:
-            return
-        raise ServiceUnavailable(
-            "The rate limiter's storage is unreachable; try again shortly.",
-            code="rate_limiter_unavailable",
-        ) from None
-    if decision.allowed:
-        return
+    ``Retry-After`` is whole seconds (RFC 9110 §10.2.3), at least 1, rounded
+    up so a client that honours it is never refused again for waiting too
+    little; ``retry-after-ms`` is the precise wait, which the SDKs prefer.
+    """
     wait = max(decision.retry_after, 0.001)
     seconds = max(1, math.ceil(wait))
-    raise RateLimited(
-        f"Rate limit reached for requests: limit {limit.burst} requests, "
+    where = ""
+    if route is not None and route.rate_limit is not None:
+        where = " to this model" if route.model is not None else " to this endpoint"
+    return RateLimited(
+        f"Rate limit reached for requests{where}: limit {limit.burst} requests, refilled at "
         f"{limit.requests_per_minute:g} per minute. Please try again in {seconds}s.",
         headers={
             "Retry-After": str(seconds),
-            "retry-after-ms": str(max(1, math.ceil(wait * 1000))),
+            "retry-after-ms": str(math.ceil(wait * 1000)),
             "x-ratelimit-limit-requests": str(limit.burst),
             "x-ratelimit-remaining-requests": "0",
             "x-ratelimit-reset-requests": openai_duration(decision.reset_after),
         },
     )
+
+
+class Admission:
+    """Charges requests to buckets in ``storage``; owns it and its failure policy.
+
+    When the storage raises :class:`StorageUnavailable`, the request is let
+    through (``on_storage_error: open``, the default) or refused with 503
+    ``rate_limiter_unavailable`` (``closed``). Either way one warning is logged
+    per ``warn_every`` seconds of outage (with the number of failures since the
+    last one), not one per request, and recovery is logged once.
+    """
+
+    def __init__(
+        self,
+        storage: RateLimiter,
+        *,
+        warn_every: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.storage = storage
+        self._warn_every = warn_every
+        self._clock = clock
+        self._next_warning = 0.0
+        self._failures = 0  # since the last warning
+        self._degraded = False
+
+    def start(self) -> None:
+        self.storage.start()
+
+    async def close(self) -> None:
+        await self.storage.close()
+
+    async def charge(self, runtime: Runtime, caller: Caller, route: Route | None) -> None:
+        """Take one token for this request, or raise :class:`RateLimited`
+        (or :class:`ServiceUnavailable` when the storage is down and policy is closed)."""
+        chosen = choose_limit(runtime.settings, caller, route)
+        if chosen is None:
+            return
+        limit, key = chosen
+        try:
+            decision = await self.storage.acquire(key, limit)
+        except StorageUnavailable as exc:
+            fail_open = runtime.settings.rate_limit_fail_open
+            self._storage_failed(exc, fail_open)
+            if fail_open:
+                return
+            raise ServiceUnavailable(
+                "The rate limiter's storage is unreachable, so requests are refused; "
+                "try again shortly.",
+                code="rate_limiter_unavailable",
+                headers={"Retry-After": "1"},
+            ) from None
+        if self._degraded:
+            self._degraded = False
+            self._next_warning = 0.0
+            log.info("rate-limit storage reachable again")
+        if not decision.allowed:
+            raise rate_limited(decision, limit, route)
+
+    def _storage_failed(self, exc: StorageUnavailable, fail_open: bool) -> None:
+        self._degraded = True
+        self._failures += 1
+        now = self._clock()
+        if now < self._next_warning:
+            return
+        self._next_warning = now + self._warn_every
+        log.warning(
+            "rate-limit storage unavailable (%s); failing %s; %d request(s) affected "
+            "since the last warning",
+            exc,
+            "open: requests pass unlimited" if fail_open else "closed: requests get 503",
+            self._failures,
+        )
+        self._failures = 0
+
+
+async def charge(
+    admission: Admission, runtime: Runtime, caller: Caller, route: Route | None
+) -> None:
+    """Take one token for this request (see :meth:`Admission.charge`)."""
+    await admission.charge(runtime, caller, route)
 
 
 def unauthorized() -> Unauthorized:

@@ -14,6 +14,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from .admission import Admission
 from .config import Settings
 from .handlers import about_view, healthz_view, model_view, models_view, proxy_view
 from .health import Health
@@ -84,9 +85,11 @@ async def _limiter_ctx(app: web.Application) -> AsyncIterator[None]:
         limiter = RedisRateLimiter(settings.rate_limit_storage)
     else:
         limiter = MemoryRateLimiter()
-    app[LIMITER] = limiter
+    admission = Admission(limiter)
+    admission.start()
+    app[LIMITER] = admission
     yield
-    await limiter.close()
+    await admission.close()
 
 
 def create_app(settings: Settings, observer: Observer | None = None) -> web.Application:

@@ -41,9 +41,12 @@ def client_address(
 ) -> str:
     """The client's address as text.
 
-    ``forwarded_for`` holds every ``X-Forwarded-For`` header value in order.
-    An unparsable entry stops the walk: what lies left of it cannot be trusted,
-    so the last trusted hop (the entry to its right, or the peer) is the client.
+    ``forwarded_for`` holds every ``X-Forwarded-For`` header value in order
+    (several headers count as one comma-separated list, RFC 9110 §5.3); empty
+    list elements are skipped (RFC 9110 §5.6.1). Walking from the right, each
+    address is the client unless it is itself a trusted proxy. An unparsable
+    entry stops the walk: what lies left of it cannot be trusted, so the last
+    trusted hop (the entry to its right, or the peer) is the client.
     """
     peer_addr = _parse(peer) if peer else None
     if peer_addr is None:
@@ -53,6 +56,8 @@ def client_address(
     client = peer_addr
     hops = [h for value in forwarded_for for h in value.split(",")]
     for hop in reversed(hops):
+        if not hop.strip():
+            continue
         addr = _parse(hop)
         if addr is None:
             break
@@ -67,7 +72,8 @@ def limit_key(address: str) -> str:
     since one host is usually handed a whole /64 and could rotate through it."""
     if ":" in address:
         try:
-            net = ipaddress.IPv6Network(f"{address}/64", strict=False)
+            # A zone ("fe80::1%eth0") names the interface, not the host.
+            net = ipaddress.IPv6Network(f"{address.partition('%')[0]}/64", strict=False)
         except ValueError:
             return address
         return f"{net.network_address}/64"

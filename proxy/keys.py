@@ -5,16 +5,16 @@ from __future__ import annotations
 import aiohttp
 from aiohttp import web
 
+from .admission import Admission
 from .health import Health
 from .observe import Observer
-from .ratelimit import RateLimiter
 from .runtime import RuntimeHolder
 
 __all__ = ["HEALTH", "LIMITER", "OBSERVER", "RUNTIME", "SESSION", "STARTED_AT"]
 
 RUNTIME = web.AppKey("runtime", RuntimeHolder)
 SESSION = web.AppKey("upstream_session", aiohttp.ClientSession)
-LIMITER = web.AppKey("limiter", RateLimiter)
+LIMITER = web.AppKey("limiter", Admission)
 OBSERVER = web.AppKey("observer", Observer)
 HEALTH = web.AppKey("health", Health)
 STARTED_AT = web.AppKey("started_at", float)

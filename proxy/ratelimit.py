@@ -1,15 +1,30 @@
 """Per-client token buckets.
 
-A bucket holds up to ``burst`` tokens and refills at ``requests_per_minute / 60``
-tokens a second; a request takes one token. :func:`take_token` is the pure
-arithmetic (the clock is an argument, so tests pass a fake one); the limiters
-store bucket states. The in-memory limiter drops a bucket once it would be full
-again, so idle clients cost nothing and a flood of distinct addresses cannot
-grow memory without bound.
+A bucket holds up to ``burst`` tokens and refills at ``requests_per_minute``;
+a request takes one token. The bucket is stored as one number, the time at
+which it will be full again (``full_at``, the "theoretical arrival time" of
+the generic cell rate algorithm, RFC 2697's single-rate meter in another
+form). With ``interval`` the time one token takes to refill::
+
+    tokens(now)  = burst - max(0, full_at - now) / interval
+    allowed      iff full_at - now <= (burst - 1) * interval
+    on allow:    full_at = max(full_at, now) + interval
+
+This is exactly a continuously refilled token bucket, with two advantages:
+one number per client, and integer arithmetic (nanoseconds here, microseconds
+in Redis), so "exactly ``burst`` requests pass" holds without float drift.
+A bucket that is full again is indistinguishable from a new one, so it can
+be dropped: idle clients cost nothing.
+
+:func:`take_token` is the pure arithmetic (the clock is an argument, so tests
+pass a fake one). :class:`MemoryRateLimiter` keeps buckets in this process;
+ratelimit_redis.py keeps them in Redis for many processes and machines.
 """
 
 from __future__ import annotations
 
+import asyncio
+import heapq
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,13 +32,23 @@ from typing import Protocol
 
 from .config import RateLimitSettings
 
-__all__ = ["Decision", "MemoryRateLimiter", "RateLimiter", "StorageUnavailable", "take_token"]
+__all__ = [
+    "Decision",
+    "MemoryRateLimiter",
+    "RateLimiter",
+    "StorageUnavailable",
+    "interval_ns",
+    "take_token",
+]
+
+NS = 1_000_000_000
 
 
 @dataclass(frozen=True, slots=True)
 class Decision:
     """The outcome of one request against one bucket.
 
+    ``remaining``: whole tokens left after this request (0 when refused).
     ``retry_after``: seconds until one token is available (0 when allowed).
     ``reset_after``: seconds until the bucket is full again.
     """
@@ -34,21 +59,28 @@ class Decision:
     reset_after: float
 
 
-def take_token(
-    tokens: float, updated: float, now: float, limit: RateLimitSettings
-) -> tuple[Decision, float]:
-    """Refill a bucket last seen at ``updated`` holding ``tokens``, then take one.
+def interval_ns(limit: RateLimitSettings) -> int:
+    """Nanoseconds one token takes to refill (at least 1)."""
+    return max(1, round(60 * NS / limit.requests_per_minute))
 
-    Returns the decision and the bucket's token count as of ``now``.
+
+def take_token(full_at: int, now: int, burst: int, interval: int) -> tuple[Decision, int]:
+    """Try to take one token from a bucket that is full again at ``full_at``.
+
+    All times are integers in one unit (``now`` and ``full_at`` on the same
+    clock, ``interval`` per token); the decision's seconds assume nanoseconds.
+    Returns the decision and the bucket's new ``full_at`` (unchanged when
+    refused: a refused request costs nothing).
     """
-    rate = limit.refill_per_second
-    burst = float(limit.burst)
-    elapsed = max(0.0, now - updated)
-    tokens = min(burst, tokens + elapsed * rate)
-    if tokens >= 1.0:
-        tokens -= 1.0
-        return Decision(True, int(tokens), 0.0, (burst - tokens) / rate), tokens
-    return Decision(False, 0, (1.0 - tokens) / rate, (burst - tokens) / rate), tokens
+    debt = full_at - now  # time until full; <= 0 means full
+    if debt < 0:
+        debt = 0
+    if debt <= (burst - 1) * interval:
+        debt += interval
+        remaining = burst - -(-debt // interval)  # burst - ceil(debt / interval)
+        return Decision(True, remaining, 0.0, debt / NS), now + debt
+    retry = debt - (burst - 1) * interval
+    return Decision(False, 0, retry / NS, debt / NS), full_at
 
 
 class StorageUnavailable(Exception):
@@ -56,21 +88,51 @@ class StorageUnavailable(Exception):
 
 
 class RateLimiter(Protocol):
+    """Bucket storage. ``acquire`` raises only :class:`StorageUnavailable`."""
+
     async def acquire(self, key: str, limit: RateLimitSettings) -> Decision:
         """Take one token from the bucket ``key`` shaped by ``limit``."""
         ...
 
-    async def close(self) -> None: ...
+    def start(self) -> None:
+        """Start background work (called once the event loop runs); no I/O."""
+        ...
+
+    async def close(self) -> None:
+        """Stop background work and release connections."""
+        ...
 
 
 class MemoryRateLimiter:
-    """Buckets in this process's memory: exact for one process."""
+    """Buckets in this process's memory: exact for one process.
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    Eviction: each bucket has exactly one entry in a min-heap ordered by the
+    ``full_at`` it had when the entry was pushed. ``full_at`` never moves
+    earlier, so the heap's top is a lower bound: when it has passed, the
+    bucket is either full (dropped) or was used since (its entry is pushed
+    again with the real ``full_at``). Every ``acquire`` retires at most
+    :attr:`EVICT_PER_ACQUIRE` heap entries, and :meth:`start`'s sweeper
+    retires the rest once a second in slices of :attr:`SWEEP_SLICE`,
+    yielding to the event loop between slices, so no request ever waits
+    behind an O(buckets) pass (the old full sweep stalled ~0.3 s per
+    million buckets).
+
+    ``clock`` returns integer nanoseconds (``time.monotonic_ns``).
+    """
+
+    EVICT_PER_ACQUIRE = 2
+    SWEEP_SLICE = 4096
+    SWEEP_INTERVAL = 1.0  # seconds between sweeps
+    # A dict never shrinks when keys are deleted: once it has fallen to 1/16
+    # of its peak the sweeper copies it, so a past flood gives its table back.
+    COMPACT_MIN_PEAK = 65536
+
+    def __init__(self, clock: Callable[[], int] = time.monotonic_ns) -> None:
         self._clock = clock
-        # key -> (tokens, updated, time at which the bucket is full again)
-        self._buckets: dict[str, tuple[float, float, float]] = {}
-        self._next_sweep = 0.0
+        self._buckets: dict[str, int] = {}  # key -> full_at
+        self._heap: list[tuple[int, str]] = []  # (full_at when pushed, key)
+        self._peak = 0
+        self._sweeper: asyncio.Task[None] | None = None
 
     def __len__(self) -> int:
         return len(self._buckets)
@@ -79,25 +141,79 @@ class MemoryRateLimiter:
         return self.acquire_now(key, limit)
 
     def acquire_now(self, key: str, limit: RateLimitSettings) -> Decision:
+        """:meth:`acquire` without the coroutine, for callers outside a loop."""
         now = self._clock()
-        state = self._buckets.get(key)
-        if state is None:
-            tokens, updated = float(limit.burst), now
-        else:
-            tokens, updated = state[0], state[1]
-        decision, tokens = take_token(tokens, updated, now, limit)
-        self._buckets[key] = (tokens, now, now + decision.reset_after)
-        if now >= self._next_sweep:
-            self._sweep(now)
+        buckets = self._buckets
+        full_at = buckets.get(key)
+        decision, new_full_at = take_token(
+            now if full_at is None else full_at, now, limit.burst, interval_ns(limit)
+        )
+        if full_at is None:  # a new bucket: burst >= 1, so this request was allowed
+            buckets[key] = new_full_at
+            heapq.heappush(self._heap, (new_full_at, key))
+        elif new_full_at != full_at:
+            buckets[key] = new_full_at
+        heap = self._heap
+        if heap and heap[0][0] <= now:
+            self.evict(now, self.EVICT_PER_ACQUIRE)
         return decision
 
-    def _sweep(self, now: float) -> None:
-        """Drop buckets that are full again: they behave exactly like a new one."""
-        buckets = self._buckets
-        for key in [k for k, (_, _, full_at) in buckets.items() if full_at <= now]:
-            del buckets[key]
-        # Sweeping costs O(buckets); do it at most once a second.
-        self._next_sweep = now + 1.0
+    def evict(self, now: int, budget: int) -> int:
+        """Retire up to ``budget`` heap entries due by ``now``; return buckets dropped."""
+        heap, buckets = self._heap, self._buckets
+        if len(buckets) > self._peak:
+            self._peak = len(buckets)
+        dropped = 0
+        while budget > 0 and heap and heap[0][0] <= now:
+            budget -= 1
+            _, key = heap[0]
+            full_at = buckets[key]
+            if full_at <= now:
+                heapq.heappop(heap)
+                del buckets[key]
+                dropped += 1
+            else:  # used since the entry was pushed: look again when it is full
+                heapq.heapreplace(heap, (full_at, key))
+        return dropped
+
+    def compact(self) -> None:
+        """Give back the table of a dict that shrank far below its peak."""
+        size = len(self._buckets)
+        if self._peak >= self.COMPACT_MIN_PEAK and size <= self._peak // 16:
+            self._buckets = dict(self._buckets)
+            self._peak = size
+
+    async def sweep(self) -> int:
+        """Drop every bucket that is full, a slice at a time; return how many."""
+        total = 0
+        while True:
+            now = self._clock()
+            total += self.evict(now, self.SWEEP_SLICE)
+            heap = self._heap
+            if not heap or heap[0][0] > now:
+                break
+            await asyncio.sleep(0)  # let requests run between slices
+        self.compact()
+        return total
+
+    def start(self) -> None:
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().create_task(
+                self._sweep_forever(), name="oaimux-ratelimit-sweeper"
+            )
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.SWEEP_INTERVAL)
+            await self.sweep()
 
     async def close(self) -> None:
+        task, self._sweeper = self._sweeper, None
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
         self._buckets.clear()
+        self._heap.clear()

@@ -20,6 +20,8 @@ from tests.fakes.upstream import FakeUpstream
 
 MakeProxy = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
 
+pytest_plugins = ["tests.redis_server"]  # redis_server fixture: a real redis-server
+
 
 @pytest.fixture
 def fake() -> FakeUpstream:
