@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import json
 import re
 import shlex
@@ -186,6 +187,22 @@ def test_dockerfile_is_multi_stage_slim_and_non_root() -> None:
     assert "pip wheel" in build_runs and "oaimux[fast,redis]" in build_runs
     envs = " ".join(rest for word, rest in stage if word == "ENV")
     assert "PORT=8080" in envs
+
+
+def test_docker_build_context_keeps_what_the_build_needs() -> None:
+    args = dict(rest.split("=", 1) for rest in docker_args("ARG") if "=" in rest)
+    routes = args["ROUTES"]
+    assert (REPO / routes).is_file()
+    ignored = [
+        line.strip()
+        for line in (REPO / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    for needed in ("pyproject.toml", "README.md", "proxy/__init__.py", "proxy/cli.py", routes):
+        parts = Path(needed).parts
+        prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+        for pattern in ignored:
+            assert not any(fnmatch.fnmatch(p, pattern) for p in prefixes), (needed, pattern)
 
 
 def test_every_platform_starts_the_same_command() -> None:
