@@ -34,6 +34,7 @@ __all__ = [
     "find_json_model",
     "find_multipart_model",
     "multipart_boundary",
+    "part_name",
     "rewrite_model",
 ]
 
@@ -379,7 +380,7 @@ def find_multipart_model(body: bytes, boundary: bytes) -> FoundModel:
         next_delim = body.find(marker, content_start)
         if next_delim < 0:
             raise _bad_multipart("no closing boundary")
-        if _part_name(body[line_end + 2 : headers_end]) == "model":
+        if part_name(body[line_end + 2 : headers_end]) == "model":
             if found is not None:
                 raise InvalidRequest(
                     "the form names 'model' more than once", code="ambiguous_model", param="model"
@@ -398,7 +399,7 @@ def find_multipart_model(body: bytes, boundary: bytes) -> FoundModel:
     return found
 
 
-def _part_name(header_block: bytes) -> str | None:
+def part_name(header_block: bytes) -> str | None:
     for line in header_block.split(b"\r\n"):
         name, sep, value = line.partition(b":")
         if sep and name.strip().lower() == b"content-disposition":

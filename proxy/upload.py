@@ -1,0 +1,185 @@
+"""Large multipart uploads stream to the upstream as soon as the model is known.
+
+A transcription or file upload can be tens of megabytes, with the ``model``
+field usually first. :func:`read_multipart_head` reads only until the
+``model`` part is complete; :class:`UploadStream` then yields that head
+(rewritten if the route says so) followed by the rest of the body as it
+arrives, while :class:`PartWatcher` checks every later part header, so a
+second ``model`` field is still refused (``ambiguous_model``) — the upload is
+then cut off before the upstream has the whole request, and the client gets
+the 400 (no response byte has gone out yet).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from aiohttp import StreamReader
+
+from .errors import InvalidRequest, ProxyError, RequestTooLarge
+from .findmodel import FoundModel, find_multipart_model, part_name
+
+__all__ = ["PartWatcher", "UploadHead", "UploadStream", "read_multipart_head"]
+
+# Part headers are short; a longer block is not a form a client library makes.
+_MAX_PART_HEADERS = 16 * 1024
+
+
+@dataclass(slots=True)
+class UploadHead:
+    """The bytes read so far, the model found in them, and whether the body ended."""
+
+    head: bytes
+    found: FoundModel
+    complete: bool
+
+
+def _model_in_prefix(buf: bytes, boundary: bytes) -> FoundModel | None:
+    """The model field if ``buf`` (a prefix of the body) already holds all of it.
+
+    Only the part up to and including the model part's closing delimiter is
+    needed; parts after it are the watcher's business.
+    """
+    marker = b"\r\n--" + boundary
+    end = 0
+    while True:
+        next_delim = buf.find(marker, end)
+        if next_delim < 0:
+            return None
+        try:
+            # Everything up to this delimiter, closed, is a complete small form.
+            found = find_multipart_model(buf[:next_delim] + marker + b"--\r\n", boundary)
+        except InvalidRequest as err:
+            if err.code == "missing_model":
+                end = next_delim + len(marker)
+                continue
+            raise
+        return found
+
+
+async def read_multipart_head(
+    content: StreamReader, boundary: bytes, limit: int, idle_timeout: float
+) -> UploadHead:
+    """Read until the model field is complete, or the whole body if it ends first."""
+    chunks: list[bytes] = []
+    size = 0
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(idle_timeout) as deadline:
+        while True:
+            chunk = await content.readany()
+            if not chunk:
+                body = b"".join(chunks)
+                return UploadHead(body, find_multipart_model(body, boundary), True)
+            size += len(chunk)
+            if size > limit:
+                raise RequestTooLarge(
+                    f"The request body is larger than this proxy accepts ({limit} bytes)."
+                )
+            chunks.append(chunk)
+            deadline.reschedule(loop.time() + idle_timeout)
+            head = b"".join(chunks) if len(chunks) > 1 else chunk
+            chunks = [head]
+            found = _model_in_prefix(head, boundary)
+            if found is not None:
+                return UploadHead(head, found, False)
+
+
+class PartWatcher:
+    """Looks at the part headers of the body's remainder for a second ``model`` field.
+
+    ``feed`` takes the remainder's chunks in order and raises ``ambiguous_model``;
+    it keeps at most one partial header block between calls.
+    """
+
+    def __init__(self, boundary: bytes) -> None:
+        self._marker = b"\r\n--" + boundary
+        self._carry = b""
+
+    def feed(self, chunk: bytes) -> None:
+        data = self._carry + chunk if self._carry else chunk
+        marker = self._marker
+        pos = 0
+        while True:
+            at = data.find(marker, pos)
+            if at < 0:
+                # Keep a tail that could be the start of a marker cut by the chunk edge.
+                self._carry = data[max(pos, len(data) - len(marker) + 1) :]
+                return
+            headers_end = data.find(b"\r\n\r\n", at + len(marker))
+            if headers_end < 0:
+                if len(data) - at > _MAX_PART_HEADERS:
+                    raise InvalidRequest(
+                        "A multipart part header block is too long.", code="invalid_multipart"
+                    )
+                self._carry = data[at:]
+                return
+            line_end = data.find(b"\r\n", at + len(marker))
+            if part_name(data[line_end + 2 : headers_end]) == "model":
+                raise InvalidRequest(
+                    "the form names 'model' more than once", code="ambiguous_model", param="model"
+                )
+            pos = headers_end
+
+
+class UploadStream:
+    """The body to send upstream: the head, then the rest as the client sends it.
+
+    If the rest breaks a rule (a second model, too large, the client stalls),
+    iteration stops with an error; ``error`` keeps it so the caller can answer
+    the client with it rather than with the upstream transport's failure.
+    """
+
+    def __init__(
+        self,
+        head: bytes,
+        after_model: bytes,
+        content: StreamReader,
+        boundary: bytes,
+        limit: int,
+        received: int,
+        idle_timeout: float,
+    ) -> None:
+        """``head`` is sent first (rewritten or not); ``after_model`` is the part of
+        the original head after the model field, still to be watched; ``received``
+        counts the body bytes read so far (against ``limit``)."""
+        self.head = head
+        self._content = content
+        self._watcher = PartWatcher(boundary)
+        self._watcher.feed(after_model)  # raises now if the head already has a second model
+        self._limit = limit
+        self._received = received
+        self._idle = idle_timeout
+        self.error: ProxyError | None = None
+        self.sent = 0
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        yield self.head
+        self.sent = len(self.head)
+        content = self._content
+        watcher = self._watcher
+        received = self._received
+        try:
+            while True:
+                async with asyncio.timeout(self._idle):
+                    chunk = await content.readany()
+                if not chunk:
+                    return
+                received += len(chunk)
+                if received > self._limit:
+                    raise RequestTooLarge(
+                        f"The request body is larger than this proxy accepts ({self._limit} bytes)."
+                    )
+                watcher.feed(chunk)
+                yield chunk
+                self.sent += len(chunk)
+        except ProxyError as err:
+            self.error = err
+            raise
+        except TimeoutError:
+            self.error = InvalidRequest(
+                f"The request body stopped arriving for {self._idle:g} seconds.",
+                code="request_timeout",
+            )
+            raise
