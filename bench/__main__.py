@@ -5,10 +5,13 @@ so slow drift of the machine spreads over all peers instead of biasing one:
 
 1. smoke - every peer answers chat, SSE and binary byte-for-byte like the mock; a peer that
    fails is dropped from the later phases (and the report says so).
-2. non-stream - req/s, p50/p99 latency at each connection count, proxy CPU per request.
-3. SSE - TTFB, per-chunk delay and coalescing at each stream count.
-4. hold - memory per open stream, and upstream connections left 2 s after clients hang up.
+2. hold - memory per open stream, and upstream connections left 2 s after clients hang up
+   (first, on fresh processes, so memory already grown by earlier phases does not hide it).
+3. non-stream - req/s, p50/p99 latency at each connection count, proxy CPU per request.
+4. SSE - TTFB, per-chunk delay and coalescing at each stream count.
 5. large bodies - a 10 MB JSON request (model key first and last) and a 10 MB binary answer.
+6. profile (only with --profile) - py-spy samples oaimux under the non-stream load, after
+   everything else, so its overhead is in no reported figure.
 
 Everything talks to 127.0.0.1 only, every loop is bounded in count and time, and every
 process started here is stopped before exit (also on Ctrl-C).
@@ -36,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import procfs, report
+from bench import profile as pyspy
 from bench.http1 import fetch
 from bench.loadgen import CHAT_BODY, have_wrk, run_load
 from bench.mock_upstream import binary_payload
@@ -95,6 +99,7 @@ class Bench:
             "meta": {}, "peers": {}, "smoke": {}, "nonstream": [], "sse": [], "hold": {},
             "large_body": {}, "binary": {}, "skipped": {},
         }
+        self.profile_raw = ""  # py-spy's collapsed stacks, written next to the JSON
         self.proxy_core = min(self.proxy_cpus) if self.proxy_cpus else None
 
     # -- set-up -----------------------------------------------------------------------------
@@ -177,7 +182,7 @@ class Bench:
                     self.multi.remove(peer)
                 peer.stop()
 
-    # -- phase 2: non-streaming load ----------------------------------------------------------
+    # -- phase 3: non-streaming load ----------------------------------------------------------
     async def nonstream(self) -> None:
         a = self.a
         peers = self.peers + self.multi
@@ -208,6 +213,7 @@ class Bench:
         the proxy's core was with anything else (foreign load, e.g. another job on the box)."""
         pids, mock_pids = peer.pids(), self.mock.pids()
         core = self.proxy_core
+        waited = await self._wait_quiet()
         c0, m0 = procfs.cpu_seconds(pids), procfs.cpu_seconds(mock_pids)
         k0 = procfs.core_times(core) if core is not None else None
         t0 = time.monotonic()
@@ -216,14 +222,39 @@ class Bench:
         c1, m1 = procfs.cpu_seconds(pids), procfs.cpu_seconds(mock_pids)
         k1 = procfs.core_times(core) if core is not None else None
         busy = procfs.busy_fraction(k0, k1)
-        own = (c1 - c0) / wall if wall > 0 and peer.cpus == self.proxy_cpus else 0.0
+        own = (c1 - c0) / wall if wall > 0 else 0.0
+        # Foreign load only means something when the peer has the proxy core to itself
+        # (not for direct, whose "proxy core" idles, nor for N workers spread over all cores).
+        single = peer.cpus is not None and peer.cpus == self.proxy_cpus
         return {
             "value": value, "proxy_cpu_s": c1 - c0, "mock_cpu_s": m1 - m0, "wall_s": wall,
+            "waited_for_quiet_s": waited,
             "proxy_core_busy_pct": None if busy is None else busy * 100,
-            "foreign_pct": None if busy is None else max(0.0, busy - own) * 100,
+            "foreign_pct": (max(0.0, busy - own) * 100 if busy is not None and single
+                            else None),
         }
 
-    # -- phase 3: SSE -------------------------------------------------------------------------
+    async def _wait_quiet(self) -> float:
+        """Wait (at most ``--quiet-wait`` s) until the proxy core is mostly idle.
+
+        Between measurements nothing of ours runs there, so a busy core means another job on
+        the machine; starting in a lull keeps bursts of it out of more measurements.
+        """
+        core, limit = self.proxy_core, self.a.quiet_wait
+        if core is None or limit <= 0:
+            return 0.0
+        t0 = time.monotonic()
+        prev = procfs.core_times(core)
+        while time.monotonic() - t0 < limit:
+            await asyncio.sleep(0.25)
+            cur = procfs.core_times(core)
+            busy = procfs.busy_fraction(prev, cur)
+            prev = cur
+            if busy is None or busy < 0.15:
+                break
+        return round(time.monotonic() - t0, 2)
+
+    # -- phase 4: SSE -------------------------------------------------------------------------
     async def sse(self) -> None:
         a = self.a
         for rnd in range(a.stream_rounds):
@@ -244,7 +275,7 @@ class Bench:
                         f"coalesced {res.coalesced}  {res.errors[:1]}")
                     await asyncio.sleep(0.3)  # let closed sockets drain between runs
 
-    # -- phase 4: held streams, memory, hang-up -------------------------------------------------
+    # -- phase 2: held streams, memory, hang-up -------------------------------------------------
     async def hold(self) -> None:
         a = self.a
         for peer in self.peers:
@@ -363,6 +394,35 @@ class Bench:
             log(f"binary {peer.name}: {self.results['binary'][peer.name]}")
 
 
+    # -- phase 6: profile (optional) --------------------------------------------------------------
+    async def profile(self) -> None:
+        """Sample oaimux with py-spy during a 16-connection non-stream load."""
+        peer = next((p for p in self.peers if p.name == "oaimux"), None)
+        if peer is None or not pyspy.available():
+            self.results["skipped"]["profile"] = "needs py-spy on PATH and a running oaimux"
+            return
+        seconds = self.a.duration
+        out = self.workdir / "oaimux.pyspy.txt"
+        proc = await asyncio.create_subprocess_exec(
+            *pyspy.record_command(peer.pids(), seconds + 1, out),
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+        await asyncio.sleep(0.5)  # let py-spy attach before the load starts
+        load = await run_load(peer.port, "/v1/chat/completions", 16, seconds, self.workdir,
+                              use_wrk=not self.a.no_wrk)
+        try:
+            _, err = await asyncio.wait_for(proc.communicate(), seconds + 30)
+        except TimeoutError:
+            proc.kill()
+            err = b"py-spy did not finish"
+        self.profile_raw = out.read_text() if out.exists() else ""
+        summary = pyspy.summarize_collapsed(self.profile_raw)
+        summary["load_rps"] = load.rps
+        if not self.profile_raw:
+            summary["error"] = err.decode(errors="replace")[-500:]
+        self.results["profile"] = summary
+        log(f"profile: {summary.get('samples')} samples")
+
+
 def _mask_ts(body: bytes) -> bytes:
     import re
 
@@ -423,7 +483,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--oaimux-cmd", default=DEFAULT_OAIMUX_CMD,
                     help="command template for oaimux; placeholders {python} {config} {port} "
                          "{workers} (default: %(default)s)")
-    ap.add_argument("--phases", default="smoke,nonstream,sse,hold,large",
+    ap.add_argument("--phases", default="smoke,hold,nonstream,sse,large",
                     help="comma list of phases to run")
     ap.add_argument("--rounds", type=int, help="interleaved rounds of the non-stream phase")
     ap.add_argument("--duration", type=float, help="seconds per non-stream measurement")
@@ -438,6 +498,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--body-mb", type=float, default=10.0, help="size of the big JSON body")
     ap.add_argument("--binary-mb", type=float, default=10.0, help="size of the binary answer")
     ap.add_argument("--reps", type=int, help="repetitions of each big-body request")
+    ap.add_argument("--profile", action="store_true",
+                    help="after the run, sample oaimux with py-spy under load (needs py-spy)")
+    ap.add_argument("--quiet-wait", type=float, default=None,
+                    help="max seconds to wait for a quiet proxy core before each measurement "
+                         "(default 4; 1 in --quick; 0 = never wait)")
     ap.add_argument("--no-wrk", action="store_true", help="use the built-in load generator")
     ap.add_argument("--keep-tmp", action="store_true", help="keep configs and logs")
     ap.add_argument("--out", type=Path, default=RESULTS_DIR, help="directory for results JSON")
@@ -448,6 +513,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     defaults = {  # (full, quick)
         "rounds": (3, 1), "duration": (8.0, 2.0), "stream_rounds": (2, 1), "chunks": (20, 10),
         "interval_ms": (100.0, 50.0), "reps": (5, 2), "workers": (2, 1),
+        "quiet_wait": (4.0, 1.0),
     }
     for key, (full, short) in defaults.items():
         if getattr(a, key) is None:
@@ -457,6 +523,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a.conns = [int(c) for c in a.conns.split(",") if c]
     a.streams = [int(k) for k in a.streams.split(",") if k]
     a.phases = {p.strip() for p in a.phases.split(",") if p.strip()}
+    if a.profile:
+        a.phases.add("profile")
     return a
 
 
@@ -465,6 +533,7 @@ async def run(a: argparse.Namespace) -> dict[str, Any]:
     bench = Bench(a, workdir)
     started = time.time()
     bench.results["meta"] = {
+        "command": " ".join(["python -m bench", *sys.argv[1:]]),
         "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "args": {k: (sorted(v) if isinstance(v, set) else v) for k, v in vars(a).items()
                  if k not in ("out", "report")},
@@ -477,8 +546,10 @@ async def run(a: argparse.Namespace) -> dict[str, Any]:
     try:
         await bench.start()
         phases: list[tuple[str, Callable[[], Awaitable[None]]]] = [
-            ("smoke", bench.smoke), ("nonstream", bench.nonstream), ("sse", bench.sse),
-            ("hold", bench.hold), ("large", bench.large),
+            # hold runs first, on fresh processes: after 1,000-stream runs a Python proxy keeps
+            # the memory it grew to, and "RSS with N open - idle RSS" would read near zero.
+            ("smoke", bench.smoke), ("hold", bench.hold), ("nonstream", bench.nonstream),
+            ("sse", bench.sse), ("large", bench.large), ("profile", bench.profile),
         ]
         for name, phase in phases:
             if name in a.phases and bench.peers:
@@ -489,6 +560,7 @@ async def run(a: argparse.Namespace) -> dict[str, Any]:
     finally:
         bench.stop()
         bench.results["meta"]["seconds"] = round(time.time() - started, 1)
+        bench.results["profile_raw"] = bench.profile_raw
         if a.keep_tmp:
             log(f"configs and logs kept in {workdir}")
         else:
@@ -510,6 +582,15 @@ def print_report(results: dict[str, Any]) -> None:
               f"{statistics.median(foreign):.0f}% (other work on this machine; high = noisy)")
     for name, why in results.get("skipped", {}).items():
         print(f"skipped {name}: {' '.join(why.splitlines()[:2])[:300]}")
+    prof = results.get("profile") or {}
+    if prof.get("samples"):
+        print(f"\nwhere oaimux spends CPU (py-spy, {prof['samples']} samples, 16 conns):")
+        print("  self time:")
+        for name, share in prof["self"][:12]:
+            print(f"    {share:5.1f}%  {name}")
+        print("  inclusive:")
+        for name, share in prof["inclusive"][:12]:
+            print(f"    {share:5.1f}%  {name}")
     if meta.get("seconds"):
         print(f"run took {meta['seconds']:.0f} s; load tool: {meta.get('load_tool')}")
 
@@ -530,6 +611,9 @@ def main(argv: list[str] | None = None) -> int:
     path = a.out / f"{stamp}{'-quick' if a.quick else ''}{'-obs' if a.observability else ''}.json"
     rows = report.summarize(results)
     results["summary"] = [asdict(r) for r in rows]
+    raw = results.pop("profile_raw", "")
+    if raw:
+        path.with_suffix(".pyspy.txt").write_text(raw)  # collapsed stacks for flame graphs
     path.write_text(json.dumps(results, indent=1, default=str))
     print_report(results)
     print(f"results: {path.relative_to(REPO_ROOT) if path.is_relative_to(REPO_ROOT) else path}")

@@ -1,0 +1,67 @@
+"""Optional: where does oaimux spend its CPU? Sample it with py-spy under load.
+
+Used by ``python -m bench --profile`` after the measured phases (so the sampler's overhead
+never touches a reported figure). Needs ``py-spy`` on PATH and permission to ptrace the proxy
+(root, or ``kernel.yama.ptrace_scope = 0``); without them the phase is skipped with a note.
+
+Contract: ``summarize_collapsed`` turns py-spy's "raw" (collapsed stack) output into the top
+functions by *self* time (where the CPU actually is) and by *inclusive* time (which call
+paths it is under), each as a share of all samples.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from collections import Counter
+from pathlib import Path
+
+_FRAME_RE = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::\d+)?\)$")
+
+
+def available() -> bool:
+    return shutil.which("py-spy") is not None
+
+
+def record_command(pids: list[int], seconds: float, out: Path, rate: int = 250) -> list[str]:
+    """py-spy command sampling the first pid (and its children) without pausing it."""
+    return ["py-spy", "record", "--pid", str(pids[0]), "--duration", str(max(1, round(seconds))),
+            "--rate", str(rate), "--format", "raw", "--output", str(out), "--nonblocking",
+            "--subprocesses"]
+
+
+def _short(frame: str) -> str:
+    """``func (path/to/pkg/mod.py:123)`` -> ``func (pkg/mod.py)``: group by function."""
+    m = _FRAME_RE.match(frame.strip())
+    if not m:
+        return frame.strip()
+    parts = m.group("file").replace("\\", "/").split("/")
+    return f"{m.group('func')} ({'/'.join(parts[-2:])})"
+
+
+def summarize_collapsed(text: str, top: int = 15) -> dict[str, object]:
+    """Top-N functions by self and by inclusive share of samples (percent)."""
+    self_c: Counter[str] = Counter()
+    incl_c: Counter[str] = Counter()
+    total = 0
+    for line in text.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        frames = [_short(f) for f in stack.split(";") if f]
+        # py-spy puts the process/thread as the first frame; skip anything without a file.
+        frames = [f for f in frames if "(" in f]
+        if not frames:
+            continue
+        total += n
+        self_c[frames[-1]] += n
+        for f in set(frames):
+            incl_c[f] += n
+    if not total:
+        return {"samples": 0, "self": [], "inclusive": []}
+
+    def pct(c: Counter[str]) -> list[tuple[str, float]]:
+        return [(name, round(100 * n / total, 1)) for name, n in c.most_common(top)]
+
+    return {"samples": total, "self": pct(self_c), "inclusive": pct(incl_c)}
