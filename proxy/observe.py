@@ -1,22 +1,70 @@
 """What one exchange looked like, and where that record goes (access log, metrics).
 
-:class:`Exchange` is filled in along the request path; :class:`Observer` turns
-it into one access-log line when the response has ended (streams included)
-and into metrics. Nothing here runs per chunk.
+:class:`Exchange` is filled in along the request path; :class:`Observer`
+turns it into one access-log line when the response has *ended* (streams
+included, however they ended) and into metrics. Nothing here runs per chunk:
+the relay only keeps a reference to the last two chunks, read for the token
+usage once the response is over.
+
+Request ids: the client's ``X-Request-Id`` is kept when it is sane (1-128
+characters from a safe set), otherwise the proxy makes one. That id goes to
+the upstream as ``X-Request-Id``, into the access log, and back to the client
+in ``x-oaimux-request-id`` (always) and in ``x-request-id`` when the upstream
+sent none of its own; the upstream's ``x-request-id`` (OpenAI support asks
+for it) reaches the client unchanged.
+
+The record never holds a body, a header value or a key: the access log
+cannot leak what it never saw.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import re
 import time
+import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from .config import LogSettings
+from aiohttp import web
 
-__all__ = ["Exchange", "Observer"]
+from .config import LogSettings, Settings
+from .errors import ProxyError, error_response
+from .metrics import Metrics
+from .usage import usage_from_tail
+
+__all__ = [
+    "EXCHANGE",
+    "OUTCOMES",
+    "OUR_REQUEST_ID_HEADER",
+    "Exchange",
+    "Observer",
+    "make_observer",
+    "request_id_for",
+]
 
 access_logger = logging.getLogger("oaimux.access")
+
+OUR_REQUEST_ID_HEADER = "x-oaimux-request-id"
+OUTCOMES = ("complete", "client_gone", "upstream_reset", "idle_timeout", "error")
+
+# Status logged for a client that left before any response was sent (nginx's 499).
+CLIENT_CLOSED = 499
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
+# Values written bare in the text format: printable ASCII without space, '"' or '\'.
+_BARE = re.compile(r"[!#-\[\]-~]+")
+_MAX_LOGGED = 200  # characters of a client-chosen string (path, model) in the log
+
+
+def request_id_for(request: web.BaseRequest) -> str:
+    """The client's X-Request-Id when it is sane (length, characters), else a new one."""
+    given = request.headers.get("X-Request-Id")
+    if given is not None and _REQUEST_ID.match(given):
+        return given
+    return uuid.uuid4().hex
 
 
 @dataclass(slots=True)
@@ -30,9 +78,12 @@ class Exchange:
     started: float = field(default_factory=time.perf_counter)
     started_wall: float = field(default_factory=time.time)
     key_name: str | None = None
-    model: str | None = None
-    upstream_model: str | None = None
+    model: str | None = None  # as the client sent it (logged quoted and clipped)
+    upstream_model: str | None = None  # the alias target sent upstream
     route: str | None = None
+    # The routing-table entry that matched (exact id, glob, discovered id), the
+    # only model value metrics may use; "" before a route matched.
+    metric_model: str = ""
     upstream: str | None = None
     tried: list[str] = field(default_factory=list)
     status: int = 0
@@ -40,63 +91,243 @@ class Exchange:
     bytes_out: int = 0
     ttfb: float | None = None
     duration: float | None = None
-    outcome: str = "complete"  # complete | client_gone | upstream_reset | idle_timeout | error
+    outcome: str = "complete"  # one of OUTCOMES
     error_code: str | None = None
     streaming: bool = False
+    stream_open: bool = False
+    in_flight: bool = False
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
-    tail: bytes = b""  # the last response chunk, for reading the usage object
+    # The last two response chunks, for the usage object; set after the body ended.
+    tail: bytes = b""
+    tail_previous: bytes = b""
+    content_type: str = ""
+    content_encoding: str | None = None
+
+    def failed_before_response(self, exc: BaseException) -> None:
+        """Note how a request ended that raised instead of answering."""
+        if isinstance(exc, ProxyError):
+            self.status = exc.status
+            self.error_code = exc.code
+            self.outcome = "error"
+        elif isinstance(exc, web.HTTPException):
+            self.status = exc.status
+            self.outcome = "complete" if exc.status < 400 else "error"
+        elif isinstance(exc, (asyncio.CancelledError, ConnectionError)):
+            if self.outcome == "complete":
+                self.outcome = "client_gone"
+            if not self.status:
+                self.status = CLIENT_CLOSED
+        else:
+            self.outcome = "error"
+            if not self.status:
+                self.status = 500
+
+
+EXCHANGE = web.RequestKey("oaimux_exchange", Exchange)
+
+View = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class Observer:
-    """Receives exchanges; writes the access log. Metrics hook in here too."""
+    """Receives exchanges: writes the access log and keeps the metrics.
 
-    def __init__(self, log: LogSettings) -> None:
+    ``metrics`` is ``None`` when ``metrics.enabled`` is false; then the hooks
+    only log. Every method is cheap and never raises into the request.
+    """
+
+    def __init__(self, log: LogSettings, metrics: Metrics | None = None) -> None:
         self.log = log
+        self.metrics = metrics
+        self.json = log.format == "json"
+        self._second = -1
+        self._second_text = ""
+
+    # -- the life of one request
+
+    def begin(self, ex: Exchange) -> None:
+        """A request started being handled (counts it in flight)."""
+        if self.metrics is not None:
+            self.metrics.in_flight.inc()
+            ex.in_flight = True
+
+    def stream_opened(self, ex: Exchange) -> None:
+        """A streamed response's headers were sent; its body is being relayed."""
+        if self.metrics is not None:
+            self.metrics.open_streams.inc()
+            ex.stream_open = True
 
     def finished(self, ex: Exchange) -> None:
+        """The response has ended (or never started): log it once, count it once."""
         ex.duration = time.perf_counter() - ex.started
-        if self.log.access and access_logger.isEnabledFor(logging.INFO):
-            access_logger.info("%s", self.format(ex))
+        metrics = self.metrics
+        logging_on = self.log.access and access_logger.isEnabledFor(logging.INFO)
+        if ex.tail and (metrics is not None or logging_on):
+            self._read_usage(ex)
+        if metrics is not None:
+            if ex.in_flight:
+                metrics.in_flight.dec()
+                ex.in_flight = False
+            if ex.stream_open:
+                metrics.open_streams.dec()
+                ex.stream_open = False
+            upstream = ex.upstream or ""
+            metrics.request_finished(ex.metric_model, upstream, ex.status, ex.duration, ex.ttfb)
+            if ex.outcome in ("upstream_reset", "idle_timeout") and ex.upstream is not None:
+                metrics.upstream_failures.labels(upstream, ex.outcome).inc()
+            if ex.prompt_tokens is not None or ex.completion_tokens is not None:
+                metrics.count_tokens(
+                    ex.metric_model, upstream, ex.prompt_tokens, ex.completion_tokens
+                )
+        if logging_on:
+            access_logger.info(self.format_json(ex) if self.json else self.format_text(ex))
 
-    def format(self, ex: Exchange) -> str:
-        record = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ex.started_wall))
-            + f".{int(ex.started_wall % 1 * 1000):03d}Z",
-            "request_id": ex.request_id,
-            "client": ex.client,
-            "key": ex.key_name,
-            "method": ex.method,
-            "path": ex.path,
-            "model": ex.model,
-            "target": ex.upstream_model,
-            "upstream": ex.upstream,
-            "tried": ex.tried,
-            "status": ex.status,
-            "bytes_in": ex.bytes_in,
-            "bytes_out": ex.bytes_out,
-            "ttfb_ms": None if ex.ttfb is None else round(ex.ttfb * 1000, 2),
-            "duration_ms": None if ex.duration is None else round(ex.duration * 1000, 2),
-            "outcome": ex.outcome,
-            "error": ex.error_code,
-            "prompt_tokens": ex.prompt_tokens,
-            "completion_tokens": ex.completion_tokens,
-        }
-        if self.log.format == "json":
-            return json.dumps(record, separators=(",", ":"))
-        return " ".join(
-            f"{k}={'-' if v is None else (','.join(v) or '-') if isinstance(v, list) else v}"
-            for k, v in record.items()
+    def _read_usage(self, ex: Exchange) -> None:
+        if not 200 <= ex.status < 300 or ex.content_encoding not in (None, "identity"):
+            return
+        content_type = ex.content_type
+        if not (content_type.startswith("text/event-stream") or "json" in content_type):
+            return
+        usage = usage_from_tail(ex.tail_previous, ex.tail)
+        ex.tail = ex.tail_previous = b""  # the chunks are no longer needed
+        if usage is not None:
+            ex.prompt_tokens = usage.prompt_tokens
+            ex.completion_tokens = usage.completion_tokens
+
+    # -- the access-log line
+
+    def _time(self, wall: float) -> str:
+        second = int(wall)
+        if second != self._second:  # strftime once per second, not per request
+            self._second = second
+            self._second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._second_text}.{int((wall - second) * 1000):03d}Z"
+
+    def format_text(self, ex: Exchange) -> str:
+        """One ``key=value`` line (logfmt); client-chosen strings are quoted when needed."""
+        ttfb = "-" if ex.ttfb is None else f"{ex.ttfb * 1000:.2f}"
+        duration = "-" if ex.duration is None else f"{ex.duration * 1000:.2f}"
+        return (
+            f"time={self._time(ex.started_wall)} request_id={ex.request_id} client={ex.client}"
+            f" key={_text(ex.key_name)} method={ex.method} path={_text(ex.path)}"
+            f" model={_text(ex.model)} target={_text(ex.upstream_model)}"
+            f" upstream={ex.upstream or '-'} tried={','.join(ex.tried) or '-'}"
+            f" status={ex.status} bytes_in={ex.bytes_in} bytes_out={ex.bytes_out}"
+            f" ttfb_ms={ttfb} duration_ms={duration} outcome={ex.outcome}"
+            f" error={ex.error_code or '-'}"
+            f" prompt_tokens={_num(ex.prompt_tokens)}"
+            f" completion_tokens={_num(ex.completion_tokens)}"
         )
 
+    def format_json(self, ex: Exchange) -> str:
+        """One JSON object per line, same fields as the text format (``null`` for none)."""
+        return json.dumps(
+            {
+                "time": self._time(ex.started_wall),
+                "request_id": ex.request_id,
+                "client": ex.client,
+                "key": ex.key_name,
+                "method": ex.method,
+                "path": _clip(ex.path),
+                "model": _clip(ex.model),
+                "target": _clip(ex.upstream_model),
+                "upstream": ex.upstream,
+                "tried": ex.tried,
+                "status": ex.status,
+                "bytes_in": ex.bytes_in,
+                "bytes_out": ex.bytes_out,
+                "ttfb_ms": None if ex.ttfb is None else round(ex.ttfb * 1000, 2),
+                "duration_ms": None if ex.duration is None else round(ex.duration * 1000, 2),
+                "outcome": ex.outcome,
+                "error": ex.error_code,
+                "prompt_tokens": ex.prompt_tokens,
+                "completion_tokens": ex.completion_tokens,
+            },
+            separators=(",", ":"),
+        )
+
+    # -- hooks called from admission, forward and health
+
     def rate_limited(self, ex: Exchange) -> None:
-        """A request refused by the limiter (metrics hook)."""
+        """A request refused by the limiter."""
+        if self.metrics is not None:
+            self.metrics.rate_limited_total.labels(ex.metric_model).inc()
 
     def upstream_failure(self, upstream: str, kind: str) -> None:
-        """An attempt at ``upstream`` failed before any response byte (metrics hook)."""
+        """An attempt at ``upstream`` failed before any response byte."""
+        if self.metrics is not None:
+            self.metrics.upstream_failures.labels(upstream, kind).inc()
 
     def fallback(self, from_upstream: str, to_upstream: str) -> None:
-        """A request moved on from one upstream to the next (metrics hook)."""
+        """A request moved on from one upstream to the next."""
+        if self.metrics is not None:
+            self.metrics.fallbacks.labels(from_upstream, to_upstream).inc()
 
     def breaker_changed(self, upstream: str, state: str) -> None:
-        """A circuit breaker changed state (metrics hook)."""
+        """A circuit breaker changed state."""
+        if self.metrics is not None:
+            self.metrics.set_breaker(upstream, state)
+
+    # -- the proxy's own endpoints
+
+    def observed(self, view: View) -> View:
+        """Wrap one of the proxy's own views (``/v1/models``, ``/about``) so it is
+        logged and counted like a proxied request. The view may fill in the
+        caller through ``request[EXCHANGE]``."""
+
+        async def observed_view(request: web.Request) -> web.StreamResponse:
+            ex = Exchange(
+                request_id=request_id_for(request),
+                method=request.method,
+                path=request.raw_path[:512],
+                client="-",
+            )
+            request[EXCHANGE] = ex
+            self.begin(ex)
+            try:
+                try:
+                    resp = await view(request)
+                except ProxyError as err:
+                    ex.failed_before_response(err)
+                    if err.status == 429:
+                        self.rate_limited(ex)
+                    resp = error_response(err)
+                ex.status = resp.status
+                body = resp.body if isinstance(resp, web.Response) else None
+                if isinstance(body, bytes):
+                    ex.bytes_out = len(body)
+                resp.headers[OUR_REQUEST_ID_HEADER] = ex.request_id
+                resp.headers.setdefault("x-request-id", ex.request_id)
+                return resp
+            except BaseException as exc:
+                ex.failed_before_response(exc)
+                raise
+            finally:
+                self.finished(ex)
+
+        return observed_view
+
+
+def _text(value: str | None) -> str:
+    if value is None:
+        return "-"
+    if len(value) <= _MAX_LOGGED and _BARE.fullmatch(value):
+        return value
+    # Quote (JSON string rules): no space, quote or newline can forge a field.
+    return json.dumps(_clip(value))
+
+
+def _clip(value: str | None) -> str | None:
+    if value is None or len(value) <= _MAX_LOGGED:
+        return value
+    return value[:_MAX_LOGGED] + "..."
+
+
+def _num(value: int | None) -> str:
+    return "-" if value is None else str(value)
+
+
+def make_observer(settings: Settings) -> Observer:
+    """The observer for ``settings``: the access log, and metrics unless disabled."""
+    metrics = Metrics(settings.upstreams) if settings.metrics.enabled else None
+    return Observer(settings.log, metrics)

@@ -1,0 +1,265 @@
+"""Prometheus metrics: the only module that imports ``prometheus_client``.
+
+Each application gets its own :class:`Metrics`, with its own
+``CollectorRegistry`` (tests build many apps in one process; the global
+registry would refuse the second set of names).
+
+With ``--workers N`` every worker writes its samples to files in a directory
+shared by all (the library's multiprocess mode, ``PROMETHEUS_MULTIPROC_DIR``);
+a scrape answered by any worker then reads every worker's files, so one scrape
+sees the whole server. The parent creates that directory before forking and
+removes it at exit (:func:`share_metrics_across_workers`).
+
+Label values are bounded by the configuration: ``model`` is a routing-table
+entry (an exact id, a glob pattern, or a discovered id), never the string a
+client sent; ``upstream`` is a configured upstream name; ``kind`` and
+``status_class`` come from fixed sets.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
+
+from aiohttp import web
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    values,
+)
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.multiprocess import MultiProcessCollector
+
+__all__ = [
+    "BREAKER_STATES",
+    "MULTIPROC_ENV",
+    "Metrics",
+    "metrics_app",
+    "serve_metrics",
+    "share_metrics_across_workers",
+]
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+# Seconds. LLM calls range from milliseconds (embeddings, cached errors) to
+# many minutes (long generations streamed to the end).
+_BUCKETS = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+    10.0, 30.0, 60.0, 120.0, 300.0, 600.0, float("inf"),
+)  # fmt: skip
+
+BREAKER_STATES = {"closed": 0.0, "half_open": 1.0, "open": 2.0}
+_STATUS_CLASSES = tuple(f"{n}xx" for n in range(10))
+
+
+class Metrics:
+    """The proxy's metrics. Hot-path methods look up cached label children
+    (the label sets are bounded), so a request costs a handful of dict hits
+    and increments.
+
+    ``upstreams`` are pre-registered so every breaker shows ``closed`` (0)
+    before its first request.
+    """
+
+    def __init__(self, upstreams: Iterable[str] = (), multiprocess_dir: str | None = None) -> None:
+        directory = (
+            multiprocess_dir if multiprocess_dir is not None else os.environ.get(MULTIPROC_ENV)
+        )
+        self.multiprocess = bool(directory)
+        self.registry = CollectorRegistry(auto_describe=True)
+        own: CollectorRegistry | None
+        if directory:
+            _use_multiprocess_values()
+            # Samples go to the shared files only; the exposed registry reads
+            # every worker's files at scrape time.
+            own = None
+            MultiProcessCollector(self.registry, path=directory)  # type: ignore[no-untyped-call]
+        else:
+            own = self.registry
+            ProcessCollector(registry=own)
+            PlatformCollector(registry=own)
+        self.requests = Counter(
+            "oaimux_requests",
+            "Requests answered, by routing-table model, upstream and status class.",
+            ("model", "upstream", "status_class"),
+            registry=own,
+        )
+        self.duration = Histogram(
+            "oaimux_request_duration_seconds",
+            "Time from the request's arrival to the end of its response (streams included).",
+            ("upstream",),
+            buckets=_BUCKETS,
+            registry=own,
+        )
+        self.ttfb = Histogram(
+            "oaimux_time_to_first_byte_seconds",
+            "Time from the request's arrival until the upstream's response headers were sent on.",
+            ("upstream",),
+            buckets=_BUCKETS,
+            registry=own,
+        )
+        self.in_flight = Gauge(
+            "oaimux_requests_in_flight",
+            "Requests being handled now.",
+            registry=own,
+            multiprocess_mode="livesum",
+        )
+        self.open_streams = Gauge(
+            "oaimux_open_streams",
+            "Streamed responses (SSE or chunked) being relayed now.",
+            registry=own,
+            multiprocess_mode="livesum",
+        )
+        self.rate_limited_total = Counter(
+            "oaimux_rate_limited",
+            "Requests refused by the rate limiter, by routing-table model.",
+            ("model",),
+            registry=own,
+        )
+        self.upstream_failures = Counter(
+            "oaimux_upstream_failures",
+            "Failed attempts at an upstream, by kind (connect, timeout, status_503, "
+            "upstream_reset, idle_timeout, ...).",
+            ("upstream", "kind"),
+            registry=own,
+        )
+        self.fallbacks = Counter(
+            "oaimux_fallbacks",
+            "Requests moved on from one upstream to the next.",
+            ("from_upstream", "to_upstream"),
+            registry=own,
+        )
+        self.breaker_state = Gauge(
+            "oaimux_circuit_breaker_state",
+            "Circuit breaker per upstream: 0 closed, 1 half-open, 2 open "
+            "(with several workers, the worst of them).",
+            ("upstream",),
+            registry=own,
+            multiprocess_mode="livemax",
+        )
+        self.tokens = Counter(
+            "oaimux_tokens",
+            "Tokens reported in the upstream's usage object, by routing-table model, "
+            "upstream and type (prompt, completion).",
+            ("model", "upstream", "type"),
+            registry=own,
+        )
+        self._requests: dict[tuple[str, str, int], Counter] = {}
+        self._latency: dict[str, tuple[Histogram, Histogram]] = {}
+        self._tokens: dict[tuple[str, str], tuple[Counter, Counter]] = {}
+        for name in upstreams:
+            self.breaker_state.labels(name).set(0.0)
+
+    def request_finished(
+        self, model: str, upstream: str, status: int, duration: float, ttfb: float | None
+    ) -> None:
+        key = (model, upstream, status // 100)
+        child = self._requests.get(key)
+        if child is None:
+            child = self._requests[key] = self.requests.labels(
+                model, upstream, _STATUS_CLASSES[min(status // 100, 9)]
+            )
+        child.inc()
+        latency = self._latency.get(upstream)
+        if latency is None:
+            latency = self._latency[upstream] = (
+                self.duration.labels(upstream),
+                self.ttfb.labels(upstream),
+            )
+        latency[0].observe(duration)
+        if ttfb is not None:
+            latency[1].observe(ttfb)
+
+    def count_tokens(
+        self, model: str, upstream: str, prompt: int | None, completion: int | None
+    ) -> None:
+        key = (model, upstream)
+        pair = self._tokens.get(key)
+        if pair is None:
+            pair = self._tokens[key] = (
+                self.tokens.labels(model, upstream, "prompt"),
+                self.tokens.labels(model, upstream, "completion"),
+            )
+        if prompt:
+            pair[0].inc(prompt)
+        if completion:
+            pair[1].inc(completion)
+
+    def set_breaker(self, upstream: str, state: str) -> None:
+        self.breaker_state.labels(upstream).set(BREAKER_STATES.get(state, 2.0))
+
+    def render(self, accept: str | None) -> tuple[bytes, str]:
+        """The exposition (text, or OpenMetrics when asked for) and its content type."""
+        encoder, content_type = choose_encoder(accept or "")
+        return encoder(self.registry), content_type
+
+    async def handle(self, request: web.Request) -> web.Response:
+        """``GET /metrics``. Neither rate limited nor access-logged (scrapes would drown it)."""
+        body, content_type = self.render(request.headers.get("Accept"))
+        resp = web.Response(body=body)
+        # Set whole: the type carries parameters (version, escaping) aiohttp must not re-split.
+        resp.headers["Content-Type"] = content_type
+        return resp
+
+
+def metrics_app(metrics: Metrics, path: str) -> web.Application:
+    """A separate application serving only ``path`` (``metrics.listen``), so the
+    metrics need not face the same network as the proxy."""
+    app = web.Application()
+    app.router.add_get(path, metrics.handle)
+    return app
+
+
+def _use_multiprocess_values() -> None:
+    """Make new metric values write to the shared files, for good, in this process.
+
+    The library picks its value class when ``prometheus_client`` is first
+    imported; the parent of ``--workers`` imports it before it exports the
+    directory, so each worker switches after the fork. (The multiprocess
+    class notices a changed pid by itself, so a class inherited already
+    switched is kept.)
+    """
+    if values.ValueClass is values.MutexValue:
+        values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
+
+
+def share_metrics_across_workers() -> str:
+    """In the parent of ``--workers``, before forking: the directory the workers
+    write their samples to, exported as ``PROMETHEUS_MULTIPROC_DIR``.
+
+    A directory the operator exported is used as it is (it must start empty:
+    the library's own rule). Otherwise a fresh private one is made and removed
+    when the parent exits (workers leave with ``os._exit`` and never run it).
+    """
+    given = os.environ.get(MULTIPROC_ENV)
+    if given:
+        return given
+    directory = tempfile.mkdtemp(prefix="oaimux-metrics-")
+    os.environ[MULTIPROC_ENV] = directory
+    atexit.register(_remove_directory, directory)
+    return directory
+
+
+def _remove_directory(directory: str) -> None:
+    if os.environ.get(MULTIPROC_ENV) == directory:
+        del os.environ[MULTIPROC_ENV]
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+async def serve_metrics(
+    metrics: Metrics, path: str, host: str, port: int, reuse_port: bool = False
+) -> web.AppRunner:
+    """Start the separate metrics listener (``metrics.listen``); the caller
+    cleans the returned runner up. With ``--workers`` every worker binds the
+    address (SO_REUSEPORT); whichever answers reads every worker's samples."""
+    runner = web.AppRunner(metrics_app(metrics, path), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port, reuse_port=reuse_port or None).start()
+    return runner

@@ -1,0 +1,116 @@
+"""Token usage read from the last chunks of real-shaped OpenAI responses."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from proxy.usage import Usage, usage_from_tail
+from tests.fakes.openai_shaped import (
+    CHAT_USAGE,
+    RESPONSES_USAGE,
+    STREAM_USAGE,
+    chat_completion_body,
+    chat_stream_events,
+    responses_body,
+)
+
+
+def test_non_stream_body_whole_in_last_chunk() -> None:
+    body = chat_completion_body("gpt-4o-2024-08-06")
+    assert usage_from_tail(b"", body) == Usage(*CHAT_USAGE)
+
+
+def test_non_stream_body_split_anywhere_across_the_two_chunks() -> None:
+    # However the socket cut the body, the usage object is read whole.
+    body = chat_completion_body("gpt-4o-2024-08-06")
+    start = body.index(b'"usage"') - 5
+    for cut in range(start, len(body)):
+        assert usage_from_tail(body[:cut], body[cut:]) == Usage(*CHAT_USAGE), cut
+
+
+def test_usage_beginning_before_the_kept_chunks_is_not_guessed() -> None:
+    body = chat_completion_body("gpt-4o-2024-08-06")
+    inside = body.index(b'"completion_tokens"')
+    # The previous chunk starts after "usage": the object is cut; nothing is reported.
+    assert usage_from_tail(body[inside:-40], body[-40:]) is None
+
+
+def test_responses_api_names() -> None:
+    assert usage_from_tail(b"", responses_body("gpt-4.1")) == Usage(*RESPONSES_USAGE)
+
+
+def test_embeddings_usage_has_no_completion_tokens() -> None:
+    body = b'{"object":"list","data":[{"object":"embedding","index":0,"embedding":[0.1,0.2]}],"model":"text-embedding-3-small","usage":{"prompt_tokens":8,"total_tokens":8}}'
+    assert usage_from_tail(b"", body) == Usage(8, None)
+
+
+def test_stream_with_include_usage_done_in_its_own_chunk() -> None:
+    events = chat_stream_events("gpt-4o-mini", include_usage=True)
+    assert events[-1] == b"data: [DONE]\n\n"
+    assert usage_from_tail(events[-2], events[-1]) == Usage(*STREAM_USAGE)
+
+
+def test_stream_with_include_usage_everything_in_one_chunk() -> None:
+    stream = b"".join(chat_stream_events("gpt-4o-mini", include_usage=True))
+    assert usage_from_tail(b"", stream) == Usage(*STREAM_USAGE)
+
+
+@pytest.mark.parametrize("cut", [1, 10, 40, 100, 200])
+def test_stream_usage_event_split_in_two(cut: int) -> None:
+    events = chat_stream_events("gpt-4o-mini", include_usage=True)
+    usage_and_done = events[-2] + events[-1]
+    assert usage_from_tail(usage_and_done[:cut], usage_and_done[cut:]) == Usage(*STREAM_USAGE)
+
+
+def test_stream_with_include_usage_earlier_chunks_carry_null() -> None:
+    events = chat_stream_events("gpt-4o-mini", include_usage=True)
+    assert b'"usage":null' in events[0]
+    # A stream cut before its usage chunk: the last "usage" is null, so none.
+    assert usage_from_tail(events[1], events[2]) is None
+
+
+def test_stream_without_include_usage() -> None:
+    events = chat_stream_events("gpt-4o-mini", include_usage=False)
+    assert not any(b"usage" in e for e in events)
+    assert usage_from_tail(b"".join(events[:-1]), events[-1]) is None
+
+
+def test_the_word_usage_inside_generated_text_is_not_a_key() -> None:
+    trap = 'My "usage": {"prompt_tokens": 999999, "completion_tokens": 999999}'
+    events = chat_stream_events("gpt-4o-mini", include_usage=False, words=(trap,))
+    assert usage_from_tail(b"", b"".join(events)) is None
+    events = chat_stream_events("gpt-4o-mini", include_usage=True, words=(trap,))
+    assert usage_from_tail(b"", b"".join(events)) == Usage(*STREAM_USAGE)
+    body = chat_completion_body("gpt-4o", content=trap)
+    assert usage_from_tail(b"", body) == Usage(*CHAT_USAGE)
+
+
+def test_usage_as_a_value_is_skipped_for_the_key_before_it() -> None:
+    body = json.dumps({"usage": {"prompt_tokens": 3, "completion_tokens": 4}, "purpose": "usage"}).encode()
+    assert usage_from_tail(b"", body) == Usage(3, 4)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"",
+        b"\x00\xff binary \x89PNG",
+        b'{"usage": "lots"}',
+        b'{"usage": {"prompt_tokens": "nine", "completion_tokens": -1}}',
+        b'{"usage": {"prompt_tokens": true}}',
+        b'{"usage"',
+        b'{"usage": ',
+        b'{"usage": {"prompt_tokens": 1',
+        '{"usage": {"prompt_tokens": 2, "note": "\u00e9t\u00e9"}}'.encode()[:-3],
+    ],
+)
+def test_garbage_and_truncation_yield_nothing(body: bytes) -> None:
+    assert usage_from_tail(b"", body) is None
+
+
+def test_multibyte_text_before_the_usage_object() -> None:
+    body = chat_completion_body("gpt-4o", content="日本語のテキスト")
+    cut = body.index("本".encode()) + 1  # inside a multi-byte character
+    assert usage_from_tail(body[:cut], body[cut:]) == Usage(*CHAT_USAGE)
