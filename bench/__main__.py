@@ -585,12 +585,12 @@ def print_report(results: dict[str, Any]) -> None:
     prof = results.get("profile") or {}
     if prof.get("samples"):
         print(f"\nwhere oaimux spends CPU (py-spy, {prof['samples']} samples, 16 conns):")
-        print("  self time:")
-        for name, share in prof["self"][:12]:
-            print(f"    {share:5.1f}%  {name}")
-        print("  inclusive:")
-        for name, share in prof["inclusive"][:12]:
-            print(f"    {share:5.1f}%  {name}")
+        for title, key in (("self time by package", "self_by_package"),
+                           ("self time by function", "self"),
+                           ("inclusive time of oaimux's own functions", "inclusive")):
+            print(f"  {title}:")
+            for name, share in prof.get(key, [])[:12]:
+                print(f"    {share:5.1f}%  {name}")
     if meta.get("seconds"):
         print(f"run took {meta['seconds']:.0f} s; load tool: {meta.get('load_tool')}")
 

@@ -5,8 +5,9 @@ never touches a reported figure). Needs ``py-spy`` on PATH and permission to ptr
 (root, or ``kernel.yama.ptrace_scope = 0``); without them the phase is skipped with a note.
 
 Contract: ``summarize_collapsed`` turns py-spy's "raw" (collapsed stack) output into the top
-functions by *self* time (where the CPU actually is) and by *inclusive* time (which call
-paths it is under), each as a share of all samples.
+functions by *self* time (where the CPU actually is), self time per package (aiohttp, the
+project's ``proxy``, asyncio, ...), and the project's own functions by *inclusive* time (which
+of its call paths the CPU is under), each as a percentage of all samples.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ def summarize_collapsed(text: str, top: int = 15) -> dict[str, object]:
     """Top-N functions by self and by inclusive share of samples (percent)."""
     self_c: Counter[str] = Counter()
     incl_c: Counter[str] = Counter()
+    pkg_c: Counter[str] = Counter()
     total = 0
     for line in text.splitlines():
         stack, _, count = line.rpartition(" ")
@@ -56,12 +58,29 @@ def summarize_collapsed(text: str, top: int = 15) -> dict[str, object]:
             continue
         total += n
         self_c[frames[-1]] += n
+        pkg_c[_package(frames[-1])] += n
         for f in set(frames):
-            incl_c[f] += n
+            # Inclusive time only for the project's own functions: the frames above them
+            # (runpy, the event loop, aiohttp's request handler) contain everything anyway.
+            if "(proxy/" in f:
+                incl_c[f] += n
     if not total:
-        return {"samples": 0, "self": [], "inclusive": []}
+        return {"samples": 0, "self": [], "inclusive": [], "self_by_package": []}
 
     def pct(c: Counter[str]) -> list[tuple[str, float]]:
         return [(name, round(100 * n / total, 1)) for name, n in c.most_common(top)]
 
-    return {"samples": total, "self": pct(self_c), "inclusive": pct(incl_c)}
+    return {"samples": total, "self": pct(self_c), "inclusive": pct(incl_c),
+            "self_by_package": pct(pkg_c)}
+
+
+def _package(short: str) -> str:
+    """``func (aiohttp/client.py)`` -> ``aiohttp``; the event loop's own C time shows up as
+    ``Runner.run`` / ``run_forever`` (uvloop has no Python frames), grouped as "event loop"."""
+    func, _, where = short.partition(" (")
+    if func in ("Runner.run", "run_forever", "BaseEventLoop.run_forever", "_run_once"):
+        return "event loop (uvloop, C)"
+    where = where.rstrip(")")
+    if "/" not in where:  # py-spy names standard-library files without their directory
+        return f"stdlib ({where})"
+    return where.split("/")[0]
