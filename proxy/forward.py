@@ -5,10 +5,18 @@ Contract of :func:`forward`:
 - Before the client's response is prepared, every failure becomes a
   :class:`~proxy.errors.ProxyError` (rendered as OpenAI JSON by the middleware).
   Upstreams are tried in the route's order (fallback list, or weighted
-  balance then the rest), skipping those whose circuit breaker is open; a
-  retry or a move to the next upstream happens only on a failure before any
-  response byte reached the client: cannot connect, 429 or 5xx, the proxy's own
-  credential refused, and (only when the route opts in) a response timeout.
+  balance then the rest), skipping those whose circuit breaker is open
+  (health.py); when all are open the answer is 503 with ``Retry-After``.
+- An upstream is retried (``retries.attempts``, jittered backoff) or left for
+  the next only on a failure before any response byte reached the client:
+  cannot connect (refused, connect timeout, reset, disconnected, garbage
+  instead of HTTP) and 5xx are retried, then moved on from; a 429 or the
+  proxy's own credential refused moves on at once. The body is re-sent from
+  memory, the same bytes each time. A response timeout (no headers in time)
+  is never retried, and moves on only when the route sets
+  ``fallback_on_timeout``: the upstream may be generating already, and a
+  second try could run and bill the request twice. A 429/5xx from the last
+  upstream with nothing left to try is relayed to the client as it came.
 - After the response is prepared, the response is the client's. A failure
   can only abort the client's connection, so no terminating chunk is written
   and the client library raises instead of taking a truncated body as whole
@@ -23,8 +31,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
+from collections.abc import Mapping, Sequence
 
 import aiohttp
 from aiohttp import web
@@ -34,11 +42,12 @@ from yarl import URL
 from .config import Route
 from .errors import (
     ProxyError,
+    ServiceUnavailable,
     UpstreamAuthFailed,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from .health import Health, order_upstreams
+from .health import Health, backoff_delay, order_upstreams
 from .observe import Exchange, Observer
 from .runtime import Runtime, UpstreamPlan
 
@@ -87,83 +96,116 @@ async def forward(
     health: Health,
     observer: Observer,
 ) -> web.StreamResponse:
-    """Proxy one request along ``route``; see the module docstring for the contract."""
-    names = order_upstreams(route.upstreams, route.balance)
+    """Proxy one request along ``route``; see the module docstring for the contract.
+
+    ``body`` is the whole request body, already read (bounded by
+    ``max_body_bytes``): every attempt re-sends these same bytes.
+    """
+    order = order_upstreams(route.upstreams, route.balance)
     plans = runtime.plans
-    usable = [n for n in names if health.available(n, plans[n].upstream.circuit_breaker)]
-    if not usable:
-        # Every breaker is open: try them anyway rather than fail without trying.
-        usable = names
-    last_error: ProxyError = UpstreamUnavailable("No upstream could be reached.")
+    last_error: ProxyError | None = None
     previous: str | None = None
-    for position, name in enumerate(usable):
+    for position, name in enumerate(order):
         plan = plans[name]
-        is_last_upstream = position == len(usable) - 1
-        attempts = plan.upstream.retries.attempts + 1
+        upstream = plan.upstream
+        if not health.available(upstream):
+            continue  # breaker open (or its one probe is out): skip, don't wait
         if previous is not None:
             observer.fallback(previous, name)
         previous = name
-        for attempt in range(attempts):
-            if attempt:
-                # Full jitter (AWS architecture blog, "Exponential Backoff And Jitter").
-                await asyncio.sleep(
-                    random.uniform(0, plan.upstream.retries.backoff * 2 ** (attempt - 1))
-                )
-            final = is_last_upstream and attempt == attempts - 1
-            ex.tried.append(name)
-            try:
-                upstream_resp = await _open(
-                    request.method,
-                    inbound,
-                    plan,
-                    path,
-                    query_string,
-                    body,
-                    ex,
-                    client_authorization,
-                    session,
-                )
-            except _Refused as refused:
-                health.failure(name, plan.upstream.circuit_breaker)
-                observer.upstream_failure(name, refused.kind)
-                last_error = refused.error
-                if isinstance(refused.error, UpstreamTimeout) and not route.fallback_on_timeout:
-                    # The request was fully sent: the upstream may be generating
-                    # already. Trying again could run (and bill) it twice.
-                    raise refused.error from None
-                if isinstance(refused.error, (UpstreamTimeout, UpstreamAuthFailed)):
-                    break  # another attempt at the same upstream would fare the same
-                continue
-            except asyncio.CancelledError:
-                health.release_probe(name, plan.upstream.circuit_breaker)
-                raise
-            status = upstream_resp.status
-            if (
-                status in (401, 403)
-                and plan.upstream.injects_credential
-                and not plan.upstream.pass_client_auth
-            ):
-                await _log_auth_failure(upstream_resp, name)
-                health.failure(name, plan.upstream.circuit_breaker)
-                observer.upstream_failure(name, "auth")
-                last_error = UpstreamAuthFailed(
-                    f"The upstream '{name}' refused the proxy's credential. "
-                    "This is a configuration problem of the proxy, not of your request."
-                )
-                break
-            if (status == 429 or status >= 500) and not final:
-                upstream_resp.close()
-                health.failure(name, plan.upstream.circuit_breaker)
-                observer.upstream_failure(name, f"status_{status}")
-                continue
-            if status >= 500:
-                health.failure(name, plan.upstream.circuit_breaker)
-            else:
-                health.success(name, plan.upstream.circuit_breaker)
-            ex.tried.pop()
-            ex.upstream = name
-            return await _relay(request, upstream_resp, plan, ex)
+        attempts = upstream.retries.attempts + 1
+        try:
+            for attempt in range(attempts):
+                if attempt:
+                    await asyncio.sleep(backoff_delay(upstream.retries.backoff, attempt))
+                ex.tried.append(name)
+                try:
+                    upstream_resp = await _open(
+                        request.method,
+                        inbound,
+                        plan,
+                        path,
+                        query_string,
+                        body,
+                        ex,
+                        client_authorization,
+                        session,
+                    )
+                except _Refused as refused:
+                    health.failure(upstream)
+                    observer.upstream_failure(name, refused.kind)
+                    last_error = refused.error
+                    if refused.kind == "timeout":
+                        if not route.fallback_on_timeout:
+                            # The request was sent whole: the upstream may be
+                            # generating already. Another try could run (and
+                            # bill) it twice, so only an opted-in route moves on,
+                            # and never to the same upstream.
+                            raise refused.error from None
+                        break
+                    continue
+                status = upstream_resp.status
+                if (
+                    status in (401, 403)
+                    and upstream.injects_credential
+                    and not upstream.pass_client_auth
+                ):
+                    _log_auth_failure(upstream_resp, name)
+                    health.failure(upstream)
+                    observer.upstream_failure(name, "auth")
+                    last_error = UpstreamAuthFailed(
+                        f"The upstream '{name}' refused the proxy's credential. "
+                        "This is a configuration problem of the proxy, not of your request."
+                    )
+                    break  # the same key would be refused again
+                if status == 429 or status >= 500:
+                    health.failure(upstream)
+                    # A 429 says "wait": retrying the same upstream at once is
+                    # pointless, so it only moves on. A 5xx may be retried.
+                    retry_here = status != 429 and attempt + 1 < attempts
+                    if retry_here or _another(order, position, plans, health):
+                        upstream_resp.close()
+                        observer.upstream_failure(name, f"status_{status}")
+                        last_error = UpstreamUnavailable(
+                            f"The upstream '{name}' answered {status}."
+                        )
+                        if retry_here:
+                            continue
+                        break
+                    # Nothing left to try: the client gets the upstream's own answer.
+                else:
+                    health.success(upstream)
+                ex.tried.pop()
+                ex.upstream = name
+                return await _relay(request, upstream_resp, plan, ex)
+        except asyncio.CancelledError:
+            ex.outcome = "client_gone"
+            health.release_probe(upstream)
+            raise
+        except BaseException:
+            health.release_probe(upstream)
+            raise
+    if last_error is None:
+        # Every breaker is open: fail fast, and say when to come back.
+        raise ServiceUnavailable(
+            "Every upstream for this model is failing and paused by the proxy's "
+            "circuit breaker; retry after the delay given in Retry-After.",
+            code="upstream_circuit_open",
+            headers={
+                "Retry-After": str(health.retry_after(plans[n].upstream for n in route.upstreams))
+            },
+        )
     raise last_error
+
+
+def _another(
+    order: Sequence[str], position: int, plans: Mapping[str, UpstreamPlan], health: Health
+) -> bool:
+    """Is there an upstream after ``position`` whose breaker would let a request in?"""
+    for name in order[position + 1 :]:
+        if health.could_try(plans[name].upstream):
+            return True
+    return False
 
 
 async def _open(
@@ -177,7 +219,12 @@ async def _open(
     client_authorization: str | None,
     session: aiohttp.ClientSession,
 ) -> aiohttp.ClientResponse:
-    """Send the request; return the upstream's response once its headers are in."""
+    """Send the request; return the upstream's response once its headers are in.
+
+    The response timeout runs from the start of the attempt (connecting
+    included) to the response headers; ``plan.client_timeout`` bounds the
+    connection set-up alone and sets no total, so a long body is never cut.
+    """
     url: URL = plan.url_for(path, query_string)
     headers = plan.request_headers.build(inbound, ex.request_id, client_authorization)
     timeouts = plan.upstream.timeouts
@@ -191,6 +238,10 @@ async def _open(
                 allow_redirects=False,
                 timeout=plan.client_timeout,
             )
+    except aiohttp.ServerTimeoutError:
+        # Before the builtin TimeoutError, which it subclasses: a connect
+        # timeout means the request never got there, so moving on is safe.
+        kind = "connect_timeout"
     except TimeoutError:
         raise _Refused(
             UpstreamTimeout(
@@ -201,8 +252,6 @@ async def _open(
         ) from None
     except aiohttp.ClientConnectorError:
         kind = "connect"
-    except aiohttp.ServerTimeoutError:
-        kind = "connect_timeout"
     except aiohttp.ServerDisconnectedError:
         kind = "disconnected"
     except aiohttp.ClientResponseError:
@@ -218,7 +267,7 @@ async def _open(
     )
 
 
-async def _log_auth_failure(upstream_resp: aiohttp.ClientResponse, name: str) -> None:
+def _log_auth_failure(upstream_resp: aiohttp.ClientResponse, name: str) -> None:
     """Log that an upstream refused our credential, without its body (which can
     quote part of the key), then drop the response."""
     log.error(
@@ -256,11 +305,16 @@ async def _relay(
         await resp.prepare(request)
         ex.ttfb = time.perf_counter() - ex.started
         protocol = upstream_resp.connection.protocol if upstream_resp.connection else None
-        if protocol is not None:
-            # From here on, bound the silence between two body chunks.
+        content = upstream_resp.content
+        if protocol is not None and not content.is_eof():
+            # From here on, bound the silence between two body chunks: the
+            # protocol re-arms this timer on every chunk received, drops it at
+            # the end of the body and while reading is paused (a slow client
+            # is not upstream silence). Not when the body is already whole:
+            # the end-of-body hook has run, and a timer left armed would fire
+            # later on the pooled connection, under the next request.
             protocol.read_timeout = plan.upstream.timeouts.idle
             protocol.start_timeout()
-        content = upstream_resp.content
         read = content.readany
         write = resp.write
         sent = 0
@@ -270,6 +324,10 @@ async def _relay(
                 await write(chunk)
                 sent += len(chunk)
                 tail = chunk
+        except ConnectionResetError:
+            # Writing to the client failed (aiohttp's ClientConnectionResetError
+            # is also a ClientError): the client left, not the upstream.
+            raise
         except aiohttp.ClientPayloadError:
             ex.outcome = "upstream_reset"
         except aiohttp.SocketTimeoutError:

@@ -53,10 +53,12 @@ def _plan(upstream: Upstream) -> UpstreamPlan:
         request_headers=RequestHeaderPolicy.for_upstream(upstream),
         response_headers=ResponseHeaderPolicy.for_upstream(upstream),
         # No total timeout: a stream that keeps producing is never cut. Time to
-        # response headers is bounded by the caller; idle silence by sock_read
-        # once headers are in (see forward.py).
+        # response headers is bounded by the caller; idle silence by the
+        # connection's read timeout once headers are in (see forward.py).
+        # ``connect`` also bounds DNS and the TLS handshake, which
+        # ``sock_connect`` alone does not.
         client_timeout=aiohttp.ClientTimeout(
-            total=None, connect=None, sock_connect=t.connect, sock_read=None
+            total=None, connect=t.connect, sock_connect=t.connect, sock_read=None
         ),
     )
 
