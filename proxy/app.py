@@ -16,12 +16,23 @@ from aiohttp import web
 
 from .admission import Admission
 from .config import Settings
+from .discovery import Discovery
 from .handlers import about_view, healthz_view, model_view, models_view, proxy_view
 from .health import Health
-from .keys import HEALTH, LIMITER, OBSERVER, RUNTIME, SESSION, STARTED_AT
+from .keys import (
+    DISCOVERY,
+    HEALTH,
+    LIMITER,
+    OBSERVER,
+    REALTIME_SESSIONS,
+    RUNTIME,
+    SESSION,
+    STARTED_AT,
+)
 from .middlewares import Cors, error_middleware
 from .observe import Observer
 from .ratelimit import MemoryRateLimiter, RateLimiter
+from .realtime import RealtimeSessions, close_realtime_sessions
 from .runtime import RuntimeHolder, build_runtime
 
 __all__ = ["create_app", "make_upstream_session", "server_options"]
@@ -76,6 +87,19 @@ async def _upstream_session_ctx(app: web.Application) -> AsyncIterator[None]:
     await app[SESSION].close()
 
 
+async def _discovery_ctx(app: web.Application) -> AsyncIterator[None]:
+    # In the background: an unreachable upstream never holds up start-up (issue 9).
+    app[DISCOVERY].start(app[SESSION])
+    yield
+    await app[DISCOVERY].close()
+
+
+async def _close_realtime(app: web.Application) -> None:
+    # on_shutdown runs before aiohttp waits for handlers: open WebSockets would
+    # otherwise hold the drain until the grace runs out.
+    await close_realtime_sessions(app[REALTIME_SESSIONS])
+
+
 async def _limiter_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[RUNTIME].current.settings
     limiter: RateLimiter
@@ -107,6 +131,10 @@ def create_app(settings: Settings, observer: Observer | None = None) -> web.Appl
     if cors is not None:
         app.on_response_prepare.append(cors.on_prepare)
     app.cleanup_ctx.append(_upstream_session_ctx)
+    app[DISCOVERY] = Discovery(app[RUNTIME])
+    app.cleanup_ctx.append(_discovery_ctx)
+    app[REALTIME_SESSIONS] = RealtimeSessions()
+    app.on_shutdown.append(_close_realtime)
     app.cleanup_ctx.append(_limiter_ctx)
 
     router = app.router

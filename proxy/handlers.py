@@ -31,8 +31,15 @@ from .errors import (
 )
 from .findmodel import rewrite_model
 from .forward import OUR_REQUEST_ID_HEADER, forward
-from .keys import HEALTH, LIMITER, OBSERVER, RUNTIME, SESSION, STARTED_AT
+from .keys import HEALTH, LIMITER, OBSERVER, REALTIME_SESSIONS, RUNTIME, SESSION, STARTED_AT
 from .observe import Exchange
+from .realtime import (
+    REALTIME_PATH,
+    RealtimeTarget,
+    is_websocket_upgrade,
+    proxy_realtime,
+    realtime_target,
+)
 from .runtime import Runtime
 
 __all__ = [
@@ -173,7 +180,14 @@ async def _proxy(
             )
         body = b""
         upstream_model: str | None = None
-        if path in MODEL_PATHS and request.method == "POST":
+        realtime: RealtimeTarget | None = None
+        if path == REALTIME_PATH and is_websocket_upgrade(request):
+            # Routed by ?model= (issue 9); see realtime.py.
+            realtime = realtime_target(request, runtime, caller, query, query_models)
+            route = realtime.route
+            ex.model, ex.upstream_model = realtime.model, realtime.upstream_model
+            ex.metric_model = route.model or realtime.model or ""
+        elif path in MODEL_PATHS and request.method == "POST":
             body = await read_body(
                 request, settings.server.max_body_bytes, settings.server.body_idle_timeout
             )
@@ -217,6 +231,18 @@ async def _proxy(
         await charge(limiter, runtime, caller, route)
         raise
     await charge(limiter, runtime, caller, route)
+    if realtime is not None:
+        return await proxy_realtime(
+            request,
+            realtime,
+            runtime,
+            ex,
+            _client_authorization(request, runtime.keys),
+            app[SESSION],
+            app[HEALTH],
+            app[OBSERVER],
+            app[REALTIME_SESSIONS],
+        )
     return await forward(
         request,
         inbound,

@@ -6,11 +6,22 @@ import aiohttp
 from aiohttp import web
 
 from .admission import Admission
+from .discovery import Discovery
 from .health import Health
 from .observe import Observer
+from .realtime import RealtimeSessions
 from .runtime import RuntimeHolder
 
-__all__ = ["HEALTH", "LIMITER", "OBSERVER", "RUNTIME", "SESSION", "STARTED_AT"]
+__all__ = [
+    "DISCOVERY",
+    "HEALTH",
+    "LIMITER",
+    "OBSERVER",
+    "REALTIME_SESSIONS",
+    "RUNTIME",
+    "SESSION",
+    "STARTED_AT",
+]
 
 RUNTIME = web.AppKey("runtime", RuntimeHolder)
 SESSION = web.AppKey("upstream_session", aiohttp.ClientSession)
@@ -18,3 +29,5 @@ LIMITER = web.AppKey("limiter", Admission)
 OBSERVER = web.AppKey("observer", Observer)
 HEALTH = web.AppKey("health", Health)
 STARTED_AT = web.AppKey("started_at", float)
+DISCOVERY = web.AppKey("discovery", Discovery)
+REALTIME_SESSIONS = web.AppKey("realtime_sessions", RealtimeSessions)

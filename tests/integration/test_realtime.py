@@ -1,0 +1,412 @@
+"""Realtime: ``GET /v1/realtime?model=...`` WebSocket tunnel through the proxy (issue 9.1).
+
+A real fake upstream WebSocket server (tests/fakes/openai_like.py) and
+aiohttp's WebSocket client on the other side; nothing mocked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import WSMsgType, web
+from aiohttp.test_utils import TestClient, TestServer
+
+from proxy.app import create_app, server_options
+from proxy.config import parse_settings
+from tests.fakes.openai_like import OpenAILike
+
+UPSTREAM_KEY = "sk-upstream-realtime-secret"
+
+
+@pytest.fixture
+def upstream() -> OpenAILike:
+    return OpenAILike(name="rt", models=["gpt-4o-realtime-preview"])
+
+
+@pytest.fixture
+async def upstream_server(aiohttp_server: Any, upstream: OpenAILike) -> TestServer:
+    server: TestServer = await aiohttp_server(upstream.app())
+    return server
+
+
+def config(upstream_server: TestServer, **extra: Any) -> dict[str, Any]:
+    cfg: dict[str, Any] = {
+        "upstreams": {
+            "rt": {
+                "url": str(upstream_server.make_url("/v1")),
+                "headers": {"set": {"Authorization": f"Bearer {UPSTREAM_KEY}"}},
+            }
+        },
+        "routes": [
+            {"model": "gpt-4o-realtime-preview", "upstream": "rt"},
+            {"model": "voice", "upstream": "rt", "rewrite_model": "gpt-4o-realtime-preview"},
+        ],
+    }
+    cfg.update(extra)
+    return cfg
+
+
+async def make_proxy(
+    aiohttp_client: Any, cfg: dict[str, Any]
+) -> TestClient[web.Request, web.Application]:
+    app = create_app(parse_settings(cfg, environ={}))
+    client: TestClient[web.Request, web.Application] = await aiohttp_client(
+        app, server_kwargs=server_options()
+    )
+    return client
+
+
+@pytest.fixture
+async def proxy(aiohttp_client: Any, upstream_server: TestServer) -> TestClient[Any, Any]:
+    return await make_proxy(aiohttp_client, config(upstream_server))
+
+
+async def connect(
+    proxy: TestClient[Any, Any], query: str = "model=gpt-4o-realtime-preview", **kwargs: Any
+) -> aiohttp.ClientWebSocketResponse[bool]:
+    kwargs.setdefault("autoping", False)
+    kwargs.setdefault("autoclose", False)
+    ws: aiohttp.ClientWebSocketResponse[bool] = await proxy.ws_connect(
+        f"/v1/realtime?{query}", **kwargs
+    )
+    return ws
+
+
+async def test_frames_pass_both_ways_byte_identical_and_in_order(
+    proxy: TestClient[Any, Any], upstream: OpenAILike
+) -> None:
+    ws = await connect(proxy)
+    big = bytes(range(256)) * 4096  # 1 MiB binary, every byte value
+    audio_delta = json.dumps(
+        {"type": "input_audio_buffer.append", "audio": "UklGRg" * 200_000}
+    )  # ~1.2 MB text
+    sent: list[tuple[str, bytes]] = [
+        ("text", 'héllo ☃ {"type":"session.update"}'.encode()),
+        ("binary", big),
+        ("text", b""),
+        ("ping", b"p-1"),
+        ("binary", b"\x00\xff\x00"),
+        ("text", audio_delta.encode()),
+    ]
+    for kind, data in sent:
+        if kind == "text":
+            await ws.send_str(data.decode())
+        elif kind == "binary":
+            await ws.send_bytes(data)
+        else:
+            await ws.ping(data)
+    events = await upstream.wait_events(len(sent))
+    assert [(e.kind, e.data) for e in events] == sent
+    # The fake echoes text and binary and answers the ping with a pong.
+    expected_back = [("pong" if k == "ping" else k, d) for k, d in sent]
+    got: list[tuple[str, bytes]] = []
+    async with asyncio.timeout(5):
+        while len(got) < len(expected_back):
+            msg = await ws.receive()
+            if msg.type is WSMsgType.TEXT:
+                got.append(("text", msg.data.encode()))
+            elif msg.type is WSMsgType.BINARY:
+                got.append(("binary", msg.data))
+            elif msg.type is WSMsgType.PONG:
+                got.append(("pong", msg.data))
+            else:
+                pytest.fail(f"unexpected {msg.type}")
+    assert got == expected_back
+    await ws.close()
+
+
+async def test_upstream_ping_reaches_the_client_and_its_pong_goes_back(
+    proxy: TestClient[Any, Any], upstream: OpenAILike
+) -> None:
+    pong_seen = asyncio.Event()
+
+    async def script(ws: web.WebSocketResponse, request: web.Request) -> None:
+        await ws.ping(b"are-you-there")
+        msg = await ws.receive()
+        assert msg.type is WSMsgType.PONG and msg.data == b"are-you-there"
+        pong_seen.set()
+        await ws.receive()  # the close
+        await ws.close()
+
+    upstream.ws_script = script
+    ws = await connect(proxy)
+    msg = await ws.receive(timeout=5)
+    assert msg.type is WSMsgType.PING and msg.data == b"are-you-there"
+    await ws.pong(msg.data)
+    async with asyncio.timeout(5):
+        await pong_seen.wait()
+    await ws.close()
+
+
+async def test_handshake_gets_the_upstream_rewrites_and_subprotocols(
+    proxy: TestClient[Any, Any], upstream: OpenAILike, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    ws = await connect(
+        proxy,
+        "model=voice&foo=a%20b&x=1",
+        protocols=(
+            "realtime",
+            "openai-insecure-api-key.sk-client-browser-key",
+            "openai-beta.realtime-v1",
+        ),
+        headers={
+            "Authorization": "Bearer sk-client-key",
+            "OpenAI-Beta": "realtime=v1",
+            "OpenAI-Organization": "org-client",
+            "X-Request-Id": "rt-req-1",
+        },
+    )
+    assert ws.protocol == "realtime"
+    await ws.close()
+    seen = upstream.ws_request
+    assert seen is not None
+    # The alias is rewritten in the query; everything else passes as it came.
+    assert seen.query_string == "model=gpt-4o-realtime-preview&foo=a%20b&x=1"
+    assert seen.headers["authorization"] == f"Bearer {UPSTREAM_KEY}"
+    assert seen.headers["openai-beta"] == "realtime=v1"
+    assert "openai-organization" not in seen.headers
+    assert seen.headers["x-request-id"] == "rt-req-1"
+    offered = [p.strip() for p in seen.headers["sec-websocket-protocol"].split(",")]
+    assert offered == ["realtime", "openai-beta.realtime-v1"]
+    assert "sk-client" not in json.dumps(seen.headers)
+    assert "sk-client" not in caplog.text
+
+
+async def test_client_close_code_and_reason_reach_the_upstream(
+    proxy: TestClient[Any, Any], upstream: OpenAILike
+) -> None:
+    ws = await connect(proxy)
+    await ws.send_str("last words")
+    await ws.close(code=4001, message=b"client done")
+    events = await upstream.wait_events(2)
+    assert events[-1].kind == "close"
+    assert events[-1].data == b"4001" and events[-1].extra == "client done"
+    assert ws.close_code == 4001  # the reply echoes the code (RFC 6455 5.5.1)
+    async with asyncio.timeout(5):
+        await upstream.ws_closed.wait()
+
+
+@pytest.mark.parametrize("code", [1000, 1001, 1008, 1011, 4000, 4999])
+async def test_upstream_close_code_and_reason_reach_the_client(
+    proxy: TestClient[Any, Any], upstream: OpenAILike, code: int
+) -> None:
+    reply: list[int] = []
+
+    async def script(ws: web.WebSocketResponse, request: web.Request) -> None:
+        await ws.send_str("bye soon")
+        await ws.close(code=code, message=b"upstream says bye")
+        reply.append(ws.close_code or 0)
+
+    upstream.ws_script = script
+    ws = await connect(proxy)
+    first = await ws.receive(timeout=5)
+    assert first.type is WSMsgType.TEXT and first.data == "bye soon"
+    closing = await ws.receive(timeout=5)
+    assert closing.type is WSMsgType.CLOSE
+    assert closing.data == code and closing.extra == "upstream says bye"
+    await ws.close(code=code)
+    async with asyncio.timeout(5):
+        await upstream.ws_closed.wait()
+    assert reply == [code]
+
+
+async def test_unknown_model_is_refused_before_the_upgrade(
+    proxy: TestClient[Any, Any], upstream: OpenAILike
+) -> None:
+    with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+        await connect(proxy, "model=no-such-model")
+    assert info.value.status == 404
+    # The same handshake read as plain HTTP: OpenAI's error JSON, no 101.
+    resp = await proxy.get(
+        "/v1/realtime?model=no-such-model",
+        headers={
+            "Connection": "Upgrade",
+            "Upgrade": "websocket",
+            "Sec-WebSocket-Version": "13",
+            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+        },
+    )
+    assert resp.status == 404
+    error = (await resp.json())["error"]
+    assert error["code"] == "model_not_found" and error["param"] == "model"
+    assert error["type"] == "invalid_request_error"
+    assert upstream.received == []
+
+
+@pytest.mark.parametrize(
+    ("query", "status", "code"),
+    [
+        ("", 400, "missing_model"),
+        ("model=", 400, "missing_model"),
+        ("model=a&model=b", 400, "ambiguous_model"),
+    ],
+)
+async def test_bad_model_query_is_refused_before_the_upgrade(
+    proxy: TestClient[Any, Any], upstream: OpenAILike, query: str, status: int, code: str
+) -> None:
+    resp = await proxy.get(
+        f"/v1/realtime?{query}",
+        headers={
+            "Connection": "Upgrade",
+            "Upgrade": "websocket",
+            "Sec-WebSocket-Version": "13",
+            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+        },
+    )
+    assert resp.status == status
+    assert (await resp.json())["error"]["code"] == code
+    assert upstream.received == []
+
+
+async def test_rate_limit_and_proxy_keys_apply_to_the_handshake(
+    aiohttp_client: Any, upstream_server: TestServer, upstream: OpenAILike
+) -> None:
+    proxy = await make_proxy(
+        aiohttp_client,
+        config(
+            upstream_server,
+            rate_limit={"requests_per_minute": 1, "burst": 1},
+            auth={"keys": [{"name": "team", "key": "sk-proxy-team-key"}]},
+        ),
+    )
+    with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+        await connect(proxy)
+    assert info.value.status == 401
+    ws = await connect(proxy, headers={"Authorization": "Bearer sk-proxy-team-key"})
+    await ws.close()
+    with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+        await connect(proxy, headers={"Authorization": "Bearer sk-proxy-team-key"})
+    assert info.value.status == 429
+    assert len([r for r in upstream.received if r.path == "/v1/realtime"]) == 1
+    # The proxy key never reaches the upstream.
+    assert upstream.ws_request is not None
+    assert upstream.ws_request.headers["authorization"] == f"Bearer {UPSTREAM_KEY}"
+
+
+@pytest.mark.parametrize(
+    ("refusal", "status", "code"),
+    [
+        (401, 502, "upstream_auth_failed"),
+        (404, 404, "upstream_refused_handshake"),
+        (503, 502, "upstream_refused_handshake"),
+    ],
+)
+async def test_upstream_refusing_the_handshake_is_an_http_error_never_a_101(
+    proxy: TestClient[Any, Any], upstream: OpenAILike, refusal: int, status: int, code: str
+) -> None:
+    upstream.ws_refuse = refusal
+    resp = await proxy.get(
+        "/v1/realtime?model=gpt-4o-realtime-preview",
+        headers={
+            "Connection": "Upgrade",
+            "Upgrade": "websocket",
+            "Sec-WebSocket-Version": "13",
+            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+        },
+    )
+    assert resp.status == status
+    assert (await resp.json())["error"]["code"] == code
+
+
+async def test_upstream_unreachable_is_502(aiohttp_client: Any, unused_tcp_port: int) -> None:
+    cfg = {
+        "upstreams": {"gone": {"url": f"http://127.0.0.1:{unused_tcp_port}/v1"}},
+        "routes": [{"model": "gpt-4o-realtime-preview", "upstream": "gone"}],
+    }
+    proxy = await make_proxy(aiohttp_client, cfg)
+    with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+        await connect(proxy)
+    assert info.value.status == 502
+
+
+async def test_client_vanishing_closes_the_upstream(
+    proxy: TestClient[Any, Any], upstream: OpenAILike
+) -> None:
+    assert proxy.server.port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.server.port)
+    writer.write(
+        b"GET /v1/realtime?model=gpt-4o-realtime-preview HTTP/1.1\r\n"
+        b"Host: 127.0.0.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+        b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )
+    status_line = await asyncio.wait_for(reader.readline(), 5)
+    assert status_line.startswith(b"HTTP/1.1 101")
+    async with asyncio.timeout(5):
+        await upstream.ws_connected.wait()
+    writer.transport.abort()  # RST, no close frame
+    async with asyncio.timeout(5):
+        await upstream.ws_closed.wait()
+    close = upstream.ws_events[-1]
+    assert close.kind == "close" and close.data == b"1001"
+
+
+async def test_upstream_vanishing_closes_the_client_with_1011(
+    proxy: TestClient[Any, Any], upstream: OpenAILike
+) -> None:
+    async def script(ws: web.WebSocketResponse, request: web.Request) -> None:
+        await ws.send_str("about to crash")
+        assert request.transport is not None
+        request.transport.abort()
+
+    upstream.ws_script = script
+    ws = await connect(proxy)
+    first = await ws.receive(timeout=5)
+    assert first.type is WSMsgType.TEXT
+    closing = await ws.receive(timeout=5)
+    assert closing.type is WSMsgType.CLOSE and closing.data == 1011
+
+
+async def test_oversized_message_closes_both_legs_with_1009(
+    aiohttp_client: Any, upstream_server: TestServer, upstream: OpenAILike
+) -> None:
+    proxy = await make_proxy(
+        aiohttp_client, config(upstream_server, server={"max_body_bytes": 64 * 1024})
+    )
+    ws = await connect(proxy)
+    await ws.send_bytes(b"x" * 100)
+    await upstream.wait_events(1)
+    await ws.send_bytes(b"y" * (65 * 1024))
+    msg = await ws.receive(timeout=5)
+    while msg.type is not WSMsgType.CLOSE:
+        msg = await ws.receive(timeout=5)
+    assert msg.data == 1009
+    await ws.close(code=1009)
+    async with asyncio.timeout(5):
+        await upstream.ws_closed.wait()
+    assert upstream.ws_events[-1].kind == "close" and upstream.ws_events[-1].data == b"1009"
+    # The oversized message never reached the upstream.
+    assert [e.kind for e in upstream.ws_events] == ["binary", "close"]
+
+
+async def test_shutdown_closes_both_legs_with_1001(
+    aiohttp_client: Any, upstream_server: TestServer, upstream: OpenAILike
+) -> None:
+    proxy = await make_proxy(aiohttp_client, config(upstream_server))
+    ws = await connect(proxy)
+    await ws.send_str("hi")
+    await upstream.wait_events(1)
+    echo = await ws.receive(timeout=5)
+    assert echo.type is WSMsgType.TEXT
+    closing = asyncio.create_task(proxy.server.close())
+    msg = await ws.receive(timeout=5)
+    assert msg.type is WSMsgType.CLOSE and msg.data == 1001
+    await ws.close()
+    async with asyncio.timeout(5):
+        await upstream.ws_closed.wait()
+        await closing
+    assert upstream.ws_events[-1].kind == "close" and upstream.ws_events[-1].data == b"1001"
+
+
+async def test_plain_get_on_realtime_is_not_tunnelled(
+    proxy: TestClient[Any, Any], upstream: OpenAILike
+) -> None:
+    resp = await proxy.get("/v1/realtime?model=gpt-4o-realtime-preview")
+    assert resp.status == 404
+    assert (await resp.json())["error"]["code"] == "unknown_url"
+    assert upstream.received == []
