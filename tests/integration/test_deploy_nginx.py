@@ -14,6 +14,7 @@ What is shown:
   X-Forwarded-For sent by the client changes neither the logged address nor the
   rate-limit bucket. The client binds 127.0.0.2 (Linux routes all of 127/8 to
   lo), so its address differs from nginx's own 127.0.0.1.
+- A realtime WebSocket session passes nginx and oaimux in both directions.
 - With a stand-in where oaimux would be: nginx reuses one HTTP/1.1 connection
   for many client connections (the keep-alive pool), and a WebSocket handshake
   on /v1/realtime is passed through and works in both directions.
@@ -103,13 +104,27 @@ class FakeUpstream:
         self.unacked: list[int] = []  # events the client had not seen within ACK_WAIT
         self.uploads: list[dict[str, Any]] = []
         self.chat_requests = 0
+        self.realtime_queries: list[str] = []
         self.port = 0
 
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_post("/v1/audio/transcriptions", self.transcriptions)
+        app.router.add_get("/v1/realtime", self.realtime)
         return app
+
+    async def realtime(self, request: web.Request) -> web.WebSocketResponse:
+        """Echo: text comes back prefixed, binary as it was."""
+        self.realtime_queries.append(request.query_string)
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for msg in ws:
+            if msg.type == aiohttp.WSMsgType.TEXT:
+                await ws.send_str(f"echo:{msg.data}")
+            elif msg.type == aiohttp.WSMsgType.BINARY:
+                await ws.send_bytes(msg.data)
+        return ws
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
@@ -535,6 +550,27 @@ async def test_forged_forwarded_for_gets_no_fresh_rate_limit_bucket(
     records = await wait_chat_records(oaimux, 4)
     assert [r["client"] for r in records] == [CLIENT_ADDR] * 3 + [OTHER_CLIENT_ADDR]
     assert upstream.chat_requests == 3
+
+
+async def test_realtime_websocket_through_nginx_and_oaimux(
+    nginx_bin: str,
+    loopback_aliases: None,
+    tmp_path: Path,
+    procs: list[Proc],
+    upstream: FakeUpstream,
+    client: aiohttp.ClientSession,
+) -> None:
+    base, _ = await start_stack(nginx_bin, tmp_path, procs, upstream)
+    async with client.ws_connect(f"{base}/v1/realtime?model=gpt-realtime") as ws:
+        event = '{"type": "session.update"}'
+        await ws.send_str(event)
+        msg = await ws.receive(timeout=10)
+        assert (msg.type, msg.data) == (aiohttp.WSMsgType.TEXT, f"echo:{event}")
+        audio = bytes(range(256)) * 64
+        await ws.send_bytes(audio)
+        msg = await ws.receive(timeout=10)
+        assert (msg.type, msg.data) == (aiohttp.WSMsgType.BINARY, audio)
+    assert upstream.realtime_queries == ["model=gpt-realtime"]
 
 
 class StandIn:
