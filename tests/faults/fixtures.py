@@ -1,8 +1,9 @@
 """Fixtures and helpers for the resilience tests: fault servers, a proxy in front
 of them, the access log as records, and leak accounting.
 
-Import the fixtures into a test module with
-``from tests.faults.fixtures import access_log, faults``.
+Bind the fixtures in a test module with ``faults = fixtures.faults`` (an
+assignment, not an import, so linters do not take the test arguments of the
+same name for redefinitions).
 """
 
 from __future__ import annotations

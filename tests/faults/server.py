@@ -18,7 +18,7 @@ Behaviours (module functions returning a :data:`Behaviour`):
 - :func:`hang`: read the request, never answer (until the peer goes away).
 - :func:`garbage`: bytes that are not HTTP, then close.
 - :func:`reset`: RST right after the request was read.
-- :func:`delayed`: wait, then run another behaviour.
+- :func:`delayed` / :func:`gated`: wait (a time, an event), then run another.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ __all__ = [
     "closed_port",
     "delayed",
     "garbage",
+    "gated",
     "hang",
     "reset",
     "respond",
@@ -391,6 +392,16 @@ def blackhole() -> Iterator[int]:
         for filler in fillers:
             filler.close()
         listener.close()
+
+
+def gated(event: asyncio.Event, then: Behaviour) -> Behaviour:
+    """Answer with ``then`` once ``event`` is set (an upstream still thinking)."""
+
+    async def run(conn: Connection, request: RawRequest) -> bool:
+        await event.wait()
+        return await then(conn, request)
+
+    return run
 
 
 def closed_port() -> int:

@@ -14,13 +14,12 @@ import httpx2 as httpx
 import openai
 import pytest
 
-from tests.faults.fixtures import (  # noqa: F401 - fixtures
+from tests.faults import fixtures
+from tests.faults.fixtures import (
     JSON,
     AccessLog,
     FaultFactory,
-    access_log,
     chat_body,
-    faults,
     route_config,
     task_count,
 )
@@ -35,6 +34,10 @@ from tests.faults.server import (
     sse_event,
     status,
 )
+
+# The shared fixtures, bound here so pytest finds them.
+access_log = fixtures.access_log
+faults = fixtures.faults
 
 FAST = {"timeouts": {"connect": 2, "response": 0.5, "idle": 0.5}}
 
@@ -251,9 +254,7 @@ async def test_openai_sdk_raises_on_a_broken_stream(
 ) -> None:
     upstream = await faults(sse(3, end="done"), sse(3, end=end))
     client = await make_proxy(route_config({"a": upstream.url}, "a"))
-    sdk = openai.AsyncOpenAI(
-        base_url=str(client.make_url("/v1")), api_key="sk-test", max_retries=0
-    )
+    sdk = openai.AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key="sk-test", max_retries=0)
     try:
         # The control: a whole stream reads as whole.
         stream = await sdk.chat.completions.create(
@@ -280,9 +281,7 @@ async def test_openai_sdk_raises_on_a_short_json_body(
     body = json.dumps({"id": "x", "object": "chat.completion", "choices": []}).encode()
     upstream = await faults(short_body(len(body) + 50, len(body)))
     client = await make_proxy(route_config({"a": upstream.url}, "a"))
-    sdk = openai.AsyncOpenAI(
-        base_url=str(client.make_url("/v1")), api_key="sk-test", max_retries=0
-    )
+    sdk = openai.AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key="sk-test", max_retries=0)
     try:
         with pytest.raises((httpx.HTTPError, openai.APIError)):
             await sdk.chat.completions.create(
