@@ -30,7 +30,7 @@ from .keys import (
     STARTED_AT,
 )
 from .middlewares import Cors, error_middleware
-from .observe import Observer
+from .observe import Observer, make_observer
 from .ratelimit import MemoryRateLimiter, RateLimiter
 from .realtime import RealtimeSessions, close_realtime_sessions
 from .runtime import RuntimeHolder, build_runtime
@@ -126,8 +126,9 @@ def create_app(settings: Settings, observer: Observer | None = None) -> web.Appl
     app[RUNTIME] = RuntimeHolder(build_runtime(settings))
     app[STARTED_AT] = time.time()
     app[HEALTH] = Health()
-    app[OBSERVER] = observer or Observer(settings.log)
-    app[HEALTH].on_change = app[OBSERVER].breaker_changed
+    observer = observer or make_observer(settings)
+    app[OBSERVER] = observer
+    app[HEALTH].on_change = observer.breaker_changed
     if cors is not None:
         app.on_response_prepare.append(cors.on_prepare)
     app.cleanup_ctx.append(_upstream_session_ctx)
@@ -139,9 +140,13 @@ def create_app(settings: Settings, observer: Observer | None = None) -> web.Appl
 
     router = app.router
     router.add_get("/healthz", healthz_view, allow_head=True)
-    router.add_get("/about", about_view)
+    router.add_get("/about", observer.observed(about_view))
     for prefix in ("/v1", ""):
-        router.add_get(f"{prefix}/models", models_view)
-        router.add_get(prefix + "/models/{model:.+}", model_view)
+        router.add_get(f"{prefix}/models", observer.observed(models_view))
+        router.add_get(prefix + "/models/{model:.+}", observer.observed(model_view))
+    if observer.metrics is not None and settings.metrics.listen is None:
+        # Not rate limited, not logged; with metrics.listen it moves to its own
+        # listener (serve.py), off the port that faces clients.
+        router.add_get(settings.metrics.path, observer.metrics.handle)
     router.add_route("*", "/{tail:.*}", proxy_view)
     return app

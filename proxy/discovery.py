@@ -127,18 +127,19 @@ class Discovery:
     def refresh(self, settings: Settings) -> None:
         """Serve ``settings`` with the ids known so far; ask its discover upstreams again.
 
-        Called on reload after the new runtime was swapped in; safe to call any time.
+        Swaps in a runtime for ``settings`` at once (on reload, serve.py swaps
+        first and this swaps again with the discovered ids); safe to call any time.
         """
         if self._task is not None:
             self._task.cancel()
             self._task = None
         wanted = _discover_upstreams(settings)
+        if wanted or self.holder.current.settings is not settings:
+            self._swap(settings)
         if not wanted:
             self.complete.set()
             return
         self.complete.clear()
-        if self.holder.current.settings is settings:
-            self._swap(settings)
         if self._session is not None:
             self._task = asyncio.create_task(
                 self._run(settings, self._session), name="oaimux model discovery"

@@ -48,14 +48,12 @@ from .errors import (
     UpstreamUnavailable,
 )
 from .health import Health, backoff_delay, order_upstreams
-from .observe import Exchange, Observer
+from .observe import OUR_REQUEST_ID_HEADER, Exchange, Observer
 from .runtime import Runtime, UpstreamPlan
 
 __all__ = ["OUR_REQUEST_ID_HEADER", "abort_client", "forward"]
 
 log = logging.getLogger("oaimux.forward")
-
-OUR_REQUEST_ID_HEADER = "x-oaimux-request-id"
 
 _SSE = "text/event-stream"
 _NO_BODY_METHODS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
@@ -177,7 +175,7 @@ async def forward(
                     health.success(upstream)
                 ex.tried.pop()
                 ex.upstream = name
-                return await _relay(request, upstream_resp, plan, ex)
+                return await _relay(request, upstream_resp, plan, ex, observer)
         except asyncio.CancelledError:
             ex.outcome = "client_gone"
             health.release_probe(upstream)
@@ -280,7 +278,11 @@ def _log_auth_failure(upstream_resp: aiohttp.ClientResponse, name: str) -> None:
 
 
 async def _relay(
-    request: web.Request, upstream_resp: aiohttp.ClientResponse, plan: UpstreamPlan, ex: Exchange
+    request: web.Request,
+    upstream_resp: aiohttp.ClientResponse,
+    plan: UpstreamPlan,
+    ex: Exchange,
+    observer: Observer,
 ) -> web.StreamResponse:
     """Stream the upstream's response to the client, chunk by chunk, as it arrives."""
     completed = False
@@ -296,6 +298,8 @@ async def _relay(
         length = upstream_resp.content_length
         content_type = upstream_resp.headers.get("Content-Type", "")
         ex.streaming = length is None or content_type.startswith(_SSE)
+        ex.content_type = content_type
+        ex.content_encoding = upstream_resp.headers.get("Content-Encoding")
         if length is not None:
             resp.content_length = length
         if ex.streaming:
@@ -315,14 +319,19 @@ async def _relay(
             # later on the pooled connection, under the next request.
             protocol.read_timeout = plan.upstream.timeouts.idle
             protocol.start_timeout()
+        if ex.streaming:
+            observer.stream_opened(ex)
         read = content.readany
         write = resp.write
         sent = 0
-        tail = b""
+        tail = previous = b""
         try:
             while chunk := await read():
                 await write(chunk)
                 sent += len(chunk)
+                # References only: the usage object is read from these two
+                # chunks after the response has ended (observe.py, usage.py).
+                previous = tail
                 tail = chunk
         except ConnectionResetError:
             # Writing to the client failed (aiohttp's ClientConnectionResetError
@@ -334,8 +343,11 @@ async def _relay(
             ex.outcome = "idle_timeout"
         except (aiohttp.ClientError, OSError):
             ex.outcome = "upstream_reset"
-        ex.bytes_out = sent
-        ex.tail = tail
+        finally:
+            # Also when the client left mid-body: the log shows what it got.
+            ex.bytes_out = sent
+            ex.tail = tail
+            ex.tail_previous = previous
         if ex.outcome != "complete":
             log.warning(
                 "upstream %s failed mid-body (%s) after %d bytes; aborting the client's "

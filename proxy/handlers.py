@@ -8,9 +8,7 @@ Errors before forwarding are rendered by errors.error_response.
 
 from __future__ import annotations
 
-import re
 import time
-import uuid
 from urllib.parse import unquote
 
 from aiohttp import web
@@ -32,7 +30,7 @@ from .errors import (
 from .findmodel import rewrite_model
 from .forward import OUR_REQUEST_ID_HEADER, forward
 from .keys import HEALTH, LIMITER, OBSERVER, REALTIME_SESSIONS, RUNTIME, SESSION, STARTED_AT
-from .observe import Exchange
+from .observe import EXCHANGE, Exchange, request_id_for
 from .realtime import (
     REALTIME_PATH,
     RealtimeTarget,
@@ -70,17 +68,8 @@ MODEL_FORM_PATHS = frozenset(
 )
 MODEL_PATHS = MODEL_JSON_PATHS | MODEL_FORM_PATHS
 
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
 # Query parameters that carry credentials (Google- and Azure-style clients).
 _KEY_PARAMS = frozenset({"key", "api-key", "api_key", "apikey", "access_token", "token"})
-
-
-def request_id_for(request: web.BaseRequest) -> str:
-    """The client's X-Request-Id when it is sane (length, characters), else a new one."""
-    given = request.headers.get("X-Request-Id")
-    if given is not None and _REQUEST_ID.match(given):
-        return given
-    return uuid.uuid4().hex
 
 
 def vet_path(raw_path: str) -> str:
@@ -137,6 +126,7 @@ async def proxy_view(request: web.Request) -> web.StreamResponse:
         client="-",
     )
     observer = app[OBSERVER]
+    observer.begin(ex)
     try:
         caller = identify(request, runtime)
         ex.client = caller.address
@@ -148,9 +138,15 @@ async def proxy_view(request: web.Request) -> web.StreamResponse:
         ex.outcome = "error"
         resp = error_response(err)
         resp.headers[OUR_REQUEST_ID_HEADER] = ex.request_id
+        resp.headers["x-request-id"] = ex.request_id
+        if isinstance(resp.body, bytes):
+            ex.bytes_out = len(resp.body)
         if err.status == 429:
             observer.rate_limited(ex)
         return resp
+    except BaseException as exc:  # client gone (cancelled), or a bug: still logged
+        ex.failed_before_response(exc)
+        raise
     finally:
         observer.finished(ex)
 
@@ -200,6 +196,9 @@ async def _proxy(
             match = runtime.table.resolve(found.model)
             if match is None:
                 raise model_not_found(found.model)
+            # Metrics label: the table's entry (a glob, an exact or discovered id),
+            # never the client's string, so the label set stays bounded.
+            ex.metric_model = match.route.model or found.model
             if not KeyTable.allows(caller.key, found.model):
                 raise ModelNotAllowed(
                     f"Your key may not use the model '{_clip(found.model)}'.", param="model"
@@ -288,6 +287,10 @@ async def _admit(request: web.Request) -> Caller:
     """Identify and charge a caller of the proxy's own endpoints."""
     runtime = request.app[RUNTIME].current
     caller = identify(request, runtime)
+    ex = request.get(EXCHANGE)  # set by Observer.observed, which logs the request
+    if ex is not None:
+        ex.client = caller.address
+        ex.key_name = caller.key.name if caller.key is not None else None
     await charge(request.app[LIMITER], runtime, caller, None)
     if not caller.authenticated:
         raise unauthorized()

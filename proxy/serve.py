@@ -21,7 +21,7 @@ from aiohttp import web
 
 from .app import create_app, server_options
 from .config import ConfigError, Settings, load_settings
-from .keys import RUNTIME
+from .keys import DISCOVERY, RUNTIME
 from .runtime import build_runtime
 
 __all__ = ["configure_logging", "serve"]
@@ -102,6 +102,7 @@ async def _run(
             log.error("reload failed, keeping the running config: %s", exc)
             return
         app[RUNTIME].swap(build_runtime(new))
+        app[DISCOVERY].refresh(new)  # models: discover asks its upstreams again
         log.info("reloaded %s: %d routes, %d upstreams", path, len(new.routes), len(new.upstreams))
 
     loop.add_signal_handler(signal.SIGTERM, stop.set)

@@ -41,6 +41,12 @@ def run_workers(path: str, settings: Settings, host: str, port: int, workers: in
 
     for sig in _FORWARDED:
         signal.signal(sig, forward)
+    if settings.metrics.enabled:
+        # Before forking: every worker writes its samples where any worker's
+        # /metrics reads them all (prometheus_client's multiprocess mode).
+        from .metrics import share_metrics_across_workers
+
+        share_metrics_across_workers()
     for _ in range(workers):
         pid = os.fork()
         if pid == 0:  # the worker

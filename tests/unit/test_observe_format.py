@@ -1,0 +1,132 @@
+"""Exchange → access line (text and JSON), request ids, and the Observer's hooks."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import pytest
+from aiohttp.test_utils import make_mocked_request
+
+from proxy.config import LogSettings
+from proxy.metrics import Metrics
+from proxy.observe import Exchange, Observer, request_id_for
+from tests.fakes.access_lines import capture_logs, parse_text_line
+
+
+def exchange(**fields: object) -> Exchange:
+    ex = Exchange(request_id="rid-1", method="POST", path="/v1/chat/completions", client="10.0.0.7")
+    for name, value in fields.items():
+        setattr(ex, name, value)
+    return ex
+
+
+@pytest.mark.parametrize(
+    ("given", "kept"),
+    [
+        ("abc-123", True),
+        ("req_01HZ.x:y@z/+=", True),
+        ("a" * 128, True),
+        ("a" * 129, False),
+        ("", False),
+        ("with space", False),
+        ("tab\there", False),
+        ("quote\"d", False),
+        ("ünïcode", False),
+    ],
+)
+def test_request_id_for(given: str, kept: bool) -> None:
+    made = request_id_for(make_mocked_request("GET", "/", headers={"X-Request-Id": given}))
+    if kept:
+        assert made == given
+    else:
+        assert re.fullmatch(r"[0-9a-f]{32}", made)
+
+
+def test_request_id_made_when_absent_and_unique() -> None:
+    ids = {request_id_for(make_mocked_request("GET", "/")) for _ in range(100)}
+    assert len(ids) == 100
+
+
+def test_text_line_fields_and_values() -> None:
+    ex = exchange(
+        model="fast", upstream_model="llama3.2:3b", upstream="ollama", tried=["a", "b"], status=200,
+        bytes_in=12, bytes_out=3456, ttfb=0.0123, duration=1.5, prompt_tokens=7, completion_tokens=9,
+        key_name="team-a",
+    )  # fmt: skip
+    f = parse_text_line(Observer(LogSettings()).format_text(ex))
+    assert f["request_id"] == "rid-1" and f["client"] == "10.0.0.7" and f["key"] == "team-a"
+    assert (f["model"], f["target"], f["upstream"], f["tried"]) == ("fast", "llama3.2:3b", "ollama", "a,b")
+    assert (f["ttfb_ms"], f["duration_ms"]) == ("12.30", "1500.00")
+    assert (f["prompt_tokens"], f["completion_tokens"], f["error"]) == ("7", "9", "-")
+
+
+@pytest.mark.parametrize(
+    "model",
+    ['has space', 'quote"inside', "back\\slash", "tab\tand\nnewline", "é-unicode", "k=v", "x" * 300, ""],
+)
+def test_text_line_quotes_what_could_forge_a_field(model: str) -> None:
+    line = Observer(LogSettings()).format_text(exchange(model=model, path="/v1/a b"))
+    f = parse_text_line(line)  # asserts a single line of intact pairs
+    assert f["model"] == (model if len(model) <= 200 else model[:200] + "...")
+    assert f["path"] == "/v1/a b"
+    assert f["outcome"] == "complete"
+
+
+def test_json_line_has_the_same_fields() -> None:
+    observer = Observer(LogSettings(format="json"))
+    ex = exchange(model="m", ttfb=None, duration=0.25, tried=["x"])
+    record = json.loads(observer.format_json(ex))
+    text = parse_text_line(observer.format_text(ex))
+    assert list(record) == list(text)
+    assert record["tried"] == ["x"] and record["ttfb_ms"] is None and record["duration_ms"] == 250.0
+
+
+def test_time_is_utc_with_milliseconds_across_seconds() -> None:
+    observer = Observer(LogSettings())
+    for wall in (1_700_000_000.0, 1_700_000_000.999, 1_700_000_001.5, 1_700_000_000.25):
+        f = parse_text_line(observer.format_text(exchange(started_wall=wall)))
+        second = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(int(wall)))
+        assert f["time"] == f"{second}.{int(round((wall % 1) * 1000)):03d}Z"
+
+
+def test_access_off_writes_nothing_but_still_counts() -> None:
+    metrics = Metrics(multiprocess_dir="")
+    observer = Observer(LogSettings(access=False), metrics)
+    with capture_logs() as logs:
+        ex = exchange(status=200, upstream="u", metric_model="m")
+        observer.begin(ex)
+        observer.finished(ex)
+    assert logs.access == []
+    labels = {"model": "m", "upstream": "u", "status_class": "2xx"}
+    assert metrics.registry.get_sample_value("oaimux_requests_total", labels) == 1
+
+
+def test_finished_reads_usage_only_from_plain_json_or_sse() -> None:
+    body = b'{"usage":{"prompt_tokens":3,"completion_tokens":4}}'
+    cases = [
+        ({"content_type": "application/json"}, (3, 4)),
+        ({"content_type": "text/event-stream; charset=utf-8"}, (3, 4)),
+        ({"content_type": "application/json", "content_encoding": "gzip"}, (None, None)),
+        ({"content_type": "audio/mpeg"}, (None, None)),
+        ({"content_type": "application/json", "status": 400}, (None, None)),
+    ]
+    observer = Observer(LogSettings(), Metrics(multiprocess_dir=""))
+    for fields, expected in cases:
+        ex = exchange(**{"status": 200, "tail": body, **fields})
+        observer.finished(ex)
+        assert (ex.prompt_tokens, ex.completion_tokens) == expected, fields
+
+
+def test_hooks_without_metrics_do_nothing() -> None:
+    observer = Observer(LogSettings(access=False))
+    ex = exchange()
+    observer.begin(ex)
+    observer.stream_opened(ex)
+    observer.rate_limited(ex)
+    observer.upstream_failure("u", "connect")
+    observer.fallback("a", "b")
+    observer.breaker_changed("u", "open")
+    observer.finished(ex)
+    assert not ex.in_flight and not ex.stream_open

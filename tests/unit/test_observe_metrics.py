@@ -1,0 +1,85 @@
+"""The Metrics object on its own: registries, label children, breaker states."""
+
+from __future__ import annotations
+
+import pytest
+
+from proxy.config import LogSettings
+from proxy.metrics import Metrics
+from proxy.observe import Observer
+
+
+def single() -> Metrics:
+    return Metrics(multiprocess_dir="")  # never the multiprocess mode in this process
+
+
+def sample(m: Metrics, name: str, **labels: str) -> float | None:
+    return m.registry.get_sample_value(name, labels)
+
+
+def test_two_instances_do_not_share_values() -> None:
+    a, b = single(), single()
+    a.request_finished("m", "u", 200, 0.1, 0.05)
+    assert sample(a, "oaimux_requests_total", model="m", upstream="u", status_class="2xx") == 1
+    assert sample(b, "oaimux_requests_total", model="m", upstream="u", status_class="2xx") is None
+
+
+@pytest.mark.parametrize(("status", "klass"), [(200, "2xx"), (304, "3xx"), (404, "4xx"), (499, "4xx"), (502, "5xx")])
+def test_status_classes(status: int, klass: str) -> None:
+    m = single()
+    m.request_finished("", "", status, 0.01, None)
+    m.request_finished("", "", status, 0.01, None)
+    assert sample(m, "oaimux_requests_total", model="", upstream="", status_class=klass) == 2
+
+
+def test_latency_buckets_reach_long_streams() -> None:
+    m = single()
+    m.request_finished("m", "u", 200, 450.0, 0.3)
+    assert sample(m, "oaimux_request_duration_seconds_bucket", upstream="u", le="300.0") == 0
+    assert sample(m, "oaimux_request_duration_seconds_bucket", upstream="u", le="600.0") == 1
+    assert sample(m, "oaimux_time_to_first_byte_seconds_bucket", upstream="u", le="0.25") == 0
+    assert sample(m, "oaimux_time_to_first_byte_seconds_bucket", upstream="u", le="0.5") == 1
+    assert sample(m, "oaimux_request_duration_seconds_sum", upstream="u") == 450.0
+
+
+def test_tokens_by_type() -> None:
+    m = single()
+    m.count_tokens("m", "u", 10, None)
+    m.count_tokens("m", "u", 5, 7)
+    assert sample(m, "oaimux_tokens_total", model="m", upstream="u", type="prompt") == 15
+    assert sample(m, "oaimux_tokens_total", model="m", upstream="u", type="completion") == 7
+
+
+def test_breaker_states_through_the_observer_hook() -> None:
+    m = Metrics(["a", "b"], multiprocess_dir="")
+    observer = Observer(LogSettings(), m)
+    assert sample(m, "oaimux_circuit_breaker_state", upstream="a") == 0
+    for state, expected in (("open", 2), ("half_open", 1), ("closed", 0)):
+        observer.breaker_changed("a", state)
+        assert sample(m, "oaimux_circuit_breaker_state", upstream="a") == expected
+    assert sample(m, "oaimux_circuit_breaker_state", upstream="b") == 0
+
+
+def test_failure_and_fallback_hooks() -> None:
+    m = single()
+    observer = Observer(LogSettings(), m)
+    observer.upstream_failure("a", "connect")
+    observer.upstream_failure("a", "connect")
+    observer.upstream_failure("a", "status_503")
+    observer.fallback("a", "b")
+    assert sample(m, "oaimux_upstream_failures_total", upstream="a", kind="connect") == 2
+    assert sample(m, "oaimux_upstream_failures_total", upstream="a", kind="status_503") == 1
+    assert sample(m, "oaimux_fallbacks_total", from_upstream="a", to_upstream="b") == 1
+
+
+def test_render_text_and_openmetrics() -> None:
+    m = single()
+    body, content_type = m.render(None)
+    assert content_type.startswith("text/plain") and b"oaimux_requests_in_flight 0.0" in body
+    body, content_type = m.render("application/openmetrics-text; version=1.0.0")
+    assert content_type.startswith("application/openmetrics-text") and body.endswith(b"# EOF\n")
+
+
+def test_process_metrics_in_single_process_mode() -> None:
+    body, _ = single().render(None)
+    assert b"process_resident_memory_bytes" in body or b"python_info" in body
