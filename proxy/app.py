@@ -16,6 +16,7 @@ from aiohttp import web
 
 from .admission import Admission
 from .config import Settings
+from .connections import expect_continue
 from .discovery import Discovery
 from .handlers import about_view, healthz_view, model_view, models_view, proxy_view
 from .health import Health
@@ -148,5 +149,5 @@ def create_app(settings: Settings, observer: Observer | None = None) -> web.Appl
         # Not rate limited, not logged; with metrics.listen it moves to its own
         # listener (serve.py), off the port that faces clients.
         router.add_get(settings.metrics.path, observer.metrics.handle)
-    router.add_route("*", "/{tail:.*}", proxy_view)
+    router.add_route("*", "/{tail:.*}", proxy_view, expect_handler=expect_continue)
     return app

@@ -16,7 +16,7 @@ import zlib
 from aiohttp import web
 from aiohttp.helpers import parse_mimetype
 
-from .errors import InvalidRequest, RequestTooLarge
+from .errors import InvalidRequest, RequestTimeout, RequestTooLarge
 from .findmodel import (
     FoundModel,
     find_json_model,
@@ -35,7 +35,18 @@ def _too_large(limit: int) -> RequestTooLarge:
 
 
 async def read_body(request: web.Request, limit: int, idle_timeout: float) -> bytes:
-    """All of the body's bytes, as sent, or :class:`RequestTooLarge`."""
+    """All of the body's bytes, as sent, or :class:`RequestTooLarge`, or
+    :class:`RequestTimeout` when the client went silent for ``idle_timeout``."""
+    try:
+        return await _read_body(request, limit, idle_timeout)
+    except TimeoutError:
+        # Not a gateway timeout (aiohttp would answer 504): the client stalled.
+        raise RequestTimeout(
+            f"The request body stopped arriving for {idle_timeout:g} seconds."
+        ) from None
+
+
+async def _read_body(request: web.Request, limit: int, idle_timeout: float) -> bytes:
     length = request.content_length
     if length is not None and length > limit:
         raise _too_large(limit)
@@ -102,5 +113,12 @@ def find_model(body: bytes, content_type_header: str) -> FoundModel:
     """The model of a model-routed request: multipart form field or JSON key."""
     mime = parse_mimetype(content_type_header)
     if mime.type == "multipart" and mime.subtype == "form-data":
+    if not inflater.eof or inflater.unused_data:
+        # A truncated stream, or bytes after the first gzip member: the upstream's
+        # decoder could see a body we did not route by (one parse decides).
+        raise InvalidRequest(
+            "The request body is not one complete compressed stream.",
+            code="invalid_body_encoding",
+        )
         return find_multipart_model(body, multipart_boundary(dict(mime.parameters)))
     return find_json_model(body)

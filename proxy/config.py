@@ -97,6 +97,10 @@ class ServerSettings:
     # longest silence while the request body is being read.
     header_timeout: float = 30.0
     body_idle_timeout: float = 60.0
+    # Longest idle time between two requests on one connection; also bounds the
+    # time for a later request head to arrive. Keep it above the idle timeout of
+    # any proxy in front (nginx's upstream keepalive_timeout is 60 s).
+    keepalive_timeout: float = 75.0
     cors: CorsSettings | None = None
 
 
@@ -125,7 +129,8 @@ class HeaderRewrite:
     @property
     def sets_authorization(self) -> bool:
         return any(
-            name.lower() in ("authorization", "api-key", "x-api-key") for name, _ in self.set
+            name.lower() in ("authorization", "api-key", "x-api-key", "x-goog-api-key")
+            for name, _ in self.set
         )
 
 
@@ -425,6 +430,7 @@ def _server(node: _Node) -> ServerSettings:
             "shutdown_grace_seconds",
             "header_timeout",
             "body_idle_timeout",
+            "keepalive_timeout",
             "cors",
         )
     )
@@ -437,6 +443,7 @@ def _server(node: _Node) -> ServerSettings:
         shutdown_grace_seconds=node.opt("shutdown_grace_seconds", _nonneg_number, 30.0),
         header_timeout=node.opt("header_timeout", _positive_number, d.header_timeout),
         body_idle_timeout=node.opt("body_idle_timeout", _positive_number, d.body_idle_timeout),
+        keepalive_timeout=node.opt("keepalive_timeout", _positive_number, d.keepalive_timeout),
         cors=node.opt("cors", _cors, None),
     )
 

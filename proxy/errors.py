@@ -8,6 +8,7 @@
     ├── ModelNotAllowed              403    invalid_request_error  model_not_allowed
     ├── NotFound                     404    invalid_request_error  (given)
     ├── MethodNotAllowed             405    invalid_request_error  method_not_allowed
+    ├── RequestTimeout               408    invalid_request_error  request_timeout
     ├── RequestTooLarge              413    invalid_request_error  request_too_large
     ├── RateLimited                  429    requests               rate_limit_exceeded
     ├── UpstreamUnavailable          502    api_error              upstream_unavailable
@@ -36,6 +37,7 @@ __all__ = [
     "NotFound",
     "ProxyError",
     "RateLimited",
+    "RequestTimeout",
     "RequestTooLarge",
     "ServiceUnavailable",
     "Unauthorized",
@@ -101,6 +103,12 @@ class MethodNotAllowed(ProxyError):
     status = 405
     type = "invalid_request_error"
     code = "method_not_allowed"
+
+
+class RequestTimeout(ProxyError):
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
 
 
 class RequestTooLarge(ProxyError):

@@ -25,8 +25,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from aiohttp.multipart import parse_content_disposition
-
 from .errors import InvalidRequest
 
 __all__ = [
@@ -399,16 +397,58 @@ def find_multipart_model(body: bytes, boundary: bytes) -> FoundModel:
     return found
 
 
+# RFC 7578 §4.2 parameters: token=token or token="quoted" (no quoted-pair).
+_TOKEN_CHARS = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_DISPOSITION_PARAM = re.compile(rf'\s*;\s*({_TOKEN_CHARS})\s*=\s*("[^"\\]*"|{_TOKEN_CHARS})\s*')
+
+
 def part_name(header_block: bytes) -> str | None:
+    """The form field name of a part, as every form parser would read it.
+
+    A part whose name parsers could read differently is refused
+    (``invalid_multipart``), not guessed at (reliability.md A.9): two
+    ``Content-Disposition`` headers (parsers differ on which wins), a parameter
+    given twice or in RFC 2231 ``name*=`` form, a backslash (aiohttp unescapes
+    ``"mod\\el"`` to ``model``, Python's email parser keeps the backslash).
+    The ``model`` part must be a plain field: no ``filename``, no
+    ``Content-Transfer-Encoding`` (deprecated by RFC 7578 §4.7, and a decoder
+    honouring it would see another value).
+    """
+    disposition: bytes | None = None
+    encoded = False
     for line in header_block.split(b"\r\n"):
-        name, sep, value = line.partition(b":")
-        if sep and name.strip().lower() == b"content-disposition":
-            try:
-                _, params = parse_content_disposition(value.decode("utf-8").strip())
-            except (UnicodeDecodeError, ValueError):
-                return None
-            return params.get("name")
-    return None
+        field, sep, value = line.partition(b":")
+        if not sep:
+            continue
+        field = field.strip().lower()
+        if field == b"content-disposition":
+            if disposition is not None:
+                raise _bad_multipart("a part has two Content-Disposition headers")
+            disposition = value
+        elif field == b"content-transfer-encoding":
+            encoded = True
+    if disposition is None:
+        return None
+    # latin-1 maps bytes 1:1, so the structure is read exactly; names compare as ASCII.
+    text = disposition.decode("latin-1").strip()
+    kind, _, rest = text.partition(";")
+    if "\\" in text or kind.strip().lower() != "form-data":
+        raise _bad_multipart("a part's Content-Disposition is not plain form-data")
+    params: dict[str, str] = {}
+    pos = len(kind)
+    while pos < len(text):
+        m = _DISPOSITION_PARAM.match(text, pos)
+        if m is None:
+            raise _bad_multipart("a part's Content-Disposition cannot be read one way only")
+        key, given = m.group(1).lower(), m.group(2)
+        if key in params or key.endswith("*"):
+            raise _bad_multipart("a part's Content-Disposition cannot be read one way only")
+        params[key] = given[1:-1] if given.startswith('"') else given
+        pos = m.end()
+    name = params.get("name")
+    if name == "model" and ("filename" in params or encoded):
+        raise _bad_multipart("the model field must be a plain form field")
+    return name
 
 
 def _bad_multipart(detail: str) -> InvalidRequest:

@@ -8,12 +8,14 @@ Errors before forwarding are rendered by errors.error_response.
 
 from __future__ import annotations
 
+import re
 import time
 from urllib.parse import unquote
 
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from aiohttp.http import HttpVersion10, HttpVersion11
 from . import __version__
 from .admission import Caller, charge, identify, unauthorized
 from .auth import KeyTable
@@ -50,6 +52,10 @@ __all__ = [
     "proxy_view",
 ]
 
+    "vet_head",
+    "vet_model",
+    "vet_path",
+    "vet_query",
 # POST endpoints routed by the body's top-level "model" (JSON) ...
 MODEL_JSON_PATHS = frozenset(
     {
@@ -72,6 +78,53 @@ MODEL_PATHS = MODEL_JSON_PATHS | MODEL_FORM_PATHS
 _KEY_PARAMS = frozenset({"key", "api-key", "api_key", "apikey", "access_token", "token"})
 
 
+_BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_HTTP_VERSIONS = frozenset({HttpVersion10, HttpVersion11})
+# Longer than any real model id (Azure deployments: 64, Hugging Face: 96 + org).
+MAX_MODEL_LENGTH = 256
+
+
+def vet_head(request: web.BaseRequest) -> None:
+    """Refuse a request head that another server could read differently.
+
+    - an HTTP version other than 1.0 or 1.1 (aiohttp's C parser accepts an
+      ``HTTP/0.9`` or ``HTTP/2.0`` request line; reliability.md C.38);
+    - a header name with an underscore: nginx drops them and some servers fold
+      ``_`` into ``-``, so ``X_Forwarded_For`` could mean different things to
+      us and to the upstream (Envoy rejects them at the edge; C.34);
+    - ``Upgrade`` on anything but a body-less GET: nothing is tunnelled here,
+      and an upgrade with a body is the smuggling shape of CVE-2026-69243
+      (C.36). On a body-less GET (``curl --http2`` asks for h2c) it is
+      dropped with the other hop-by-hop headers.
+    """
+    if request.version not in _HTTP_VERSIONS:
+        raise InvalidRequest(
+            "Only HTTP/1.0 and HTTP/1.1 are accepted.", code="invalid_http_version"
+        )
+    for name, _ in request.raw_headers:
+        if b"_" in name:
+            raise InvalidRequest(
+                "Header names with underscores are refused; use '-'.", code="invalid_header_name"
+            )
+    if "Upgrade" in request.headers and (request.method != "GET" or request.body_exists):
+        raise InvalidRequest(
+            "Protocol upgrades are not accepted on this request.", code="upgrade_not_allowed"
+        )
+
+
+def vet_model(model: str) -> None:
+    """Refuse a model id no route could mean: empty, over :data:`MAX_MODEL_LENGTH`
+    characters, or holding control characters (they would reach logs; A.3)."""
+    if not model:
+        raise InvalidRequest(
+            "you must provide a model parameter", code="missing_model", param="model"
+        )
+    if len(model) > MAX_MODEL_LENGTH or not model.isprintable():
+        raise InvalidRequest(
+            f"The model id must be 1 to {MAX_MODEL_LENGTH} printable characters.",
+            code="invalid_model",
+            param="model",
+        )
 def vet_path(raw_path: str) -> str:
     """The path after ``/v1/`` (or ``/``), still percent-encoded, or an error.
 
@@ -87,7 +140,8 @@ def vet_path(raw_path: str) -> str:
         lowered = path.lower()
         if "%2f" in lowered or "%5c" in lowered or "\\" in decoded or "%25" in lowered:
             raise InvalidRequest("Encoded slashes are not accepted in paths.", code="invalid_path")
-        if any(seg in (".", "..") for seg in decoded.split("/")):
+        # "..;x" too: servlet containers drop ";params" before resolving dots.
+        if any(seg.partition(";")[0] in (".", "..") for seg in decoded.split("/")):
             raise InvalidRequest("Dot segments are not accepted in paths.", code="invalid_path")
     return path
 
@@ -98,9 +152,17 @@ def vet_query(query_string: str) -> tuple[str, list[str]]:
     The query string is forwarded as it came unless a parameter had to go.
     """
     if not query_string:
+    A query another parser could split differently is refused rather than
+    forwarded (Go CVE-2022-2880): a raw ``;`` (some servers still split on it)
+    or a ``%`` not followed by two hex digits.
         return "", []
     parts = query_string.split("&")
     models: list[str] = []
+    if ";" in query_string or ("%" in query_string and _BAD_PERCENT.search(query_string)):
+        raise InvalidRequest(
+            "The query string is ambiguous: encode ';' and '%' as %3B and %25.",
+            code="invalid_query",
+        )
     kept: list[str] = []
     dropped = False
     for part in parts:
@@ -170,6 +232,7 @@ async def _proxy(
     try:
         path = vet_path(raw_path)
         query, query_models = vet_query(raw_query)
+        vet_head(request)
         if len(query_models) > 1:
             raise InvalidRequest(
                 "the query names 'model' more than once", code="ambiguous_model", param="model"
@@ -194,6 +257,7 @@ async def _proxy(
             found = find_model(routable, content_type)
             ex.model = found.model
             match = runtime.table.resolve(found.model)
+            vet_model(found.model)
             if match is None:
                 raise model_not_found(found.model)
             # Metrics label: the table's entry (a glob, an exact or discovered id),

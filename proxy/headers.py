@@ -12,7 +12,8 @@ headers are applied last, so stripping cannot undo them):
    dropped: they were about the hop to us, and an upstream such as OpenAI has
    no business seeing our users' addresses;
 4. the client's credentials are dropped (``Authorization``, ``api-key``,
-   ``x-api-key``, ``Cookie``, ``OpenAI-Organization``, ``OpenAI-Project``):
+   ``x-api-key``, ``x-goog-api-key``, ``Cookie``, ``OpenAI-Organization``,
+   ``OpenAI-Project``):
    they are either a proxy key or meant for another account. An upstream with
    ``pass_client_auth: true`` gets the client's ``Authorization`` back;
 5. the upstream's ``headers.remove`` then ``headers.set`` are applied.
@@ -20,6 +21,8 @@ headers are applied last, so stripping cannot undo them):
 Response direction (upstream → client): hop-by-hop headers are dropped, and so
 are the headers that identify the upstream account (``Set-Cookie``,
 ``openai-organization``, ``openai-project``) unless the upstream keeps them.
+The upstream's CORS headers are always dropped: whether a browser may call the
+proxy is the proxy's decision (``server.cors``), not the upstream's.
 """
 
 from __future__ import annotations
@@ -73,6 +76,7 @@ CLIENT_CREDENTIAL_HEADERS = frozenset(
         "authorization",
         "api-key",
         "x-api-key",
+        "x-goog-api-key",
         "cookie",
         "proxy-authorization",
         "openai-organization",
@@ -82,6 +86,20 @@ CLIENT_CREDENTIAL_HEADERS = frozenset(
 
 # Headers that name the upstream account; stripped from responses by default.
 _UPSTREAM_IDENTITY = frozenset({"set-cookie", "openai-organization", "openai-project"})
+
+# CORS answers are the proxy's own (middlewares.Cors); an upstream's would open
+# the proxy to every origin the upstream allows.
+_UPSTREAM_CORS = frozenset(
+    {
+        "access-control-allow-origin",
+        "access-control-allow-credentials",
+        "access-control-allow-methods",
+        "access-control-allow-headers",
+        "access-control-allow-private-network",
+        "access-control-expose-headers",
+        "access-control-max-age",
+    }
+)
 
 
 def connection_tokens(headers: CIMultiDictProxy[str]) -> frozenset[str]:
@@ -150,7 +168,10 @@ class ResponseHeaderPolicy:
     def for_upstream(cls, upstream: Upstream) -> ResponseHeaderPolicy:
         # Content-Length is set by us from the upstream's value when it has one.
         drop = (
-            HOP_BY_HOP | {"content-length"} | (_UPSTREAM_IDENTITY - upstream.keep_response_headers)
+            HOP_BY_HOP
+            | {"content-length"}
+            | _UPSTREAM_CORS
+            | (_UPSTREAM_IDENTITY - upstream.keep_response_headers)
         )
         return cls(drop=frozenset(drop))
 

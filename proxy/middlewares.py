@@ -44,6 +44,12 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 _ALLOW_METHODS = "GET, POST, PUT, PATCH, DELETE, OPTIONS"
 
 
+class _OriginNotAllowed(ProxyError):
+    status = 403
+    type = "invalid_request_error"
+    code = "origin_not_allowed"
+
+
 class Cors:
     """CORS for browser apps (off unless ``server.cors`` is set).
 
@@ -68,8 +74,13 @@ class Cors:
         if (
             request.method == "OPTIONS"
             and "Access-Control-Request-Method" in request.headers
-            and self._origin(request) is not None
+            and "Origin" in request.headers
         ):
+            # A preflight is the proxy's to answer, never forwarded upstream.
+            if self._origin(request) is None:
+                return error_response(
+                    _OriginNotAllowed("This origin may not call the proxy from a browser.")
+                )
             resp = web.Response(status=204)
             resp.headers["Access-Control-Allow-Methods"] = _ALLOW_METHODS
             requested = request.headers.get("Access-Control-Request-Headers")
@@ -80,10 +91,12 @@ class Cors:
         return await handler(request)
 
     async def on_prepare(self, request: web.Request, response: web.StreamResponse) -> None:
+        if not self.any_origin:
+            # The answer depends on Origin, also when it is absent or refused,
+            # so a shared cache must not serve one origin's answer to another.
+            response.headers.add("Vary", "Origin")
         origin = self._origin(request)
         if origin is None:
             return
         response.headers["Access-Control-Allow-Origin"] = "*" if self.any_origin else origin
         response.headers["Access-Control-Expose-Headers"] = "*"
-        if not self.any_origin:
-            response.headers.add("Vary", "Origin")

@@ -1,0 +1,181 @@
+"""What a client connection may cost before a request reaches a handler.
+
+aiohttp bounds the size of a request head (line, field and header-count
+limits) but not the time it takes to arrive, so a client sending one header
+byte every few seconds (slowloris) holds a connection and a task for as long
+as it likes. When the proxy is exposed directly (a PaaS without nginx in
+front), it bounds that itself (reliability.md B.19, Decision 6):
+
+- the first request head on a connection must be complete within
+  ``server.header_timeout`` of the connection opening; a timer started in
+  ``connection_made`` checks it once, so nothing runs per request or per read;
+- after a response, the next request head must be complete within
+  ``server.keepalive_timeout`` (aiohttp's keep-alive timer, which is not
+  extended by incoming bytes, so it bounds idle time and a dribbled head alike);
+- a request body may go silent for at most ``server.body_idle_timeout``
+  (``bodies.read_body``).
+
+A request head the HTTP parser refuses (CL/TE conflicts, bad framing, control
+characters, oversized lines, too many headers) is answered in OpenAI's error
+shape and the connection closed; the refusal is logged as one line that never
+quotes the offending bytes (they can hold a client's key).
+
+:func:`expect_continue` answers ``Expect: 100-continue`` for the proxy's
+catch-all route: a body declared larger than ``server.max_body_bytes`` gets its
+413 before the client sends it (reliability.md A.14).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError, LineTooLong
+from aiohttp.web_protocol import RequestHandler
+
+from .config import ServerSettings
+from .errors import ERROR_HEADER, InvalidRequest, ProxyError, RequestTooLarge, error_response
+from .keys import RUNTIME
+
+__all__ = ["GuardedRequestHandler", "GuardedServer", "ProxyRunner", "expect_continue"]
+
+log = logging.getLogger("oaimux.connections")
+
+_TIMEOUT_BODY = (
+    b'{"error":{"message":"The request headers did not arrive in time.",'
+    b'"type":"invalid_request_error","param":null,"code":"request_timeout"}}'
+)
+# Written raw: no request object exists yet when the head never completed.
+_HEAD_TIMEOUT_RESPONSE = (
+    b"HTTP/1.1 408 Request Timeout\r\n"
+    b"Content-Type: application/json\r\n"
+    b"Content-Length: " + str(len(_TIMEOUT_BODY)).encode() + b"\r\n"
+    b"Connection: close\r\n" + ERROR_HEADER.encode() + b": request_timeout\r\n\r\n" + _TIMEOUT_BODY
+)
+
+
+class _HeadersTooLarge(ProxyError):
+    status = 431
+    type = "invalid_request_error"
+    code = "request_header_fields_too_large"
+
+
+class _ExpectationFailed(ProxyError):
+    status = 417
+    type = "invalid_request_error"
+    code = "expectation_failed"
+
+
+class GuardedRequestHandler(RequestHandler):
+    """aiohttp's connection protocol with a deadline for the first request head,
+    and parser refusals answered as OpenAI JSON."""
+
+    __slots__ = ("_head_deadline", "_head_timeout")
+
+    def __init__(self, manager: web.Server, *, head_timeout: float, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._head_timeout = head_timeout
+        self._head_deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._head_deadline = self._loop.call_later(self._head_timeout, self._head_overdue)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._head_deadline is not None:
+            self._head_deadline.cancel()
+            self._head_deadline = None
+        super().connection_lost(exc)
+
+    def _head_overdue(self) -> None:
+        self._head_deadline = None
+        # _request_count counts request heads the parser completed (bad ones too).
+        if self._request_count or self.transport is None:
+            return
+        self.transport.write(_HEAD_TIMEOUT_RESPONSE)
+        self.force_close()  # closes after the 408 is flushed
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if not isinstance(exc, HttpProcessingError) or request.writer.output_size > 0:
+            return super().handle_error(request, status, exc, message)
+        # One line, no bytes from the request: a malformed header can hold a key,
+        # and a flood of these must not become a flood of tracebacks.
+        level = logging.DEBUG if isinstance(exc, BadHttpMethod) else logging.INFO
+        log.log(
+            level, "refused a malformed request from %s (%s)", request.remote, type(exc).__name__
+        )
+        err: ProxyError
+        if isinstance(exc, LineTooLong) or "Too many headers" in str(exc.message):
+            err = _HeadersTooLarge("The request line or headers are too large.")
+        else:
+            err = InvalidRequest(
+                "The request is not valid HTTP/1.1 and was refused.", code="malformed_request"
+            )
+        resp = error_response(err)
+        resp.force_close()
+        return resp
+
+
+class GuardedServer(web.Server):
+    """``web.Server`` that makes :class:`GuardedRequestHandler` connections."""
+
+    def __init__(self, handler: Any, *, head_timeout: float, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self.head_timeout = head_timeout
+
+    def __call__(self) -> RequestHandler:
+        return GuardedRequestHandler(
+            self, loop=self._loop, head_timeout=self.head_timeout, **self._kwargs
+        )
+
+
+class ProxyRunner(web.AppRunner):
+    """``web.AppRunner`` for the proxy: slow-client bounds from ``server`` settings.
+
+    Extra keyword arguments go to aiohttp's server as with ``AppRunner``
+    (``handler_cancellation``, ``shutdown_timeout``, ``server_options()``).
+    """
+
+    def __init__(self, app: web.Application, server: ServerSettings, **kwargs: Any) -> None:
+        kwargs.setdefault("keepalive_timeout", server.keepalive_timeout)
+        super().__init__(app, **kwargs)
+        self.head_timeout = server.header_timeout
+
+    async def _make_server(self) -> web.Server:
+        plain = await super()._make_server()
+        return GuardedServer(
+            plain.request_handler,
+            request_factory=plain.request_factory,
+            handler_cancellation=plain.handler_cancellation,
+            loop=plain._loop,
+            head_timeout=self.head_timeout,
+            **plain._kwargs,
+        )
+
+
+async def expect_continue(request: web.Request) -> web.StreamResponse | None:
+    """``Expect: 100-continue`` on the proxy route: refuse an oversized body before
+    it is sent, otherwise let the client send it (RFC 9110 §10.1.1)."""
+    expect = request.headers.get("Expect", "")
+    if expect.lower() != "100-continue":
+        return error_response(_ExpectationFailed("Only 'Expect: 100-continue' is supported."))
+    limit = request.app[RUNTIME].current.settings.server.max_body_bytes
+    length = request.content_length
+    if length is not None and length > limit:
+        resp = error_response(
+            RequestTooLarge(f"The request body is larger than this proxy accepts ({limit} bytes).")
+        )
+        resp.force_close()  # the body was never sent: the connection cannot be reused
+        return resp
+    if request.version >= (1, 1):
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the final response has not started
+    return None

@@ -1,0 +1,176 @@
+"""Proxy keys over HTTP: who gets in, which models, what is logged, what is charged."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from typing import Any
+
+import pytest
+
+from tests.conftest import basic_config
+from tests.fakes.security import error_of
+from tests.fakes.upstream import FakeUpstream
+
+TEAM_A = "pk-team-a-4f1d9c2e"  # may use gpt-4o* only
+TEAM_B = "pk-team-b-77aa0b31"  # stored as a digest; every model
+CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def keyed_config(upstream_url: str, **extra: Any) -> dict[str, Any]:
+    return basic_config(
+        upstream_url,
+        auth={
+            "keys": [
+                {"name": "team-a", "key": TEAM_A, "models": ["gpt-4o*"]},
+                {"name": "team-b", "sha256": hashlib.sha256(TEAM_B.encode()).hexdigest()},
+            ]
+        },
+        **extra,
+    )
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"Authorization": "Bearer pk-team-a-4f1d9c2f"},  # one character off
+        {"Authorization": f"Basic {TEAM_A}"},
+        {"Authorization": "Bearer sk-upstream-secret"},  # the upstream's key is not a proxy key
+        {"api-key": "pk-wrong-azure-key"},
+        {"Authorization": "Bearer", "api-key": TEAM_A},  # a broken bearer is not rescued
+    ],
+    ids=["none", "near-miss", "basic", "upstream-key", "azure-wrong", "broken-bearer"],
+)
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("POST", "/v1/chat/completions"),
+        ("GET", "/v1/models"),
+        ("GET", "/v1/models/gpt-4o-mini"),
+        ("GET", "/about"),
+        ("GET", "/v1/files"),
+    ],
+)
+async def test_missing_or_wrong_key_is_401(
+    make_proxy: Any,
+    fake: FakeUpstream,
+    upstream_url: str,
+    headers: dict[str, str],
+    method: str,
+    path: str,
+) -> None:
+    client = await make_proxy(keyed_config(upstream_url))
+    resp = await client.request(method, path, json=CHAT if method == "POST" else None, headers=headers)
+    assert resp.status == 401
+    assert resp.headers["Content-Type"].startswith("application/json")
+    assert resp.headers["x-oaimux-error"] == "invalid_api_key"
+    error = error_of(await resp.read())
+    assert error["code"] == "invalid_api_key" and error["type"] == "invalid_request_error"
+    assert fake.received == []
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{"Authorization": f"Bearer {TEAM_B}"}, {"api-key": TEAM_B}],
+    ids=["bearer", "azure-api-key"],
+)
+async def test_valid_key_gets_in_and_never_reaches_the_upstream(
+    make_proxy: Any, fake: FakeUpstream, upstream_url: str, headers: dict[str, str]
+) -> None:
+    client = await make_proxy(keyed_config(upstream_url))
+    resp = await client.post("/v1/chat/completions", json=CHAT, headers=headers)
+    assert resp.status == 200, await resp.text()
+    (got,) = fake.received
+    assert got.headers["authorization"] == "Bearer sk-upstream-secret"
+    assert "api-key" not in got.headers
+    assert all(TEAM_B not in value for _, value in got.header_items)
+
+
+async def test_model_outside_the_keys_list_is_403_before_any_upstream(
+    make_proxy: Any, fake: FakeUpstream, upstream_url: str
+) -> None:
+    client = await make_proxy(keyed_config(upstream_url))
+    auth = {"Authorization": f"Bearer {TEAM_A}"}
+    for model in ("meta-llama/Llama-3", "fast"):  # an alias is judged by the name asked for
+        resp = await client.post("/v1/chat/completions", json={**CHAT, "model": model}, headers=auth)
+        assert resp.status == 403
+        assert resp.headers["x-oaimux-error"] == "model_not_allowed"
+        error = error_of(await resp.read())
+        assert error["code"] == "model_not_allowed" and error["param"] == "model"
+    assert fake.received == []
+    resp = await client.post("/v1/chat/completions", json=CHAT, headers=auth)
+    assert resp.status == 200
+    assert len(fake.received) == 1
+
+
+async def test_models_list_shows_only_what_the_key_may_use(
+    make_proxy: Any, upstream_url: str
+) -> None:
+    client = await make_proxy(keyed_config(upstream_url))
+    listed: dict[str, set[str]] = {}
+    for name, key in (("a", TEAM_A), ("b", TEAM_B)):
+        resp = await client.get("/v1/models", headers={"Authorization": f"Bearer {key}"})
+        assert resp.status == 200
+        listed[name] = {m["id"] for m in (await resp.json())["data"]}
+    assert listed["a"] == {"gpt-4o-mini"}
+    assert {"gpt-4o-mini", "fast"} <= listed["b"]
+    # Asking for one it may not use by id says "does not exist", as OpenAI does.
+    resp = await client.get("/v1/models/fast", headers={"Authorization": f"Bearer {TEAM_A}"})
+    assert resp.status == 404
+    resp = await client.get("/v1/models/fast", headers={"Authorization": f"Bearer {TEAM_B}"})
+    assert resp.status == 200
+
+
+async def test_failed_attempts_are_charged_to_the_caller(
+    make_proxy: Any, fake: FakeUpstream, upstream_url: str
+) -> None:
+    client = await make_proxy(
+        keyed_config(upstream_url, rate_limit={"requests_per_minute": 0.001, "burst": 3})
+    )
+    statuses = []
+    for i in range(5):
+        resp = await client.post(
+            "/v1/chat/completions", json=CHAT, headers={"Authorization": f"Bearer guess-{i:08d}"}
+        )
+        statuses.append(resp.status)
+    assert statuses == [401, 401, 401, 429, 429]
+    assert fake.received == []
+    # A caller with a valid key has its own bucket: the guesser did not spend it.
+    resp = await client.post(
+        "/v1/chat/completions", json=CHAT, headers={"Authorization": f"Bearer {TEAM_B}"}
+    )
+    assert resp.status == 200
+
+
+async def test_logs_name_the_key_never_the_key(
+    make_proxy: Any,
+    upstream_url: str,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    client = await make_proxy(keyed_config(upstream_url))
+    for key in (TEAM_A, TEAM_B, "pk-not-a-key-123456"):
+        await client.post("/v1/chat/completions", json=CHAT, headers={"Authorization": f"Bearer {key}"})
+        await client.get("/v1/models", headers={"Authorization": f"Bearer {key}"})
+    access = [r.getMessage() for r in caplog.records if r.name == "oaimux.access"]
+    assert any("team-a" in line for line in access)
+    assert any("team-b" in line for line in access)
+    captured = capsys.readouterr()
+    everything = caplog.text + "".join(access) + captured.out + captured.err
+    for secret in (TEAM_A, TEAM_B, "pk-not-a-key-123456", "sk-upstream-secret"):
+        assert secret not in everything
+
+
+async def test_pass_client_auth_never_passes_a_proxy_key(
+    make_proxy: Any, fake: FakeUpstream, upstream_url: str
+) -> None:
+    config = keyed_config(upstream_url)
+    config["upstreams"]["fake"] = {"url": upstream_url, "pass_client_auth": True}
+    client = await make_proxy(config)
+    resp = await client.post(
+        "/v1/chat/completions", json=CHAT, headers={"Authorization": f"Bearer {TEAM_B}"}
+    )
+    assert resp.status == 200
+    assert "authorization" not in fake.last.headers
