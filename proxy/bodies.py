@@ -106,13 +106,6 @@ def decoded_for_routing(body: bytes, content_encoding: str | None, limit: int) -
         ) from None
     if len(out) > limit or inflater.unconsumed_tail:
         raise _too_large(limit)
-    return out
-
-
-def find_model(body: bytes, content_type_header: str) -> FoundModel:
-    """The model of a model-routed request: multipart form field or JSON key."""
-    mime = parse_mimetype(content_type_header)
-    if mime.type == "multipart" and mime.subtype == "form-data":
     if not inflater.eof or inflater.unused_data:
         # A truncated stream, or bytes after the first gzip member: the upstream's
         # decoder could see a body we did not route by (one parse decides).
@@ -120,5 +113,12 @@ def find_model(body: bytes, content_type_header: str) -> FoundModel:
             "The request body is not one complete compressed stream.",
             code="invalid_body_encoding",
         )
+    return out
+
+
+def find_model(body: bytes, content_type_header: str) -> FoundModel:
+    """The model of a model-routed request: multipart form field or JSON key."""
+    mime = parse_mimetype(content_type_header)
+    if mime.type == "multipart" and mime.subtype == "form-data":
         return find_multipart_model(body, multipart_boundary(dict(mime.parameters)))
     return find_json_model(body)

@@ -13,9 +13,9 @@ import time
 from urllib.parse import unquote
 
 from aiohttp import web
+from aiohttp.http import HttpVersion10, HttpVersion11
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from aiohttp.http import HttpVersion10, HttpVersion11
 from . import __version__
 from .admission import Caller, charge, identify, unauthorized
 from .auth import KeyTable
@@ -50,12 +50,12 @@ __all__ = [
     "model_view",
     "models_view",
     "proxy_view",
-]
-
     "vet_head",
     "vet_model",
     "vet_path",
     "vet_query",
+]
+
 # POST endpoints routed by the body's top-level "model" (JSON) ...
 MODEL_JSON_PATHS = frozenset(
     {
@@ -76,7 +76,6 @@ MODEL_PATHS = MODEL_JSON_PATHS | MODEL_FORM_PATHS
 
 # Query parameters that carry credentials (Google- and Azure-style clients).
 _KEY_PARAMS = frozenset({"key", "api-key", "api_key", "apikey", "access_token", "token"})
-
 
 _BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _HTTP_VERSIONS = frozenset({HttpVersion10, HttpVersion11})
@@ -125,6 +124,8 @@ def vet_model(model: str) -> None:
             code="invalid_model",
             param="model",
         )
+
+
 def vet_path(raw_path: str) -> str:
     """The path after ``/v1/`` (or ``/``), still percent-encoded, or an error.
 
@@ -150,19 +151,19 @@ def vet_query(query_string: str) -> tuple[str, list[str]]:
     """Drop key-bearing parameters; return the query to forward and every ``model`` value.
 
     The query string is forwarded as it came unless a parameter had to go.
-    """
-    if not query_string:
     A query another parser could split differently is refused rather than
     forwarded (Go CVE-2022-2880): a raw ``;`` (some servers still split on it)
     or a ``%`` not followed by two hex digits.
+    """
+    if not query_string:
         return "", []
-    parts = query_string.split("&")
-    models: list[str] = []
     if ";" in query_string or ("%" in query_string and _BAD_PERCENT.search(query_string)):
         raise InvalidRequest(
             "The query string is ambiguous: encode ';' and '%' as %3B and %25.",
             code="invalid_query",
         )
+    parts = query_string.split("&")
+    models: list[str] = []
     kept: list[str] = []
     dropped = False
     for part in parts:
@@ -230,9 +231,9 @@ async def _proxy(
     route: Route | None = None
     inbound: CIMultiDictProxy[str] = request.headers
     try:
+        vet_head(request)
         path = vet_path(raw_path)
         query, query_models = vet_query(raw_query)
-        vet_head(request)
         if len(query_models) > 1:
             raise InvalidRequest(
                 "the query names 'model' more than once", code="ambiguous_model", param="model"
@@ -255,9 +256,9 @@ async def _proxy(
             encoding = request.headers.get("Content-Encoding")
             routable = decoded_for_routing(body, encoding, settings.server.max_body_bytes)
             found = find_model(routable, content_type)
+            vet_model(found.model)
             ex.model = found.model
             match = runtime.table.resolve(found.model)
-            vet_model(found.model)
             if match is None:
                 raise model_not_found(found.model)
             # Metrics label: the table's entry (a glob, an exact or discovered id),
