@@ -38,11 +38,18 @@ def configure_logging(settings: Settings) -> None:
     if settings.log.format == "json":
         handler.setFormatter(_JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(_TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root.addHandler(handler)
     root.setLevel(settings.log.level)
     # aiohttp's own access log is off (server_options); ours is oaimux.access.
     logging.getLogger("aiohttp.access").disabled = True
+
+
+class _TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        if record.name == "oaimux.access":
+            return record.getMessage()  # already a whole line, with its own time
+        return super().format(record)
 
 
 class _JsonFormatter(logging.Formatter):
@@ -83,6 +90,7 @@ async def _run(
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=1024)
     await site.start()
+    metrics_runner = await _start_metrics_listener(app, settings, reuse_port)
     log.info(
         "oaimux serving %s on http://%s:%d: %d routes, %d upstreams, uvloop %s",
         path,
@@ -114,7 +122,24 @@ async def _run(
         settings.server.shutdown_grace_seconds,
     )
     await runner.cleanup()
+    if metrics_runner is not None:
+        await metrics_runner.cleanup()
     log.info("stopped")
+
+
+async def _start_metrics_listener(
+    app: web.Application, settings: Settings, reuse_port: bool
+) -> web.AppRunner | None:
+    """``metrics.listen``: /metrics on its own address (observability owns this)."""
+    metrics = app[OBSERVER].metrics
+    if metrics is None or settings.metrics.listen is None:
+        return None
+    from .metrics import serve_metrics
+
+    host, port = settings.metrics.listen
+    runner = await serve_metrics(metrics, settings.metrics.path, host, port, reuse_port)
+    log.info("metrics on http://%s:%d%s", host, port, settings.metrics.path)
+    return runner
 
 
 def serve(path: str, settings: Settings, host: str, port: int, workers: int) -> int:
