@@ -21,7 +21,7 @@ from aiohttp import web
 
 from .app import create_app, server_options
 from .config import ConfigError, Settings, load_settings
-from .keys import DISCOVERY, RUNTIME
+from .keys import DISCOVERY, OBSERVER, RUNTIME
 from .runtime import build_runtime
 
 __all__ = ["configure_logging", "serve"]
