@@ -309,16 +309,15 @@ async def _relay(
         await resp.prepare(request)
         ex.ttfb = time.perf_counter() - ex.started
         protocol = upstream_resp.connection.protocol if upstream_resp.connection else None
-        content = upstream_resp.content
-        if protocol is not None and not content.is_eof():
+        if protocol is not None:
             # From here on, bound the silence between two body chunks: the
-            # protocol re-arms this timer on every chunk received, drops it at
-            # the end of the body and while reading is paused (a slow client
-            # is not upstream silence). Not when the body is already whole:
-            # the end-of-body hook has run, and a timer left armed would fire
-            # later on the pooled connection, under the next request.
+            # protocol re-arms this timer on every chunk received and drops it
+            # at the end of the body and while reading is paused (a slow client
+            # is not upstream silence). A body already whole has released its
+            # connection (``connection`` is None), so no timer outlives it.
             protocol.read_timeout = plan.upstream.timeouts.idle
             protocol.start_timeout()
+        content = upstream_resp.content
         if ex.streaming:
             observer.stream_opened(ex)
         read = content.readany

@@ -8,6 +8,7 @@ Errors before forwarding are rendered by errors.error_response.
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from urllib.parse import unquote
@@ -403,6 +404,10 @@ async def about_view(request: web.Request) -> web.Response:
             "models": len(runtime.table.model_ids()),
             "auth": bool(settings.auth_keys),
             "rate_limit": settings.rate_limit is not None,
+            # Which process answered (one of --workers N), and how many
+            # config reloads (SIGHUP) it has applied: "did my reload take?"
+            "pid": os.getpid(),
+            "reloads": request.app[RUNTIME].generation,
         }
     )
 

@@ -1,26 +1,37 @@
 """Running the server: logging, the event loop, signals, workers.
 
-- SIGTERM / SIGINT: stop accepting, let requests and streams in flight finish
-  for up to ``server.shutdown_grace_seconds``, close what is left, exit 0.
+- SIGTERM / SIGINT: stop accepting (the listening socket is closed, so new
+  connections are refused), let requests and streams in flight finish for up
+  to ``server.shutdown_grace_seconds``, close what is left, exit 0. A second
+  SIGTERM / SIGINT during the drain exits at once (status 1).
 - SIGHUP: re-read the config file; on success swap the runtime atomically
-  (requests already running finish on the old one); on failure keep the old
-  one and log why.
+  (requests already running finish on the old one, new ones use the new
+  one); on failure keep the old one and log why. Settings read only at start
+  (listen address, grace, header/keep-alive timeouts, CORS, logging, metrics,
+  rate-limit storage) are named in a warning: they need a restart.
 - ``--workers N``: N processes bound to the same port with SO_REUSEPORT, each
-  with its own event loop; the parent forwards SIGTERM and SIGHUP to all.
+  with its own event loop; the parent forwards SIGTERM and SIGHUP to all
+  (workers.py). A worker whose parent died stops itself.
+
+Log lines about the lifecycle carry the process id, so the workers of one
+``--workers N`` run can be told apart.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import socket
 import sys
+import time
 
 from aiohttp import web
 
 from .app import create_app, server_options
 from .config import ConfigError, Settings, load_settings
+from .connections import ProxyRunner
 from .keys import DISCOVERY, OBSERVER, RUNTIME
 from .runtime import build_runtime
 
@@ -77,12 +88,45 @@ def _install_uvloop() -> bool:
     return True
 
 
+# Signals handled by the loop; a worker is forked with them blocked, and
+# unblocks them once its handlers are in place (see workers.py).
+LIFECYCLE_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def _needs_restart(old: Settings, new: Settings) -> list[str]:
+    """The settings that changed but are only read at start."""
+    pairs = [
+        ("server.host", old.server.host, new.server.host),
+        ("server.port", old.server.port, new.server.port),
+        (
+            "server.shutdown_grace_seconds",
+            old.server.shutdown_grace_seconds,
+            new.server.shutdown_grace_seconds,
+        ),
+        ("server.header_timeout", old.server.header_timeout, new.server.header_timeout),
+        ("server.keepalive_timeout", old.server.keepalive_timeout, new.server.keepalive_timeout),
+        ("server.cors", old.server.cors, new.server.cors),
+        ("log", old.log, new.log),
+        ("metrics", old.metrics, new.metrics),
+        ("rate_limit.storage", old.rate_limit_storage, new.rate_limit_storage),
+    ]
+    return [name for name, was, now in pairs if was != now]
+
+
 async def _run(
-    path: str, settings: Settings, host: str, port: int, reuse_port: bool, uvloop_used: bool
+    path: str,
+    settings: Settings,
+    host: str,
+    port: int,
+    reuse_port: bool,
+    uvloop_used: bool,
+    parent: int | None = None,
 ) -> None:
+    """Serve until SIGTERM/SIGINT. ``parent``: in a worker, the supervisor's pid."""
     app = create_app(settings)
-    runner = web.AppRunner(
+    runner = ProxyRunner(
         app,
+        settings.server,
         handler_cancellation=True,
         shutdown_timeout=settings.server.shutdown_grace_seconds,
         **server_options(),
@@ -91,14 +135,16 @@ async def _run(
     site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=1024)
     await site.start()
     metrics_runner = await _start_metrics_listener(app, settings, reuse_port)
+    pid = os.getpid()
     log.info(
-        "oaimux serving %s on http://%s:%d: %d routes, %d upstreams, uvloop %s",
+        "oaimux serving %s on http://%s:%d: %d routes, %d upstreams, uvloop %s (pid %d)",
         path,
         host,
         port,
         len(settings.routes),
         len(settings.upstreams),
         "on" if uvloop_used else "off",
+        pid,
     )
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -107,24 +153,64 @@ async def _run(
         try:
             new = load_settings(path)
         except ConfigError as exc:
-            log.error("reload failed, keeping the running config: %s", exc)
+            log.error("reload failed, keeping the running config (pid %d): %s", pid, exc)
             return
+        # Requests hold the runtime they started with (runtime.py): swapping
+        # the holder's one reference is the whole, atomic switch.
+        old = app[RUNTIME].current.settings
         app[RUNTIME].swap(build_runtime(new))
         app[DISCOVERY].refresh(new)  # models: discover asks its upstreams again
-        log.info("reloaded %s: %d routes, %d upstreams", path, len(new.routes), len(new.upstreams))
+        log.info(
+            "reloaded %s: %d routes, %d upstreams (pid %d)",
+            path,
+            len(new.routes),
+            len(new.upstreams),
+            pid,
+        )
+        stale = _needs_restart(old, new)
+        if stale:
+            log.warning("changed settings that need a restart: %s", ", ".join(stale))
 
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
+    def on_stop(name: str) -> None:
+        if not stop.is_set():
+            stop.set()
+        elif parent is None:
+            # A second signal (an operator's second Ctrl-C): stop waiting. A
+            # worker ignores it: it can get one signal twice, from the
+            # terminal and from its parent; the parent handles repeats.
+            log.warning("second %s: exiting now, without waiting for requests in flight", name)
+            logging.shutdown()
+            os._exit(1)
+
+    loop.add_signal_handler(signal.SIGTERM, on_stop, "SIGTERM")
+    loop.add_signal_handler(signal.SIGINT, on_stop, "SIGINT")
     loop.add_signal_handler(signal.SIGHUP, reload)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, LIFECYCLE_SIGNALS)
+    orphan_watch = loop.create_task(_watch_parent(parent, stop)) if parent is not None else None
     await stop.wait()
+    if orphan_watch is not None:
+        orphan_watch.cancel()
+    server = runner.server
     log.info(
-        "stopping: draining requests in flight for up to %gs",
+        "stopping (pid %d): no new connections; %d open, draining for up to %gs",
+        pid,
+        len(server.connections) if server is not None else 0,
         settings.server.shutdown_grace_seconds,
     )
+    started = time.monotonic()
     await runner.cleanup()
     if metrics_runner is not None:
         await metrics_runner.cleanup()
-    log.info("stopped")
+    log.info("stopped (pid %d) after %.1fs", pid, time.monotonic() - started)
+
+
+async def _watch_parent(parent: int, stop: asyncio.Event) -> None:
+    """A worker whose supervisor died (killed outright) stops like on SIGTERM,
+    rather than serve on unsupervised. One cheap check a second."""
+    while os.getppid() == parent:
+        await asyncio.sleep(1.0)
+    log.warning("the supervising process %d is gone; stopping", parent)
+    stop.set()
 
 
 async def _start_metrics_listener(
@@ -154,10 +240,11 @@ def serve(path: str, settings: Settings, host: str, port: int, workers: int) -> 
 
 
 def serve_worker(path: str, settings: Settings, host: str, port: int) -> None:
-    """Entry of one worker process (``--workers N``)."""
+    """Entry of one worker process (``--workers N``), forked with the lifecycle
+    signals blocked; they are unblocked once the loop handles them."""
     configure_logging(settings)
     uvloop_used = _install_uvloop()
-    asyncio.run(_run(path, settings, host, port, True, uvloop_used))
+    asyncio.run(_run(path, settings, host, port, True, uvloop_used, parent=os.getppid()))
 
 
 def port_reusable() -> bool:

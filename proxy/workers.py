@@ -4,6 +4,14 @@ The parent only supervises: it forks the workers, forwards SIGTERM, SIGINT and
 SIGHUP to every one of them, and exits 0 once all have exited after a stop
 (non-zero if one died on its own). The kernel spreads new connections across
 the workers' listening sockets.
+
+- Workers are forked with those signals blocked and unblock them once their
+  event loop handles them, so a signal that arrives while they start is held,
+  not lost, and never kills a worker half set up.
+- SIGHUP: the parent reads the file first; a broken file is reported once
+  and not passed on (the workers keep the running config). A good one is
+  passed on, and every worker re-reads it.
+- A second SIGTERM/SIGINT while the workers drain kills them at once (exit 1).
 """
 
 from __future__ import annotations
@@ -13,33 +21,47 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Iterable
 
-from .config import Settings
+from .config import ConfigError, Settings, load_settings
 
 __all__ = ["run_workers"]
 
 log = logging.getLogger("oaimux")
 
-_FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+def _signal_all(pids: Iterable[int], signum: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
 
 
 def run_workers(path: str, settings: Settings, host: str, port: int, workers: int) -> int:
-    from .serve import serve_worker
+    from .serve import LIFECYCLE_SIGNALS, serve_worker
 
     children: list[int] = []
     stopping = False
 
     def forward(signum: int, _frame: object) -> None:
         nonlocal stopping
-        if signum != signal.SIGHUP:
-            stopping = True
-        for pid in children:
+        if signum == signal.SIGHUP:
             try:
-                os.kill(pid, signum)
-            except ProcessLookupError:
-                pass
+                load_settings(path)
+            except ConfigError as exc:
+                log.error("reload refused, the workers keep the running config: %s", exc)
+                return
+            _signal_all(children, signum)
+        elif not stopping:
+            stopping = True
+            _signal_all(children, signum)
+        else:
+            log.warning("second %s: killing the workers now", signal.Signals(signum).name)
+            _signal_all(children, signal.SIGKILL)
 
-    for sig in _FORWARDED:
+    signal.pthread_sigmask(signal.SIG_BLOCK, LIFECYCLE_SIGNALS)
+    for sig in LIFECYCLE_SIGNALS:
         signal.signal(sig, forward)
     if settings.metrics.enabled:
         # Before forking: every worker writes its samples where any worker's
@@ -49,8 +71,8 @@ def run_workers(path: str, settings: Settings, host: str, port: int, workers: in
         share_metrics_across_workers()
     for _ in range(workers):
         pid = os.fork()
-        if pid == 0:  # the worker
-            for sig in _FORWARDED:
+        if pid == 0:  # the worker; the signals stay blocked until its loop handles them
+            for sig in LIFECYCLE_SIGNALS:
                 signal.signal(sig, signal.SIG_DFL)
             code = 0
             try:
@@ -62,7 +84,13 @@ def run_workers(path: str, settings: Settings, host: str, port: int, workers: in
                 sys.stderr.flush()
                 os._exit(code)
         children.append(pid)
-    log.info("started %d workers: %s", workers, ", ".join(map(str, children)))
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, LIFECYCLE_SIGNALS)  # held ones run now
+    log.info(
+        "started %d workers: %s (supervisor pid %d)",
+        workers,
+        ", ".join(map(str, children)),
+        os.getpid(),
+    )
     failed = False
     remaining = set(children)
     while remaining:
@@ -79,10 +107,6 @@ def run_workers(path: str, settings: Settings, host: str, port: int, workers: in
             # A worker died by itself: stop the others too; the service manager restarts us.
             log.error("worker %d exited unexpectedly; stopping", pid)
             stopping = True
-            for other in remaining:
-                try:
-                    os.kill(other, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
+            _signal_all(remaining, signal.SIGTERM)
         time.sleep(0)
     return 1 if failed else 0
