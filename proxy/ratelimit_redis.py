@@ -19,12 +19,22 @@ script; on 3.2-4 the script asks for that mode itself.)
 Each bucket key expires when the bucket would be full again (``PX`` of the
 time to full), so idle clients vanish from Redis by themselves.
 
-Failures never stall a request: sockets time out after ``timeout`` seconds
-(0.25 by default), the whole call after ``deadline``, nothing is retried, and
-after a connection failure Redis is not tried again for ``cooldown`` seconds:
-every failure raises :class:`~proxy.ratelimit.StorageUnavailable`, and the
-caller (admission.py) fails open or closed. Options in the URL's query
-(``?socket_timeout=0.5``) override these defaults.
+Requests waiting at the same moment share one round trip: one sender
+pipelines their scripts (each still its own atomic script), so a flood costs
+Redis a few round trips per event-loop turn, not one per request.
+
+Failures never stall a request for long: sockets time out after ``timeout``
+seconds (0.5 by default), a request waits at most ``deadline`` (2 s) for its
+answer, nothing is retried, and after a connection failure Redis is not tried
+again for ``cooldown`` seconds (1 s), so during an outage requests are
+answered at once. Every failure raises
+:class:`~proxy.ratelimit.StorageUnavailable`, and the caller (admission.py)
+fails open or closed. Why not shorter: a timeout also counts the time this
+process's event loop is busy, and a flood of 500-1000 simultaneous requests
+stretches one loop turn to a few hundred milliseconds (measured in the tests'
+single-loop setup); a 0.25 s socket timeout then fired on a healthy Redis and
+let the flood through unlimited. Options in the URL's query
+(``?socket_timeout=0.25``) override these defaults.
 """
 
 from __future__ import annotations
@@ -32,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
+from typing import Any
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
@@ -81,25 +92,38 @@ def interval_us(limit: RateLimitSettings) -> int:
     return max(1, round(60 * US / limit.requests_per_minute))
 
 
+_Pending = tuple[str, int, int, "asyncio.Future[Decision]"]
+
+
+def _fail(pending: list[_Pending], exc: StorageUnavailable) -> None:
+    for _, _, _, waiter in pending:
+        if not waiter.done():
+            waiter.set_exception(exc)
+
+
 class RedisRateLimiter:
     """Buckets in Redis at ``url``; see the module docstring for the guarantees.
 
-    Creating it does no I/O: connections are opened on first use, so a proxy
+    Requests are queued and one sender task pipelines them (see the module
+    docstring), so it never needs more than a couple of connections.
+
+    Creating it does no I/O: the connection opens on first use, so a proxy
     starts (and fails open or closed) even while Redis is down.
     """
+
+    MAX_BATCH = 1024  # scripts per pipeline
 
     def __init__(
         self,
         url: str,
         *,
-        timeout: float = 0.25,
-        deadline: float = 1.0,
+        timeout: float = 0.5,
+        deadline: float = 2.0,
         cooldown: float = 1.0,
-        max_connections: int = 128,
     ) -> None:
         self._pool = BlockingConnectionPool.from_url(
             url,
-            max_connections=max_connections,
+            max_connections=4,  # one sender at a time; spares for reconnects
             timeout=deadline,  # waiting for a free pooled connection
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
@@ -112,34 +136,90 @@ class RedisRateLimiter:
         self._cooldown = cooldown
         self._down_until = 0.0
         self._down_reason = ""
+        self._queue: list[_Pending] = []
+        self._sender: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        """Nothing to start: connections open on demand."""
+        """Nothing to start: the connection opens on demand."""
 
     async def acquire(self, key: str, limit: RateLimitSettings) -> Decision:
         if self._down_until:
             if time.monotonic() < self._down_until:
                 raise StorageUnavailable(self._down_reason)
             self._down_until = 0.0
-        args = (KEY_PREFIX + key, limit.burst, interval_us(limit))
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[Decision] = loop.create_future()
+        self._queue.append((KEY_PREFIX + key, limit.burst, interval_us(limit), waiter))
+        if self._sender is None:
+            self._sender = loop.create_task(self._send_queued(), name="oaimux-redis-limiter")
         try:
             async with asyncio.timeout(self._deadline):
+                return await waiter
+        except TimeoutError:
+            raise StorageUnavailable(f"redis: no answer within {self._deadline:g}s") from None
+
+    async def _send_queued(self) -> None:
+        """Pipeline whatever is queued, batch after batch, until the queue is empty."""
+        try:
+            while self._queue:
+                batch = [p for p in self._queue[: self.MAX_BATCH] if not p[3].done()]
+                del self._queue[: self.MAX_BATCH]
+                if not batch:
+                    continue
                 try:
-                    reply = await self._redis.evalsha(SCRIPT_SHA, 1, *args)
-                except NoScriptError:
-                    reply = await self._redis.eval(SCRIPT, 1, *args)
-        except (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError) as exc:
-            reason = _describe(exc, self._deadline)
-            # Do not queue every request behind a dead server: skip it for a moment.
-            self._down_until = time.monotonic() + self._cooldown
-            self._down_reason = f"{reason} (retrying within {self._cooldown:g}s)"
-            raise StorageUnavailable(reason) from exc
-        except RedisError as exc:  # e.g. OOM, READONLY replica, a script error
-            raise StorageUnavailable(_describe(exc, self._deadline)) from exc
-        allowed, remaining, retry_us, reset_us = reply
-        return Decision(bool(allowed), int(remaining), retry_us / US, reset_us / US)
+                    async with asyncio.timeout(self._deadline):
+                        replies = await self._run(batch)
+                except (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError) as exc:
+                    reason = _describe(exc, self._deadline)
+                    # Do not queue every request behind a dead server: skip it for a moment.
+                    self._down_until = time.monotonic() + self._cooldown
+                    self._down_reason = f"{reason} (retrying within {self._cooldown:g}s)"
+                    _fail(batch, StorageUnavailable(reason))
+                    _fail(self._queue, StorageUnavailable(self._down_reason))
+                    self._queue.clear()
+                    return
+                except RedisError as exc:
+                    _fail(batch, StorageUnavailable(_describe(exc, self._deadline)))
+                    continue
+                for (_, _, _, waiter), reply in zip(batch, replies, strict=True):
+                    if waiter.done():
+                        continue
+                    if isinstance(reply, BaseException):  # e.g. OOM, a READONLY replica
+                        waiter.set_exception(StorageUnavailable(_describe(reply, 0)))
+                    else:
+                        allowed, remaining, retry_us, reset_us = reply
+                        waiter.set_result(
+                            Decision(bool(allowed), int(remaining), retry_us / US, reset_us / US)
+                        )
+        finally:
+            self._sender = None
+
+    async def _run(self, batch: list[_Pending]) -> list[Any]:
+        """One pipeline of EVALSHA; the scripts Redis did not know go again as EVAL."""
+        pipe = self._redis.pipeline(transaction=False)
+        for key, burst, interval, _ in batch:
+            pipe.evalsha(SCRIPT_SHA, 1, key, burst, interval)
+        replies: list[Any] = await pipe.execute(raise_on_error=False)
+        unknown = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        if unknown:
+            pipe = self._redis.pipeline(transaction=False)
+            for i in unknown:
+                key, burst, interval, _ = batch[i]
+                pipe.eval(SCRIPT, 1, key, burst, interval)
+            for i, reply in zip(unknown, await pipe.execute(raise_on_error=False), strict=True):
+                replies[i] = reply
+        return replies
 
     async def close(self) -> None:
+        sender, self._sender = self._sender, None
+        if sender is not None:
+            sender.cancel()
+            try:
+                await sender
+            except asyncio.CancelledError:
+                pass
+        _fail(self._queue, StorageUnavailable("the rate limiter is closing"))
+        self._queue.clear()
         await self._redis.aclose()
         await self._pool.aclose()
 

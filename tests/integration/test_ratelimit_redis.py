@@ -1,0 +1,334 @@
+"""Buckets in a real Redis: exactness across proxies, expiry, and outages.
+
+Each test gets its own ``redis-server`` (tests/redis_server.py) and may stop
+it halfway to play an outage. Missing redis-server: skipped locally, a
+failure when CI is set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import redis.asyncio as aioredis
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from proxy.app import create_app, server_options
+from proxy.config import RateLimitSettings, parse_settings
+from proxy.ratelimit import StorageUnavailable
+from proxy.ratelimit_redis import KEY_PREFIX, RedisRateLimiter
+from tests.redis_server import RedisServer
+
+pytestmark = pytest.mark.redis
+
+JSON = {"Content-Type": "application/json"}
+CHAT = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
+REPO = Path(__file__).resolve().parents[2]
+Client = TestClient[web.Request, web.Application]
+
+
+@pytest.fixture
+async def upstream(aiohttp_server: Any) -> tuple[str, list[int]]:
+    count = [0]
+
+    async def chat(request: web.Request) -> web.Response:
+        await request.read()
+        count[0] += 1
+        return web.json_response({"object": "chat.completion", "choices": []})
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    server: TestServer = await aiohttp_server(app)
+    return str(server.make_url("/v1")), count
+
+
+def config(upstream_url: str, storage: str, **rate: Any) -> dict[str, Any]:
+    return {
+        "upstreams": {"up": {"url": upstream_url}},
+        "routes": [{"model": "m", "upstream": "up"}],
+        "rate_limit": {"requests_per_minute": 1, "burst": 3, "storage": storage, **rate},
+    }
+
+
+@pytest.fixture
+async def proxy(aiohttp_client: Any) -> Any:
+    async def make(cfg: dict[str, Any]) -> Client:
+        app = create_app(parse_settings(cfg, environ={}))
+        client: Client = await aiohttp_client(app, server_kwargs=server_options())
+        return client
+
+    return make
+
+
+@pytest.fixture
+async def redis_client(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_server.url)
+    yield client
+    await client.aclose()
+
+
+async def post(client: Client | aiohttp.ClientSession, url: Any = "/v1/chat/completions") -> int:
+    async with client.post(url, data=CHAT, headers=JSON) as resp:
+        await resp.read()
+        return resp.status
+
+
+async def test_buckets_live_in_redis_with_a_ttl_of_their_time_to_full(
+    proxy: Any,
+    upstream: tuple[str, list[int]],
+    redis_server: RedisServer,
+    redis_client: aioredis.Redis,
+) -> None:
+    client = await proxy(config(upstream[0], redis_server.url))
+    assert [await post(client) for _ in range(4)] == [200, 200, 200, 429]
+    keys = await redis_client.keys(KEY_PREFIX + "*")
+    assert keys == [f"{KEY_PREFIX}ip:127.0.0.1|global".encode()]
+    # Three tokens spent at one a minute: full again in three minutes.
+    ttl_ms = await redis_client.pttl(keys[0])
+    assert 170_000 < ttl_ms <= 180_000
+    resp = await client.post("/v1/chat/completions", data=CHAT, headers=JSON)
+    assert resp.status == 429
+    assert resp.headers["Retry-After"] == "60"
+    assert resp.headers["x-ratelimit-reset-requests"] == "3m0s"
+    assert upstream[1][0] == 3
+
+
+async def test_idle_buckets_vanish_from_redis(
+    proxy: Any,
+    upstream: tuple[str, list[int]],
+    redis_server: RedisServer,
+    redis_client: aioredis.Redis,
+) -> None:
+    # 60000 a minute: a token refills in 1 ms, so the key expires at once.
+    client = await proxy(config(upstream[0], redis_server.url, requests_per_minute=60000))
+    assert await post(client) == 200
+    async with asyncio.timeout(5):
+        while await redis_client.keys(KEY_PREFIX + "*"):
+            await asyncio.sleep(0.01)
+
+
+async def test_a_flushed_script_is_sent_again(
+    proxy: Any,
+    upstream: tuple[str, list[int]],
+    redis_server: RedisServer,
+    redis_client: aioredis.Redis,
+) -> None:
+    client = await proxy(config(upstream[0], redis_server.url))
+    assert await post(client) == 200
+    await redis_client.script_flush()  # the next EVALSHA answers NOSCRIPT
+    assert await post(client) == 200
+    assert await post(client) == 200
+    assert await post(client) == 429  # the count carried on across the reload
+
+
+async def burst_of(urls: list[Any], n: int) -> list[int]:
+    """``n`` simultaneous requests spread over ``urls``; their statuses."""
+    start = asyncio.Event()
+    connector = aiohttp.TCPConnector(limit=0, force_close=True)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def one(i: int) -> int:
+            await start.wait()
+            return await post(session, urls[i % len(urls)])
+
+        tasks = [asyncio.create_task(one(i)) for i in range(n)]
+        await asyncio.sleep(0)
+        start.set()
+        return await asyncio.gather(*tasks)
+
+
+async def test_500_concurrent_requests_against_burst_100_admit_exactly_100(
+    proxy: Any, upstream: tuple[str, list[int]], redis_server: RedisServer
+) -> None:
+    client = await proxy(config(upstream[0], redis_server.url, burst=100))
+    statuses = await burst_of([client.make_url("/v1/chat/completions")], 500)
+    assert statuses.count(200) == 100
+    assert statuses.count(429) == 400
+    assert upstream[1][0] == 100
+
+
+async def test_two_proxies_sharing_redis_admit_one_budget(
+    proxy: Any, upstream: tuple[str, list[int]], redis_server: RedisServer
+) -> None:
+    cfg = config(upstream[0], redis_server.url, burst=100)
+    one, two = await proxy(cfg), await proxy(cfg)
+    urls = [one.make_url("/v1/chat/completions"), two.make_url("/v1/chat/completions")]
+    statuses = await burst_of(urls, 500)
+    # Each proxy got 250 requests: with a budget each they would admit 200.
+    assert statuses.count(200) == 100
+    assert statuses.count(429) == 400
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@pytest.fixture
+def serve_process(tmp_path: Path) -> Iterator[Any]:
+    """``start(config) -> base_url``: a real ``python -m proxy serve`` process."""
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(cfg: dict[str, Any], name: str) -> tuple[str, Path]:
+        port = _free_port()
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(json.dumps(cfg))  # JSON is YAML
+        log = tmp_path / f"{name}.log"
+        with open(log, "wb") as out:
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "proxy", "serve", "--config", str(path)]
+                    + ["--host", "127.0.0.1", "--port", str(port)],
+                    cwd=REPO,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                )
+            )
+        return f"http://127.0.0.1:{port}", log
+
+    yield start
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(10)
+
+
+async def _wait_until_up(base: str, log: Path) -> None:
+    deadline = time.monotonic() + 30
+    async with aiohttp.ClientSession() as session:
+        while True:
+            try:
+                async with session.get(f"{base}/healthz") as resp:
+                    if resp.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"proxy at {base} did not start:\n{log.read_text()[-2000:]}")
+            await asyncio.sleep(0.05)  # bounded polling for a process start
+
+
+async def test_two_proxy_processes_sharing_redis_admit_one_budget(
+    upstream: tuple[str, list[int]], redis_server: RedisServer, serve_process: Any
+) -> None:
+    cfg = config(upstream[0], redis_server.url, burst=100)
+    cfg["log"] = {"access": False}
+    started = [serve_process(cfg, "a"), serve_process(cfg, "b")]
+    for base, log in started:
+        await _wait_until_up(base, log)
+    urls = [f"{base}/v1/chat/completions" for base, _ in started]
+    statuses = await burst_of(urls, 500)
+    assert statuses.count(200) == 100
+    assert statuses.count(429) == 400
+    assert upstream[1][0] == 100
+
+
+# ---------------------------------------------------------------------------
+# Outages
+
+
+async def test_fail_open_keeps_serving_warns_once_and_recovers(
+    proxy: Any,
+    upstream: tuple[str, list[int]],
+    redis_server: RedisServer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="oaimux.ratelimit")
+    client = await proxy(config(upstream[0], redis_server.url, burst=2))
+    assert [await post(client) for _ in range(3)] == [200, 200, 429]
+    redis_server.stop()
+    # Redis is gone: requests pass (fail open), the limit cannot be enforced.
+    assert [await post(client) for _ in range(20)] == [200] * 20
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings  # one warning, not one per request
+    assert "failing open" in warnings[0]
+    redis_server.start()  # same port, empty (no persistence)
+    # Limiting resumes once the cooldown has passed: the fresh bucket allows
+    # two, then refuses.
+    statuses: list[int] = []
+    async with asyncio.timeout(10):
+        while 429 not in statuses:
+            statuses.append(await post(client))
+            await asyncio.sleep(0.05)
+    assert any("reachable again" in r.getMessage() for r in caplog.records)
+
+
+async def test_fail_closed_answers_503(
+    proxy: Any, upstream: tuple[str, list[int]], redis_server: RedisServer
+) -> None:
+    client = await proxy(config(upstream[0], redis_server.url, on_storage_error="closed"))
+    assert await post(client) == 200
+    redis_server.stop()
+    for _ in range(3):
+        resp = await client.post("/v1/chat/completions", data=CHAT, headers=JSON)
+        assert resp.status == 503
+        assert resp.headers["x-oaimux-error"] == "rate_limiter_unavailable"
+        body = await resp.json()
+        assert body["error"]["code"] == "rate_limiter_unavailable"
+        assert body["error"]["type"] == "api_error"
+        assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert upstream[1][0] == 1
+    assert (await client.get("/healthz")).status == 200
+
+
+@pytest.fixture
+async def silent_server() -> AsyncIterator[str]:
+    """A TCP server that accepts connections and never answers: a hung Redis."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    yield f"redis://127.0.0.1:{port}/0"
+    for writer in held:
+        writer.close()
+    server.close()
+    await server.wait_closed()
+
+
+async def test_a_hung_redis_does_not_stall_requests(
+    proxy: Any, upstream: tuple[str, list[int]], silent_server: str
+) -> None:
+    client = await proxy(config(upstream[0], silent_server))
+    # Without socket timeouts this would wait forever; the bound here is
+    # generous, the limiter gives up after 0.25 s.
+    async with asyncio.timeout(5):
+        statuses = await asyncio.gather(*(post(client) for _ in range(20)))
+    assert statuses == [200] * 20
+
+
+async def test_the_limiter_reports_an_unreachable_redis() -> None:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        url = f"redis://:hunter2secret@127.0.0.1:{s.getsockname()[1]}/0"
+    limiter = RedisRateLimiter(url)
+    try:
+        with pytest.raises(StorageUnavailable) as info:
+            await limiter.acquire("k", RateLimitSettings(60, 1))
+        assert "hunter2secret" not in str(info.value)
+        # Within the cooldown it answers at once, without trying.
+        with pytest.raises(StorageUnavailable, match="retrying within"):
+            await limiter.acquire("k", RateLimitSettings(60, 1))
+    finally:
+        await limiter.close()
