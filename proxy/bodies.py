@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import zlib
 
+import aiohttp
 from aiohttp import web
 from aiohttp.helpers import parse_mimetype
 
@@ -24,7 +25,7 @@ from .findmodel import (
     multipart_boundary,
 )
 
-__all__ = ["decoded_for_routing", "find_model", "read_body"]
+__all__ = ["STREAM_ABOVE", "BodyStream", "decoded_for_routing", "find_model", "read_body"]
 
 
 def _too_large(limit: int) -> RequestTooLarge:
@@ -122,3 +123,61 @@ def find_model(body: bytes, content_type_header: str) -> FoundModel:
     if mime.type == "multipart" and mime.subtype == "form-data":
         return find_multipart_model(body, multipart_boundary(dict(mime.parameters)))
     return find_json_model(body)
+
+# Path-routed bodies above this size are streamed to the upstream as they
+# arrive; smaller ones are read whole, so retries and fallback still apply.
+STREAM_ABOVE = 1024 * 1024
+
+
+class _BodyFailed(Exception):
+    """Ends a :class:`BodyStream` early; the reason is in ``BodyStream.failure``."""
+
+
+class BodyStream:
+    """A request body passed on as it arrives, never held whole (path routes:
+    file uploads need no model, so the proxy never needs their bytes).
+
+    An async iterator of chunks for aiohttp's client, with the bounds of
+    :func:`read_body`: at most ``limit`` bytes and at most ``idle_timeout`` of
+    silence. When the client is at fault (stalled, too large, cut short),
+    ``failure`` holds the error to answer, so the upstream is not blamed.
+    Once ``started``, the body cannot be sent again: no retry, no fallback.
+    ``length`` is the client's ``Content-Length`` (``None``: chunked).
+    """
+
+    def __init__(self, request: web.Request, limit: int, idle_timeout: float) -> None:
+        self.length = request.content_length
+        if self.length is not None and self.length > limit:
+            raise _too_large(limit)
+        self._content = request.content
+        self._limit = limit
+        self._idle_timeout = idle_timeout
+        self.size = 0
+        self.started = False
+        self.failure: RequestTooLarge | RequestTimeout | InvalidRequest | None = None
+
+    def __aiter__(self) -> BodyStream:
+        return self
+
+    async def __anext__(self) -> bytes:
+        self.started = True
+        try:
+            async with asyncio.timeout(self._idle_timeout):
+                chunk = await self._content.readany()
+        except TimeoutError:
+            self.failure = RequestTimeout(
+                f"The request body stopped arriving for {self._idle_timeout:g} seconds."
+            )
+            raise _BodyFailed from None
+        except (ConnectionError, aiohttp.ClientError):
+            self.failure = InvalidRequest(
+                "The request body was cut short.", code="incomplete_body"
+            )
+            raise _BodyFailed from None
+        if not chunk:
+            raise StopAsyncIteration
+        self.size += len(chunk)
+        if self.size > self._limit:
+            self.failure = _too_large(self._limit)
+            raise _BodyFailed
+        return chunk

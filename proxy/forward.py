@@ -30,6 +30,7 @@ Contract of :func:`forward`:
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -39,6 +40,7 @@ from aiohttp import web
 from multidict import CIMultiDictProxy
 from yarl import URL
 
+from .bodies import BodyStream
 from .config import Route
 from .errors import (
     ProxyError,
@@ -57,6 +59,7 @@ log = logging.getLogger("oaimux.forward")
 
 _SSE = "text/event-stream"
 _NO_BODY_METHODS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
+_RAW_BYTES_LIMIT = 1024 * 1024  # aiohttp.payload.TOO_LARGE_BYTES_BODY
 
 
 class _Refused(Exception):
@@ -87,7 +90,7 @@ async def forward(
     route: Route,
     path: str,
     query_string: str,
-    body: bytes,
+    body: bytes | BodyStream,
     ex: Exchange,
     client_authorization: str | None,
     session: aiohttp.ClientSession,
@@ -97,7 +100,10 @@ async def forward(
     """Proxy one request along ``route``; see the module docstring for the contract.
 
     ``body`` is the whole request body, already read (bounded by
-    ``max_body_bytes``): every attempt re-sends these same bytes.
+    ``max_body_bytes``): every attempt re-sends these same bytes. Or it is a
+    :class:`~proxy.bodies.BodyStream` (large path-routed uploads): sent as it
+    arrives, so once a byte of it went out there is no retry and no fallback;
+    a failure the stream blames on the client is answered as the client's.
     """
     order = order_upstreams(route.upstreams, route.balance)
     plans = runtime.plans
@@ -116,6 +122,8 @@ async def forward(
             for attempt in range(attempts):
                 if attempt:
                     await asyncio.sleep(backoff_delay(upstream.retries.backoff, attempt))
+                if last_error is not None and _spent(body):
+                    raise last_error  # a streamed body cannot be sent twice
                 ex.tried.append(name)
                 try:
                     upstream_resp = await _open(
@@ -130,6 +138,8 @@ async def forward(
                         session,
                     )
                 except _Refused as refused:
+                    if isinstance(body, BodyStream) and body.failure is not None:
+                        raise body.failure from None  # the client's fault, not the upstream's
                     health.failure(upstream)
                     observer.upstream_failure(name, refused.kind)
                     last_error = refused.error
@@ -161,7 +171,9 @@ async def forward(
                     # A 429 says "wait": retrying the same upstream at once is
                     # pointless, so it only moves on. A 5xx may be retried.
                     retry_here = status != 429 and attempt + 1 < attempts
-                    if retry_here or _another(order, position, plans, health):
+                    if not _spent(body) and (
+                        retry_here or _another(order, position, plans, health)
+                    ):
                         upstream_resp.close()
                         observer.upstream_failure(name, f"status_{status}")
                         last_error = UpstreamUnavailable(
@@ -196,6 +208,11 @@ async def forward(
     raise last_error
 
 
+def _spent(body: bytes | BodyStream) -> bool:
+    """Has a streamed body begun to go out (so it cannot be sent again)?"""
+    return isinstance(body, BodyStream) and body.started
+
+
 def _another(
     order: Sequence[str], position: int, plans: Mapping[str, UpstreamPlan], health: Health
 ) -> bool:
@@ -212,7 +229,7 @@ async def _open(
     plan: UpstreamPlan,
     path: str,
     query_string: str,
-    body: bytes,
+    body: bytes | BodyStream,
     ex: Exchange,
     client_authorization: str | None,
     session: aiohttp.ClientSession,
@@ -225,14 +242,24 @@ async def _open(
     """
     url: URL = plan.url_for(path, query_string)
     headers = plan.request_headers.build(inbound, ex.request_id, client_authorization)
+    if isinstance(body, BodyStream) and body.length is not None:
+        # aiohttp cannot size an async iterator: say it, or it would go chunked.
+        headers["Content-Length"] = str(body.length)
     timeouts = plan.upstream.timeouts
+    data: bytes | io.BytesIO | BodyStream | None = (
+        body if body or method not in _NO_BODY_METHODS else None
+    )
+    if isinstance(data, bytes) and len(data) > _RAW_BYTES_LIMIT:
+        # aiohttp warns (ResourceWarning) on raw bytes over 1 MiB; a BytesIO
+        # over the same buffer is sent in chunks, without a copy.
+        data = io.BytesIO(data)
     try:
         async with asyncio.timeout(timeouts.response):
             return await session.request(
                 method,
                 url,
                 headers=headers,
-                data=body if body or method not in _NO_BODY_METHODS else None,
+                data=data,
                 allow_redirects=False,
                 timeout=plan.client_timeout,
             )

@@ -20,7 +20,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from . import __version__
 from .admission import Caller, charge, identify, unauthorized
 from .auth import KeyTable
-from .bodies import decoded_for_routing, find_model, read_body
+from .bodies import STREAM_ABOVE, BodyStream, decoded_for_routing, find_model, read_body
 from .config import Route
 from .errors import (
     InvalidRequest,
@@ -77,7 +77,6 @@ MODEL_PATHS = MODEL_JSON_PATHS | MODEL_FORM_PATHS
 
 # Query parameters that carry credentials (Google- and Azure-style clients).
 _KEY_PARAMS = frozenset({"key", "api-key", "api_key", "apikey", "access_token", "token"})
-
 _BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _HTTP_VERSIONS = frozenset({HttpVersion10, HttpVersion11})
 # Longer than any real model id (Azure deployments: 64, Hugging Face: 96 + org).
@@ -239,7 +238,7 @@ async def _proxy(
             raise InvalidRequest(
                 "the query names 'model' more than once", code="ambiguous_model", param="model"
             )
-        body = b""
+        body: bytes | BodyStream = b""
         upstream_model: str | None = None
         realtime: RealtimeTarget | None = None
         if path == REALTIME_PATH and is_websocket_upgrade(request):
@@ -286,7 +285,13 @@ async def _proxy(
                         headers={"Allow": "POST"},
                     )
                 raise NotFound(f"Unknown request URL: {request.method} {_clip(raw_path)}.")
-            if request.method not in ("GET", "HEAD", "DELETE", "OPTIONS") or request.body_exists:
+            length = request.content_length
+            if request.body_exists and (length is None or length > STREAM_ABOVE):
+                # Large uploads (files, batches input) stream through; issue 9.
+                body = BodyStream(
+                    request, settings.server.max_body_bytes, settings.server.body_idle_timeout
+                )
+            elif request.method not in ("GET", "HEAD", "DELETE", "OPTIONS") or request.body_exists:
                 body = await read_body(
                     request, settings.server.max_body_bytes, settings.server.body_idle_timeout
                 )
@@ -308,20 +313,24 @@ async def _proxy(
             app[OBSERVER],
             app[REALTIME_SESSIONS],
         )
-    return await forward(
-        request,
-        inbound,
-        runtime,
-        route,
-        path,
-        query,
-        body,
-        ex,
-        _client_authorization(request, runtime.keys),
-        app[SESSION],
-        app[HEALTH],
-        app[OBSERVER],
-    )
+    try:
+        return await forward(
+            request,
+            inbound,
+            runtime,
+            route,
+            path,
+            query,
+            body,
+            ex,
+            _client_authorization(request, runtime.keys),
+            app[SESSION],
+            app[HEALTH],
+            app[OBSERVER],
+        )
+    finally:
+        if isinstance(body, BodyStream):
+            ex.bytes_in = body.size
 
 
 def _without(request: web.Request, header: str) -> CIMultiDictProxy[str]:

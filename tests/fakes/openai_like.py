@@ -79,6 +79,8 @@ class OpenAILike:
     sent: dict[str, bytes] = field(default_factory=dict)
     objects: dict[str, dict[str, Any]] = field(default_factory=dict)
     models_asked: int = 0
+    # Set when the first bytes of a streamed upload reached this upstream.
+    upload_started: asyncio.Event = field(default_factory=asyncio.Event)
     # WebSocket side.
     ws_events: list[WsEvent] = field(default_factory=list)
     ws_event: asyncio.Event = field(default_factory=asyncio.Event)
@@ -111,7 +113,23 @@ class OpenAILike:
             r.add_get(f"/v1/{family}", self.list_objects)
             r.add_get(f"/v1/{family}/{{id}}", self.get_object)
             r.add_delete(f"/v1/{family}/{{id}}", self.delete_object)
+        r.add_route("*", "/{tail:.*}", self.unknown)
         return app
+
+    async def unknown(self, request: web.Request) -> web.Response:
+        await self._record(request)
+        return self._json(
+            request,
+            {
+                "error": {
+                    "message": f"Unknown request URL: {request.method} {request.path}.",
+                    "type": "invalid_request_error",
+                    "param": None,
+                    "code": "unknown_url",
+                }
+            },
+            404,
+        )
 
     # -- recording -----------------------------------------------------------
 
@@ -122,6 +140,7 @@ class OpenAILike:
         size = 0
         if stream:
             async for chunk in request.content.iter_any():
+                self.upload_started.set()
                 digest.update(chunk)
                 size += len(chunk)
                 if len(kept) < 1 << 20:
