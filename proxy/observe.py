@@ -279,7 +279,8 @@ class Observer:
             ex = Exchange(
                 request_id=request_id_for(request),
                 method=request.method,
-                path=request.raw_path[:512],
+                # Never the query string: it can carry a key (?api-key=...).
+                path=request.raw_path.partition("?")[0][:512],
                 client="-",
             )
             request[EXCHANGE] = ex

@@ -57,6 +57,7 @@ async def test_no_secret_in_any_log_line_or_metric(make_proxy: MakeProxy, fake: 
             ("POST", "/v1/chat/completions", {"api-key": AZURE_KEY}, body),  # 401
             ("GET", f"/v1/files?api-key={AZURE_KEY}", auth, None),
             ("GET", "/v1/models", {"Authorization": f"Bearer {CLIENT_KEY}"}, None),
+            ("GET", f"/v1/models?api-key={AZURE_KEY}", auth, None),
             ("GET", "/about", auth, None),
         ]
         for method, path, headers, json_body in calls:
