@@ -32,6 +32,8 @@ import asyncio
 import base64
 import hashlib
 import json
+import re
+import struct
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -287,13 +289,18 @@ class OpenAILike:
             return failed
         inputs = doc.get("input")
         items = inputs if isinstance(inputs, list) else [inputs]
+        vectors = [[0.001 * i, -0.5, 0.25] for i in range(len(items))]
+        encoded: list[Any] = vectors
+        if doc.get("encoding_format") == "base64":
+            # What the official SDKs ask for by default: little-endian float32.
+            encoded = [base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode() for v in vectors]
         return self._json(
             request,
             {
                 "object": "list",
                 "data": [
-                    {"object": "embedding", "index": i, "embedding": [0.001 * i, -0.5, 0.25]}
-                    for i in range(len(items))
+                    {"object": "embedding", "index": i, "embedding": e}
+                    for i, e in enumerate(encoded)
                 ],
                 "model": doc.get("model"),
                 "usage": {"prompt_tokens": 4, "total_tokens": 4},
@@ -547,18 +554,14 @@ class OpenAILike:
 
 
 async def _multipart_fields(request: web.Request, body: bytes) -> dict[str, bytes]:
-    """The fields of a multipart body already read (the fake recorded it first)."""
-    from aiohttp import MultipartReader, StreamReader
-    from aiohttp.base_protocol import BaseProtocol
-
-    loop = asyncio.get_running_loop()
-    stream = StreamReader(BaseProtocol(loop), 2**16, loop=loop)
-    stream.feed_data(body)
-    stream.feed_eof()
-    reader = MultipartReader(request.headers, stream)
+    """The fields of a multipart body already read (a plain split: enough for a fake)."""
+    boundary = request.content_type and request.headers["Content-Type"].split("boundary=")[1]
     fields: dict[str, bytes] = {}
-    while (part := await reader.next()) is not None:
-        name = getattr(part, "name", None)
+    for part in body.split(b"--" + boundary.strip('"').encode())[1:]:
+        if part.startswith(b"--"):
+            break
+        head, _, value = part.partition(b"\r\n\r\n")
+        name = re.search(rb'name="([^"]*)"', head)
         if name is not None:
-            fields[name] = bytes(await part.read())  # type: ignore[union-attr]
+            fields[name.group(1).decode()] = value[:-2] if value.endswith(b"\r\n") else value
     return fields
