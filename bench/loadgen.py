@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from bench.http1 import ProtocolError, ResponseParser, build_request
+from bench.streams import percentile
 
 CHAT_BODY = b'{"model":"bench-model","messages":[{"role":"user","content":"hello"}],"stream":false}'
 
@@ -145,10 +146,9 @@ async def run_builtin(port: int, path: str, conns: int, duration: float,
         duration + 30,
     )
     seconds = time.monotonic() - t0
-    lat_ns.sort()
-    p50 = lat_ns[len(lat_ns) // 2] / 1e6 if lat_ns else 0.0
-    p99 = lat_ns[min(len(lat_ns) - 1, int(len(lat_ns) * 0.99))] / 1e6 if lat_ns else 0.0
-    return LoadResult("asyncio", conns, len(lat_ns), seconds, p50, p99, errors[0])
+    lat_ms = [v / 1e6 for v in lat_ns]
+    return LoadResult("asyncio", conns, len(lat_ns), seconds, percentile(lat_ms, 50),
+                      percentile(lat_ms, 99), errors[0])
 
 
 async def run_load(port: int, path: str, conns: int, duration: float, workdir: Path,

@@ -67,6 +67,13 @@ def summarize_collapsed(text: str, top: int = 15) -> dict[str, object]:
     if not total:
         return {"samples": 0, "self": [], "inclusive": [], "self_by_package": []}
 
+    if incl_c:
+        # Entry points (the CLI, the serve loop) sit above every sample alike and say nothing
+        # about where the time goes: drop the frames tied with the largest count.
+        top_count = max(incl_c.values())
+        for name in [k for k, v in incl_c.items() if v == top_count]:
+            del incl_c[name]
+
     def pct(c: Counter[str]) -> list[tuple[str, float]]:
         return [(name, round(100 * n / total, 1)) for name, n in c.most_common(top)]
 
