@@ -103,6 +103,46 @@ class RateLimiter(Protocol):
         ...
 
 
+class _Shard:
+    """One slice of the buckets: a dict and the eviction heap over its keys."""
+
+    __slots__ = ("buckets", "heap", "peak")
+
+    def __init__(self) -> None:
+        self.buckets: dict[str, int] = {}  # key -> full_at
+        self.heap: list[tuple[int, str]] = []  # (full_at when pushed, key)
+        self.peak = 0  # largest size since the last compaction
+
+    def evict(self, now: int, budget: int) -> tuple[int, int]:
+        """Retire up to ``budget`` heap entries due by ``now``.
+
+        Returns (buckets dropped, budget left); budget left > 0 means nothing
+        more is due."""
+        heap, buckets = self.heap, self.buckets
+        if len(buckets) > self.peak:
+            self.peak = len(buckets)
+        dropped = 0
+        while budget > 0 and heap and heap[0][0] <= now:
+            budget -= 1
+            key = heap[0][1]
+            full_at = buckets[key]
+            if full_at <= now:
+                heapq.heappop(heap)
+                del buckets[key]
+                dropped += 1
+            else:  # used since the entry was pushed: look again when it is full
+                heapq.heapreplace(heap, (full_at, key))
+        return dropped, budget
+
+    def compact(self, min_peak: int) -> None:
+        """A dict never shrinks when keys are deleted: once it has fallen to
+        1/16 of its peak, copy it, so a past flood gives its table back."""
+        size = len(self.buckets)
+        if self.peak >= min_peak and size <= self.peak // 16:
+            self.buckets = dict(self.buckets)
+            self.peak = size
+
+
 class MemoryRateLimiter:
     """Buckets in this process's memory: exact for one process.
 
@@ -113,9 +153,14 @@ class MemoryRateLimiter:
     again with the real ``full_at``). Every ``acquire`` retires at most
     :attr:`EVICT_PER_ACQUIRE` heap entries, and :meth:`start`'s sweeper
     retires the rest once a second in slices of :attr:`SWEEP_SLICE`,
-    yielding to the event loop between slices, so no request ever waits
-    behind an O(buckets) pass (the old full sweep stalled ~0.3 s per
-    million buckets).
+    yielding to the event loop between slices, so no request waits behind
+    an O(buckets) pass (a one-pass sweep of a million buckets holds the loop
+    for about half a second: ``python -m bench.limiter_memory``).
+
+    Buckets are spread over ``shards`` dicts by the key's hash: a dict grows
+    by copying its whole table, and one dict of 700,000 buckets took 85 ms
+    to grow, in the middle of a request; 256 shards make each copy 1/256 of
+    that.
 
     ``clock`` returns integer nanoseconds (``time.monotonic_ns``).
     """
@@ -123,19 +168,18 @@ class MemoryRateLimiter:
     EVICT_PER_ACQUIRE = 2
     SWEEP_SLICE = 4096
     SWEEP_INTERVAL = 1.0  # seconds between sweeps
-    # A dict never shrinks when keys are deleted: once it has fallen to 1/16
-    # of its peak the sweeper copies it, so a past flood gives its table back.
-    COMPACT_MIN_PEAK = 65536
+    COMPACT_MIN_PEAK = 1024  # per shard
 
-    def __init__(self, clock: Callable[[], int] = time.monotonic_ns) -> None:
+    def __init__(self, clock: Callable[[], int] = time.monotonic_ns, *, shards: int = 256) -> None:
+        if shards < 1 or shards & (shards - 1):
+            raise ValueError(f"shards must be a power of two, got {shards}")
         self._clock = clock
-        self._buckets: dict[str, int] = {}  # key -> full_at
-        self._heap: list[tuple[int, str]] = []  # (full_at when pushed, key)
-        self._peak = 0
+        self._shards = tuple(_Shard() for _ in range(shards))
+        self._mask = shards - 1
         self._sweeper: asyncio.Task[None] | None = None
 
     def __len__(self) -> int:
-        return len(self._buckets)
+        return sum(len(shard.buckets) for shard in self._shards)
 
     async def acquire(self, key: str, limit: RateLimitSettings) -> Decision:
         return self.acquire_now(key, limit)
@@ -143,57 +187,46 @@ class MemoryRateLimiter:
     def acquire_now(self, key: str, limit: RateLimitSettings) -> Decision:
         """:meth:`acquire` without the coroutine, for callers outside a loop."""
         now = self._clock()
-        buckets = self._buckets
+        shard = self._shards[hash(key) & self._mask]
+        buckets = shard.buckets
         full_at = buckets.get(key)
         decision, new_full_at = take_token(
             now if full_at is None else full_at, now, limit.burst, interval_ns(limit)
         )
         if full_at is None:  # a new bucket: burst >= 1, so this request was allowed
             buckets[key] = new_full_at
-            heapq.heappush(self._heap, (new_full_at, key))
+            heapq.heappush(shard.heap, (new_full_at, key))
         elif new_full_at != full_at:
             buckets[key] = new_full_at
-        heap = self._heap
-        if heap and heap[0][0] <= now:
-            self.evict(now, self.EVICT_PER_ACQUIRE)
+        heap = shard.heap
+        if heap[0][0] <= now:
+            shard.evict(now, self.EVICT_PER_ACQUIRE)
         return decision
 
     def evict(self, now: int, budget: int) -> int:
         """Retire up to ``budget`` heap entries due by ``now``; return buckets dropped."""
-        heap, buckets = self._heap, self._buckets
-        if len(buckets) > self._peak:
-            self._peak = len(buckets)
         dropped = 0
-        while budget > 0 and heap and heap[0][0] <= now:
-            budget -= 1
-            _, key = heap[0]
-            full_at = buckets[key]
-            if full_at <= now:
-                heapq.heappop(heap)
-                del buckets[key]
-                dropped += 1
-            else:  # used since the entry was pushed: look again when it is full
-                heapq.heapreplace(heap, (full_at, key))
+        for shard in self._shards:
+            if budget <= 0:
+                break
+            n, budget = shard.evict(now, budget)
+            dropped += n
         return dropped
-
-    def compact(self) -> None:
-        """Give back the table of a dict that shrank far below its peak."""
-        size = len(self._buckets)
-        if self._peak >= self.COMPACT_MIN_PEAK and size <= self._peak // 16:
-            self._buckets = dict(self._buckets)
-            self._peak = size
 
     async def sweep(self) -> int:
         """Drop every bucket that is full, a slice at a time; return how many."""
         total = 0
-        while True:
-            now = self._clock()
-            total += self.evict(now, self.SWEEP_SLICE)
-            heap = self._heap
-            if not heap or heap[0][0] > now:
-                break
-            await asyncio.sleep(0)  # let requests run between slices
-        self.compact()
+        spent = 0  # heap entries handled since the last yield
+        for shard in self._shards:
+            while True:
+                dropped, left = shard.evict(self._clock(), self.SWEEP_SLICE - spent)
+                total += dropped
+                spent = self.SWEEP_SLICE - left
+                if spent < self.SWEEP_SLICE:
+                    break  # this shard has nothing more due
+                await asyncio.sleep(0)  # let requests run between slices
+                spent = 0
+            shard.compact(self.COMPACT_MIN_PEAK)
         return total
 
     def start(self) -> None:
@@ -215,5 +248,6 @@ class MemoryRateLimiter:
                 await task
             except asyncio.CancelledError:
                 pass
-        self._buckets.clear()
-        self._heap.clear()
+        for shard in self._shards:
+            shard.buckets.clear()
+            shard.heap.clear()

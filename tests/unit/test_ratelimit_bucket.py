@@ -127,19 +127,19 @@ def test_buckets_are_evicted_once_full_again_and_not_before() -> None:
 
 def test_a_busy_bucket_is_kept_and_holds_one_heap_entry() -> None:
     clock = FakeClock()
-    limiter = MemoryRateLimiter(clock)
+    limiter = MemoryRateLimiter(clock, shards=1)
     for _ in range(1000):  # requests keep coming: the bucket never fills
         limiter.acquire_now("busy", LIMIT)
         clock.advance(NS // 2)
         limiter.evict(clock(), 100)
         assert len(limiter) == 1
         # Memory is per bucket, not per request.
-        assert len(limiter._heap) == 1
+        assert len(limiter._shards[0].heap) == 1
 
 
 def test_each_acquire_retires_only_a_few_entries() -> None:
     clock = FakeClock()
-    limiter = MemoryRateLimiter(clock)
+    limiter = MemoryRateLimiter(clock, shards=1)  # one shard: every key shares the heap
     for i in range(10):
         limiter.acquire_now(f"c{i}", LIMIT)
     clock.advance(10 * NS)  # all ten are full again
@@ -147,30 +147,33 @@ def test_each_acquire_retires_only_a_few_entries() -> None:
     assert len(limiter) == 10 - MemoryRateLimiter.EVICT_PER_ACQUIRE + 1
 
 
-async def test_sweep_drops_every_full_bucket_in_slices() -> None:
+@pytest.mark.parametrize("shards", [1, 4, 256])
+async def test_sweep_drops_every_full_bucket_in_slices(shards: int) -> None:
     clock = FakeClock()
-    limiter = MemoryRateLimiter(clock)
+    limiter = MemoryRateLimiter(clock, shards=shards)
     limiter.SWEEP_SLICE = 7
     for i in range(100):
         limiter.acquire_now(f"idle{i}", LIMIT)
     clock.advance(NS)
     limiter.acquire_now("fresh", LIMIT)  # not full until 1 s from now
+    before = len(limiter)  # that acquire may have retired a couple already
     dropped = await limiter.sweep()
-    assert dropped == 100 - MemoryRateLimiter.EVICT_PER_ACQUIRE  # acquire took two
+    assert dropped == before - 1
     assert len(limiter) == 1
+    assert limiter.acquire_now("fresh", LIMIT).remaining == 1  # kept, and still counting
 
 
 async def test_sweep_gives_back_the_table_of_a_shrunken_dict() -> None:
     clock = FakeClock()
-    limiter = MemoryRateLimiter(clock)
+    limiter = MemoryRateLimiter(clock, shards=1)
     limiter.COMPACT_MIN_PEAK = 1000
     for i in range(5000):
         limiter.acquire_now(f"k{i}", LIMIT)
-    big = sys.getsizeof(limiter._buckets)
+    big = sys.getsizeof(limiter._shards[0].buckets)
     clock.advance(NS)
     await limiter.sweep()
     assert len(limiter) == 0
-    assert sys.getsizeof(limiter._buckets) < big // 10
+    assert sys.getsizeof(limiter._shards[0].buckets) < big // 10
 
 
 async def test_the_started_sweeper_evicts_without_any_request() -> None:
