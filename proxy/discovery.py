@@ -179,16 +179,17 @@ class Discovery:
             self.attempts += 1
             changed = False
             for name, result in zip(list(pending), results, strict=True):
-                if isinstance(result, DiscoveryFailed):
+                if isinstance(result, BaseException):
+                    # Anything but DiscoveryFailed is a bug: name its type only
+                    # (a repr could carry headers) and keep the task alive.
+                    why = result if isinstance(result, DiscoveryFailed) else type(result).__name__
                     log.warning(
                         "model discovery: upstream %s failed: %s; asking again in %gs",
                         name,
-                        result,
+                        why,
                         self.retry_every,
                     )
                     continue
-                if isinstance(result, BaseException):
-                    raise result
                 key = (name, str(settings.upstreams[name].url))
                 if self._known.get(key) != result:
                     self._known[key] = result
