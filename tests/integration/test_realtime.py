@@ -410,3 +410,19 @@ async def test_plain_get_on_realtime_is_not_tunnelled(
     assert resp.status == 404
     assert (await resp.json())["error"]["code"] == "unknown_url"
     assert upstream.received == []
+
+
+async def test_a_browser_key_subprotocol_is_never_forwarded_nor_logged(
+    proxy: TestClient[Any, Any], upstream: OpenAILike, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Only a credential subprotocol offered: none goes upstream, none is chosen,
+    and aiohttp's "protocols don't overlap" warning does not print the key."""
+    caplog.set_level(logging.DEBUG)
+    ws = await connect(proxy, protocols=("openai-insecure-api-key.sk-browser-secret",))
+    assert ws.protocol is None
+    await ws.send_str("hello")
+    assert (await ws.receive(timeout=5)).data == "hello"
+    await ws.close()
+    assert upstream.ws_request is not None
+    assert "sec-websocket-protocol" not in upstream.ws_request.headers
+    assert "sk-browser-secret" not in caplog.text
