@@ -166,7 +166,7 @@ def realtime_target(
 
 def _with_model(query: str, model: str) -> str:
     """``query`` with the value of its ``model`` parameter replaced; the rest as it came."""
-    value = quote(model, safe="/:@!$'()*,;-._~")
+    value = quote(model, safe="/:@-._~")  # ';' and '&' encoded: no second reading
     parts = query.split("&")
     for i, part in enumerate(parts):
         name = part.partition("=")[0]
