@@ -16,8 +16,10 @@ import zlib
 import aiohttp
 from aiohttp import web
 from aiohttp.helpers import parse_mimetype
+from aiohttp.http_exceptions import HttpProcessingError
 
-from .errors import InvalidRequest, RequestTimeout, RequestTooLarge
+from .connections import close_without_lingering
+from .errors import InvalidRequest, ProxyError, RequestTimeout, RequestTooLarge
 from .findmodel import (
     FoundModel,
     find_json_model,
@@ -42,9 +44,18 @@ async def read_body(request: web.Request, limit: int, idle_timeout: float) -> by
         return await _read_body(request, limit, idle_timeout)
     except TimeoutError:
         # Not a gateway timeout (aiohttp would answer 504): the client stalled.
-        raise RequestTimeout(
+        close_without_lingering(request)
+        err: ProxyError = RequestTimeout(
             f"The request body stopped arriving for {idle_timeout:g} seconds."
-        ) from None
+        )
+    except (web.RequestPayloadError, HttpProcessingError):
+        # Broken chunked framing found while reading (the head was fine).
+        close_without_lingering(request)
+        err = InvalidRequest(
+            "The request body's framing is not valid HTTP/1.1.", code="malformed_request"
+        )
+    err.close_connection = True
+    raise err
 
 
 async def _read_body(request: web.Request, limit: int, idle_timeout: float) -> bytes:

@@ -39,7 +39,13 @@ from .config import ServerSettings
 from .errors import ERROR_HEADER, InvalidRequest, ProxyError, RequestTooLarge, error_response
 from .keys import RUNTIME
 
-__all__ = ["GuardedRequestHandler", "GuardedServer", "ProxyRunner", "expect_continue"]
+__all__ = [
+    "GuardedRequestHandler",
+    "GuardedServer",
+    "ProxyRunner",
+    "close_without_lingering",
+    "expect_continue",
+]
 
 log = logging.getLogger("oaimux.connections")
 
@@ -161,19 +167,39 @@ class ProxyRunner(web.AppRunner):
         )
 
 
+def close_without_lingering(request: web.BaseRequest) -> None:
+    """Close the connection as soon as the answer is written.
+
+    aiohttp otherwise keeps reading an unfinished body for up to
+    ``lingering_time`` (10 s) so a client still sending can read the answer.
+    A client that stalled or broke the body's framing is sent nothing more
+    useful by waiting, and its connection cannot be reused.
+    """
+    protocol = request.protocol
+    if isinstance(protocol, RequestHandler):
+        protocol._lingering_time = 0.0
+        protocol._keepalive = False
+
+
 async def expect_continue(request: web.Request) -> web.StreamResponse | None:
     """``Expect: 100-continue`` on the proxy route: refuse an oversized body before
     it is sent, otherwise let the client send it (RFC 9110 §10.1.1)."""
     expect = request.headers.get("Expect", "")
     if expect.lower() != "100-continue":
-        return error_response(_ExpectationFailed("Only 'Expect: 100-continue' is supported."))
+        close_without_lingering(request)
+        resp = error_response(_ExpectationFailed("Only 'Expect: 100-continue' is supported."))
+        resp.force_close()
+        return resp
     limit = request.app[RUNTIME].current.settings.server.max_body_bytes
     length = request.content_length
     if length is not None and length > limit:
         resp = error_response(
             RequestTooLarge(f"The request body is larger than this proxy accepts ({limit} bytes).")
         )
-        resp.force_close()  # the body was never sent: the connection cannot be reused
+        # The client waits for our word before sending the body, so there is
+        # nothing to drain; the connection cannot be reused without it.
+        close_without_lingering(request)
+        resp.force_close()
         return resp
     if request.version >= (1, 1):
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")

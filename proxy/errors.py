@@ -58,6 +58,9 @@ class ProxyError(Exception):
     status = 500
     type = "api_error"
     code = "internal_error"
+    # Close the connection after the answer: the request's framing is suspect,
+    # so bytes after it must not be read as another request (reliability.md C.36).
+    close_connection = False
 
     def __init__(
         self,
@@ -157,12 +160,15 @@ def error_body(message: str, type_: str, code: str | None, param: str | None = N
 def error_response(err: ProxyError) -> web.Response:
     """Render a :class:`ProxyError`; the only place an error body is made."""
     headers = {ERROR_HEADER: err.code, **err.headers}
-    return web.Response(
+    resp = web.Response(
         status=err.status,
         body=error_body(err.message, err.type, err.code, err.param),
         content_type="application/json",
         headers=headers,
     )
+    if err.close_connection:
+        resp.force_close()
+    return resp
 
 
 _HTTP_CODES: dict[int, tuple[type[ProxyError], str, str]] = {

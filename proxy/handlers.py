@@ -95,20 +95,26 @@ def vet_head(request: web.BaseRequest) -> None:
       and an upgrade with a body is the smuggling shape of CVE-2026-69243
       (C.36). On a body-less GET (``curl --http2`` asks for h2c) it is
       dropped with the other hop-by-hop headers.
+
+    The refusal closes the connection, so nothing sent after this head is
+    ever read as a request of its own.
     """
+    problem: InvalidRequest | None = None
     if request.version not in _HTTP_VERSIONS:
-        raise InvalidRequest(
+        problem = InvalidRequest(
             "Only HTTP/1.0 and HTTP/1.1 are accepted.", code="invalid_http_version"
         )
-    for name, _ in request.raw_headers:
-        if b"_" in name:
-            raise InvalidRequest(
-                "Header names with underscores are refused; use '-'.", code="invalid_header_name"
-            )
-    if "Upgrade" in request.headers and (request.method != "GET" or request.body_exists):
-        raise InvalidRequest(
+    elif any(b"_" in name for name, _ in request.raw_headers):
+        problem = InvalidRequest(
+            "Header names with underscores are refused; use '-'.", code="invalid_header_name"
+        )
+    elif "Upgrade" in request.headers and (request.method != "GET" or request.body_exists):
+        problem = InvalidRequest(
             "Protocol upgrades are not accepted on this request.", code="upgrade_not_allowed"
         )
+    if problem is not None:
+        problem.close_connection = True
+        raise problem
 
 
 def vet_model(model: str) -> None:

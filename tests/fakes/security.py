@@ -154,8 +154,14 @@ async def running_proxy(settings: Settings, **runner_kwargs: Any) -> AsyncIterat
         await runner.cleanup()
 
 
-async def exchange(port: int, data: bytes, timeout: float = 5.0) -> bytes:
-    """Send ``data`` on a new connection; return everything read until EOF or ``timeout``."""
+async def exchange(
+    port: int, data: bytes, timeout: float = 5.0, settle: float | None = None
+) -> bytes:
+    """Send ``data`` on a new connection; return everything read until EOF or ``timeout``.
+
+    With ``settle``, stop once a whole response has arrived and nothing more
+    came for ``settle`` seconds (a kept-alive connection then needs no timeout).
+    """
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         writer.write(data)
@@ -163,13 +169,35 @@ async def exchange(port: int, data: bytes, timeout: float = 5.0) -> bytes:
         chunks: list[bytes] = []
         with contextlib.suppress(TimeoutError, ConnectionError):
             async with asyncio.timeout(timeout):
-                while chunk := await reader.read(65536):
+                while True:
+                    wait = None
+                    if settle is not None and _complete(
+                        chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                    ):
+                        wait = settle
+                    try:
+                        chunk = await asyncio.wait_for(reader.read(1 << 20), wait)
+                    except TimeoutError:
+                        break
+                    if not chunk:
+                        break
                     chunks.append(chunk)
         return b"".join(chunks)
     finally:
         writer.close()
         with contextlib.suppress(ConnectionError):
             await writer.wait_closed()
+
+
+def _complete(buf: bytes) -> bool:
+    head, sep, body = buf.partition(b"\r\n\r\n")
+    if not sep:
+        return False
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return len(body) >= int(value)
+    return False
 
 
 def split_response(raw: bytes) -> tuple[int, dict[str, str], bytes]:

@@ -110,7 +110,9 @@ async def test_models_that_could_inject_into_logs_are_refused(
 async def test_two_model_query_parameters_are_refused(
     make_proxy: Any, fake: FakeUpstream, query: str, models: dict[str, str]
 ) -> None:
-    client = await make_proxy(routes=[{"model": "*", "upstream": "fake"}, {"path": "*", "upstream": "fake"}])
+    client = await make_proxy(
+        routes=[{"model": "*", "upstream": "fake"}, {"path": "*", "upstream": "fake"}]
+    )
     for method, path, body in (
         ("POST", "/v1/chat/completions", json.dumps(models).encode()),
         ("GET", "/v1/files", None),
@@ -129,7 +131,8 @@ async def test_queries_another_parser_could_split_differently_are_refused(
     settings = make_settings(routes=[{"path": "*", "upstream": "fake"}])
     async with running_proxy(settings) as proxy:
         raw = await exchange(
-            proxy.port, f"GET /v1/files?{query} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n".encode()
+            proxy.port,
+            f"GET /v1/files?{query} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n".encode(),
         )
     status, _, body = split_response(raw)
     assert status == 400
@@ -164,8 +167,11 @@ def form(*parts: tuple[str, bytes, str]) -> tuple[bytes, str]:
     "parts",
     [
         [('name="model"', b"whisper-1", ""), ('name="model"', b"gpt-4o-mini", "")],
-        [('name="model"', b"whisper-1", ""), ('name="file"; filename="a.wav"', b"RIFF", ""),
-         ('name="model"', b"whisper-1", "")],
+        [
+            ('name="model"', b"whisper-1", ""),
+            ('name="file"; filename="a.wav"', b"RIFF", ""),
+            ('name="model"', b"whisper-1", ""),
+        ],
         [('name="model"', b"whisper-1", ""), ('name="MODEL"', b"fast", "")],
     ],
     ids=["two", "around-a-file", "case"],
@@ -175,7 +181,9 @@ async def test_two_model_form_fields_are_refused(
 ) -> None:
     client = await make_proxy(routes=[{"model": "*", "upstream": "fake"}])
     body, content_type = form(*parts)
-    resp = await client.post("/v1/audio/transcriptions", data=body, headers={"Content-Type": content_type})
+    resp = await client.post(
+        "/v1/audio/transcriptions", data=body, headers={"Content-Type": content_type}
+    )
     if resp.status == 200:
         # Only acceptable when the second field does not name "model" to any
         # form parser: RFC 7578 names are case-sensitive.
@@ -196,9 +204,20 @@ async def test_two_model_form_fields_are_refused(
         [('name="model"; name="file"', b"gpt-4o-mini", "")],
         [('name="file"', b"gpt-4o-mini", 'Content-Disposition: form-data; name="model"\r\n')],
         [('name="mod\\el"', b"gpt-4o-mini", "")],
-        [('name="model"', b"gpt-4o-mini", ""), ('name="file"; filename="a\\"; name="model"', b"x", "")],
+        [
+            ('name="model"', b"gpt-4o-mini", ""),
+            ('name="file"; filename="a\\"; name="model"', b"x", ""),
+        ],
     ],
-    ids=["filename", "base64", "rfc2231", "param-twice", "two-dispositions", "escaped", "quote-games"],
+    ids=[
+        "filename",
+        "base64",
+        "rfc2231",
+        "param-twice",
+        "two-dispositions",
+        "escaped",
+        "quote-games",
+    ],
 )
 async def test_parts_form_parsers_could_read_differently_are_refused(
     make_proxy: Any, fake: FakeUpstream, parts: list[tuple[str, bytes, str]]
@@ -307,7 +326,9 @@ async def test_compressed_bodies_read_one_way_only(
     make_proxy: Any, fake: FakeUpstream, body: bytes, code: str
 ) -> None:
     client = await make_proxy()
-    resp = await client.post("/v1/embeddings", data=body, headers={**JSON, "Content-Encoding": "gzip"})
+    resp = await client.post(
+        "/v1/embeddings", data=body, headers={**JSON, "Content-Encoding": "gzip"}
+    )
     assert resp.status == 400
     assert error_of(await resp.read())["code"] == code
     assert fake.received == []
@@ -319,7 +340,9 @@ async def test_unsupported_encodings_are_refused(
 ) -> None:
     client = await make_proxy()
     resp = await client.post(
-        "/v1/embeddings", data=b'{"model": "gpt-4o-mini"}', headers={**JSON, "Content-Encoding": encoding}
+        "/v1/embeddings",
+        data=b'{"model": "gpt-4o-mini"}',
+        headers={**JSON, "Content-Encoding": encoding},
     )
     assert resp.status == 400
     assert fake.received == []

@@ -113,7 +113,8 @@ async def test_key_bearing_query_parameters_are_dropped(
     )
     async with running_proxy(settings) as proxy:
         raw = await exchange(
-            proxy.port, f"GET /v1/files?{query} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n".encode()
+            proxy.port,
+            f"GET /v1/files?{query} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n".encode(),
         )
     status, _, body = split_response(raw)
     assert status == 200
@@ -265,8 +266,15 @@ async def test_no_header_changes_the_upstream(
         got = hostile.received[-1]
         upstream_host = hostile_url.split("/")[2]
         assert got.headers["host"] == upstream_host
-        for name in ("forwarded", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto",
-                     "x-forwarded-port", "x-forwarded-prefix", "x-real-ip"):
+        for name in (
+            "forwarded",
+            "x-forwarded-for",
+            "x-forwarded-host",
+            "x-forwarded-proto",
+            "x-forwarded-port",
+            "x-forwarded-prefix",
+            "x-real-ip",
+        ):
             assert name not in got.headers
     assert evil.received == []
 
@@ -386,8 +394,15 @@ async def test_hop_by_hop_headers_are_stripped_with_several_connection_headers(
         raw = await exchange(proxy.port, head.encode() + CHAT, timeout=2)
     assert split_response(raw)[0] == 200, raw[:300]
     got = hostile.received[-1]
-    for name in ("x-named", "x-api-key", "keep-alive", "proxy-connection", "te", "trailer",
-                 "proxy-authorization"):
+    for name in (
+        "x-named",
+        "x-api-key",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "proxy-authorization",
+    ):
         assert name not in got.headers, name
     # Stripping came first: the proxy's own credential survived "Connection: Authorization".
     assert got.headers["authorization"] == f"Bearer {UPSTREAM_KEY}"

@@ -61,7 +61,9 @@ async def test_missing_or_wrong_key_is_401(
     path: str,
 ) -> None:
     client = await make_proxy(keyed_config(upstream_url))
-    resp = await client.request(method, path, json=CHAT if method == "POST" else None, headers=headers)
+    resp = await client.request(
+        method, path, json=CHAT if method == "POST" else None, headers=headers
+    )
     assert resp.status == 401
     assert resp.headers["Content-Type"].startswith("application/json")
     assert resp.headers["x-oaimux-error"] == "invalid_api_key"
@@ -93,7 +95,9 @@ async def test_model_outside_the_keys_list_is_403_before_any_upstream(
     client = await make_proxy(keyed_config(upstream_url))
     auth = {"Authorization": f"Bearer {TEAM_A}"}
     for model in ("meta-llama/Llama-3", "fast"):  # an alias is judged by the name asked for
-        resp = await client.post("/v1/chat/completions", json={**CHAT, "model": model}, headers=auth)
+        resp = await client.post(
+            "/v1/chat/completions", json={**CHAT, "model": model}, headers=auth
+        )
         assert resp.status == 403
         assert resp.headers["x-oaimux-error"] == "model_not_allowed"
         error = error_of(await resp.read())
@@ -152,7 +156,9 @@ async def test_logs_name_the_key_never_the_key(
     caplog.set_level(logging.DEBUG)
     client = await make_proxy(keyed_config(upstream_url))
     for key in (TEAM_A, TEAM_B, "pk-not-a-key-123456"):
-        await client.post("/v1/chat/completions", json=CHAT, headers={"Authorization": f"Bearer {key}"})
+        await client.post(
+            "/v1/chat/completions", json=CHAT, headers={"Authorization": f"Bearer {key}"}
+        )
         await client.get("/v1/models", headers={"Authorization": f"Bearer {key}"})
     access = [r.getMessage() for r in caplog.records if r.name == "oaimux.access"]
     assert any("team-a" in line for line in access)

@@ -84,7 +84,9 @@ def test_bad_key_entries_are_refused_without_quoting_the_key(
 
 def test_comparison_touches_every_key_whichever_matches(monkeypatch: pytest.MonkeyPatch) -> None:
     """Constant time: the work done does not depend on which key matched, if any."""
-    keys = [AuthKey(f"k{i}", hashlib.sha256(f"sk-key-number-{i}".encode()).digest()) for i in range(8)]
+    keys = [
+        AuthKey(f"k{i}", hashlib.sha256(f"sk-key-number-{i}".encode()).digest()) for i in range(8)
+    ]
     table = KeyTable(keys)
     calls: list[int] = []
     real = hmac.compare_digest
