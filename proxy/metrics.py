@@ -18,6 +18,7 @@ client sent; ``upstream`` is a configured upstream name; ``kind`` and
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import os
 import shutil
@@ -35,7 +36,9 @@ from prometheus_client import (
     values,
 )
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
 
 __all__ = [
     "BREAKER_STATES",
@@ -55,17 +58,28 @@ _BUCKETS = (
     10.0, 30.0, 60.0, 120.0, 300.0, 600.0, float("inf"),
 )  # fmt: skip
 
+# With several workers, how stale another worker's scrape may see this one's counters.
+_SYNC_SECONDS = 1.0
+
 BREAKER_STATES = {"closed": 0.0, "half_open": 1.0, "open": 2.0}
 _STATUS_CLASSES = tuple(f"{n}xx" for n in range(10))
 
 
 class Metrics:
-    """The proxy's metrics. Hot-path methods look up cached label children
-    (the label sets are bounded), so a request costs a handful of dict hits
-    and increments.
+    """The proxy's metrics.
+
+    A request costs little: the request and token counters and the two
+    gauges are kept as plain integers on the hot path and handed to
+    prometheus_client (whose every increment takes a lock) in one batch by
+    :meth:`sync`, which runs before every collection (so a scrape, or
+    ``registry.get_sample_value``, always sees every finished request) and,
+    with several workers, once a second, so the other workers' scrapes see
+    this one's samples. Only the two latency histograms are observed per
+    request (the library has no way to add a batch of observations).
 
     ``upstreams`` are pre-registered so every breaker shows ``closed`` (0)
-    before its first request.
+    before its first request. ``multiprocess_dir`` ``None`` means the
+    ``PROMETHEUS_MULTIPROC_DIR`` environment variable; ``""`` forces one process.
     """
 
     def __init__(self, upstreams: Iterable[str] = (), multiprocess_dir: str | None = None) -> None:
@@ -74,6 +88,8 @@ class Metrics:
         )
         self.multiprocess = bool(directory)
         self.registry = CollectorRegistry(auto_describe=True)
+        # First in the registry: every collection starts by publishing what is pending.
+        self.registry.register(_SyncFirst(self))
         own: CollectorRegistry | None
         if directory:
             _use_multiprocess_values()
@@ -151,9 +167,13 @@ class Metrics:
             ("model", "upstream", "type"),
             registry=own,
         )
-        self._requests: dict[tuple[str, str, int], Counter] = {}
+        # Pending since the last sync; the hot path touches only these.
+        self.in_flight_now = 0
+        self.open_streams_now = 0
+        self._pending_requests: dict[tuple[str, str, int], int] = {}
+        self._pending_tokens: dict[tuple[str, str], list[int]] = {}
+        self._sync_scheduled = False
         self._latency: dict[str, tuple[Histogram, Histogram]] = {}
-        self._tokens: dict[tuple[str, str], tuple[Counter, Counter]] = {}
         for name in upstreams:
             self.breaker_state.labels(name).set(0.0)
 
@@ -161,12 +181,10 @@ class Metrics:
         self, model: str, upstream: str, status: int, duration: float, ttfb: float | None
     ) -> None:
         key = (model, upstream, status // 100)
-        child = self._requests.get(key)
-        if child is None:
-            child = self._requests[key] = self.requests.labels(
-                model, upstream, _STATUS_CLASSES[min(status // 100, 9)]
-            )
-        child.inc()
+        pending = self._pending_requests
+        pending[key] = pending.get(key, 0) + 1
+        if self.multiprocess and not self._sync_scheduled:
+            self._schedule_sync()
         latency = self._latency.get(upstream)
         if latency is None:
             latency = self._latency[upstream] = (
@@ -181,16 +199,43 @@ class Metrics:
         self, model: str, upstream: str, prompt: int | None, completion: int | None
     ) -> None:
         key = (model, upstream)
-        pair = self._tokens.get(key)
+        pair = self._pending_tokens.get(key)
         if pair is None:
-            pair = self._tokens[key] = (
-                self.tokens.labels(model, upstream, "prompt"),
-                self.tokens.labels(model, upstream, "completion"),
-            )
-        if prompt:
-            pair[0].inc(prompt)
-        if completion:
-            pair[1].inc(completion)
+            pair = self._pending_tokens[key] = [0, 0]
+        pair[0] += prompt or 0
+        pair[1] += completion or 0
+
+    def sync(self) -> None:
+        """Publish what the hot path counted since the last sync."""
+        if self._pending_requests:
+            pending, self._pending_requests = self._pending_requests, {}
+            labels = self.requests.labels
+            for (model, upstream, klass), count in pending.items():
+                labels(model, upstream, _STATUS_CLASSES[min(klass, 9)]).inc(count)
+        if self._pending_tokens:
+            tokens, self._pending_tokens = self._pending_tokens, {}
+            labels = self.tokens.labels
+            for (model, upstream), (prompt, completion) in tokens.items():
+                if prompt:
+                    labels(model, upstream, "prompt").inc(prompt)
+                if completion:
+                    labels(model, upstream, "completion").inc(completion)
+        self.in_flight.set(self.in_flight_now)
+        self.open_streams.set(self.open_streams_now)
+
+    def _schedule_sync(self) -> None:
+        """Several workers: publish within a second, for the other workers' scrapes."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.sync()
+            return
+        self._sync_scheduled = True
+        loop.call_later(_SYNC_SECONDS, self._scheduled_sync)
+
+    def _scheduled_sync(self) -> None:
+        self._sync_scheduled = False
+        self.sync()
 
     def set_breaker(self, upstream: str, state: str) -> None:
         self.breaker_state.labels(upstream).set(BREAKER_STATES.get(state, 2.0))
@@ -207,6 +252,20 @@ class Metrics:
         # Set whole: the type carries parameters (version, escaping) aiohttp must not re-split.
         resp.headers["Content-Type"] = content_type
         return resp
+
+
+class _SyncFirst(Collector):
+    """Registered first in the exposed registry: a collection starts with a sync."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterable[Metric]:
+        self.metrics.sync()
+        return ()
+
+    def describe(self) -> Iterable[Metric]:
+        return ()
 
 
 def metrics_app(metrics: Metrics, path: str) -> web.Application:

@@ -33,6 +33,7 @@ from .app import create_app, server_options
 from .config import ConfigError, Settings, load_settings
 from .connections import ProxyRunner
 from .keys import DISCOVERY, OBSERVER, RUNTIME
+from .observe import send_access_log_to
 from .runtime import build_runtime
 
 __all__ = ["configure_logging", "serve"]
@@ -52,6 +53,8 @@ def configure_logging(settings: Settings) -> None:
         handler.setFormatter(_TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root.addHandler(handler)
     root.setLevel(settings.log.level)
+    # Access lines go to stderr on their own, a batch per loop turn (observe.py).
+    send_access_log_to(sys.stderr)
     # aiohttp's own access log is off (server_options); ours is oaimux.access.
     logging.getLogger("aiohttp.access").disabled = True
 

@@ -17,12 +17,16 @@ escaped (``\\"usage\\"``). Compressed bodies cannot be read from their tail
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 
 __all__ = ["Usage", "usage_from_tail"]
 
 _KEY = b'"usage"'
-_WHITESPACE = b" \t\r\n"
+# JSON whitespace, the colon, whitespace: what follows a key.
+_COLON = re.compile(rb"[ \t\r\n]*:[ \t\r\n]*")
+# A usage object is a few hundred bytes; never decode more than this of what follows it.
+_WINDOW = 4096
 _decoder = json.JSONDecoder()
 
 
@@ -56,31 +60,18 @@ def _find(data: bytes) -> Usage | None:
         at = data.rfind(_KEY, 0, end)
         if at < 0:
             return None
-        value_at = _value_start(data, at + len(_KEY))
-        if value_at is not None:
-            if data[value_at : value_at + 1] != b"{":
+        colon = _COLON.match(data, at + len(_KEY))
+        if colon is not None:
+            if data[colon.end() : colon.end() + 1] != b"{":
                 return None  # "usage": null (or a non-object): the last one decides
-            return _decode(data, value_at)
+            return _decode(data, colon.end())
         end = at  # "usage" was a value, not a key; look further back
-
-
-def _value_start(data: bytes, i: int) -> int | None:
-    """Index of the value after ``"usage"`` when a colon follows it, else ``None``."""
-    n = len(data)
-    while i < n and data[i] in _WHITESPACE:
-        i += 1
-    if i >= n or data[i] != 0x3A:  # ':'
-        return None
-    i += 1
-    while i < n and data[i] in _WHITESPACE:
-        i += 1
-    return i if i < n else None
 
 
 def _decode(data: bytes, start: int) -> Usage | None:
     # Decode from the '{' on: a multi-byte character cut at the chunk's start is
     # never part of this slice.
-    text = data[start:].decode("utf-8", "replace")
+    text = data[start : start + _WINDOW].decode("utf-8", "replace")
     try:
         obj, _ = _decoder.raw_decode(text)
     except ValueError:

@@ -83,6 +83,13 @@ async def test_two_workers_one_scrape(upstream_url: str, tmp_path: Path) -> None
                     assert resp.status == 200
                     await resp.read()
             (shared,) = temp.glob("oaimux-metrics-*")
+            # Each worker publishes its counters within a second (metrics.py, _SYNC_SECONDS).
+            async with asyncio.timeout(10):
+                while True:
+                    async with session.get(f"http://127.0.0.1:{metrics_port}/metrics") as resp:
+                        if requests_total(await resp.text()) == REQUESTS:
+                            break
+                    await asyncio.sleep(0.1)  # bounded polling for the workers' next sync
             pids = {m.group(1) for f in shared.iterdir() if (m := re.fullmatch(r"counter_(\d+)\.db", f.name))}
             assert len(pids) == 2, f"expected both workers to have counted, got files for {pids}"
             for _ in range(10):  # whichever worker answers, it reports all of them

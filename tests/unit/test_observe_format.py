@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import io
 import json
+import logging
 import re
 import time
 
@@ -11,7 +14,7 @@ from aiohttp.test_utils import make_mocked_request
 
 from proxy.config import LogSettings
 from proxy.metrics import Metrics
-from proxy.observe import Exchange, Observer, request_id_for
+from proxy.observe import BufferedLineHandler, Exchange, Observer, request_id_for
 from tests.fakes.access_lines import capture_logs, parse_text_line
 
 
@@ -130,3 +133,59 @@ def test_hooks_without_metrics_do_nothing() -> None:
     observer.breaker_changed("u", "open")
     observer.finished(ex)
     assert not ex.in_flight and not ex.stream_open
+
+
+class _CountingStream(io.StringIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+
+async def test_buffered_handler_writes_one_loop_turn_at_once() -> None:
+    stream = _CountingStream()
+    handler = BufferedLineHandler(stream)
+    logger = logging.getLogger("test.buffered")
+    logger.addHandler(handler)
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    try:
+        for i in range(3):
+            logger.info("line %d", i)
+        assert stream.getvalue() == ""  # still this turn of the loop
+        await asyncio.sleep(0)  # one turn
+        assert stream.getvalue() == "line 0\nline 1\nline 2\n"
+        assert stream.writes == 1
+    finally:
+        logger.removeHandler(handler)
+
+
+def test_buffered_handler_outside_a_loop_writes_at_once() -> None:
+    stream = _CountingStream()
+    handler = BufferedLineHandler(stream)
+    handler.handle(logging.makeLogRecord({"msg": "now", "levelno": logging.INFO}))
+    assert stream.getvalue() == "now\n"
+
+
+def test_access_records_format_like_any_record() -> None:
+    observer = Observer(LogSettings())
+    formatter = logging.Formatter(
+        "%(asctime)s %(levelname)s %(name)s %(filename)s:%(lineno)d %(process)s %(threadName)s %(message)s"
+    )
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda r: seen.append(formatter.format(r))  # type: ignore[method-assign]
+    logger = logging.getLogger("oaimux.access")
+    logger.addHandler(handler)
+    try:
+        with capture_logs():
+            observer.finished(exchange(status=200))
+    finally:
+        logger.removeHandler(handler)
+    assert re.fullmatch(
+        r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO oaimux\.access observe\.py:0 None None time=\S+ request_id=rid-1 .*",
+        seen[0],
+    )
