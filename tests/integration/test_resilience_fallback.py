@@ -38,6 +38,12 @@ from tests.faults.server import (
 access_log = fixtures.access_log
 faults = fixtures.faults
 
+
+def bounded(seconds: float = 10.0) -> asyncio.Timeout:
+    """A regression that hangs fails the test instead of stalling the suite."""
+    return asyncio.timeout(seconds)
+
+
 FAST = {"connect": 0.5, "response": 0.5, "idle": 0.5}
 
 
@@ -122,8 +128,9 @@ async def test_no_fallback_once_the_response_started(make_proxy: Any, faults: Fa
     client = await make_proxy(route_config({"a": a.url, "b": b.url}, ["a", "b"]))
     resp = await post(client, body=chat_body(stream=True))
     assert resp.status == 200
-    with pytest.raises(aiohttp.ClientPayloadError):
-        await resp.read()
+    async with bounded():
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await resp.read()
     assert b.requests == []
 
 

@@ -42,6 +42,12 @@ from tests.faults.server import (
 access_log = fixtures.access_log
 faults = fixtures.faults
 
+
+def bounded(seconds: float = 10.0) -> asyncio.Timeout:
+    """A regression that hangs fails the test instead of stalling the suite."""
+    return asyncio.timeout(seconds)
+
+
 FAST = {"timeouts": {"connect": 2, "response": 0.5, "idle": 0.5}}
 
 
@@ -94,9 +100,10 @@ async def test_body_ending_early_aborts_the_client(
     )
     assert resp.status == 200
     got = b""
-    with pytest.raises(aiohttp.ClientPayloadError):
-        while chunk := await resp.content.readany():
-            got += chunk
+    async with bounded():
+        with pytest.raises(aiohttp.ClientPayloadError):
+            while chunk := await resp.content.readany():
+                got += chunk
     # Everything the upstream sent was relayed, and nothing else (no error
     # event invented, no terminating chunk).
     assert got == seen_before_error
@@ -122,9 +129,10 @@ async def test_silence_mid_body_past_idle_aborts_and_closes_upstream(
         headers={**JSON, "X-Request-Id": "idle"},
     )
     got = b""
-    with pytest.raises(aiohttp.ClientPayloadError):
-        while chunk := await resp.content.readany():
-            got += chunk
+    async with bounded():
+        with pytest.raises(aiohttp.ClientPayloadError):
+            while chunk := await resp.content.readany():
+                got += chunk
     assert got == b"".join(sse_event(i) for i in range(3))
     async with asyncio.timeout(5):
         await upstream.connections[0].peer_closed.wait()
@@ -253,8 +261,9 @@ async def test_repeated_faults_leak_nothing(make_proxy: Any, faults: FaultFactor
             resp = await client.post(
                 "/v1/chat/completions", data=chat_body(stream=True), headers=JSON
             )
-            with pytest.raises(aiohttp.ClientPayloadError):
-                await resp.read()
+            async with bounded():
+                with pytest.raises(aiohttp.ClientPayloadError):
+                    await resp.read()
             resp.release()
     await upstream.wait_open(1)
     await settle_tasks(before)
@@ -319,8 +328,9 @@ async def test_memory_stays_flat_over_repeated_faults(
         async def round_() -> None:
             upstream.then(sse(3, end="reset"), sse(1, end="hang"))
             async with session.post(url, data=body, headers=JSON) as resp:
-                with pytest.raises(aiohttp.ClientPayloadError):
-                    await resp.read()
+                async with bounded():
+                    with pytest.raises(aiohttp.ClientPayloadError):
+                        await resp.read()
             async with session.post(url, data=body, headers=JSON) as resp:
                 await resp.content.readuntil(b"\n\n")
                 resp.close()  # the client leaves mid-stream

@@ -23,6 +23,11 @@ from tests.faults.server import chat_json, delayed, respond, sse, sse_event
 faults = fixtures.faults
 
 
+def bounded(seconds: float = 10.0) -> asyncio.Timeout:
+    """A regression that hangs fails the test instead of stalling the suite."""
+    return asyncio.timeout(seconds)
+
+
 def test_documented_defaults() -> None:
     assert Timeouts() == Timeouts(connect=10.0, response=600.0, idle=300.0)
 
@@ -90,9 +95,10 @@ async def test_silence_after_the_nth_chunk_is_cut_at_idle(
     client = await make_proxy(config)
     resp = await client.post("/v1/chat/completions", data=chat_body(stream=True), headers=JSON)
     got = b""
-    with pytest.raises(aiohttp.ClientPayloadError):
-        while chunk := await resp.content.readany():
-            got += chunk
+    async with bounded():
+        with pytest.raises(aiohttp.ClientPayloadError):
+            while chunk := await resp.content.readany():
+                got += chunk
     assert got == b"".join(sse_event(i) for i in range(events))
     async with asyncio.timeout(5):
         await upstream.connections[0].peer_closed.wait()
