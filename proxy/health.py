@@ -70,14 +70,16 @@ class Health:
     def breaker(self, upstream: Upstream) -> Breaker:
         b = self._breakers.get(upstream.name)
         # The identity test is the hot path: a runtime hands out the same object.
-        if b is None or (
-            b.upstream is not upstream
-            and (
-                b.upstream.url != upstream.url
-                or b.upstream.circuit_breaker != upstream.circuit_breaker
-            )
+        if b is not None and b.upstream is upstream:
+            return b
+        if (
+            b is None
+            or b.upstream.url != upstream.url
+            or b.upstream.circuit_breaker != upstream.circuit_breaker
         ):
             b = self._breakers[upstream.name] = Breaker(upstream)
+        else:
+            b.upstream = upstream  # reloaded, same server: keep the state, regain the fast path
         return b
 
     def available(self, upstream: Upstream) -> bool:

@@ -136,3 +136,13 @@ def test_changes_are_reported() -> None:
     assert health.available(u)
     health.success(u)
     assert seen == [("a", "open"), ("a", "half_open"), ("a", "closed")]
+
+
+def test_after_a_reload_the_breaker_follows_the_new_upstream_object() -> None:
+    clock, u = Clock(), upstream(failures=2)
+    health = Health(clock)
+    health.failure(u)
+    reloaded = replace(u, keep_response_headers=frozenset({"x-a"}))
+    assert health.breaker(reloaded).upstream is reloaded  # the identity fast path again
+    health.failure(reloaded)
+    assert health.states() == {"a": "open"}  # the count carried over the reload
