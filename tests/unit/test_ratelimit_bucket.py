@@ -200,3 +200,9 @@ def test_exactly_burst_succeed_at_any_rate(rpm: float) -> None:
     results = [limiter.acquire_now("one", limit).allowed for _ in range(500)]
     assert results.count(True) == 100
     assert results[:100] == [True] * 100
+
+
+@pytest.mark.parametrize("shards", [0, 3, 100])
+def test_shards_must_be_a_power_of_two(shards: int) -> None:
+    with pytest.raises(ValueError, match="power of two"):
+        MemoryRateLimiter(FakeClock(), shards=shards)
