@@ -39,6 +39,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+# Nice value applied to every spawned process's autogroup (see procfs.set_autogroup_nice);
+# set once by the driver before anything starts, 0 = leave priorities alone.
+NICE = 0
+
+
 def cpu_list(cpus: set[int]) -> str:
     return ",".join(str(c) for c in sorted(cpus))
 
@@ -55,10 +60,15 @@ def spawn(cmd: list[str], cpus: set[int] | None, log_path: Path,
                 os.sched_setaffinity(0, cpus)
     log = open(log_path, "ab")  # noqa: SIM115 - closed by the child owning the fd copy
     try:
-        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=env, cwd=cwd, start_new_session=True, preexec_fn=preexec)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env=env, cwd=cwd,
+                                start_new_session=True, preexec_fn=preexec)
     finally:
         log.close()
+    if NICE:
+        # Its own session means its own autogroup: give it the driver's priority too.
+        procfs.set_autogroup_nice(proc.pid, NICE)
+    return proc
 
 
 def terminate(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:

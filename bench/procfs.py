@@ -123,3 +123,18 @@ def busy_fraction(a: CoreTimes | None, b: CoreTimes | None) -> float | None:
     if a is None or b is None or b.total <= a.total:
         return None
     return (b.busy - a.busy) / (b.total - a.total)
+
+
+def set_autogroup_nice(pid: int, nice: int) -> bool:
+    """Set the nice value of ``pid``'s scheduler autogroup (Linux with autogroup enabled).
+
+    With autogroup on, the CPU is first shared between session groups and only then by nice
+    inside a group, so a process's own nice value does not help against another session's
+    jobs; the group's does. False when autogroup is off or the write is not permitted.
+    """
+    try:
+        with open(f"/proc/{pid}/autogroup", "w") as f:
+            f.write(str(nice))
+        return True
+    except OSError:
+        return False
