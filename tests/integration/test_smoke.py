@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-import json
-
 from tests.fakes.upstream import FakeUpstream
 
 
