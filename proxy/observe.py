@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from json.encoder import encode_basestring_ascii as _encode_string
 from typing import TextIO
 
 from aiohttp import web
@@ -60,8 +60,6 @@ CLIENT_CLOSED = 499
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
 # Values written bare in the text format: printable ASCII without space, '"' or '\'.
 _BARE = re.compile(r"[!#-\[\]-~]+")
-# Strings written into a JSON line as they are: printable ASCII without '"' or '\'.
-_JSON_PLAIN = re.compile(r"[ !#-\[\]-~]*")
 _MAX_LOGGED = 200  # characters of a client-chosen string (path, model) in the log
 
 
@@ -328,7 +326,7 @@ class Observer:
 
         Written out by hand: ``json.dumps`` of a dict costs twice as much, and
         every value here is a number, ``null``, or a string :func:`_json`
-        escapes when it needs to.
+        escapes.
         """
         ttfb = "null" if ex.ttfb is None else f"{ex.ttfb * 1000:.2f}"
         duration = "null" if ex.duration is None else f"{ex.duration * 1000:.2f}"
@@ -415,25 +413,22 @@ def _text(value: str | None) -> str:
     if len(value) <= _MAX_LOGGED and _BARE.fullmatch(value):
         return value
     # Quote (JSON string rules): no space, quote or newline can forge a field.
-    return json.dumps(_clip(value))
+    return _encode_string(_clip(value))
 
 
 def _json(value: str | None) -> str:
     if value is None:
         return "null"
-    if len(value) <= _MAX_LOGGED and _JSON_PLAIN.fullmatch(value):
-        return f'"{value}"'
-    return json.dumps(_clip(value))
+    # The json module's own C string encoder: quotes, escapes, ASCII only.
+    return _encode_string(_clip(value))
+
+
+def _clip(value: str) -> str:
+    return value if len(value) <= _MAX_LOGGED else value[:_MAX_LOGGED] + "..."
 
 
 def _json_int(value: int | None) -> str:
     return "null" if value is None else str(value)
-
-
-def _clip(value: str | None) -> str | None:
-    if value is None or len(value) <= _MAX_LOGGED:
-        return value
-    return value[:_MAX_LOGGED] + "..."
 
 
 def _num(value: int | None) -> str:
