@@ -138,8 +138,8 @@ class _AccessRecord(logging.LogRecord):
     ``LogRecord.__init__`` (with ``Logger.info`` walking the stack for the
     caller) costs more than the whole line's formatting, once per request;
     an access line has no caller, thread or exception to record, so the
-    attributes are copied from one prepared record (formatters read the
-    instance ``__dict__``) and only the message and the time are set.
+    attributes are copied from a prepared dict (formatters read the instance
+    ``__dict__``) and only the message and the time are set.
     Handlers and formatters see an ordinary INFO record of ``oaimux.access``.
     """
 
@@ -151,8 +151,9 @@ class _AccessRecord(logging.LogRecord):
         self.msecs = (now - int(now)) * 1000
 
 
-# Every attribute LogRecord.__init__ would set, for an access line. No thread,
-# process or source location: the line is about a request, not about code.
+# Every attribute LogRecord.__init__ would set, for an access line. No real
+# thread, process or source location (0 and "-", so %(process)d still
+# formats): the line is about a request, not about code.
 _RECORD_TEMPLATE: dict[str, object] = {
     "name": "oaimux.access",
     "args": (),
@@ -167,10 +168,10 @@ _RECORD_TEMPLATE: dict[str, object] = {
     "exc_text": None,
     "stack_info": None,
     "relativeCreated": 0.0,
-    "thread": None,
-    "threadName": None,
-    "processName": None,
-    "process": None,
+    "thread": 0,
+    "threadName": "-",
+    "processName": "-",
+    "process": 0,
     "taskName": None,
 }
 

@@ -186,6 +186,6 @@ def test_access_records_format_like_any_record() -> None:
     finally:
         logger.removeHandler(handler)
     assert re.fullmatch(
-        r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO oaimux\.access observe\.py:0 None None time=\S+ request_id=rid-1 .*",
+        r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO oaimux\.access observe\.py:0 0 - time=\S+ request_id=rid-1 .*",
         seen[0],
     )

@@ -83,3 +83,24 @@ def test_render_text_and_openmetrics() -> None:
 def test_process_metrics_in_single_process_mode() -> None:
     body, _ = single().render(None)
     assert b"process_resident_memory_bytes" in body or b"python_info" in body
+
+
+def test_counts_kept_on_the_hot_path_are_published_at_collection() -> None:
+    from proxy.observe import Exchange
+
+    m = single()
+    observer = Observer(LogSettings(access=False), m)
+    ex = Exchange(request_id="r", method="GET", path="/", client="c")
+    observer.begin(ex)
+    observer.stream_opened(ex)
+    assert sample(m, "oaimux_requests_in_flight") == 1
+    assert sample(m, "oaimux_open_streams") == 1
+    ex.status, ex.upstream, ex.metric_model = 200, "u", "m"
+    ex.prompt_tokens, ex.completion_tokens = 3, 4
+    observer.finished(ex)
+    assert sample(m, "oaimux_requests_in_flight") == 0
+    assert sample(m, "oaimux_open_streams") == 0
+    assert sample(m, "oaimux_requests_total", model="m", upstream="u", status_class="2xx") == 1
+    assert sample(m, "oaimux_tokens_total", model="m", upstream="u", type="completion") == 4
+    # Published once: collecting again adds nothing.
+    assert sample(m, "oaimux_requests_total", model="m", upstream="u", status_class="2xx") == 1
