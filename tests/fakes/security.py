@@ -44,6 +44,9 @@ class HostileUpstream:
     """``/v1/identity``, ``/v1/redirect``, ``/v1/refuse/{status}``; anything else echoes."""
 
     redirect_to: str = "http://127.0.0.1:9/elsewhere"
+    # The echo shows the headers received; off for the canary sweep, where
+    # an upstream reflecting its own key back would be the upstream's leak.
+    echo_headers: bool = True
     received: list[Received] = field(default_factory=list)
 
     def app(self) -> web.Application:
@@ -101,7 +104,9 @@ class HostileUpstream:
                 "path": path,
                 "query": request.query_string,
                 "raw_query": request.raw_path.partition("?")[2],
-                "headers": {k.lower(): v for k, v in request.headers.items()},
+                "headers": {k.lower(): v for k, v in request.headers.items()}
+                if self.echo_headers
+                else {},
                 "body_len": len(body),
             }
         )
