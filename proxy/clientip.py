@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable, Sequence
+from functools import lru_cache
 
 __all__ = ["client_address", "limit_key"]
 
@@ -17,6 +18,10 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
+# Parsing an address costs ~5-10 µs; a server sees the same few peers (and
+# the same nginx hop) over and over. Bounded, so a flood of distinct
+# addresses only evicts entries; it never grows memory.
+@lru_cache(maxsize=8192)
 def _parse(text: str) -> Address | None:
     text = text.strip()
     if text.startswith("[") and "]" in text:  # "[::1]:443" as some proxies write it
@@ -32,7 +37,8 @@ def _parse(text: str) -> Address | None:
     return addr
 
 
-def _trusted(addr: Address, trusted: Sequence[Network]) -> bool:
+@lru_cache(maxsize=8192)
+def _trusted(addr: Address, trusted: tuple[Network, ...]) -> bool:
     return any(addr in net for net in trusted)
 
 
@@ -51,8 +57,9 @@ def client_address(
     peer_addr = _parse(peer) if peer else None
     if peer_addr is None:
         return peer or "unknown"
+    trusted = tuple(trusted)
     if not trusted or not _trusted(peer_addr, trusted):
-        return str(peer_addr)
+        return _text(peer_addr)
     client = peer_addr
     hops = [h for value in forwarded_for for h in value.split(",")]
     for hop in reversed(hops):
@@ -64,9 +71,15 @@ def client_address(
         client = addr
         if not _trusted(addr, trusted):
             break
-    return str(client)
+    return _text(client)
 
 
+@lru_cache(maxsize=8192)
+def _text(addr: Address) -> str:
+    return str(addr)
+
+
+@lru_cache(maxsize=8192)
 def limit_key(address: str) -> str:
     """The rate-limit bucket of an address: IPv6 clients are limited per /64,
     since one host is usually handed a whole /64 and could rotate through it."""
