@@ -115,6 +115,7 @@ class Bench:
         self.mock = Mock(workdir, self.client_cpus)
         self.peers: list[Peer] = []
         self.multi: list[Peer] = []  # oaimux with N workers: non-stream phase only
+        self.spawned: list[Peer] = []  # everything ever started, so stop() misses nothing
         self.results: dict[str, Any] = {
             "meta": {}, "peers": {}, "smoke": {}, "nonstream": [], "sse": [], "hold": {},
             "large_body": {}, "binary": {}, "skipped": {},
@@ -145,6 +146,7 @@ class Bench:
                                          self.a.workers, self.a.observability,
                                          self.a.oaimux_cmd))
         for peer in candidates + self.multi:
+            self.spawned.append(peer)  # before start(): an interrupt mid-start still stops it
             try:
                 await peer.start()
             except (RuntimeError, OSError) as exc:
@@ -163,7 +165,7 @@ class Bench:
             log(f"{peer.name} ready on :{peer.port} ({peer.describe()})")
 
     def stop(self) -> None:
-        for peer in self.peers + self.multi:
+        for peer in self.spawned:
             peer.stop()
         self.mock.stop()
 
