@@ -66,7 +66,7 @@ class Caller:
 def identify(request: web.BaseRequest, runtime: Runtime) -> Caller:
     peer = request.transport.get_extra_info("peername") if request.transport else None
     host = peer[0] if isinstance(peer, tuple) and peer else None
-    trusted = runtime.settings.server.trusted_proxies
+    trusted = runtime.trusted
     forwarded = request.headers.getall("X-Forwarded-For", ()) if trusted else ()
     address = client_address(host, forwarded, trusted)
     keys = runtime.keys

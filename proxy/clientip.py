@@ -12,16 +12,12 @@ import ipaddress
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
 
-__all__ = ["client_address", "limit_key"]
+__all__ = ["TrustedNetworks", "client_address", "limit_key"]
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
-# Parsing an address costs ~5-10 µs; a server sees the same few peers (and
-# the same nginx hop) over and over. Bounded, so a flood of distinct
-# addresses only evicts entries; it never grows memory.
-@lru_cache(maxsize=8192)
 def _parse(text: str) -> Address | None:
     text = text.strip()
     if text.startswith("[") and "]" in text:  # "[::1]:443" as some proxies write it
@@ -37,13 +33,39 @@ def _parse(text: str) -> Address | None:
     return addr
 
 
+class TrustedNetworks:
+    """``server.trusted_proxies``, built once per configuration.
+
+    Hashed by identity, so it is a cheap cache key; the cache holds a reference
+    to it, so an identity is never reused while an answer for it is cached.
+    """
+
+    __slots__ = ("networks",)
+
+    def __init__(self, networks: Iterable[Network]) -> None:
+        self.networks = tuple(networks)
+
+    def __bool__(self) -> bool:
+        return bool(self.networks)
+
+
+# Parsing an address and testing it against networks costs several µs; a
+# server sees the same few peers (and the same nginx hop) over and over, so
+# the answer is memoised by the address text. Bounded: a flood of distinct
+# addresses only evicts entries, it never grows memory.
 @lru_cache(maxsize=8192)
-def _trusted(addr: Address, trusted: tuple[Network, ...]) -> bool:
-    return any(addr in net for net in trusted)
+def _classify(text: str, trusted: TrustedNetworks) -> tuple[str, bool] | None:
+    """The address in canonical text and whether it is trusted; None if not an address."""
+    addr = _parse(text)
+    if addr is None:
+        return None
+    return str(addr), any(addr in net for net in trusted.networks)
 
 
 def client_address(
-    peer: str | None, forwarded_for: Iterable[str], trusted: Sequence[Network]
+    peer: str | None,
+    forwarded_for: Iterable[str],
+    trusted: TrustedNetworks | Sequence[Network],
 ) -> str:
     """The client's address as text.
 
@@ -54,29 +76,26 @@ def client_address(
     entry stops the walk: what lies left of it cannot be trusted, so the last
     trusted hop (the entry to its right, or the peer) is the client.
     """
-    peer_addr = _parse(peer) if peer else None
-    if peer_addr is None:
+    if not isinstance(trusted, TrustedNetworks):
+        trusted = TrustedNetworks(trusted)
+    peer_info = _classify(peer, trusted) if peer else None
+    if peer_info is None:
         return peer or "unknown"
-    trusted = tuple(trusted)
-    if not trusted or not _trusted(peer_addr, trusted):
-        return _text(peer_addr)
-    client = peer_addr
+    client, peer_trusted = peer_info
+    if not peer_trusted:
+        return client
     hops = [h for value in forwarded_for for h in value.split(",")]
-    for hop in reversed(hops):
-        if not hop.strip():
+    for raw in reversed(hops):
+        hop = raw.strip()
+        if not hop:
             continue
-        addr = _parse(hop)
-        if addr is None:
+        info = _classify(hop, trusted)
+        if info is None:
             break
-        client = addr
-        if not _trusted(addr, trusted):
+        client, hop_trusted = info
+        if not hop_trusted:
             break
-    return _text(client)
-
-
-@lru_cache(maxsize=8192)
-def _text(addr: Address) -> str:
-    return str(addr)
+    return client
 
 
 @lru_cache(maxsize=8192)

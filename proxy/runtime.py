@@ -15,6 +15,7 @@ import aiohttp
 from yarl import URL
 
 from .auth import KeyTable
+from .clientip import TrustedNetworks
 from .config import Route, Settings, Upstream
 from .headers import RequestHeaderPolicy, ResponseHeaderPolicy
 from .routing import RouteTable
@@ -69,6 +70,7 @@ class Runtime:
     table: RouteTable
     plans: Mapping[str, UpstreamPlan]
     keys: KeyTable
+    trusted: TrustedNetworks
 
     def plans_for(self, route: Route) -> tuple[UpstreamPlan, ...]:
         return tuple(self.plans[name] for name in route.upstreams)
@@ -82,6 +84,7 @@ def build_runtime(
         table=RouteTable(settings.routes, discovered),
         plans={name: _plan(u) for name, u in settings.upstreams.items()},
         keys=KeyTable(settings.auth_keys),
+        trusted=TrustedNetworks(settings.server.trusted_proxies),
     )
 
 
