@@ -19,8 +19,15 @@ from .config import AuthKey
 __all__ = ["KeyTable", "presented_key"]
 
 
+_BROWSER_KEY_PROTOCOL = "openai-insecure-api-key."
+
+
 def presented_key(headers: CIMultiDictProxy[str]) -> str | None:
-    """The key a client sent: ``Authorization: Bearer <key>`` or Azure-style ``api-key``."""
+    """The key a client sent: ``Authorization: Bearer <key>``, else Azure-style
+    ``api-key``, else (browsers cannot set headers on a WebSocket) the
+    ``openai-insecure-api-key.<key>`` subprotocol the OpenAI SDKs offer on a
+    realtime handshake. The first carrier present decides; a broken one is
+    not rescued by another."""
     auth = headers.get("Authorization")
     if auth is not None:
         scheme, _, token = auth.strip().partition(" ")
@@ -28,10 +35,20 @@ def presented_key(headers: CIMultiDictProxy[str]) -> str | None:
             return token.strip()
         return None
     key = headers.get("api-key")
-    return key.strip() if key else None
+    if key is not None:
+        return key.strip() or None
+    protocols = headers.get("Sec-WebSocket-Protocol")
+    if protocols is not None and _BROWSER_KEY_PROTOCOL in protocols:
+        for offered in protocols.split(","):
+            name = offered.strip()
+            if name.startswith(_BROWSER_KEY_PROTOCOL):
+                return name[len(_BROWSER_KEY_PROTOCOL) :] or None
+    return None
 
 
 class KeyTable:
+    """The configured proxy keys; empty means the proxy is open."""
+
     def __init__(self, keys: Sequence[AuthKey]) -> None:
         self.keys = tuple(keys)
 
@@ -39,6 +56,7 @@ class KeyTable:
         return bool(self.keys)
 
     def authenticate(self, presented: str | None) -> AuthKey | None:
+        """The key ``presented`` matches, or ``None``; every digest is compared."""
         if presented is None:
             return None
         digest = hashlib.sha256(presented.encode("utf-8", "surrogatepass")).digest()
@@ -50,6 +68,7 @@ class KeyTable:
 
     @staticmethod
     def allows(key: AuthKey | None, model: str) -> bool:
+        """May ``key`` use ``model``? No key (an open proxy) or no list: yes."""
         if key is None or key.models is None:
             return True
         return any(fnmatchcase(model, pattern) for pattern in key.models)

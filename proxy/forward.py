@@ -333,7 +333,20 @@ async def _relay(
             # Keep an nginx in front from buffering the stream.
             resp.headers["X-Accel-Buffering"] = "no"
         ex.status = upstream_resp.status
-        await resp.prepare(request)
+        try:
+            await resp.prepare(request)
+        except ValueError:
+            # aiohttp's writer refuses control characters in a header value that
+            # its lenient response parser let through: never relay such a header
+            # (reliability.md C.37). Nothing has been written yet.
+            log.warning(
+                "upstream %s sent a response header that cannot be relayed [request %s]",
+                plan.name,
+                ex.request_id,
+            )
+            raise UpstreamUnavailable(
+                f"The upstream '{plan.name}' sent a malformed response (bad_response)."
+            ) from None
         ex.ttfb = time.perf_counter() - ex.started
         protocol = upstream_resp.connection.protocol if upstream_resp.connection else None
         if protocol is not None:

@@ -28,6 +28,7 @@ from typing import Any
 import aiohttp
 import aiohttp.http_parser
 import pytest
+from aiohttp import web
 
 from proxy.config import Settings
 from tests.conftest import basic_config
@@ -40,7 +41,7 @@ CHAT = b'{"model": "gpt-4o-mini", "messages": []}'
 
 def test_aiohttp_c_parser_is_in_use() -> None:
     """Most 2023-2026 request-smuggling advisories were in the pure-Python parser."""
-    import aiohttp._http_parser as c_parser  # noqa: PLC0415 - the import is the assertion
+    import aiohttp._http_parser as c_parser  # the import itself is part of the assertion
 
     assert not os.environ.get("AIOHTTP_NO_EXTENSIONS"), "AIOHTTP_NO_EXTENSIONS must not be set"
     assert aiohttp.http_parser.HttpRequestParser is c_parser.HttpRequestParser
@@ -627,3 +628,47 @@ async def test_client_reset_mid_upload_aborts_the_upstream_request(
     assert upload_lines and not any(
         "status=200" in line or '"status":200' in line for line in upload_lines
     )
+
+
+async def test_slow_reader_holds_back_the_upstream(
+    aiohttp_server: Any, make_settings: Any, upstream_url: str
+) -> None:
+    """B.21: a client that stops reading stops the upstream being read: every write
+    is awaited, so nothing piles up in the proxy."""
+    block = b"\0" * 65536
+    total = 256 * 1024 * 1024
+    written = 0
+    stalled = asyncio.Event()
+
+    async def endless(request: web.Request) -> web.StreamResponse:
+        nonlocal written
+        resp = web.StreamResponse(headers={"Content-Type": "audio/mpeg"})
+        resp.content_length = total
+        await resp.prepare(request)
+        while written < total:
+            try:
+                async with asyncio.timeout(0.5):
+                    await resp.write(block)
+            except TimeoutError:
+                stalled.set()  # backpressure reached the upstream
+                await resp.write(block)
+            written += len(block)
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/v1/audio/big", endless)
+    server = await aiohttp_server(app)
+    config = basic_config(str(server.make_url("/v1")), routes=[{"path": "*", "upstream": "fake"}])
+    async with running_proxy(make_settings(config)) as proxy:
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        writer.write(b"GET /v1/audio/big HTTP/1.1\r\nHost: a\r\n\r\n")
+        await writer.drain()
+        await reader.readuntil(b"\r\n\r\n")
+        async with asyncio.timeout(20):
+            await stalled.wait()
+        # Socket buffers on both legs plus one chunk in flight: a few MiB at
+        # most, of 256 MiB the upstream would send if it could.
+        assert written < 16 * 1024 * 1024, written
+        rst_close(writer)

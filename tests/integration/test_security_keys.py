@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from typing import Any
 
+import aiohttp
 import pytest
+from aiohttp.test_utils import TestServer
 
+from proxy.app import create_app, server_options
+from proxy.config import parse_settings
 from tests.conftest import basic_config
+from tests.fakes.openai_like import OpenAILike
 from tests.fakes.security import error_of
 from tests.fakes.upstream import FakeUpstream
 
@@ -180,3 +186,40 @@ async def test_pass_client_auth_never_passes_a_proxy_key(
     )
     assert resp.status == 200
     assert "authorization" not in fake.last.headers
+
+
+async def test_browser_realtime_key_is_taken_from_the_subprotocol(
+    aiohttp_client: Any, aiohttp_server: Any
+) -> None:
+    """Browsers cannot set headers on a WebSocket: the SDKs offer the key as the
+    ``openai-insecure-api-key.<key>`` subprotocol. It is checked like any proxy
+    key, and neither it nor the upstream's key crosses over (D.45)."""
+    upstream = OpenAILike(name="rt", models=["gpt-4o-realtime-preview"])
+    server: TestServer = await aiohttp_server(upstream.app())
+    config = {
+        "upstreams": {
+            "rt": {
+                "url": str(server.make_url("/v1")),
+                "headers": {"set": {"Authorization": "Bearer sk-upstream-rt"}},
+            }
+        },
+        "routes": [{"model": "gpt-4o-realtime-preview", "upstream": "rt"}],
+        "auth": {"keys": [{"name": "web", "key": TEAM_B}]},
+    }
+    client = await aiohttp_client(
+        create_app(parse_settings(config, environ={})), server_kwargs=server_options()
+    )
+    url = "/v1/realtime?model=gpt-4o-realtime-preview"
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        await client.ws_connect(
+            url, protocols=("realtime", "openai-insecure-api-key.pk-wrong-0001")
+        )
+    assert refused.value.status == 401
+    assert upstream.ws_request is None
+    ws = await client.ws_connect(url, protocols=("realtime", f"openai-insecure-api-key.{TEAM_B}"))
+    assert ws.protocol == "realtime"
+    await ws.close()
+    seen = upstream.ws_request
+    assert seen is not None
+    assert seen.headers["authorization"] == "Bearer sk-upstream-rt"
+    assert TEAM_B not in json.dumps(seen.headers)

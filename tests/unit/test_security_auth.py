@@ -30,6 +30,23 @@ def headers(**items: str) -> CIMultiDictProxy[str]:
         ({}, None),
         # Authorization wins: a client sending both means the bearer token.
         ({"Authorization": "Bearer one-key-0001", "api_key": "two-key-0002"}, "one-key-0001"),
+        # Browsers cannot set headers on a WebSocket; the SDKs offer the key as
+        # a subprotocol on the realtime handshake.
+        (
+            {
+                "Sec-WebSocket-Protocol": "realtime, openai-insecure-api-key.pk-web-01, openai-beta.v1"
+            },
+            "pk-web-01",
+        ),
+        ({"Sec-WebSocket-Protocol": "realtime, openai-insecure-api-key."}, None),
+        ({"Sec-WebSocket-Protocol": "realtime"}, None),
+        (
+            {
+                "Authorization": "Bearer one-key-0001",
+                "Sec-WebSocket-Protocol": "openai-insecure-api-key.x",
+            },
+            "one-key-0001",
+        ),
     ],
 )
 def test_presented_key(given: dict[str, str], expected: str | None) -> None:
