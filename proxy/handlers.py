@@ -233,6 +233,9 @@ async def _proxy(
     settings = runtime.settings
     if not caller.authenticated:
         await charge(limiter, runtime, caller, None)
+        # A suspect head is refused as such (and its connection closed) even
+        # without a key: bytes after it must not be read as another request.
+        vet_head(request)
         raise unauthorized()
     route: Route | None = None
     inbound: CIMultiDictProxy[str] = request.headers

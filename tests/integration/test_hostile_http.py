@@ -672,3 +672,19 @@ async def test_slow_reader_holds_back_the_upstream(
         # most, of 256 MiB the upstream would send if it could.
         assert written < 16 * 1024 * 1024, written
         rst_close(writer)
+
+
+async def test_suspect_heads_are_refused_and_closed_even_without_a_key(
+    make_settings: Any, fake: FakeUpstream, path_config: dict[str, Any]
+) -> None:
+    settings = make_settings(
+        {**path_config, "auth": {"keys": [{"name": "k", "key": "pk-0123456789"}]}}
+    )
+    async with running_proxy(settings) as proxy:
+        for name in ("upgrade-on-post", "underscore-api-key", "upgrade-get-with-body"):
+            raw = await exchange(proxy.port, CORPUS[name].raw, timeout=5)
+            status, headers, _ = split_response(raw)
+            assert status == 400, (name, raw[:200])
+            assert headers.get("connection") == "close"
+            assert raw.count(b"HTTP/1.1 ") == 1, name  # nothing after the head was answered
+    assert fake.received == []
