@@ -7,7 +7,7 @@ last data event of a stream when the client asked for
 ``"usage": null``; the final ``data: [DONE]`` follows). The relay keeps a
 reference to the last two chunks it wrote; after the response has ended,
 :func:`usage_from_tail` looks for the last ``"usage"`` key in those bytes and
-decodes only the object after it.
+reads the counts of the object after it, only when that object is whole.
 
 A literal ``"usage"`` inside a JSON string cannot match: there the quotes are
 escaped (``\\"usage\\"``). Compressed bodies cannot be read from their tail
@@ -16,7 +16,6 @@ escaped (``\\"usage\\"``). Compressed bodies cannot be read from their tail
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 
@@ -25,9 +24,19 @@ __all__ = ["Usage", "usage_from_tail"]
 _KEY = b'"usage"'
 # JSON whitespace, the colon, whitespace: what follows a key.
 _COLON = re.compile(rb"[ \t\r\n]*:[ \t\r\n]*")
-# A usage object is a few hundred bytes; never decode more than this of what follows it.
+# A usage object is a few hundred bytes; never look further than this past its start.
 _WINDOW = 4096
-_decoder = json.JSONDecoder()
+_BRACES = re.compile(rb"[{}]")
+# OpenAI's own layout, read in one match: {"prompt_tokens": N, "completion_tokens": M ...
+_OPENAI_LAYOUT = re.compile(
+    rb'\{[ \t\r\n]*"prompt_tokens"[ \t\r\n]*:[ \t\r\n]*(\d+)[ \t\r\n]*,'
+    rb'[ \t\r\n]*"completion_tokens"[ \t\r\n]*:[ \t\r\n]*(\d+)(?=[ \t\r\n,}])'
+)
+# A count: its key, then a whole number (followed by what ends a JSON number in an object).
+_COUNT = re.compile(
+    rb'"(prompt_tokens|input_tokens|completion_tokens|output_tokens)"[ \t\r\n]*:[ \t\r\n]*'
+    rb"(\d+)(?=[ \t\r\n,}])"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,28 +73,38 @@ def _find(data: bytes) -> Usage | None:
         if colon is not None:
             if data[colon.end() : colon.end() + 1] != b"{":
                 return None  # "usage": null (or a non-object): the last one decides
-            return _decode(data, colon.end())
+            return _read(data, colon.end())
         end = at  # "usage" was a value, not a key; look further back
 
 
-def _decode(data: bytes, start: int) -> Usage | None:
-    # Decode from the '{' on: a multi-byte character cut at the chunk's start is
-    # never part of this slice.
-    text = data[start : start + _WINDOW].decode("utf-8", "replace")
-    try:
-        obj, _ = _decoder.raw_decode(text)
-    except ValueError:
-        return None  # cut off: the object began before the bytes we kept
-    if not isinstance(obj, dict):
-        return None
-    prompt = _count(obj.get("prompt_tokens", obj.get("input_tokens")))
-    completion = _count(obj.get("completion_tokens", obj.get("output_tokens")))
+def _read(data: bytes, start: int) -> Usage | None:
+    """The counts of the usage object starting at ``start``, if it is whole.
+
+    Its extent is found by matching braces (its values are numbers and
+    objects of numbers); its counts by their key names, which its nested
+    ``*_details`` objects do not reuse. No JSON is decoded: this runs once
+    per response.
+    """
+    common = _OPENAI_LAYOUT.match(data, start)
+    if common is not None:  # the usual case: both counts first, whole
+        return Usage(int(common.group(1)), int(common.group(2)))
+    depth = 0
+    for brace in _BRACES.finditer(data, start, start + _WINDOW):
+        depth += 1 if brace.group() == b"{" else -1
+        if depth == 0:
+            stop = brace.end()
+            break
+    else:
+        return None  # cut off (or not a usage object we understand)
+    prompt: int | None = None
+    completion: int | None = None
+    for match in _COUNT.finditer(data, start, stop):
+        name, value = match.group(1), int(match.group(2))
+        if name in (b"prompt_tokens", b"input_tokens"):
+            if prompt is None:
+                prompt = value
+        elif completion is None:
+            completion = value
     if prompt is None and completion is None:
         return None
     return Usage(prompt, completion)
-
-
-def _count(value: object) -> int | None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        return None
-    return value

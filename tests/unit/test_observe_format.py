@@ -189,3 +189,36 @@ def test_access_records_format_like_any_record() -> None:
         r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO oaimux\.access observe\.py:0 0 - time=\S+ request_id=rid-1 .*",
         seen[0],
     )
+
+
+async def test_server_access_log_skips_log_records() -> None:
+    from proxy.config import parse_settings
+    from proxy.observe import access_logger, make_observer, send_access_log_to
+
+    saved = (list(access_logger.handlers), access_logger.propagate, access_logger.level)
+    stream = _CountingStream()
+    try:
+        send_access_log_to(stream)
+        access_logger.setLevel(logging.INFO)
+        settings = parse_settings(
+            {"upstreams": {"u": {"url": "http://127.0.0.1:9/v1"}}, "routes": [{"model": "m", "upstream": "u"}]},
+            environ={},
+        )
+        observer = make_observer(settings)
+        assert observer.sink is not None
+        with capture_logs() as logs:  # a root handler: it must not see access lines now
+            observer.finished(exchange(status=200))
+            observer.finished(exchange(status=404))
+            await asyncio.sleep(0)
+        assert logs.access == []
+        lines = stream.getvalue().splitlines()
+        assert [parse_text_line(line)["status"] for line in lines] == ["200", "404"]
+        assert stream.writes == 1
+    finally:
+        for handler in list(access_logger.handlers):
+            access_logger.removeHandler(handler)
+        for handler in saved[0]:
+            access_logger.addHandler(handler)
+        access_logger.propagate = saved[1]
+        access_logger.setLevel(saved[2])
+    assert make_observer(settings).sink is None  # tests and embedders: through logging

@@ -114,3 +114,21 @@ def test_multibyte_text_before_the_usage_object() -> None:
     body = chat_completion_body("gpt-4o", content="日本語のテキスト")
     cut = body.index("本".encode()) + 1  # inside a multi-byte character
     assert usage_from_tail(body[:cut], body[cut:]) == Usage(*CHAT_USAGE)
+
+
+def test_usage_objects_with_more_than_counts() -> None:
+    # OpenRouter-style: floats, booleans, null and nested objects beside the counts.
+    body = b'data: {"id":"gen-1","choices":[],"usage":{"prompt_tokens":10,"completion_tokens":5,"total_tokens":15,"cost":0.00012,"is_byok":false,"prompt_tokens_details":{"cached_tokens":0},"cost_details":{"upstream_inference_cost":null}}}\n\ndata: [DONE]\n\n'
+    assert usage_from_tail(b"", body) == Usage(10, 5)
+    # Whitespace as a pretty-printer writes it.
+    assert usage_from_tail(b"", b'{"usage" :\n {\n  "input_tokens" : 7 ,\n  "output_tokens":\t8\n }\n}') == Usage(7, 8)
+
+
+def test_a_count_cut_at_the_end_is_not_read() -> None:
+    assert usage_from_tail(b"", b'{"usage":{"completion_tokens":12') is None
+    assert usage_from_tail(b"", b'{"usage":{"completion_tokens":12}') == Usage(None, 12)
+
+
+def test_openai_layout_cut_inside_the_object_is_not_read() -> None:
+    assert usage_from_tail(b"", b'{"usage":{"prompt_tokens":5,"completion_tokens":1') is None
+    assert usage_from_tail(b"", b'{"usage":{"prompt_tokens":5,"completion_tokens":1,"total_tokens":6}}') == Usage(5, 1)
