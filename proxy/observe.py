@@ -61,6 +61,7 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
 # Values written bare in the text format: printable ASCII without space, '"' or '\'.
 _BARE = re.compile(r"[!#-\[\]-~]+")
 _MAX_LOGGED = 200  # characters of a client-chosen string (path, model) in the log
+_SEGMENTS = 1024  # remembered (client, key, method, path, model, target, upstream) parts
 
 
 def request_id_for(request: web.BaseRequest) -> str:
@@ -266,6 +267,7 @@ class Observer:
         self.json = log.format == "json"
         self._second = -1
         self._second_text = ""
+        self._segments: dict[tuple[bool | str | None, ...], str] = {}
 
     # -- the life of one request
 
@@ -331,15 +333,43 @@ class Observer:
             self._second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         return f"{self._second_text}.{int((wall - second) * 1000):03d}Z"
 
+    def _who(self, ex: Exchange, as_json: bool) -> str:
+        """The line's middle: client, key, method, path, model, target, upstream.
+
+        These repeat from request to request, so each combination is escaped
+        and joined once and then looked up (at most ``_SEGMENTS`` are kept).
+        """
+        key = (
+            as_json, ex.client, ex.key_name, ex.method, ex.path, ex.model, ex.upstream_model,
+            ex.upstream,
+        )  # fmt: skip
+        segment = self._segments.get(key)
+        if segment is None:
+            if as_json:
+                segment = (
+                    f'"client":{_json(ex.client)},"key":{_json(ex.key_name)}'
+                    f',"method":"{ex.method}","path":{_json(ex.path)}'
+                    f',"model":{_json(ex.model)},"target":{_json(ex.upstream_model)}'
+                    f',"upstream":{_json(ex.upstream)}'
+                )
+            else:
+                segment = (
+                    f"client={_text(ex.client)} key={_text(ex.key_name)} method={ex.method}"
+                    f" path={_text(ex.path)} model={_text(ex.model)}"
+                    f" target={_text(ex.upstream_model)} upstream={_text(ex.upstream)}"
+                )
+            if len(self._segments) >= _SEGMENTS:
+                self._segments.clear()  # bounded: clients choose paths and models
+            self._segments[key] = segment
+        return segment
+
     def format_text(self, ex: Exchange) -> str:
         """One ``key=value`` line (logfmt); client-chosen strings are quoted when needed."""
         ttfb = "-" if ex.ttfb is None else f"{ex.ttfb * 1000:.2f}"
         duration = "-" if ex.duration is None else f"{ex.duration * 1000:.2f}"
         return (
-            f"time={self._time(ex.started_wall)} request_id={ex.request_id} client={ex.client}"
-            f" key={_text(ex.key_name)} method={ex.method} path={_text(ex.path)}"
-            f" model={_text(ex.model)} target={_text(ex.upstream_model)}"
-            f" upstream={ex.upstream or '-'} tried={','.join(ex.tried) or '-'}"
+            f"time={self._time(ex.started_wall)} request_id={ex.request_id}"
+            f" {self._who(ex, False)} tried={','.join(ex.tried) or '-'}"
             f" status={ex.status} bytes_in={ex.bytes_in} bytes_out={ex.bytes_out}"
             f" ttfb_ms={ttfb} duration_ms={duration} outcome={ex.outcome}"
             f" error={ex.error_code or '-'}"
@@ -360,10 +390,7 @@ class Observer:
         return (
             # request_id (vetted), method (an HTTP token) and outcome never need escaping.
             f'{{"time":"{self._time(ex.started_wall)}","request_id":"{ex.request_id}"'
-            f',"client":{_json(ex.client)},"key":{_json(ex.key_name)}'
-            f',"method":"{ex.method}","path":{_json(ex.path)}'
-            f',"model":{_json(ex.model)},"target":{_json(ex.upstream_model)}'
-            f',"upstream":{_json(ex.upstream)},"tried":[{tried}],"status":{ex.status}'
+            f',{self._who(ex, True)},"tried":[{tried}],"status":{ex.status}'
             f',"bytes_in":{ex.bytes_in},"bytes_out":{ex.bytes_out}'
             f',"ttfb_ms":{ttfb},"duration_ms":{duration},"outcome":"{ex.outcome}"'
             f',"error":{_json(ex.error_code)},"prompt_tokens":{_json_int(ex.prompt_tokens)}'

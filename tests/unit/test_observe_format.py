@@ -222,3 +222,17 @@ async def test_server_access_log_skips_log_records() -> None:
         access_logger.propagate = saved[1]
         access_logger.setLevel(saved[2])
     assert make_observer(settings).sink is None  # tests and embedders: through logging
+
+
+def test_remembered_line_parts_stay_bounded_and_right() -> None:
+    from proxy.observe import _SEGMENTS
+
+    observer = Observer(LogSettings())
+    for i in range(_SEGMENTS * 2 + 5):
+        f = parse_text_line(observer.format_text(exchange(model=f"model {i}")))
+        assert f["model"] == f"model {i}"
+        assert len(observer._segments) <= _SEGMENTS
+    # The same exchange in both formats, from one observer.
+    ex = exchange(model='quote"d')
+    assert parse_text_line(observer.format_text(ex))["model"] == 'quote"d'
+    assert json.loads(observer.format_json(ex))["model"] == 'quote"d'
