@@ -64,10 +64,17 @@ async def _read_body(request: web.Request, limit: int, idle_timeout: float) -> b
         raise _too_large(limit)
     content = request.content
     if length is not None:
-        # One read with a known size: no per-chunk list for the common case.
+        if length == 0:
+            return b""
+        # Small bodies usually arrived with the headers: take what aiohttp has
+        # buffered without arming a timer (nobody else waits on this reader).
+        buffered = content.read_nowait(-1)
+        if len(buffered) >= length:
+            return buffered
+        # The rest arrives in pieces: bound the silence between them.
         async with asyncio.timeout(idle_timeout) as deadline:
-            chunks: list[bytes] = []
-            size = 0
+            chunks: list[bytes] = [buffered] if buffered else []
+            size = len(buffered)
             while size < length:
                 chunk = await content.readany()
                 if not chunk:
@@ -134,6 +141,7 @@ def find_model(body: bytes, content_type_header: str) -> FoundModel:
     if mime.type == "multipart" and mime.subtype == "form-data":
         return find_multipart_model(body, multipart_boundary(dict(mime.parameters)))
     return find_json_model(body)
+
 
 # Path-routed bodies above this size are streamed to the upstream as they
 # arrive; smaller ones are read whole, so retries and fallback still apply.
