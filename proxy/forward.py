@@ -44,7 +44,6 @@ from .bodies import BodyStream
 from .config import Route
 from .errors import (
     ProxyError,
-    ServiceUnavailable,
     UpstreamAuthFailed,
     UpstreamTimeout,
     UpstreamUnavailable,
@@ -197,14 +196,7 @@ async def forward(
             raise
     if last_error is None:
         # Every breaker is open: fail fast, and say when to come back.
-        raise ServiceUnavailable(
-            "Every upstream for this model is failing and paused by the proxy's "
-            "circuit breaker; retry after the delay given in Retry-After.",
-            code="upstream_circuit_open",
-            headers={
-                "Retry-After": str(health.retry_after(plans[n].upstream for n in route.upstreams))
-            },
-        )
+        raise health.all_paused(plans[n].upstream for n in route.upstreams)
     raise last_error
 
 

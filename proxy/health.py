@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from .config import Balance, Upstream
+from .errors import ServiceUnavailable
 
 __all__ = ["MAX_BACKOFF", "Breaker", "Health", "backoff_delay", "order_upstreams"]
 
@@ -139,6 +140,15 @@ class Health:
             until = max(b.open_until, b.probe_until if b.probing else 0.0)
             soonest = min(soonest, until - now)
         return max(1, math.ceil(soonest)) if soonest != math.inf else 1
+
+    def all_paused(self, upstreams: Iterable[Upstream]) -> ServiceUnavailable:
+        """The answer when every one of a route's ``upstreams`` is paused by its breaker."""
+        return ServiceUnavailable(
+            "Every upstream for this model is failing and paused by the proxy's "
+            "circuit breaker; retry after the delay given in Retry-After.",
+            code="upstream_circuit_open",
+            headers={"Retry-After": str(self.retry_after(upstreams))},
+        )
 
     def states(self) -> dict[str, str]:
         return {name: b.state for name, b in self._breakers.items()}

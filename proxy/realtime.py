@@ -57,7 +57,6 @@ from .errors import (
     NotFound,
     ProxyError,
     RateLimited,
-    ServiceUnavailable,
     UpstreamAuthFailed,
     UpstreamTimeout,
     UpstreamUnavailable,
@@ -522,14 +521,7 @@ async def _connect(
         health.failure(upstream_settings)
         observer.upstream_failure(name, kind)
     if last_error is None:
-        raise ServiceUnavailable(
-            "Every upstream for this model is failing and paused by the proxy's "
-            "circuit breaker; retry after the delay given in Retry-After.",
-            code="upstream_circuit_open",
-            headers={
-                "Retry-After": str(health.retry_after(plans[n].upstream for n in route.upstreams))
-            },
-        )
+        raise health.all_paused(plans[n].upstream for n in route.upstreams)
     raise last_error
 
 
