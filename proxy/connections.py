@@ -36,7 +36,15 @@ from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError, LineTooL
 from aiohttp.web_protocol import RequestHandler
 
 from .config import ServerSettings
-from .errors import ERROR_HEADER, InvalidRequest, ProxyError, RequestTooLarge, error_response
+from .errors import (
+    ERROR_HEADER,
+    ExpectationFailed,
+    HeadersTooLarge,
+    InvalidRequest,
+    ProxyError,
+    RequestTooLarge,
+    error_response,
+)
 from .keys import RUNTIME
 
 __all__ = [
@@ -60,18 +68,6 @@ _HEAD_TIMEOUT_RESPONSE = (
     b"Content-Length: " + str(len(_TIMEOUT_BODY)).encode() + b"\r\n"
     b"Connection: close\r\n" + ERROR_HEADER.encode() + b": request_timeout\r\n\r\n" + _TIMEOUT_BODY
 )
-
-
-class _HeadersTooLarge(ProxyError):
-    status = 431
-    type = "invalid_request_error"
-    code = "request_header_fields_too_large"
-
-
-class _ExpectationFailed(ProxyError):
-    status = 417
-    type = "invalid_request_error"
-    code = "expectation_failed"
 
 
 class GuardedRequestHandler(RequestHandler):
@@ -120,7 +116,7 @@ class GuardedRequestHandler(RequestHandler):
         )
         err: ProxyError
         if isinstance(exc, LineTooLong) or "Too many headers" in str(exc.message):
-            err = _HeadersTooLarge("The request line or headers are too large.")
+            err = HeadersTooLarge("The request line or headers are too large.")
         else:
             err = InvalidRequest(
                 "The request is not valid HTTP/1.1 and was refused.", code="malformed_request"
@@ -187,7 +183,7 @@ async def expect_continue(request: web.Request) -> web.StreamResponse | None:
     expect = request.headers.get("Expect", "")
     if expect.lower() != "100-continue":
         close_without_lingering(request)
-        resp = error_response(_ExpectationFailed("Only 'Expect: 100-continue' is supported."))
+        resp = error_response(ExpectationFailed("Only 'Expect: 100-continue' is supported."))
         resp.force_close()
         return resp
     limit = request.app[RUNTIME].current.settings.server.max_body_bytes

@@ -6,11 +6,14 @@
     ├── InvalidRequest               400    invalid_request_error  (given)
     ├── Unauthorized                 401    invalid_request_error  invalid_api_key
     ├── ModelNotAllowed              403    invalid_request_error  model_not_allowed
+    ├── OriginNotAllowed             403    invalid_request_error  origin_not_allowed
     ├── NotFound                     404    invalid_request_error  (given)
     ├── MethodNotAllowed             405    invalid_request_error  method_not_allowed
     ├── RequestTimeout               408    invalid_request_error  request_timeout
     ├── RequestTooLarge              413    invalid_request_error  request_too_large
+    ├── ExpectationFailed            417    invalid_request_error  expectation_failed
     ├── RateLimited                  429    requests               rate_limit_exceeded
+    ├── HeadersTooLarge              431    invalid_request_error  request_header_fields_too_large
     ├── UpstreamUnavailable          502    api_error              upstream_unavailable
     ├── UpstreamAuthFailed           502    api_error              upstream_auth_failed
     ├── ServiceUnavailable           503    api_error              (given)
@@ -31,10 +34,13 @@ from aiohttp import web
 
 __all__ = [
     "ERROR_HEADER",
+    "ExpectationFailed",
+    "HeadersTooLarge",
     "InvalidRequest",
     "MethodNotAllowed",
     "ModelNotAllowed",
     "NotFound",
+    "OriginNotAllowed",
     "ProxyError",
     "RateLimited",
     "RequestTimeout",
@@ -118,6 +124,24 @@ class RequestTooLarge(ProxyError):
     status = 413
     type = "invalid_request_error"
     code = "request_too_large"
+
+
+class OriginNotAllowed(ProxyError):
+    status = 403
+    type = "invalid_request_error"
+    code = "origin_not_allowed"
+
+
+class ExpectationFailed(ProxyError):
+    status = 417
+    type = "invalid_request_error"
+    code = "expectation_failed"
+
+
+class HeadersTooLarge(ProxyError):
+    status = 431
+    type = "invalid_request_error"
+    code = "request_header_fields_too_large"
 
 
 class RateLimited(ProxyError):

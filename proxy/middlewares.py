@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from .config import CorsSettings
-from .errors import ProxyError, error_response, from_http_exception
+from .errors import OriginNotAllowed, ProxyError, error_response, from_http_exception
 
 __all__ = ["Cors", "error_middleware"]
 
@@ -42,12 +42,6 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 
 _ALLOW_METHODS = "GET, POST, PUT, PATCH, DELETE, OPTIONS"
-
-
-class _OriginNotAllowed(ProxyError):
-    status = 403
-    type = "invalid_request_error"
-    code = "origin_not_allowed"
 
 
 class Cors:
@@ -79,7 +73,7 @@ class Cors:
             # A preflight is the proxy's to answer, never forwarded upstream.
             if self._origin(request) is None:
                 return error_response(
-                    _OriginNotAllowed("This origin may not call the proxy from a browser.")
+                    OriginNotAllowed("This origin may not call the proxy from a browser.")
                 )
             resp = web.Response(status=204)
             resp.headers["Access-Control-Allow-Methods"] = _ALLOW_METHODS
