@@ -17,7 +17,7 @@ escaped (``\\"usage\\"``). Compressed bodies cannot be read from their tail
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 
 __all__ = ["Usage", "usage_from_tail"]
 
@@ -39,8 +39,7 @@ _COUNT = re.compile(
 )
 
 
-@dataclass(frozen=True, slots=True)
-class Usage:
+class Usage(NamedTuple):
     """Prompt (input) and completion (output) tokens; ``None`` where not reported."""
 
     prompt_tokens: int | None

@@ -104,3 +104,28 @@ def test_counts_kept_on_the_hot_path_are_published_at_collection() -> None:
     assert sample(m, "oaimux_tokens_total", model="m", upstream="u", type="completion") == 4
     # Published once: collecting again adds nothing.
     assert sample(m, "oaimux_requests_total", model="m", upstream="u", status_class="2xx") == 1
+
+
+def test_batched_latency_equals_the_librarys_observe() -> None:
+    from prometheus_client import CollectorRegistry, Histogram
+
+    from proxy.metrics import _BUCKETS
+
+    values = [0.0, 0.004, 0.005, 0.0050001, 0.1, 0.7, 29.9, 30.0, 600.0, 600.5, 7200.0, 0.02] * 3
+    m = single()
+    reference = Histogram("ref", "reference", ("upstream",), buckets=_BUCKETS, registry=CollectorRegistry())
+    for v in values:
+        m.request_finished("m", "u", 200, v, v / 2)
+        reference.labels("u").observe(v)
+    bounds = [*(repr(float(b)) for b in _BUCKETS[:-1]), "+Inf"]
+    for le in bounds:
+        expected = reference.collect()[0]
+        want = next(s.value for s in expected.samples if s.name == "ref_bucket" and s.labels["le"] == le)
+        assert sample(m, "oaimux_request_duration_seconds_bucket", upstream="u", le=le) == want, le
+    assert sample(m, "oaimux_request_duration_seconds_count", upstream="u") == len(values)
+    assert sample(m, "oaimux_request_duration_seconds_sum", upstream="u") == pytest.approx(sum(values))
+    assert sample(m, "oaimux_time_to_first_byte_seconds_sum", upstream="u") == pytest.approx(sum(values) / 2)
+    # A second batch adds to the first.
+    m.request_finished("m", "u", 200, 0.001, None)
+    assert sample(m, "oaimux_request_duration_seconds_count", upstream="u") == len(values) + 1
+    assert sample(m, "oaimux_time_to_first_byte_seconds_count", upstream="u") == len(values)
