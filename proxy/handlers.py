@@ -239,6 +239,12 @@ async def _proxy(
         raise unauthorized()
     route: Route | None = None
     inbound: CIMultiDictProxy[str] = request.headers
+    # When no route has a limit of its own, the bucket does not depend on the
+    # route: charge before the body is read, so a client over its limit costs
+    # no body read and no parse (issue 3).
+    charged = not runtime.route_limited
+    if charged:
+        await charge(limiter, runtime, caller, None)
     try:
         vet_head(request)
         path = vet_path(raw_path)
@@ -307,9 +313,11 @@ async def _proxy(
                 ex.bytes_in = len(body)
         ex.route = route.describe()
     except ProxyError:
-        await charge(limiter, runtime, caller, route)
+        if not charged:
+            await charge(limiter, runtime, caller, route)
         raise
-    await charge(limiter, runtime, caller, route)
+    if not charged:
+        await charge(limiter, runtime, caller, route)
     if realtime is not None:
         return await proxy_realtime(
             request,

@@ -71,6 +71,8 @@ class Runtime:
     plans: Mapping[str, UpstreamPlan]
     keys: KeyTable
     trusted: TrustedNetworks
+    # Does any route carry its own rate_limit (so the bucket depends on the route)?
+    route_limited: bool
 
     def plans_for(self, route: Route) -> tuple[UpstreamPlan, ...]:
         return tuple(self.plans[name] for name in route.upstreams)
@@ -85,6 +87,7 @@ def build_runtime(
         plans={name: _plan(u) for name, u in settings.upstreams.items()},
         keys=KeyTable(settings.auth_keys),
         trusted=TrustedNetworks(settings.server.trusted_proxies),
+        route_limited=any(r.rate_limit is not None for r in settings.routes),
     )
 
 
