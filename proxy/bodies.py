@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import zlib
+from collections.abc import Coroutine
+from typing import TypeVar
 
 import aiohttp
 from aiohttp import web
@@ -26,8 +28,18 @@ from .findmodel import (
     find_multipart_model,
     multipart_boundary,
 )
+from .upload import MultipartHead, PartWatcher, read_until_model
 
-__all__ = ["STREAM_ABOVE", "BodyStream", "decoded_for_routing", "find_model", "read_body"]
+T = TypeVar("T")
+
+__all__ = [
+    "STREAM_ABOVE",
+    "BodyStream",
+    "decoded_for_routing",
+    "find_model",
+    "read_body",
+    "read_multipart_head",
+]
 
 
 def _too_large(limit: int) -> RequestTooLarge:
@@ -40,8 +52,28 @@ def _too_large(limit: int) -> RequestTooLarge:
 async def read_body(request: web.Request, limit: int, idle_timeout: float) -> bytes:
     """All of the body's bytes, as sent, or :class:`RequestTooLarge`, or
     :class:`RequestTimeout` when the client went silent for ``idle_timeout``."""
+    return await _as_client_fault(_read_body(request, limit, idle_timeout), request, idle_timeout)
+
+
+async def read_multipart_head(
+    request: web.Request, boundary: bytes, limit: int, idle_timeout: float
+) -> MultipartHead:
+    """Read a multipart body only until its ``model`` field is complete (or it ends),
+    with the bounds of :func:`read_body`."""
+    length = request.content_length
+    if length is not None and length > limit:
+        raise _too_large(limit)
+    return await _as_client_fault(
+        read_until_model(request.content, boundary, limit, idle_timeout), request, idle_timeout
+    )
+
+
+async def _as_client_fault(
+    reading: Coroutine[object, object, T], request: web.Request, idle_timeout: float
+) -> T:
+    """Await a body read; a stall or broken framing is the client's fault."""
     try:
-        return await _read_body(request, limit, idle_timeout)
+        return await reading
     except TimeoutError:
         # Not a gateway timeout (aiohttp would answer 504): the client stalled.
         close_without_lingering(request)
@@ -153,33 +185,53 @@ class _BodyFailed(Exception):
 
 
 class BodyStream:
-    """A request body passed on as it arrives, never held whole (path routes:
-    file uploads need no model, so the proxy never needs their bytes).
+    """A request body passed on as it arrives, never held whole: path routes
+    (file uploads need no model, so the proxy never needs their bytes) and
+    large multipart forms once their ``model`` field has been read.
 
     An async iterator of chunks for aiohttp's client, with the bounds of
     :func:`read_body`: at most ``limit`` bytes and at most ``idle_timeout`` of
-    silence. When the client is at fault (stalled, too large, cut short),
-    ``failure`` holds the error to answer, so the upstream is not blamed.
-    Once ``started``, the body cannot be sent again: no retry, no fallback.
-    ``length`` is the client's ``Content-Length`` (``None``: chunked).
+    silence. ``head`` (bytes already read, possibly rewritten) goes first and
+    ``received`` counts what was read for it; ``watcher`` sees every later
+    chunk (a second ``model`` form field stops the upload). When the client is
+    at fault (stalled, too large, cut short, ambiguous), ``failure`` holds the
+    error to answer, so the upstream is not blamed. Once ``started``, the body
+    cannot be sent again: no retry, no fallback. ``length`` is what the
+    upstream is told (the client's ``Content-Length`` adjusted for a rewritten
+    head; ``None``: chunked).
     """
 
-    def __init__(self, request: web.Request, limit: int, idle_timeout: float) -> None:
-        self.length = request.content_length
-        if self.length is not None and self.length > limit:
+    def __init__(
+        self,
+        request: web.Request,
+        limit: int,
+        idle_timeout: float,
+        *,
+        head: bytes = b"",
+        received: int = 0,
+        watcher: PartWatcher | None = None,
+    ) -> None:
+        client_length = request.content_length
+        if client_length is not None and client_length > limit:
             raise _too_large(limit)
+        self.length = None if client_length is None else client_length - received + len(head)
+        self._head = head
+        self._watcher = watcher
         self._content = request.content
         self._limit = limit
         self._idle_timeout = idle_timeout
-        self.size = 0
+        self.size = received
         self.started = False
-        self.failure: RequestTooLarge | RequestTimeout | InvalidRequest | None = None
+        self.failure: ProxyError | None = None
 
     def __aiter__(self) -> BodyStream:
         return self
 
     async def __anext__(self) -> bytes:
         self.started = True
+        if self._head:
+            head, self._head = self._head, b""
+            return head
         try:
             async with asyncio.timeout(self._idle_timeout):
                 chunk = await self._content.readany()
@@ -199,4 +251,10 @@ class BodyStream:
         if self.size > self._limit:
             self.failure = _too_large(self._limit)
             raise _BodyFailed
+        if self._watcher is not None:
+            try:
+                self._watcher.feed(chunk)
+            except InvalidRequest as err:
+                self.failure = err
+                raise _BodyFailed from None
         return chunk

@@ -14,13 +14,21 @@ import time
 from urllib.parse import unquote
 
 from aiohttp import web
+from aiohttp.helpers import parse_mimetype
 from aiohttp.http import HttpVersion10, HttpVersion11
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from . import __version__
 from .admission import Caller, charge, identify, unauthorized
 from .auth import KeyTable
-from .bodies import STREAM_ABOVE, BodyStream, decoded_for_routing, find_model, read_body
+from .bodies import (
+    STREAM_ABOVE,
+    BodyStream,
+    decoded_for_routing,
+    find_model,
+    read_body,
+    read_multipart_head,
+)
 from .config import Route
 from .errors import (
     InvalidRequest,
@@ -30,7 +38,7 @@ from .errors import (
     ProxyError,
     error_response,
 )
-from .findmodel import rewrite_model
+from .findmodel import multipart_boundary, rewrite_model
 from .forward import OUR_REQUEST_ID_HEADER, forward
 from .keys import HEALTH, LIMITER, OBSERVER, REALTIME_SESSIONS, RUNTIME, SESSION, STARTED_AT
 from .observe import EXCHANGE, Exchange, request_id_for
@@ -42,6 +50,7 @@ from .realtime import (
     realtime_target,
 )
 from .runtime import Runtime
+from .upload import MultipartHead, PartWatcher
 
 __all__ = [
     "MODEL_FORM_PATHS",
@@ -263,14 +272,22 @@ async def _proxy(
             ex.model, ex.upstream_model = realtime.model, realtime.upstream_model
             ex.metric_model = route.model or realtime.model or ""
         elif path in MODEL_PATHS and request.method == "POST":
-            body = await read_body(
-                request, settings.server.max_body_bytes, settings.server.body_idle_timeout
-            )
-            ex.bytes_in = len(body)
+            limit = settings.server.max_body_bytes
+            idle = settings.server.body_idle_timeout
             content_type = request.headers.get("Content-Type", "application/json")
             encoding = request.headers.get("Content-Encoding")
-            routable = decoded_for_routing(body, encoding, settings.server.max_body_bytes)
-            found = find_model(routable, content_type)
+            boundary = _streamable_form(request, content_type, encoding)
+            head: MultipartHead | None = None
+            if boundary is not None:
+                # A large form: read only up to its model field (issue 8).
+                head = await read_multipart_head(request, boundary, limit, idle)
+                body = routable = head.head
+                found = head.found
+            else:
+                body = await read_body(request, limit, idle)
+                routable = decoded_for_routing(body, encoding, limit)
+                found = find_model(routable, content_type)
+            ex.bytes_in = len(body)
             vet_model(found.model)
             ex.model = found.model
             match = runtime.table.resolve(found.model)
@@ -291,6 +308,13 @@ async def _proxy(
                     inbound = _without(request, "Content-Encoding")
                 body = rewrite_model(routable, found, upstream_model)
             ex.upstream_model = upstream_model
+            if head is not None and boundary is not None and not head.complete:
+                watcher = PartWatcher(boundary)
+                watcher.feed(head.head[found.end :])  # the rest of the head, after the model
+                assert isinstance(body, bytes)
+                body = BodyStream(
+                    request, limit, idle, head=body, received=len(head.head), watcher=watcher
+                )
         else:
             route = runtime.table.resolve_path(path)
             if route is None:
@@ -348,6 +372,21 @@ async def _proxy(
     finally:
         if isinstance(body, BodyStream):
             ex.bytes_in = body.size
+
+
+def _streamable_form(
+    request: web.Request, content_type: str, encoding: str | None
+) -> bytes | None:
+    """The boundary of a multipart body worth streaming (over STREAM_ABOVE bytes, or
+    chunked, and not compressed), else None: small forms are read whole, so
+    retries and fallback keep working for them."""
+    length = request.content_length
+    if encoding or (length is not None and length <= STREAM_ABOVE):
+        return None
+    mime = parse_mimetype(content_type)
+    if mime.type != "multipart" or mime.subtype != "form-data":
+        return None
+    return multipart_boundary(dict(mime.parameters))
 
 
 def _without(request: web.Request, header: str) -> CIMultiDictProxy[str]:

@@ -1,34 +1,34 @@
 """Large multipart uploads stream to the upstream as soon as the model is known.
 
-A transcription or file upload can be tens of megabytes, with the ``model``
-field usually first. :func:`read_multipart_head` reads only until the
-``model`` part is complete; :class:`UploadStream` then yields that head
-(rewritten if the route says so) followed by the rest of the body as it
-arrives, while :class:`PartWatcher` checks every later part header, so a
-second ``model`` field is still refused (``ambiguous_model``) — the upload is
-then cut off before the upstream has the whole request, and the client gets
-the 400 (no response byte has gone out yet).
+A transcription or image edit can be tens of megabytes, with the ``model``
+field usually first (the official SDKs send form fields before files).
+:func:`read_until_model` reads only until the ``model`` part is complete; a
+:class:`~proxy.bodies.BodyStream` then sends that head (rewritten if the route
+says so) followed by the rest of the body as it arrives, while
+:class:`PartWatcher` checks every later part header, so a second ``model``
+field is still refused (``ambiguous_model``): the upload is cut off before the
+upstream has the whole request, and the client gets the 400 (no response byte
+has gone out yet).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from aiohttp import StreamReader
 
-from .errors import InvalidRequest, ProxyError, RequestTooLarge
+from .errors import InvalidRequest, RequestTooLarge
 from .findmodel import FoundModel, find_multipart_model, part_name
 
-__all__ = ["PartWatcher", "UploadHead", "UploadStream", "read_multipart_head"]
+__all__ = ["MultipartHead", "PartWatcher", "read_until_model"]
 
 # Part headers are short; a longer block is not a form a client library makes.
 _MAX_PART_HEADERS = 16 * 1024
 
 
 @dataclass(slots=True)
-class UploadHead:
+class MultipartHead:
     """The bytes read so far, the model found in them, and whether the body ended."""
 
     head: bytes
@@ -59,9 +59,9 @@ def _model_in_prefix(buf: bytes, boundary: bytes) -> FoundModel | None:
         return found
 
 
-async def read_multipart_head(
+async def read_until_model(
     content: StreamReader, boundary: bytes, limit: int, idle_timeout: float
-) -> UploadHead:
+) -> MultipartHead:
     """Read until the model field is complete, or the whole body if it ends first."""
     chunks: list[bytes] = []
     size = 0
@@ -71,7 +71,7 @@ async def read_multipart_head(
             chunk = await content.readany()
             if not chunk:
                 body = b"".join(chunks)
-                return UploadHead(body, find_multipart_model(body, boundary), True)
+                return MultipartHead(body, find_multipart_model(body, boundary), True)
             size += len(chunk)
             if size > limit:
                 raise RequestTooLarge(
@@ -83,7 +83,7 @@ async def read_multipart_head(
             chunks = [head]
             found = _model_in_prefix(head, boundary)
             if found is not None:
-                return UploadHead(head, found, False)
+                return MultipartHead(head, found, False)
 
 
 class PartWatcher:
@@ -121,65 +121,3 @@ class PartWatcher:
                     "the form names 'model' more than once", code="ambiguous_model", param="model"
                 )
             pos = headers_end
-
-
-class UploadStream:
-    """The body to send upstream: the head, then the rest as the client sends it.
-
-    If the rest breaks a rule (a second model, too large, the client stalls),
-    iteration stops with an error; ``error`` keeps it so the caller can answer
-    the client with it rather than with the upstream transport's failure.
-    """
-
-    def __init__(
-        self,
-        head: bytes,
-        after_model: bytes,
-        content: StreamReader,
-        boundary: bytes,
-        limit: int,
-        received: int,
-        idle_timeout: float,
-    ) -> None:
-        """``head`` is sent first (rewritten or not); ``after_model`` is the part of
-        the original head after the model field, still to be watched; ``received``
-        counts the body bytes read so far (against ``limit``)."""
-        self.head = head
-        self._content = content
-        self._watcher = PartWatcher(boundary)
-        self._watcher.feed(after_model)  # raises now if the head already has a second model
-        self._limit = limit
-        self._received = received
-        self._idle = idle_timeout
-        self.error: ProxyError | None = None
-        self.sent = 0
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        yield self.head
-        self.sent = len(self.head)
-        content = self._content
-        watcher = self._watcher
-        received = self._received
-        try:
-            while True:
-                async with asyncio.timeout(self._idle):
-                    chunk = await content.readany()
-                if not chunk:
-                    return
-                received += len(chunk)
-                if received > self._limit:
-                    raise RequestTooLarge(
-                        f"The request body is larger than this proxy accepts ({self._limit} bytes)."
-                    )
-                watcher.feed(chunk)
-                yield chunk
-                self.sent += len(chunk)
-        except ProxyError as err:
-            self.error = err
-            raise
-        except TimeoutError:
-            self.error = InvalidRequest(
-                f"The request body stopped arriving for {self._idle:g} seconds.",
-                code="request_timeout",
-            )
-            raise

@@ -169,8 +169,21 @@ async def test_rate_limit_rejections_and_metrics_not_limited(make_proxy: MakePro
     assert await post(client, "unknown") == 429
     for _ in range(5):  # the bucket is empty, yet every scrape gets through
         s = await scrape(client)
+    # No route has a limit of its own, so the token is taken before the body is
+    # read (and the model known): these refusals carry no model.
+    assert value(s, "oaimux_rate_limited_total", model="") == 2
+    assert value(s, "oaimux_requests_total", model="", upstream="", status_class="4xx") == 2
+
+
+async def test_rate_limit_rejections_of_a_limited_route_carry_its_model(
+    make_proxy: MakeProxy, upstream_url: str
+) -> None:
+    config = basic_config(upstream_url)
+    config["routes"][0]["rate_limit"] = {"requests_per_minute": 1, "burst": 2}
+    client = await make_proxy(config)
+    assert [await post(client, "gpt-4o-mini") for _ in range(3)] == [200, 200, 429]
+    s = await scrape(client)
     assert value(s, "oaimux_rate_limited_total", model="gpt-4o-mini") == 1
-    assert value(s, "oaimux_rate_limited_total", model="") == 1
     assert value(s, "oaimux_requests_total", model="gpt-4o-mini", upstream="", status_class="4xx") == 1
 
 
