@@ -136,8 +136,13 @@ async def _run(
     )
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=1024)
-    await site.start()
-    metrics_runner = await _start_metrics_listener(app, settings, reuse_port)
+    try:
+        await site.start()
+        metrics_runner = await _start_metrics_listener(app, settings, reuse_port)
+    except OSError as exc:
+        # Address in use, not ours to bind...: one clear line, resources closed.
+        await runner.cleanup()
+        raise CannotListen(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     pid = os.getpid()
     log.info(
         "oaimux serving %s on http://%s:%d: %d routes, %d upstreams, uvloop %s (pid %d)",
@@ -238,16 +243,30 @@ def serve(path: str, settings: Settings, host: str, port: int, workers: int) -> 
 
         return run_workers(path, settings, host, port, workers)
     uvloop_used = _install_uvloop()
-    asyncio.run(_run(path, settings, host, port, False, uvloop_used))
+    try:
+        asyncio.run(_run(path, settings, host, port, False, uvloop_used))
+    except CannotListen as exc:
+        log.error("%s", exc)
+        return 1
     return 0
 
 
-def serve_worker(path: str, settings: Settings, host: str, port: int) -> None:
+class CannotListen(Exception):
+    """The listening socket could not be opened (the message says where and why)."""
+
+
+def serve_worker(path: str, settings: Settings, host: str, port: int) -> int:
     """Entry of one worker process (``--workers N``), forked with the lifecycle
-    signals blocked; they are unblocked once the loop handles them."""
+    signals blocked; they are unblocked once the loop handles them. Returns the
+    worker's exit status."""
     configure_logging(settings)
     uvloop_used = _install_uvloop()
-    asyncio.run(_run(path, settings, host, port, True, uvloop_used, parent=os.getppid()))
+    try:
+        asyncio.run(_run(path, settings, host, port, True, uvloop_used, parent=os.getppid()))
+    except CannotListen as exc:
+        log.error("%s", exc)
+        return 1
+    return 0
 
 
 def port_reusable() -> bool:

@@ -76,7 +76,7 @@ def run_workers(path: str, settings: Settings, host: str, port: int, workers: in
                 signal.signal(sig, signal.SIG_DFL)
             code = 0
             try:
-                serve_worker(path, settings, host, port)
+                code = serve_worker(path, settings, host, port)
             except BaseException:  # noqa: BLE001 - a worker must never return into the parent's code
                 log.exception("worker failed")
                 code = 1
