@@ -20,6 +20,7 @@ Log lines about the lifecycle carry the process id, so the workers of one
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -67,19 +68,20 @@ class _TextFormatter(logging.Formatter):
 
 
 class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        import json
+    """One JSON object per line; an exception's traceback goes in ``exception``."""
 
+    def format(self, record: logging.LogRecord) -> str:
         if record.name == "oaimux.access":
             return record.getMessage()
-        return json.dumps(
-            {
-                "time": self.formatTime(record),
-                "level": record.levelname,
-                "logger": record.name,
-                "message": record.getMessage(),
-            }
-        )
+        entry = {
+            "time": self.formatTime(record),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
 
 
 def _install_uvloop() -> bool:
