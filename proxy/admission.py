@@ -31,10 +31,10 @@ from aiohttp import web
 
 from .auth import presented_key
 from .clientip import client_address, limit_key
-from .config import AuthKey, RateLimitSettings, Route, Settings
 from .errors import RateLimited, ServiceUnavailable, Unauthorized
 from .ratelimit import Decision, RateLimiter, StorageUnavailable
 from .runtime import Runtime
+from .settings import AuthKey, RateLimitSettings, Route, Settings
 
 __all__ = [
     "Admission",

@@ -15,7 +15,6 @@ import aiohttp
 from aiohttp import web
 
 from .admission import Admission
-from .config import Settings
 from .connections import expect_continue
 from .discovery import Discovery
 from .handlers import about_view, healthz_view, model_view, models_view, proxy_view
@@ -35,6 +34,7 @@ from .observe import Observer, make_observer
 from .ratelimit import MemoryRateLimiter, RateLimiter
 from .realtime import RealtimeSessions, close_realtime_sessions
 from .runtime import RuntimeHolder, build_runtime
+from .settings import Settings
 
 __all__ = ["create_app", "make_upstream_session", "server_options"]
 

@@ -1,14 +1,11 @@
-"""Load ``routes.yaml`` once into frozen, typed settings.
+"""Load ``routes.yaml`` once into the frozen, typed settings of settings.py.
 
 ``load_settings(path)`` is the only entry point. It expands ``${VAR}`` and
 ``${VAR:-default}`` from the environment, validates every key and returns a
-:class:`Settings`. Every problem raises :class:`ConfigError` naming the file,
-the key path (``routes[2].upstream``) and the offending value; nothing is
-checked later, at request time. The request path only reads the dataclasses
-defined here and never touches YAML or dicts of settings.
-
-Secrets (expanded header values, proxy keys) live in fields whose ``repr`` is
-masked, so a settings object can be logged or printed safely.
+:class:`~proxy.settings.Settings`. Every problem raises :class:`ConfigError`
+naming the file, the key path (``routes[2].upstream``) and the offending value;
+nothing is checked later, at request time. The settings types are re-exported
+here, so ``from proxy.config import Route`` keeps working.
 """
 
 from __future__ import annotations
@@ -18,12 +15,30 @@ import ipaddress
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import yaml
 from yarl import URL
+
+from .settings import (
+    AuthKey,
+    Balance,
+    CircuitBreakerSettings,
+    ConfigError,
+    CorsSettings,
+    HeaderRewrite,
+    LogSettings,
+    MetricsSettings,
+    RateLimitSettings,
+    RetrySettings,
+    Route,
+    Secret,
+    ServerSettings,
+    Settings,
+    Timeouts,
+    Upstream,
+)
 
 __all__ = [
     "AuthKey",
@@ -50,203 +65,6 @@ T = TypeVar("T")
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 # RFC 9110 §5.1: a field name is a token.
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
-
-
-class ConfigError(Exception):
-    """The configuration cannot be used; the message names file, key path and value."""
-
-
-@dataclass(frozen=True, slots=True)
-class Secret:
-    """A string that must never be printed: its repr is masked."""
-
-    value: str = field(repr=False)
-
-    def __repr__(self) -> str:
-        return "Secret('****')"
-
-
-@dataclass(frozen=True, slots=True)
-class RateLimitSettings:
-    """A token bucket: ``burst`` tokens of capacity, refilled at ``requests_per_minute``."""
-
-    requests_per_minute: float
-    burst: int
-
-    @property
-    def refill_per_second(self) -> float:
-        return self.requests_per_minute / 60.0
-
-
-@dataclass(frozen=True, slots=True)
-class CorsSettings:
-    """CORS for browser apps; ``allow_origins`` is ``("*",)`` for any origin."""
-
-    allow_origins: tuple[str, ...]
-    max_age: int = 600
-
-
-@dataclass(frozen=True, slots=True)
-class ServerSettings:
-    host: str = "127.0.0.1"
-    port: int | None = None
-    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
-    max_body_bytes: int = 32 * 1024 * 1024
-    shutdown_grace_seconds: float = 30.0
-    # Slow clients (issue 5): time allowed to send the request headers, and the
-    # longest silence while the request body is being read.
-    header_timeout: float = 30.0
-    body_idle_timeout: float = 60.0
-    # Longest idle time between two requests on one connection; also bounds the
-    # time for a later request head to arrive. Keep it above the idle timeout of
-    # any proxy in front (nginx's upstream keepalive_timeout is 60 s).
-    keepalive_timeout: float = 75.0
-    cors: CorsSettings | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class LogSettings:
-    format: Literal["text", "json"] = "text"
-    level: str = "INFO"
-    access: bool = True
-
-
-@dataclass(frozen=True, slots=True)
-class MetricsSettings:
-    enabled: bool = True
-    path: str = "/metrics"
-    # "host:port" to serve /metrics on its own listener instead of the main one.
-    listen: tuple[str, int] | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class HeaderRewrite:
-    """Headers an upstream gets set (after the client's were vetted) and removed."""
-
-    set: tuple[tuple[str, Secret], ...] = ()
-    remove: frozenset[str] = frozenset()  # lower-case names
-
-    @property
-    def sets_authorization(self) -> bool:
-        return any(
-            name.lower() in ("authorization", "api-key", "x-api-key", "x-goog-api-key")
-            for name, _ in self.set
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class Timeouts:
-    """Seconds: to connect; until response headers; longest silence between body chunks.
-
-    There is deliberately no total timeout: a stream that keeps producing is never cut.
-    """
-
-    connect: float = 10.0
-    response: float = 600.0
-    idle: float = 300.0
-
-
-@dataclass(frozen=True, slots=True)
-class RetrySettings:
-    """Re-tries of the same upstream, only for failures before any response byte."""
-
-    attempts: int = 0
-    backoff: float = 0.2  # seconds, doubled each time, with full jitter
-
-
-@dataclass(frozen=True, slots=True)
-class CircuitBreakerSettings:
-    """After ``failures`` consecutive failures skip the upstream for ``cooldown`` seconds."""
-
-    failures: int = 5
-    cooldown: float = 30.0
-
-
-@dataclass(frozen=True, slots=True)
-class Upstream:
-    name: str
-    url: URL  # base URL without a trailing slash, as the SDKs' base_url
-    headers: HeaderRewrite = HeaderRewrite()
-    timeouts: Timeouts = Timeouts()
-    pass_client_auth: bool = False
-    # Response headers that identify the upstream account are stripped unless kept here.
-    keep_response_headers: frozenset[str] = frozenset()
-    retries: RetrySettings = RetrySettings()
-    circuit_breaker: CircuitBreakerSettings = CircuitBreakerSettings()
-
-    @property
-    def injects_credential(self) -> bool:
-        return self.headers.sets_authorization
-
-
-@dataclass(frozen=True, slots=True)
-class Balance:
-    """Weighted choice among upstreams; the others remain fallbacks."""
-
-    weights: tuple[tuple[str, int], ...]
-
-
-@dataclass(frozen=True, slots=True)
-class Route:
-    """One line of the routing table. Exactly one of model/path/default selects it."""
-
-    index: int
-    upstreams: tuple[str, ...]  # ordered fallback list (the balance members, for a balance)
-    model: str | None = None  # glob over the request's model
-    path: str | None = None  # glob over the path after /v1/
-    default: bool = False
-    balance: Balance | None = None
-    rewrite_model: str | None = None
-    rate_limit: RateLimitSettings | None = None
-    # Move on to the next upstream after a response timeout (it may bill twice).
-    fallback_on_timeout: bool = False
-    discover: bool = False  # models: discover
-    prefix: str = ""  # for discovered ids: public id = prefix + upstream id
-
-    @property
-    def is_glob(self) -> bool:
-        return self.model is not None and any(c in self.model for c in "*?[")
-
-    def describe(self) -> str:
-        if self.model is not None:
-            return f"model {self.model}"
-        if self.path is not None:
-            return f"path {self.path}"
-        if self.discover:
-            return f"discover {self.prefix}*"
-        return "default"
-
-
-@dataclass(frozen=True, slots=True)
-class AuthKey:
-    """A proxy key: only its SHA-256 digest is kept in memory."""
-
-    name: str
-    sha256: bytes = field(repr=False)
-    models: tuple[str, ...] | None = None  # globs; None means every model
-    rate_limit: RateLimitSettings | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Settings:
-    source: str
-    server: ServerSettings
-    log: LogSettings
-    metrics: MetricsSettings
-    rate_limit: RateLimitSettings | None
-    rate_limit_storage: str | None  # None: in memory; else a redis:// URL
-    rate_limit_fail_open: bool
-    upstreams: Mapping[str, Upstream]
-    routes: tuple[Route, ...]
-    auth_keys: tuple[AuthKey, ...]
-
-    def summary(self) -> str:
-        host = self.server.host
-        port = self.server.port or 8080
-        return (
-            f"{self.source}: {len(self.upstreams)} upstreams "
-            f"({', '.join(self.upstreams)}), {len(self.routes)} routes, listen {host}:{port}"
-        )
 
 
 # ---------------------------------------------------------------------------

@@ -35,7 +35,6 @@ from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
-from .config import ServerSettings
 from .errors import (
     ERROR_HEADER,
     ExpectationFailed,
@@ -46,6 +45,7 @@ from .errors import (
     error_response,
 )
 from .keys import RUNTIME
+from .settings import ServerSettings
 
 __all__ = [
     "GuardedRequestHandler",

@@ -32,8 +32,8 @@ import uuid
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from .config import Settings
 from .runtime import RuntimeHolder, UpstreamPlan, build_runtime
+from .settings import Settings
 
 __all__ = ["Discovery", "DiscoveryFailed", "fetch_model_ids"]
 

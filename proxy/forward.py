@@ -41,7 +41,6 @@ from multidict import CIMultiDictProxy
 from yarl import URL
 
 from .bodies import BodyStream
-from .config import Route
 from .errors import (
     ProxyError,
     UpstreamAuthFailed,
@@ -51,6 +50,7 @@ from .errors import (
 from .health import Health, backoff_delay, order_upstreams
 from .observe import OUR_REQUEST_ID_HEADER, Exchange, Observer
 from .runtime import Runtime, UpstreamPlan
+from .settings import Route
 
 __all__ = ["OUR_REQUEST_ID_HEADER", "abort_client", "forward"]
 

@@ -29,7 +29,6 @@ from .bodies import (
     read_body,
     read_multipart_head,
 )
-from .config import Route
 from .errors import (
     InvalidRequest,
     MethodNotAllowed,
@@ -50,6 +49,7 @@ from .realtime import (
     realtime_target,
 )
 from .runtime import Runtime
+from .settings import Route
 from .upload import MultipartHead, PartWatcher
 
 __all__ = [

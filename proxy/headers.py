@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from .config import Upstream
+from .settings import Upstream
 
 __all__ = [
     "CLIENT_CREDENTIAL_HEADERS",

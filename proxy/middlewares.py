@@ -14,8 +14,8 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from .config import CorsSettings
 from .errors import OriginNotAllowed, ProxyError, error_response, from_http_exception
+from .settings import CorsSettings
 
 __all__ = ["Cors", "error_middleware"]
 

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from .config import RateLimitSettings
+from .settings import RateLimitSettings
 
 __all__ = [
     "Decision",

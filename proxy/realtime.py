@@ -50,7 +50,6 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from .admission import Caller
 from .auth import KeyTable
-from .config import Route
 from .errors import (
     InvalidRequest,
     ModelNotAllowed,
@@ -64,6 +63,7 @@ from .errors import (
 from .health import Health, order_upstreams
 from .observe import Exchange, Observer
 from .runtime import Runtime
+from .settings import Route
 
 __all__ = [
     "REALTIME_PATH",

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
-from .config import Route
+from .settings import Route
 
 __all__ = ["Match", "RouteTable"]
 
