@@ -98,3 +98,21 @@ def make_proxy(
         return client
 
     return make
+
+
+@pytest.fixture
+def aiohttp_client(aiohttp_client: Any, aiohttp_server: Any) -> Any:
+    """pytest-aiohttp's ``aiohttp_client``, but ``server_kwargs`` reach the runner.
+
+    ``TestServer`` drops constructor keyword arguments; runner options such as
+    ``auto_decompress=False`` only take effect through ``start_server``, which
+    ``aiohttp_server`` forwards. So ``aiohttp_client(app, server_kwargs=server_options())``
+    really serves ``app`` as ``oaimux serve`` does.
+    """
+
+    async def go(app: Any, *, server_kwargs: dict[str, Any] | None = None, **kwargs: Any) -> Any:
+        if server_kwargs and isinstance(app, web.Application):
+            app = await aiohttp_server(app, **server_kwargs)
+        return await aiohttp_client(app, **kwargs)
+
+    return go
