@@ -23,6 +23,18 @@ MakeProxy = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
 pytest_plugins = ["tests.redis_server"]  # redis_server fixture: a real redis-server
 
 
+async def serve_proxy(
+    aiohttp_client: Any, config: dict[str, Any]
+) -> TestClient[web.Request, web.Application]:
+    """The proxy for ``config`` (a routes.yaml mapping) behind a test client,
+    served with the same runner options as ``oaimux serve``."""
+    app = create_app(parse_settings(config, environ={}))
+    client: TestClient[web.Request, web.Application] = await aiohttp_client(
+        app, server_kwargs=server_options()
+    )
+    return client
+
+
 @pytest.fixture
 def fake() -> FakeUpstream:
     return FakeUpstream()

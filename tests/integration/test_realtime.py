@@ -16,8 +16,7 @@ import pytest
 from aiohttp import WSMsgType, web
 from aiohttp.test_utils import TestClient, TestServer
 
-from proxy.app import create_app, server_options
-from proxy.config import parse_settings
+from tests.conftest import serve_proxy
 from tests.fakes.openai_like import OpenAILike
 
 UPSTREAM_KEY = "sk-upstream-realtime-secret"
@@ -51,19 +50,11 @@ def config(upstream_server: TestServer, **extra: Any) -> dict[str, Any]:
     return cfg
 
 
-async def make_proxy(
-    aiohttp_client: Any, cfg: dict[str, Any]
-) -> TestClient[web.Request, web.Application]:
-    app = create_app(parse_settings(cfg, environ={}))
-    client: TestClient[web.Request, web.Application] = await aiohttp_client(
-        app, server_kwargs=server_options()
-    )
-    return client
 
 
 @pytest.fixture
 async def proxy(aiohttp_client: Any, upstream_server: TestServer) -> TestClient[Any, Any]:
-    return await make_proxy(aiohttp_client, config(upstream_server))
+    return await serve_proxy(aiohttp_client, config(upstream_server))
 
 
 async def connect(
@@ -267,7 +258,7 @@ async def test_bad_model_query_is_refused_before_the_upgrade(
 async def test_rate_limit_and_proxy_keys_apply_to_the_handshake(
     aiohttp_client: Any, upstream_server: TestServer, upstream: OpenAILike
 ) -> None:
-    proxy = await make_proxy(
+    proxy = await serve_proxy(
         aiohttp_client,
         config(
             upstream_server,
@@ -319,7 +310,7 @@ async def test_upstream_unreachable_is_502(aiohttp_client: Any, unused_tcp_port:
         "upstreams": {"gone": {"url": f"http://127.0.0.1:{unused_tcp_port}/v1"}},
         "routes": [{"model": "gpt-4o-realtime-preview", "upstream": "gone"}],
     }
-    proxy = await make_proxy(aiohttp_client, cfg)
+    proxy = await serve_proxy(aiohttp_client, cfg)
     with pytest.raises(aiohttp.WSServerHandshakeError) as info:
         await connect(proxy)
     assert info.value.status == 502
@@ -365,7 +356,7 @@ async def test_upstream_vanishing_closes_the_client_with_1011(
 async def test_oversized_message_closes_both_legs_with_1009(
     aiohttp_client: Any, upstream_server: TestServer, upstream: OpenAILike
 ) -> None:
-    proxy = await make_proxy(
+    proxy = await serve_proxy(
         aiohttp_client, config(upstream_server, server={"max_body_bytes": 64 * 1024})
     )
     ws = await connect(proxy)
@@ -387,7 +378,7 @@ async def test_oversized_message_closes_both_legs_with_1009(
 async def test_shutdown_closes_both_legs_with_1001(
     aiohttp_client: Any, upstream_server: TestServer, upstream: OpenAILike
 ) -> None:
-    proxy = await make_proxy(aiohttp_client, config(upstream_server))
+    proxy = await serve_proxy(aiohttp_client, config(upstream_server))
     ws = await connect(proxy)
     await ws.send_str("hi")
     await upstream.wait_events(1)

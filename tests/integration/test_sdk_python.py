@@ -16,11 +16,9 @@ from typing import Any, TypeVar
 
 import openai
 import pytest
-from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from proxy.app import create_app, server_options
-from proxy.config import parse_settings
+from tests.conftest import serve_proxy
 from tests.fakes.openai_like import OpenAILike, audio_blob
 
 T = TypeVar("T")
@@ -58,19 +56,11 @@ def config(upstream_server: TestServer, **extra: Any) -> dict[str, Any]:
     return cfg
 
 
-async def start(
-    aiohttp_client: Any, cfg: dict[str, Any]
-) -> TestClient[web.Request, web.Application]:
-    app = create_app(parse_settings(cfg, environ={}))
-    client: TestClient[web.Request, web.Application] = await aiohttp_client(
-        app, server_kwargs=server_options()
-    )
-    return client
 
 
 @pytest.fixture
 async def proxy(aiohttp_client: Any, upstream_server: TestServer) -> TestClient[Any, Any]:
-    return await start(aiohttp_client, config(upstream_server))
+    return await serve_proxy(aiohttp_client, config(upstream_server))
 
 
 @pytest.fixture(params=["sync", "async"])
@@ -222,7 +212,7 @@ async def test_error_classes(
     cfg = config(upstream_server, rate_limit={"requests_per_minute": 1, "burst": 2})
     cfg["upstreams"]["down"] = {"url": f"http://127.0.0.1:{unused_tcp_port}/v1"}
     cfg["routes"].append({"model": "gpt-down", "upstream": "down"})
-    proxy = await start(aiohttp_client, cfg)
+    proxy = await serve_proxy(aiohttp_client, cfg)
     base_url = str(proxy.make_url("/v1"))
 
     stranger = make_client(kind, base_url, "sk-not-a-proxy-key")
@@ -257,7 +247,7 @@ async def test_upstream_errors_reach_the_sdk_as_their_classes(
 ) -> None:
     cfg = config(upstream_server)
     cfg["routes"].append({"model": "fail-*", "upstream": "openai"})
-    proxy = await start(aiohttp_client, cfg)
+    proxy = await serve_proxy(aiohttp_client, cfg)
     client = make_client(kind, str(proxy.make_url("/v1")), PROXY_KEY)
     for model, error in [
         ("fail-429", openai.RateLimitError),

@@ -18,8 +18,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from proxy.app import create_app, server_options
-from proxy.config import parse_settings
+from tests.conftest import serve_proxy
 from tests.fakes.openai_like import OpenAILike, audio_blob
 
 BOUNDARY = "----oaimuxBoundary7MA4YWxkTrZu0gW"
@@ -67,21 +66,13 @@ def config(servers: tuple[TestServer, TestServer], **extra: Any) -> dict[str, An
     return cfg
 
 
-async def start(
-    aiohttp_client: Any, cfg: dict[str, Any]
-) -> TestClient[web.Request, web.Application]:
-    app = create_app(parse_settings(cfg, environ={}))
-    client: TestClient[web.Request, web.Application] = await aiohttp_client(
-        app, server_kwargs=server_options()
-    )
-    return client
 
 
 @pytest.fixture
 async def proxy(
     aiohttp_client: Any, servers: tuple[TestServer, TestServer]
 ) -> TestClient[web.Request, web.Application]:
-    return await start(aiohttp_client, config(servers))
+    return await serve_proxy(aiohttp_client, config(servers))
 
 
 def multipart(file_bytes: bytes, purpose: str = "batch") -> tuple[bytes, bytes]:
@@ -157,7 +148,7 @@ async def test_a_chunked_upload_streams_through_chunked(
 async def test_upload_over_max_body_bytes_is_413_without_reaching_the_upstream(
     aiohttp_client: Any, servers: tuple[TestServer, TestServer], files: OpenAILike
 ) -> None:
-    proxy = await start(aiohttp_client, config(servers, server={"max_body_bytes": 2 * MiB}))
+    proxy = await serve_proxy(aiohttp_client, config(servers, server={"max_body_bytes": 2 * MiB}))
     body = b"x" * (3 * MiB)
     resp = await proxy.post("/v1/files", data=io.BytesIO(body), headers=FORM)
     assert resp.status == 413
@@ -168,7 +159,7 @@ async def test_upload_over_max_body_bytes_is_413_without_reaching_the_upstream(
 async def test_chunked_upload_growing_over_max_body_bytes_is_413(
     aiohttp_client: Any, servers: tuple[TestServer, TestServer], files: OpenAILike
 ) -> None:
-    proxy = await start(aiohttp_client, config(servers, server={"max_body_bytes": 2 * MiB}))
+    proxy = await serve_proxy(aiohttp_client, config(servers, server={"max_body_bytes": 2 * MiB}))
 
     async def chunks() -> AsyncIterator[bytes]:
         for _ in range(6):
@@ -182,7 +173,7 @@ async def test_chunked_upload_growing_over_max_body_bytes_is_413(
 async def test_a_stalled_upload_is_408_and_not_blamed_on_the_upstream(
     aiohttp_client: Any, servers: tuple[TestServer, TestServer], files: OpenAILike
 ) -> None:
-    proxy = await start(aiohttp_client, config(servers, server={"body_idle_timeout": 0.3}))
+    proxy = await serve_proxy(aiohttp_client, config(servers, server={"body_idle_timeout": 0.3}))
     never = asyncio.Event()
 
     async def stalls() -> AsyncIterator[bytes]:
@@ -207,7 +198,7 @@ async def test_fallback_still_applies_before_a_streamed_body_went_out(
     cfg = config(servers)
     cfg["upstreams"]["down"] = {"url": f"http://127.0.0.1:{unused_tcp_port}/v1"}
     cfg["routes"][1] = {"path": "files*", "upstream": ["down", "files"]}
-    proxy = await start(aiohttp_client, cfg)
+    proxy = await serve_proxy(aiohttp_client, cfg)
     payload = audio_blob(3 * MiB)
     head, tail = multipart(payload)
     resp = await proxy.post("/v1/files", data=io.BytesIO(head + payload + tail), headers=FORM)
@@ -235,7 +226,7 @@ async def test_a_streamed_body_is_not_sent_twice(
     cfg = config(servers)
     cfg["upstreams"]["busy"] = {"url": str(busy_server.make_url("/v1"))}
     cfg["routes"][1] = {"path": "files*", "upstream": ["busy", "files"]}
-    proxy = await start(aiohttp_client, cfg)
+    proxy = await serve_proxy(aiohttp_client, cfg)
     body = audio_blob(3 * MiB)
     resp = await proxy.post("/v1/files", data=io.BytesIO(body), headers=FORM)
     assert resp.status == 503
@@ -260,7 +251,7 @@ async def test_small_path_routed_bodies_keep_their_fallback(
     cfg = config(servers)
     cfg["upstreams"]["busy"] = {"url": str(busy_server.make_url("/v1"))}
     cfg["routes"][2] = {"path": "batches*", "upstream": ["busy", "files"]}
-    proxy = await start(aiohttp_client, cfg)
+    proxy = await serve_proxy(aiohttp_client, cfg)
     resp = await proxy.post(
         "/v1/batches",
         json={
@@ -390,7 +381,7 @@ async def test_the_default_route_takes_every_other_path(
 ) -> None:
     cfg = config(servers)
     cfg["routes"].append({"default": True, "upstream": "main"})
-    proxy = await start(aiohttp_client, cfg)
+    proxy = await serve_proxy(aiohttp_client, cfg)
     resp = await proxy.get("/v1/fine_tuning/jobs?limit=3")
     assert resp.status == 404  # the fake has no such family: its own 404 came back
     assert main.last.path == "/v1/fine_tuning/jobs" and main.last.query_string == "limit=3"
