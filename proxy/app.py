@@ -28,6 +28,7 @@ from .keys import (
     RUNTIME,
     SESSION,
     STARTED_AT,
+    UPSTREAMS,
 )
 from .middlewares import Cors, error_middleware
 from .observe import Observer, make_observer
@@ -35,6 +36,7 @@ from .ratelimit import MemoryRateLimiter, RateLimiter
 from .realtime import RealtimeSessions, close_realtime_sessions
 from .runtime import RuntimeHolder, build_runtime
 from .settings import Settings
+from .upstream import UpstreamPool
 
 __all__ = ["create_app", "make_upstream_session", "server_options"]
 
@@ -83,8 +85,10 @@ def make_upstream_session() -> aiohttp.ClientSession:
 
 
 async def _upstream_session_ctx(app: web.Application) -> AsyncIterator[None]:
+    app[UPSTREAMS] = UpstreamPool(keepalive=POOL_KEEPALIVE_SECONDS)
     app[SESSION] = make_upstream_session()
     yield
+    app[UPSTREAMS].close()
     await app[SESSION].close()
 
 

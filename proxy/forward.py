@@ -30,7 +30,6 @@ Contract of :func:`forward`:
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -38,7 +37,6 @@ from collections.abc import Mapping, Sequence
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDictProxy
-from yarl import URL
 
 from .bodies import BodyStream
 from .errors import (
@@ -51,14 +49,13 @@ from .health import Health, backoff_delay, order_upstreams
 from .observe import OUR_REQUEST_ID_HEADER, Exchange, Observer
 from .runtime import Runtime, UpstreamPlan
 from .settings import Route
+from .upstream import UpstreamFailure, UpstreamPool, UpstreamResponse
 
 __all__ = ["OUR_REQUEST_ID_HEADER", "abort_client", "forward"]
 
 log = logging.getLogger("oaimux.forward")
 
 _SSE = "text/event-stream"
-_NO_BODY_METHODS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
-_RAW_BYTES_LIMIT = 1024 * 1024  # aiohttp.payload.TOO_LARGE_BYTES_BODY
 
 
 class _Refused(Exception):
@@ -89,10 +86,10 @@ async def forward(
     route: Route,
     path: str,
     query_string: str,
-    body: bytes | BodyStream,
+    body: bytes | bytearray | BodyStream,
     ex: Exchange,
     client_authorization: str | None,
-    session: aiohttp.ClientSession,
+    pool: UpstreamPool,
     health: Health,
     observer: Observer,
 ) -> web.StreamResponse:
@@ -134,7 +131,7 @@ async def forward(
                         body,
                         ex,
                         client_authorization,
-                        session,
+                        pool,
                     )
                 except _Refused as refused:
                     if isinstance(body, BodyStream) and body.failure is not None:
@@ -200,7 +197,7 @@ async def forward(
     raise last_error
 
 
-def _spent(body: bytes | BodyStream) -> bool:
+def _spent(body: bytes | bytearray | BodyStream) -> bool:
     """Has a streamed body begun to go out (so it cannot be sent again)?"""
     return isinstance(body, BodyStream) and body.started
 
@@ -221,44 +218,32 @@ async def _open(
     plan: UpstreamPlan,
     path: str,
     query_string: str,
-    body: bytes | BodyStream,
+    body: bytes | bytearray | BodyStream,
     ex: Exchange,
     client_authorization: str | None,
-    session: aiohttp.ClientSession,
-) -> aiohttp.ClientResponse:
+    pool: UpstreamPool,
+) -> UpstreamResponse:
     """Send the request; return the upstream's response once its headers are in.
 
     The response timeout runs from the start of the attempt (connecting
-    included) to the response headers; ``plan.client_timeout`` bounds the
-    connection set-up alone and sets no total, so a long body is never cut.
+    included) to the response headers; the upstream's ``connect`` timeout
+    bounds the connection set-up alone. There is no total: a long body is
+    never cut.
     """
-    url: URL = plan.url_for(path, query_string)
     headers = plan.request_headers.build(inbound, ex.request_id, client_authorization)
-    if isinstance(body, BodyStream) and body.length is not None:
-        # aiohttp cannot size an async iterator: say it, or it would go chunked.
-        headers["Content-Length"] = str(body.length)
     timeouts = plan.upstream.timeouts
-    data: bytes | io.BytesIO | BodyStream | None = (
-        body if body or method not in _NO_BODY_METHODS else None
-    )
-    if isinstance(data, bytes) and len(data) > _RAW_BYTES_LIMIT:
-        # aiohttp warns (ResourceWarning) on raw bytes over 1 MiB; a BytesIO
-        # over the same buffer is sent in chunks, without a copy.
-        data = io.BytesIO(data)
+    length = body.length if isinstance(body, BodyStream) else None
     try:
         async with asyncio.timeout(timeouts.response):
-            return await session.request(
+            return await pool.request(
+                plan.origin,
                 method,
-                url,
-                headers=headers,
-                data=data,
-                allow_redirects=False,
-                timeout=plan.client_timeout,
+                plan.target_for(path, query_string),
+                headers,
+                body,
+                length,
+                timeouts.connect,
             )
-    except aiohttp.ServerTimeoutError:
-        # Before the builtin TimeoutError, which it subclasses: a connect
-        # timeout means the request never got there, so moving on is safe.
-        kind = "connect_timeout"
     except TimeoutError:
         raise _Refused(
             UpstreamTimeout(
@@ -267,14 +252,8 @@ async def _open(
             ),
             "timeout",
         ) from None
-    except aiohttp.ClientConnectorError:
-        kind = "connect"
-    except aiohttp.ServerDisconnectedError:
-        kind = "disconnected"
-    except aiohttp.ClientResponseError:
-        kind = "bad_response"
-    except (aiohttp.ClientError, OSError):
-        kind = "reset"
+    except UpstreamFailure as failure:
+        kind = failure.kind
     # Never include the exception: its repr can carry request headers (our key).
     log.warning(
         "upstream %s failed before responding (%s) [request %s]", plan.name, kind, ex.request_id
@@ -284,7 +263,7 @@ async def _open(
     )
 
 
-def _log_auth_failure(upstream_resp: aiohttp.ClientResponse, name: str) -> None:
+def _log_auth_failure(upstream_resp: UpstreamResponse, name: str) -> None:
     """Log that an upstream refused our credential, without its body (which can
     quote part of the key), then drop the response."""
     log.error(
@@ -298,29 +277,49 @@ def _log_auth_failure(upstream_resp: aiohttp.ClientResponse, name: str) -> None:
 
 async def _relay(
     request: web.Request,
-    upstream_resp: aiohttp.ClientResponse,
+    upstream_resp: UpstreamResponse,
     plan: UpstreamPlan,
     ex: Exchange,
     observer: Observer,
 ) -> web.StreamResponse:
-    """Stream the upstream's response to the client, chunk by chunk, as it arrives."""
+    """Stream the upstream's response to the client, chunk by chunk, as it arrives.
+
+    A body that arrived whole with its head (most non-stream answers) goes out
+    in one write together with the response head.
+    """
     completed = False
     try:
-        resp = web.StreamResponse(status=upstream_resp.status, reason=upstream_resp.reason)
-        resp.headers.extend(plan.response_headers.build(upstream_resp.headers))
+        headers = plan.response_headers.build(upstream_resp.headers)
         # The upstream's own x-request-id (OpenAI support asks for it) passes
         # unchanged; ours is always in x-oaimux-request-id, and in x-request-id
         # when the upstream sent none.
-        resp.headers[OUR_REQUEST_ID_HEADER] = ex.request_id
-        if "x-request-id" not in resp.headers:
-            resp.headers["x-request-id"] = ex.request_id
+        headers[OUR_REQUEST_ID_HEADER] = ex.request_id
+        if "x-request-id" not in headers:
+            headers["x-request-id"] = ex.request_id
         length = upstream_resp.content_length
         content_type = upstream_resp.headers.get("Content-Type", "")
         ex.streaming = length is None or content_type.startswith(_SSE)
         ex.content_type = content_type
         ex.content_encoding = upstream_resp.headers.get("Content-Encoding")
-        if length is not None:
-            resp.content_length = length
+        content = upstream_resp.content
+        whole: bytes | None = None
+        if not ex.streaming and content.is_eof() and content.total_bytes == length:
+            # (A HEAD answer or a 304 declares a length it does not carry:
+            # total_bytes differs, and it takes the general path.)
+            whole = content.read_nowait()
+        resp: web.StreamResponse
+        if whole is not None:
+            # Its head is held back and written with the body (aiohttp's Response).
+            resp = web.Response(
+                status=upstream_resp.status, reason=upstream_resp.reason, headers=headers
+            )
+            resp.body = whole
+        else:
+            resp = web.StreamResponse(
+                status=upstream_resp.status, reason=upstream_resp.reason, headers=headers
+            )
+            if length is not None:
+                resp.content_length = length
         if ex.streaming:
             # Keep an nginx in front from buffering the stream.
             resp.headers["X-Accel-Buffering"] = "no"
@@ -339,17 +338,18 @@ async def _relay(
             raise UpstreamUnavailable(
                 f"The upstream '{plan.name}' sent a malformed response (bad_response)."
             ) from None
+        if whole is not None:
+            ex.ttfb = time.perf_counter() - ex.started
+            try:
+                await resp.write_eof()
+            finally:
+                ex.bytes_out = len(whole)
+                ex.tail = whole
+            completed = True
+            return resp
         ex.ttfb = time.perf_counter() - ex.started
-        protocol = upstream_resp.connection.protocol if upstream_resp.connection else None
-        if protocol is not None:
-            # From here on, bound the silence between two body chunks: the
-            # protocol re-arms this timer on every chunk received and drops it
-            # at the end of the body and while reading is paused (a slow client
-            # is not upstream silence). A body already whole has released its
-            # connection (``connection`` is None), so no timer outlives it.
-            protocol.read_timeout = plan.upstream.timeouts.idle
-            protocol.start_timeout()
-        content = upstream_resp.content
+        # From here on, bound the silence between two body chunks.
+        upstream_resp.arm_idle_timeout(plan.upstream.timeouts.idle)
         if ex.streaming:
             observer.stream_opened(ex)
         read = content.readany

@@ -39,7 +39,16 @@ from .errors import (
 )
 from .findmodel import multipart_boundary, rewrite_model
 from .forward import OUR_REQUEST_ID_HEADER, forward
-from .keys import HEALTH, LIMITER, OBSERVER, REALTIME_SESSIONS, RUNTIME, SESSION, STARTED_AT
+from .keys import (
+    HEALTH,
+    LIMITER,
+    OBSERVER,
+    REALTIME_SESSIONS,
+    RUNTIME,
+    SESSION,
+    STARTED_AT,
+    UPSTREAMS,
+)
 from .observe import EXCHANGE, Exchange, request_id_for
 from .realtime import (
     REALTIME_PATH,
@@ -372,7 +381,7 @@ async def _proxy(
             body,
             ex,
             _client_authorization(request, runtime.keys),
-            app[SESSION],
+            app[UPSTREAMS],
             app[HEALTH],
             app[OBSERVER],
         )

@@ -11,6 +11,7 @@ from .health import Health
 from .observe import Observer
 from .realtime import RealtimeSessions
 from .runtime import RuntimeHolder
+from .upstream import UpstreamPool
 
 __all__ = [
     "DISCOVERY",
@@ -21,9 +22,13 @@ __all__ = [
     "RUNTIME",
     "SESSION",
     "STARTED_AT",
+    "UPSTREAMS",
 ]
 
 RUNTIME = web.AppKey("runtime", RuntimeHolder)
+# The hot path's pooled connections (upstream.py); SESSION serves discovery and
+# realtime WebSockets.
+UPSTREAMS = web.AppKey("upstream_pool", UpstreamPool)
 SESSION = web.AppKey("upstream_session", aiohttp.ClientSession)
 LIMITER = web.AppKey("limiter", Admission)
 OBSERVER = web.AppKey("observer", Observer)

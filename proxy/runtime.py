@@ -19,6 +19,7 @@ from .clientip import TrustedNetworks
 from .headers import RequestHeaderPolicy, ResponseHeaderPolicy
 from .routing import RouteTable
 from .settings import Route, Settings, Upstream
+from .upstream import Origin
 
 __all__ = ["Runtime", "RuntimeHolder", "UpstreamPlan", "build_runtime"]
 
@@ -31,7 +32,9 @@ class UpstreamPlan:
     base: str  # the base URL as text, without a trailing slash
     request_headers: RequestHeaderPolicy
     response_headers: ResponseHeaderPolicy
-    client_timeout: aiohttp.ClientTimeout
+    client_timeout: aiohttp.ClientTimeout  # discovery and realtime (ClientSession)
+    origin: Origin  # the hot path's lean client (upstream.py)
+    path_prefix: str  # the base URL's path, without a trailing slash
 
     @property
     def name(self) -> str:
@@ -44,6 +47,12 @@ class UpstreamPlan:
         if query_string:
             text = f"{text}?{query_string}"
         return URL(text, encoded=True)
+
+    def target_for(self, path: str, query_string: str) -> str:
+        """The request target (RFC 9112 §3.2.1 origin-form) for :meth:`url_for`'s URL."""
+        if query_string:
+            return f"{self.path_prefix}/{path}?{query_string}"
+        return f"{self.path_prefix}/{path}"
 
 
 def _plan(upstream: Upstream) -> UpstreamPlan:
@@ -61,6 +70,8 @@ def _plan(upstream: Upstream) -> UpstreamPlan:
         client_timeout=aiohttp.ClientTimeout(
             total=None, connect=t.connect, sock_connect=t.connect, sock_read=None
         ),
+        origin=Origin.of(upstream.url),
+        path_prefix=upstream.url.raw_path.rstrip("/"),
     )
 
 

@@ -1,0 +1,422 @@
+"""A lean HTTP/1.1 client for the hot path: pooled keep-alive connections per upstream.
+
+Why not ``aiohttp.ClientSession.request``: profiles of the proxy (bench/README.md)
+put about 300 µs of the 530 µs a small request cost in that call's machinery
+(URL objects, request and response objects built for features a pass-through
+never uses: cookies, redirects, tracing, auto-headers, decompression). Here a
+request is one preformatted head and one ``write``.
+
+What is *not* hand-written: parsing and framing of the response, flow control
+of its body and the idle-read timer are aiohttp's own, through its client
+protocol (``ResponseHandler``, the llhttp C parser, ``StreamReader``). The
+discovery and realtime WebSocket paths keep using the ``ClientSession``.
+
+Contract of :meth:`UpstreamPool.request`:
+
+- It returns once the response head is in (1xx interim answers skipped), or
+  raises :class:`UpstreamFailure` naming what went wrong before any response
+  byte: ``connect`` (refused, unreachable, DNS, TLS), ``connect_timeout``,
+  ``disconnected`` (closed before a response), ``bad_response`` (not HTTP),
+  ``reset`` (any other socket error).
+- The caller bounds the whole call (connect to headers) with its own timeout;
+  cancelling it aborts the connection, never pools it.
+- The caller must end every :class:`UpstreamResponse` with ``release()`` (the
+  body was read to its end: the connection may be reused) or ``close()``
+  (anything else: the connection is aborted, so the upstream stops at once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+import ssl
+from collections.abc import AsyncIterable
+from dataclasses import dataclass
+from typing import Final
+
+from aiohttp.client_exceptions import ClientError, ServerDisconnectedError
+from aiohttp.client_proto import ResponseHandler
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.streams import StreamReader
+from multidict import CIMultiDictProxy, MultiMapping
+from yarl import URL
+
+__all__ = ["Origin", "UpstreamFailure", "UpstreamPool", "UpstreamResponse"]
+
+# Bodies up to this size go out in one write with the head (one syscall);
+# larger ones follow the head as their own write, without a copy.
+_COALESCE_BELOW: Final = 64 * 1024
+# How much of a response body may wait in memory before reading from the
+# upstream pauses (aiohttp's StreamReader pauses above twice this).
+READ_BUFSIZE: Final = 64 * 1024
+# Resolved addresses of upstream host names are reused this long; upstream
+# IP literals are never resolved.
+DNS_TTL_SECONDS: Final = 60.0
+_NO_BODY_METHODS: Final = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
+
+
+class UpstreamFailure(Exception):
+    """The upstream gave no response; ``kind`` says why (see the module docstring).
+
+    The message never holds request headers (they carry the upstream key)."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__(kind)
+        self.kind = kind
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Where to connect, and how to name the host in requests."""
+
+    host: str  # as resolved: an IP literal or a DNS name
+    port: int
+    tls: bool
+    host_header: str  # RFC 9112 §3.2: host[:port], the port only when not the default
+    literal: bool  # an IP address: nothing to resolve
+
+    @classmethod
+    def of(cls, url: URL) -> Origin:
+        host = url.raw_host or ""
+        try:
+            ipaddress.ip_address(host)
+            literal = True
+        except ValueError:
+            literal = False
+        return cls(
+            host=host,
+            port=url.port or (443 if url.scheme == "https" else 80),
+            tls=url.scheme == "https",
+            host_header=url.host_port_subcomponent or host,
+            literal=literal,
+        )
+
+
+class _Connection(ResponseHandler):
+    """aiohttp's client protocol, plus what the pool needs to know."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop)
+        self.idle_since = 0.0
+
+    async def drain(self) -> None:
+        """Wait while the kernel's send buffer is full (flow control)."""
+        await self._drain_helper()
+
+
+class UpstreamResponse:
+    """The head of an upstream response, and its body as a stream."""
+
+    __slots__ = ("_conn", "_pool", "_origin", "_sender", "status", "reason", "headers", "content")
+
+    def __init__(
+        self,
+        pool: UpstreamPool,
+        origin: Origin,
+        conn: _Connection,
+        sender: asyncio.Task[None] | None,
+        status: int,
+        reason: str,
+        headers: CIMultiDictProxy[str],
+        content: StreamReader,
+    ) -> None:
+        self._pool = pool
+        self._origin = origin
+        self._conn: _Connection | None = conn
+        self._sender = sender
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+        self.content = content
+
+    @property
+    def content_length(self) -> int | None:
+        """The body's declared length; None for chunked or read-until-close bodies."""
+        if "Transfer-Encoding" in self.headers:
+            return None
+        value = self.headers.get("Content-Length")
+        return int(value) if value is not None and value.isdigit() else None
+
+    def arm_idle_timeout(self, seconds: float) -> None:
+        """Bound the silence between two body chunks from now on.
+
+        aiohttp's protocol re-arms the timer on every chunk, drops it at the end
+        of the body and while reading is paused (a slow client is not upstream
+        silence); on expiry the body read raises ``SocketTimeoutError``. A body
+        already whole needs no timer (and must not leave one on a pooled
+        connection).
+        """
+        conn = self._conn
+        if conn is not None and not self.content.is_eof():
+            conn.read_timeout = seconds
+            conn.start_timeout()
+
+    def release(self) -> None:
+        """The body was read to its end: pool the connection if it can carry another."""
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        sender = self._sender
+        if (sender is not None and not sender.done()) or conn.should_close:
+            _abort(conn, sender)
+        else:
+            self._pool.put_back(self._origin, conn)
+
+    def close(self) -> None:
+        """Abort the connection (mid-body, or never read): the upstream sees it close now."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            _abort(conn, self._sender)
+
+
+def _abort(conn: _Connection, sender: asyncio.Task[None] | None) -> None:
+    if sender is not None and not sender.done():
+        sender.cancel()
+    conn.abort()
+
+
+class UpstreamPool:
+    """Keep-alive connections per origin, for one event loop.
+
+    Idle connections are reused most recent first and dropped after
+    ``keepalive`` seconds, kept below common upstream servers' own idle
+    timeout so a request never lands on a connection about to be closed.
+    There is no cap: an upstream's own limits apply (issue 8: 1,000 streams
+    need 1,000 connections).
+    """
+
+    def __init__(self, keepalive: float) -> None:
+        self._keepalive = keepalive
+        self._idle: dict[Origin, list[_Connection]] = {}
+        self._dns: dict[tuple[str, int], tuple[float, list[tuple[int, str]]]] = {}
+        self._ssl: ssl.SSLContext | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._closed = False
+
+    async def request(
+        self,
+        origin: Origin,
+        method: str,
+        target: str,
+        headers: MultiMapping[str],
+        body: bytes | bytearray | AsyncIterable[bytes],
+        body_length: int | None,
+        connect_timeout: float,
+    ) -> UpstreamResponse:
+        """Send one request; see the module docstring for the contract.
+
+        ``headers`` holds neither Host nor framing headers: they are written here.
+        ``body`` is the whole body, or an async iterable of chunks sent as they
+        come: ``body_length`` bytes in all, or chunked when it is None.
+        """
+        loop = asyncio.get_running_loop()
+        conn = self._take(origin, loop.time())
+        if conn is None:
+            conn = await self._connect(origin, connect_timeout)
+        sender: asyncio.Task[None] | None = None
+        try:
+            conn.set_response_params(
+                skip_payload=method == "HEAD",
+                read_until_eof=True,
+                auto_decompress=False,
+                read_bufsize=READ_BUFSIZE,
+            )
+            streamed = not isinstance(body, bytes | bytearray)
+            head = _head(method, target, origin.host_header, headers, body, body_length, streamed)
+            transport = conn.transport
+            if transport is None:
+                raise UpstreamFailure("disconnected")
+            if isinstance(body, bytes | bytearray):
+                if len(body) < _COALESCE_BELOW:
+                    transport.write(head + body if body else head)
+                else:
+                    transport.write(head)
+                    transport.write(body)
+            else:
+                transport.write(head)
+                sender = loop.create_task(_send_body(conn, body, chunked=body_length is None))
+            while True:
+                message, payload = await conn.read()
+                # RFC 9110 §15.2: interim 1xx answers precede the final one.
+                if not 100 <= message.code < 200:
+                    break
+            return UpstreamResponse(
+                self,
+                origin,
+                conn,
+                sender,
+                message.code,
+                message.reason,
+                message.headers,
+                payload,
+            )
+        except BaseException as exc:
+            _abort(conn, sender)
+            if isinstance(exc, UpstreamFailure | asyncio.CancelledError | TimeoutError):
+                raise
+            if isinstance(exc, ServerDisconnectedError):
+                raise UpstreamFailure("disconnected") from None
+            if isinstance(exc, HttpProcessingError):
+                raise UpstreamFailure("bad_response") from None
+            if isinstance(exc, ClientError | OSError):
+                raise UpstreamFailure("reset") from None
+            raise
+
+    def _take(self, origin: Origin, now: float) -> _Connection | None:
+        idle = self._idle.get(origin)
+        while idle:
+            conn = idle.pop()
+            if conn.is_connected() and now - conn.idle_since < self._keepalive:
+                return conn
+            conn.close()
+        return None
+
+    def put_back(self, origin: Origin, conn: _Connection) -> None:
+        if self._closed or not conn.is_connected():
+            conn.close()
+            return
+        loop = asyncio.get_running_loop()
+        conn.idle_since = loop.time()
+        self._idle.setdefault(origin, []).append(conn)
+        if self._sweeper is None:
+            self._sweeper = loop.call_later(self._keepalive, self._sweep)
+
+    def _sweep(self) -> None:
+        """Close connections idle past the keep-alive, so none lingers unused."""
+        self._sweeper = None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() - self._keepalive
+        left = False
+        for idle in self._idle.values():
+            kept = [c for c in idle if c.is_connected() and c.idle_since > deadline]
+            for conn in idle:
+                if conn not in kept:
+                    conn.close()
+            idle[:] = kept
+            left = left or bool(kept)
+        if left:
+            self._sweeper = loop.call_later(self._keepalive, self._sweep)
+
+    async def _connect(self, origin: Origin, timeout: float) -> _Connection:
+        """A new connection, or ``connect``/``connect_timeout``; ``timeout`` bounds
+        DNS, TCP and the TLS handshake together."""
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(timeout):
+                addresses = await self._resolve(origin, loop)
+                tls = self._tls_context() if origin.tls else None
+                error: OSError | None = None
+                for family, address in addresses:
+                    try:
+                        _, conn = await loop.create_connection(
+                            lambda: _Connection(loop),
+                            address,
+                            origin.port,
+                            family=family,
+                            ssl=tls,
+                            server_hostname=origin.host if tls is not None else None,
+                        )
+                        return conn
+                    except OSError as exc:
+                        error = exc  # try the host's next address
+                raise error or OSError("no address")
+        except TimeoutError:
+            raise UpstreamFailure("connect_timeout") from None
+        except OSError:
+            raise UpstreamFailure("connect") from None
+
+    async def _resolve(
+        self, origin: Origin, loop: asyncio.AbstractEventLoop
+    ) -> list[tuple[int, str]]:
+        if origin.literal:
+            family = socket.AF_INET6 if ":" in origin.host else socket.AF_INET
+            return [(family, origin.host)]
+        key = (origin.host, origin.port)
+        cached = self._dns.get(key)
+        now = loop.time()
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        infos = await loop.getaddrinfo(
+            origin.host, origin.port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+        )
+        addresses = [(int(family), str(sockaddr[0])) for family, _, _, _, sockaddr in infos]
+        self._dns[key] = (now + DNS_TTL_SECONDS, addresses)
+        return addresses
+
+    def _tls_context(self) -> ssl.SSLContext:
+        if self._ssl is None:
+            # Made once, on the first TLS upstream: loading the CA store is slow.
+            self._ssl = ssl.create_default_context()
+        return self._ssl
+
+    def close(self) -> None:
+        """Close every idle connection; connections in use end with their requests."""
+        self._closed = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        for idle in self._idle.values():
+            for conn in idle:
+                conn.close()
+        self._idle.clear()
+
+
+def _head(
+    method: str,
+    target: str,
+    host_header: str,
+    headers: MultiMapping[str],
+    body: bytes | bytearray | AsyncIterable[bytes],
+    body_length: int | None,
+    streamed: bool,
+) -> bytes:
+    """The request line and header block (RFC 9112 §3, §6).
+
+    Framing is ours alone: ``Content-Length`` for a known length (also 0 for an
+    empty POST, so the upstream does not wait for a body), chunked otherwise.
+    """
+    lines = [f"{method} {target} HTTP/1.1\r\nHost: {host_header}\r\n"]
+    for name, value in headers.items():
+        lines.append(f"{name}: {value}\r\n")
+    if streamed:
+        if body_length is None:
+            lines.append("Transfer-Encoding: chunked\r\n")
+        else:
+            lines.append(f"Content-Length: {body_length}\r\n")
+    elif isinstance(body, bytes | bytearray) and (body or method not in _NO_BODY_METHODS):
+        lines.append(f"Content-Length: {len(body)}\r\n")
+    lines.append("\r\n")
+    text = "".join(lines)
+    # Every line ends in CRLF and no CR or LF may sit anywhere else: a header
+    # value carrying one would start a header (or a request) of its own.
+    ends = len(lines) + 1  # the first item holds two lines: request line and Host
+    if text.count("\n") != ends or text.count("\r") != ends:
+        raise ValueError("a request header holds a line break")
+    # surrogateescape: header bytes that are not UTF-8 go out as they came in.
+    return text.encode("utf-8", "surrogateescape")
+
+
+async def _send_body(conn: _Connection, body: AsyncIterable[bytes], *, chunked: bool) -> None:
+    """Write a streamed body as it arrives, at the pace the upstream reads it.
+
+    Any failure here (the client's body broke off, the upstream went away)
+    aborts the connection: the upstream must never take a cut body as whole,
+    and the response read then fails too.
+    """
+    try:
+        async for chunk in body:
+            transport = conn.transport
+            if transport is None:
+                raise ConnectionResetError("upstream closed")
+            if not chunk:
+                continue
+            if chunked:
+                transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
+            else:
+                transport.write(chunk)
+            await conn.drain()
+        if chunked and conn.transport is not None:
+            conn.transport.write(b"0\r\n\r\n")
+    except Exception:  # noqa: BLE001 - whatever broke the body, the upstream must not take it as whole
+        conn.abort()
