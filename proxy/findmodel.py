@@ -29,6 +29,7 @@ from .errors import InvalidRequest
 
 __all__ = [
     "FoundModel",
+    "MultipartModelScan",
     "find_json_model",
     "find_multipart_model",
     "multipart_boundary",
@@ -68,7 +69,7 @@ def _invalid_json(detail: str) -> InvalidRequest:
     )
 
 
-def find_json_model(body: bytes, exact_limit: int | None = None) -> FoundModel:
+def find_json_model(body: bytes | bytearray, exact_limit: int | None = None) -> FoundModel:
     """Return the top-level ``model`` of a JSON object body.
 
     Raises :class:`InvalidRequest` with code ``invalid_json`` when ``json.loads``
@@ -158,7 +159,7 @@ def find_json_model(body: bytes, exact_limit: int | None = None) -> FoundModel:
 
 
 def _with_byte_offsets(
-    body: bytes, text: str, encoding: str, model: str, start: int, end: int
+    body: bytes | bytearray, text: str, encoding: str, model: str, start: int, end: int
 ) -> FoundModel:
     bom = 0
     codec = encoding
@@ -208,7 +209,7 @@ class _TooManySteps(Exception):
     pass
 
 
-def _string_end(body: bytes, pos: int) -> int:
+def _string_end(body: bytes | bytearray, pos: int) -> int:
     """Index after the string whose opening quote is at ``pos``."""
     i = pos + 1
     while True:
@@ -223,7 +224,7 @@ def _string_end(body: bytes, pos: int) -> int:
         i = j + 1
 
 
-def _value_end(body: bytes, pos: int, budget: list[int]) -> int:
+def _value_end(body: bytes | bytearray, pos: int, budget: list[int]) -> int:
     """Index after the value at ``pos``: strings and brackets are checked, not contents."""
     if pos >= len(body):
         raise _invalid_json(f"expected a value at byte {pos}")
@@ -260,12 +261,12 @@ def _value_end(body: bytes, pos: int, budget: list[int]) -> int:
     return i
 
 
-def _ws_end(body: bytes, pos: int) -> int:
+def _ws_end(body: bytes | bytearray, pos: int) -> int:
     m = _B_WS.match(body, pos)
     return pos if m is None else m.end()
 
 
-def _decode_string(body: bytes, start: int, end: int) -> str:
+def _decode_string(body: bytes | bytearray, start: int, end: int) -> str:
     try:
         value, _ = _scan_string(
             body[start + 1 : end].decode("utf-8", "surrogatepass") + '"', 0, True
@@ -275,7 +276,7 @@ def _decode_string(body: bytes, start: int, end: int) -> str:
     return value
 
 
-def _find_structural(body: bytes) -> FoundModel:
+def _find_structural(body: bytes | bytearray) -> FoundModel:
     """The top-level walk of :func:`find_json_model` on UTF-8 bytes, for large bodies.
 
     Top-level keys and the model's value are decoded exactly as json.loads
@@ -344,7 +345,7 @@ def multipart_boundary(content_type_params: dict[str, str]) -> bytes:
     return boundary.encode("latin-1", "replace")
 
 
-def find_multipart_model(body: bytes, boundary: bytes) -> FoundModel:
+def find_multipart_model(body: bytes | bytearray, boundary: bytes) -> FoundModel:
     """Return the value of the ``model`` form field of a complete multipart body.
 
     Raises ``missing_model`` when no part is named ``model``, ``ambiguous_model``
@@ -397,12 +398,86 @@ def find_multipart_model(body: bytes, boundary: bytes) -> FoundModel:
     return found
 
 
+class MultipartModelScan:
+    """:func:`find_multipart_model` for a body that is still arriving, in one pass.
+
+    ``feed(buf)`` is called with the body read so far (``buf`` only grows). It
+    returns the model field once a prefix of the body, closed right after some
+    delimiter, holds it: the answer :func:`find_multipart_model` gives for the
+    first such closed prefix, and the same errors, found at the same
+    delimiter. Each part is looked at once, when the delimiter after it
+    arrives, so a form whose model comes last costs time linear in its size
+    (re-parsing every closed prefix would be quadratic; issue 8).
+
+    After a close delimiter, or a model value that is not UTF-8 text, it looks
+    no further: the parse of the whole body gives the answer then.
+    """
+
+    def __init__(self, boundary: bytes) -> None:
+        self._delimiter = b"--" + boundary
+        self._marker = b"\r\n--" + boundary
+        self._searched = 0  # every delimiter starting before this offset has been handled
+        self._part = -1  # where the open part's delimiter starts (-1: none seen yet)
+        self._found: FoundModel | None = None
+        # A boundary holding CR or LF could overlap its own delimiters: leave
+        # such a form to the whole-body parse (header values cannot hold them).
+        self._done = b"\r" in boundary or b"\n" in boundary
+
+    def feed(self, buf: bytes | bytearray) -> FoundModel | None:
+        """The model field, if the delimiters in ``buf`` close it, else None."""
+        marker = self._marker
+        while not self._done:
+            at = buf.find(marker, self._searched)
+            if at < 0:
+                self._searched = max(self._searched, len(buf) - len(marker) + 1)
+                return None
+            self._searched = at + len(marker)
+            if self._part < 0 and not buf.startswith(self._delimiter):
+                self._part = at + 2  # the first delimiter, after a preamble
+                continue
+            self._part_ending(buf, max(self._part, 0), at)
+            if self._found is not None and self._found.model:
+                return self._found
+        return None
+
+    def _part_ending(self, buf: bytes | bytearray, start: int, end: int) -> None:
+        """One pass of find_multipart_model's loop for the part whose delimiter is at
+        ``start``, in the body closed at the delimiter at ``end``. Searches stop
+        where that closed body would differ from ``buf``."""
+        pos = start + len(self._delimiter)
+        if buf.startswith(b"--", pos):
+            self._done = True  # the close delimiter: the whole-body parse decides
+            return
+        line_end = buf.find(b"\r\n", pos)  # at most ``end``: the delimiter opens with CRLF
+        headers_end = buf.find(b"\r\n\r\n", line_end, end + 2)
+        if headers_end < 0:
+            if buf.startswith(b"\r\n", line_end + 2):
+                headers_end = line_end
+            else:
+                raise _bad_multipart("part headers never end")
+        content_start = headers_end + 4
+        if content_start > end:
+            raise _bad_multipart("no closing boundary")
+        if part_name(buf[line_end + 2 : headers_end]) == "model":
+            if self._found is not None:
+                raise InvalidRequest(
+                    "the form names 'model' more than once", code="ambiguous_model", param="model"
+                )
+            try:
+                value = buf[content_start:end].decode("utf-8")
+            except UnicodeDecodeError:
+                self._done = True
+                return
+            self._found = FoundModel(value, content_start, end, False)
+        self._part = end + 2
+
+
 # RFC 7578 §4.2 parameters: token=token or token="quoted" (no quoted-pair).
 _TOKEN_CHARS = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
 _DISPOSITION_PARAM = re.compile(rf'\s*;\s*({_TOKEN_CHARS})\s*=\s*("[^"\\]*"|{_TOKEN_CHARS})\s*')
 
 
-def part_name(header_block: bytes) -> str | None:
+def part_name(header_block: bytes | bytearray) -> str | None:
     """The form field name of a part, as every form parser would read it.
 
     A part whose name parsers could read differently is refused
@@ -414,7 +489,7 @@ def part_name(header_block: bytes) -> str | None:
     ``Content-Transfer-Encoding`` (deprecated by RFC 7578 §4.7, and a decoder
     honouring it would see another value).
     """
-    disposition: bytes | None = None
+    disposition: bytes | bytearray | None = None
     encoded = False
     for line in header_block.split(b"\r\n"):
         field, sep, value = line.partition(b":")
@@ -457,10 +532,15 @@ def _bad_multipart(detail: str) -> InvalidRequest:
     )
 
 
-def rewrite_model(body: bytes, found: FoundModel, new_model: str) -> bytes:
-    """Return ``body`` with only the model's value replaced by ``new_model``."""
+def rewrite_model(body: bytes | bytearray, found: FoundModel, new_model: str) -> bytes:
+    """Return ``body`` with only the model's value replaced by ``new_model``.
+
+    One copy of the body: the join reads the two sides through memoryviews
+    (slicing bytes or a bytearray would copy each side first).
+    """
     if found.json_value:
         encoded = json.dumps(new_model).encode(found.codec)
     else:
         encoded = new_model.encode("utf-8")
-    return b"".join((body[: found.start], encoded, body[found.end :]))
+    with memoryview(body) as view:
+        return b"".join((view[: found.start], encoded, view[found.end :]))

@@ -23,6 +23,7 @@ from .admission import Caller, charge, identify, unauthorized
 from .auth import KeyTable
 from .bodies import (
     STREAM_ABOVE,
+    BodyBytes,
     BodyStream,
     decoded_for_routing,
     find_model,
@@ -278,7 +279,7 @@ async def _proxy(
             raise InvalidRequest(
                 "the query names 'model' more than once", code="ambiguous_model", param="model"
             )
-        body: bytes | BodyStream = b""
+        body: BodyBytes | BodyStream = b""
         upstream_model: str | None = None
         realtime: RealtimeTarget | None = None
         if path == REALTIME_PATH and is_websocket_upgrade(request):
@@ -294,6 +295,7 @@ async def _proxy(
             encoding = request.headers.get("Content-Encoding")
             boundary = _streamable_form(request, content_type, encoding)
             head: MultipartHead | None = None
+            routable: BodyBytes
             if boundary is not None:
                 # A large form: read only up to its model field (issue 8).
                 head = await read_multipart_head(request, boundary, limit, idle)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from aiohttp import StreamReader
 
 from .errors import InvalidRequest, RequestTooLarge
-from .findmodel import FoundModel, find_multipart_model, part_name
+from .findmodel import FoundModel, MultipartModelScan, find_multipart_model, part_name
 
 __all__ = ["MultipartHead", "PartWatcher", "read_until_model"]
 
@@ -29,61 +29,39 @@ _MAX_PART_HEADERS = 16 * 1024
 
 @dataclass(slots=True)
 class MultipartHead:
-    """The bytes read so far, the model found in them, and whether the body ended."""
+    """The bytes read so far, the model found in them, and whether the body ended.
 
-    head: bytes
+    ``head`` is ``bytes`` while the body goes on (it is sent first, the rest
+    streams after it); a complete body is handed on in the buffer it was read
+    into, without a copy.
+    """
+
+    head: bytes | bytearray
     found: FoundModel
     complete: bool
-
-
-def _model_in_prefix(buf: bytes, boundary: bytes) -> FoundModel | None:
-    """The model field if ``buf`` (a prefix of the body) already holds all of it.
-
-    Only the part up to and including the model part's closing delimiter is
-    needed; parts after it are the watcher's business.
-    """
-    marker = b"\r\n--" + boundary
-    end = 0
-    while True:
-        next_delim = buf.find(marker, end)
-        if next_delim < 0:
-            return None
-        try:
-            # Everything up to this delimiter, closed, is a complete small form.
-            found = find_multipart_model(buf[:next_delim] + marker + b"--\r\n", boundary)
-        except InvalidRequest as err:
-            if err.code == "missing_model":
-                end = next_delim + len(marker)
-                continue
-            raise
-        return found
 
 
 async def read_until_model(
     content: StreamReader, boundary: bytes, limit: int, idle_timeout: float
 ) -> MultipartHead:
     """Read until the model field is complete, or the whole body if it ends first."""
-    chunks: list[bytes] = []
-    size = 0
+    buf = bytearray()
+    scan = MultipartModelScan(boundary)
     loop = asyncio.get_running_loop()
     async with asyncio.timeout(idle_timeout) as deadline:
         while True:
             chunk = await content.readany()
             if not chunk:
-                body = b"".join(chunks)
-                return MultipartHead(body, find_multipart_model(body, boundary), True)
-            size += len(chunk)
-            if size > limit:
+                return MultipartHead(buf, find_multipart_model(buf, boundary), True)
+            if len(buf) + len(chunk) > limit:
                 raise RequestTooLarge(
                     f"The request body is larger than this proxy accepts ({limit} bytes)."
                 )
-            chunks.append(chunk)
+            buf += chunk
             deadline.reschedule(loop.time() + idle_timeout)
-            head = b"".join(chunks) if len(chunks) > 1 else chunk
-            chunks = [head]
-            found = _model_in_prefix(head, boundary)
+            found = scan.feed(buf)
             if found is not None:
-                return MultipartHead(head, found, False)
+                return MultipartHead(bytes(buf), found, False)
 
 
 class PartWatcher:
@@ -95,9 +73,9 @@ class PartWatcher:
 
     def __init__(self, boundary: bytes) -> None:
         self._marker = b"\r\n--" + boundary
-        self._carry = b""
+        self._carry: bytes | bytearray = b""
 
-    def feed(self, chunk: bytes) -> None:
+    def feed(self, chunk: bytes | bytearray) -> None:
         data = self._carry + chunk if self._carry else chunk
         marker = self._marker
         pos = 0
