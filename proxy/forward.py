@@ -47,6 +47,7 @@ from .errors import (
 )
 from .health import Health, backoff_delay, order_upstreams
 from .observe import OUR_REQUEST_ID_HEADER, Exchange, Observer
+from .pipe import BodyPipe
 from .runtime import Runtime, UpstreamPlan
 from .settings import Route
 from .upstream import UpstreamFailure, UpstreamPool, UpstreamResponse
@@ -352,40 +353,25 @@ async def _relay(
         upstream_resp.arm_idle_timeout(plan.upstream.timeouts.idle)
         if ex.streaming:
             observer.stream_opened(ex)
-        read = content.readany
-        write = resp.write
-        sent = 0
-        tail = previous = b""
+        pipe = BodyPipe(upstream_resp, request, resp)
         try:
-            while chunk := await read():
-                await write(chunk)
-                sent += len(chunk)
-                # References only: the usage object is read from these two
-                # chunks after the response has ended (observe.py, usage.py).
-                previous = tail
-                tail = chunk
-        except ConnectionResetError:
-            # Writing to the client failed (aiohttp's ClientConnectionResetError
-            # is also a ClientError): the client left, not the upstream.
-            raise
-        except aiohttp.ClientPayloadError:
-            ex.outcome = "upstream_reset"
-        except aiohttp.SocketTimeoutError:
-            ex.outcome = "idle_timeout"
-        except (aiohttp.ClientError, OSError):
-            ex.outcome = "upstream_reset"
+            failure = await pipe.run()
         finally:
             # Also when the client left mid-body: the log shows what it got.
-            ex.bytes_out = sent
-            ex.tail = tail
-            ex.tail_previous = previous
+            ex.bytes_out = pipe.sent
+            ex.tail = pipe.tail
+            ex.tail_previous = pipe.previous
+        if isinstance(failure, aiohttp.SocketTimeoutError):
+            ex.outcome = "idle_timeout"
+        elif failure is not None:
+            ex.outcome = "upstream_reset"  # reset, cut short, or broken framing
         if ex.outcome != "complete":
             log.warning(
                 "upstream %s failed mid-body (%s) after %d bytes; aborting the client's "
                 "connection [request %s]",
                 plan.name,
                 ex.outcome,
-                sent,
+                pipe.sent,
                 ex.request_id,
             )
             abort_client(request)

@@ -31,7 +31,7 @@ import asyncio
 import ipaddress
 import socket
 import ssl
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, Callable
 from dataclasses import dataclass
 from typing import Final
 
@@ -106,6 +106,19 @@ class _Connection(ResponseHandler):
         super().__init__(loop)
         self.idle_since = 0.0
         self._watchdog: asyncio.TimerHandle | None = None
+        # Called after the parser has fed the body: new bytes, its end, or its
+        # failure (pipe.py moves them to the client without a task switch).
+        self.on_body: Callable[[], None] | None = None
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.on_body is not None:
+            self.on_body()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        super().connection_lost(exc)
+        if self.on_body is not None:
+            self.on_body()
 
     async def drain(self) -> None:
         """Wait while the kernel's send buffer is full (flow control)."""
@@ -138,7 +151,7 @@ class _Connection(ResponseHandler):
                 self._watchdog = None
                 return
             now = loop.time()
-            if body.total_bytes != seen or self._reading_paused:
+            if body.total_bytes != seen or self._reading_paused or self._buffer_paused:
                 seen = body.total_bytes
                 progress_at = now
             elif now - progress_at >= seconds:
@@ -146,10 +159,19 @@ class _Connection(ResponseHandler):
                 error = SocketTimeoutError("Timeout on reading data from socket")
                 self.set_exception(error)
                 body.set_exception(error)
+                if self.on_body is not None:
+                    self.on_body()
                 return
             self._watchdog = loop.call_at(now + period, check)
 
         self._watchdog = loop.call_at(progress_at + period, check)
+
+    def hold(self) -> None:
+        self._pause_reading_for_buffer()
+
+    def unhold(self) -> None:
+        self._resume_reading_for_buffer()
+        # Bytes parsed while held wait in the body's buffer; the caller pumps.
 
     def stop_watching(self) -> None:
         if self._watchdog is not None:
@@ -200,6 +222,21 @@ class UpstreamResponse:
         if conn is not None and not self.content.is_eof():
             conn.watch_idle(seconds, self.content)
 
+    def on_body(self, callback: Callable[[], None] | None) -> None:
+        """Have ``callback`` called whenever the body got bytes, ended or failed."""
+        if self._conn is not None:
+            self._conn.on_body = callback
+
+    def hold(self) -> None:
+        """Stop reading from the upstream (the client is not keeping up)."""
+        if self._conn is not None:
+            self._conn.hold()
+
+    def resume(self) -> None:
+        """Read from the upstream again after :meth:`hold`."""
+        if self._conn is not None:
+            self._conn.unhold()
+
     def release(self) -> None:
         """The body was read to its end: pool the connection if it can carry another."""
         conn, self._conn = self._conn, None
@@ -209,6 +246,7 @@ class UpstreamResponse:
         if (sender is not None and not sender.done()) or conn.should_close:
             _abort(conn, sender)
         else:
+            conn.on_body = None
             conn.stop_watching()
             self._pool.put_back(self._origin, conn)
 
@@ -222,6 +260,7 @@ class UpstreamResponse:
 def _abort(conn: _Connection, sender: asyncio.Task[None] | None) -> None:
     if sender is not None and not sender.done():
         sender.cancel()
+    conn.on_body = None
     conn.stop_watching()
     conn.abort()
 
