@@ -54,6 +54,7 @@ READ_BUFSIZE: Final = 64 * 1024
 # IP literals are never resolved.
 DNS_TTL_SECONDS: Final = 60.0
 _NO_BODY_METHODS: Final = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
+_BUFFERS: Final = (bytes, bytearray)  # a body held whole
 
 
 class UpstreamFailure(Exception):
@@ -105,6 +106,7 @@ class _Connection(ResponseHandler):
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(loop)
         self.idle_since = 0.0
+        self.skips_payload: bool | None = None  # the parser's setting (HEAD or not)
         self._watchdog: asyncio.TimerHandle | None = None
         # Called after the parser has fed the body: new bytes, its end, or its
         # failure (pipe.py moves them to the client without a task switch).
@@ -305,18 +307,24 @@ class UpstreamPool:
             conn = await self._connect(origin, connect_timeout)
         sender: asyncio.Task[None] | None = None
         try:
-            conn.set_response_params(
-                skip_payload=method == "HEAD",
-                read_until_eof=True,
-                auto_decompress=False,
-                read_bufsize=READ_BUFSIZE,
-            )
-            streamed = not isinstance(body, bytes | bytearray)
+            skip_payload = method == "HEAD"
+            if conn.skips_payload is not skip_payload:
+                # A new parser only when the kind of answer changes: llhttp
+                # parses one response after another on a keep-alive
+                # connection, as aiohttp's server parser does with requests.
+                conn.set_response_params(
+                    skip_payload=skip_payload,
+                    read_until_eof=True,
+                    auto_decompress=False,
+                    read_bufsize=READ_BUFSIZE,
+                )
+                conn.skips_payload = skip_payload
+            streamed = not isinstance(body, _BUFFERS)
             head = _head(method, target, origin.host_header, headers, body, body_length, streamed)
             transport = conn.transport
             if transport is None:
                 raise UpstreamFailure("disconnected")
-            if isinstance(body, bytes | bytearray):
+            if isinstance(body, _BUFFERS):
                 if len(body) < _COALESCE_BELOW:
                     transport.write(head + body if body else head)
                 else:
@@ -465,21 +473,18 @@ def _head(
     Framing is ours alone: ``Content-Length`` for a known length (also 0 for an
     empty POST, so the upstream does not wait for a body), chunked otherwise.
     """
-    lines = [f"{method} {target} HTTP/1.1\r\nHost: {host_header}\r\n"]
-    for name, value in headers.items():
-        lines.append(f"{name}: {value}\r\n")
+    lines = [f"{name}: {value}\r\n" for name, value in headers.items()]
     if streamed:
         if body_length is None:
             lines.append("Transfer-Encoding: chunked\r\n")
         else:
             lines.append(f"Content-Length: {body_length}\r\n")
-    elif isinstance(body, bytes | bytearray) and (body or method not in _NO_BODY_METHODS):
+    elif isinstance(body, _BUFFERS) and (body or method not in _NO_BODY_METHODS):
         lines.append(f"Content-Length: {len(body)}\r\n")
-    lines.append("\r\n")
-    text = "".join(lines)
+    text = f"{method} {target} HTTP/1.1\r\nHost: {host_header}\r\n{''.join(lines)}\r\n"
     # Every line ends in CRLF and no CR or LF may sit anywhere else: a header
     # value carrying one would start a header (or a request) of its own.
-    ends = len(lines) + 1  # the first item holds two lines: request line and Host
+    ends = len(lines) + 3  # the request line, Host and the empty line
     if text.count("\n") != ends or text.count("\r") != ends:
         raise ValueError("a request header holds a line break")
     # surrogateescape: header bytes that are not UTF-8 go out as they came in.
