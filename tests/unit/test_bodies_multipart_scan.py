@@ -1,4 +1,5 @@
-"""MultipartModelScan: one pass over an arriving form, with the answers of the prefix parse.
+"""MultipartModelScan: one pass over an arriving form, with the answers of the prefix parse;
+and the model finders on the bytearray read_body hands on.
 
 The reference below is how the model field used to be looked for: after each
 read, every prefix of the body closed right after a delimiter was parsed
@@ -11,6 +12,7 @@ nothing.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from typing import Any
 
@@ -18,7 +20,13 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from proxy.errors import InvalidRequest
-from proxy.findmodel import FoundModel, MultipartModelScan, find_multipart_model, rewrite_model
+from proxy.findmodel import (
+    FoundModel,
+    MultipartModelScan,
+    find_json_model,
+    find_multipart_model,
+    rewrite_model,
+)
 from proxy.upload import read_until_model
 
 FUZZ = settings(
@@ -161,3 +169,26 @@ def test_rewrite_of_a_bytearray_equals_that_of_bytes() -> None:
     assert isinstance(out, bytes)
     assert out == rewrite_model(body, found, "llama3.2:3b")
     assert out == body.replace(b"\r\n\r\nfast\r\n", b"\r\n\r\nllama3.2:3b\r\n")
+
+
+json_bodies = st.one_of(
+    st.binary(max_size=60),
+    st.builds(
+        lambda model, pad, last: (
+            json.dumps({"x": pad, "model": model} if last else {"model": model, "x": pad})
+        ).encode(),
+        st.text(max_size=10),
+        st.text(max_size=30),
+        st.booleans(),
+    ),
+)
+
+
+@FUZZ
+@given(json_bodies, st.sampled_from([None, 0]))
+def test_json_model_of_a_bytearray_equals_that_of_bytes(
+    body: bytes, exact_limit: int | None
+) -> None:
+    """read_body hands on a bytearray when the body came in pieces: same answers."""
+    want = outcome(find_json_model, body, exact_limit)
+    assert outcome(find_json_model, bytearray(body), exact_limit) == want
