@@ -27,7 +27,7 @@ proxy is the proxy's decision (``server.cors``), not the upstream's.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -108,9 +108,70 @@ def connection_tokens(headers: CIMultiDictProxy[str]) -> frozenset[str]:
     values = headers.getall("Connection", ())
     if not values:
         return frozenset()
+    return _tokens(tuple(values))
+
+
+def _tokens(values: tuple[str, ...]) -> frozenset[str]:
     return frozenset(
         token.strip().lower() for value in values for token in value.split(",") if token.strip()
     )
+
+
+# Bounds of the per-policy memos below: header names and Connection values are
+# the client's (or the upstream's) to choose, so a flood of new spellings only
+# empties a memo, it never grows memory.
+_MEMO_LIMIT = 1024
+
+
+class _NameFilter:
+    """Picks the headers whose names are not in ``drop`` (nor listed in
+    ``Connection``), in their order, with their spelling.
+
+    The verdict for a name is memoised per spelling: a server sees the same
+    few spellings from the same few clients, so the hot path is one dict
+    lookup per header instead of a ``lower()`` and a set lookup. The same
+    goes for the names a ``Connection`` header lists (usually ``keep-alive``,
+    already dropped).
+    """
+
+    __slots__ = ("_drop", "_listed", "_verdicts")
+
+    def __init__(self, drop: frozenset[str]) -> None:
+        self._drop = drop
+        self._verdicts: dict[str, bool] = {}  # name as spelt -> passes
+        self._listed: dict[tuple[str, ...], frozenset[str]] = {}  # Connection values -> extra drops
+
+    def passing(self, headers: CIMultiDictProxy[str]) -> list[tuple[str, str]]:
+        """The (name, value) pairs that cross, in order (one CIMultiDict built
+        from a list costs about half of adding the same pairs one by one)."""
+        extra = self._listed_in_connection(headers) if "Connection" in headers else None
+        verdicts = self._verdicts
+        kept: list[tuple[str, str]] = []
+        keep = kept.append
+        for pair in headers.items():
+            passes = verdicts.get(pair[0])
+            if passes is None:
+                passes = self._verdict(pair[0])
+            if passes and not (extra and pair[0].lower() in extra):
+                keep(pair)
+        return kept
+
+    def _verdict(self, name: str) -> bool:
+        verdicts = self._verdicts
+        if len(verdicts) >= _MEMO_LIMIT:
+            verdicts.clear()
+        passes = verdicts[name] = name.lower() not in self._drop
+        return passes
+
+    def _listed_in_connection(self, headers: CIMultiDictProxy[str]) -> frozenset[str]:
+        """Names the ``Connection`` headers list that ``drop`` does not already hold."""
+        values = tuple(headers.getall("Connection"))
+        extra = self._listed.get(values)
+        if extra is None:
+            if len(self._listed) >= _MEMO_LIMIT:
+                self._listed.clear()
+            extra = self._listed[values] = _tokens(values) - self._drop
+        return extra
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,20 +179,31 @@ class RequestHeaderPolicy:
     """Precomputed per upstream at load time, so the hot path only filters."""
 
     drop: frozenset[str]
-    set: tuple[tuple[str, str], ...]
+    # The upstream's headers.set, minus X-Request-Id (always ours), one per name.
+    set: tuple[tuple[str, str], ...] = field(repr=False)  # values hold keys
     pass_authorization: bool
+    _filter: _NameFilter = field(repr=False, compare=False)
 
     @classmethod
     def for_upstream(cls, upstream: Upstream) -> RequestHeaderPolicy:
         drop = HOP_BY_HOP | _SET_BY_CLIENT_LIBRARY | _FORWARDING | CLIENT_CREDENTIAL_HEADERS
         drop |= upstream.headers.remove
+        # One value per name, the last one written winning, as assigning them
+        # one after another would; X-Request-Id is always the request's own.
+        own: dict[str, tuple[str, str]] = {}
+        for name, secret in upstream.headers.set:
+            own.pop(name.lower(), None)
+            own[name.lower()] = (name, secret.value)
+        own.pop("x-request-id", None)
         set_names = frozenset(name.lower() for name, _ in upstream.headers.set)
+        drop = frozenset(drop | set_names | {"x-request-id"})
         return cls(
-            drop=drop | set_names,
-            set=tuple((name, secret.value) for name, secret in upstream.headers.set),
+            drop=drop,
+            set=tuple(own.values()),
             pass_authorization=upstream.pass_client_auth
             and "authorization" not in set_names
             and "authorization" not in upstream.headers.remove,
+            _filter=_NameFilter(drop),
         )
 
     def build(
@@ -144,43 +216,32 @@ class RequestHeaderPolicy:
 
         ``client_authorization`` is the client's ``Authorization`` value when it may
         be passed on (it was not a proxy key); used only with ``pass_client_auth``.
+        Every name added here is in ``drop``, so none is duplicated.
         """
-        drop = self.drop
-        if "connection" in inbound:
-            drop = drop | connection_tokens(inbound)
-        out: CIMultiDict[str] = CIMultiDict()
-        for name, value in inbound.items():
-            if name.lower() not in drop:
-                out.add(name, value)
+        pairs = self._filter.passing(inbound)
         if self.pass_authorization and client_authorization is not None:
-            out["Authorization"] = client_authorization
-        for name, value in self.set:
-            out[name] = value
-        out["X-Request-Id"] = request_id
-        return out
+            pairs.append(("Authorization", client_authorization))
+        if self.set:
+            pairs.extend(self.set)
+        pairs.append(("X-Request-Id", request_id))
+        return CIMultiDict(pairs)
 
 
 @dataclass(frozen=True, slots=True)
 class ResponseHeaderPolicy:
     drop: frozenset[str]
+    _filter: _NameFilter = field(repr=False, compare=False)
 
     @classmethod
     def for_upstream(cls, upstream: Upstream) -> ResponseHeaderPolicy:
         # Content-Length is set by us from the upstream's value when it has one.
-        drop = (
+        drop = frozenset(
             HOP_BY_HOP
             | {"content-length"}
             | _UPSTREAM_CORS
             | (_UPSTREAM_IDENTITY - upstream.keep_response_headers)
         )
-        return cls(drop=frozenset(drop))
+        return cls(drop=drop, _filter=_NameFilter(drop))
 
     def build(self, upstream_headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
-        drop = self.drop
-        if "connection" in upstream_headers:
-            drop = drop | connection_tokens(upstream_headers)
-        out: CIMultiDict[str] = CIMultiDict()
-        for name, value in upstream_headers.items():
-            if name.lower() not in drop:
-                out.add(name, value)
-        return out
+        return CIMultiDict(self._filter.passing(upstream_headers))
