@@ -26,6 +26,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 
 from aiohttp import web
 
@@ -64,16 +65,25 @@ class Caller:
 
 
 def identify(request: web.BaseRequest, runtime: Runtime) -> Caller:
-    peer = request.transport.get_extra_info("peername") if request.transport else None
-    host = peer[0] if isinstance(peer, tuple) and peer else None
-    trusted = runtime.trusted
-    forwarded = request.headers.getall("X-Forwarded-For", ()) if trusted else ()
-    address = client_address(host, forwarded, trusted)
-    keys = runtime.keys
-    if not keys:
-        return Caller(address, None, True)
-    key = keys.authenticate(presented_key(request.headers))
+    # aiohttp reads the peer address once per connection (request.remote);
+    # asking the transport would be a getpeername() system call per request.
+    host = request.remote
+    if runtime.trusts_proxies:
+        forwarded = request.headers.getall("X-Forwarded-For", ())
+        address = client_address(host, forwarded, runtime.trusted)
+    else:
+        address = client_address(host, (), runtime.trusted)
+    if not runtime.keyed:
+        return _anonymous(address)
+    key = runtime.keys.authenticate(presented_key(request.headers))
     return Caller(address, key, key is not None)
+
+
+@lru_cache(maxsize=8192)
+def _anonymous(address: str) -> Caller:
+    """The caller of an open proxy (no keys): one per address, made once
+    (bounded: a flood of addresses only evicts)."""
+    return Caller(address, None, True)
 
 
 def choose_limit(

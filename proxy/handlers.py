@@ -219,19 +219,15 @@ async def proxy_view(request: web.Request) -> web.StreamResponse:
     app = request.app
     runtime = app[RUNTIME].current
     raw_path, _, raw_query = request.raw_path.partition("?")
-    ex = Exchange(
-        request_id=request_id_for(request),
-        method=request.method,
-        path=raw_path[:512],
-        client="-",
-    )
+    # Positional: keywords cost ~0.4 us more on this 30-field __init__.
+    ex = Exchange(request_id_for(request), request.method, raw_path[:512], "-")
     observer = app[OBSERVER]
     observer.begin(ex)
     try:
         caller = identify(request, runtime)
         ex.client = caller.address
         ex.key_name = caller.key.name if caller.key is not None else None
-        return await _proxy(request, runtime, caller, raw_path, raw_query, ex)
+        return await _proxy(request, app, runtime, caller, raw_path, raw_query, ex)
     except ProxyError as err:
         ex.status = err.status
         ex.error_code = err.code
@@ -253,13 +249,13 @@ async def proxy_view(request: web.Request) -> web.StreamResponse:
 
 async def _proxy(
     request: web.Request,
+    app: web.Application,
     runtime: Runtime,
     caller: Caller,
     raw_path: str,
     raw_query: str,
     ex: Exchange,
 ) -> web.StreamResponse:
-    app = request.app
     limiter = app[LIMITER]
     settings = runtime.settings
     if not caller.authenticated:
@@ -274,7 +270,7 @@ async def _proxy(
     # route: charge before the body is read, so a client over its limit costs
     # no body read and no parse (issue 3).
     charged = not runtime.route_limited
-    if charged:
+    if charged and runtime.limited:  # with no limit configured, nothing to charge
         await charge(limiter, runtime, caller, None)
     try:
         vet_head(request)
@@ -371,7 +367,7 @@ async def _proxy(
             realtime,
             runtime,
             ex,
-            _client_authorization(request, runtime.keys),
+            _client_authorization(request, runtime),
             app[SESSION],
             app[HEALTH],
             app[OBSERVER],
@@ -387,7 +383,7 @@ async def _proxy(
             query,
             body,
             ex,
-            _client_authorization(request, runtime.keys),
+            _client_authorization(request, runtime),
             app[UPSTREAMS],
             app[HEALTH],
             app[OBSERVER],
@@ -418,9 +414,9 @@ def _without(request: web.Request, header: str) -> CIMultiDictProxy[str]:
     return CIMultiDictProxy(kept)
 
 
-def _client_authorization(request: web.BaseRequest, keys: KeyTable) -> str | None:
+def _client_authorization(request: web.BaseRequest, runtime: Runtime) -> str | None:
     """The client's Authorization, for upstreams with pass_client_auth; never a proxy key."""
-    if keys:
+    if runtime.keyed:
         return None
     return request.headers.get("Authorization")
 

@@ -22,12 +22,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from json.encoder import encode_basestring_ascii as _encode_string
+from random import getrandbits as _random_bits
 from typing import TextIO
 
 from aiohttp import web
@@ -69,8 +69,11 @@ def request_id_for(request: web.BaseRequest) -> str:
     given = request.headers.get("X-Request-Id")
     if given is not None and _REQUEST_ID.match(given):
         return given
-    # 128 random bits as 32 hex digits, like uuid4().hex at a tenth of the cost.
-    return os.urandom(16).hex()
+    # 128 random bits as 32 hex digits, like uuid4().hex (~4 us here) for
+    # ~0.25 us (os.urandom's system call alone is ~0.6 us). An id needs to be
+    # unique, not unguessable; the random module reseeds in a forked child
+    # (--workers), so workers never share a sequence.
+    return _random_bits(128).to_bytes(16).hex()
 
 
 @dataclass(slots=True)

@@ -84,6 +84,11 @@ class Runtime:
     trusted: TrustedNetworks
     # Does any route carry its own rate_limit (so the bucket depends on the route)?
     route_limited: bool
+    # Plain flags for the hot path (a bool test, not a __bool__ call per request):
+    # is any rate limit configured at all (global, per key or per route)?
+    limited: bool
+    keyed: bool  # are proxy keys configured?
+    trusts_proxies: bool  # is server.trusted_proxies set?
 
     def plans_for(self, route: Route) -> tuple[UpstreamPlan, ...]:
         return tuple(self.plans[name] for name in route.upstreams)
@@ -92,13 +97,19 @@ class Runtime:
 def build_runtime(
     settings: Settings, discovered: Mapping[int, tuple[str, ...]] | None = None
 ) -> Runtime:
+    route_limited = any(r.rate_limit is not None for r in settings.routes)
     return Runtime(
         settings=settings,
         table=RouteTable(settings.routes, discovered),
         plans={name: _plan(u) for name, u in settings.upstreams.items()},
         keys=KeyTable(settings.auth_keys),
         trusted=TrustedNetworks(settings.server.trusted_proxies),
-        route_limited=any(r.rate_limit is not None for r in settings.routes),
+        route_limited=route_limited,
+        limited=route_limited
+        or settings.rate_limit is not None
+        or any(k.rate_limit is not None for k in settings.auth_keys),
+        keyed=bool(settings.auth_keys),
+        trusts_proxies=bool(settings.server.trusted_proxies),
     )
 
 
