@@ -9,6 +9,7 @@ exceptions are logged once, server-side, and never shown to the client.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -17,7 +18,7 @@ from aiohttp import web
 from .errors import OriginNotAllowed, ProxyError, error_response, from_http_exception
 from .settings import CorsSettings
 
-__all__ = ["Cors", "error_middleware"]
+__all__ = ["Cors", "error_middleware", "guarded"]
 
 log = logging.getLogger("oaimux")
 
@@ -28,17 +29,50 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
-    except ProxyError as err:
-        return error_response(err)
-    except web.HTTPException as exc:
+    except Exception as exc:  # noqa: BLE001 - the boundary; see _answer
+        return _answer(request, exc)
+
+
+def guarded(view: Handler) -> Handler:
+    """``view`` behind the same boundary as :func:`error_middleware`, for an app
+    that has no middleware at all.
+
+    When an app has any middleware, aiohttp runs its chain, plus a wrapper of
+    its own, on every request: about 8 us per request on the bench machine,
+    against about 0.5 us for this one wrapper (issue 8). What only the
+    middleware can catch is an error raised before any view runs: a request
+    target the catch-all route cannot match (``OPTIONS *``, ``CONNECT``,
+    an absolute-form URL without a path) gets aiohttp's own text 404 instead.
+    """
+
+    @functools.wraps(view)
+    async def guarded_view(request: web.Request) -> web.StreamResponse:
+        try:
+            return await view(request)
+        except Exception as exc:  # noqa: BLE001 - the boundary; see _answer
+            return _answer(request, exc)
+
+    return guarded_view
+
+
+def _answer(request: web.Request, exc: Exception) -> web.StreamResponse:
+    """OpenAI's error JSON for ``exc``, raised by a view before it answered.
+
+    Call it only from an ``except`` block (the log line takes the traceback
+    from there). What is not an error to answer is raised again: an
+    ``HTTPException`` below 400 (aiohttp sends it as the response), a client
+    that went away, a timeout.
+    """
+    if isinstance(exc, ProxyError):
+        return error_response(exc)
+    if isinstance(exc, web.HTTPException):
         if exc.status < 400:
-            raise
+            raise exc
         return error_response(from_http_exception(exc))
-    except (ConnectionError, TimeoutError):
-        raise
-    except Exception:  # noqa: BLE001 - the boundary: log once, answer JSON, never a traceback
-        log.exception("unexpected error handling %s %s", request.method, request.path[:200])
-        return error_response(ProxyError("The proxy failed to handle the request."))
+    if isinstance(exc, ConnectionError | TimeoutError):
+        raise exc
+    log.exception("unexpected error handling %s %s", request.method, request.path[:200])
+    return error_response(ProxyError("The proxy failed to handle the request."))
 
 
 _ALLOW_METHODS = "GET, POST, PUT, PATCH, DELETE, OPTIONS"
