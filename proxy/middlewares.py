@@ -9,7 +9,6 @@ exceptions are logged once, server-side, and never shown to the client.
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -18,7 +17,7 @@ from aiohttp import web
 from .errors import OriginNotAllowed, ProxyError, error_response, from_http_exception
 from .settings import CorsSettings
 
-__all__ = ["Cors", "error_middleware", "guarded"]
+__all__ = ["Cors", "error_middleware"]
 
 log = logging.getLogger("oaimux")
 
@@ -31,28 +30,6 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return await handler(request)
     except Exception as exc:  # noqa: BLE001 - the boundary; see _answer
         return _answer(request, exc)
-
-
-def guarded(view: Handler) -> Handler:
-    """``view`` behind the same boundary as :func:`error_middleware`, for an app
-    that has no middleware at all.
-
-    When an app has any middleware, aiohttp runs its chain, plus a wrapper of
-    its own, on every request: about 8 us per request on the bench machine,
-    against about 0.5 us for this one wrapper (issue 8). What only the
-    middleware can catch is an error raised before any view runs: a request
-    target the catch-all route cannot match (``OPTIONS *``, ``CONNECT``,
-    an absolute-form URL without a path) gets aiohttp's own text 404 instead.
-    """
-
-    @functools.wraps(view)
-    async def guarded_view(request: web.Request) -> web.StreamResponse:
-        try:
-            return await view(request)
-        except Exception as exc:  # noqa: BLE001 - the boundary; see _answer
-            return _answer(request, exc)
-
-    return guarded_view
 
 
 def _answer(request: web.Request, exc: Exception) -> web.StreamResponse:
