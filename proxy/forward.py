@@ -235,16 +235,16 @@ async def _open(
     timeouts = plan.upstream.timeouts
     length = body.length if isinstance(body, BodyStream) else None
     try:
-        async with asyncio.timeout(timeouts.response):
-            return await pool.request(
-                plan.origin,
-                method,
-                plan.target_for(path, query_string),
-                headers,
-                body,
-                length,
-                timeouts.connect,
-            )
+        return await pool.request(
+            plan.origin,
+            method,
+            plan.target_for(path, query_string),
+            headers,
+            body,
+            length,
+            timeouts.connect,
+            timeouts.response,
+        )
     except TimeoutError:
         raise _Refused(
             UpstreamTimeout(

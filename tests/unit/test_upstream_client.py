@@ -21,6 +21,7 @@ from tests.faults.server import (
     Connection,
     FaultServer,
     RawRequest,
+    blackhole,
     closed_port,
     garbage,
     hang,
@@ -38,8 +39,14 @@ async def pool() -> AsyncIterator[UpstreamPool]:
     pool.close()
 
 
+_ORIGINS: dict[int, Origin] = {}
+
+
 def origin_of(server: FaultServer) -> Origin:
-    return Origin.of(URL(server.url))
+    """One Origin per server, as one per upstream plan (origins compare by identity)."""
+    if server.port not in _ORIGINS:
+        _ORIGINS[server.port] = Origin.of(URL(server.url))
+    return _ORIGINS[server.port]
 
 
 async def send(
@@ -51,7 +58,7 @@ async def send(
     target: str = "/v1/chat/completions",
 ) -> UpstreamResponse:
     return await pool.request(
-        origin_of(server), method, target, headers or CIMultiDict(), body, None, 5.0
+        origin_of(server), method, target, headers or CIMultiDict(), body, None, 5.0, 5.0
     )
 
 
@@ -202,7 +209,14 @@ async def test_a_streamed_body_of_unknown_length_goes_chunked(
 ) -> None:
     server = await faults()
     resp = await pool.request(
-        origin_of(server), "POST", "/v1/files", CIMultiDict(), chunks(b"ab", b"", b"cde"), None, 5
+        origin_of(server),
+        "POST",
+        "/v1/files",
+        CIMultiDict(),
+        chunks(b"ab", b"", b"cde"),
+        None,
+        5,
+        5,
     )
     await read_all(resp)
     assert server.requests[0].headers["transfer-encoding"] == "chunked"
@@ -214,7 +228,7 @@ async def test_a_streamed_body_of_known_length_says_it(
 ) -> None:
     server = await faults()
     resp = await pool.request(
-        origin_of(server), "POST", "/v1/files", CIMultiDict(), chunks(b"ab", b"cde"), 5, 5
+        origin_of(server), "POST", "/v1/files", CIMultiDict(), chunks(b"ab", b"cde"), 5, 5, 5
     )
     await read_all(resp)
     assert server.requests[0].headers["content-length"] == "5"
@@ -232,7 +246,9 @@ async def test_a_body_that_breaks_off_aborts_the_upstream_request(
         raise RuntimeError("the client went away")
 
     with pytest.raises(UpstreamFailure) as failed:
-        await pool.request(origin_of(server), "POST", "/v1/files", CIMultiDict(), broken(), 10, 5)
+        await pool.request(
+            origin_of(server), "POST", "/v1/files", CIMultiDict(), broken(), 10, 5, 5
+        )
     assert failed.value.kind in {"disconnected", "reset"}
     await asyncio.wait_for(server.connections[0].peer_closed.wait(), 5)
 
@@ -258,7 +274,7 @@ async def test_failures_before_a_response_are_named(
 async def test_a_refused_connection_is_a_connect_failure(pool: UpstreamPool) -> None:
     origin = Origin.of(URL(f"http://127.0.0.1:{closed_port()}/v1"))
     with pytest.raises(UpstreamFailure) as failed:
-        await pool.request(origin, "GET", "/v1/models", CIMultiDict(), b"", None, 5)
+        await pool.request(origin, "GET", "/v1/models", CIMultiDict(), b"", None, 5, 5)
     assert failed.value.kind == "connect"
 
 
@@ -270,7 +286,7 @@ async def test_a_host_name_is_resolved_once_and_reused(
     assert not origin.literal
     try:
         for _ in range(2):
-            resp = await pool.request(origin, "GET", "/v1/models", CIMultiDict(), b"", None, 5)
+            resp = await pool.request(origin, "GET", "/v1/models", CIMultiDict(), b"", None, 5, 5)
             await resp.content.read()
             resp.close()  # never pooled: the second request must connect again
     except UpstreamFailure:
@@ -308,3 +324,31 @@ async def test_a_whole_body_leaves_no_idle_timer_on_a_pooled_connection(
     second.cancel()
     with pytest.raises(asyncio.CancelledError):
         await second
+
+
+async def test_no_head_within_the_response_timeout_is_a_timeout(
+    faults: FaultFactory, pool: UpstreamPool
+) -> None:
+    server = await faults(hang())
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(TimeoutError):
+        await pool.request(
+            origin_of(server), "POST", "/v1/chat/completions", CIMultiDict(), b"{}", None, 5, 0.2
+        )
+    waited = loop.time() - started
+    assert waited >= 0.2  # never before the deadline (at most an eighth after it)
+    await asyncio.wait_for(server.connections[0].peer_closed.wait(), 5)
+    await read_all(await send(pool, server))  # the sweep leaves later requests alone
+
+
+async def test_the_shorter_of_connect_and_response_timeout_decides_the_error(
+    pool: UpstreamPool,
+) -> None:
+    with blackhole() as port:
+        origin = Origin.of(URL(f"http://127.0.0.1:{port}/v1"))
+        with pytest.raises(UpstreamFailure) as failed:
+            await pool.request(origin, "GET", "/v1/models", CIMultiDict(), b"", None, 0.1, 5)
+        assert failed.value.kind == "connect_timeout"
+        with pytest.raises(TimeoutError):
+            await pool.request(origin, "GET", "/v1/models", CIMultiDict(), b"", None, 5, 0.1)
