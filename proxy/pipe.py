@@ -48,7 +48,8 @@ class BodyPipe:
         "_held",
         "_out",
         "_response",
-        "_wake",
+        "_waiter",
+        "_woken",
         "_writer",
         "previous",
         "sent",
@@ -66,7 +67,10 @@ class BodyPipe:
         # aiohttp decided the framing when it prepared the head (chunked for an
         # HTTP/1.1 client when no length is known; none for HTTP/1.0).
         self._chunked = prepared.headers.get("Transfer-Encoding") == "chunked"
-        self._wake = asyncio.Event()
+        # A future only while the task waits: lighter than an Event, which
+        # keeps a deque per stream (memory per open stream is an issue 8 goal).
+        self._waiter: asyncio.Future[None] | None = None
+        self._woken = False
         self._busy = self._again = self._held = self._client_gone = False
         self.sent = 0
         # The last two pieces written (references, not copies): the usage
@@ -82,8 +86,7 @@ class BodyPipe:
         try:
             self.pump()  # what arrived with the head
             while True:
-                await self._wake.wait()
-                self._wake.clear()
+                await self._wait()
                 if self._client_gone:
                     raise ConnectionResetError("the client went away")
                 if self._held:
@@ -100,6 +103,21 @@ class BodyPipe:
                     return None
         finally:
             response.on_body(None)
+
+    async def _wait(self) -> None:
+        if not self._woken:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        self._woken = False
+
+    def _wake(self) -> None:
+        self._woken = True
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def pump(self) -> None:
         """Write whatever the parser has produced; called by the upstream
@@ -123,14 +141,14 @@ class BodyPipe:
         if self._held:
             return
         if body.exception() is not None:
-            self._wake.set()
+            self._wake()
             return
         data = body.read_nowait()
         if data:
             out = self._out
             if out is None or out.is_closing():
                 self._client_gone = True
-                self._wake.set()
+                self._wake()
                 return
             if self._chunked:
                 out.writelines((b"%x\r\n" % len(data), data, _CRLF))
@@ -144,7 +162,7 @@ class BodyPipe:
                 # the upstream until the client has drained (back-pressure).
                 self._held = True
                 self._response.hold()
-                self._wake.set()
+                self._wake()
                 return
         if body.is_eof():
-            self._wake.set()
+            self._wake()
