@@ -9,6 +9,12 @@ the top-level keys. Two top-level ``model`` keys are refused as ambiguous: a
 parser that keeps the first and one that keeps the last would disagree about
 where the request goes (the parser-differential lesson of reliability.md §0.9).
 
+Most bodies take a shorter road to the same answer (:func:`_find_in_one_scan`):
+one C scan of the whole body yields its top-level pairs, and the model's
+offsets are then found by stepping over the few top-level values beside it.
+Whatever that road does not handle goes the long way, which also words every
+error, so both give the same answers.
+
 Multipart bodies: :func:`find_multipart_model` finds the ``model`` form field
 by scanning part headers (RFC 7578), refusing two of them.
 
@@ -43,6 +49,11 @@ _DECODER = json.JSONDecoder()
 _scan_value: Callable[[str, int], tuple[Any, int]] = _DECODER.scan_once  # type: ignore[attr-defined]
 _scan_string: Callable[[str, int, bool], tuple[str, int]] = json.decoder.scanstring  # type: ignore[attr-defined]
 _skip_ws: Callable[[str, int], re.Match[str]] = json.decoder.WHITESPACE.match  # type: ignore[attr-defined]
+# The same scanner, but objects come out as tuples of (key, value) pairs, in
+# body order with repeated keys kept: the top level's duplicates stay visible.
+_scan_pairs: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder(
+    object_pairs_hook=tuple
+).scan_once  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +98,189 @@ def find_json_model(body: bytes | bytearray, exact_limit: int | None = None) -> 
                 return _find_structural(body)
             except _TooManySteps:
                 pass  # many small values: the C scanner below is faster
+    elif len(body) > 1 and body[0] in _OBJECT_OPENING and body[1]:
+        # Two non-NUL bytes, the first "{" or whitespace: what
+        # json.detect_encoding calls UTF-8 (BOMs and UTF-16/32 start otherwise).
+        found = _find_in_one_scan(body)
+        if found is not None:
+            return found
+    return _find_exact(body)
+
+
+_OBJECT_OPENING = b"{ \t\n\r"
+_WS = frozenset(" \t\n\r")  # JSON's whitespace (RFC 8259 §2), as json.decoder.WHITESPACE
+_CONTAINERS = frozenset((tuple, list))  # objects and arrays, as _scan_pairs returns them
+# "model" may also be a nested key or a string value after the top-level key:
+# past this many candidates, stepping from the start is the cheaper way.
+_MAX_CANDIDATES = 4
+
+
+def _find_in_one_scan(body: bytes | bytearray) -> FoundModel | None:
+    """:func:`find_json_model` for a UTF-8 body, or None: take the long way.
+
+    :func:`_scan_pairs` validates the body exactly as ``json.loads`` does and
+    gives the top-level pairs, so whether ``model`` is there, once, as a
+    string, is known without a Python step per key. Only its offsets are left
+    to find, by stepping over the top-level values on the cheaper side of it
+    (:func:`_offsets_after`, :func:`_offsets_before`). Returns None for
+    anything invalid or not an object: the long way words the error.
+    """
+    try:
+        text = body.decode("utf-8", "surrogatepass")
+        pos = 0 if text[0] == "{" else _skip_ws(text, 0).end()
+        if text[pos] != "{":
+            return None
+        pairs, end = _scan_pairs(text, pos)
+    except (UnicodeDecodeError, IndexError, StopIteration, ValueError, RecursionError):
+        return None
+    n = len(text)
+    if end != n and _skip_ws(text, end).end() != n:
+        return None  # extra data: let the long way word it
+    index = -1
+    for i, pair in enumerate(pairs):
+        if pair[0] == "model":
+            if index >= 0:
+                raise _ambiguous()
+            index = i
+    if index < 0:
+        raise _missing()
+    model = pairs[index][1]
+    if type(model) is not str:  # json gives str exactly, never a subclass
+        raise _missing()
+    following = len(pairs) - index - 1
+    if index == 0:
+        start, stop = _offsets_after(text, pos, 0)
+    elif following and not any(type(value) in _CONTAINERS for _, value in pairs[:index]):
+        start, stop = _offsets_after(text, pos, index)  # steps over scalars only
+    else:
+        span = _offsets_before(text, following, end)
+        start, stop = _offsets_after(text, pos, index) if span is None else span
+    if not text.isascii():  # O(1): CPython knows
+        # Offsets in code points become byte offsets; encode the shorter side.
+        width = len(text[start:stop].encode("utf-8", "surrogatepass"))
+        if start <= n - stop:
+            start = len(text[:start].encode("utf-8", "surrogatepass"))
+            stop = start + width
+        else:
+            stop = len(body) - len(text[stop:].encode("utf-8", "surrogatepass"))
+            start = stop - width
+    return FoundModel(model, start, stop, True)
+
+
+def _past_ws(text: str, pos: int) -> int:
+    """The index after the whitespace at ``pos``, within an object (text goes on).
+
+    One space, as in ``json.dumps``' default ``": "`` and ``", "``, costs no
+    regex match.
+    """
+    pos += 1
+    return _skip_ws(text, pos).end() if text[pos] in _WS else pos
+
+
+def _offsets_after(text: str, pos: int, index: int) -> tuple[int, int]:
+    """Where the value of pair ``index`` of the valid object at ``pos`` sits.
+
+    Steps from the opening brace over the pairs before it with the C scanner.
+    """
+    pos += 1
+    for _ in range(index):
+        if text[pos] in _WS:
+            pos = _past_ws(text, pos)
+        _, pos = _scan_string(text, pos + 1, True)
+        if text[pos] in _WS:
+            pos = _past_ws(text, pos)
+        pos += 1  # the colon
+        if text[pos] in _WS:
+            pos = _past_ws(text, pos)
+        _, pos = _scan_value(text, pos)
+        if text[pos] in _WS:
+            pos = _past_ws(text, pos)
+        pos += 1  # the comma
+    if text[pos] in _WS:
+        pos = _past_ws(text, pos)
+    _, pos = _scan_string(text, pos + 1, True)
+    if text[pos] in _WS:
+        pos = _past_ws(text, pos)
+    pos += 1
+    if text[pos] in _WS:
+        pos = _past_ws(text, pos)
+    return pos, _scan_string(text, pos + 1, True)[1]
+
+
+def _offsets_before(text: str, following: int, end: int) -> tuple[int, int] | None:
+    """Where the top-level model value sits, found from the end of the object.
+
+    ``end`` is one past the object's closing brace, ``following`` the number of
+    pairs after the model. Candidates are the ``"model"`` strings nearest the
+    end. The last quote of one always closes a string (it follows a letter, so
+    it is not escaped), so stepping on from it follows the body's real
+    structure. The string it closes is the model key when a colon, a string
+    value and ``following`` pairs lead exactly onto the closing brace: that
+    makes it the top-level key in the model's place, which the scan decoded
+    as "model". A string nested deeper meets its own container's closer
+    first. None when no candidate passes.
+    """
+    at = end
+    for _ in range(_MAX_CANDIDATES):
+        at = text.rfind('"model"', 0, at)
+        if at < 0:
+            return None
+        span = _key_value_then_pairs(text, at, following, end)
+        if span is not None:
+            return span
+    return None
+
+
+def _key_value_then_pairs(text: str, pos: int, following: int, end: int) -> tuple[int, int] | None:
+    """For the candidate ``"model"`` at ``pos``: the span of the string value after
+    it, if the string it ends is a key and ``following`` more pairs and then the
+    closing brace at ``end - 1`` come after it.
+
+    The steps start at the end of a real string and the body is valid JSON, so
+    each lands where the scanner's would: after a value comes a comma, or the
+    closer of the value's container, where a nested candidate is refused.
+    """
+    pos += len('"model"')
+    if text[pos] in _WS:
+        pos = _past_ws(text, pos)
+    if text[pos] != ":":
+        return None  # a string value, not a key
+    pos += 1
+    if text[pos] in _WS:
+        pos = _past_ws(text, pos)
+    if text[pos] != '"':
+        return None  # a nested key whose value is no string
+    start = pos
+    _, pos = _scan_string(text, pos + 1, True)
+    stop = pos
+    for _ in range(following):
+        if text[pos] in _WS:
+            pos = _past_ws(text, pos)
+        if text[pos] != ",":
+            return None  # the candidate's object closes early: a nested one
+        pos += 1
+        if text[pos] in _WS:
+            pos = _past_ws(text, pos)
+        _, pos = _scan_string(text, pos + 1, True)  # the next key
+        if text[pos] in _WS:
+            pos = _past_ws(text, pos)
+        pos += 1  # the colon
+        if text[pos] in _WS:
+            pos = _past_ws(text, pos)
+        _, pos = _scan_value(text, pos)
+    if text[pos] in _WS:
+        pos = _past_ws(text, pos)
+    return (start, stop) if pos == end - 1 else None
+
+
+def _ambiguous() -> InvalidRequest:
+    return InvalidRequest(
+        "the request names 'model' more than once", code="ambiguous_model", param="model"
+    )
+
+
+def _find_exact(body: bytes | bytearray) -> FoundModel:
+    """The walk over the top-level object described in the module docstring."""
     try:
         encoding = json.detect_encoding(body)
         text = body.decode(encoding, "surrogatepass")

@@ -7,7 +7,13 @@ import json
 import pytest
 
 from proxy.errors import InvalidRequest
-from proxy.findmodel import find_json_model, find_multipart_model, rewrite_model
+from proxy.findmodel import (
+    _find_exact,
+    _find_in_one_scan,
+    find_json_model,
+    find_multipart_model,
+    rewrite_model,
+)
 
 
 @pytest.mark.parametrize(
@@ -54,16 +60,86 @@ def test_refusals(body: bytes, code: str, exact_limit: int | None) -> None:
     assert err.value.code == code
 
 
+PRETTY = json.dumps(
+    {"messages": [{"role": "user", "content": "hi"}], "model": "a", "n": 1}, indent=2
+).encode()
+
+
+# Bodies for each way the one-scan road finds the model's bytes (see
+# _find_in_one_scan): model first; after scalars only; last; before the end
+# with containers on both sides; "model" strings after it that are not the
+# key (nested keys, values, escaped quotes, too many of them); a key spelled
+# with escapes; non-ASCII on either side; whitespace of every kind.
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"model":"a","messages":[]}',
+        b'{"stream":true,"t":0.5,"s":"x","model":"a","messages":[{"model":"b"}]}',
+        b'{"messages":[{"role":"user"}],"model":"a"}',
+        b'{"messages":[],"model":"a","stream":true,"stream_options":{"include_usage":true}}',
+        b'{"messages":[],"model":"a","tools":[{"model":"a"}],"x":{"model":"a","k":1}}',
+        b'{"messages":[],"model":"a","x":{"model":"a"},"y":2}',
+        b'{"messages":[],"model":"a","x":"\\"model"}',
+        b'{"messages":[],"model":"a","x":"\\\\\\"model"}',
+        b'{"messages":[],"model":"a","x":"model","y":["model",1]}',
+        b'{"messages":[],"model":"a","x":{"model":1}}',
+        b'{"m":[],"model":"a","x":["model","model","model","model","model"]}',
+        b'{"messages":[],"\\u006dodel":"a","tools":[{"model":"b"}]}',
+        b'{"messages":[],"mod\\u0065l":"a"}',
+        '{"content":"\u00e9\u2603\U0001f600","model":"\u00fcber","b":"\u00fc"}'.encode(),
+        '{"messages":["\u00e9"],"model":"\u2603","x":"\u00e9\u00e9\u00e9"}'.encode(),
+        '{"messages":["\u00e9\u00e9\u00e9\u00e9\u00e9\u00e9"],"model":"\u2603","x":"\u00e9"}'.encode(),
+        b'{"model":"a\\"b\\\\","x":1}',
+        b' \n{ "messages" : [ ] ,\t"model" :\r\n "a" , "x" : { } }\n ',
+        PRETTY,
+    ],
+)
+def test_one_scan_finds_the_bytes_the_long_walk_finds(body: bytes) -> None:
+    found = _find_in_one_scan(body)
+    assert found is not None  # the road handled it: the comparison is not vacuous
+    assert found == _find_exact(body) == find_json_model(bytearray(body))
+    assert json.loads(body[found.start : found.end]) == found.model == json.loads(body)["model"]
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        (b'{"model":"a","x":[],"\\u006dodel":"b"}', "ambiguous_model"),
+        (b'{"model":1,"model":"b"}', "ambiguous_model"),
+        (b'{"model":["a"]}', "missing_model"),
+        (b'{"x":{"model":"a"}}', "missing_model"),
+    ],
+)
+def test_one_scan_refuses_as_the_long_walk_does(body: bytes, code: str) -> None:
+    with pytest.raises(InvalidRequest) as fast:
+        _find_in_one_scan(body)
+    with pytest.raises(InvalidRequest) as slow:
+        _find_exact(body)
+    assert (fast.value.code, fast.value.message) == (slow.value.code, slow.value.message)
+    assert fast.value.code == code
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"{", b"{}x", b'{"model":"a",}', b"  ", b'["model"]', b'{"model":"\xff"}', b'{"a":' * 100_000],
+)
+def test_one_scan_leaves_invalid_bodies_to_the_long_walk(body: bytes) -> None:
+    """So every invalid_json error keeps the long walk's wording."""
+    assert _find_in_one_scan(body) is None
+
+
 def test_large_blob_body_is_scanned_structurally() -> None:
     blob = "A" * (3 << 20)
-    body = json.dumps({"messages": [{"content": [{"image_url": {"url": blob}}]}], "model": "gpt-4o"}).encode()
+    body = json.dumps(
+        {"messages": [{"content": [{"image_url": {"url": blob}}]}], "model": "gpt-4o"}
+    ).encode()
     found = find_json_model(body)
     assert found.model == "gpt-4o"
     assert body[found.start : found.end] == b'"gpt-4o"'
 
 
 def test_large_body_of_many_small_values_falls_back_to_exact_scan() -> None:
-    messages = [{"role": "user", "content": f"message {i} \"q\""} for i in range(40000)]
+    messages = [{"role": "user", "content": f'message {i} "q"'} for i in range(40000)]
     body = json.dumps({"messages": messages, "model": "gpt-4o"}).encode()
     assert len(body) > 1 << 20
     assert find_json_model(body).model == "gpt-4o"

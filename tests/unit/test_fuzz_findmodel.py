@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from proxy.errors import InvalidRequest
 from proxy.findmodel import (
     FoundModel,
+    _find_exact,
     find_json_model,
     find_multipart_model,
     rewrite_model,
@@ -243,6 +244,119 @@ def test_any_bytes_raise_only_invalid_request(exact_limit: int | None, body: byt
         assert found.model == expected
     # The structural scan may pass a body whose non-model values are broken
     # (the upstream validates those); the model it found is still a JSON string.
+
+
+# Bodies shaped to reach every branch of the one-scan road: "model" first,
+# last, between scalars or between containers; "model" also as a nested key,
+# as a string value and inside quoted text (candidates the road must reject);
+# keys spelled with \\u escapes; non-ASCII text on either side of the model.
+_TRICKY_KEYS = ["model", "messages", "tools", "stream", "x", "Model", "modelx", ""]
+tricky_strings = st.sampled_from(
+    [
+        "model",
+        '"model"',
+        'say "model": "x"',
+        "\\",
+        '\\"model',
+        "h\u00e9llo \u2603",
+        "\U0001f600",
+        "",
+    ]
+) | st.text(max_size=6)
+tricky_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-5, 10**6)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | tricky_strings,
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(st.sampled_from(_TRICKY_KEYS) | st.text(max_size=3), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+
+
+@st.composite
+def tricky_bodies(draw: st.DrawFn) -> tuple[bytes, list[tuple[str, Any]]]:
+    """A UTF-8 JSON object body and its top-level pairs in order (keys may repeat)."""
+    pairs = draw(
+        st.lists(
+            st.tuples(st.sampled_from(_TRICKY_KEYS[1:]) | st.text(max_size=4), tricky_values),
+            max_size=5,
+        )
+    )
+    pairs = [(k, v) for k, v in pairs if k != "model"]
+    for _ in range(draw(st.sampled_from([1, 1, 1, 1, 0, 2]))):
+        model: Any = draw(tricky_strings | tricky_values)
+        pairs.insert(draw(st.integers(0, len(pairs))), ("model", model))
+    rnd = draw(st.randoms(use_true_random=False))
+    text = json_object(pairs, rnd)
+    if draw(st.booleans()):
+        text = ws(rnd) + text + ws(rnd)
+    return text.encode("utf-8", "surrogatepass"), pairs
+
+
+def reference(body: bytes | bytearray) -> tuple[str, Any]:
+    """The answer built on ``json.loads`` alone, for a body it accepts."""
+    tops: list[list[tuple[str, Any]]] = []
+
+    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        tops.append(pairs)
+        return dict(pairs)
+
+    data = json.loads(body, object_pairs_hook=hook)
+    if not isinstance(data, dict):
+        return ("error", "missing_model")
+    models = [v for k, v in tops[-1] if k == "model"]  # the top level closes last
+    if len(models) > 1:
+        return ("error", "ambiguous_model")
+    if not models or not isinstance(models[0], str):
+        return ("error", "missing_model")
+    return ("found", models[0])
+
+
+def answer(body: bytes | bytearray, find: Any = find_json_model) -> tuple[str, Any]:
+    try:
+        return ("found", find(body))
+    except InvalidRequest as err:
+        return ("error", (err.code, err.message))
+
+
+@FUZZ
+@given(tricky_bodies())
+@example((b'{"messages":[],"\\u006dodel":"a","tools":[{"model":"b"}]}', []))
+@example((b'{"x":[1],"model":"a","t":{"model":"a"},"s":"\\"model\\": \\"a\\""}', []))
+@example(('{"x":["\u00e9"],"model":"\u2603","y":{"z":"\u00e9"}}'.encode(), []))
+def test_one_scan_agrees_with_a_json_loads_reference(
+    case: tuple[bytes, list[tuple[str, Any]]],
+) -> None:
+    body, _ = case
+    want = reference(body)
+    got = answer(body)
+    if want[0] == "error":
+        assert got[0] == "error" and got[1][0] == want[1], (body, got)
+        return
+    assert got[0] == "found", (body, got)
+    found = got[1]
+    assert found.model == want[1]
+    assert (found.json_value, found.codec) == (True, "utf-8")
+    # The offsets hold the top-level value itself, not an equal one nested
+    # elsewhere: replacing exactly those bytes changes the top-level model only.
+    out = rewrite_model(body, found, "\u2603-rewritten")
+    assert out[: found.start] == body[: found.start]
+    assert out[len(out) - (len(body) - found.end) :] == body[found.end :]
+    assert reference(out) == ("found", "\u2603-rewritten")
+    assert json.loads(out) == {**json.loads(body), "model": "\u2603-rewritten"}
+
+
+@FUZZ
+@given(tricky_bodies().map(lambda case: case[0]) | mutated() | st.binary(max_size=120))
+def test_one_scan_gives_the_long_ways_answers(body: bytes) -> None:
+    """Every answer, error messages included, is the one the long walk gives."""
+    want = answer(body, _find_exact)
+    assert answer(body) == want, body
+    assert answer(bytearray(body)) == want, body
 
 
 BOUNDARY = "fuzzb0undary"
