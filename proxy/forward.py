@@ -351,6 +351,7 @@ async def _relay(
         ex.ttfb = time.perf_counter() - ex.started
         # From here on, bound the silence between two body chunks.
         upstream_resp.arm_idle_timeout(plan.upstream.timeouts.idle)
+        upstream_resp.forget_head()
         if ex.streaming:
             observer.stream_opened(ex)
         pipe = BodyPipe(upstream_resp, request, resp)

@@ -40,7 +40,7 @@ from aiohttp.client_exceptions import ClientError, ServerDisconnectedError, Sock
 from aiohttp.client_proto import ResponseHandler
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.streams import StreamReader
-from multidict import CIMultiDictProxy, MultiMapping
+from multidict import CIMultiDict, CIMultiDictProxy, MultiMapping
 from yarl import URL
 
 __all__ = ["Origin", "UpstreamFailure", "UpstreamPool", "UpstreamResponse"]
@@ -56,6 +56,7 @@ READ_BUFSIZE: Final = 64 * 1024
 DNS_TTL_SECONDS: Final = 60.0
 _NO_BODY_METHODS: Final = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
 _BUFFERS: Final = (bytes, bytearray)  # a body held whole
+_NO_HEADERS: Final = CIMultiDictProxy(CIMultiDict[str]())
 
 
 class UpstreamFailure(Exception):
@@ -228,6 +229,11 @@ class UpstreamResponse:
         conn = self._conn
         if conn is not None and not self.content.is_eof():
             conn.watch_idle(seconds, self.content)
+
+    def forget_head(self) -> None:
+        """Drop the parsed response headers once relayed: a stream can stay open
+        for minutes, and memory per open stream is an issue 8 goal."""
+        self.headers = _NO_HEADERS
 
     def on_body(self, callback: Callable[[], None] | None) -> None:
         """Have ``callback`` called whenever the body got bytes, ended or failed."""
