@@ -85,6 +85,29 @@ class GuardedRequestHandler(RequestHandler):
         super().connection_made(transport)
         self._head_deadline = self._loop.call_later(self._head_timeout, self._head_overdue)
 
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._messages:
+            self._drop_head_timers()
+
+    def _drop_head_timers(self) -> None:
+        """A request head is in: drop the timers that only bound its arrival.
+
+        Neither can act while the request runs, yet each holds a timer handle
+        for the life of a stream (memory per open stream is an issue 8 goal).
+        The head deadline only concerns the first head. aiohttp's keep-alive
+        timer only closes a connection waiting for a head; firing during a
+        request it merely drops itself, and aiohttp arms it anew once the
+        response is written (``RequestHandler.start``, aiohttp 3.14), so the
+        time allowed for the next head is unchanged.
+        """
+        if self._head_deadline is not None:
+            self._head_deadline.cancel()
+            self._head_deadline = None
+        if self._keepalive_handle is not None:
+            self._keepalive_handle.cancel()
+            self._keepalive_handle = None
+
     def connection_lost(self, exc: BaseException | None) -> None:
         if self._head_deadline is not None:
             self._head_deadline.cancel()
