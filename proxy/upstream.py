@@ -105,7 +105,7 @@ class _Connection(ResponseHandler):
 
     Per body chunk aiohttp would also re-arm a timer for the idle bound and
     "resume" reading that was never paused; both are skipped here (see
-    :meth:`watch_idle` and :meth:`resume_reading`). At 1,000 streams those
+    :class:`_IdleWatch` and :meth:`resume_reading`). At 1,000 streams those
     were about a tenth of the proxy's CPU per chunk (issue 8).
     """
 
@@ -113,7 +113,6 @@ class _Connection(ResponseHandler):
         super().__init__(loop)
         self.idle_since = 0.0
         self.skips_payload: bool | None = None  # the parser's setting (HEAD or not)
-        self._watchdog: asyncio.TimerHandle | None = None
         # Called after the parser has fed the body: new bytes, its end, or its
         # failure (pipe.py moves them to the client without a task switch).
         self.on_body: Callable[[], None] | None = None
@@ -138,53 +137,12 @@ class _Connection(ResponseHandler):
         if self._reading_paused or self._buffer_paused:
             super().resume_reading(resume_parser)
 
-    def watch_idle(self, seconds: float, body: StreamReader) -> None:
-        """Fail ``body`` with ``SocketTimeoutError`` once the upstream has sent
-        nothing for ``seconds`` while we were reading.
-
-        Checked every quarter of ``seconds`` by comparing the bytes received,
-        not re-armed on every chunk: a silence is cut between 1 and 1.25 times
-        ``seconds`` after the last byte, never earlier. Time with reading paused
-        (the client is slow to take the body) is not upstream silence.
-        """
-        self.stop_watching()
-        loop = self._loop
-        period = seconds / 4
-        seen = body.total_bytes
-        progress_at = loop.time()
-
-        def check() -> None:
-            nonlocal seen, progress_at
-            if body.is_eof() or self.transport is None:
-                self._watchdog = None
-                return
-            now = loop.time()
-            if body.total_bytes != seen or self._reading_paused or self._buffer_paused:
-                seen = body.total_bytes
-                progress_at = now
-            elif now - progress_at >= seconds:
-                self._watchdog = None
-                error = SocketTimeoutError("Timeout on reading data from socket")
-                self.set_exception(error)
-                body.set_exception(error)
-                if self.on_body is not None:
-                    self.on_body()
-                return
-            self._watchdog = loop.call_at(now + period, check)
-
-        self._watchdog = loop.call_at(progress_at + period, check)
-
     def hold(self) -> None:
         self._pause_reading_for_buffer()
 
     def unhold(self) -> None:
         self._resume_reading_for_buffer()
         # Bytes parsed while held wait in the body's buffer; the caller pumps.
-
-    def stop_watching(self) -> None:
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-            self._watchdog = None
 
 
 class UpstreamResponse:
@@ -222,13 +180,13 @@ class UpstreamResponse:
 
     def arm_idle_timeout(self, seconds: float) -> None:
         """Bound the silence between two body chunks from now on (see
-        ``_Connection.watch_idle``); on expiry the body read raises
+        :class:`_IdleWatch`); on expiry the body read raises
         ``SocketTimeoutError``. A body already whole needs no watch (and must
         not leave one on a pooled connection).
         """
         conn = self._conn
         if conn is not None and not self.content.is_eof():
-            conn.watch_idle(seconds, self.content)
+            self._pool._idle_watch.watch(conn, seconds, self.content)
 
     def forget_head(self) -> None:
         """Drop the parsed response headers once relayed: a stream can stay open
@@ -255,18 +213,19 @@ class UpstreamResponse:
         conn, self._conn = self._conn, None
         if conn is None:
             return
+        self._pool._idle_watch.forget(conn)
         sender = self._sender
         if (sender is not None and not sender.done()) or conn.should_close:
             _abort(conn, sender)
         else:
             conn.on_body = None
-            conn.stop_watching()
             self._pool.put_back(self._origin, conn)
 
     def close(self) -> None:
         """Abort the connection (mid-body, or never read): the upstream sees it close now."""
         conn, self._conn = self._conn, None
         if conn is not None:
+            self._pool._idle_watch.forget(conn)
             _abort(conn, self._sender)
 
 
@@ -274,7 +233,6 @@ def _abort(conn: _Connection, sender: asyncio.Task[None] | None) -> None:
     if sender is not None and not sender.done():
         sender.cancel()
     conn.on_body = None
-    conn.stop_watching()
     conn.abort()
 
 
@@ -325,6 +283,91 @@ class _Deadlines:
             self._timer = None
 
 
+class _Silence:
+    """One watched body: its idle limit, and the bytes and time of the last
+    progress seen."""
+
+    __slots__ = ("body", "limit", "seen", "since")
+
+    def __init__(self, body: StreamReader, limit: float, seen: int, since: float) -> None:
+        self.body = body
+        self.limit = limit
+        self.seen = seen
+        self.since = since
+
+
+class _IdleWatch:
+    """Idle bounds of the response bodies being read, checked by one timer for
+    all of them instead of a timer and a closure per stream (about 0.9 KB of
+    each open stream; memory per stream is an issue 8 goal).
+
+    Contract: a body is failed with ``SocketTimeoutError`` once its upstream
+    has sent nothing for the body's limit while we were reading, between 1 and
+    1.25 times the limit after the last byte, never earlier. Time with reading
+    paused (the client is slow to take the body) is not upstream silence. A
+    body at its end, or on a closed connection, leaves the watch by itself;
+    the timer runs only while some body is watched.
+
+    Progress is seen by comparing the bytes received at each tick, so nothing
+    runs per chunk. The tick that sees a byte may come up to one tick after
+    it, and the cut up to one tick after the limit has passed since then, so
+    ticks come every eighth of the shortest limit watched: limits differ per
+    upstream, and a longer one is rarely a whole number of ticks.
+    """
+
+    def __init__(self) -> None:
+        self._watched: dict[_Connection, _Silence] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._tick = math.inf
+
+    def watch(self, conn: _Connection, limit: float, body: StreamReader) -> None:
+        """Bound the silence of ``body``, read from ``conn``, from now on
+        (replacing any watch of ``conn``)."""
+        loop = asyncio.get_running_loop()
+        self._watched[conn] = _Silence(body, limit, body.total_bytes, loop.time())
+        tick = limit / 8
+        if tick < self._tick:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._tick = tick
+            self._timer = loop.call_at(loop.time() + tick, self._sweep)
+
+    def forget(self, conn: _Connection) -> None:
+        """Stop watching ``conn`` (its response was released or closed)."""
+        self._watched.pop(conn, None)
+
+    def _sweep(self) -> None:
+        self._timer = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        gone: list[_Connection] = []
+        silent: list[_Connection] = []
+        for conn, silence in self._watched.items():
+            body = silence.body
+            if body.is_eof() or conn.transport is None:
+                gone.append(conn)
+            elif body.total_bytes != silence.seen or conn._reading_paused or conn._buffer_paused:
+                silence.seen = body.total_bytes
+                silence.since = now
+            elif now - silence.since >= silence.limit:
+                silent.append(conn)
+        for conn in gone:
+            del self._watched[conn]
+        for conn in silent:
+            body = self._watched.pop(conn).body
+            error = SocketTimeoutError("Timeout on reading data from socket")
+            conn.set_exception(error)
+            body.set_exception(error)
+            # Wakes the relay, which may release or close the response (and
+            # so call forget) from here: the entry is already gone.
+            if conn.on_body is not None:
+                conn.on_body()
+        if not self._watched:
+            self._tick = math.inf
+        elif self._timer is None:  # watch() may have armed one from a callback above
+            self._timer = loop.call_at(now + self._tick, self._sweep)
+
+
 class UpstreamPool:
     """Keep-alive connections per origin, for one event loop.
 
@@ -342,6 +385,7 @@ class UpstreamPool:
         self._ssl: ssl.SSLContext | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self._deadlines = _Deadlines()
+        self._idle_watch = _IdleWatch()
         self._closed = False
 
     async def request(
@@ -527,6 +571,8 @@ class UpstreamPool:
         """Close every idle connection; connections in use end with their requests."""
         self._closed = True
         self._deadlines.close()
+        # The idle watch goes on: bodies still being read keep their bound,
+        # and its timer stops once the last of them has left the watch.
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
