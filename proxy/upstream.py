@@ -6,10 +6,11 @@ put about 300 µs of the 530 µs a small request cost in that call's machinery
 never uses: cookies, redirects, tracing, auto-headers, decompression). Here a
 request is one preformatted head and one ``write``.
 
-What is *not* hand-written: parsing and framing of the response, flow control
-of its body and the idle-read timer are aiohttp's own, through its client
-protocol (``ResponseHandler``, the llhttp C parser, ``StreamReader``). The
-discovery and realtime WebSocket paths keep using the ``ClientSession``.
+What is *not* hand-written: parsing and framing of the response and flow
+control of its body are aiohttp's own, through its client protocol
+(``ResponseHandler``, the llhttp C parser, ``StreamReader``). The idle bound
+between body chunks is the pool's (``_IdleWatch``: one timer for all streams).
+The discovery and realtime WebSocket paths keep using the ``ClientSession``.
 
 Contract of :meth:`UpstreamPool.request`:
 
