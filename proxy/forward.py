@@ -33,6 +33,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
@@ -52,11 +53,26 @@ from .runtime import Runtime, UpstreamPlan
 from .settings import Route
 from .upstream import UpstreamFailure, UpstreamPool, UpstreamResponse
 
-__all__ = ["OUR_REQUEST_ID_HEADER", "abort_client", "forward"]
+__all__ = ["OUR_REQUEST_ID_HEADER", "Answered", "abort_client", "forward", "relay"]
 
 log = logging.getLogger("oaimux.forward")
 
 _SSE = "text/event-stream"
+
+
+@dataclass(frozen=True, slots=True)
+class Answered:
+    """An upstream's response head, ready for :func:`relay`.
+
+    :func:`forward` returns this instead of relaying itself, so that its frame
+    (and the caller's, holding the request body) is gone while a stream runs:
+    a long stream then holds neither the prompt nor the retry state (memory
+    per open stream, issue 8).
+    """
+
+    response: UpstreamResponse
+    plan: UpstreamPlan
+    upload: BodyStream | None  # a streamed request body, still counting bytes
 
 
 class _Refused(Exception):
@@ -93,8 +109,9 @@ async def forward(
     pool: UpstreamPool,
     health: Health,
     observer: Observer,
-) -> web.StreamResponse:
-    """Proxy one request along ``route``; see the module docstring for the contract.
+) -> Answered:
+    """Send one request along ``route`` until an upstream answers (see the module
+    docstring for the contract); the caller relays the answer with :func:`relay`.
 
     ``body`` is the whole request body, already read (bounded by
     ``max_body_bytes``): every attempt re-sends these same bytes. Or it is a
@@ -184,7 +201,8 @@ async def forward(
                     health.success(upstream)
                 ex.tried.pop()
                 ex.upstream = name
-                return await _relay(request, upstream_resp, plan, ex, observer)
+                upload = body if isinstance(body, BodyStream) else None
+                return Answered(upstream_resp, plan, upload)
         except asyncio.CancelledError:
             ex.outcome = "client_gone"
             health.release_probe(upstream)
@@ -276,18 +294,15 @@ def _log_auth_failure(upstream_resp: UpstreamResponse, name: str) -> None:
     upstream_resp.close()
 
 
-async def _relay(
-    request: web.Request,
-    upstream_resp: UpstreamResponse,
-    plan: UpstreamPlan,
-    ex: Exchange,
-    observer: Observer,
+async def relay(
+    request: web.Request, answered: Answered, ex: Exchange, observer: Observer
 ) -> web.StreamResponse:
     """Stream the upstream's response to the client, chunk by chunk, as it arrives.
 
     A body that arrived whole with its head (most non-stream answers) goes out
     in one write together with the response head.
     """
+    upstream_resp, plan = answered.response, answered.plan
     completed = False
     try:
         headers = plan.response_headers.build(upstream_resp.headers)

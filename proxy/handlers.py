@@ -39,7 +39,7 @@ from .errors import (
     error_response,
 )
 from .findmodel import multipart_boundary, rewrite_model
-from .forward import OUR_REQUEST_ID_HEADER, forward
+from .forward import OUR_REQUEST_ID_HEADER, Answered, forward, relay
 from .keys import (
     HEALTH,
     LIMITER,
@@ -227,7 +227,16 @@ async def proxy_view(request: web.Request) -> web.StreamResponse:
         caller = identify(request, runtime)
         ex.client = caller.address
         ex.key_name = caller.key.name if caller.key is not None else None
-        return await _proxy(request, app, runtime, caller, raw_path, raw_query, ex)
+        answer = await _proxy(request, app, runtime, caller, raw_path, raw_query, ex)
+        if isinstance(answer, web.StreamResponse):
+            return answer
+        # Relayed from here, once _proxy's frame (the request body, the routing
+        # state) is gone: a stream can run for minutes (issue 8).
+        try:
+            return await relay(request, answer, ex, observer)
+        finally:
+            if answer.upload is not None:
+                ex.bytes_in = answer.upload.size
     except ProxyError as err:
         ex.status = err.status
         ex.error_code = err.code
@@ -255,7 +264,9 @@ async def _proxy(
     raw_path: str,
     raw_query: str,
     ex: Exchange,
-) -> web.StreamResponse:
+) -> web.StreamResponse | Answered:
+    """Admit, vet, route and send the request: the upstream's answer to relay,
+    or a response of the proxy's own (realtime)."""
     limiter = app[LIMITER]
     settings = runtime.settings
     if not caller.authenticated:
@@ -388,9 +399,10 @@ async def _proxy(
             app[HEALTH],
             app[OBSERVER],
         )
-    finally:
+    except BaseException:
         if isinstance(body, BodyStream):
             ex.bytes_in = body.size
+        raise
 
 
 def _streamable_form(
