@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDictProxy
+from multidict import CIMultiDictProxy, istr
 
 from .bodies import BodyStream
 from .errors import (
@@ -58,6 +58,10 @@ __all__ = ["OUR_REQUEST_ID_HEADER", "Answered", "abort_client", "forward", "rela
 log = logging.getLogger("oaimux.forward")
 
 _SSE = "text/event-stream"
+# Header names made once: a str name would become a new istr per response,
+# kept by the response for the life of a stream (issue 8, memory per stream).
+_X_REQUEST_ID = istr("x-request-id")
+_X_ACCEL_BUFFERING = istr("X-Accel-Buffering")
 
 
 @dataclass(frozen=True, slots=True)
@@ -310,8 +314,8 @@ async def relay(
         # unchanged; ours is always in x-oaimux-request-id, and in x-request-id
         # when the upstream sent none.
         headers[OUR_REQUEST_ID_HEADER] = ex.request_id
-        if "x-request-id" not in headers:
-            headers["x-request-id"] = ex.request_id
+        if _X_REQUEST_ID not in headers:
+            headers[_X_REQUEST_ID] = ex.request_id
         length = upstream_resp.content_length
         content_type = upstream_resp.headers.get("Content-Type", "")
         ex.streaming = length is None or content_type.startswith(_SSE)
@@ -336,9 +340,10 @@ async def relay(
             )
             if length is not None:
                 resp.content_length = length
+        del headers  # copied into the response; not held for the stream's life
         if ex.streaming:
             # Keep an nginx in front from buffering the stream.
-            resp.headers["X-Accel-Buffering"] = "no"
+            resp.headers[_X_ACCEL_BUFFERING] = "no"
         ex.status = upstream_resp.status
         try:
             await resp.prepare(request)

@@ -31,6 +31,7 @@ from random import getrandbits as _random_bits
 from typing import TextIO
 
 from aiohttp import web
+from multidict import istr
 
 from .errors import ProxyError, error_response
 from .metrics import Metrics
@@ -51,7 +52,7 @@ __all__ = [
 
 access_logger = logging.getLogger("oaimux.access")
 
-OUR_REQUEST_ID_HEADER = "x-oaimux-request-id"
+OUR_REQUEST_ID_HEADER = istr("x-oaimux-request-id")
 OUTCOMES = ("complete", "client_gone", "upstream_reset", "idle_timeout", "error")
 
 # Status logged for a client that left before any response was sent (nginx's 499).
