@@ -113,6 +113,9 @@ _CONTAINERS = frozenset((tuple, list))  # objects and arrays, as _scan_pairs ret
 # "model" may also be a nested key or a string value after the top-level key:
 # past this many candidates, stepping from the start is the cheaper way.
 _MAX_CANDIDATES = 4
+# Up to this many characters, searching the whole body for a second "model"
+# (~1.5 ns a character) costs less than stepping over the values after it.
+_SEARCH_LIMIT = 4096
 
 
 def _find_in_one_scan(body: bytes | bytearray) -> FoundModel | None:
@@ -149,7 +152,11 @@ def _find_in_one_scan(body: bytes | bytearray) -> FoundModel | None:
         raise _missing()
     following = len(pairs) - index - 1
     if index == 0:
-        start, stop = _offsets_after(text, pos, 0)
+        if text.startswith('"model":"', pos + 1):  # compact JSON: nothing to step over
+            start = pos + 9
+            stop = _scan_string(text, pos + 10, True)[1]
+        else:
+            start, stop = _offsets_after(text, pos, 0)
     elif following and not any(type(value) in _CONTAINERS for _, value in pairs[:index]):
         start, stop = _offsets_after(text, pos, index)  # steps over scalars only
     else:
@@ -212,34 +219,40 @@ def _offsets_before(text: str, following: int, end: int) -> tuple[int, int] | No
 
     ``end`` is one past the object's closing brace, ``following`` the number of
     pairs after the model. Candidates are the ``"model"`` strings nearest the
-    end. The last quote of one always closes a string (it follows a letter, so
-    it is not escaped), so stepping on from it follows the body's real
-    structure. The string it closes is the model key when a colon, a string
-    value and ``following`` pairs lead exactly onto the closing brace: that
-    makes it the top-level key in the model's place, which the scan decoded
-    as "model". A string nested deeper meets its own container's closer
-    first. None when no candidate passes.
+    end. In a small body without ``\\u006`` (how every escape of d, e, l, m or
+    o begins) the key is spelled ``"model"``, so a sole candidate is the key.
+    Otherwise a candidate is checked by stepping on from it: its last quote
+    closes a string (it follows a letter,
+    so it is not escaped), so the steps follow the body's real structure. The
+    string it closes is the model key when a colon, a string value and
+    ``following`` pairs lead exactly onto the closing brace: that makes it the
+    top-level key in the model's place, which the scan decoded as "model". A
+    string nested deeper meets its own container's closer first. None when no
+    candidate passes.
     """
-    at = end
+    at = text.rfind('"model"', 0, end)
+    if at < 0:
+        return None
+    if (
+        following  # else the check below is one step
+        and len(text) <= _SEARCH_LIMIT
+        and "\\u006" not in text
+        and text.find('"model"') == at
+    ):
+        return _string_value_after(text, at)
     for _ in range(_MAX_CANDIDATES):
+        span = _string_value_after(text, at)
+        if span is not None and _pairs_then_brace(text, span[1], following, end):
+            return span
         at = text.rfind('"model"', 0, at)
         if at < 0:
             return None
-        span = _key_value_then_pairs(text, at, following, end)
-        if span is not None:
-            return span
     return None
 
 
-def _key_value_then_pairs(text: str, pos: int, following: int, end: int) -> tuple[int, int] | None:
-    """For the candidate ``"model"`` at ``pos``: the span of the string value after
-    it, if the string it ends is a key and ``following`` more pairs and then the
-    closing brace at ``end - 1`` come after it.
-
-    The steps start at the end of a real string and the body is valid JSON, so
-    each lands where the scanner's would: after a value comes a comma, or the
-    closer of the value's container, where a nested candidate is refused.
-    """
+def _string_value_after(text: str, pos: int) -> tuple[int, int] | None:
+    """The span of the string value after the candidate ``"model"`` at ``pos``, if
+    the string it ends is a key and its value is a string."""
     pos += len('"model"')
     if text[pos] in _WS:
         pos = _past_ws(text, pos)
@@ -250,14 +263,22 @@ def _key_value_then_pairs(text: str, pos: int, following: int, end: int) -> tupl
         pos = _past_ws(text, pos)
     if text[pos] != '"':
         return None  # a nested key whose value is no string
-    start = pos
-    _, pos = _scan_string(text, pos + 1, True)
-    stop = pos
+    return pos, _scan_string(text, pos + 1, True)[1]
+
+
+def _pairs_then_brace(text: str, pos: int, following: int, end: int) -> bool:
+    """Whether ``following`` pairs and then the closing brace at ``end - 1`` come
+    after the value that ends at ``pos``.
+
+    The steps start at the end of a real string and the body is valid JSON, so
+    each lands where the scanner's would: after a value comes a comma, or the
+    closer of the value's container, where a nested candidate is refused.
+    """
     for _ in range(following):
         if text[pos] in _WS:
             pos = _past_ws(text, pos)
         if text[pos] != ",":
-            return None  # the candidate's object closes early: a nested one
+            return False  # the candidate's object closes early: a nested one
         pos += 1
         if text[pos] in _WS:
             pos = _past_ws(text, pos)
@@ -270,7 +291,7 @@ def _key_value_then_pairs(text: str, pos: int, following: int, end: int) -> tupl
         _, pos = _scan_value(text, pos)
     if text[pos] in _WS:
         pos = _past_ws(text, pos)
-    return (start, stop) if pos == end - 1 else None
+    return pos == end - 1
 
 
 def _ambiguous() -> InvalidRequest:

@@ -65,6 +65,17 @@ PRETTY = json.dumps(
 ).encode()
 
 
+# Over _SEARCH_LIMIT, with containers on both sides of the model and decoys after it.
+LARGE_MID = json.dumps(
+    {
+        "messages": [{"role": "user", "content": "x" * 5000}],
+        "model": "a",
+        "stream_options": {"include_usage": True},
+        "tools": [{"model": "a"}, {"x": {"model": "b", "k": ["model"], "j": 1, "i": 2}}],
+    }
+).encode()
+
+
 # Bodies for each way the one-scan road finds the model's bytes (see
 # _find_in_one_scan): model first; after scalars only; last; before the end
 # with containers on both sides; "model" strings after it that are not the
@@ -92,7 +103,10 @@ PRETTY = json.dumps(
         b'{"model":"a\\"b\\\\","x":1}',
         b' \n{ "messages" : [ ] ,\t"model" :\r\n "a" , "x" : { } }\n ',
         PRETTY,
+        LARGE_MID,
+        LARGE_MID.replace(b'"model":', b'"\\u006dodel":'),
     ],
+    ids=lambda body: f"{len(body)}B:{body[:40].decode('utf-8', 'replace')}",
 )
 def test_one_scan_finds_the_bytes_the_long_walk_finds(body: bytes) -> None:
     found = _find_in_one_scan(body)
