@@ -308,6 +308,7 @@ async def relay(
     """
     upstream_resp, plan = answered.response, answered.plan
     completed = False
+    resp: web.StreamResponse | None = None
     try:
         headers = plan.response_headers.build(upstream_resp.headers)
         # The upstream's own x-request-id (OpenAI support asks for it) passes
@@ -327,7 +328,6 @@ async def relay(
             # (A HEAD answer or a 304 declares a length it does not carry:
             # total_bytes differs, and it takes the general path.)
             whole = content.read_nowait()
-        resp: web.StreamResponse
         if whole is not None:
             # Its head is held back and written with the body (aiohttp's Response).
             resp = web.Response(
@@ -404,8 +404,15 @@ async def relay(
         ex.outcome = "client_gone"
         raise
     except ConnectionError:
+        # The client's socket closed under a write (it hung up in the same
+        # loop turn the answer came in, before aiohttp cancelled this handler).
+        # Raising would have aiohttp log a traceback for an ordinary hang-up;
+        # returning the prepared response lets its own write_eof meet the
+        # closed socket, which it takes quietly as a client disconnect.
         ex.outcome = "client_gone"
-        raise
+        if resp is None:
+            raise
+        return resp
     finally:
         if completed:
             upstream_resp.release()
