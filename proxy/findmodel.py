@@ -184,6 +184,18 @@ def _past_ws(text: str, pos: int) -> int:
     return _skip_ws(text, pos).end() if text[pos] in _WS else pos
 
 
+def _past_pair(text: str, pos: int) -> int:
+    """The index after the value of the pair whose key opens at ``pos``."""
+    _, pos = _scan_string(text, pos + 1, True)
+    if text[pos] in _WS:
+        pos = _past_ws(text, pos)
+    pos += 1  # the colon
+    if text[pos] in _WS:
+        pos = _past_ws(text, pos)
+    _, pos = _scan_value(text, pos)
+    return pos
+
+
 def _offsets_after(text: str, pos: int, index: int) -> tuple[int, int]:
     """Where the value of pair ``index`` of the valid object at ``pos`` sits.
 
@@ -193,13 +205,7 @@ def _offsets_after(text: str, pos: int, index: int) -> tuple[int, int]:
     for _ in range(index):
         if text[pos] in _WS:
             pos = _past_ws(text, pos)
-        _, pos = _scan_string(text, pos + 1, True)
-        if text[pos] in _WS:
-            pos = _past_ws(text, pos)
-        pos += 1  # the colon
-        if text[pos] in _WS:
-            pos = _past_ws(text, pos)
-        _, pos = _scan_value(text, pos)
+        pos = _past_pair(text, pos)
         if text[pos] in _WS:
             pos = _past_ws(text, pos)
         pos += 1  # the comma
@@ -282,13 +288,7 @@ def _pairs_then_brace(text: str, pos: int, following: int, end: int) -> bool:
         pos += 1
         if text[pos] in _WS:
             pos = _past_ws(text, pos)
-        _, pos = _scan_string(text, pos + 1, True)  # the next key
-        if text[pos] in _WS:
-            pos = _past_ws(text, pos)
-        pos += 1  # the colon
-        if text[pos] in _WS:
-            pos = _past_ws(text, pos)
-        _, pos = _scan_value(text, pos)
+        pos = _past_pair(text, pos)  # the next pair
     if text[pos] in _WS:
         pos = _past_ws(text, pos)
     return pos == end - 1

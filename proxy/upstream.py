@@ -237,51 +237,73 @@ def _abort(conn: _Connection, sender: asyncio.Task[None] | None) -> None:
     conn.abort()
 
 
-class _Deadlines:
-    """Response deadlines of the requests waiting for their head, checked by one
-    timer for all of them instead of one timer each (a timer per request cost
-    about 9 µs of the bench machine's CPU; issue 8).
+class _Ticker:
+    """One timer for many bounds instead of a timer each (a timer per request
+    cost ~9 µs of the bench machine's CPU, and ~1 KB of each open stream;
+    issue 8).
 
-    The timer ticks every eighth of the shortest timeout being waited on, so a
-    request is failed between 1 and 1.125 times its timeout, never earlier.
+    It ticks every eighth of the shortest bound armed, while :meth:`_check`
+    says something is still watched. A bound is met at most one tick late,
+    and with the tick that sees progress also up to one tick late, 1.25
+    times a bound at worst; never early. An eighth (not a quarter) because
+    bounds differ per upstream and a longer one is rarely a whole number of
+    ticks.
     """
 
     def __init__(self) -> None:
-        self._due: dict[_Connection, float] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._tick = math.inf
 
-    def watch(self, conn: _Connection, deadline: float, timeout: float) -> None:
-        self._due[conn] = deadline
-        tick = timeout / 8
+    def _arm(self, bound: float) -> None:
+        tick = bound / 8
         if tick < self._tick:
             if self._timer is not None:
                 self._timer.cancel()
             self._tick = tick
             loop = asyncio.get_running_loop()
-            self._timer = loop.call_at(loop.time() + tick, self._sweep)
+            self._timer = loop.call_at(loop.time() + tick, self._on_tick)
 
-    def forget(self, conn: _Connection) -> None:
-        self._due.pop(conn, None)
-
-    def _sweep(self) -> None:
+    def _on_tick(self) -> None:
+        self._timer = None
         loop = asyncio.get_running_loop()
         now = loop.time()
-        expired = [conn for conn, deadline in self._due.items() if deadline <= now]
-        for conn in expired:
-            del self._due[conn]
-            # Wakes the request's wait for the head with TimeoutError.
-            conn.set_exception(TimeoutError())
-        if self._due:
-            self._timer = loop.call_at(now + self._tick, self._sweep)
-        else:
-            self._timer = None
+        if not self._check(now):
             self._tick = math.inf
+        elif self._timer is None:  # _arm may have run from a callback of _check
+            self._timer = loop.call_at(now + self._tick, self._on_tick)
+
+    def _check(self, now: float) -> bool:
+        """Act on the bounds due at ``now``; whether any is still watched."""
+        raise NotImplementedError
 
     def close(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+
+class _Deadlines(_Ticker):
+    """Response deadlines of the requests waiting for their head: a request is
+    failed with ``TimeoutError`` between 1 and 1.125 times its timeout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._due: dict[_Connection, float] = {}
+
+    def watch(self, conn: _Connection, deadline: float, timeout: float) -> None:
+        self._due[conn] = deadline
+        self._arm(timeout)
+
+    def forget(self, conn: _Connection) -> None:
+        self._due.pop(conn, None)
+
+    def _check(self, now: float) -> bool:
+        expired = [conn for conn, deadline in self._due.items() if deadline <= now]
+        for conn in expired:
+            del self._due[conn]
+            # Wakes the request's wait for the head with TimeoutError.
+            conn.set_exception(TimeoutError())
+        return bool(self._due)
 
 
 class _Silence:
@@ -297,50 +319,34 @@ class _Silence:
         self.since = since
 
 
-class _IdleWatch:
-    """Idle bounds of the response bodies being read, checked by one timer for
-    all of them instead of a timer and a closure per stream (about 0.9 KB of
-    each open stream; memory per stream is an issue 8 goal).
+class _IdleWatch(_Ticker):
+    """Idle bounds of the response bodies being read (see :class:`_Ticker`).
 
     Contract: a body is failed with ``SocketTimeoutError`` once its upstream
     has sent nothing for the body's limit while we were reading, between 1 and
     1.25 times the limit after the last byte, never earlier. Time with reading
     paused (the client is slow to take the body) is not upstream silence. A
-    body at its end, or on a closed connection, leaves the watch by itself;
-    the timer runs only while some body is watched.
-
+    body at its end, or on a closed connection, leaves the watch by itself.
     Progress is seen by comparing the bytes received at each tick, so nothing
-    runs per chunk. The tick that sees a byte may come up to one tick after
-    it, and the cut up to one tick after the limit has passed since then, so
-    ticks come every eighth of the shortest limit watched: limits differ per
-    upstream, and a longer one is rarely a whole number of ticks.
+    runs per chunk.
     """
 
     def __init__(self) -> None:
+        super().__init__()
         self._watched: dict[_Connection, _Silence] = {}
-        self._timer: asyncio.TimerHandle | None = None
-        self._tick = math.inf
 
     def watch(self, conn: _Connection, limit: float, body: StreamReader) -> None:
         """Bound the silence of ``body``, read from ``conn``, from now on
         (replacing any watch of ``conn``)."""
-        loop = asyncio.get_running_loop()
-        self._watched[conn] = _Silence(body, limit, body.total_bytes, loop.time())
-        tick = limit / 8
-        if tick < self._tick:
-            if self._timer is not None:
-                self._timer.cancel()
-            self._tick = tick
-            self._timer = loop.call_at(loop.time() + tick, self._sweep)
+        now = asyncio.get_running_loop().time()
+        self._watched[conn] = _Silence(body, limit, body.total_bytes, now)
+        self._arm(limit)
 
     def forget(self, conn: _Connection) -> None:
         """Stop watching ``conn`` (its response was released or closed)."""
         self._watched.pop(conn, None)
 
-    def _sweep(self) -> None:
-        self._timer = None
-        loop = asyncio.get_running_loop()
-        now = loop.time()
+    def _check(self, now: float) -> bool:
         gone: list[_Connection] = []
         silent: list[_Connection] = []
         for conn, silence in self._watched.items():
@@ -363,10 +369,7 @@ class _IdleWatch:
             # so call forget) from here: the entry is already gone.
             if conn.on_body is not None:
                 conn.on_body()
-        if not self._watched:
-            self._tick = math.inf
-        elif self._timer is None:  # watch() may have armed one from a callback above
-            self._timer = loop.call_at(now + self._tick, self._sweep)
+        return bool(self._watched)
 
 
 class UpstreamPool:
