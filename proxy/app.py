@@ -85,10 +85,16 @@ def make_upstream_session() -> aiohttp.ClientSession:
 
 
 async def _upstream_session_ctx(app: web.Application) -> AsyncIterator[None]:
-    app[UPSTREAMS] = UpstreamPool(keepalive=POOL_KEEPALIVE_SECONDS)
+    pool = app[UPSTREAMS] = UpstreamPool(keepalive=POOL_KEEPALIVE_SECONDS)
+    holder = app[RUNTIME]
+    # A reload keeps the warm connections of the upstreams it did not change
+    # and closes those of the upstreams it removed (README: Stop, reload, workers).
+    pool.serve(holder.current.origins())
+    holder.on_swap = lambda runtime: pool.serve(runtime.origins())
     app[SESSION] = make_upstream_session()
     yield
-    app[UPSTREAMS].close()
+    holder.on_swap = None
+    pool.close()
     await app[SESSION].close()
 
 

@@ -12,7 +12,7 @@ import ipaddress
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
 
-__all__ = ["TrustedNetworks", "client_address", "limit_key"]
+__all__ = ["TrustedNetworks", "client_address", "limit_key", "trusted_networks"]
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -47,6 +47,15 @@ class TrustedNetworks:
 
     def __bool__(self) -> bool:
         return bool(self.networks)
+
+
+@lru_cache(maxsize=16)
+def trusted_networks(networks: tuple[Network, ...]) -> TrustedNetworks:
+    """One :class:`TrustedNetworks` per distinct list: a reload that keeps the
+    list keeps the object, and with it the answers :func:`_classify` cached for
+    it (a new object per reload would fill that cache with answers for
+    configurations gone, up to its bound)."""
+    return TrustedNetworks(networks)
 
 
 # Parsing an address and testing it against networks costs several µs; a

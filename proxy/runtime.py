@@ -8,14 +8,14 @@ configuration, new ones see the new one (issue 4).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import aiohttp
 from yarl import URL
 
 from .auth import KeyTable
-from .clientip import TrustedNetworks
+from .clientip import TrustedNetworks, trusted_networks
 from .headers import RequestHeaderPolicy, ResponseHeaderPolicy
 from .routing import RouteTable
 from .settings import Route, Settings, Upstream
@@ -93,6 +93,10 @@ class Runtime:
     def plans_for(self, route: Route) -> tuple[UpstreamPlan, ...]:
         return tuple(self.plans[name] for name in route.upstreams)
 
+    def origins(self) -> list[Origin]:
+        """Where this configuration's upstreams are (what the pool keeps warm)."""
+        return [plan.origin for plan in self.plans.values()]
+
 
 def build_runtime(
     settings: Settings, discovered: Mapping[int, tuple[str, ...]] | None = None
@@ -103,7 +107,7 @@ def build_runtime(
         table=RouteTable(settings.routes, discovered),
         plans={name: _plan(u) for name, u in settings.upstreams.items()},
         keys=KeyTable(settings.auth_keys),
-        trusted=TrustedNetworks(settings.server.trusted_proxies),
+        trusted=trusted_networks(settings.server.trusted_proxies),
         route_limited=route_limited,
         limited=route_limited
         or settings.rate_limit is not None
@@ -115,11 +119,17 @@ def build_runtime(
 
 @dataclass(slots=True)
 class RuntimeHolder:
-    """The one mutable cell: ``current`` is replaced whole, never changed in place."""
+    """The one mutable cell: ``current`` is replaced whole, never changed in place.
+
+    ``on_swap`` is told of each new runtime (app.py: the upstream pool keeps
+    the connections of the upstreams that stayed and drops the others)."""
 
     current: Runtime
     generation: int = field(default=0)
+    on_swap: Callable[[Runtime], None] | None = None
 
     def swap(self, runtime: Runtime) -> None:
         self.current = runtime
         self.generation += 1
+        if self.on_swap is not None:
+            self.on_swap(runtime)

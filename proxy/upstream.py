@@ -33,7 +33,7 @@ import ipaddress
 import math
 import socket
 import ssl
-from collections.abc import AsyncIterable, Callable
+from collections.abc import AsyncIterable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Final
 
@@ -70,12 +70,16 @@ class UpstreamFailure(Exception):
         self.kind = kind
 
 
-@dataclass(frozen=True, slots=True, eq=False)
+@dataclass(frozen=True, slots=True)
 class Origin:
     """Where to connect, and how to name the host in requests.
 
-    Compared by identity: each upstream plan has its own, so its idle
-    connections are its own, and the pool's lookups hash no fields.
+    ``key`` is what identifies a connection: TLS or not (the scheme), host
+    and port. Every TLS upstream shares the pool's one context (system CAs,
+    verification on); settings of its own would join the key. Equal keys
+    share idle connections, so a reload that rebuilds an unchanged upstream
+    keeps them warm. The pool looks connections up by ``key``, a plain tuple
+    hashed in C, cheaper per request than a dataclass hash.
     """
 
     host: str  # as resolved: an IP literal or a DNS name
@@ -83,6 +87,7 @@ class Origin:
     tls: bool
     host_header: str  # RFC 9112 §3.2: host[:port], the port only when not the default
     literal: bool  # an IP address: nothing to resolve
+    key: tuple[bool, str, int]
 
     @classmethod
     def of(cls, url: URL) -> Origin:
@@ -92,12 +97,15 @@ class Origin:
             literal = True
         except ValueError:
             literal = False
+        tls = url.scheme == "https"
+        port = url.port or (443 if tls else 80)
         return cls(
             host=host,
-            port=url.port or (443 if url.scheme == "https" else 80),
-            tls=url.scheme == "https",
+            port=port,
+            tls=tls,
             host_header=url.host_port_subcomponent or host,
             literal=literal,
+            key=(tls, host, port),
         )
 
 
@@ -373,18 +381,25 @@ class _IdleWatch(_Ticker):
 
 
 class UpstreamPool:
-    """Keep-alive connections per origin, for one event loop.
+    """Keep-alive connections per origin (:attr:`Origin.key`), for one event loop.
 
     Idle connections are reused most recent first and dropped after
     ``keepalive`` seconds, kept below common upstream servers' own idle
     timeout so a request never lands on a connection about to be closed.
     There is no cap: an upstream's own limits apply (issue 8: 1,000 streams
     need 1,000 connections).
+
+    :meth:`serve` names the origins of the running configuration; on a
+    reload, origins that stay keep their idle connections and those that
+    went are closed and forgotten, so the pool's bookkeeping is bounded by
+    the configuration, not by the reloads it has seen. A pool never told
+    (tests driving it alone) pools any origin.
     """
 
     def __init__(self, keepalive: float) -> None:
         self._keepalive = keepalive
-        self._idle: dict[Origin, list[_Connection]] = {}
+        self._idle: dict[tuple[bool, str, int], list[_Connection]] = {}
+        self._served: frozenset[tuple[bool, str, int]] | None = None
         self._dns: dict[tuple[str, int], tuple[float, list[tuple[int, str]]]] = {}
         self._ssl: ssl.SSLContext | None = None
         self._sweeper: asyncio.TimerHandle | None = None
@@ -478,8 +493,23 @@ class UpstreamPool:
         finally:
             deadlines.forget(conn)
 
+    def serve(self, origins: Iterable[Origin]) -> None:
+        """Pool only ``origins`` from now on: idle connections to any other are
+        closed and its entries dropped. A connection to another origin that is
+        released later (a request that started before a reload) is closed."""
+        served = frozenset(origin.key for origin in origins)
+        self._served = served
+        for key in [key for key in self._idle if key not in served]:
+            for conn in self._idle.pop(key):
+                conn.close()
+        for key in served:
+            self._idle.setdefault(key, [])
+        names = {(host, port) for _, host, port in served}
+        for name in [name for name in self._dns if name not in names]:
+            del self._dns[name]
+
     def _take(self, origin: Origin, now: float) -> _Connection | None:
-        idle = self._idle.get(origin)
+        idle = self._idle.get(origin.key)
         while idle:
             conn = idle.pop()
             if conn.is_connected() and now - conn.idle_since < self._keepalive:
@@ -491,9 +521,15 @@ class UpstreamPool:
         if self._closed or not conn.is_connected():
             conn.close()
             return
+        idle = self._idle.get(origin.key)
+        if idle is None:
+            if self._served is not None:  # its upstream left the configuration
+                conn.close()
+                return
+            idle = self._idle[origin.key] = []
         loop = asyncio.get_running_loop()
         conn.idle_since = loop.time()
-        self._idle.setdefault(origin, []).append(conn)
+        idle.append(conn)
         if self._sweeper is None:
             self._sweeper = loop.call_later(self._keepalive, self._sweep)
 

@@ -39,14 +39,9 @@ async def pool() -> AsyncIterator[UpstreamPool]:
     pool.close()
 
 
-_ORIGINS: dict[int, Origin] = {}
-
-
 def origin_of(server: FaultServer) -> Origin:
-    """One Origin per server, as one per upstream plan (origins compare by identity)."""
-    if server.port not in _ORIGINS:
-        _ORIGINS[server.port] = Origin.of(URL(server.url))
-    return _ORIGINS[server.port]
+    """A new Origin each time, as each reload's upstream plans have their own."""
+    return Origin.of(URL(server.url))
 
 
 async def send(
@@ -56,9 +51,17 @@ async def send(
     body: bytes = b'{"model":"m"}',
     headers: CIMultiDict[str] | None = None,
     target: str = "/v1/chat/completions",
+    origin: Origin | None = None,
 ) -> UpstreamResponse:
     return await pool.request(
-        origin_of(server), method, target, headers or CIMultiDict(), body, None, 5.0, 5.0
+        origin or origin_of(server),
+        method,
+        target,
+        headers or CIMultiDict(),
+        body,
+        None,
+        5.0,
+        5.0,
     )
 
 
@@ -128,6 +131,52 @@ async def test_keep_alive_reuses_one_connection(faults: FaultFactory, pool: Upst
         assert await read_all(await send(pool, server))
     assert len(server.connections) == 1
     assert server.connections[0].requests == 3
+
+
+def test_origins_are_identified_by_scheme_host_and_port() -> None:
+    a = Origin.of(URL("https://api.example.com/v1"))
+    assert a.key == (True, "api.example.com", 443)
+    assert a.key == Origin.of(URL("https://api.example.com:443/other")).key
+    assert a.key != Origin.of(URL("http://api.example.com:443/v1")).key  # TLS or not
+    assert a.key != Origin.of(URL("https://api.example.com:8443/v1")).key
+    assert a.key != Origin.of(URL("https://other.example.com/v1")).key
+
+
+async def test_equal_origins_share_idle_connections(
+    faults: FaultFactory, pool: UpstreamPool
+) -> None:
+    # Every reload builds new Origin objects for the same upstreams.
+    server = await faults()
+    for _ in range(3):
+        await read_all(await send(pool, server, origin=Origin.of(URL(server.url))))
+    assert len(server.connections) == 1
+
+
+async def test_serve_keeps_the_origins_that_stay_and_closes_the_others(
+    faults: FaultFactory, pool: UpstreamPool
+) -> None:
+    stays, goes = await faults(), await faults()
+    await read_all(await send(pool, stays))
+    await read_all(await send(pool, goes))
+    pool.serve([origin_of(stays)])
+    # The idle connection to the origin that went is closed at once...
+    await asyncio.wait_for(goes.connections[0].peer_closed.wait(), 5)
+    # ...and the one that stayed is still warm.
+    await read_all(await send(pool, stays))
+    assert len(stays.connections) == 1 and not stays.connections[0].peer_closed.is_set()
+
+
+async def test_a_connection_released_after_its_origin_went_is_closed(
+    faults: FaultFactory, pool: UpstreamPool
+) -> None:
+    stays, goes = await faults(), await faults()
+    pool.serve([origin_of(stays), origin_of(goes)])
+    resp = await send(pool, goes)  # in flight across a reload that removes it
+    pool.serve([origin_of(stays)])
+    await read_all(resp)
+    await asyncio.wait_for(goes.connections[0].peer_closed.wait(), 5)
+    # A pool that serves named origins remembers nothing of any other.
+    assert pool._idle.keys() == {origin_of(stays).key}
 
 
 async def test_a_closed_response_is_never_pooled(faults: FaultFactory, pool: UpstreamPool) -> None:
