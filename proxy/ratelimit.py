@@ -16,6 +16,23 @@ in Redis), so "exactly ``burst`` requests pass" holds without float drift.
 A bucket that is full again is indistinguishable from a new one, so it can
 be dropped: idle clients cost nothing.
 
+Limits that change (a reload, or Redis state written under an earlier
+configuration): what is stored is a debt of time, ``full_at - now``, and a
+limit can never owe more than its *ceiling*, ``burst * interval`` (a full
+bucket emptied). A larger debt was built under another, tighter limit, and
+is cut to the ceiling when the bucket is next read::
+
+    debt = min(max(0, full_at - now), burst * interval)
+
+So after a change no client waits longer than the new limit can ever make it
+wait: one ``interval`` (e.g. from ``1/min, burst 20`` drained to ``6000/min,
+burst 100``: a 20-minute debt becomes 1 s, and the next request waits at
+most 10 ms instead of 20 minutes). State written under the limit in force
+never exceeds its ceiling, so the cut changes nothing for it, and costs one
+comparison per request. The rule holds for any bucket whose state is a time
+debt, whatever a unit costs (requests here; tokens per minute or per day
+alike: the ceiling is capacity times the time one unit takes to refill).
+
 :func:`take_token` is the pure arithmetic (the clock is an argument, so tests
 pass a fake one). :class:`MemoryRateLimiter` keeps buckets in this process;
 ratelimit_redis.py keeps them in Redis for many processes and machines.
@@ -69,17 +86,22 @@ def take_token(full_at: int, now: int, burst: int, interval: int) -> tuple[Decis
 
     All times are integers in one unit (``now`` and ``full_at`` on the same
     clock, ``interval`` per token); the decision's seconds assume nanoseconds.
-    Returns the decision and the bucket's new ``full_at`` (unchanged when
-    refused: a refused request costs nothing).
+    Returns the decision and the bucket's new ``full_at``: unchanged when
+    refused (a refused request costs nothing), except that a debt above this
+    limit's ceiling is cut to it (see the module docstring).
     """
     debt = full_at - now  # time until full; <= 0 means full
+    ceiling = burst * interval
     if debt < 0:
         debt = 0
-    if debt <= (burst - 1) * interval:
+    elif debt > ceiling:  # owed under an earlier, tighter limit
+        debt = ceiling
+        full_at = now + ceiling
+    if debt <= ceiling - interval:
         debt += interval
         remaining = burst - -(-debt // interval)  # burst - ceil(debt / interval)
         return Decision(True, remaining, 0.0, debt / NS), now + debt
-    retry = debt - (burst - 1) * interval
+    retry = debt - (ceiling - interval)
     return Decision(False, 0, retry / NS, debt / NS), full_at
 
 
@@ -148,9 +170,12 @@ class MemoryRateLimiter:
 
     Eviction: each bucket has exactly one entry in a min-heap ordered by the
     ``full_at`` it had when the entry was pushed. ``full_at`` never moves
-    earlier, so the heap's top is a lower bound: when it has passed, the
-    bucket is either full (dropped) or was used since (its entry is pushed
-    again with the real ``full_at``). Every ``acquire`` retires at most
+    earlier (but for the cut below), so the heap's top is a lower bound: when
+    it has passed, the bucket is either full (dropped) or was used since (its
+    entry is pushed again with the real ``full_at``). A bucket whose debt a
+    changed limit cut (see the module docstring) is full before its entry
+    says: it is dropped when the entry comes due, late by at most the earlier
+    limit's ceiling, never early. Every ``acquire`` retires at most
     :attr:`EVICT_PER_ACQUIRE` heap entries, and :meth:`start`'s sweeper
     retires the rest once a second in slices of :attr:`SWEEP_SLICE`,
     yielding to the event loop between slices, so no request waits behind

@@ -64,25 +64,39 @@ US = 1_000_000
 # Returns {allowed 0/1, remaining, retry_after_us, reset_after_us}.
 # Numbers are Lua doubles: exact for integers below 2^53 (µs since 1970 are
 # ~2^51); string.format keeps every digit where tostring would round to 14.
+# A debt above this limit's ceiling (state written under an earlier config,
+# by this proxy before a reload or by another one) is cut to it, and written
+# back so the key expires when the cut bucket is full; see ratelimit.py.
 SCRIPT = """\
 if redis.replicate_commands then pcall(redis.replicate_commands) end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local burst = tonumber(ARGV[1])
 local interval = tonumber(ARGV[2])
-local stored = redis.call('GET', KEYS[1])
-local debt = 0
-if stored then
-  debt = tonumber(stored) - now
-  if debt < 0 then debt = 0 end
-end
-if debt <= (burst - 1) * interval then
-  debt = debt + interval
+local ceiling = burst * interval
+local function store(debt)
   redis.call('SET', KEYS[1], string.format('%.0f', now + debt),
              'PX', math.max(1, math.ceil(debt / 1000)))
+end
+local stored = redis.call('GET', KEYS[1])
+local debt = 0
+local cut = false
+if stored then
+  debt = tonumber(stored) - now
+  if debt < 0 then
+    debt = 0
+  elseif debt > ceiling then
+    debt = ceiling
+    cut = true
+  end
+end
+if debt <= ceiling - interval then
+  debt = debt + interval
+  store(debt)
   return {1, burst - math.ceil(debt / interval), 0, debt}
 end
-return {0, 0, debt - (burst - 1) * interval, debt}
+if cut then store(debt) end
+return {0, 0, debt - (ceiling - interval), debt}
 """
 SCRIPT_SHA = hashlib.sha1(SCRIPT.encode()).hexdigest()  # noqa: S324 - Redis names scripts so
 

@@ -171,6 +171,32 @@ async def test_two_proxies_sharing_redis_admit_one_budget(
     assert statuses.count(429) == 400
 
 
+async def test_state_left_by_an_earlier_config_is_cut_to_the_new_limit(
+    redis_server: RedisServer, redis_client: aioredis.Redis
+) -> None:
+    old_limit = RateLimitSettings(requests_per_minute=1, burst=20)
+    new_limit = RateLimitSettings(requests_per_minute=6000, burst=100)  # 10 ms a token
+    key = KEY_PREFIX + "ip:192.0.2.1|global"
+    before = RedisRateLimiter(redis_server.url)  # a proxy under the old config
+    try:
+        for _ in range(20):
+            assert (await before.acquire("ip:192.0.2.1|global", old_limit)).allowed
+    finally:
+        await before.close()
+    assert 1_190_000 < await redis_client.pttl(key) <= 1_200_000  # owes 20 minutes
+    after = RedisRateLimiter(redis_server.url)  # one started with the new config
+    try:
+        first = await after.acquire("ip:192.0.2.1|global", new_limit)
+        assert not first.allowed
+        # One token of the new limit, not 1,199 s; the bucket is full again in 1 s.
+        assert (first.retry_after, first.reset_after) == (0.01, 1.0)
+        assert await redis_client.pttl(key) <= 1000  # the cut was written back
+        await asyncio.sleep(first.retry_after + 0.005)  # the wait the 429 names
+        assert (await after.acquire("ip:192.0.2.1|global", new_limit)).allowed
+    finally:
+        await after.close()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

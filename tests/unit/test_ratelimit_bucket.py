@@ -206,3 +206,77 @@ def test_exactly_burst_succeed_at_any_rate(rpm: float) -> None:
 def test_shards_must_be_a_power_of_two(shards: int) -> None:
     with pytest.raises(ValueError, match="power of two"):
         MemoryRateLimiter(FakeClock(), shards=shards)
+
+
+# Limits that change (a reload): a debt above the new limit's ceiling is cut.
+
+OLD = RateLimitSettings(requests_per_minute=1, burst=20)
+RAISED = RateLimitSettings(requests_per_minute=6000, burst=100)  # 10 ms a token
+
+
+def test_a_raised_limit_cuts_a_drained_clients_wait_to_one_new_interval() -> None:
+    clock = FakeClock()
+    limiter = MemoryRateLimiter(clock)
+    assert all(limiter.acquire_now("c", OLD).allowed for _ in range(20))
+    clock.advance(2 * NS)  # the reload, two seconds later
+    # Under the old limit this client owes 20 minutes; the new one can owe 1 s.
+    first = limiter.acquire_now("c", RAISED)
+    assert not first.allowed
+    assert first.retry_after == 0.01  # one token of the new limit, not 1,198 s
+    assert first.reset_after == 1.0
+    clock.advance(10_000_000)
+    assert limiter.acquire_now("c", RAISED).allowed
+    # From then on the new limit, exactly: refilled a second later, burst 100.
+    clock.advance(NS)
+    results = [limiter.acquire_now("c", RAISED).allowed for _ in range(150)]
+    assert results.count(True) == 100
+
+
+def test_a_lowered_limit_keeps_the_debt_it_can_hold() -> None:
+    clock = FakeClock()
+    limiter = MemoryRateLimiter(clock)
+    for _ in range(3):
+        limiter.acquire_now("c", RAISED)  # owes 30 ms
+    slower = RateLimitSettings(requests_per_minute=60, burst=5)  # ceiling 5 s
+    decision = limiter.acquire_now("c", slower)
+    assert decision.allowed and decision.reset_after == 1.03  # nothing cut, nothing given
+
+
+def test_a_cut_bucket_is_evicted_late_never_early() -> None:
+    clock = FakeClock()
+    limiter = MemoryRateLimiter(clock, shards=1)
+    for _ in range(20):
+        limiter.acquire_now("c", OLD)  # its heap entry is due in 20 minutes
+    limiter.acquire_now("c", RAISED)  # cut: full again in 1 s
+    clock.advance(NS - 1)
+    limiter.evict(clock(), 100)
+    assert len(limiter) == 1
+    # Kept: 1 ns short of full, so this request leaves 98 tokens (a new bucket, 99).
+    assert limiter.acquire_now("c", RAISED).remaining == 98
+    clock.advance(20 * MINUTE)
+    assert limiter.evict(clock(), 100) == 1
+    assert len(limiter) == 0 and limiter._shards[0].heap == []
+
+
+@given(
+    history=st.lists(
+        st.tuples(st.integers(1, 20), st.integers(1, 10**6), st.integers(0, 3 * 10**6)),
+        min_size=1,
+        max_size=40,
+    ),
+    burst=st.integers(1, 20),
+    interval=st.integers(1, 10**6),
+)
+def test_after_any_history_the_wait_is_bounded_by_the_limit_in_force(
+    history: list[tuple[int, int, int]], burst: int, interval: int
+) -> None:
+    """Whatever limits wrote the bucket before, the limit read with bounds the wait."""
+    now = 10**9
+    full_at = now
+    for old_burst, old_interval, gap in history:
+        now += gap
+        _, full_at = take_token(full_at, now, old_burst, old_interval)
+    decision, after = take_token(full_at, now, burst, interval)
+    assert round(decision.retry_after * NS) <= interval
+    assert round(decision.reset_after * NS) <= burst * interval
+    assert after - now <= burst * interval  # the cut is stored, not only reported
