@@ -35,6 +35,7 @@ faults = fixtures.faults
 CLIENTS = 50
 REQUESTS = 1500
 RELOADS = 20
+TRACED = 300  # reloads under tracemalloc (slow)
 
 
 def config_for(url: str) -> dict[str, Any]:
@@ -150,7 +151,7 @@ async def test_a_thousand_reloads_leave_the_pool_bookkeeping_and_memory_flat(
         tracemalloc.start()
         try:
             before = tracemalloc.get_traced_memory()[0]
-            for i in range(1000):
+            for i in range(TRACED):
                 await reload_and_ask(session, (one, two)[i % 2].url)
             gc.collect()
             grown = tracemalloc.get_traced_memory()[0] - before
@@ -159,9 +160,12 @@ async def test_a_thousand_reloads_leave_the_pool_bookkeeping_and_memory_flat(
             logging.disable(logging.NOTSET)
     assert len(pool._idle) == 1 and len(pool._dns) == 0  # IP literals are never resolved
     # The server the upstream moved away from holds no idle connection.
-    await (one, two)[999 % 2].wait_open(1)
-    await (one, two)[1000 % 2].wait_open(0)
-    assert grown < 100 * 1024, f"{grown} bytes kept after 1,000 reloads"
+    await (one, two)[(TRACED - 1) % 2].wait_open(1)
+    await (one, two)[TRACED % 2].wait_open(0)
+    print(f"traced memory kept after {TRACED} reloads: {grown} bytes")
+    # About 35 KB are noise (caches warming up, whatever the count); each
+    # reload leaving 200 bytes behind would add 60 KB.
+    assert grown < 64 * 1024, f"{grown} bytes kept after {TRACED} reloads"
 
 
 def rss_kib(pid: int) -> int:
