@@ -19,8 +19,8 @@ be dropped: idle clients cost nothing.
 Limits that change (a reload, or Redis state written under an earlier
 configuration): what is stored is a debt of time, ``full_at - now``, and a
 limit can never owe more than its *ceiling*, ``burst * interval`` (a full
-bucket emptied). A larger debt was built under another, tighter limit, and
-is cut to the ceiling when the bucket is next read::
+bucket emptied). A larger debt was built under another limit, one with a
+higher ceiling, and is cut to this one when the bucket is next read::
 
     debt = min(max(0, full_at - now), burst * interval)
 
@@ -94,7 +94,7 @@ def take_token(full_at: int, now: int, burst: int, interval: int) -> tuple[Decis
     ceiling = burst * interval
     if debt < 0:
         debt = 0
-    elif debt > ceiling:  # owed under an earlier, tighter limit
+    elif debt > ceiling:  # owed under an earlier limit with a higher ceiling
         debt = ceiling
         full_at = now + ceiling
     if debt <= ceiling - interval:
