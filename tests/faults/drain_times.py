@@ -39,7 +39,7 @@ async def refused_at(url: str, since: float) -> float:
             try:
                 async with session.get(url):
                     pass
-            except aiohttp.ClientConnectorError:
+            except aiohttp.ClientOSError:  # refused, or reset from a closing listener's queue
                 return time.perf_counter() - since
             await asyncio.sleep(0.005)
     raise AssertionError("new connections were still accepted")

@@ -255,3 +255,45 @@ async def test_workers_dying_too_often_stop_the_service(
     assert proxy.matching(rf"worker {first[1]} was killed by SIGKILL")
     assert proxy.matching(r"3 workers died within 60s; stopping all of them")
     assert len(proxy.matching(r"stopped \(pid \d+\)")) == 2  # the one sent SIGTERM, the last one
+
+
+async def in_flight(session: aiohttp.ClientSession, proxy: ProxyProcess) -> float:
+    async with session.get(f"{proxy.url}/metrics") as resp:
+        text = await resp.text()
+    (line,) = [x for x in text.splitlines() if x.startswith("oaimux_requests_in_flight ")]
+    return float(line.split()[1])
+
+
+async def test_a_dead_workers_requests_leave_the_shared_metrics(
+    tmp_path: Path, faults: FaultFactory
+) -> None:
+    """The in-flight gauge summed over the workers forgets a killed worker's
+    stream (its counters stay in the totals)."""
+    upstream = await faults(sse(1, end="hang"), default=respond(200, chat_json()))
+    config = config_for(upstream.url)
+    config["metrics"] = {"enabled": True}
+    path = write_config(tmp_path / "routes.yaml", config)
+    async with running_proxy(path, "--workers", "2") as proxy:
+        await worker_pids(proxy, 2)
+        pinned = PinnedClient()
+        fresh = aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True))
+        try:
+            victim = await pinned.learn_worker(proxy)
+            stream = await pinned.session.post(
+                f"{proxy.url}/v1/chat/completions", data=chat_body(stream=True), headers=JSON
+            )
+            await stream.content.readuntil(b"\n\n")
+            async with asyncio.timeout(10):  # workers publish their samples every second
+                while await in_flight(fresh, proxy) != 1:
+                    await asyncio.sleep(0.1)
+            os.kill(victim, signal.SIGKILL)
+            (line,) = await proxy.wait_line(r"started worker \d+ in place")
+            replacement = int(line.split("started worker ")[1].split()[0])
+            await proxy.wait_line(rf"oaimux serving .*\(pid {replacement}\)")
+            async with asyncio.timeout(10):
+                while await in_flight(fresh, proxy) != 0:
+                    await asyncio.sleep(0.1)
+            stream.close()
+        finally:
+            await fresh.close()
+            await pinned.session.close()
