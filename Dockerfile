@@ -59,7 +59,8 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=15s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request as u; u.build_opener(u.ProxyHandler({})).open('http://127.0.0.1:%s/healthz' % (os.environ.get('PORT') or '8080'), timeout=4)"]
 
 # SIGTERM (docker stop) drains open streams for server.shutdown_grace_seconds
-# (30 s by default): give docker stop more than that, e.g. --stop-timeout 40.
+# (30 s by default) and exits within that plus one second: give docker stop at
+# least that, e.g. --stop-timeout 40.
 STOPSIGNAL SIGTERM
 
 # ENTRYPOINT and no CMD: extra `docker run` arguments are appended

@@ -1,5 +1,8 @@
 """``oaimux serve`` and ``oaimux check``: the thin command line.
 
+``serve`` runs one process (serve.py), or with ``--workers N`` a supervisor
+of N (workers.py).
+
 Exit status 2 for a configuration error (message on stderr, no traceback).
 """
 
@@ -12,6 +15,8 @@ import sys
 from collections.abc import Sequence
 
 from .config import ConfigError, Settings, load_settings
+from .serve import configure_logging, port_reusable, serve
+from .workers import run_workers
 
 __all__ = ["main"]
 
@@ -67,12 +72,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         port = _port(args.port, settings)
         if args.workers < 1:
             raise ConfigError(f"--workers: must be at least 1, got {args.workers}")
+        if args.workers > 1 and not port_reusable():
+            raise ConfigError("--workers: this system cannot share a port (no SO_REUSEPORT)")
     except ConfigError as exc:
         print(f"oaimux: config error: {exc}", file=sys.stderr)
         return 2
-    from .serve import serve
-
-    return serve(path, settings, host, port, args.workers)
+    configure_logging(settings)
+    if args.workers > 1:
+        return run_workers(path, settings, host, port, args.workers)
+    return serve(path, settings, host, port)
 
 
 if __name__ == "__main__":  # pragma: no cover

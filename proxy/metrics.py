@@ -38,13 +38,14 @@ from prometheus_client import (
 )
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import Metric
-from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.registry import Collector
 
 __all__ = [
     "BREAKER_STATES",
     "MULTIPROC_ENV",
     "Metrics",
+    "forget_worker",
     "metrics_app",
     "serve_metrics",
     "share_metrics_across_workers",
@@ -342,6 +343,15 @@ def share_metrics_across_workers() -> str:
     os.environ[MULTIPROC_ENV] = directory
     atexit.register(_remove_directory, directory)
     return directory
+
+
+def forget_worker(pid: int) -> None:
+    """In the parent of ``--workers``, once worker ``pid`` died and the others
+    serve on: its live gauges (requests in flight, open streams) leave the
+    shared samples; its counters stay in the totals."""
+    directory = os.environ.get(MULTIPROC_ENV)
+    if directory:
+        mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]  # unannotated upstream
 
 
 def _remove_directory(directory: str) -> None:

@@ -1,17 +1,18 @@
-"""Running the server: logging, the event loop, signals, workers.
+"""Running one server process: logging, the event loop, signals, the drain.
 
 - SIGTERM / SIGINT: stop accepting (the listening socket is closed, so new
-  connections are refused), let requests and streams in flight finish for up
-  to ``server.shutdown_grace_seconds``, close what is left, exit 0. A second
-  SIGTERM / SIGINT during the drain exits at once (status 1).
+  connections are refused), let requests and streams in flight finish until
+  ``server.shutdown_grace_seconds`` have passed, abort what is left (a broken
+  response, never a clean end; connections.py), exit 0 within the grace plus
+  one second, and log how many requests were cut. A second SIGTERM / SIGINT
+  during the drain exits at once (status 1).
 - SIGHUP: re-read the config file; on success swap the runtime atomically
   (requests already running finish on the old one, new ones use the new
   one); on failure keep the old one and log why. Settings read only at start
   (listen address, grace, header/keep-alive timeouts, CORS, logging, metrics,
   rate-limit storage) are named in a warning: they need a restart.
-- ``--workers N``: N processes bound to the same port with SO_REUSEPORT, each
-  with its own event loop; the parent forwards SIGTERM and SIGHUP to all
-  (workers.py). A worker whose parent died stops itself.
+- A worker of ``--workers N`` (workers.py) runs the same server; one whose
+  supervisor died stops itself.
 
 Log lines about the lifecycle carry the process id, so the workers of one
 ``--workers N`` run can be told apart.
@@ -26,7 +27,9 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
+from dataclasses import dataclass
 
 from aiohttp import web
 
@@ -37,7 +40,15 @@ from .keys import DISCOVERY, OBSERVER, RUNTIME
 from .observe import send_access_log_to
 from .runtime import build_runtime
 
-__all__ = ["configure_logging", "serve"]
+__all__ = [
+    "LIFECYCLE_SIGNALS",
+    "CannotListen",
+    "Worker",
+    "configure_logging",
+    "port_reusable",
+    "serve",
+    "serve_worker",
+]
 
 log = logging.getLogger("oaimux")
 
@@ -118,41 +129,45 @@ def _needs_restart(old: Settings, new: Settings) -> list[str]:
     return [name for name, was, now in pairs if was != now]
 
 
+# Past the grace, the process is gone by this much at the latest: the drain's
+# own steps after the deadline take about half of it (connections.py), and if
+# anything hangs anyway (a DNS lookup in a thread, a cleanup step) the process
+# exits without it.
+EXIT_MARGIN = 0.8
+
+
 async def _run(
     path: str,
     settings: Settings,
     host: str,
     port: int,
-    reuse_port: bool,
     uvloop_used: bool,
-    parent: int | None = None,
+    worker: Worker | None = None,
 ) -> None:
-    """Serve until SIGTERM/SIGINT. ``parent``: in a worker, the supervisor's pid."""
+    """Serve until SIGTERM/SIGINT, then drain (module docstring)."""
     app = create_app(settings)
-    runner = ProxyRunner(
-        app,
-        settings.server,
-        handler_cancellation=True,
-        shutdown_timeout=settings.server.shutdown_grace_seconds,
-        **server_options(),
-    )
+    runner = ProxyRunner(app, settings.server, handler_cancellation=True, **server_options())
     await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=1024)
+    pid = os.getpid()
+    if worker is not None and worker.current is not settings:
+        # A replacement worker: serve the configuration its siblings reloaded.
+        _apply(app, path, settings, worker.current, pid)
+    site = web.TCPSite(runner, host, port, reuse_port=worker is not None or None, backlog=1024)
     try:
         await site.start()
-        metrics_runner = await _start_metrics_listener(app, settings, reuse_port)
+        metrics_runner = await _start_metrics_listener(app, settings, worker is not None)
     except OSError as exc:
         # Address in use, not ours to bind...: one clear line, resources closed.
         await runner.cleanup()
         raise CannotListen(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-    pid = os.getpid()
+    served = app[RUNTIME].current.settings
     log.info(
         "oaimux serving %s on http://%s:%d: %d routes, %d upstreams, uvloop %s (pid %d)",
         path,
         host,
         port,
-        len(settings.routes),
-        len(settings.upstreams),
+        len(served.routes),
+        len(served.upstreams),
         "on" if uvloop_used else "off",
         pid,
     )
@@ -165,26 +180,12 @@ async def _run(
         except ConfigError as exc:
             log.error("reload failed, keeping the running config (pid %d): %s", pid, exc)
             return
-        # Requests hold the runtime they started with (runtime.py): swapping
-        # the holder's one reference is the whole, atomic switch.
-        old = app[RUNTIME].current.settings
-        app[RUNTIME].swap(build_runtime(new))
-        app[DISCOVERY].refresh(new)  # models: discover asks its upstreams again
-        log.info(
-            "reloaded %s: %d routes, %d upstreams (pid %d)",
-            path,
-            len(new.routes),
-            len(new.upstreams),
-            pid,
-        )
-        stale = _needs_restart(old, new)
-        if stale:
-            log.warning("changed settings that need a restart: %s", ", ".join(stale))
+        _apply(app, path, app[RUNTIME].current.settings, new, pid)
 
     def on_stop(name: str) -> None:
         if not stop.is_set():
             stop.set()
-        elif parent is None:
+        elif worker is None:
             # A second signal (an operator's second Ctrl-C): stop waiting. A
             # worker ignores it: it can get one signal twice, from the
             # terminal and from its parent; the parent handles repeats.
@@ -196,8 +197,13 @@ async def _run(
     loop.add_signal_handler(signal.SIGINT, on_stop, "SIGINT")
     loop.add_signal_handler(signal.SIGHUP, reload)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, LIFECYCLE_SIGNALS)
-    orphan_watch = loop.create_task(_watch_parent(parent, stop)) if parent is not None else None
+    orphan_watch = (
+        loop.create_task(_watch_parent(worker.parent, stop)) if worker is not None else None
+    )
     await stop.wait()
+    started = time.monotonic()
+    grace = settings.server.shutdown_grace_seconds
+    _exit_anyway_after(grace + EXIT_MARGIN, pid)
     if orphan_watch is not None:
         orphan_watch.cancel()
     server = runner.server
@@ -205,13 +211,49 @@ async def _run(
         "stopping (pid %d): no new connections; %d open, draining for up to %gs",
         pid,
         len(server.connections) if server is not None else 0,
-        settings.server.shutdown_grace_seconds,
+        grace,
     )
-    started = time.monotonic()
     await runner.cleanup()
     if metrics_runner is not None:
         await metrics_runner.cleanup()
-    log.info("stopped (pid %d) after %.1fs", pid, time.monotonic() - started)
+    log.info(
+        "stopped (pid %d) after %.1fs: %d connections finished, %d requests cut at the deadline",
+        pid,
+        time.monotonic() - started,
+        server.finished if server is not None else 0,
+        server.cut if server is not None else 0,
+    )
+
+
+def _apply(app: web.Application, path: str, old: Settings, new: Settings, pid: int) -> None:
+    """Serve ``new`` from now on (a reload)."""
+    # Requests hold the runtime they started with (runtime.py): swapping
+    # the holder's one reference is the whole, atomic switch.
+    app[RUNTIME].swap(build_runtime(new))
+    app[DISCOVERY].refresh(new)  # models: discover asks its upstreams again
+    log.info(
+        "reloaded %s: %d routes, %d upstreams (pid %d)",
+        path,
+        len(new.routes),
+        len(new.upstreams),
+        pid,
+    )
+    stale = _needs_restart(old, new)
+    if stale:
+        log.warning("changed settings that need a restart: %s", ", ".join(stale))
+
+
+def _exit_anyway_after(seconds: float, pid: int) -> None:
+    """Keep the stop's bound even if a step hangs: a thread, so it fires even
+    when the event loop is stuck or already closed."""
+
+    def exit_now() -> None:
+        os.write(2, f"stop overran its deadline; exiting now (pid {pid})\n".encode())
+        os._exit(0)
+
+    timer = threading.Timer(seconds, exit_now)
+    timer.daemon = True
+    timer.start()
 
 
 async def _watch_parent(parent: int, stop: asyncio.Event) -> None:
@@ -238,33 +280,36 @@ async def _start_metrics_listener(
     return runner
 
 
-def serve(path: str, settings: Settings, host: str, port: int, workers: int) -> int:
-    configure_logging(settings)
-    if workers > 1:
-        from .workers import run_workers
-
-        return run_workers(path, settings, host, port, workers)
-    uvloop_used = _install_uvloop()
-    try:
-        asyncio.run(_run(path, settings, host, port, False, uvloop_used))
-    except CannotListen as exc:
-        log.error("%s", exc)
-        return 1
-    return 0
-
-
 class CannotListen(Exception):
     """The listening socket could not be opened (the message says where and why)."""
 
 
-def serve_worker(path: str, settings: Settings, host: str, port: int) -> int:
+@dataclass(frozen=True, slots=True)
+class Worker:
+    """What a worker process of ``--workers N`` is told by its supervisor."""
+
+    parent: int  # the supervisor's pid: the worker stops if it goes
+    current: Settings  # the configuration in force (a replacement may start after reloads)
+
+
+def serve(path: str, settings: Settings, host: str, port: int) -> int:
+    """Serve in this process until stopped; return the exit status."""
+    return _serve(path, settings, host, port, None)
+
+
+def serve_worker(path: str, settings: Settings, host: str, port: int, worker: Worker) -> int:
     """Entry of one worker process (``--workers N``), forked with the lifecycle
-    signals blocked; they are unblocked once the loop handles them. Returns the
-    worker's exit status."""
+    signals blocked; they are unblocked once the loop handles them.
+    ``settings`` is what the service started with (the start-only settings
+    come from it). Returns the worker's exit status."""
     configure_logging(settings)
+    return _serve(path, settings, host, port, worker)
+
+
+def _serve(path: str, settings: Settings, host: str, port: int, worker: Worker | None) -> int:
     uvloop_used = _install_uvloop()
     try:
-        asyncio.run(_run(path, settings, host, port, True, uvloop_used, parent=os.getppid()))
+        asyncio.run(_run(path, settings, host, port, uvloop_used, worker))
     except CannotListen as exc:
         log.error("%s", exc)
         return 1
@@ -272,4 +317,5 @@ def serve_worker(path: str, settings: Settings, host: str, port: int) -> int:
 
 
 def port_reusable() -> bool:
+    """Can several processes listen on one port (``--workers``)?"""
     return hasattr(socket, "SO_REUSEPORT")

@@ -1,17 +1,26 @@
 """``--workers N``: N processes sharing one port through SO_REUSEPORT.
 
-The parent only supervises: it forks the workers, forwards SIGTERM, SIGINT and
-SIGHUP to every one of them, and exits 0 once all have exited after a stop
-(non-zero if one died on its own). The kernel spreads new connections across
-the workers' listening sockets.
+The parent only supervises; the kernel spreads new connections across the
+workers' listening sockets.
 
-- Workers are forked with those signals blocked and unblock them once their
-  event loop handles them, so a signal that arrives while they start is held,
-  not lost, and never kills a worker half set up.
-- SIGHUP: the parent reads the file first; a broken file is reported once
-  and not passed on (the workers keep the running config). A good one is
-  passed on, and every worker re-reads it.
-- A second SIGTERM/SIGINT while the workers drain kills them at once (exit 1).
+- It forks the workers with SIGTERM, SIGINT and SIGHUP blocked; each worker
+  unblocks them once its event loop handles them, so a signal that arrives
+  while it starts is held, not lost, and never kills it half set up.
+- The supervisor itself keeps those signals and SIGCHLD blocked and takes them
+  one at a time with ``sigtimedwait``: no handler runs in the middle of its
+  bookkeeping, and a restart's backoff is just the wait's timeout.
+- SIGHUP: the file is read first; a broken file is reported once and not
+  passed on (the workers keep the running config). A good one is passed on,
+  every worker re-reads it, and later replacements start with it.
+- SIGTERM / SIGINT: passed on; each worker drains within the grace (serve.py).
+  A worker still alive one second after the grace gets SIGKILL. The
+  supervisor exits 0 once all have stopped cleanly, 1 otherwise. A second
+  SIGTERM/SIGINT while they drain kills them at once (exit 1).
+- A worker that dies by itself (a crash, an OOM kill) is logged with its exit
+  status or signal and replaced, while the others keep serving: the first
+  replacement at once, each further one within a minute after a doubling
+  backoff (0.5 s, 1 s, ... up to 10 s). More than N deaths within a minute
+  stop everything (exit 1), so the service manager takes over.
 """
 
 from __future__ import annotations
@@ -21,92 +30,195 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterable
+from collections import deque
 
 from .config import ConfigError, Settings, load_settings
+from .metrics import forget_worker, share_metrics_across_workers
+from .serve import LIFECYCLE_SIGNALS, Worker, serve_worker
 
 __all__ = ["run_workers"]
 
 log = logging.getLogger("oaimux")
 
-
-def _signal_all(pids: Iterable[int], signum: int) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, signum)
-        except ProcessLookupError:
-            pass
+_WATCHED = (*LIFECYCLE_SIGNALS, signal.SIGCHLD)
+RESTART_WINDOW = 60.0
+FIRST_BACKOFF = 0.5
+MAX_BACKOFF = 10.0
+# Past the grace, a worker that has not exited gets SIGKILL: workers exit by
+# grace + serve.EXIT_MARGIN themselves, so only a stuck one is killed.
+KILL_MARGIN = 0.95
 
 
 def run_workers(path: str, settings: Settings, host: str, port: int, workers: int) -> int:
-    from .serve import LIFECYCLE_SIGNALS, serve_worker
+    """Supervise ``workers`` processes until stopped; return the exit status."""
+    return _Supervisor(path, settings, host, port, workers).run()
 
-    children: list[int] = []
-    stopping = False
 
-    def forward(signum: int, _frame: object) -> None:
-        nonlocal stopping
-        if signum == signal.SIGHUP:
-            try:
-                load_settings(path)
-            except ConfigError as exc:
-                log.error("reload refused, the workers keep the running config: %s", exc)
-                return
-            _signal_all(children, signum)
-        elif not stopping:
-            stopping = True
-            _signal_all(children, signum)
-        else:
-            log.warning("second %s: killing the workers now", signal.Signals(signum).name)
-            _signal_all(children, signal.SIGKILL)
+class _Supervisor:
+    def __init__(self, path: str, settings: Settings, host: str, port: int, size: int) -> None:
+        self.path = path
+        self.started_with = settings  # start-only settings: every worker gets these
+        self.current = settings  # the last good reload: a replacement serves it
+        self.host = host
+        self.port = port
+        self.size = size
+        self.children: set[int] = set()
+        self.deaths: deque[float] = deque()  # times of unexpected deaths, within the window
+        self.restarts_due: list[float] = []  # monotonic times
+        self.stopping = False
+        self.stop_signals = 0  # SIGTERM/SIGINT received: a second one kills
+        self.kill_at: float | None = None
+        self.failed = False
 
-    signal.pthread_sigmask(signal.SIG_BLOCK, LIFECYCLE_SIGNALS)
-    for sig in LIFECYCLE_SIGNALS:
-        signal.signal(sig, forward)
-    if settings.metrics.enabled:
-        # Before forking: every worker writes its samples where any worker's
-        # /metrics reads them all (prometheus_client's multiprocess mode).
-        from .metrics import share_metrics_across_workers
+    def run(self) -> int:
+        signal.pthread_sigmask(signal.SIG_BLOCK, _WATCHED)
+        if self.started_with.metrics.enabled:
+            # Before forking: every worker writes its samples where any worker's
+            # /metrics reads them all (prometheus_client's multiprocess mode).
+            share_metrics_across_workers()
+        for _ in range(self.size):
+            self._fork()
+        log.info(
+            "started %d workers: %s (supervisor pid %d)",
+            self.size,
+            ", ".join(map(str, sorted(self.children))),
+            os.getpid(),
+        )
+        while self.children or (self.restarts_due and not self.stopping):
+            info = self._next_signal()
+            if info is None:
+                self._on_time()
+            elif info.si_signo == signal.SIGCHLD:
+                self._reap()
+            elif info.si_signo == signal.SIGHUP:
+                self._reload()
+            else:
+                self.stop_signals += 1
+                self._stop(signal.Signals(info.si_signo))
+        return 1 if self.failed else 0
 
-        share_metrics_across_workers()
-    for _ in range(workers):
+    def _next_signal(self) -> signal.struct_siginfo | None:
+        wake = [*self.restarts_due, *([self.kill_at] if self.kill_at is not None else [])]
+        if not wake:
+            return signal.sigwaitinfo(_WATCHED)
+        return signal.sigtimedwait(_WATCHED, max(0.0, min(wake) - time.monotonic()))
+
+    def _fork(self) -> int:
         pid = os.fork()
-        if pid == 0:  # the worker; the signals stay blocked until its loop handles them
-            for sig in LIFECYCLE_SIGNALS:
-                signal.signal(sig, signal.SIG_DFL)
-            code = 0
+        if pid == 0:  # the worker; the lifecycle signals stay blocked until its loop handles them
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGCHLD,))
+            code = 1
             try:
-                code = serve_worker(path, settings, host, port)
+                code = serve_worker(
+                    self.path,
+                    self.started_with,
+                    self.host,
+                    self.port,
+                    Worker(parent=os.getppid(), current=self.current),
+                )
             except BaseException:  # noqa: BLE001 - a worker must never return into the parent's code
                 log.exception("worker failed")
-                code = 1
             finally:
                 sys.stderr.flush()
                 os._exit(code)
-        children.append(pid)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, LIFECYCLE_SIGNALS)  # held ones run now
-    log.info(
-        "started %d workers: %s (supervisor pid %d)",
-        workers,
-        ", ".join(map(str, children)),
-        os.getpid(),
-    )
-    failed = False
-    remaining = set(children)
-    while remaining:
+        self.children.add(pid)
+        return pid
+
+    def _on_time(self) -> None:
+        now = time.monotonic()
+        if self.kill_at is not None and now >= self.kill_at:
+            self.kill_at = None
+            for pid in self.children:
+                log.error("worker %d did not stop within the grace; killing it", pid)
+            self._signal_all(signal.SIGKILL)
+            self.failed = True
+        due = [t for t in self.restarts_due if t <= now]
+        self.restarts_due = [t for t in self.restarts_due if t > now]
+        if self.stopping:
+            return
+        for _ in due:
+            log.info("started worker %d in place of one that died", self._fork())
+
+    def _reap(self) -> None:
+        while self.children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            self.children.discard(pid)
+            code = os.waitstatus_to_exitcode(status)
+            if self.stopping:
+                if code != 0:
+                    self.failed = True
+                    log.error("worker %d %s while stopping", pid, _how(code))
+                continue
+            log.error("worker %d %s", pid, _how(code))
+            forget_worker(pid)
+            self._replace()
+
+    def _replace(self) -> None:
+        now = time.monotonic()
+        while self.deaths and now - self.deaths[0] >= RESTART_WINDOW:
+            self.deaths.popleft()
+        self.deaths.append(now)
+        if len(self.deaths) > self.size:
+            log.error(
+                "%d workers died within %gs; stopping all of them",
+                len(self.deaths),
+                RESTART_WINDOW,
+            )
+            self.failed = True
+            self._stop(signal.SIGTERM)
+            return
+        n = len(self.deaths)
+        delay = 0.0 if n == 1 else min(FIRST_BACKOFF * 2 ** (n - 2), MAX_BACKOFF)
+        self.restarts_due.append(now + delay)
+        log.warning(
+            "starting a replacement in %gs (restart %d of at most %d within %gs)",
+            delay,
+            n,
+            self.size,
+            RESTART_WINDOW,
+        )
+        if delay == 0.0:
+            self._on_time()
+
+    def _reload(self) -> None:
         try:
-            pid, status = os.wait()
-        except ChildProcessError:
-            break
-        except InterruptedError:
-            continue
-        remaining.discard(pid)
-        if os.waitstatus_to_exitcode(status) != 0:
-            failed = True
-        if not stopping:
-            # A worker died by itself: stop the others too; the service manager restarts us.
-            log.error("worker %d exited unexpectedly; stopping", pid)
-            stopping = True
-            _signal_all(remaining, signal.SIGTERM)
-        time.sleep(0)
-    return 1 if failed else 0
+            new = load_settings(self.path)
+        except ConfigError as exc:
+            log.error("reload refused, the workers keep the running config: %s", exc)
+            return
+        self.current = new
+        self._signal_all(signal.SIGHUP)
+
+    def _stop(self, signum: signal.Signals) -> None:
+        if self.stop_signals > 1:
+            log.warning("second %s: killing the workers now", signum.name)
+            self._signal_all(signal.SIGKILL)
+            self.kill_at = None
+            self.failed = True
+            return
+        if self.stopping:
+            return
+        self.stopping = True
+        self.restarts_due = []
+        grace = self.started_with.server.shutdown_grace_seconds
+        self.kill_at = time.monotonic() + grace + KILL_MARGIN
+        self._signal_all(signum)
+
+    def _signal_all(self, signum: int) -> None:
+        for pid in self.children:
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+
+
+def _how(code: int) -> str:
+    """An exit code from ``os.waitstatus_to_exitcode`` in words."""
+    if code < 0:
+        return f"was killed by {signal.Signals(-code).name}"
+    return f"exited with status {code}"

@@ -1,7 +1,8 @@
 """The deployment files agree with each other and with oaimux's defaults.
 
 - The systemd unit passes `systemd-analyze verify` (when that tool exists) and
-  carries the hardening and stop timeout the README promises.
+  carries the hardening and stop timeout the README promises; every stop
+  timeout the deploy files give covers the drain (grace + 1 s).
 - Dockerfile, railway.json, the Koyeb definition and the Procfile all start the
   same command and probe /healthz; the Dockerfile's health check really works.
 - nginx's client_max_body_size equals oaimux's default server.max_body_bytes.
@@ -40,6 +41,9 @@ IMAGE_ROUTES = DEPLOY / "routes.yaml"
 START_COMMAND = "oaimux serve --host 0.0.0.0"
 HEALTH_PATH = "/healthz"
 DEFAULTS = ServerSettings()
+# oaimux is gone this long after SIGTERM at the latest (README "Stop, reload,
+# workers"); every stop timeout the deploy files give must be at least this.
+STOP_BOUND = DEFAULTS.shutdown_grace_seconds + 1.0
 
 
 # ---------------------------------------------------------------------------
@@ -125,7 +129,7 @@ def test_systemd_unit_runs_unprivileged_and_drains_before_kill() -> None:
     [reload] = service_values("ExecReload")
     assert "-HUP" in reload and "$MAINPID" in reload
     [stop] = service_values("TimeoutStopSec")
-    assert seconds(stop) > DEFAULTS.shutdown_grace_seconds
+    assert seconds(stop) >= STOP_BOUND
     for key, value in {
         "NoNewPrivileges": "yes",
         "ProtectSystem": "strict",
@@ -167,6 +171,23 @@ def final_stage() -> list[tuple[str, str]]:
     instructions = dockerfile_instructions()
     last_from = max(i for i, (word, _) in enumerate(instructions) if word == "FROM")
     return instructions[last_from:]
+
+
+def test_every_documented_stop_timeout_covers_the_drain() -> None:
+    """Docker's --stop-timeout / stop_grace_period and Railway's draining
+    seconds, wherever the deploy files name them."""
+    patterns = (
+        r"--stop-timeout[ =](\d+)",
+        r"stop_grace_period: (\d+)s",
+        r"RAILWAY_DEPLOYMENT_DRAINING_SECONDS=(\d+)",
+    )
+    found = []
+    for path in (DOCKERFILE, DEPLOY / "README.md", REPO / "README.md"):
+        text = path.read_text()
+        for pattern in patterns:
+            found += [(path.name, int(m.group(1))) for m in re.finditer(pattern, text)]
+    assert {name for name, _ in found} >= {"Dockerfile", "README.md"}
+    assert all(value >= STOP_BOUND for _, value in found), found
 
 
 def test_dockerfile_is_multi_stage_slim_and_non_root() -> None:
