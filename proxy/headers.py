@@ -42,10 +42,13 @@ __all__ = [
 ]
 
 # RFC 9110 §7.6.1 and RFC 2616 §13.5.1; Proxy-Connection is the non-standard
-# one old clients send. Upgrade is handled by the WebSocket path on its own.
+# one old clients send, HTTP2-Settings the one an h2c upgrade offer carries
+# (RFC 7540 §3.2.1). An offered upgrade is never passed on: the proxy answers
+# over HTTP/1.1 (RFC 9110 §7.8), and the WebSocket path makes its own.
 HOP_BY_HOP = frozenset(
     {
         "connection",
+        "http2-settings",
         "keep-alive",
         "proxy-authenticate",
         "proxy-authorization",
