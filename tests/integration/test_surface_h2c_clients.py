@@ -18,8 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
-import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -28,22 +26,13 @@ import pytest
 
 from proxy.config import Settings
 from tests.conftest import basic_config
+from tests.fakes.clients import CLIENT_DEADLINE, curl_sent_headers, run_client, tool_or_skip
 from tests.fakes.security import running_proxy
 from tests.fakes.upstream import FakeUpstream, Received
 
 JAVA_CLIENT = Path(__file__).resolve().parents[1] / "java" / "ChatClient.java"
 CHAT = b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}'
 UPGRADE_HEADERS = ("upgrade", "http2-settings", "connection")
-CLIENT_DEADLINE = 120.0  # seconds for a client process (the JVM compiles the file first)
-
-
-def tool_or_skip(name: str) -> str:
-    found = shutil.which(name)
-    if found is not None:
-        return found
-    if os.environ.get("CI"):
-        pytest.fail(f"{name} is not on PATH; CI must run this test (.ci/run installs it)")
-    pytest.skip(f"{name} is not on PATH")
 
 
 @pytest.fixture
@@ -61,36 +50,13 @@ def assert_no_upgrade_reached(received: list[Received]) -> None:
         assert leaked == [], f"{request.method} {request.path} carried {leaked}"
 
 
-async def run(*cmd: str, stdin: bytes = b"") -> tuple[str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        *cmd,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        async with asyncio.timeout(CLIENT_DEADLINE):
-            out, err = await proc.communicate(stdin)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode == 0, err.decode(errors="replace")
-    return out.decode(), err.decode(errors="replace")
-
-
-def sent_lines(verbose: str) -> list[str]:
-    """The request lines curl -v shows (``> ...``), without the marker."""
-    return [line[2:] for line in verbose.splitlines() if line.startswith("> ")]
-
-
 async def test_curl_http2_post_then_get_on_one_connection(
     settings: Settings, fake: FakeUpstream
 ) -> None:
     curl = tool_or_skip("curl")
     async with running_proxy(settings) as proxy:
         # One curl run, two requests: the POST's connection is reused for the GET.
-        out, verbose = await run(
+        out, verbose = await run_client(
             curl, "--http2", "-sS", "-v", "-w", "\n%{http_version} %{num_connects}\n",
             "-H", "Content-Type: application/json", "--data-binary", "@-",
             f"{proxy.url}/v1/chat/completions",
@@ -98,7 +64,7 @@ async def test_curl_http2_post_then_get_on_one_connection(
             f"{proxy.url}/v1/files?limit=2",
             stdin=CHAT,
         )  # fmt: skip
-    sent = sent_lines(verbose)
+    sent = curl_sent_headers(verbose)
     assert "Upgrade: h2c" in sent and "Connection: Upgrade, HTTP2-Settings" in sent
     assert "< HTTP/1.1 101" not in verbose
     assert verbose.count("< HTTP/1.1 200 OK") == 2
@@ -121,13 +87,13 @@ async def test_curl_http2_chunked_post_body_is_forwarded(
 ) -> None:
     curl = tool_or_skip("curl")
     async with running_proxy(settings) as proxy:
-        out, verbose = await run(
+        out, verbose = await run_client(
             curl, "--http2", "-sS", "-v",
             "-H", "Content-Type: application/json", "-H", "Transfer-Encoding: chunked",
             "--data-binary", "@-", f"{proxy.url}/v1/chat/completions",
             stdin=CHAT,
         )  # fmt: skip
-    sent = sent_lines(verbose)
+    sent = curl_sent_headers(verbose)
     assert "Upgrade: h2c" in sent and "Transfer-Encoding: chunked" in sent
     assert json.loads(out)["object"] == "chat.completion"
     assert [r.body for r in fake.received] == [CHAT]
