@@ -15,7 +15,9 @@ headers are applied last, so stripping cannot undo them):
    ``x-api-key``, ``x-goog-api-key``, ``Cookie``, ``OpenAI-Organization``,
    ``OpenAI-Project``):
    they are either a proxy key or meant for another account. An upstream with
-   ``pass_client_auth: true`` gets the client's ``Authorization`` back;
+   ``pass_client_auth: true`` gets the client's ``Authorization`` back, and
+   with it the client's ``OpenAI-Organization`` and ``OpenAI-Project``: they
+   scope the client's own key, never the upstream's;
 5. the upstream's ``headers.remove`` then ``headers.set`` are applied.
 
 Response direction (upstream → client): hop-by-hop headers are dropped, and so
@@ -86,6 +88,9 @@ CLIENT_CREDENTIAL_HEADERS = frozenset(
         "openai-project",
     }
 )
+
+# The account scoping that goes with the client's own key (pass_client_auth).
+_CLIENT_KEY_SCOPE = ("OpenAI-Organization", "OpenAI-Project")
 
 # Headers that name the upstream account; stripped from responses by default.
 _UPSTREAM_IDENTITY = frozenset({"set-cookie", "openai-organization", "openai-project"})
@@ -185,6 +190,9 @@ class RequestHeaderPolicy:
     # The upstream's headers.set, minus X-Request-Id (always ours), one per name.
     set: tuple[tuple[str, str], ...] = field(repr=False)  # values hold keys
     pass_authorization: bool
+    # Sent along with a passed Authorization, as the client sent them; none
+    # the upstream sets or removes itself.
+    pass_with_authorization: tuple[str, ...]
     _filter: _NameFilter = field(repr=False, compare=False)
 
     @classmethod
@@ -200,12 +208,14 @@ class RequestHeaderPolicy:
         own.pop("x-request-id", None)
         set_names = frozenset(name.lower() for name, _ in upstream.headers.set)
         drop = frozenset(drop | set_names | {"x-request-id"})
+        configured = set_names | upstream.headers.remove
         return cls(
             drop=drop,
             set=tuple(own.values()),
-            pass_authorization=upstream.pass_client_auth
-            and "authorization" not in set_names
-            and "authorization" not in upstream.headers.remove,
+            pass_authorization=upstream.pass_client_auth and "authorization" not in configured,
+            pass_with_authorization=tuple(
+                name for name in _CLIENT_KEY_SCOPE if name.lower() not in configured
+            ),
             _filter=_NameFilter(drop),
         )
 
@@ -218,12 +228,16 @@ class RequestHeaderPolicy:
         """Headers for the upstream request.
 
         ``client_authorization`` is the client's ``Authorization`` value when it may
-        be passed on (it was not a proxy key); used only with ``pass_client_auth``.
+        be passed on (it was not a proxy key); used only with ``pass_client_auth``,
+        and only then are the client's ``OpenAI-Organization`` and
+        ``OpenAI-Project`` passed too.
         Every name added here is in ``drop``, so none is duplicated.
         """
         pairs = self._filter.passing(inbound)
         if self.pass_authorization and client_authorization is not None:
             pairs.append(("Authorization", client_authorization))
+            for name in self.pass_with_authorization:
+                pairs.extend((name, value) for value in inbound.getall(name, ()))
         if self.set:
             pairs.extend(self.set)
         pairs.append(("X-Request-Id", request_id))

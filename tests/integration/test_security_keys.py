@@ -182,10 +182,18 @@ async def test_pass_client_auth_never_passes_a_proxy_key(
     config["upstreams"]["fake"] = {"url": upstream_url, "pass_client_auth": True}
     client = await make_proxy(config)
     resp = await client.post(
-        "/v1/chat/completions", json=CHAT, headers={"Authorization": f"Bearer {TEAM_B}"}
+        "/v1/chat/completions",
+        json=CHAT,
+        headers={
+            "Authorization": f"Bearer {TEAM_B}",
+            "OpenAI-Organization": "org-client-0007",
+            "OpenAI-Project": "proj_client_0008",
+        },
     )
     assert resp.status == 200
-    assert "authorization" not in fake.last.headers
+    # No client key goes upstream, so neither does the scoping of one.
+    for name in ("authorization", "openai-organization", "openai-project"):
+        assert name not in fake.last.headers
 
 
 async def test_browser_realtime_key_is_taken_from_the_subprotocol(
