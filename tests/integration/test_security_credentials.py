@@ -83,8 +83,9 @@ def config(url: str, **upstream: Any) -> dict[str, Any]:
         {"Authorization": f"Bearer {UPSTREAM_KEY}"},
         {"api-key": UPSTREAM_KEY},  # Azure
         {"x-goog-api-key": UPSTREAM_KEY},  # Gemini's OpenAI-compatible endpoint
+        {"x-api-key": UPSTREAM_KEY},  # Anthropic
     ],
-    ids=["bearer", "azure", "google"],
+    ids=["bearer", "azure", "google", "anthropic"],
 )
 async def test_client_credentials_never_reach_an_upstream_with_its_own(
     make_proxy: Any, hostile: HostileUpstream, hostile_url: str, injected: dict[str, str]
