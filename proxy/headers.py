@@ -23,6 +23,8 @@ headers are applied last, so stripping cannot undo them):
 Response direction (upstream → client): hop-by-hop headers are dropped, and so
 are the headers that identify the upstream account (``Set-Cookie``,
 ``openai-organization``, ``openai-project``) unless the upstream keeps them.
+The upstream's ``Server`` is replaced by the proxy's own (nginx hides an
+upstream's by default too).
 The upstream's CORS headers are always dropped: whether a browser may call the
 proxy is the proxy's decision (``server.cors``), not the upstream's.
 """
@@ -33,6 +35,7 @@ from dataclasses import dataclass, field
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from . import SERVER
 from .settings import Upstream
 
 __all__ = [
@@ -254,11 +257,13 @@ class ResponseHeaderPolicy:
         # Content-Length is set by us from the upstream's value when it has one.
         drop = frozenset(
             HOP_BY_HOP
-            | {"content-length"}
+            | {"content-length", "server"}
             | _UPSTREAM_CORS
             | (_UPSTREAM_IDENTITY - upstream.keep_response_headers)
         )
         return cls(drop=drop, _filter=_NameFilter(drop))
 
     def build(self, upstream_headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
-        return CIMultiDict(self._filter.passing(upstream_headers))
+        pairs = self._filter.passing(upstream_headers)
+        pairs.append(("Server", SERVER))
+        return CIMultiDict(pairs)
