@@ -22,9 +22,14 @@ __all__ = ["KeyTable", "presented_key"]
 _BROWSER_KEY_PROTOCOL = "openai-insecure-api-key."
 
 
+# Header carriers read after Authorization, in this order: Azure-style
+# clients send api-key, Anthropic's SDKs and Claude Code x-api-key.
+_KEY_HEADERS = ("api-key", "x-api-key")
+
+
 def presented_key(headers: CIMultiDictProxy[str]) -> str | None:
-    """The key a client sent: ``Authorization: Bearer <key>``, else Azure-style
-    ``api-key``, else (browsers cannot set headers on a WebSocket) the
+    """The key a client sent: ``Authorization: Bearer <key>``, else ``api-key``,
+    else ``x-api-key``, else (browsers cannot set headers on a WebSocket) the
     ``openai-insecure-api-key.<key>`` subprotocol the OpenAI SDKs offer on a
     realtime handshake. The first carrier present decides; a broken one is
     not rescued by another."""
@@ -34,9 +39,10 @@ def presented_key(headers: CIMultiDictProxy[str]) -> str | None:
         if scheme.lower() == "bearer" and token.strip():
             return token.strip()
         return None
-    key = headers.get("api-key")
-    if key is not None:
-        return key.strip() or None
+    for carrier in _KEY_HEADERS:
+        key = headers.get(carrier)
+        if key is not None:
+            return key.strip() or None
     protocols = headers.get("Sec-WebSocket-Protocol")
     if protocols is not None and _BROWSER_KEY_PROTOCOL in protocols:
         for offered in protocols.split(","):

@@ -44,6 +44,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
+from . import SERVER
 from .errors import (
     ERROR_HEADER,
     ExpectationFailed,
@@ -72,11 +73,13 @@ _TIMEOUT_BODY = (
 )
 # Written raw: no request object exists yet when the head never completed.
 _HEAD_TIMEOUT_RESPONSE = (
-    b"HTTP/1.1 408 Request Timeout\r\n"
-    b"Content-Type: application/json\r\n"
-    b"Content-Length: " + str(len(_TIMEOUT_BODY)).encode() + b"\r\n"
-    b"Connection: close\r\n" + ERROR_HEADER.encode() + b": request_timeout\r\n\r\n" + _TIMEOUT_BODY
-)
+    "HTTP/1.1 408 Request Timeout\r\n"
+    "Content-Type: application/json\r\n"
+    f"Content-Length: {len(_TIMEOUT_BODY)}\r\n"
+    "Connection: close\r\n"
+    f"Server: {SERVER}\r\n"
+    f"{ERROR_HEADER}: request_timeout\r\n\r\n"
+).encode() + _TIMEOUT_BODY
 
 
 class GuardedRequestHandler(RequestHandler):
@@ -171,7 +174,9 @@ class GuardedRequestHandler(RequestHandler):
         message: str | None = None,
     ) -> web.StreamResponse:
         if not isinstance(exc, HttpProcessingError) or request.writer.output_size > 0:
-            return super().handle_error(request, status, exc, message)
+            resp = super().handle_error(request, status, exc, message)
+            resp.headers["Server"] = SERVER
+            return resp
         # One line, no bytes from the request: a malformed header can hold a key,
         # and a flood of these must not become a flood of tracebacks.
         level = logging.DEBUG if isinstance(exc, BadHttpMethod) else logging.INFO

@@ -32,6 +32,8 @@ from collections.abc import Mapping
 
 from aiohttp import web
 
+from . import SERVER
+
 __all__ = [
     "ERROR_HEADER",
     "ExpectationFailed",
@@ -183,7 +185,7 @@ def error_body(message: str, type_: str, code: str | None, param: str | None = N
 
 def error_response(err: ProxyError) -> web.Response:
     """Render a :class:`ProxyError`; the only place an error body is made."""
-    headers = {ERROR_HEADER: err.code, **err.headers}
+    headers = {"Server": SERVER, ERROR_HEADER: err.code, **err.headers}
     resp = web.Response(
         status=err.status,
         body=error_body(err.message, err.type, err.code, err.param),

@@ -110,10 +110,12 @@ def vet_head(request: web.BaseRequest) -> None:
     - a header name with an underscore: nginx drops them and some servers fold
       ``_`` into ``-``, so ``X_Forwarded_For`` could mean different things to
       us and to the upstream (Envoy rejects them at the edge; C.34);
-    - ``Upgrade`` on anything but a body-less GET: nothing is tunnelled here,
-      and an upgrade with a body is the smuggling shape of CVE-2026-69243
-      (C.36). On a body-less GET (``curl --http2`` asks for h2c) it is
-      dropped with the other hop-by-hop headers.
+    - a WebSocket upgrade on anything but a body-less GET: aiohttp's parser
+      hands the bytes after such a request to the new protocol, the
+      smuggling shape of CVE-2026-69243 (C.36). Any other ``Upgrade`` (h2c,
+      which Java's HttpClient and ``curl --http2`` offer) is ignored, as RFC
+      9110 §7.8 lets a server do: the request is served over HTTP/1.1, body
+      and all, and the offer is dropped with the hop-by-hop headers.
 
     The refusal closes the connection, so nothing sent after this head is
     ever read as a request of its own.
@@ -127,13 +129,35 @@ def vet_head(request: web.BaseRequest) -> None:
         problem = InvalidRequest(
             "Header names with underscores are refused; use '-'.", code="invalid_header_name"
         )
-    elif "Upgrade" in request.headers and (request.method != "GET" or request.body_exists):
+    elif (
+        "Upgrade" in request.headers
+        and (request.method != "GET" or request.body_exists)
+        and _offers_protocol_switch(request.headers)
+    ):
         problem = InvalidRequest(
             "Protocol upgrades are not accepted on this request.", code="upgrade_not_allowed"
         )
     if problem is not None:
         problem.close_connection = True
         raise problem
+
+
+# The upgrades after which aiohttp's parsers stop reading HTTP: the C parser
+# switches for websocket, the pure-Python one for websocket and tcp.
+_SWITCHING_PROTOCOLS = frozenset({"websocket", "tcp"})
+
+
+def _offers_protocol_switch(headers: CIMultiDictProxy[str]) -> bool:
+    """Does any ``Upgrade`` value name a protocol the parser would switch to?
+
+    Every header and every listed protocol counts (``Upgrade: h2c, websocket``
+    too), with or without a version (``websocket/13``), in any case.
+    """
+    for value in headers.getall("Upgrade", ()):
+        for offered in value.split(","):
+            if offered.strip().partition("/")[0].lower() in _SWITCHING_PROTOCOLS:
+                return True
+    return False
 
 
 _UNDERSCORE = ord("_")

@@ -15,12 +15,16 @@ headers are applied last, so stripping cannot undo them):
    ``x-api-key``, ``x-goog-api-key``, ``Cookie``, ``OpenAI-Organization``,
    ``OpenAI-Project``):
    they are either a proxy key or meant for another account. An upstream with
-   ``pass_client_auth: true`` gets the client's ``Authorization`` back;
+   ``pass_client_auth: true`` gets the client's ``Authorization`` back, and
+   with it the client's ``OpenAI-Organization`` and ``OpenAI-Project``: they
+   scope the client's own key, never the upstream's;
 5. the upstream's ``headers.remove`` then ``headers.set`` are applied.
 
 Response direction (upstream → client): hop-by-hop headers are dropped, and so
 are the headers that identify the upstream account (``Set-Cookie``,
 ``openai-organization``, ``openai-project``) unless the upstream keeps them.
+The upstream's ``Server`` is replaced by the proxy's own (nginx hides an
+upstream's by default too).
 The upstream's CORS headers are always dropped: whether a browser may call the
 proxy is the proxy's decision (``server.cors``), not the upstream's.
 """
@@ -31,6 +35,7 @@ from dataclasses import dataclass, field
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from . import SERVER
 from .settings import Upstream
 
 __all__ = [
@@ -42,10 +47,13 @@ __all__ = [
 ]
 
 # RFC 9110 §7.6.1 and RFC 2616 §13.5.1; Proxy-Connection is the non-standard
-# one old clients send. Upgrade is handled by the WebSocket path on its own.
+# one old clients send, HTTP2-Settings the one an h2c upgrade offer carries
+# (RFC 7540 §3.2.1). An offered upgrade is never passed on: the proxy answers
+# over HTTP/1.1 (RFC 9110 §7.8), and the WebSocket path makes its own.
 HOP_BY_HOP = frozenset(
     {
         "connection",
+        "http2-settings",
         "keep-alive",
         "proxy-authenticate",
         "proxy-authorization",
@@ -83,6 +91,9 @@ CLIENT_CREDENTIAL_HEADERS = frozenset(
         "openai-project",
     }
 )
+
+# The account scoping that goes with the client's own key (pass_client_auth).
+_CLIENT_KEY_SCOPE = ("OpenAI-Organization", "OpenAI-Project")
 
 # Headers that name the upstream account; stripped from responses by default.
 _UPSTREAM_IDENTITY = frozenset({"set-cookie", "openai-organization", "openai-project"})
@@ -182,6 +193,9 @@ class RequestHeaderPolicy:
     # The upstream's headers.set, minus X-Request-Id (always ours), one per name.
     set: tuple[tuple[str, str], ...] = field(repr=False)  # values hold keys
     pass_authorization: bool
+    # Sent along with a passed Authorization, as the client sent them; none
+    # the upstream sets or removes itself.
+    pass_with_authorization: tuple[str, ...]
     _filter: _NameFilter = field(repr=False, compare=False)
 
     @classmethod
@@ -197,12 +211,14 @@ class RequestHeaderPolicy:
         own.pop("x-request-id", None)
         set_names = frozenset(name.lower() for name, _ in upstream.headers.set)
         drop = frozenset(drop | set_names | {"x-request-id"})
+        configured = set_names | upstream.headers.remove
         return cls(
             drop=drop,
             set=tuple(own.values()),
-            pass_authorization=upstream.pass_client_auth
-            and "authorization" not in set_names
-            and "authorization" not in upstream.headers.remove,
+            pass_authorization=upstream.pass_client_auth and "authorization" not in configured,
+            pass_with_authorization=tuple(
+                name for name in _CLIENT_KEY_SCOPE if name.lower() not in configured
+            ),
             _filter=_NameFilter(drop),
         )
 
@@ -215,12 +231,16 @@ class RequestHeaderPolicy:
         """Headers for the upstream request.
 
         ``client_authorization`` is the client's ``Authorization`` value when it may
-        be passed on (it was not a proxy key); used only with ``pass_client_auth``.
+        be passed on (it was not a proxy key); used only with ``pass_client_auth``,
+        and only then are the client's ``OpenAI-Organization`` and
+        ``OpenAI-Project`` passed too.
         Every name added here is in ``drop``, so none is duplicated.
         """
         pairs = self._filter.passing(inbound)
         if self.pass_authorization and client_authorization is not None:
             pairs.append(("Authorization", client_authorization))
+            for name in self.pass_with_authorization:
+                pairs.extend((name, value) for value in inbound.getall(name, ()))
         if self.set:
             pairs.extend(self.set)
         pairs.append(("X-Request-Id", request_id))
@@ -237,11 +257,13 @@ class ResponseHeaderPolicy:
         # Content-Length is set by us from the upstream's value when it has one.
         drop = frozenset(
             HOP_BY_HOP
-            | {"content-length"}
+            | {"content-length", "server"}
             | _UPSTREAM_CORS
             | (_UPSTREAM_IDENTITY - upstream.keep_response_headers)
         )
         return cls(drop=drop, _filter=_NameFilter(drop))
 
     def build(self, upstream_headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
-        return CIMultiDict(self._filter.passing(upstream_headers))
+        pairs = self._filter.passing(upstream_headers)
+        pairs.append(("Server", SERVER))
+        return CIMultiDict(pairs)

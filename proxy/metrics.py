@@ -41,6 +41,8 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.registry import Collector
 
+from . import SERVER
+
 __all__ = [
     "BREAKER_STATES",
     "MULTIPROC_ENV",
@@ -312,7 +314,14 @@ def metrics_app(metrics: Metrics, path: str) -> web.Application:
     metrics need not face the same network as the proxy."""
     app = web.Application()
     app.router.add_get(path, metrics.handle)
+    app.on_response_prepare.append(_name_server)
     return app
+
+
+async def _name_server(request: web.Request, response: web.StreamResponse) -> None:
+    # Every answer of this listener, its 404s included (the main app names
+    # its own in middlewares.error_middleware).
+    response.headers["Server"] = SERVER
 
 
 def _use_multiprocess_values() -> None:

@@ -4,7 +4,8 @@
 ``HTTPException`` (router 404/405, 413) or any unexpected exception becomes
 OpenAI's error JSON, unless the response has already started, in which case
 nothing can be added to it (the connection is aborted instead). Unexpected
-exceptions are logged once, server-side, and never shown to the client.
+exceptions are logged once, server-side, and never shown to the client. The
+answers of the proxy's own endpoints get its ``Server`` header here.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from . import SERVER
 from .errors import OriginNotAllowed, ProxyError, error_response, from_http_exception
 from .settings import CorsSettings
 
@@ -27,9 +29,12 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
-        return await handler(request)
+        resp = await handler(request)
     except Exception as exc:  # noqa: BLE001 - the boundary; see _answer
         return _answer(request, exc)
+    if not resp.prepared:  # a relayed answer went out named by its header policy
+        resp.headers["Server"] = SERVER
+    return resp
 
 
 def _answer(request: web.Request, exc: Exception) -> web.StreamResponse:
@@ -86,7 +91,7 @@ class Cors:
                 return error_response(
                     OriginNotAllowed("This origin may not call the proxy from a browser.")
                 )
-            resp = web.Response(status=204)
+            resp = web.Response(status=204, headers={"Server": SERVER})
             resp.headers["Access-Control-Allow-Methods"] = _ALLOW_METHODS
             requested = request.headers.get("Access-Control-Request-Headers")
             if requested:

@@ -48,6 +48,7 @@ import aiohttp
 from aiohttp import WSCloseCode, WSMsgType, web
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from . import SERVER
 from .admission import Caller
 from .auth import KeyTable
 from .errors import (
@@ -374,6 +375,7 @@ async def proxy_realtime(
         timeout=CLOSE_TIMEOUT,
         decode_text=False,
     )
+    client.headers["Server"] = SERVER
     handshake: web.BaseRequest = request
     if offered and not chosen:
         # Answer without a subprotocol, and keep aiohttp from logging the

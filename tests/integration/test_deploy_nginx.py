@@ -15,9 +15,12 @@ What is shown:
   rate-limit bucket. The client binds 127.0.0.2 (Linux routes all of 127/8 to
   lo), so its address differs from nginx's own 127.0.0.1.
 - A realtime WebSocket session passes nginx and oaimux in both directions.
+- `curl --http2` (an h2c upgrade offer with every request) gets plain HTTP/1.1
+  answers through nginx and oaimux, and the upstream sees no upgrade headers.
 - With a stand-in where oaimux would be: nginx reuses one HTTP/1.1 connection
-  for many client connections (the keep-alive pool), and a WebSocket handshake
-  on /v1/realtime is passed through and works in both directions.
+  for many client connections (the keep-alive pool), a WebSocket handshake
+  on /v1/realtime is passed through and works in both directions, and an h2c
+  offer is not passed on at all.
 
 nginx missing: skipped locally, a failure when CI is set.
 """
@@ -41,6 +44,8 @@ from typing import IO, Any
 import aiohttp
 import pytest
 from aiohttp import web
+
+from tests.fakes.clients import curl_sent_headers, run_client, tool_or_skip
 
 pytestmark = pytest.mark.nginx
 
@@ -105,11 +110,13 @@ class FakeUpstream:
         self.uploads: list[dict[str, Any]] = []
         self.chat_requests = 0
         self.realtime_queries: list[str] = []
+        self.headers: list[dict[str, str]] = []  # of every chat and files request
         self.port = 0
 
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self.chat)
+        app.router.add_get("/v1/files", self.files)
         app.router.add_post("/v1/audio/transcriptions", self.transcriptions)
         app.router.add_get("/v1/realtime", self.realtime)
         return app
@@ -126,9 +133,14 @@ class FakeUpstream:
                 await ws.send_bytes(msg.data)
         return ws
 
+    async def files(self, request: web.Request) -> web.Response:
+        self.headers.append({k.lower(): v for k, v in request.headers.items()})
+        return web.json_response({"object": "list", "data": []})
+
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         self.chat_requests += 1
+        self.headers.append({k.lower(): v for k, v in request.headers.items()})
         if not body.get("stream"):
             return web.json_response(
                 {
@@ -573,6 +585,29 @@ async def test_realtime_websocket_through_nginx_and_oaimux(
     assert upstream.realtime_queries == ["model=gpt-realtime"]
 
 
+async def test_curl_http2_through_nginx_and_oaimux(
+    nginx_bin: str, tmp_path: Path, procs: list[Proc], upstream: FakeUpstream
+) -> None:
+    curl = tool_or_skip("curl")
+    base, _ = await start_stack(nginx_bin, tmp_path, procs, upstream)
+    body = b'{"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}]}'
+    out, verbose = await run_client(
+        curl, "--http2", "-sS", "-v", "--fail", "-w", "\n%{http_version}\n",
+        "-H", "Content-Type: application/json", "--data-binary", "@-",
+        f"{base}/v1/chat/completions",
+        "--next", "--http2", "-sS", "--fail", "-w", "\n%{http_version}\n", f"{base}/v1/files",
+        stdin=body,
+    )  # fmt: skip
+    assert curl_sent_headers(verbose).count("Upgrade: h2c") == 2
+    answer, post_version, files, get_version = out.splitlines()
+    assert json.loads(answer)["choices"][0]["message"]["content"] == "ok"
+    assert json.loads(files) == {"object": "list", "data": []}
+    assert (post_version, get_version) == ("1.1", "1.1")
+    assert upstream.chat_requests == 1 and len(upstream.headers) == 2
+    for headers in upstream.headers:
+        assert not {"upgrade", "http2-settings", "connection"} & headers.keys(), headers
+
+
 class StandIn:
     """Plays oaimux's part for checks of nginx's own behaviour."""
 
@@ -581,11 +616,14 @@ class StandIn:
         self.connection_headers: list[str | None] = []
         self.versions: list[str] = []
         self.ws_paths: list[str] = []
+        # (Upgrade, Connection) as nginx sent them, per request.
+        self.upgrades: list[tuple[str | None, str | None]] = []
 
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_get("/healthz", self.healthz)
         app.router.add_post("/v1/echo", self.echo)
+        app.router.add_get("/v1/echo", self.echo)
         app.router.add_get("/v1/realtime", self.realtime)
         return app
 
@@ -597,10 +635,12 @@ class StandIn:
         self.peers.append(request.transport.get_extra_info("peername"))
         self.connection_headers.append(request.headers.get("Connection"))
         self.versions.append(f"{request.version.major}.{request.version.minor}")
+        self.upgrades.append((request.headers.get("Upgrade"), request.headers.get("Connection")))
         return web.json_response({"ok": True})
 
     async def realtime(self, request: web.Request) -> web.WebSocketResponse:
         self.ws_paths.append(request.path_qs)
+        self.upgrades.append((request.headers.get("Upgrade"), request.headers.get("Connection")))
         ws = web.WebSocketResponse()
         await ws.prepare(request)
         async for msg in ws:
@@ -637,3 +677,34 @@ async def test_nginx_pools_upstream_connections_and_upgrades_websockets(
                 assert msg.type == aiohttp.WSMsgType.TEXT
                 assert msg.data == f"echo:{word}"
     assert stand_in.ws_paths == ["/v1/realtime?model=gpt-realtime"]
+
+
+async def test_nginx_passes_a_websocket_upgrade_and_no_other(
+    nginx_bin: str, tmp_path: Path, procs: list[Proc], aiohttp_server: Callable[..., Any]
+) -> None:
+    """An h2c offer (curl --http2) reaches oaimux as plain HTTP/1.1, and the
+    connection nginx used for it stays in the pool; a WebSocket handshake
+    still carries its upgrade."""
+    curl = tool_or_skip("curl")
+    stand_in = StandIn()
+    server = await aiohttp_server(stand_in.app())
+    base = f"http://127.0.0.1:{await start_nginx(nginx_bin, tmp_path, procs, server.port)}"
+    _, verbose = await run_client(
+        curl, "--http2", "-sS", "-v", "--fail", "--data-binary", "{}", f"{base}/v1/echo",
+        "--next", "--http2", "-sS", "--fail", f"{base}/v1/echo",
+        "--next", "-sS", "--fail", "-H", "Upgrade: WebSocket", "-H", "Connection: Upgrade",
+        f"{base}/v1/echo",
+    )  # fmt: skip
+    assert curl_sent_headers(verbose).count("Upgrade: h2c") == 2
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+        async with session.ws_connect(f"{base}/v1/realtime?model=gpt-realtime") as ws:
+            await ws.send_str("hello")
+            assert (await ws.receive(timeout=10)).data == "echo:hello"
+    assert stand_in.upgrades == [
+        (None, None),  # POST with h2c
+        (None, None),  # GET with h2c
+        ("websocket", "upgrade"),  # "WebSocket" offered; the stand-in answers plainly
+        ("websocket", "upgrade"),  # the realtime handshake
+    ]
+    # nginx kept one pooled connection for the three plain requests.
+    assert len(set(stand_in.peers)) == 1

@@ -15,6 +15,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import struct
@@ -149,11 +150,11 @@ CORPUS: dict[str, Case] = {
             CHAT + SMUGGLED,
         )
     ),
-    "h2c-on-post": Case(
+    # A WebSocket offer among others is still one: refused on a POST.
+    "h2c-and-websocket-on-post": Case(
         post(
-            "Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n"
-            f"Content-Length: {len(CHAT)}\r\n",
-            CHAT,
+            f"Connection: Upgrade\r\nUpgrade: h2c, WebSocket/13\r\nContent-Length: {len(CHAT)}\r\n",
+            CHAT + SMUGGLED,
         )
     ),
     "upgrade-get-with-body": Case(
@@ -688,3 +689,85 @@ async def test_suspect_heads_are_refused_and_closed_even_without_a_key(
             assert headers.get("connection") == "close"
             assert raw.count(b"HTTP/1.1 ") == 1, name  # nothing after the head was answered
     assert fake.received == []
+
+
+# An h2c offer (RFC 7540 §3.2) is ignored, never acted on (RFC 9110 §7.8).
+H2C_OFFER = (
+    "Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n"
+)
+# What an h2c client sends once it has its 101: the connection preface and an
+# empty SETTINGS frame (RFC 9113 §3.4). Sent here without waiting for one.
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+CHUNKED_CHAT = b"%x\r\n%s\r\n0\r\n\r\n" % (len(CHAT), CHAT)
+H2C_OFFERS = {
+    # A body with the offer, then HTTP/2 bytes as if the upgrade had happened.
+    "post-then-h2-preface": post(f"{H2C_OFFER}Content-Length: {len(CHAT)}\r\n", CHAT) + H2_PREFACE,
+    # HTTP2-Settings not named in Connection: dropped all the same.
+    "chunked-post": post(
+        "Connection: Upgrade\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n"
+        "Transfer-Encoding: chunked\r\n",
+        CHUNKED_CHAT,
+    ),
+    # On the realtime path an offer that is not WebSocket is a plain GET.
+    "get-realtime": (
+        f"GET /v1/realtime?model=gpt-4o-mini HTTP/1.1\r\nHost: a\r\n{H2C_OFFER}\r\n".encode()
+    ),
+}
+
+
+async def h2c_offers_are_served_as_http11(port: int, fake: FakeUpstream, python: bool) -> list[str]:
+    """Each offer gets an HTTP/1.1 answer (never a 101), the upstream gets the
+    request without the offer, and the connection serves a next request."""
+    problems = []
+    follow_up = post(f"Content-Length: {len(CHAT)}\r\nConnection: close\r\n", CHAT)
+    for name, raw in H2C_OFFERS.items():
+        fake.received.clear()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(raw)
+            async with asyncio.timeout(5):
+                head = await reader.readuntil(b"\r\n\r\n")
+            with contextlib.suppress(ConnectionError):
+                writer.write(follow_up)
+            async with asyncio.timeout(5):
+                answers = head + await reader.read()  # until the proxy closes
+        finally:
+            writer.close()
+        statuses = [int(code) for code in re.findall(rb"HTTP/1\.[01] (\d{3}) ", answers)]
+        first_body = b"" if raw.startswith(b"GET") else CHAT
+        if raw.endswith(H2_PREFACE) and python:
+            # The pure-Python parser refuses the whole write, whose last
+            # line is no HTTP/1.x request line.
+            wanted = ([400], [])
+        else:
+            # The C parser drops the bytes after an upgrade offer's request:
+            # the preface is never read, and the next write is a new request.
+            wanted = ([200, 200], [first_body, CHAT])
+        got = (statuses, [r.body for r in fake.received])
+        if got != wanted:
+            problems.append(f"{name}: got {got}, wanted {wanted}: {answers[:300]!r}")
+        leaked = [
+            (r.path, h)
+            for r in fake.received
+            for h in ("upgrade", "http2-settings", "connection")
+            if h in r.headers
+        ]
+        if leaked:
+            problems.append(f"{name}: upstream got {leaked}")
+    return problems
+
+
+async def test_h2c_offers_are_served_as_http11_with_the_c_parser(
+    make_settings: Any, fake: FakeUpstream, path_config: dict[str, Any]
+) -> None:
+    async with running_proxy(make_settings(path_config)) as proxy:
+        problems = await h2c_offers_are_served_as_http11(proxy.port, fake, python=False)
+    assert problems == [], "\n".join(problems)
+
+
+async def test_h2c_offers_are_served_as_http11_with_the_python_parser(
+    fake: FakeUpstream, path_config: dict[str, Any], tmp_path: Path
+) -> None:
+    async with serve_process(path_config, tmp_path, {"AIOHTTP_NO_EXTENSIONS": "1"}) as (port, _):
+        problems = await h2c_offers_are_served_as_http11(port, fake, python=True)
+    assert problems == [], "\n".join(problems)

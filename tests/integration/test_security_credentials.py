@@ -10,6 +10,7 @@ import json
 import logging
 from typing import Any
 
+import openai
 import pytest
 from aiohttp.test_utils import TestServer
 
@@ -82,8 +83,9 @@ def config(url: str, **upstream: Any) -> dict[str, Any]:
         {"Authorization": f"Bearer {UPSTREAM_KEY}"},
         {"api-key": UPSTREAM_KEY},  # Azure
         {"x-goog-api-key": UPSTREAM_KEY},  # Gemini's OpenAI-compatible endpoint
+        {"x-api-key": UPSTREAM_KEY},  # Anthropic
     ],
-    ids=["bearer", "azure", "google"],
+    ids=["bearer", "azure", "google", "anthropic"],
 )
 async def test_client_credentials_never_reach_an_upstream_with_its_own(
     make_proxy: Any, hostile: HostileUpstream, hostile_url: str, injected: dict[str, str]
@@ -124,7 +126,11 @@ async def test_key_bearing_query_parameters_are_dropped(
         assert secret not in hostile.received[-1].query_string
 
 
-async def test_pass_client_auth_passes_authorization_only(
+# What pass_client_auth passes: the client's own key and the account scoping of it.
+PASSED_WITH_CLIENT_AUTH = ("Authorization", "OpenAI-Organization", "OpenAI-Project")
+
+
+async def test_pass_client_auth_passes_authorization_and_its_scope_only(
     make_proxy: Any, hostile: HostileUpstream, hostile_url: str
 ) -> None:
     client = await make_proxy(config(hostile_url, headers=None, pass_client_auth=True))
@@ -132,11 +138,12 @@ async def test_pass_client_auth_passes_authorization_only(
         "/v1/chat/completions", data=CHAT, headers={**JSON, **CLIENT_CREDENTIALS}
     )
     assert resp.status == 200
-    got = hostile.received[-1].headers
-    assert got["authorization"] == CLIENT_CREDENTIALS["Authorization"]
+    got = hostile.received[-1]
     for carrier in CLIENT_CREDENTIALS:
-        if carrier != "Authorization":
-            assert carrier.lower() not in got
+        passed = [v for k, v in got.header_items if k.lower() == carrier.lower()]
+        assert passed == (
+            [CLIENT_CREDENTIALS[carrier]] if carrier in PASSED_WITH_CLIENT_AUTH else []
+        )
     # The client's own key refused: that 401 is the client's to see, verbatim.
     resp = await client.post("/v1/refuse/401", data=b"{}", headers=CLIENT_CREDENTIALS)
     assert resp.status == 401
@@ -152,6 +159,39 @@ async def test_configured_authorization_wins_over_pass_client_auth(
     assert [v for k, v in got.header_items if k.lower() == "authorization"] == [
         f"Bearer {UPSTREAM_KEY}"
     ]
+    # The client's scoping never goes with the upstream's own key.
+    assert "openai-organization" not in got.headers and "openai-project" not in got.headers
+
+
+async def test_openai_sdk_organization_and_project_reach_a_pass_client_auth_upstream(
+    make_proxy: Any, hostile: HostileUpstream, hostile_url: str
+) -> None:
+    upstream = {
+        "headers": {"set": {"OpenAI-Project": "proj_operator"}},  # the operator's wins
+        "pass_client_auth": True,
+    }
+    client = await make_proxy(config(hostile_url, **upstream))
+    async with openai.AsyncOpenAI(
+        base_url=str(client.make_url("/v1")),
+        api_key="sk-client-own-key-0001",
+        organization="org-client-0007",
+        project="proj_client_0008",
+        max_retries=0,
+    ) as sdk:
+        resp = await sdk.chat.completions.with_raw_response.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}]
+        )
+    assert resp.status_code == 200
+    got = hostile.received[-1]
+    sent = {
+        name: [v for k, v in got.header_items if k.lower() == name]
+        for name in ("authorization", "openai-organization", "openai-project")
+    }
+    assert sent == {
+        "authorization": ["Bearer sk-client-own-key-0001"],
+        "openai-organization": ["org-client-0007"],
+        "openai-project": ["proj_operator"],
+    }
 
 
 async def test_upstream_identity_is_stripped_from_responses(

@@ -8,6 +8,7 @@ import logging
 from typing import Any
 
 import aiohttp
+import anthropic
 import pytest
 from aiohttp.test_utils import TestServer
 
@@ -80,8 +81,8 @@ async def test_missing_or_wrong_key_is_401(
 
 @pytest.mark.parametrize(
     "headers",
-    [{"Authorization": f"Bearer {TEAM_B}"}, {"api-key": TEAM_B}],
-    ids=["bearer", "azure-api-key"],
+    [{"Authorization": f"Bearer {TEAM_B}"}, {"api-key": TEAM_B}, {"x-api-key": TEAM_B}],
+    ids=["bearer", "azure-api-key", "anthropic-x-api-key"],
 )
 async def test_valid_key_gets_in_and_never_reaches_the_upstream(
     make_proxy: Any, fake: FakeUpstream, upstream_url: str, headers: dict[str, str]
@@ -91,7 +92,44 @@ async def test_valid_key_gets_in_and_never_reaches_the_upstream(
     assert resp.status == 200, await resp.text()
     (got,) = fake.received
     assert got.headers["authorization"] == "Bearer sk-upstream-secret"
-    assert "api-key" not in got.headers
+    assert "api-key" not in got.headers and "x-api-key" not in got.headers
+    assert all(TEAM_B not in value for _, value in got.header_items)
+
+
+async def test_anthropic_sdk_key_in_x_api_key(
+    make_proxy: Any, fake: FakeUpstream, upstream_url: str
+) -> None:
+    """Anthropic's SDK (as Claude Code) presents its key as ``x-api-key``."""
+    config = keyed_config(upstream_url)
+    config["routes"].append({"path": "messages", "upstream": "fake"})
+    client = await make_proxy(config)
+    base_url = str(client.make_url(""))
+    async with anthropic.AsyncAnthropic(base_url=base_url, api_key=TEAM_B, max_retries=0) as sdk:
+        assert sdk.auth_headers == {"X-Api-Key": TEAM_B}  # the carrier under test
+        resp = await sdk.messages.with_raw_response.create(
+            model="claude-test",
+            max_tokens=16,
+            messages=[{"role": "user", "content": "hi"}],
+        )
+        assert resp.status_code == 200
+        # The proxy's own endpoint reads the same key.
+        models = await sdk.models.list()
+        assert "gpt-4o-mini" in [m.id for m in models.data]
+    async with anthropic.AsyncAnthropic(
+        base_url=base_url, api_key="pk-not-a-key-123456", max_retries=0
+    ) as stranger:
+        with pytest.raises(anthropic.AuthenticationError) as refused:
+            await stranger.messages.create(
+                model="claude-test",
+                max_tokens=16,
+                messages=[{"role": "user", "content": "hi"}],
+            )
+    assert refused.value.status_code == 401
+    (got,) = fake.received  # the refused one never left the proxy
+    assert got.path == "/v1/messages"
+    assert "x-api-key" not in got.headers
+    assert got.headers["authorization"] == "Bearer sk-upstream-secret"
+    assert got.headers["anthropic-version"]  # the client's own protocol headers pass
     assert all(TEAM_B not in value for _, value in got.header_items)
 
 
@@ -182,10 +220,18 @@ async def test_pass_client_auth_never_passes_a_proxy_key(
     config["upstreams"]["fake"] = {"url": upstream_url, "pass_client_auth": True}
     client = await make_proxy(config)
     resp = await client.post(
-        "/v1/chat/completions", json=CHAT, headers={"Authorization": f"Bearer {TEAM_B}"}
+        "/v1/chat/completions",
+        json=CHAT,
+        headers={
+            "Authorization": f"Bearer {TEAM_B}",
+            "OpenAI-Organization": "org-client-0007",
+            "OpenAI-Project": "proj_client_0008",
+        },
     )
     assert resp.status == 200
-    assert "authorization" not in fake.last.headers
+    # No client key goes upstream, so neither does the scoping of one.
+    for name in ("authorization", "openai-organization", "openai-project"):
+        assert name not in fake.last.headers
 
 
 async def test_browser_realtime_key_is_taken_from_the_subprotocol(

@@ -30,6 +30,14 @@ def headers(**items: str) -> CIMultiDictProxy[str]:
         ({}, None),
         # Authorization wins: a client sending both means the bearer token.
         ({"Authorization": "Bearer one-key-0001", "api_key": "two-key-0002"}, "one-key-0001"),
+        # Anthropic-style clients (the SDKs, Claude Code).
+        ({"x_api_key": "sk-team-a-0001"}, "sk-team-a-0001"),
+        ({"x_api_key": "  "}, None),
+        # Authorization, then api-key, then x-api-key: the first present decides.
+        ({"Authorization": "Bearer one-key-0001", "x_api_key": "two-key-0002"}, "one-key-0001"),
+        ({"api_key": "one-key-0001", "x_api_key": "two-key-0002"}, "one-key-0001"),
+        ({"api_key": "", "x_api_key": "two-key-0002"}, None),
+        ({"Authorization": "Bearer", "x_api_key": "two-key-0002"}, None),
         # Browsers cannot set headers on a WebSocket; the SDKs offer the key as
         # a subprotocol on the realtime handshake.
         (
