@@ -359,3 +359,20 @@ async def test_a_body_trickling_past_body_timeout_gets_408(
         await asyncio.wait_for(conn.peer_closed.wait(), 5)
     record = await access_log.wait_for("trickle")
     assert record["status"] == 408 and record["error"] == "request_timeout"
+
+
+async def test_a_body_gone_silent_gets_408_for_its_idle_bound_not_the_total(
+    faults: FaultFactory,
+) -> None:
+    upstream = await faults()
+    config = route_config({"a": upstream.url}, "a")
+    config["server"] = {"body_idle_timeout": BODY_IDLE, "body_timeout": BODY_TOTAL}
+    start, _ = sized_json()
+    async with running_proxy(parse_settings(config, environ={})) as proxy:
+        took, answer, _ = await trickle(proxy.port, start, [])
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408"), answer[:200]
+    message = json.loads(body)["error"]["message"]
+    assert message == f"The request body stopped arriving for {BODY_IDLE:g} seconds."
+    assert BODY_IDLE <= took < BODY_TOTAL
+    assert upstream.requests == []
