@@ -195,6 +195,32 @@ async def test_oaimux_serve_lets_go_of_many_readers_that_stopped(
     assert all(sent[0] < total for sent in counters)
 
 
+async def test_a_whole_answer_written_at_once_is_bounded_too(
+    faults: FaultFactory, access_log: AccessLog
+) -> None:
+    """A non-streamed answer that came whole is written in one go and its end
+    awaited (aiohttp's ``write_eof``): that wait is bounded like the pipe's."""
+    send_timeout = 0.5
+    answer = b'{"pad": "' + b"x" * (100 * 1024) + b'"}'
+    upstream = await faults(respond(200, answer))
+    settings = proxy_settings(upstream.url, send_timeout=send_timeout)
+    # Small buffers on both ends: most of the answer waits in the proxy.
+    async with proxy_with_send_buffer(settings, 4096) as proxy:
+        # A bare socket that never reads (an asyncio reader would buffer 128 KiB).
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        try:
+            loop = asyncio.get_running_loop()
+            await loop.sock_connect(sock, ("127.0.0.1", proxy.port))
+            await loop.sock_sendall(sock, chat_request("whole-1"))
+            record = await access_log.wait_for("whole-1", timeout=send_timeout * 1.25 + 5)
+        finally:
+            sock.close()
+    assert record["outcome"] == "client_stalled"
+    assert record["duration_ms"] >= send_timeout * 1000
+
+
 async def test_a_slow_reader_that_keeps_reading_is_never_cut(
     faults: FaultFactory, access_log: AccessLog
 ) -> None:
