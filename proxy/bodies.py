@@ -1,10 +1,12 @@
 """Reading a request body within bounds, and finding the model in it.
 
 The body is read once, into one buffer (no list of pieces joined at the
-end), with two bounds: ``server.max_body_bytes`` (a ``Content-Length`` above
-it is refused before a byte is read; exactly that many bytes is accepted, one
-more is 413) and ``server.body_idle_timeout`` (the longest silence while the
-body arrives, so a slow client cannot hold a connection forever). aiohttp's
+end), within bounds (:class:`BodyBounds`): ``server.max_body_bytes`` (a
+``Content-Length`` above it is refused before a byte is read; exactly that
+many bytes is accepted, one more is 413), ``server.body_idle_timeout`` (the
+longest silence while the body arrives) and ``server.body_timeout`` (the
+longest the whole body may take, so a client sending a byte now and then,
+never silent for long, still cannot hold a connection forever). aiohttp's
 own decompression of request bodies is off (``auto_decompress=False``); the
 bytes read are the bytes that came.
 """
@@ -14,7 +16,8 @@ from __future__ import annotations
 import asyncio
 import zlib
 from collections.abc import Coroutine
-from typing import TypeVar
+from dataclasses import dataclass
+from typing import Final, TypeVar
 
 import aiohttp
 from aiohttp import StreamReader, web
@@ -29,12 +32,14 @@ from .findmodel import (
     find_multipart_model,
     multipart_boundary,
 )
+from .settings import ServerSettings
 from .upload import MultipartHead, PartWatcher, read_until_model
 
 T = TypeVar("T")
 
 __all__ = [
     "STREAM_ABOVE",
+    "BodyBounds",
     "BodyBytes",
     "BodyStream",
     "decoded_for_routing",
@@ -56,59 +61,109 @@ def _too_large(limit: int) -> RequestTooLarge:
     )
 
 
-async def read_body(request: web.Request, limit: int, idle_timeout: float) -> BodyBytes:
+# A timer may fire this much before its time: asyncio by its clock's
+# resolution, uvloop by its whole milliseconds.
+_TIMER_SLACK: Final = 0.005
+
+
+@dataclass(frozen=True, slots=True)
+class BodyBounds:
+    """How large one request body may be, and how slowly it may arrive: at
+    most ``limit`` bytes, at most ``idle`` seconds of silence, and all of it
+    by ``deadline`` (event-loop time), ``total`` seconds after reading began."""
+
+    limit: int
+    idle: float
+    total: float
+    deadline: float
+
+    @classmethod
+    def start(cls, server: ServerSettings) -> BodyBounds:
+        """The bounds of a body whose reading begins now."""
+        now = asyncio.get_running_loop().time()
+        return cls(
+            server.max_body_bytes,
+            server.body_idle_timeout,
+            server.body_timeout,
+            now + server.body_timeout,
+        )
+
+    def due(self, now: float) -> float:
+        """When the next piece must have come, if the last one came ``now``."""
+        return min(now + self.idle, self.deadline)
+
+    def timed_out(self) -> RequestTimeout:
+        """The client's error once a wait set by :meth:`due` ran out."""
+        # Not a gateway timeout (aiohttp would answer 504): the client stalled.
+        if asyncio.get_running_loop().time() + _TIMER_SLACK >= self.deadline:
+            err = RequestTimeout(
+                f"The request body did not arrive in full within {self.total:g} seconds."
+            )
+        else:
+            err = RequestTimeout(f"The request body stopped arriving for {self.idle:g} seconds.")
+        err.close_connection = True
+        return err
+
+
+async def read_body(request: web.Request, server: ServerSettings) -> BodyBytes:
     """All of the body's bytes, as sent, or :class:`RequestTooLarge`, or
-    :class:`RequestTimeout` when the client went silent for ``idle_timeout``.
+    :class:`RequestTimeout` when the client went silent for
+    ``server.body_idle_timeout`` or the body took longer than ``server.body_timeout``.
 
     A body that came with its head is the ``bytes`` aiohttp buffered; one
     that arrived in pieces (or chunked) is a ``bytearray`` they were appended
     to. Nothing changes it once returned.
     """
-    return await _as_client_fault(_read_body(request, limit, idle_timeout), request, idle_timeout)
+    return await _as_client_fault(_read_body(request, server), request)
 
 
 async def read_multipart_head(
-    request: web.Request, boundary: bytes, limit: int, idle_timeout: float
+    request: web.Request, boundary: bytes, bounds: BodyBounds
 ) -> MultipartHead:
     """Read a multipart body only until its ``model`` field is complete (or it ends),
-    with the bounds of :func:`read_body`."""
+    within ``bounds`` (the rest of the body, streamed on, keeps them)."""
     length = request.content_length
-    if length is not None and length > limit:
-        raise _too_large(limit)
-    return await _as_client_fault(
-        read_until_model(request.content, boundary, limit, idle_timeout), request, idle_timeout
-    )
+    if length is not None and length > bounds.limit:
+        raise _too_large(bounds.limit)
+    return await _as_client_fault(_read_multipart_head(request, boundary, bounds), request)
 
 
-async def _as_client_fault(
-    reading: Coroutine[object, object, T], request: web.Request, idle_timeout: float
-) -> T:
+async def _read_multipart_head(
+    request: web.Request, boundary: bytes, bounds: BodyBounds
+) -> MultipartHead:
+    try:
+        return await read_until_model(
+            request.content, boundary, bounds.limit, bounds.idle, bounds.deadline
+        )
+    except TimeoutError:
+        raise bounds.timed_out() from None
+
+
+async def _as_client_fault(reading: Coroutine[object, object, T], request: web.Request) -> T:
     """Await a body read; a stall or broken framing is the client's fault."""
     try:
         return await reading
-    except TimeoutError:
-        # Not a gateway timeout (aiohttp would answer 504): the client stalled.
+    except RequestTimeout:
         close_without_lingering(request)
-        err: ProxyError = RequestTimeout(
-            f"The request body stopped arriving for {idle_timeout:g} seconds."
-        )
+        raise
     except (web.RequestPayloadError, HttpProcessingError):
         # Broken chunked framing found while reading (the head was fine).
         close_without_lingering(request)
         err = InvalidRequest(
             "The request body's framing is not valid HTTP/1.1.", code="malformed_request"
         )
-    err.close_connection = True
-    raise err
+        err.close_connection = True
+        raise err from None
 
 
-async def _read_body(request: web.Request, limit: int, idle_timeout: float) -> BodyBytes:
+async def _read_body(request: web.Request, server: ServerSettings) -> BodyBytes:
     length = request.content_length
+    limit = server.max_body_bytes
     if length is not None and length > limit:
         raise _too_large(limit)
     content = request.content
     if length is None:
-        return await _read_unsized(content, limit, idle_timeout)
+        return await _read_unsized(content, BodyBounds.start(server))
     if length == 0:
         return b""
     # Small bodies usually arrived with the headers: take what aiohttp has
@@ -125,31 +180,40 @@ async def _read_body(request: web.Request, limit: int, idle_timeout: float) -> B
     # (~1.6 ms per 10 MiB) than growing, which realloc mostly does in place.
     body = bytearray(buffered)
     del buffered
+    # The bounds' clock starts here: a body that came with its head needs none.
+    bounds = BodyBounds.start(server)
     loop = asyncio.get_running_loop()
-    async with asyncio.timeout(idle_timeout) as deadline:
-        while len(body) < length:
-            chunk, _ = await content.readchunk()
-            if not chunk:
-                # aiohttp's parser raises on a short body; never hand one on
-                # should that change.
-                raise _cut_short()
-            body += chunk
-            deadline.reschedule(loop.time() + idle_timeout)
+    try:
+        async with asyncio.timeout_at(bounds.due(loop.time())) as wait:
+            while len(body) < length:
+                chunk, _ = await content.readchunk()
+                if not chunk:
+                    # aiohttp's parser raises on a short body; never hand one on
+                    # should that change.
+                    raise _cut_short()
+                body += chunk
+                wait.reschedule(bounds.due(loop.time()))
+    except TimeoutError:
+        raise bounds.timed_out() from None
     return body
 
 
-async def _read_unsized(content: StreamReader, limit: int, idle_timeout: float) -> bytearray:
+async def _read_unsized(content: StreamReader, bounds: BodyBounds) -> bytearray:
     """A chunked body (no Content-Length), grown as it arrives; refused with 413
-    as soon as it crosses ``limit``. readany() rather than readchunk(): a
+    as soon as it crosses the limit. readany() rather than readchunk(): a
     client sending one-byte chunks then costs one step per read, not per chunk."""
     body = bytearray()
+    limit = bounds.limit
     loop = asyncio.get_running_loop()
-    async with asyncio.timeout(idle_timeout) as deadline:
-        while chunk := await content.readany():
-            if len(body) + len(chunk) > limit:
-                raise _too_large(limit)
-            body += chunk
-            deadline.reschedule(loop.time() + idle_timeout)
+    try:
+        async with asyncio.timeout_at(bounds.due(loop.time())) as wait:
+            while chunk := await content.readany():
+                if len(body) + len(chunk) > limit:
+                    raise _too_large(limit)
+                body += chunk
+                wait.reschedule(bounds.due(loop.time()))
+    except TimeoutError:
+        raise bounds.timed_out() from None
     return body
 
 
@@ -220,9 +284,9 @@ class BodyStream:
     (file uploads need no model, so the proxy never needs their bytes) and
     large multipart forms once their ``model`` field has been read.
 
-    An async iterator of chunks for aiohttp's client, with the bounds of
-    :func:`read_body`: at most ``limit`` bytes and at most ``idle_timeout`` of
-    silence. ``head`` (bytes already read, possibly rewritten) goes first and
+    An async iterator of chunks for the upstream client, within ``bounds``
+    (those of :func:`read_body`; a multipart head read before keeps its
+    clock running). ``head`` (bytes already read, possibly rewritten) goes first and
     ``received`` counts what was read for it; ``watcher`` sees every later
     chunk (a second ``model`` form field stops the upload). When the client is
     at fault (stalled, too large, cut short, ambiguous), ``failure`` holds the
@@ -235,22 +299,21 @@ class BodyStream:
     def __init__(
         self,
         request: web.Request,
-        limit: int,
-        idle_timeout: float,
+        bounds: BodyBounds,
         *,
         head: bytes = b"",
         received: int = 0,
         watcher: PartWatcher | None = None,
     ) -> None:
         client_length = request.content_length
-        if client_length is not None and client_length > limit:
-            raise _too_large(limit)
+        if client_length is not None and client_length > bounds.limit:
+            raise _too_large(bounds.limit)
         self.length = None if client_length is None else client_length - received + len(head)
         self._head = head
         self._watcher = watcher
+        self._request = request
         self._content = request.content
-        self._limit = limit
-        self._idle_timeout = idle_timeout
+        self._bounds = bounds
         self.size = received
         self.started = False
         self.failure: ProxyError | None = None
@@ -263,13 +326,14 @@ class BodyStream:
         if self._head:
             head, self._head = self._head, b""
             return head
+        bounds = self._bounds
         try:
-            async with asyncio.timeout(self._idle_timeout):
+            async with asyncio.timeout_at(bounds.due(asyncio.get_running_loop().time())):
                 chunk = await self._content.readany()
         except TimeoutError:
-            self.failure = RequestTimeout(
-                f"The request body stopped arriving for {self._idle_timeout:g} seconds."
-            )
+            self.failure = bounds.timed_out()
+            # Its answer ends the connection: the rest of a stalled body is not awaited.
+            close_without_lingering(self._request)
             raise _BodyFailed from None
         except (ConnectionError, aiohttp.ClientError):
             self.failure = InvalidRequest("The request body was cut short.", code="incomplete_body")
@@ -277,8 +341,8 @@ class BodyStream:
         if not chunk:
             raise StopAsyncIteration
         self.size += len(chunk)
-        if self.size > self._limit:
-            self.failure = _too_large(self._limit)
+        if self.size > bounds.limit:
+            self.failure = _too_large(bounds.limit)
             raise _BodyFailed
         if self._watcher is not None:
             try:

@@ -248,6 +248,8 @@ def _server(node: _Node) -> ServerSettings:
             "shutdown_grace_seconds",
             "header_timeout",
             "body_idle_timeout",
+            "body_timeout",
+            "send_timeout",
             "keepalive_timeout",
             "cors",
         )
@@ -261,6 +263,8 @@ def _server(node: _Node) -> ServerSettings:
         shutdown_grace_seconds=node.opt("shutdown_grace_seconds", _nonneg_number, 30.0),
         header_timeout=node.opt("header_timeout", _positive_number, d.header_timeout),
         body_idle_timeout=node.opt("body_idle_timeout", _positive_number, d.body_idle_timeout),
+        body_timeout=node.opt("body_timeout", _positive_number, d.body_timeout),
+        send_timeout=node.opt("send_timeout", _positive_number, d.send_timeout),
         keepalive_timeout=node.opt("keepalive_timeout", _positive_number, d.keepalive_timeout),
         cors=node.opt("cors", _cors, None),
     )

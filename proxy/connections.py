@@ -12,8 +12,13 @@ front), it bounds that itself (reliability.md B.19, Decision 6):
 - after a response, the next request head must be complete within
   ``server.keepalive_timeout`` (aiohttp's keep-alive timer, which is not
   extended by incoming bytes, so it bounds idle time and a dribbled head alike);
-- a request body may go silent for at most ``server.body_idle_timeout``
-  (``bodies.read_body``).
+- a request body may go silent for at most ``server.body_idle_timeout`` and
+  take at most ``server.body_timeout`` in all (``bodies.read_body``);
+- a response write may wait at most ``server.send_timeout`` for a client that
+  takes no bytes (:class:`SendWatch`), the bound nginx calls ``send_timeout``:
+  without it a client that stops reading holds its stream, and the upstream
+  request behind it, for as long as it likes, since the relay stops reading
+  the upstream while the client is not keeping up.
 
 A request head the HTTP parser refuses (CL/TE conflicts, bad framing, control
 characters, oversized lines, too many headers) is answered in OpenAI's error
@@ -37,8 +42,11 @@ stop for twice the grace (a relay waits on the upstream, not on the payload).
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
-from typing import Any
+import struct
+import termios
+from typing import Any, Final
 
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError, LineTooLong
@@ -56,11 +64,14 @@ from .errors import (
 )
 from .keys import RUNTIME
 from .settings import ServerSettings
+from .ticker import Ticker
 
 __all__ = [
     "GuardedRequestHandler",
     "GuardedServer",
     "ProxyRunner",
+    "SendWatch",
+    "client_outcome",
     "close_without_lingering",
     "expect_continue",
 ]
@@ -82,17 +93,116 @@ _HEAD_TIMEOUT_RESPONSE = (
 ).encode() + _TIMEOUT_BODY
 
 
+# Linux's ioctl for the bytes a TCP socket has sent (or queued) that its peer
+# has not acknowledged yet (SIOCOUTQ, tcp(7); the same number as TIOCOUTQ).
+_SIOCOUTQ: Final = getattr(termios, "TIOCOUTQ", None)
+_INT: Final = struct.Struct("i")
+_INT_ZERO: Final = bytes(_INT.size)
+
+
+def _untaken(transport: asyncio.Transport) -> int:
+    """Response bytes the client has not taken yet: those in the transport's
+    buffer and, where the system tells, those in the kernel's send queue.
+
+    The kernel's part is what shows a slow reader's progress: a client that
+    reads opens its TCP window, the kernel sends and the peer acknowledges.
+    The transport's buffer alone moves only when a third of the kernel's send
+    buffer (megabytes, on a fast link) has drained, which can take a slow but
+    steady reader longer than the bound.
+    """
+    untaken = transport.get_write_buffer_size()
+    if _SIOCOUTQ is not None:
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                queued = fcntl.ioctl(sock.fileno(), _SIOCOUTQ, _INT_ZERO)
+            except OSError:
+                return untaken
+            untaken += _INT.unpack(queued)[0]
+    return untaken
+
+
+class _Backlog:
+    """One held connection: the bytes its client had not taken at the last
+    look, and since when it has taken none."""
+
+    __slots__ = ("since", "untaken")
+
+    def __init__(self, untaken: int, since: float) -> None:
+        self.untaken = untaken
+        self.since = since
+
+
+class SendWatch(Ticker):
+    """The send bound of one server's client connections (``server.send_timeout``).
+
+    Contract: a connection whose writes are held (its transport paused
+    writing: the buffer is above the high-water mark, so a write would wait)
+    is aborted once its client has taken no byte for ``timeout``: between 1
+    and 1.25 times the bound after its last progress or the pause, whichever
+    is later, never earlier (see :class:`~proxy.ticker.Ticker`). Progress is
+    any fall in the bytes not yet taken (:func:`_untaken`). A connection is
+    watched only from the pause to the resume of its writing, so nothing runs
+    per write: a relay that keeps up never enters the watch. The abort ends
+    the handler as a client leaving does (the upstream request behind it is
+    closed); the handler's ``stalled`` says why.
+    """
+
+    def __init__(self, timeout: float) -> None:
+        super().__init__()
+        self.timeout = timeout
+        self._held: dict[GuardedRequestHandler, _Backlog] = {}
+
+    def watch(self, handler: GuardedRequestHandler, transport: asyncio.Transport) -> None:
+        """Bound the wait of ``handler``'s writes from now on."""
+        now = asyncio.get_running_loop().time()
+        self._held[handler] = _Backlog(_untaken(transport), now)
+        self._arm(self.timeout)
+
+    def forget(self, handler: GuardedRequestHandler) -> None:
+        """Stop watching ``handler`` (its writing resumed, or it closed)."""
+        self._held.pop(handler, None)
+
+    def _check(self, now: float) -> bool:
+        gone: list[GuardedRequestHandler] = []
+        stalled: list[GuardedRequestHandler] = []
+        for handler, backlog in self._held.items():
+            transport = handler.transport
+            if transport is None or transport.is_closing():
+                gone.append(handler)
+                continue
+            untaken = _untaken(transport)
+            if untaken < backlog.untaken:
+                backlog.since = now
+            elif now - backlog.since >= self.timeout:
+                stalled.append(handler)
+            # Bytes written while held are not progress; only a fall from here is.
+            backlog.untaken = untaken
+        for handler in gone:
+            del self._held[handler]
+        for handler in stalled:
+            del self._held[handler]
+            handler.cut_stalled(self.timeout)
+        return bool(self._held)
+
+
 class GuardedRequestHandler(RequestHandler):
     """aiohttp's connection protocol with a deadline for the first request head,
-    and parser refusals answered as OpenAI JSON."""
+    a bound on writes a client does not take, and parser refusals answered as
+    OpenAI JSON."""
 
-    __slots__ = ("_ended", "_head_deadline", "_head_timeout")
+    __slots__ = ("_ended", "_head_deadline", "_head_timeout", "_send_watch", "stalled")
 
-    def __init__(self, manager: web.Server, *, head_timeout: float, **kwargs: Any) -> None:
+    def __init__(
+        self, manager: web.Server, *, head_timeout: float, send_watch: SendWatch, **kwargs: Any
+    ) -> None:
         super().__init__(manager, **kwargs)
         self._head_timeout = head_timeout
         self._head_deadline: asyncio.TimerHandle | None = None
         self._ended: asyncio.Future[None] | None = None
+        self._send_watch = send_watch
+        # Set when the send bound closed the connection (access log: client_stalled).
+        self.stalled = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -125,6 +235,7 @@ class GuardedRequestHandler(RequestHandler):
         if self._head_deadline is not None:
             self._head_deadline.cancel()
             self._head_deadline = None
+        self._send_watch.forget(self)
         handler = self._task_handler  # cleared (and cancelled) by aiohttp below
         super().connection_lost(exc)
         if self._ended is not None:
@@ -157,6 +268,33 @@ class GuardedRequestHandler(RequestHandler):
             self.transport.abort()  # its connection_lost cancels the handler
         if self._task_handler is not None:
             self._task_handler.cancel()
+
+    def pause_writing(self) -> None:
+        # Called by the transport when its buffer crosses the high-water
+        # mark; from here a write waits for the client.
+        super().pause_writing()
+        if self.transport is not None:
+            self._send_watch.watch(self, self.transport)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._send_watch.forget(self)
+
+    def cut_stalled(self, timeout: float) -> None:
+        """Abort the connection: its client took nothing for ``timeout`` seconds."""
+        transport = self.transport
+        if transport is None:
+            return
+        self.stalled = True
+        peer = transport.get_extra_info("peername")
+        log.info(
+            "closed the connection of %s: it took no response bytes for %gs (server.send_timeout)",
+            peer[0] if isinstance(peer, tuple) else "-",
+            timeout,
+        )
+        # Wakes a write waiting in drain() and, with handler_cancellation,
+        # cancels the handler, which closes the upstream request.
+        transport.abort()
 
     def _head_overdue(self) -> None:
         self._head_deadline = None
@@ -212,19 +350,27 @@ CLEANUP_WAIT = 0.25
 
 
 class GuardedServer(web.Server):
-    """``web.Server`` that makes :class:`GuardedRequestHandler` connections and
-    stops within a deadline (see the module docstring)."""
+    """``web.Server`` that makes :class:`GuardedRequestHandler` connections, all
+    watched by one :class:`SendWatch`, and stops within a deadline (see the
+    module docstring)."""
 
-    def __init__(self, handler: Any, *, head_timeout: float, **kwargs: Any) -> None:
+    def __init__(
+        self, handler: Any, *, head_timeout: float, send_timeout: float, **kwargs: Any
+    ) -> None:
         super().__init__(handler, **kwargs)
         self.head_timeout = head_timeout
+        self.send_watch = SendWatch(send_timeout)
         self.stop_began: float | None = None
         self.finished = 0  # connections that ended by themselves while stopping
         self.cut = 0  # requests still running at the deadline, aborted
 
     def __call__(self) -> RequestHandler:
         return GuardedRequestHandler(
-            self, loop=self._loop, head_timeout=self.head_timeout, **self._kwargs
+            self,
+            loop=self._loop,
+            head_timeout=self.head_timeout,
+            send_watch=self.send_watch,
+            **self._kwargs,
         )
 
     def guarded(self) -> list[GuardedRequestHandler]:
@@ -284,6 +430,7 @@ class ProxyRunner(web.AppRunner):
         kwargs.setdefault("keepalive_timeout", server.keepalive_timeout)
         super().__init__(app, shutdown_timeout=server.shutdown_grace_seconds, **kwargs)
         self.head_timeout = server.header_timeout
+        self.send_timeout = server.send_timeout
         self.grace = server.shutdown_grace_seconds
 
     @property
@@ -323,8 +470,18 @@ class ProxyRunner(web.AppRunner):
             handler_cancellation=plain.handler_cancellation,
             loop=plain._loop,
             head_timeout=self.head_timeout,
+            send_timeout=self.send_timeout,
             **plain._kwargs,
         )
+
+
+def client_outcome(request: web.BaseRequest) -> str:
+    """The access-log outcome of a client that left mid-response: ``client_stalled``
+    when the send bound closed its connection, ``client_gone`` otherwise."""
+    protocol = request.protocol
+    if isinstance(protocol, GuardedRequestHandler) and protocol.stalled:
+        return "client_stalled"
+    return "client_gone"
 
 
 def close_without_lingering(request: web.BaseRequest) -> None:

@@ -24,7 +24,9 @@ Contract of :func:`forward`:
   No byte the upstream did not send is ever written.
 - The client going away cancels the handler (``handler_cancellation=True``);
   the ``finally`` below then closes the upstream connection at once, so an
-  abandoned generation stops costing tokens.
+  abandoned generation stops costing tokens. So does a client that stops
+  reading: the connection's send bound (connections.py, ``server.send_timeout``)
+  aborts it, and the access log says ``client_stalled``.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from aiohttp import web
 from multidict import CIMultiDictProxy, istr
 
 from .bodies import BodyStream
+from .connections import client_outcome
 from .errors import (
     ProxyError,
     UpstreamAuthFailed,
@@ -401,7 +404,7 @@ async def relay(
         completed = True
         return resp
     except asyncio.CancelledError:
-        ex.outcome = "client_gone"
+        ex.outcome = client_outcome(request)
         raise
     except ConnectionError:
         # The client's socket closed under a write (it hung up in the same
@@ -409,7 +412,7 @@ async def relay(
         # Raising would have aiohttp log a traceback for an ordinary hang-up;
         # returning the prepared response lets its own write_eof meet the
         # closed socket, which it takes quietly as a client disconnect.
-        ex.outcome = "client_gone"
+        ex.outcome = client_outcome(request)
         if resp is None:
             raise
         return resp

@@ -23,6 +23,7 @@ from .admission import Caller, charge, identify, unauthorized
 from .auth import KeyTable
 from .bodies import (
     STREAM_ABOVE,
+    BodyBounds,
     BodyBytes,
     BodyStream,
     decoded_for_routing,
@@ -326,19 +327,20 @@ async def _proxy(
             ex.metric_model = route.model or realtime.model or ""
         elif path in MODEL_PATHS and request.method == "POST":
             limit = settings.server.max_body_bytes
-            idle = settings.server.body_idle_timeout
             content_type = request.headers.get("Content-Type", "application/json")
             encoding = request.headers.get("Content-Encoding")
             boundary = _streamable_form(request, content_type, encoding)
             head: MultipartHead | None = None
+            bounds: BodyBounds | None = None
             routable: BodyBytes
             if boundary is not None:
                 # A large form: read only up to its model field (issue 8).
-                head = await read_multipart_head(request, boundary, limit, idle)
+                bounds = BodyBounds.start(settings.server)
+                head = await read_multipart_head(request, boundary, bounds)
                 body = routable = head.head
                 found = head.found
             else:
-                body = await read_body(request, limit, idle)
+                body = await read_body(request, settings.server)
                 routable = decoded_for_routing(body, encoding, limit)
                 found = find_model(routable, content_type)
             ex.bytes_in = len(body)
@@ -362,12 +364,13 @@ async def _proxy(
                     inbound = _without(request, "Content-Encoding")
                 body = rewrite_model(routable, found, upstream_model)
             ex.upstream_model = upstream_model
-            if head is not None and boundary is not None and not head.complete:
+            if head is not None and not head.complete:
+                # (A head is read only for a form with a boundary, within bounds.)
+                assert boundary is not None and bounds is not None and isinstance(body, bytes)
                 watcher = PartWatcher(boundary)
                 watcher.feed(head.head[found.end :])  # the rest of the head, after the model
-                assert isinstance(body, bytes)
                 body = BodyStream(
-                    request, limit, idle, head=body, received=len(head.head), watcher=watcher
+                    request, bounds, head=body, received=len(head.head), watcher=watcher
                 )
         else:
             route = runtime.table.resolve_path(path)
@@ -381,13 +384,9 @@ async def _proxy(
             length = request.content_length
             if request.body_exists and (length is None or length > STREAM_ABOVE):
                 # Large uploads (files, batches input) stream through; issue 9.
-                body = BodyStream(
-                    request, settings.server.max_body_bytes, settings.server.body_idle_timeout
-                )
+                body = BodyStream(request, BodyBounds.start(settings.server))
             elif request.method not in ("GET", "HEAD", "DELETE", "OPTIONS") or request.body_exists:
-                body = await read_body(
-                    request, settings.server.max_body_bytes, settings.server.body_idle_timeout
-                )
+                body = await read_body(request, settings.server)
                 ex.bytes_in = len(body)
         ex.route = route.describe()
     except ProxyError:

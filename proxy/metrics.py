@@ -149,6 +149,12 @@ class Metrics:
             ("upstream", "kind"),
             registry=own,
         )
+        self.client_stalls = Counter(
+            "oaimux_client_stalls",
+            "Responses cut because the client took no bytes for server.send_timeout, by upstream.",
+            ("upstream",),
+            registry=own,
+        )
         self.fallbacks = Counter(
             "oaimux_fallbacks",
             "Requests moved on from one upstream to the next.",

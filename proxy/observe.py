@@ -53,7 +53,14 @@ __all__ = [
 access_logger = logging.getLogger("oaimux.access")
 
 OUR_REQUEST_ID_HEADER = istr("x-oaimux-request-id")
-OUTCOMES = ("complete", "client_gone", "upstream_reset", "idle_timeout", "error")
+OUTCOMES = (
+    "complete",
+    "client_gone",
+    "client_stalled",
+    "upstream_reset",
+    "idle_timeout",
+    "error",
+)
 
 # Status logged for a client that left before any response was sent (nginx's 499).
 CLIENT_CLOSED = 499
@@ -303,8 +310,12 @@ class Observer:
                 ex.stream_open = False
             upstream = ex.upstream or ""
             metrics.request_finished(ex.metric_model, upstream, ex.status, ex.duration, ex.ttfb)
-            if ex.outcome in ("upstream_reset", "idle_timeout") and ex.upstream is not None:
-                metrics.upstream_failures.labels(upstream, ex.outcome).inc()
+            outcome = ex.outcome
+            if outcome != "complete":
+                if outcome in ("upstream_reset", "idle_timeout") and ex.upstream is not None:
+                    metrics.upstream_failures.labels(upstream, outcome).inc()
+                elif outcome == "client_stalled":
+                    metrics.client_stalls.labels(upstream).inc()
             if ex.prompt_tokens is not None or ex.completion_tokens is not None:
                 metrics.count_tokens(
                     ex.metric_model, upstream, ex.prompt_tokens, ex.completion_tokens

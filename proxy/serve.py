@@ -121,6 +121,7 @@ def _needs_restart(old: Settings, new: Settings) -> list[str]:
         ),
         ("server.header_timeout", old.server.header_timeout, new.server.header_timeout),
         ("server.keepalive_timeout", old.server.keepalive_timeout, new.server.keepalive_timeout),
+        ("server.send_timeout", old.server.send_timeout, new.server.send_timeout),
         ("server.cors", old.server.cors, new.server.cors),
         ("log", old.log, new.log),
         ("metrics", old.metrics, new.metrics),

@@ -81,6 +81,12 @@ class ServerSettings:
     # longest silence while the request body is being read.
     header_timeout: float = 30.0
     body_idle_timeout: float = 60.0
+    # The longest a whole request body may take to arrive, however steadily
+    # (a body trickling a byte a minute is never silent for long).
+    body_timeout: float = 300.0
+    # The longest a response write may wait for a client that takes no bytes
+    # (nginx's send_timeout); a reader that makes progress is never cut.
+    send_timeout: float = 60.0
     # Longest idle time between two requests on one connection; also bounds the
     # time for a later request head to arrive. Keep it above the idle timeout of
     # any proxy in front (nginx's upstream keepalive_timeout is 60 s).

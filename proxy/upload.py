@@ -14,6 +14,7 @@ has gone out yet).
 from __future__ import annotations
 
 import asyncio
+import math
 from dataclasses import dataclass
 
 from aiohttp import StreamReader
@@ -42,13 +43,20 @@ class MultipartHead:
 
 
 async def read_until_model(
-    content: StreamReader, boundary: bytes, limit: int, idle_timeout: float
+    content: StreamReader,
+    boundary: bytes,
+    limit: int,
+    idle_timeout: float,
+    deadline: float = math.inf,
 ) -> MultipartHead:
-    """Read until the model field is complete, or the whole body if it ends first."""
+    """Read until the model field is complete, or the whole body if it ends first.
+
+    ``TimeoutError`` after ``idle_timeout`` seconds without a byte, or at
+    ``deadline`` (event-loop time)."""
     buf = bytearray()
     scan = MultipartModelScan(boundary)
     loop = asyncio.get_running_loop()
-    async with asyncio.timeout(idle_timeout) as deadline:
+    async with asyncio.timeout_at(min(loop.time() + idle_timeout, deadline)) as wait:
         while True:
             chunk = await content.readany()
             if not chunk:
@@ -58,7 +66,7 @@ async def read_until_model(
                     f"The request body is larger than this proxy accepts ({limit} bytes)."
                 )
             buf += chunk
-            deadline.reschedule(loop.time() + idle_timeout)
+            wait.reschedule(min(loop.time() + idle_timeout, deadline))
             found = scan.feed(buf)
             if found is not None:
                 return MultipartHead(bytes(buf), found, False)

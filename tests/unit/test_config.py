@@ -86,6 +86,10 @@ def test_unset_variable_names_variable_and_key_path() -> None:
         ),
         (with_(server={"port": "80"}), "server.port", "whole number"),
         (with_(server={"max_body_bytes": -1}), "server.max_body_bytes", "whole number"),
+        (with_(server={"send_timeout": 0}), "server.send_timeout", "positive number, got 0"),
+        (with_(server={"send_timeout": "60s"}), "server.send_timeout", "got '60s'"),
+        (with_(server={"body_timeout": -5}), "server.body_timeout", "positive number, got -5"),
+        (with_(server={"body_timeout": float("inf")}), "server.body_timeout", "finite"),
         (
             with_(server={"trusted_proxies": ["10.0.0.0/33"]}),
             "server.trusted_proxies[0]",
@@ -120,6 +124,15 @@ def test_errors_name_key_path(config: dict[str, Any], where: str, what: str) -> 
     message = str(err.value)
     assert message.startswith(f"routes.yaml: {where}:"), message
     assert what in message
+
+
+def test_slow_client_bounds_default_and_parse() -> None:
+    default = parse_settings(with_(), environ={}).server
+    assert (default.send_timeout, default.body_timeout) == (60.0, 300.0)
+    server = parse_settings(
+        with_(server={"send_timeout": 5, "body_timeout": 0.5}), environ={}
+    ).server
+    assert (server.send_timeout, server.body_timeout) == (5.0, 0.5)
 
 
 def test_load_settings_file_errors(tmp_path: Path) -> None:

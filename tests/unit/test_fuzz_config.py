@@ -27,7 +27,8 @@ FUZZ = settings(
 KEYS = [
     "server", "log", "metrics", "rate_limit", "auth", "upstreams", "routes",
     "host", "port", "trusted_proxies", "max_body_bytes", "shutdown_grace_seconds",
-    "header_timeout", "body_idle_timeout", "keepalive_timeout", "cors", "allow_origins",
+    "header_timeout", "body_idle_timeout", "body_timeout", "send_timeout", "keepalive_timeout",
+    "cors", "allow_origins",
     "max_age", "format", "level", "access", "enabled", "path", "listen",
     "requests_per_minute", "burst", "storage", "on_storage_error", "keys", "name", "key",
     "sha256", "models", "url", "headers", "set", "remove", "timeouts", "connect",

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from typing import Any
 
 import pytest
 
-from proxy.bodies import BodyStream
+from proxy.bodies import BodyBounds, BodyStream
 from proxy.errors import InvalidRequest
 from proxy.upload import PartWatcher, read_until_model
 
@@ -50,8 +51,7 @@ def stream_after_head(content: Any, head: Any, total: int | None, limit: int = 1
     watcher.feed(head.head[head.found.end :])
     return BodyStream(
         FakeRequest(content, total),  # type: ignore[arg-type]
-        limit,
-        5,
+        BodyBounds(limit, 5, math.inf, math.inf),
         head=head.head,
         received=len(head.head),
         watcher=watcher,
