@@ -28,9 +28,12 @@ Contract:
   fragmented message is passed on as one message.
 - Closing: a close frame from one side is sent on to the other with its code
   and reason, and the side that closed gets its own code back (RFC 6455
-  §5.5.1). An empty close frame is passed on as 1000. A side that vanishes
-  without a close frame closes the other with 1001 (client gone) or 1011
-  (upstream gone). On shutdown both legs get 1001.
+  §5.5.1). An empty close frame is passed on as 1000. A close frame no
+  endpoint may send (a code RFC 6455 §7.4 forbids on the wire, such as 1005,
+  1006 or 5000, a one-byte payload, a reason over 123 bytes) is answered 1002
+  and the other side is closed with 1002 (1007 for a reason that is not
+  UTF-8). A side that vanishes without a close frame closes the other with
+  1001 (client gone) or 1011 (upstream gone). On shutdown both legs get 1001.
 - A message over ``server.max_body_bytes`` closes that leg with 1009 and the
   other with the same code. Compression is off on both legs: a pass-through
   does not spend CPU re-deflating audio.
@@ -242,24 +245,23 @@ class _Tunnel:
                     elif kind is WSMsgType.PONG:
                         await dst.pong(msg.data)
                     elif kind is WSMsgType.CLOSE:
-                        await self._pass_close(src, dst, msg.data or WSCloseCode.OK, msg.extra)
+                        code = msg.data or WSCloseCode.OK  # 0: a close frame with no code
+                        if _valid_close_code(code):
+                            await self._pass_close(src, dst, code, msg.extra)
+                        else:
+                            await self._protocol_error(src, dst, src_is_client)
                         return
                     elif kind is WSMsgType.CLOSING or self.closing:
                         return  # the other direction is closing both legs
                     else:
                         # CLOSED (gone without a close frame) or ERROR (aiohttp
-                        # already closed src with the reason, e.g. 1009).
-                        self.closing = True
+                        # already closed src with the reason, e.g. 1002 or 1009).
                         reason_code = getattr(msg.data, "code", None)  # WebSocketError
                         if kind is WSMsgType.ERROR and isinstance(reason_code, int):
                             code = reason_code
                         else:
                             code = _GONE_CODE[src_is_client]
-                        ex.outcome = "client_gone" if src_is_client else "upstream_reset"
-                        code = _sendable(code)
-                        if src_is_client:
-                            self.upstream_code = code
-                        await dst.close(code=code, message=b"")
+                        await self._end(dst, src_is_client, code)
                         return
                 except (ConnectionError, aiohttp.ClientError):
                     # dst went away while we wrote to it.
@@ -275,6 +277,35 @@ class _Tunnel:
             else:
                 ex.bytes_out += sent
 
+    async def _end(
+        self,
+        dst: web.WebSocketResponse[bool] | aiohttp.ClientWebSocketResponse[bool],
+        src_is_client: bool,
+        code: int,
+    ) -> None:
+        """src is closed or broken: close dst with ``code``."""
+        self.closing = True
+        self.ex.outcome = "client_gone" if src_is_client else "upstream_reset"
+        if not _valid_close_code(code):  # not expected from aiohttp's WebSocketError
+            code = WSCloseCode.INTERNAL_ERROR
+        if src_is_client:
+            self.upstream_code = code
+        await dst.close(code=code, message=b"")
+
+    async def _protocol_error(
+        self,
+        src: web.WebSocketResponse[bool] | aiohttp.ClientWebSocketResponse[bool],
+        dst: web.WebSocketResponse[bool] | aiohttp.ClientWebSocketResponse[bool],
+        src_is_client: bool,
+    ) -> None:
+        """src sent a close code no endpoint may send: answer it 1002 at once (it
+        has closed already, so aiohttp waits for nothing), then tell dst 1002, as
+        aiohttp does for the codes its reader refuses itself."""
+        code = WSCloseCode.PROTOCOL_ERROR
+        await src.close(code=code, message=b"")
+        if not self.closing:
+            await self._end(dst, src_is_client, code)
+
     async def _pass_close(
         self,
         src: web.WebSocketResponse[bool] | aiohttp.ClientWebSocketResponse[bool],
@@ -283,10 +314,9 @@ class _Tunnel:
         reason: str | None,
     ) -> None:
         if self.closing:
-            await src.close(code=_sendable(code), message=b"")
+            await src.close(code=code, message=b"")
             return
         self.closing = True
-        code = _sendable(code)
         if dst is self.upstream:
             self.upstream_code = code
         message = (reason or "").encode("utf-8")
@@ -296,11 +326,11 @@ class _Tunnel:
         await src.close(code=code, message=b"")
 
 
-def _sendable(code: int) -> int:
-    """A code that may appear in a close frame (RFC 6455 §7.4.1: never 1005/1006/1015)."""
-    if code in (0, 1005, 1006, 1015) or not 1000 <= code <= 4999:
-        return WSCloseCode.OK if code in (0, 1005) else WSCloseCode.INTERNAL_ERROR
-    return code
+def _valid_close_code(code: int) -> bool:
+    """A code an endpoint may send (RFC 6455 §7.4.1, §7.4.2; 1012-1014 are in
+    the IANA registry, §11.7). aiohttp's reader refuses with 1002 the codes
+    under 3000 it has no name for, but lets 1006 and codes over 4999 through."""
+    return 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
 
 
 class RealtimeSessions:

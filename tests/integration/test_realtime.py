@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import struct
 from typing import Any
 
 import aiohttp
@@ -17,7 +18,7 @@ from aiohttp import WSMsgType, web
 from aiohttp.test_utils import TestClient, TestServer
 
 from tests.conftest import serve_proxy
-from tests.fakes.openai_like import OpenAILike
+from tests.fakes.openai_like import OpenAILike, WsEvent
 
 UPSTREAM_KEY = "sk-upstream-realtime-secret"
 
@@ -205,6 +206,102 @@ async def test_upstream_close_code_and_reason_reach_the_client(
     async with asyncio.timeout(5):
         await upstream.ws_closed.wait()
     assert reply == [code]
+
+
+# Codes no endpoint may put in a close frame (RFC 6455 §7.4.1, §7.4.2): those of
+# Autobahn's cases 7.9.1-7.9.9 and 7.13.1-7.13.2, and 1015. aiohttp's reader
+# refuses the ones under 3000 it has no name for; 1006 and those over 4999 it
+# passes on as a CLOSE message, so the relay must check them itself.
+INVALID_CLOSE_CODES = [0, 999, 1004, 1005, 1006, 1015, 1016, 1100, 2000, 2999, 5000, 65535]
+# Autobahn's cases 7.7.x, and 1012-1014 from the IANA registry (RFC 6455 §11.7).
+VALID_CLOSE_CODES = [1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014]
+VALID_CLOSE_CODES += [3000, 3999, 4000, 4999]
+# Close frames that are malformed whatever their code, and the code each must get
+# (Autobahn's cases 7.3.2, 7.3.6 and 7.5.1).
+MALFORMED_CLOSE_FRAMES = {
+    "one-byte payload": (b"\x03", 1002),
+    "reason of 124 bytes": (struct.pack("!H", 1000) + b"r" * 124, 1002),
+    "reason not UTF-8": (struct.pack("!H", 1000) + b"\xce\xba\xed\xa0\x80", 1007),
+}
+
+
+def close_frame(code: int) -> bytes:
+    return struct.pack("!H", code)
+
+
+def close_cases() -> list[Any]:
+    cases = [pytest.param(close_frame(c), 1002, id=str(c)) for c in INVALID_CLOSE_CODES]
+    cases += [pytest.param(p, c, id=name) for name, (p, c) in MALFORMED_CLOSE_FRAMES.items()]
+    return cases
+
+
+@pytest.mark.parametrize(("payload", "expected"), close_cases())
+async def test_a_client_bad_close_frame_is_answered_and_reported_as_a_protocol_error(
+    proxy: TestClient[Any, Any], upstream: OpenAILike, payload: bytes, expected: int
+) -> None:
+    ws = await connect(proxy)
+    await ws.send_str("before")
+    await upstream.wait_events(1)
+    await ws.send_frame(payload, WSMsgType.CLOSE)
+    msg = await ws.receive(timeout=5)
+    while msg.type is not WSMsgType.CLOSE:
+        msg = await ws.receive(timeout=5)
+    assert msg.data == expected
+    async with asyncio.timeout(5):
+        await upstream.ws_closed.wait()
+    assert upstream.ws_events[-1].kind == "close"
+    assert upstream.ws_events[-1].data == str(expected).encode()
+    await ws.close()
+
+
+@pytest.mark.parametrize(("payload", "expected"), close_cases())
+async def test_an_upstream_bad_close_frame_is_answered_and_reported_as_a_protocol_error(
+    proxy: TestClient[Any, Any], upstream: OpenAILike, payload: bytes, expected: int
+) -> None:
+    answer: list[int] = []
+
+    async def script(ws: web.WebSocketResponse, request: web.Request) -> None:
+        await ws.send_str("before")
+        await ws.send_frame(payload, WSMsgType.CLOSE)
+        msg = await ws.receive(timeout=5)
+        answer.append(msg.data if msg.type is WSMsgType.CLOSE else -1)
+
+    upstream.ws_script = script
+    ws = await connect(proxy)
+    first = await ws.receive(timeout=5)
+    assert first.type is WSMsgType.TEXT and first.data == "before"
+    msg = await ws.receive(timeout=5)
+    assert msg.type is WSMsgType.CLOSE and msg.data == expected
+    await ws.close()
+    async with asyncio.timeout(5):
+        await upstream.ws_closed.wait()
+    assert answer == [expected]
+
+
+@pytest.mark.parametrize("code", VALID_CLOSE_CODES)
+async def test_every_valid_close_code_passes_both_ways(
+    proxy: TestClient[Any, Any], upstream: OpenAILike, code: int
+) -> None:
+    ws = await connect(proxy)
+    await ws.close(code=code, message=b"from the client")
+    assert ws.close_code == code
+    async with asyncio.timeout(5):
+        await upstream.ws_closed.wait()
+    assert upstream.ws_events[-1] == WsEvent("close", str(code).encode(), "from the client")
+
+    upstream.ws_closed.clear()
+
+    async def script(ws: web.WebSocketResponse, request: web.Request) -> None:
+        await ws.close(code=code, message=b"from the upstream")
+
+    upstream.ws_script = script
+    ws = await connect(proxy)
+    msg = await ws.receive(timeout=5)
+    assert msg.type is WSMsgType.CLOSE
+    assert (msg.data, msg.extra) == (code, "from the upstream")
+    await ws.close(code=code)
+    async with asyncio.timeout(5):
+        await upstream.ws_closed.wait()
 
 
 async def test_unknown_model_is_refused_before_the_upgrade(
