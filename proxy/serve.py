@@ -9,6 +9,10 @@
   one); on failure keep the old one and log why. Settings read only at start
   (listen address, grace, header/keep-alive timeouts, CORS, logging, metrics,
   rate-limit storage) are named in a warning: they need a restart.
+- Before the loop handles them (while importing and loading), the start-up
+  dispositions of early_signals.py apply: SIGHUP held, SIGTERM/SIGINT exit 0.
+  The loop's handlers are installed before the app is set up or the port
+  bound; a SIGHUP held until then is answered by a reload at that point.
 - ``--workers N``: N processes bound to the same port with SO_REUSEPORT, each
   with its own event loop; the parent forwards SIGTERM and SIGHUP to all
   (workers.py). A worker whose parent died stops itself.
@@ -30,6 +34,7 @@ import time
 
 from aiohttp import web
 
+from . import early_signals
 from .app import create_app, server_options
 from .config import ConfigError, Settings, load_settings
 from .connections import ProxyRunner
@@ -129,33 +134,7 @@ async def _run(
 ) -> None:
     """Serve until SIGTERM/SIGINT. ``parent``: in a worker, the supervisor's pid."""
     app = create_app(settings)
-    runner = ProxyRunner(
-        app,
-        settings.server,
-        handler_cancellation=True,
-        shutdown_timeout=settings.server.shutdown_grace_seconds,
-        **server_options(),
-    )
-    await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=1024)
-    try:
-        await site.start()
-        metrics_runner = await _start_metrics_listener(app, settings, reuse_port)
-    except OSError as exc:
-        # Address in use, not ours to bind...: one clear line, resources closed.
-        await runner.cleanup()
-        raise CannotListen(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     pid = os.getpid()
-    log.info(
-        "oaimux serving %s on http://%s:%d: %d routes, %d upstreams, uvloop %s (pid %d)",
-        path,
-        host,
-        port,
-        len(settings.routes),
-        len(settings.upstreams),
-        "on" if uvloop_used else "off",
-        pid,
-    )
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
 
@@ -192,10 +171,44 @@ async def _run(
             logging.shutdown()
             os._exit(1)
 
+    # The loop's handlers replace the start-up ones (early_signals.py) before
+    # anything is set up or bound, so no signal finds the process half ready.
     loop.add_signal_handler(signal.SIGTERM, on_stop, "SIGTERM")
     loop.add_signal_handler(signal.SIGINT, on_stop, "SIGINT")
     loop.add_signal_handler(signal.SIGHUP, reload)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, LIFECYCLE_SIGNALS)
+    if early_signals.take_reload():
+        reload()  # a SIGHUP came after the file was read at start: read it again
+    runner = ProxyRunner(
+        app,
+        settings.server,
+        handler_cancellation=True,
+        shutdown_timeout=settings.server.shutdown_grace_seconds,
+        **server_options(),
+    )
+    await runner.setup()
+    if stop.is_set():  # stopped while setting up: never listen
+        await runner.cleanup()
+        log.info("stopped (pid %d) before listening", pid)
+        return
+    site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=1024)
+    try:
+        await site.start()
+        metrics_runner = await _start_metrics_listener(app, settings, reuse_port)
+    except OSError as exc:
+        # Address in use, not ours to bind...: one clear line, resources closed.
+        await runner.cleanup()
+        raise CannotListen(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    log.info(
+        "oaimux serving %s on http://%s:%d: %d routes, %d upstreams, uvloop %s (pid %d)",
+        path,
+        host,
+        port,
+        len(settings.routes),
+        len(settings.upstreams),
+        "on" if uvloop_used else "off",
+        pid,
+    )
     orphan_watch = loop.create_task(_watch_parent(parent, stop)) if parent is not None else None
     await stop.wait()
     if orphan_watch is not None:

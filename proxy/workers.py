@@ -8,6 +8,8 @@ the workers' listening sockets.
 - Workers are forked with those signals blocked and unblock them once their
   event loop handles them, so a signal that arrives while they start is held,
   not lost, and never kills a worker half set up.
+- A SIGHUP held while the process started (early_signals.py) is answered
+  before forking: the workers start from the file as it is then.
 - SIGHUP: the parent reads the file first; a broken file is reported once
   and not passed on (the workers keep the running config). A good one is
   passed on, and every worker re-reads it.
@@ -23,6 +25,7 @@ import sys
 import time
 from collections.abc import Iterable
 
+from . import early_signals
 from .config import ConfigError, Settings, load_settings
 
 __all__ = ["run_workers"]
@@ -63,6 +66,13 @@ def run_workers(path: str, settings: Settings, host: str, port: int, workers: in
     signal.pthread_sigmask(signal.SIG_BLOCK, LIFECYCLE_SIGNALS)
     for sig in LIFECYCLE_SIGNALS:
         signal.signal(sig, forward)
+    if early_signals.take_reload():
+        # A SIGHUP held since the file was read at start (early_signals.py):
+        # the workers start from the file as it is now.
+        try:
+            settings = load_settings(path)
+        except ConfigError as exc:
+            log.error("reload refused, the workers keep the running config: %s", exc)
     if settings.metrics.enabled:
         # Before forking: every worker writes its samples where any worker's
         # /metrics reads them all (prometheus_client's multiprocess mode).
