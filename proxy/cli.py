@@ -4,23 +4,34 @@
 of N (workers.py).
 
 Exit status 2 for a configuration error (message on stderr, no traceback).
+
+This module's top imports nothing heavy, and ``main`` takes over the
+lifecycle signals before importing the rest (early_signals.py): the console
+script ``oaimux`` and ``python -m proxy`` both import this module first, and
+a SIGHUP must not kill a process that is still importing aiohttp. Installing
+the handlers in ``main`` rather than at the top of ``proxy/__init__.py`` keeps
+every import free of side effects (a test or a library user importing
+``proxy`` keeps its own signal handling); the price is that this module and
+``proxy/__init__.py`` must stay light, which a test checks.
 """
 
 from __future__ import annotations
 
-import argparse
-import logging
 import os
 import sys
-from collections.abc import Sequence
 
-from .config import ConfigError, Settings, load_settings
-from .serve import configure_logging, port_reusable, serve
-from .workers import run_workers
+from . import early_signals
+
+# typing.TYPE_CHECKING without importing typing (several ms, all of them
+# before the signals are held); mypy reads any TYPE_CHECKING as true.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import argparse
+    from collections.abc import Sequence
+
+    from .config import Settings
 
 __all__ = ["main"]
-
-log = logging.getLogger("oaimux")
 
 
 def _config_path(given: str | None) -> str:
@@ -28,6 +39,8 @@ def _config_path(given: str | None) -> str:
 
 
 def _port(given: int | None, settings: Settings) -> int:
+    from .config import ConfigError
+
     if given is not None:
         return given
     env = os.environ.get("PORT")
@@ -40,6 +53,8 @@ def _port(given: int | None, settings: Settings) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
+    import argparse
+
     parser = argparse.ArgumentParser(
         prog="oaimux", description="One OpenAI-compatible endpoint in front of every model."
     )
@@ -59,9 +74,15 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    early_signals.hold()  # first: see the module docstring
+    from .config import ConfigError, load_settings
+    from .serve import configure_logging, port_reusable, serve
+
     args = _parser().parse_args(argv)
     path = _config_path(args.config)
     try:
+        # A SIGHUP held until now is answered by this read (it is newer).
+        early_signals.take_reload()
         settings = load_settings(path)
         if args.command == "check":
             print(f"ok: {settings.summary()}")
@@ -79,6 +100,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     configure_logging(settings)
     if args.workers > 1:
+        from .workers import run_workers
+
         return run_workers(path, settings, host, port, args.workers)
     return serve(path, settings, host, port)
 

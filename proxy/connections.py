@@ -37,6 +37,16 @@ never a clean end). aiohttp's own ``RequestHandler.shutdown(timeout)`` waits
 ``timeout``, cancels the request payload, then waits ``timeout`` again before
 it cancels the handler, so a stream that outlives the grace would hold the
 stop for twice the grace (a relay waits on the upstream, not on the payload).
+
+Every request refused here, before any view runs, still leaves its trace like
+any other (README, "Access log"): one access-log line and its count in the
+metrics. That takes the request's method and path, which aiohttp does not
+keep for a head its parser refused; so the first bytes of each head are kept
+until the head is parsed (a reference to the chunk that held it, dropped at
+once when the head is fine), and a refusal reads its request line from them.
+A refused head without a readable request line (garbage, a TLS handshake on
+the plain port, a broken or oversized request line) is not a request to log;
+a connection that sent nothing before the header deadline is not either.
 """
 
 from __future__ import annotations
@@ -44,25 +54,31 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import logging
+import re
 import struct
 import termios
 from typing import Any, Final
 
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError, LineTooLong
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.streams import StreamReader
+from aiohttp.web_protocol import RequestHandler, _ErrInfo
 
 from . import SERVER
+from .admission import identify
 from .errors import (
     ERROR_HEADER,
     ExpectationFailed,
     HeadersTooLarge,
     InvalidRequest,
     ProxyError,
+    RequestTimeout,
     RequestTooLarge,
+    error_body,
     error_response,
 )
-from .keys import RUNTIME
+from .keys import OBSERVER, RUNTIME
+from .observe import OUR_REQUEST_ID_HEADER, Exchange, Observer, new_request_id, request_id_for
 from .settings import ServerSettings
 from .ticker import Ticker
 
@@ -78,19 +94,17 @@ __all__ = [
 
 log = logging.getLogger("oaimux.connections")
 
-_TIMEOUT_BODY = (
-    b'{"error":{"message":"The request headers did not arrive in time.",'
-    b'"type":"invalid_request_error","param":null,"code":"request_timeout"}}'
+_HEAD_TIMEOUT = RequestTimeout("The request headers did not arrive in time.")
+_HEAD_TIMEOUT_BODY = error_body(_HEAD_TIMEOUT.message, _HEAD_TIMEOUT.type, _HEAD_TIMEOUT.code)
+
+# How much of a head's start is kept to read its request line from: the
+# longest request line the parser accepts (server_options' max_line_size).
+_HEAD_START_LIMIT = 8192
+# RFC 9112 §3: method SP request-target SP HTTP-version CRLF, after any empty
+# lines (§2.2). The target as the parser would take it: visible ASCII only.
+_REQUEST_LINE = re.compile(
+    rb"(?:\r?\n)*([!#$%&'*+.^_`|~0-9A-Za-z-]{1,32}) ([!-~]{1,8190}) HTTP/[0-9]\.[0-9]\r?\n"
 )
-# Written raw: no request object exists yet when the head never completed.
-_HEAD_TIMEOUT_RESPONSE = (
-    "HTTP/1.1 408 Request Timeout\r\n"
-    "Content-Type: application/json\r\n"
-    f"Content-Length: {len(_TIMEOUT_BODY)}\r\n"
-    "Connection: close\r\n"
-    f"Server: {SERVER}\r\n"
-    f"{ERROR_HEADER}: request_timeout\r\n\r\n"
-).encode() + _TIMEOUT_BODY
 
 
 # Linux's ioctl for the bytes a TCP socket has sent (or queued) that its peer
@@ -186,15 +200,53 @@ class SendWatch(Ticker):
         return bool(self._held)
 
 
+def _request_line(head_start: bytes) -> tuple[str, str] | None:
+    """Method and path (without the query, which can carry a key) of the head
+    that starts with ``head_start``, when its request line is complete and readable."""
+    match = _REQUEST_LINE.match(head_start)
+    if match is None:
+        return None
+    target = match[2].decode("ascii")
+    return match[1].decode("ascii"), target.partition("?")[0][:512]
+
+
+def _head_timeout_response(request_id: str) -> bytes:
+    """The 408 written raw: no request object exists when the head never completed."""
+    return (
+        f"HTTP/1.1 408 Request Timeout\r\n"
+        f"Content-Type: application/json\r\n"
+        f"Content-Length: {len(_HEAD_TIMEOUT_BODY)}\r\n"
+        f"Connection: close\r\n"
+        f"Server: {SERVER}\r\n"
+        f"{ERROR_HEADER}: {_HEAD_TIMEOUT.code}\r\n"
+        f"{OUR_REQUEST_ID_HEADER}: {request_id}\r\n\r\n"
+    ).encode() + _HEAD_TIMEOUT_BODY
+
+
 class GuardedRequestHandler(RequestHandler):
     """aiohttp's connection protocol with a deadline for the first request head,
     a bound on writes a client does not take, and parser refusals answered as
-    OpenAI JSON."""
+    OpenAI JSON, logged and counted."""
 
-    __slots__ = ("_ended", "_head_deadline", "_head_timeout", "_send_watch", "stalled")
+    __slots__ = (
+        "_body",
+        "_ended",
+        "_head_deadline",
+        "_head_start",
+        "_head_timeout",
+        "_observer",
+        "_send_watch",
+        "stalled",
+    )
 
     def __init__(
-        self, manager: web.Server, *, head_timeout: float, send_watch: SendWatch, **kwargs: Any
+        self,
+        manager: web.Server,
+        *,
+        head_timeout: float,
+        send_watch: SendWatch,
+        observer: Observer | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(manager, **kwargs)
         self._head_timeout = head_timeout
@@ -203,15 +255,31 @@ class GuardedRequestHandler(RequestHandler):
         self._send_watch = send_watch
         # Set when the send bound closed the connection (access log: client_stalled).
         self.stalled = False
+        self._observer = observer
+        self._head_start = b""  # the bytes of a head not parsed yet (see the module docstring)
+        self._body: StreamReader | None = None  # the body still arriving, if any
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         self._head_deadline = self._loop.call_later(self._head_timeout, self._head_overdue)
 
     def data_received(self, data: bytes) -> None:
+        body = self._body
+        if body is not None and body.is_eof():
+            body = self._body = None
+        if body is None and not self._upgraded:
+            # Between bodies: these bytes start, or continue, a request head.
+            start = self._head_start
+            if len(start) < _HEAD_START_LIMIT:
+                self._head_start = start + data if start else data
         super().data_received(data)
-        if self._messages:
+        messages = self._messages
+        if messages:
             self._drop_head_timers()
+            message, payload = messages[-1]
+            if type(message) is not _ErrInfo:  # a refusal keeps them for handle_error
+                self._head_start = b""
+                self._body = payload
 
     def _drop_head_timers(self) -> None:
         """A request head is in: drop the timers that only bound its arrival.
@@ -299,10 +367,22 @@ class GuardedRequestHandler(RequestHandler):
     def _head_overdue(self) -> None:
         self._head_deadline = None
         # _request_count counts request heads the parser completed (bad ones too).
-        if self._request_count or self.transport is None:
+        transport = self.transport
+        if self._request_count or transport is None:
             return
-        self.transport.write(_HEAD_TIMEOUT_RESPONSE)
+        request_id = new_request_id()
+        transport.write(_head_timeout_response(request_id))
         self.force_close()  # closes after the 408 is flushed
+        if self._head_start and self._observer is not None:
+            # Part of a head came (a connection that sent nothing made no request).
+            method, path = _request_line(self._head_start) or ("-", "-")
+            peer = transport.get_extra_info("peername")
+            ex = Exchange(request_id, method, path, peer[0] if peer else "-")
+            # It arrived when the connection opened.
+            ex.started -= self._head_timeout
+            ex.started_wall -= self._head_timeout
+            self._observer.refused(ex, _HEAD_TIMEOUT, len(_HEAD_TIMEOUT_BODY))
+        self._head_start = b""
 
     def handle_error(
         self,
@@ -330,6 +410,14 @@ class GuardedRequestHandler(RequestHandler):
             )
         resp = error_response(err)
         resp.force_close()
+        request_id = new_request_id()
+        resp.headers[OUR_REQUEST_ID_HEADER] = request_id
+        line = _request_line(self._head_start)
+        self._head_start = b""
+        if line is not None and self._observer is not None:
+            ex = Exchange(request_id, line[0], line[1], request.remote or "-")
+            assert isinstance(resp.body, bytes)
+            self._observer.refused(ex, err, len(resp.body))
         return resp
 
 
@@ -355,11 +443,18 @@ class GuardedServer(web.Server):
     module docstring)."""
 
     def __init__(
-        self, handler: Any, *, head_timeout: float, send_timeout: float, **kwargs: Any
+        self,
+        handler: Any,
+        *,
+        head_timeout: float,
+        send_timeout: float,
+        observer: Observer | None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(handler, **kwargs)
         self.head_timeout = head_timeout
         self.send_watch = SendWatch(send_timeout)
+        self.observer = observer
         self.stop_began: float | None = None
         self.finished = 0  # connections that ended by themselves while stopping
         self.cut = 0  # requests still running at the deadline, aborted
@@ -370,6 +465,7 @@ class GuardedServer(web.Server):
             loop=self._loop,
             head_timeout=self.head_timeout,
             send_watch=self.send_watch,
+            observer=self.observer,
             **self._kwargs,
         )
 
@@ -471,6 +567,7 @@ class ProxyRunner(web.AppRunner):
             loop=plain._loop,
             head_timeout=self.head_timeout,
             send_timeout=self.send_timeout,
+            observer=self._app.get(OBSERVER),
             **plain._kwargs,
         )
 
@@ -504,21 +601,39 @@ async def expect_continue(request: web.Request) -> web.StreamResponse | None:
     expect = request.headers.get("Expect", "")
     if expect.lower() != "100-continue":
         close_without_lingering(request)
-        resp = error_response(ExpectationFailed("Only 'Expect: 100-continue' is supported."))
-        resp.force_close()
-        return resp
+        return _refuse(request, ExpectationFailed("Only 'Expect: 100-continue' is supported."))
     limit = request.app[RUNTIME].current.settings.server.max_body_bytes
     length = request.content_length
     if length is not None and length > limit:
-        resp = error_response(
-            RequestTooLarge(f"The request body is larger than this proxy accepts ({limit} bytes).")
-        )
         # The client waits for our word before sending the body, so there is
         # nothing to drain; the connection cannot be reused without it.
         close_without_lingering(request)
-        resp.force_close()
-        return resp
+        return _refuse(
+            request,
+            RequestTooLarge(f"The request body is larger than this proxy accepts ({limit} bytes)."),
+        )
     if request.version >= (1, 1):
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         request.writer.output_size = 0  # the final response has not started
     return None
+
+
+def _refuse(request: web.Request, err: ProxyError) -> web.Response:
+    """Answer ``err`` for a request no view will see (aiohttp skips the
+    middlewares after an expect handler's answer), logged and counted like any."""
+    runtime = request.app[RUNTIME].current
+    caller = identify(request, runtime)
+    ex = Exchange(
+        request_id_for(request),
+        request.method,
+        request.raw_path.partition("?")[0][:512],
+        caller.address,
+    )
+    ex.key_name = caller.key.name if caller.key is not None else None
+    resp = error_response(err)
+    resp.force_close()
+    resp.headers[OUR_REQUEST_ID_HEADER] = ex.request_id
+    resp.headers["x-request-id"] = ex.request_id
+    assert isinstance(resp.body, bytes)
+    request.app[OBSERVER].refused(ex, err, len(resp.body))
+    return resp

@@ -17,6 +17,8 @@ Contract of :func:`forward`:
   ``fallback_on_timeout``: the upstream may be generating already, and a
   second try could run and bill the request twice. A 429/5xx from the last
   upstream with nothing left to try is relayed to the client as it came.
+  Otherwise the error that ends the walk says what happened at each upstream,
+  in order (attempts.py), and the server log gets the same words once.
 - After the response is prepared, the response is the client's. A failure
   can only abort the client's connection, so no terminating chunk is written
   and the client library raises instead of taking a truncated body as whole
@@ -41,12 +43,10 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDictProxy, istr
 
+from .attempts import CIRCUIT_OPEN, Attempts, Ending, answered, no_headers_within
 from .bodies import BodyStream
 from .connections import client_outcome
 from .errors import (
-    ProxyError,
-    UpstreamAuthFailed,
-    UpstreamTimeout,
     UpstreamUnavailable,
 )
 from .health import Health, backoff_delay, order_upstreams
@@ -83,12 +83,13 @@ class Answered:
 
 
 class _Refused(Exception):
-    """An upstream answer we will not relay; try the next one."""
+    """An attempt that got no response: ``kind`` for the metrics, ``what`` in
+    words (attempts.py)."""
 
-    def __init__(self, error: ProxyError, kind: str) -> None:
+    def __init__(self, kind: str, what: str) -> None:
         super().__init__(kind)
-        self.error = error
         self.kind = kind
+        self.what = what
 
 
 def abort_client(request: web.BaseRequest) -> None:
@@ -128,23 +129,29 @@ async def forward(
     """
     order = order_upstreams(route.upstreams, route.balance)
     plans = runtime.plans
-    last_error: ProxyError | None = None
+    # Made at the first failure or skip: nothing is noted for a first-try answer.
+    attempts: Attempts | None = None
+    ending: Ending | None = None  # set once an attempt failed
     previous: str | None = None
     for position, name in enumerate(order):
         plan = plans[name]
         upstream = plan.upstream
         if not health.available(upstream):
-            continue  # breaker open (or its one probe is out): skip, don't wait
+            # Breaker open (or its one probe is out): skip, don't wait.
+            attempts = attempts or Attempts()
+            attempts.note(name, CIRCUIT_OPEN)
+            continue
         if previous is not None:
             observer.fallback(previous, name)
         previous = name
-        attempts = upstream.retries.attempts + 1
+        tries = upstream.retries.attempts + 1
         try:
-            for attempt in range(attempts):
+            for attempt in range(tries):
                 if attempt:
                     await asyncio.sleep(backoff_delay(upstream.retries.backoff, attempt))
-                if last_error is not None and _spent(body):
-                    raise last_error  # a streamed body cannot be sent twice
+                if ending is not None and attempts is not None and _spent(body):
+                    # A streamed body cannot be sent twice.
+                    raise attempts.error(ending, ex.request_id)
                 ex.tried.append(name)
                 try:
                     upstream_resp = await _open(
@@ -163,15 +170,18 @@ async def forward(
                         raise body.failure from None  # the client's fault, not the upstream's
                     health.failure(upstream)
                     observer.upstream_failure(name, refused.kind)
-                    last_error = refused.error
+                    attempts = attempts or Attempts()
+                    attempts.note(name, refused.what)
                     if refused.kind == "timeout":
+                        ending = Ending.TIMEOUT
                         if not route.fallback_on_timeout:
                             # The request was sent whole: the upstream may be
                             # generating already. Another try could run (and
                             # bill) it twice, so only an opted-in route moves on,
                             # and never to the same upstream.
-                            raise refused.error from None
+                            raise attempts.error(ending, ex.request_id) from None
                         break
+                    ending = Ending.UNAVAILABLE
                     continue
                 status = upstream_resp.status
                 if (
@@ -182,24 +192,23 @@ async def forward(
                     _log_auth_failure(upstream_resp, name)
                     health.failure(upstream)
                     observer.upstream_failure(name, "auth")
-                    last_error = UpstreamAuthFailed(
-                        f"The upstream '{name}' refused the proxy's credential. "
-                        "This is a configuration problem of the proxy, not of your request."
-                    )
+                    attempts = attempts or Attempts()
+                    attempts.note(name, answered(status, credential_refused=True))
+                    ending = Ending.CREDENTIAL_REFUSED
                     break  # the same key would be refused again
                 if status == 429 or status >= 500:
                     health.failure(upstream)
                     # A 429 says "wait": retrying the same upstream at once is
                     # pointless, so it only moves on. A 5xx may be retried.
-                    retry_here = status != 429 and attempt + 1 < attempts
+                    retry_here = status != 429 and attempt + 1 < tries
                     if not _spent(body) and (
                         retry_here or _another(order, position, plans, health)
                     ):
                         upstream_resp.close()
                         observer.upstream_failure(name, f"status_{status}")
-                        last_error = UpstreamUnavailable(
-                            f"The upstream '{name}' answered {status}."
-                        )
+                        attempts = attempts or Attempts()
+                        attempts.note(name, answered(status))
+                        ending = Ending.UNAVAILABLE
                         if retry_here:
                             continue
                         break
@@ -208,6 +217,13 @@ async def forward(
                     health.success(upstream)
                 ex.tried.pop()
                 ex.upstream = name
+                if attempts is not None and attempts.failed:
+                    log.warning(
+                        "answered by %s after: %s [request %s]",
+                        name,
+                        attempts.summary(),
+                        ex.request_id,
+                    )
                 upload = body if isinstance(body, BodyStream) else None
                 return Answered(upstream_resp, plan, upload)
         except asyncio.CancelledError:
@@ -217,10 +233,10 @@ async def forward(
         except BaseException:
             health.release_probe(upstream)
             raise
-    if last_error is None:
+    if ending is None or attempts is None:
         # Every breaker is open: fail fast, and say when to come back.
         raise health.all_paused(plans[n].upstream for n in route.upstreams)
-    raise last_error
+    raise attempts.error(ending, ex.request_id)
 
 
 def _spent(body: bytes | bytearray | BodyStream) -> bool:
@@ -271,22 +287,10 @@ async def _open(
             timeouts.response,
         )
     except TimeoutError:
-        raise _Refused(
-            UpstreamTimeout(
-                f"The upstream '{plan.name}' sent no response headers within "
-                f"{timeouts.response:g} seconds."
-            ),
-            "timeout",
-        ) from None
+        raise _Refused("timeout", no_headers_within(timeouts.response)) from None
     except UpstreamFailure as failure:
-        kind = failure.kind
-    # Never include the exception: its repr can carry request headers (our key).
-    log.warning(
-        "upstream %s failed before responding (%s) [request %s]", plan.name, kind, ex.request_id
-    )
-    raise _Refused(
-        UpstreamUnavailable(f"The upstream '{plan.name}' could not be reached ({kind})."), kind
-    )
+        # Its words, never the exception's repr: that can carry request headers (our key).
+        raise _Refused(failure.kind, failure.detail) from None
 
 
 def _log_auth_failure(upstream_resp: UpstreamResponse, name: str) -> None:
@@ -360,7 +364,8 @@ async def relay(
                 ex.request_id,
             )
             raise UpstreamUnavailable(
-                f"The upstream '{plan.name}' sent a malformed response (bad_response)."
+                f"No upstream could answer: {plan.name}: sent a response header that "
+                "cannot be relayed."
             ) from None
         if whole is not None:
             ex.ttfb = time.perf_counter() - ex.started

@@ -12,8 +12,8 @@ removes it at exit (:func:`share_metrics_across_workers`).
 
 Label values are bounded by the configuration: ``model`` is a routing-table
 entry (an exact id, a glob pattern, or a discovered id), never the string a
-client sent; ``upstream`` is a configured upstream name; ``kind`` and
-``status_class`` come from fixed sets.
+client sent; ``upstream`` is a configured upstream name; ``kind``,
+``status_class`` and the error ``status`` and ``code`` come from fixed sets.
 """
 
 from __future__ import annotations
@@ -169,6 +169,13 @@ class Metrics:
             registry=own,
             multiprocess_mode="livemax",
         )
+        self.errors = Counter(
+            "oaimux_errors",
+            "Errors the proxy answered itself (OpenAI error JSON with x-oaimux-error), "
+            "by status and error code; also the requests refused before a handler ran.",
+            ("status", "code"),
+            registry=own,
+        )
         self.tokens = Counter(
             "oaimux_tokens",
             "Tokens reported in the upstream's usage object, by routing-table model, "
@@ -181,6 +188,7 @@ class Metrics:
         self.open_streams_now = 0
         self._pending_requests: dict[tuple[str, str, int], int] = {}
         self._pending_tokens: dict[tuple[str, str], list[int]] = {}
+        self._pending_errors: dict[tuple[int, str], int] = {}
         self._sync_scheduled = False
         self._pending_latency: dict[str, _Observations] = {}
         for name in upstreams:
@@ -204,6 +212,12 @@ class Metrics:
             seen.ttfb[bisect_left(_BUCKETS, ttfb)] += 1
             seen.ttfb_sum += ttfb
 
+    def count_error(self, status: int, code: str) -> None:
+        """One error the proxy answered itself (``code`` from the fixed set of errors.py)."""
+        key = (status, code)
+        pending = self._pending_errors
+        pending[key] = pending.get(key, 0) + 1
+
     def count_tokens(
         self, model: str, upstream: str, prompt: int | None, completion: int | None
     ) -> None:
@@ -221,6 +235,10 @@ class Metrics:
             labels = self.requests.labels
             for (model, upstream, klass), count in pending.items():
                 labels(model, upstream, _STATUS_CLASSES[min(klass, 9)]).inc(count)
+        if self._pending_errors:
+            errors, self._pending_errors = self._pending_errors, {}
+            for (status, code), count in errors.items():
+                self.errors.labels(str(status), code).inc(count)
         if self._pending_tokens:
             tokens, self._pending_tokens = self._pending_tokens, {}
             labels = self.tokens.labels

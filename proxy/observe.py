@@ -46,6 +46,7 @@ __all__ = [
     "Exchange",
     "Observer",
     "make_observer",
+    "new_request_id",
     "request_id_for",
     "send_access_log_to",
 ]
@@ -77,6 +78,11 @@ def request_id_for(request: web.BaseRequest) -> str:
     given = request.headers.get("X-Request-Id")
     if given is not None and _REQUEST_ID.match(given):
         return given
+    return new_request_id()
+
+
+def new_request_id() -> str:
+    """A new request id: 32 hex digits."""
     # 128 random bits as 32 hex digits, like uuid4().hex (~4 us here) for
     # ~0.25 us (os.urandom's system call alone is ~0.6 us). An id needs to be
     # unique, not unguessable; the random module reseeds in a forked child
@@ -310,12 +316,13 @@ class Observer:
                 ex.stream_open = False
             upstream = ex.upstream or ""
             metrics.request_finished(ex.metric_model, upstream, ex.status, ex.duration, ex.ttfb)
+            if ex.error_code is not None:
+                metrics.count_error(ex.status, ex.error_code)
             outcome = ex.outcome
-            if outcome != "complete":
-                if outcome in ("upstream_reset", "idle_timeout") and ex.upstream is not None:
-                    metrics.upstream_failures.labels(upstream, outcome).inc()
-                elif outcome == "client_stalled":
-                    metrics.client_stalls.labels(upstream).inc()
+            if outcome in ("upstream_reset", "idle_timeout") and ex.upstream is not None:
+                metrics.upstream_failures.labels(upstream, outcome).inc()
+            elif outcome == "client_stalled":
+                metrics.client_stalls.labels(upstream).inc()
             if ex.prompt_tokens is not None or ex.completion_tokens is not None:
                 metrics.count_tokens(
                     ex.metric_model, upstream, ex.prompt_tokens, ex.completion_tokens
@@ -411,6 +418,15 @@ class Observer:
             f',"error":{_json(ex.error_code)},"prompt_tokens":{_json_int(ex.prompt_tokens)}'
             f',"completion_tokens":{_json_int(ex.completion_tokens)}}}'
         )
+
+    def refused(self, ex: Exchange, err: ProxyError, bytes_out: int) -> None:
+        """A request the server refused before any view ran (connections.py:
+        the parser, the header deadline, ``Expect``), answered with ``err``."""
+        ex.status = err.status
+        ex.error_code = err.code
+        ex.outcome = "error"
+        ex.bytes_out = bytes_out
+        self.finished(ex)
 
     # -- hooks called from admission, forward and health
 

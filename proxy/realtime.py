@@ -53,6 +53,16 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from . import SERVER
 from .admission import Caller
+from .attempts import (
+    CIRCUIT_OPEN,
+    DISCONNECTED,
+    Attempts,
+    Ending,
+    answered,
+    connect_failure,
+    no_headers_within,
+    reset,
+)
 from .auth import KeyTable
 from .errors import (
     InvalidRequest,
@@ -60,14 +70,13 @@ from .errors import (
     NotFound,
     ProxyError,
     RateLimited,
-    UpstreamAuthFailed,
-    UpstreamTimeout,
     UpstreamUnavailable,
 )
 from .health import Health, order_upstreams
 from .observe import Exchange, Observer
 from .runtime import Runtime
 from .settings import Route
+from .upstream import Origin
 
 __all__ = [
     "REALTIME_PATH",
@@ -472,14 +481,19 @@ async def _connect(
     """The upstream leg, after the upstream's ``101``; tries the route's upstreams in order."""
     route = target.route
     plans = runtime.plans
-    last_error: ProxyError | None = None
+    # As in forward.py: made at the first failure or skip.
+    attempts: Attempts | None = None
+    ending: Ending | None = None
     previous: str | None = None
     limit = runtime.settings.server.max_body_bytes
     for name in order_upstreams(route.upstreams, route.balance):
         plan = plans[name]
         upstream_settings = plan.upstream
         if not health.available(upstream_settings):
-            continue  # breaker open: skip, as forward.py does
+            # Breaker open: skip, as forward.py does.
+            attempts = attempts or Attempts()
+            attempts.note(name, CIRCUIT_OPEN)
+            continue
         if previous is not None:
             observer.fallback(previous, name)
         previous = name
@@ -515,26 +529,26 @@ async def _connect(
                     status,
                 )
                 kind = "auth"
-                last_error = UpstreamAuthFailed(
-                    f"The upstream '{name}' refused the proxy's credential. "
-                    "This is a configuration problem of the proxy, not of your request."
-                )
+                what = answered(status, credential_refused=True)
+                ending = Ending.CREDENTIAL_REFUSED
             elif status == 429 or status >= 500 or status < 400:
                 kind = f"status_{status}"
-                last_error = _refused(name, status)
+                what = answered(status)
+                ending = (
+                    Ending.HANDSHAKE_RATE_LIMITED if status == 429 else Ending.HANDSHAKE_REFUSED
+                )
             else:
                 # The upstream's verdict on this request (e.g. 400, 404): no fallback.
                 health.success(upstream_settings)
                 raise _refused(name, status) from None
         except TimeoutError:
             kind = "timeout"
-            last_error = UpstreamTimeout(
-                f"The upstream '{name}' did not answer the WebSocket handshake within "
-                f"{timeout:g} seconds."
-            )
-        except (aiohttp.ClientError, OSError):
-            kind = "connect"
-            last_error = UpstreamUnavailable(f"The upstream '{name}' could not be reached.")
+            what = no_headers_within(timeout)
+            ending = Ending.TIMEOUT
+        except (aiohttp.ClientError, OSError) as exc:
+            # Its words, never the exception's repr: that can carry request headers (our key).
+            kind, what = _connect_failure(exc, plan.origin)
+            ending = Ending.UNAVAILABLE
         except asyncio.CancelledError:
             health.release_probe(upstream_settings)
             raise
@@ -542,19 +556,33 @@ async def _connect(
             health.success(upstream_settings)
             ex.tried.pop()
             ex.upstream = name
+            if attempts is not None and attempts.failed:
+                log.warning(
+                    "answered by %s after: %s [request %s]",
+                    name,
+                    attempts.summary(),
+                    ex.request_id,
+                )
             return upstream
-        # Never log the exception: its repr can carry request headers (our key).
-        log.warning(
-            "upstream %s refused the realtime handshake (%s) [request %s]",
-            name,
-            kind,
-            ex.request_id,
-        )
+        attempts = attempts or Attempts()
+        attempts.note(name, what)
         health.failure(upstream_settings)
         observer.upstream_failure(name, kind)
-    if last_error is None:
+    if ending is None or attempts is None:
         raise health.all_paused(plans[n].upstream for n in route.upstreams)
-    raise last_error
+    raise attempts.error(ending, ex.request_id)
+
+
+def _connect_failure(exc: aiohttp.ClientError | OSError, origin: Origin) -> tuple[str, str]:
+    """The failure kind and its words for an upstream WebSocket that could not
+    be opened, in upstream.py's terms."""
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return "connect", connect_failure(exc.os_error, origin.host, origin.port)
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "disconnected", DISCONNECTED
+    if isinstance(exc, OSError) and not isinstance(exc, aiohttp.ClientError):
+        return "connect", connect_failure(exc, origin.host, origin.port)
+    return "reset", reset(exc)
 
 
 def _refused(name: str, status: int) -> ProxyError:

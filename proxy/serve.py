@@ -11,6 +11,10 @@
   one); on failure keep the old one and log why. Settings read only at start
   (listen address, grace, header/keep-alive timeouts, CORS, logging, metrics,
   rate-limit storage) are named in a warning: they need a restart.
+- Before the loop handles them (while importing and loading), the start-up
+  dispositions of early_signals.py apply: SIGHUP held, SIGTERM/SIGINT exit 0.
+  The loop's handlers are installed before the app is set up or the port
+  bound; a SIGHUP held until then is answered by a reload at that point.
 - A worker of ``--workers N`` (workers.py) runs the same server; one whose
   supervisor died stops itself.
 
@@ -33,6 +37,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from . import early_signals
 from .app import create_app, server_options
 from .config import ConfigError, Settings, load_settings
 from .connections import ProxyRunner
@@ -147,31 +152,10 @@ async def _run(
 ) -> None:
     """Serve until SIGTERM/SIGINT, then drain (module docstring)."""
     app = create_app(settings)
-    runner = ProxyRunner(app, settings.server, handler_cancellation=True, **server_options())
-    await runner.setup()
     pid = os.getpid()
     if worker is not None and worker.current is not settings:
         # A replacement worker: serve the configuration its siblings reloaded.
         _apply(app, path, settings, worker.current, pid)
-    site = web.TCPSite(runner, host, port, reuse_port=worker is not None or None, backlog=1024)
-    try:
-        await site.start()
-        metrics_runner = await _start_metrics_listener(app, settings, worker is not None)
-    except OSError as exc:
-        # Address in use, not ours to bind...: one clear line, resources closed.
-        await runner.cleanup()
-        raise CannotListen(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-    served = app[RUNTIME].current.settings
-    log.info(
-        "oaimux serving %s on http://%s:%d: %d routes, %d upstreams, uvloop %s (pid %d)",
-        path,
-        host,
-        port,
-        len(served.routes),
-        len(served.upstreams),
-        "on" if uvloop_used else "off",
-        pid,
-    )
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
 
@@ -194,10 +178,39 @@ async def _run(
             logging.shutdown()
             os._exit(1)
 
+    # The loop's handlers replace the start-up ones (early_signals.py) before
+    # anything is set up or bound, so no signal finds the process half ready.
     loop.add_signal_handler(signal.SIGTERM, on_stop, "SIGTERM")
     loop.add_signal_handler(signal.SIGINT, on_stop, "SIGINT")
     loop.add_signal_handler(signal.SIGHUP, reload)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, LIFECYCLE_SIGNALS)
+    if early_signals.take_reload():
+        reload()  # a SIGHUP came after the file was read at start: read it again
+    runner = ProxyRunner(app, settings.server, handler_cancellation=True, **server_options())
+    await runner.setup()
+    if stop.is_set():  # stopped while setting up: never listen
+        await runner.cleanup()
+        log.info("stopped (pid %d) before listening", pid)
+        return
+    site = web.TCPSite(runner, host, port, reuse_port=worker is not None or None, backlog=1024)
+    try:
+        await site.start()
+        metrics_runner = await _start_metrics_listener(app, settings, worker is not None)
+    except OSError as exc:
+        # Address in use, not ours to bind...: one clear line, resources closed.
+        await runner.cleanup()
+        raise CannotListen(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    served = app[RUNTIME].current.settings
+    log.info(
+        "oaimux serving %s on http://%s:%d: %d routes, %d upstreams, uvloop %s (pid %d)",
+        path,
+        host,
+        port,
+        len(served.routes),
+        len(served.upstreams),
+        "on" if uvloop_used else "off",
+        pid,
+    )
     orphan_watch = (
         loop.create_task(_watch_parent(worker.parent, stop)) if worker is not None else None
     )

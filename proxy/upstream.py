@@ -43,6 +43,7 @@ from aiohttp.streams import StreamReader
 from multidict import CIMultiDict, CIMultiDictProxy, MultiMapping
 from yarl import URL
 
+from .attempts import BAD_RESPONSE, DISCONNECTED, connect_failure, connect_timeout, reset
 from .ticker import Ticker
 
 __all__ = ["Origin", "UpstreamFailure", "UpstreamPool", "UpstreamResponse"]
@@ -62,13 +63,15 @@ _NO_HEADERS: Final = CIMultiDictProxy(CIMultiDict[str]())
 
 
 class UpstreamFailure(Exception):
-    """The upstream gave no response; ``kind`` says why (see the module docstring).
+    """The upstream gave no response; ``kind`` says why (see the module docstring),
+    ``detail`` in words with the address when there is one (attempts.py).
 
-    The message never holds request headers (they carry the upstream key)."""
+    Neither ever holds request headers (they carry the upstream key)."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, detail: str) -> None:
         super().__init__(kind)
         self.kind = kind
+        self.detail = detail
 
 
 @dataclass(frozen=True, slots=True)
@@ -410,7 +413,7 @@ class UpstreamPool:
             head = _head(method, target, origin.host_header, headers, body, body_length, streamed)
             transport = conn.transport
             if transport is None:
-                raise UpstreamFailure("disconnected")
+                raise UpstreamFailure("disconnected", DISCONNECTED)
             if isinstance(body, _BUFFERS):
                 if len(body) < _COALESCE_BELOW:
                     transport.write(head + body if body else head)
@@ -440,11 +443,11 @@ class UpstreamPool:
             if isinstance(exc, UpstreamFailure | asyncio.CancelledError | TimeoutError):
                 raise
             if isinstance(exc, ServerDisconnectedError):
-                raise UpstreamFailure("disconnected") from None
+                raise UpstreamFailure("disconnected", DISCONNECTED) from None
             if isinstance(exc, HttpProcessingError):
-                raise UpstreamFailure("bad_response") from None
+                raise UpstreamFailure("bad_response", BAD_RESPONSE) from None
             if isinstance(exc, ClientError | OSError):
-                raise UpstreamFailure("reset") from None
+                raise UpstreamFailure("reset", reset(exc)) from None
             raise
         finally:
             deadlines.forget(conn)
@@ -531,13 +534,15 @@ class UpstreamPool:
                         return conn
                     except OSError as exc:
                         error = exc  # try the host's next address
-                raise error or OSError("no address")
+                raise error or socket.gaierror(socket.EAI_NONAME, "no address")
         except TimeoutError:
             if response_timeout < timeout:
                 raise
-            raise UpstreamFailure("connect_timeout") from None
-        except OSError:
-            raise UpstreamFailure("connect") from None
+            detail = connect_timeout(timeout, origin.host, origin.port)
+            raise UpstreamFailure("connect_timeout", detail) from None
+        except OSError as exc:
+            detail = connect_failure(exc, origin.host, origin.port)
+            raise UpstreamFailure("connect", detail) from None
 
     async def _resolve(
         self, origin: Origin, loop: asyncio.AbstractEventLoop

@@ -21,6 +21,8 @@ workers' listening sockets.
   replacement at once, each further one within a minute after a doubling
   backoff (0.5 s, 1 s, ... up to 10 s). More than N deaths within a minute
   stop everything (exit 1), so the service manager takes over.
+- A SIGHUP held while the process started (early_signals.py) is answered
+  before forking: the workers start from the file as it is then.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import sys
 import time
 from collections import deque
 
+from . import early_signals
 from .config import ConfigError, Settings, load_settings
 from .metrics import forget_worker, share_metrics_across_workers
 from .serve import LIFECYCLE_SIGNALS, Worker, serve_worker
@@ -72,6 +75,10 @@ class _Supervisor:
 
     def run(self) -> int:
         signal.pthread_sigmask(signal.SIG_BLOCK, _WATCHED)
+        if early_signals.take_reload():
+            # A SIGHUP held since the file was read at start (early_signals.py):
+            # the workers start from the file as it is now.
+            self._reload()
         if self.started_with.metrics.enabled:
             # Before forking: every worker writes its samples where any worker's
             # /metrics reads them all (prometheus_client's multiprocess mode).
