@@ -37,7 +37,13 @@ from .failurelog import FailureLog
 from .runtime import RuntimeHolder, UpstreamPlan, build_runtime
 from .settings import Settings
 
-__all__ = ["Discovery", "DiscoveryFailed", "fetch_model_ids"]
+__all__ = [
+    "Discovery",
+    "DiscoveryFailed",
+    "fetch_model_ids",
+    "models_request_headers",
+    "parse_model_ids",
+]
 
 log = logging.getLogger("oaimux.discovery")
 
@@ -54,11 +60,7 @@ async def fetch_model_ids(
     session: aiohttp.ClientSession, plan: UpstreamPlan, timeout: float
 ) -> tuple[str, ...]:
     """The ids of ``GET {url}/models`` (OpenAI's list shape), or :class:`DiscoveryFailed`."""
-    headers = plan.request_headers.build(
-        CIMultiDictProxy(CIMultiDict({"Accept": "application/json"})),
-        f"discover-{uuid.uuid4().hex}",
-        None,
-    )
+    headers = models_request_headers(plan, "discover")
     try:
         async with asyncio.timeout(timeout):
             async with session.get(
@@ -77,10 +79,21 @@ async def fetch_model_ids(
     except (aiohttp.ClientError, OSError) as exc:
         # The exception's repr can carry request headers: name its type only.
         raise DiscoveryFailed(f"could not be reached ({type(exc).__name__})") from None
-    return _parse_ids(body)
+    return parse_model_ids(body)
 
 
-def _parse_ids(body: bytes) -> tuple[str, ...]:
+def models_request_headers(plan: UpstreamPlan, purpose: str) -> CIMultiDict[str]:
+    """The headers of the proxy's own ``GET /models``: the upstream's rewrites
+    (its credential set), as on any request; ``purpose`` starts the request id."""
+    return plan.request_headers.build(
+        CIMultiDictProxy(CIMultiDict({"Accept": "application/json"})),
+        f"{purpose}-{uuid.uuid4().hex}",
+        None,
+    )
+
+
+def parse_model_ids(body: bytes) -> tuple[str, ...]:
+    """The usable ids of an OpenAI model list, or :class:`DiscoveryFailed`."""
     try:
         doc = json.loads(body)
     except ValueError:

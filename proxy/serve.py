@@ -31,9 +31,10 @@ import time
 from aiohttp import web
 
 from .app import create_app, server_options
+from .check import startup_warnings
 from .config import ConfigError, Settings, load_settings
 from .connections import ProxyRunner
-from .keys import DISCOVERY, OBSERVER, RUNTIME
+from .keys import BUILTINS, DISCOVERY, OBSERVER, RUNTIME
 from .observe import send_access_log_to
 from .runtime import build_runtime
 
@@ -161,7 +162,7 @@ async def _run(
 
     def reload() -> None:
         try:
-            new = load_settings(path)
+            new = app[BUILTINS].bind(load_settings(path))
         except ConfigError as exc:
             log.error("reload failed, keeping the running config (pid %d): %s", pid, exc)
             return
@@ -240,6 +241,9 @@ async def _start_metrics_listener(
 
 def serve(path: str, settings: Settings, host: str, port: int, workers: int) -> int:
     configure_logging(settings)
+    # Once, before any worker starts: the same lines as `oaimux check`.
+    for warning in startup_warnings(settings, host, port):
+        log.warning("%s", warning)
     if workers > 1:
         from .workers import run_workers
 
