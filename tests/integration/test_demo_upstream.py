@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import re
 import shutil
+import signal
+import socket
 import struct
 import sys
 import time
@@ -25,7 +27,8 @@ from aiohttp.test_utils import TestClient
 from proxy.app import create_app, server_options
 from proxy.config import load_settings, parse_settings
 from proxy.demo import STREAM_PAUSE
-from proxy.keys import BUILTINS, RUNTIME
+from proxy.keys import BUILTINS, DISCOVERY, RUNTIME
+from tests.faults.process import running_proxy
 
 ROOT = Path(__file__).parents[2]
 README = ROOT / "README.md"
@@ -192,9 +195,7 @@ def test_the_readme_shows_each_demo_answer_with_curl() -> None:
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
-async def test_the_readme_curl_examples_answer(
-    proxy: TestClient[Any, Any], tmp_path: Path
-) -> None:
+async def test_the_readme_curl_examples_answer(proxy: TestClient[Any, Any], tmp_path: Path) -> None:
     port = proxy.port
     for command in curl_examples():
         proc = await asyncio.create_subprocess_shell(
@@ -235,3 +236,55 @@ async def test_the_readme_sdk_example_runs(proxy: TestClient[Any, Any], tmp_path
     assert "16 dimensions" in text
     assert "audio/mpeg" in text
 
+
+# ---------------------------------------------------------------------------
+# Reload, workers and discovery with the demo.
+
+
+@pytest.mark.skipif(not hasattr(socket, "SO_REUSEPORT"), reason="--workers needs SO_REUSEPORT")
+async def test_each_worker_serves_the_demo_before_and_after_a_reload() -> None:
+    async with running_proxy(ROOT / "routes.yaml", "--workers", "2") as proxy:
+        await proxy.wait_line(r"oaimux serving .*\(pid \d+\)", count=2)
+
+        async def chat_from_each_worker() -> set[str]:
+            answered: set[str] = set()
+            connector = aiohttp.TCPConnector(force_close=True)  # spread over both workers
+            async with aiohttp.ClientSession(connector=connector) as session:
+                # Until both workers answered (bounded; the shipped burst is 50).
+                for _ in range(20):
+                    if len(answered) == 2:
+                        break
+                    async with session.post(
+                        f"{proxy.url}/v1/chat/completions",
+                        json={"model": "demo", "messages": [{"role": "user", "content": "hi"}]},
+                    ) as resp:
+                        assert resp.status == 200, await resp.text()
+                        assert (await resp.json())["model"] == "demo"
+                    async with session.get(f"{proxy.url}/about") as resp:
+                        answered.add(str((await resp.json())["pid"]))
+            return answered
+
+        assert len(await chat_from_each_worker()) == 2
+        proxy.signal(signal.SIGHUP)
+        await proxy.wait_line(r"reloaded .*\(pid \d+\)", count=2)
+        assert len(await chat_from_each_worker()) == 2
+        proxy.signal(signal.SIGTERM)
+        assert await proxy.wait_exit() == 0
+    assert "Traceback" not in proxy.text()
+
+
+async def test_the_demo_can_be_discovered(aiohttp_client: Any) -> None:
+    config = {
+        "upstreams": {"demo": {"builtin": "demo"}},
+        "routes": [{"models": "discover", "upstream": "demo", "prefix": "try/"}],
+    }
+    app = create_app(parse_settings(config, environ={}))
+    proxy: TestClient[Any, Any] = await aiohttp_client(app, server_kwargs=server_options())
+    async with asyncio.timeout(10):
+        await app[DISCOVERY].complete.wait()
+    resp = await proxy.get("/v1/models")
+    assert [m["id"] for m in (await resp.json())["data"]] == ["try/demo"]
+    resp = await proxy.post(
+        "/v1/embeddings", json={"model": "try/demo", "input": "hi", "encoding_format": "float"}
+    )
+    assert resp.status == 200 and (await resp.json())["model"] == "demo"
