@@ -92,7 +92,10 @@ def _empty_reason(noted: EnvSubstitution) -> str:
         if noted.from_default
         else f"{noted.variable} is set to an empty string"
     )
-    return f"${{{noted.variable}}} expanded to an empty string ({how}): the header is sent so"
+    return (
+        f"${{{noted.variable}}} expanded to an empty string ({how}), "
+        "so the header is sent with that part empty"
+    )
 
 
 # ---------------------------------------------------------------------------

@@ -120,8 +120,8 @@ def test_a_variable_set_to_an_empty_string_inside_a_header_warns(tmp_path: Path)
     assert result.returncode == 0, result.stderr
     assert warnings_of(result.stdout) == [
         f"warning: {config}: upstreams.openai.headers.set.Authorization: ${{OPENAI_API_KEY}} "
-        "expanded to an empty string (OPENAI_API_KEY is set to an empty string): "
-        "the header is sent so"
+        "expanded to an empty string (OPENAI_API_KEY is set to an empty string), "
+        "so the header is sent with that part empty"
     ]
     # Set: no warning.
     result = run("check", "--config", str(config), env=clean_env(OPENAI_API_KEY=UPSTREAM_KEY))
