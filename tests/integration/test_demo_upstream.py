@@ -242,8 +242,12 @@ async def test_the_readme_sdk_example_runs(proxy: TestClient[Any, Any], tmp_path
 
 
 @pytest.mark.skipif(not hasattr(socket, "SO_REUSEPORT"), reason="--workers needs SO_REUSEPORT")
-async def test_each_worker_serves_the_demo_before_and_after_a_reload() -> None:
-    async with running_proxy(ROOT / "routes.yaml", "--workers", "2") as proxy:
+async def test_each_worker_serves_the_demo_before_and_after_a_reload(tmp_path: Path) -> None:
+    # The shipped file; metrics off: their sharing across workers is tested on
+    # its own (test_observability_workers.py), lifecycle only here.
+    config = tmp_path / "routes.yaml"
+    config.write_text((ROOT / "routes.yaml").read_text() + "\nmetrics: {enabled: false}\n")
+    async with running_proxy(config, "--workers", "2") as proxy:
         await proxy.wait_line(r"oaimux serving .*\(pid \d+\)", count=2)
 
         async def chat_from_each_worker() -> set[str]:
