@@ -16,7 +16,7 @@ global limit, so guessing keys is rate limited too.
 
 :class:`Admission` owns the bucket storage and what happens when the storage
 cannot be reached (``rate_limit.on_storage_error``: let requests through with
-a throttled warning, or answer 503).
+a warning that does not repeat itself, or answer 503).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from aiohttp import web
 from .auth import presented_key
 from .clientip import client_address, limit_key
 from .errors import RateLimited, ServiceUnavailable, Unauthorized
+from .failurelog import TEN_MINUTES, FailureLog
 from .ratelimit import Decision, RateLimiter, StorageUnavailable
 from .runtime import Runtime
 from .settings import AuthKey, RateLimitSettings, Route, Settings
@@ -150,24 +151,21 @@ class Admission:
 
     When the storage raises :class:`StorageUnavailable`, the request is let
     through (``on_storage_error: open``, the default) or refused with 503
-    ``rate_limiter_unavailable`` (``closed``). Either way one warning is logged
-    per ``warn_every`` seconds of outage (with the number of failures since the
-    last one), not one per request, and recovery is logged once.
+    ``rate_limiter_unavailable`` (``closed``). Either way the outage is logged
+    when it starts, when its reason changes and every ``warn_every`` seconds
+    (10 minutes) while it lasts, with the number of requests affected; not once
+    per request. Recovery is logged once (failurelog.py).
     """
 
     def __init__(
         self,
         storage: RateLimiter,
         *,
-        warn_every: float = 10.0,
+        warn_every: float = TEN_MINUTES,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.storage = storage
-        self._warn_every = warn_every
-        self._clock = clock
-        self._next_warning = 0.0
-        self._failures = 0  # since the last warning
-        self._degraded = False
+        self._outage = FailureLog(log, "rate-limit storage", every=warn_every, clock=clock)
 
     def start(self) -> None:
         self.storage.start()
@@ -195,28 +193,16 @@ class Admission:
                 code="rate_limiter_unavailable",
                 headers={"Retry-After": "1"},
             ) from None
-        if self._degraded:
-            self._degraded = False
-            self._next_warning = 0.0
-            log.info("rate-limit storage reachable again")
+        if self._outage.failing:
+            self._outage.recovered()
         if not decision.allowed:
             raise rate_limited(decision, limit, route)
 
     def _storage_failed(self, exc: StorageUnavailable, fail_open: bool) -> None:
-        self._degraded = True
-        self._failures += 1
-        now = self._clock()
-        if now < self._next_warning:
-            return
-        self._next_warning = now + self._warn_every
-        log.warning(
-            "rate-limit storage unavailable (%s); failing %s; %d request(s) affected "
-            "since the last warning",
-            exc,
-            "open: requests pass unlimited" if fail_open else "closed: requests get 503",
-            self._failures,
+        self._outage.failed(
+            f"unavailable ({exc}); failing "
+            + ("open: requests pass unlimited" if fail_open else "closed: requests get 503")
         )
-        self._failures = 0
 
 
 async def charge(

@@ -16,10 +16,12 @@ from aiohttp import web
 
 from .admission import Admission
 from .connections import expect_continue
+from .demo import BuiltinUpstreams
 from .discovery import Discovery
 from .handlers import about_view, healthz_view, model_view, models_view, proxy_view
 from .health import Health
 from .keys import (
+    BUILTINS,
     DISCOVERY,
     HEALTH,
     LIMITER,
@@ -98,6 +100,19 @@ async def _upstream_session_ctx(app: web.Application) -> AsyncIterator[None]:
     await app[SESSION].close()
 
 
+async def _builtin_upstreams_ctx(app: web.Application) -> AsyncIterator[None]:
+    # First of the contexts: discovery and the rest see the bound URLs. Closed
+    # last, after the proxy's own requests (to the demo, too) have drained.
+    holder = app[RUNTIME]
+    bound = app[BUILTINS].bind(holder.current.settings)
+    if bound is not holder.current.settings:
+        # Still the start-up configuration, not a reload: no swap() (generation).
+        holder.current = build_runtime(bound)
+    await app[BUILTINS].ready()
+    yield
+    await app[BUILTINS].close()
+
+
 async def _discovery_ctx(app: web.Application) -> AsyncIterator[None]:
     # In the background: an unreachable upstream never holds up start-up (issue 9).
     app[DISCOVERY].start(app[SESSION])
@@ -142,6 +157,8 @@ def create_app(settings: Settings, observer: Observer | None = None) -> web.Appl
     app[HEALTH].on_change = observer.breaker_changed
     if cors is not None:
         app.on_response_prepare.append(cors.on_prepare)
+    app[BUILTINS] = BuiltinUpstreams()
+    app.cleanup_ctx.append(_builtin_upstreams_ctx)
     app.cleanup_ctx.append(_upstream_session_ctx)
     app[DISCOVERY] = Discovery(app[RUNTIME])
     app.cleanup_ctx.append(_discovery_ctx)

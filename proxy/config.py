@@ -22,11 +22,13 @@ import yaml
 from yarl import URL
 
 from .settings import (
+    BUILTIN_KINDS,
     AuthKey,
     Balance,
     CircuitBreakerSettings,
     ConfigError,
     CorsSettings,
+    EnvSubstitution,
     HeaderRewrite,
     LogSettings,
     MetricsSettings,
@@ -174,16 +176,25 @@ def _header_name(node: _Node) -> str:
     return name
 
 
-def _expand_env(node: _Node, environ: Mapping[str, str]) -> object:
-    """Replace ${VAR} / ${VAR:-default} in every string of the tree (in place)."""
+def _expand_env(
+    node: _Node, environ: Mapping[str, str], noted: list[EnvSubstitution]
+) -> object:
+    """Replace ${VAR} / ${VAR:-default} in every string of the tree (in place).
+
+    Expansions that are empty or fell back to the default go to ``noted``.
+    """
     value = node.value
     if isinstance(value, str):
 
         def repl(match: re.Match[str]) -> str:
             name, default = match.group(1), match.group(2)
             if name in environ:
-                return environ[name]
+                text = environ[name]
+                if not text:
+                    noted.append(EnvSubstitution(node.path, name, True, False))
+                return text
             if default is not None:
+                noted.append(EnvSubstitution(node.path, name, not default, True))
                 return default
             raise node.error(
                 f"environment variable {name} is not set (and no ${{{name}:-default}})"
@@ -192,13 +203,12 @@ def _expand_env(node: _Node, environ: Mapping[str, str]) -> object:
         return _ENV_REF.sub(repl, value)
     if isinstance(value, dict):
         for key in list(value):
-            value[key] = (
-                _expand_env(node.child(key), environ) if isinstance(key, str) else value[key]
-            )
+            if isinstance(key, str):
+                value[key] = _expand_env(node.child(key), environ, noted)
         return value
     if isinstance(value, list):
         for i in range(len(value)):
-            value[i] = _expand_env(node.child(i), environ)
+            value[i] = _expand_env(node.child(i), environ, noted)
         return value
     return value
 
@@ -367,6 +377,18 @@ def _url(node: _Node) -> URL:
     return url.with_path(url.path.rstrip("/"))
 
 
+# Where a builtin upstream is until its listener is bound (demo.BuiltinUpstreams):
+# port 0 cannot be connected to, so a request can never go elsewhere by mistake.
+BUILTIN_PLACEHOLDER_URL = URL("http://127.0.0.1:0/v1")
+
+
+def _builtin(node: _Node) -> str:
+    kind = _nonempty_str(node)
+    if kind not in BUILTIN_KINDS:
+        raise node.error(f"unknown builtin {_show(kind)} (known: {', '.join(BUILTIN_KINDS)})")
+    return kind
+
+
 def _upstream(name: str, node: _Node) -> Upstream:
     m = node.mapping(
         (
@@ -377,14 +399,23 @@ def _upstream(name: str, node: _Node) -> Upstream:
             "keep_response_headers",
             "retries",
             "circuit_breaker",
+            "builtin",
         )
     )
-    if "url" not in m:
-        raise node.error("missing key 'url'")
+    builtin = node.opt("builtin", _builtin, None)
+    if builtin is not None:
+        if "url" in m:
+            raise node.error("takes 'url' or 'builtin', not both")
+        url = BUILTIN_PLACEHOLDER_URL
+    elif "url" not in m:
+        raise node.error("missing key 'url' (or 'builtin: demo' for the built-in demo upstream)")
+    else:
+        url = _url(node.child("url"))
     keep: tuple[str, ...] = node.opt("keep_response_headers", _str_list, ())
     return Upstream(
         name=name,
-        url=_url(node.child("url")),
+        url=url,
+        builtin=builtin,
         headers=node.opt("headers", _headers, HeaderRewrite()),
         timeouts=node.opt("timeouts", _timeouts, Timeouts()),
         pass_client_auth=node.opt("pass_client_auth", _bool, False),
@@ -535,7 +566,8 @@ def parse_settings(
     if data is None:
         raise root.error("the file is empty")
     root.mapping(_TOP_KEYS)
-    _expand_env(root, os.environ if environ is None else environ)
+    noted: list[EnvSubstitution] = []
+    _expand_env(root, os.environ if environ is None else environ, noted)
 
     upstreams_node = root.child("upstreams")
     if not isinstance(upstreams_node.value, dict) or not upstreams_node.value:
@@ -599,6 +631,7 @@ def parse_settings(
         upstreams=upstreams,
         routes=routes,
         auth_keys=auth_keys,
+        env_substitutions=tuple(noted),
     )
 
 

@@ -11,9 +11,10 @@ When and how (the contract):
 - Each ``GET /models`` has a deadline (:attr:`Discovery.timeout`, 10 s) and
   the upstream's own headers (its credential injected, like any request).
 - An upstream that fails (unreachable, timeout, non-200, not a model list)
-  is logged once per attempt as a warning and asked again every
-  :attr:`Discovery.retry_every` seconds (60 s) until it answers; the others
-  are not held up. There is no periodic refresh after success: send SIGHUP.
+  is asked again every :attr:`Discovery.retry_every` seconds (60 s) until it
+  answers; the others are not held up. Its failure is logged as a warning the
+  first time, when the reason changes, and every 10 minutes while it lasts;
+  its recovery once (failurelog.py). There is no periodic refresh after success: send SIGHUP.
 - On reload (SIGHUP) the new configuration is served at once with the ids
   already known for the same upstream (same name and URL), and every
   discover route is asked again.
@@ -32,10 +33,17 @@ import uuid
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from .failurelog import FailureLog
 from .runtime import RuntimeHolder, UpstreamPlan, build_runtime
 from .settings import Settings
 
-__all__ = ["Discovery", "DiscoveryFailed", "fetch_model_ids"]
+__all__ = [
+    "Discovery",
+    "DiscoveryFailed",
+    "fetch_model_ids",
+    "models_request_headers",
+    "parse_model_ids",
+]
 
 log = logging.getLogger("oaimux.discovery")
 
@@ -52,11 +60,7 @@ async def fetch_model_ids(
     session: aiohttp.ClientSession, plan: UpstreamPlan, timeout: float
 ) -> tuple[str, ...]:
     """The ids of ``GET {url}/models`` (OpenAI's list shape), or :class:`DiscoveryFailed`."""
-    headers = plan.request_headers.build(
-        CIMultiDictProxy(CIMultiDict({"Accept": "application/json"})),
-        f"discover-{uuid.uuid4().hex}",
-        None,
-    )
+    headers = models_request_headers(plan, "discover")
     try:
         async with asyncio.timeout(timeout):
             async with session.get(
@@ -75,10 +79,21 @@ async def fetch_model_ids(
     except (aiohttp.ClientError, OSError) as exc:
         # The exception's repr can carry request headers: name its type only.
         raise DiscoveryFailed(f"could not be reached ({type(exc).__name__})") from None
-    return _parse_ids(body)
+    return parse_model_ids(body)
 
 
-def _parse_ids(body: bytes) -> tuple[str, ...]:
+def models_request_headers(plan: UpstreamPlan, purpose: str) -> CIMultiDict[str]:
+    """The headers of the proxy's own ``GET /models``: the upstream's rewrites
+    (its credential set), as on any request; ``purpose`` starts the request id."""
+    return plan.request_headers.build(
+        CIMultiDictProxy(CIMultiDict({"Accept": "application/json"})),
+        f"{purpose}-{uuid.uuid4().hex}",
+        None,
+    )
+
+
+def parse_model_ids(body: bytes) -> tuple[str, ...]:
+    """The usable ids of an OpenAI model list, or :class:`DiscoveryFailed`."""
     try:
         doc = json.loads(body)
     except ValueError:
@@ -116,6 +131,7 @@ class Discovery:
         self.attempts = 0
         # (upstream name, upstream URL) -> its ids, from the last answer.
         self._known: dict[tuple[str, str], tuple[str, ...]] = {}
+        self._failures: dict[str, FailureLog] = {}  # upstream name -> its failure log
         self._task: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
 
@@ -168,6 +184,11 @@ class Discovery:
             out[route.index] = tuple(ids)
         return out
 
+    def _failure_log(self, name: str) -> FailureLog:
+        if name not in self._failures:
+            self._failures[name] = FailureLog(log, f"model discovery: upstream {name}")
+        return self._failures[name]
+
     async def _run(self, settings: Settings, session: aiohttp.ClientSession) -> None:
         plans = build_runtime(settings).plans
         pending = dict.fromkeys(_discover_upstreams(settings))
@@ -183,13 +204,11 @@ class Discovery:
                     # Anything but DiscoveryFailed is a bug: name its type only
                     # (a repr could carry headers) and keep the task alive.
                     why = result if isinstance(result, DiscoveryFailed) else type(result).__name__
-                    log.warning(
-                        "model discovery: upstream %s failed: %s; asking again in %gs",
-                        name,
-                        why,
-                        self.retry_every,
+                    self._failure_log(name).failed(
+                        f"failed: {why}; asking again every {self.retry_every:g}s"
                     )
                     continue
+                self._failure_log(name).recovered()
                 key = (name, str(settings.upstreams[name].url))
                 if self._known.get(key) != result:
                     self._known[key] = result

@@ -6,6 +6,7 @@ import aiohttp
 from aiohttp import web
 
 from .admission import Admission
+from .demo import BuiltinUpstreams
 from .discovery import Discovery
 from .health import Health
 from .observe import Observer
@@ -14,6 +15,7 @@ from .runtime import RuntimeHolder
 from .upstream import UpstreamPool
 
 __all__ = [
+    "BUILTINS",
     "DISCOVERY",
     "HEALTH",
     "LIMITER",
@@ -36,3 +38,5 @@ HEALTH = web.AppKey("health", Health)
 STARTED_AT = web.AppKey("started_at", float)
 DISCOVERY = web.AppKey("discovery", Discovery)
 REALTIME_SESSIONS = web.AppKey("realtime_sessions", RealtimeSessions)
+# The listeners of built-in upstreams (``builtin: demo``); started only when named.
+BUILTINS = web.AppKey("builtin_upstreams", BuiltinUpstreams)

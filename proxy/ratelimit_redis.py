@@ -186,10 +186,12 @@ class RedisRateLimiter:
                 except (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError) as exc:
                     reason = _describe(exc, self._deadline)
                     # Do not queue every request behind a dead server: skip it for a moment.
+                    # Requests refused during the pause carry the same reason, so
+                    # the outage reads as one state in the log (failurelog.py).
                     self._down_until = time.monotonic() + self._cooldown
-                    self._down_reason = f"{reason} (retrying within {self._cooldown:g}s)"
+                    self._down_reason = reason
                     _fail(batch, StorageUnavailable(reason))
-                    _fail(self._queue, StorageUnavailable(self._down_reason))
+                    _fail(self._queue, StorageUnavailable(reason))
                     self._queue.clear()
                     return
                 except RedisError as exc:

@@ -41,7 +41,7 @@ from . import early_signals
 from .app import create_app, server_options
 from .config import ConfigError, Settings, load_settings
 from .connections import ProxyRunner
-from .keys import DISCOVERY, OBSERVER, RUNTIME
+from .keys import BUILTINS, DISCOVERY, OBSERVER, RUNTIME
 from .observe import send_access_log_to
 from .runtime import build_runtime
 
@@ -161,7 +161,7 @@ async def _run(
 
     def reload() -> None:
         try:
-            new = load_settings(path)
+            new = app[BUILTINS].bind(load_settings(path))
         except ConfigError as exc:
             log.error("reload failed, keeping the running config (pid %d): %s", pid, exc)
             return

@@ -17,11 +17,14 @@ from typing import Literal
 from yarl import URL
 
 __all__ = [
+    "BUILTIN_KINDS",
+    "CREDENTIAL_HEADERS",
     "AuthKey",
     "Balance",
     "CircuitBreakerSettings",
     "ConfigError",
     "CorsSettings",
+    "EnvSubstitution",
     "HeaderRewrite",
     "LogSettings",
     "MetricsSettings",
@@ -34,6 +37,14 @@ __all__ = [
     "Timeouts",
     "Upstream",
 ]
+
+
+# Upstreams oaimux serves itself (``upstreams.<name>.builtin``); see demo.py.
+BUILTIN_KINDS = ("demo",)
+
+
+# Headers that carry an upstream's credential (lower case).
+CREDENTIAL_HEADERS = frozenset(("authorization", "api-key", "x-api-key", "x-goog-api-key"))
 
 
 class ConfigError(Exception):
@@ -118,10 +129,7 @@ class HeaderRewrite:
 
     @property
     def sets_authorization(self) -> bool:
-        return any(
-            name.lower() in ("authorization", "api-key", "x-api-key", "x-goog-api-key")
-            for name, _ in self.set
-        )
+        return any(name.lower() in CREDENTIAL_HEADERS for name, _ in self.set)
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +171,9 @@ class Upstream:
     keep_response_headers: frozenset[str] = frozenset()
     retries: RetrySettings = RetrySettings()
     circuit_breaker: CircuitBreakerSettings = CircuitBreakerSettings()
+    # ``builtin: demo``: served by oaimux itself (demo.py); ``url`` is a
+    # placeholder until the listener is bound (BuiltinUpstreams.bind).
+    builtin: str | None = None
 
     @property
     def injects_credential(self) -> bool:
@@ -218,6 +229,20 @@ class AuthKey:
 
 
 @dataclass(frozen=True, slots=True)
+class EnvSubstitution:
+    """A ``${VAR}`` whose expansion deserves a second look (``oaimux check`` warns).
+
+    Recorded only when the text put in was empty, or came from the
+    ``${VAR:-default}`` because ``VAR`` is unset. Never holds the value.
+    """
+
+    path: str  # the key path, e.g. upstreams.openai.headers.set.Authorization
+    variable: str
+    empty: bool  # the expansion is the empty string
+    from_default: bool  # VAR is unset: the default written in the file was used
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     source: str
     server: ServerSettings
@@ -229,11 +254,10 @@ class Settings:
     upstreams: Mapping[str, Upstream]
     routes: tuple[Route, ...]
     auth_keys: tuple[AuthKey, ...]
+    env_substitutions: tuple[EnvSubstitution, ...] = ()
 
     def summary(self) -> str:
-        host = self.server.host
-        port = self.server.port or 8080
         return (
             f"{self.source}: {len(self.upstreams)} upstreams "
-            f"({', '.join(self.upstreams)}), {len(self.routes)} routes, listen {host}:{port}"
+            f"({', '.join(self.upstreams)}), {len(self.routes)} routes"
         )

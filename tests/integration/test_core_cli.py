@@ -33,8 +33,11 @@ def run(
 def test_check_valid_file_summarises() -> None:
     result = run("check")
     assert result.returncode == 0, result.stderr
-    assert "2 upstreams" in result.stdout and "4 routes" in result.stdout
-    assert "127.0.0.1:8080" in result.stdout
+    assert "1 upstreams (demo)" in result.stdout and "2 routes" in result.stdout
+    assert "listen http://127.0.0.1:8080 (host from server.host, port from server.port)" in (
+        result.stdout
+    )
+    assert "warning" not in result.stdout + result.stderr
 
 
 def test_check_invalid_file_names_key_path(tmp_path: Path) -> None:
@@ -92,13 +95,14 @@ def test_serve_shipped_config_with_port_from_env_and_stops_on_sigterm() -> None:
     try:
         wait_healthy(port, proc)
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5) as resp:
-            assert b"gpt-4o-mini" in resp.read()
+            assert b'"demo"' in resp.read()
     finally:
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
-    assert "routes.yaml" in err and f"127.0.0.1:{port}" in err and "4 routes, 2 upstreams" in err
+    assert "routes.yaml" in err and f"127.0.0.1:{port}" in err and "2 routes, 1 upstreams" in err
     assert "uvloop" in err
+    assert "WARNING" not in err
 
 
 def test_port_flag_beats_env() -> None:

@@ -143,6 +143,7 @@ async def test_a_failing_upstream_does_not_block_start_up_and_is_asked_again(
     local: OpenAILike,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.INFO, logger="oaimux.discovery")
     local.models_status = 503
     proxy = await start(aiohttp_client, config(servers), retry_every=0.05)
     # Serving at once; the healthy upstream's ids arrive, the failing one's do not.
@@ -150,17 +151,24 @@ async def test_a_failing_upstream_does_not_block_start_up_and_is_asked_again(
     async with asyncio.timeout(5):
         while "mistral-small" not in await model_ids(proxy):
             await asyncio.sleep(0.01)  # bounded polling of a background task
-        while local.models_asked < 2:
+        while local.models_asked < 5:
             await asyncio.sleep(0.01)
     assert not proxy.app[DISCOVERY].complete.is_set()
     assert not any(m.startswith("local/") for m in await model_ids(proxy))
     assert (await chat(proxy, "local/llama3.2:3b")).status == 404
-    assert "upstream local failed: GET /models answered HTTP 503" in caplog.text
+    # Five failed attempts, one warning: the same failure is not repeated.
+    about_local = [r for r in caplog.records if "upstream local" in r.getMessage()]
+    assert [r.levelno for r in about_local] == [logging.WARNING]
+    assert "upstream local: failed: GET /models answered HTTP 503" in about_local[0].getMessage()
 
     local.models_status = 200
     await discovered(proxy)
     assert "local/llama3.2:3b" in await model_ids(proxy)
     assert (await chat(proxy, "local/llama3.2:3b")).status == 200
+    about_local = [r.getMessage() for r in caplog.records if "upstream local" in r.getMessage()]
+    assert len(about_local) == 3, about_local
+    assert "upstream local: recovered after" in about_local[1]
+    assert "upstream local lists 2 models" in about_local[2]
 
 
 async def test_an_unreachable_or_silent_upstream_times_out_without_blocking(
@@ -182,7 +190,7 @@ async def test_an_unreachable_or_silent_upstream_times_out_without_blocking(
     cfg["upstreams"]["local"]["url"] = str(silent.make_url("/v1"))
     proxy = await start(aiohttp_client, cfg, timeout=0.2)
     async with asyncio.timeout(5):
-        while "upstream local failed: no complete answer within 0.2 seconds" not in caplog.text:
+        while "upstream local: failed: no complete answer within 0.2 seconds" not in caplog.text:
             await asyncio.sleep(0.01)
     assert "mistral-small" in await model_ids(proxy)
     never.set()
@@ -318,6 +326,6 @@ async def test_a_malformed_model_list_is_a_warning_not_a_crash(
     caplog.set_level(logging.INFO)
     proxy = await start(aiohttp_client, cfg)
     async with asyncio.timeout(5):
-        while "model discovery: upstream local failed" not in caplog.text:
+        while "model discovery: upstream local: failed" not in caplog.text:
             await asyncio.sleep(0.01)
     assert "mistral-small" in await model_ids(proxy)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from proxy.config import ConfigError, load_settings, parse_settings
 
@@ -27,10 +28,49 @@ def with_(**changes: Any) -> dict[str, Any]:
 def test_shipped_routes_yaml_loads_without_environment() -> None:
     settings = load_settings(Path(__file__).parents[2] / "routes.yaml", environ={})
     assert settings.server.port == 8080
-    assert [r.model for r in settings.routes] == ["gpt-4o-mini", "llama3*", "fast", "gpt-4o"]
-    assert settings.routes[3].upstreams == ("openai", "local")
-    assert settings.routes[2].rewrite_model == "llama3.2:3b"
+    assert [r.model for r in settings.routes] == ["demo", "demo-alias"]
+    assert settings.routes[1].rewrite_model == "demo"
+    assert list(settings.upstreams) == ["demo"]
+    assert settings.upstreams["demo"].builtin == "demo"
     assert settings.server.max_body_bytes == 33554432
+
+
+def test_the_shipped_real_use_example_loads_once_uncommented() -> None:
+    """The commented openai/local upstreams and routes are a working config."""
+    text = (Path(__file__).parents[2] / "routes.yaml").read_text()
+    # "  # key: value" -> "  key: value": what a user does in an editor.
+    uncommented = "\n".join(
+        "  " + line[4:] if line.startswith("  # ") else line for line in text.splitlines()
+    )
+    settings = parse_settings(yaml.safe_load(uncommented), environ={"OPENAI_API_KEY": "sk-example"})
+    assert list(settings.upstreams) == ["demo", "openai", "local"]
+    assert [r.model for r in settings.routes] == [
+        "demo",
+        "demo-alias",
+        "gpt-4o-mini",
+        "llama3*",
+        "fast",
+        "gpt-4o",
+    ]
+    assert settings.routes[5].upstreams == ("openai", "local")
+    assert settings.routes[4].rewrite_model == "llama3.2:3b"
+    assert settings.upstreams["openai"].injects_credential
+
+
+@pytest.mark.parametrize(
+    ("upstream", "message"),
+    [
+        ({"builtin": "demo", "url": "http://127.0.0.1:1/v1"}, "takes 'url' or 'builtin', not both"),
+        ({"builtin": "ollama"}, "unknown builtin 'ollama' (known: demo)"),
+        ({}, "missing key 'url' (or 'builtin: demo'"),
+    ],
+)
+def test_builtin_upstream_errors(upstream: dict[str, object], message: str) -> None:
+    config = {"upstreams": {"a": upstream}, "routes": [{"model": "x", "upstream": "a"}]}
+    with pytest.raises(ConfigError) as info:
+        parse_settings(config, "routes.yaml", environ={})
+    assert str(info.value).startswith("routes.yaml: upstreams.a"), info.value
+    assert message in str(info.value)
 
 
 def test_env_expansion_and_default() -> None:
