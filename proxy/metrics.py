@@ -90,7 +90,11 @@ class Metrics:
             multiprocess_dir if multiprocess_dir is not None else os.environ.get(MULTIPROC_ENV)
         )
         self.multiprocess = bool(directory)
-        self.registry = CollectorRegistry(auto_describe=True)
+        # No auto-describe: it would collect every collector at registration,
+        # and the multiprocess one then reads each sibling worker's file, which
+        # a worker starting at the same moment may have created but not yet
+        # sized (struct.error on an empty file, and this worker dies).
+        self.registry = CollectorRegistry(auto_describe=False)
         # First in the registry: every collection starts by publishing what is pending.
         self.registry.register(_SyncFirst(self))
         own: CollectorRegistry | None

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from proxy.config import LogSettings
@@ -129,3 +134,27 @@ def test_batched_latency_equals_the_librarys_observe() -> None:
     m.request_finished("m", "u", 200, 0.001, None)
     assert sample(m, "oaimux_request_duration_seconds_count", upstream="u") == len(values) + 1
     assert sample(m, "oaimux_time_to_first_byte_seconds_count", upstream="u") == len(values)
+
+
+def test_a_worker_starting_beside_one_that_is_still_creating_its_file(tmp_path: Path) -> None:
+    """A sibling worker's metrics file exists but is still empty (created, not
+    yet sized) while this worker builds its registry: that must not kill the
+    worker. Registering the multiprocess collector used to read every file
+    (the registry's auto-describe) and raise struct.error on the empty one.
+    Run in a child: the multiprocess value class is switched for good."""
+    (tmp_path / "counter_99999.db").write_bytes(b"")
+    code = (
+        "import sys\n"
+        "from proxy.metrics import Metrics\n"
+        "Metrics(['a'], multiprocess_dir=sys.argv[1])\n"
+        "print('built')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)},
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "built"
