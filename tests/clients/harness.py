@@ -34,21 +34,24 @@ from aiohttp.test_utils import TestServer
 
 __all__ = [
     "CLIENTS_DIR",
+    "NODE_DIR",
     "PROXY_KEY",
     "UPSTREAM_KEY",
     "client_env",
     "clients_python",
     "last_json_line",
+    "node_with",
     "proxy_config",
     "run_client",
     "skip_or_fail",
 ]
 
 CLIENTS_DIR = Path(__file__).resolve().parent
+NODE_DIR = CLIENTS_DIR.parent / "node"
 REQUIREMENTS = CLIENTS_DIR / "requirements.txt"
 PROXY_KEY = "sk-oaimux-clients-0001"
 UPSTREAM_KEY = "sk-upstream-clients-secret"
-MODELS = ["gpt-4o-mini", "text-embedding-3-small"]
+MODELS = ["gpt-4o-mini", "gpt-4o", "text-embedding-3-small"]
 INSTALL_TIMEOUT_S = 900.0
 COMPLETE = "oaimux-requirements.txt"  # written last: the venv holds exactly these pins
 
@@ -58,6 +61,17 @@ def skip_or_fail(reason: str) -> None:
     if os.environ.get("CI"):
         pytest.fail(f"{reason} (CI is set, so this is a failure, not a skip)")
     pytest.skip(reason)
+
+
+def node_with(package: str) -> str:
+    """The node binary, once ``package`` is in tests/node/node_modules (``npm ci`` there)."""
+    node = shutil.which("node")
+    if node is None:
+        skip_or_fail("node is not on PATH")
+    elif not (NODE_DIR / "node_modules" / package / "package.json").is_file():
+        skip_or_fail(f"the {package} npm package is not installed: run `npm ci` in tests/node")
+    assert node is not None
+    return node
 
 
 def proxy_config(upstream: TestServer, **extra: Any) -> dict[str, Any]:
