@@ -11,6 +11,7 @@ embeddings. The offline guard fails a test if its client reaches past loopback.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +112,11 @@ async def test_litellm_sdk(python: Path, proxy: str, upstream: OpenAILike, tmp_p
     )
     assert_report(last_json_line(out))
     assert_reached_upstream(upstream)
+    # "openai/" only tells litellm which API to speak: the model id arrives without it.
+    assert {json.loads(r.body)["model"] for r in upstream.received} == {
+        "gpt-4o-mini",
+        "text-embedding-3-small",
+    }
 
 
 EXTRA_OPENAI_MODELS = """\
