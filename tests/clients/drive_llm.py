@@ -1,5 +1,6 @@
 """The ``llm`` library's Python API on the model that extra-openai-models.yaml points
-at oaimux, to see the streamed chunks one by one (the CLI prints them as one text).
+at oaimux: a whole answer, and a streamed one chunk by chunk (the CLI prints a
+stream as one text).
 
 Usage: python drive_llm.py <model_id>; LLM_USER_PATH holds the yaml and keys.json.
 Runs in the isolated client venv (tests/clients/harness.py), not the project's.
@@ -11,5 +12,6 @@ import sys
 import llm
 
 model = llm.get_model(sys.argv[1])
+answer = model.prompt("Say hello", stream=False).text()
 chunks = list(model.prompt("Say hello", stream=True))
-print(json.dumps({"stream": chunks}))
+print(json.dumps({"chat": answer, "stream": chunks}))

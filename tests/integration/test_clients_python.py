@@ -137,16 +137,17 @@ async def test_llm_cli_extra_openai_models(
     env = client_env(tmp_path, LLM_USER_PATH=str(user_dir))
     llm_cli = str(python.parent / "llm")
 
-    out, _ = await run_client([llm_cli, "-m", "oaimux-mini", "--no-stream", "Say hello"], env)
-    assert out.strip() == "hello from openai"
     out, _ = await run_client([llm_cli, "-m", "oaimux-mini", "Say hello"], env)
-    assert out.strip() == "".join(STREAMED)
-    # The CLI prints a stream as one text; its Python API shows the chunks.
+    assert out.strip() == "".join(STREAMED)  # the CLI streams by default
+    # The CLI prints a stream as one text; llm's Python API, on the same model
+    # file, shows the chunks (and a whole answer, as `llm --no-stream` gets it).
     out, _ = await run_client([str(python), str(CLIENTS_DIR / "drive_llm.py"), "oaimux-mini"], env)
-    assert last_json_line(out)["stream"] == STREAMED
+    report = last_json_line(out)
+    assert report["chat"] == "hello from openai"
+    assert report["stream"] == STREAMED
 
     # llm's OpenAI embedding models take no api_base: the openai SDK under them
-    # reads OPENAI_BASE_URL, and the key set for "openai".
+    # reads OPENAI_BASE_URL; the key is llm's "openai" key, else OPENAI_API_KEY.
     embed_env = {**env, "OPENAI_BASE_URL": proxy, "OPENAI_API_KEY": PROXY_KEY}
     out, _ = await run_client([llm_cli, "embed", "-m", "3-small", "-c", "one"], embed_env)
     assert last_json_line(out) == pytest.approx(EMBEDDINGS[0])
