@@ -257,7 +257,13 @@ class OpenAILike:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
         sent = bytearray()
-        for i, word in enumerate(["Hel", "lo", " there", "!"]):
+        # As OpenAI streams it: one delta per event, then an empty delta carrying
+        # finish_reason (litellm, for one, treats a stream without it as cut off).
+        words: list[str | None] = ["Hel", "lo", " there", "!", None]
+        for i, word in enumerate(words):
+            delta: dict[str, str] = {"role": "assistant"} if i == 0 else {}
+            if word is not None:
+                delta["content"] = word
             chunk = {
                 "id": "chatcmpl-abc123",
                 "object": "chat.completion.chunk",
@@ -266,10 +272,8 @@ class OpenAILike:
                 "choices": [
                     {
                         "index": 0,
-                        "delta": {"role": "assistant", "content": word}
-                        if i == 0
-                        else {"content": word},
-                        "finish_reason": None,
+                        "delta": delta,
+                        "finish_reason": "stop" if word is None else None,
                     }
                 ],
             }

@@ -115,7 +115,7 @@ async def test_chat_stream(sdk: Client) -> None:
             return [chunk.choices[0].delta.content or "" for chunk in stream]
 
         parts = await asyncio.to_thread(collect)
-    assert parts == ["Hel", "lo", " there", "!"]
+    assert parts == ["Hel", "lo", " there", "!", ""]  # the last chunk carries finish_reason
 
 
 async def test_embeddings(sdk: Client, upstream: OpenAILike) -> None:
