@@ -424,7 +424,8 @@ class Bench:
         """Many long streams of small chunks (see bench/tokenrate.py and bench/README.md)."""
         a = self.a
         peers = self.peers + self.multi
-        search = ([p.name for p in peers if p.name != "direct"] if a.token_search == "auto"
+        # auto: the proxies on one core of their own (nginx, oaimux with 1 worker).
+        search = ([p.name for p in self.peers if p.name != "direct"] if a.token_search == "auto"
                   else [n for n in a.token_search.split(",") if n and n != "none"])
         plan = TokenPlan(
             levels=tuple(a.token_streams), modes=tuple(a.token_modes), chunks=a.token_chunks,
@@ -566,8 +567,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="interleaved rounds of the token-rate levels (default %(default)s)")
     ap.add_argument("--token-search", default=None,
                     help="peers whose largest K (added chunk-delay p99 within "
-                         "--token-search-ms) is searched for: comma list, 'auto' = every "
-                         "proxy (default), 'none' (default in --quick)")
+                         "--token-search-ms) is searched for: comma list (e.g. "
+                         "nginx,oaimux,oaimux-w2), 'auto' = nginx and 1-worker oaimux "
+                         "(default), 'none' (default in --quick)")
     ap.add_argument("--token-search-steps", type=int, default=4,
                     help="runs per peer the search may take (default %(default)s)")
     ap.add_argument("--token-search-ms", type=float, default=10.0,
