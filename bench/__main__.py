@@ -423,6 +423,7 @@ class Bench:
     async def tokenrate(self) -> None:
         """Many long streams of small chunks (see bench/tokenrate.py and bench/README.md)."""
         a = self.a
+        await self._restart_proxies()
         peers = self.peers + self.multi
         # auto: the proxies on one core of their own (nginx, oaimux with 1 worker).
         search = ([p.name for p in self.peers if p.name != "direct"] if a.token_search == "auto"
@@ -443,6 +444,16 @@ class Bench:
         out["plan"] = asdict(plan)
         out["client_procs"] = procs
         self.results["tokenrate"] = out
+
+    async def _restart_proxies(self) -> None:
+        """Fresh proxy processes, so memory per stream is not hidden by memory an earlier
+        phase grew (a Python process keeps it and reuses it)."""
+        for peer in self.peers + self.multi:
+            if not peer.pids():
+                continue  # direct: nothing to restart
+            peer.stop()
+            await peer.start()
+            log(f"{peer.name} restarted on :{peer.port}")
 
     # -- phase 7: profile (optional) --------------------------------------------------------------
     async def profile(self) -> None:
@@ -676,8 +687,8 @@ def print_report(results: dict[str, Any]) -> None:
         tr = results["tokenrate"]
         plan = tr.get("plan", {})
         print(f"\ntoken rate: K streams of {plan.get('chunks')} chunks at {plan.get('rate'):g}/s "
-              f"(60-120-byte deltas), {tr.get('client_procs')} client processes; delay and "
-              f"TTFB rows of proxies are added over direct's (delay) or absolute (TTFB):")
+              f"(60-120-byte deltas), {tr.get('client_procs')} client processes. Delay: "
+              f"direct's as measured, a proxy's as added over direct's; TTFB as measured.")
         print(tokens)
         for k, why in (tr.get("skipped") or {}).items():
             print(f"skipped token-rate K={k}: {why}")

@@ -747,7 +747,7 @@ def _describe(row: dict[str, Any]) -> str:
             f"setup {f(row['setup_us_per_stream'], '.0f')} us  "
             f"delay p50 {f(row['delay_p50_ms'])} p99 {f(row['delay_p99_ms'])} ms  "
             f"ttfb p50 {f(row['ttfb_p50_ms'])} p99 {f(row['ttfb_p99_ms'])} ms  "
-            f"KB/stream {f(row['kb_per_stream'], '.1f')}  "
+            f"KB/stream {f(row['kb_per_stream'], '.1f')}  merged {row['coalesced']}  "
             f"mock late p99 {f(row['mock_late_p99_ms'])} ms  "
             f"load CPU {f(row['load_cpu_pct'], '.0f')}% (core busy "
             f"{f(row['load_core_busy_pct'], '.0f')}%)  "
