@@ -436,8 +436,9 @@ class Bench:
         procs = a.client_procs or max(2, len(self.client_cpus or ()))
         pool = ClientPool(procs)
         try:
-            phase = TokenPhase(plan, peers, self.mock, pool, self.client_cpus,
-                               resource.getrlimit(resource.RLIMIT_NOFILE)[0], log)
+            phase = TokenPhase(plan, peers, self.mock, pool, self.client_cpus, self.proxy_cpus,
+                               resource.getrlimit(resource.RLIMIT_NOFILE)[0], self._wait_quiet,
+                               log)
             out = await phase.run()
         finally:
             pool.close()

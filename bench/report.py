@@ -241,7 +241,7 @@ def goals_summary(rows: list[Row]) -> str:
 
 _TOKEN_FIELDS = ("completed", "cpu_us_per_chunk", "setup_us_per_stream", "teardown_us_per_stream",
                  "delay_p50_ms", "delay_p99_ms", "ttfb_p50_ms", "ttfb_p99_ms", "kb_per_stream",
-                 "mock_late_p99_ms", "load_cpu_pct", "coalesced", "chunks_received",
+                 "mock_late_p99_ms", "load_cpu_pct", "foreign_pct", "coalesced", "chunks_received",
                  "chunks_expected")
 
 
@@ -287,7 +287,7 @@ def render_tokenrate(results: dict[str, Any]) -> str:
     header = ["K", "start", "peer", "streams done", "CPU µs/chunk", "vs nginx",
               "set-up µs/stream", "teardown µs/stream", "delay p50 ms", "delay p99 ms",
               "TTFB p50 ms", "TTFB p99 ms", "KB/stream", "chunks merged", "mock late p99 ms",
-              "load CPU %", "note"]
+              "load CPU %", "foreign %", "note"]
     table: list[list[str]] = [header]
     limit = plan.get("search_limit_ms", 10.0)
     any_whole = False
@@ -321,7 +321,7 @@ def render_tokenrate(results: dict[str, Any]) -> str:
                     _f(c["kb_per_stream"], "{:.1f}") if burst else DASH,
                     _f(c["coalesced"], "{:,.0f}"),
                     _f(c["mock_late_p99_ms"], "{:.1f}"), _f(c["load_cpu_pct"], "{:.0f}"),
-                    note,
+                    _f(c["foreign_pct"], "{:.0f}"), note,
                 ])
     out = [_markdown(table)]
     if any_whole:

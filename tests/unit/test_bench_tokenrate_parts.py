@@ -5,7 +5,6 @@ largest K a proxy carries."""
 from __future__ import annotations
 
 import json
-import socket
 from array import array
 from typing import Any
 
@@ -57,18 +56,15 @@ def _response(stamps: list[int]) -> bytes:
 def _reader() -> tuple[_Reader, _Stream, list[int]]:
     counters = [0, 0, 0]
     reader = _Reader(ClientJob(port=1, request=b"", starts_ns=[0], deadline_ns=0), counters, 0)
-    reader.ep.close()  # _feed needs no epoll; _end's unregister tolerates a closed one
-    a, b = socket.socketpair()
-    b.close()
-    return reader, _Stream(0, a), counters
+    return reader, _Stream(reader, 0), counters
 
 
 def _feed_in_pieces(reader: _Reader, st: _Stream, data: bytes, cuts: list[int]) -> None:
     bounds = [0, *cuts, len(data)]
     for t, (lo, hi) in enumerate(zip(bounds, bounds[1:], strict=False), start=1):
-        if st.sock.fileno() < 0:
-            break  # completed and closed
-        reader._feed(st, st.tail + data[lo:hi], TS + 1000 * t)
+        if st.ended:
+            break
+        reader.feed(st, st.tail + data[lo:hi], TS + 1000 * t)
 
 
 def test_reader_counts_every_stamp_whatever_the_read_boundaries() -> None:
@@ -96,7 +92,7 @@ def test_reader_counts_chunks_merged_into_one_read() -> None:
 
 def test_reader_reports_a_non_200_status_and_counts_the_stream_as_failed() -> None:
     reader, st, counters = _reader()
-    reader._feed(st, b"HTTP/1.1 429 Too Many Requests\r\nContent-Length: 0\r\n\r\n", TS)
+    reader.feed(st, b"HTTP/1.1 429 Too Many Requests\r\nContent-Length: 0\r\n\r\n", TS)
     assert reader.res.errors == {"status 429": 1}
     assert reader.res.completed[0] == 0
     assert counters[FIRST] == counters[ENDED] == 1 and counters[COMPLETED] == 0
