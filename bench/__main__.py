@@ -10,7 +10,9 @@ so slow drift of the machine spreads over all peers instead of biasing one:
 3. non-stream - req/s, p50/p99 latency at each connection count, proxy CPU per request.
 4. SSE - TTFB, per-chunk delay and coalescing at each stream count.
 5. large bodies - a 10 MB JSON request (model key first and last) and a 10 MB binary answer.
-6. profile (only with --profile) - py-spy samples oaimux under the non-stream load, after
+6. token rate - K streams of small chunks at 50 chunks/s (burst and ramped starts): proxy CPU
+   per chunk, added chunk delay, TTFB, memory per stream, and the largest K each proxy carries.
+7. profile (only with --profile) - py-spy samples oaimux under the non-stream load, after
    everything else, so its overhead is in no reported figure.
 
 Everything talks to 127.0.0.1 only, every loop is bounded in count and time, and every
@@ -46,6 +48,7 @@ from bench.loadgen import CHAT_BODY, have_wrk, run_load
 from bench.mock_upstream import binary_payload
 from bench.peers import DEFAULT_OAIMUX_CMD, REPO_ROOT, Direct, Mock, Nginx, Oaimux, Peer
 from bench.streams import hold_streams, run_streams, stream_body
+from bench.tokenrate import ClientPool, TokenPhase, TokenPlan
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 MODEL = "bench-model"
@@ -118,7 +121,7 @@ class Bench:
         self.spawned: list[Peer] = []  # everything ever started, so stop() misses nothing
         self.results: dict[str, Any] = {
             "meta": {}, "peers": {}, "smoke": {}, "nonstream": [], "sse": [], "hold": {},
-            "large_body": {}, "binary": {}, "skipped": {},
+            "large_body": {}, "binary": {}, "tokenrate": {}, "skipped": {},
         }
         self.profile_raw = ""  # py-spy's collapsed stacks, written next to the JSON
         self.proxy_core = min(self.proxy_cpus) if self.proxy_cpus else None
@@ -416,7 +419,44 @@ class Bench:
             log(f"binary {peer.name}: {self.results['binary'][peer.name]}")
 
 
-    # -- phase 6: profile (optional) --------------------------------------------------------------
+    # -- phase 6: token rate --------------------------------------------------------------------
+    async def tokenrate(self) -> None:
+        """Many long streams of small chunks (see bench/tokenrate.py and bench/README.md)."""
+        a = self.a
+        await self._restart_proxies()
+        peers = self.peers + self.multi
+        # auto: the proxies on one core of their own (nginx, oaimux with 1 worker).
+        search = ([p.name for p in self.peers if p.name != "direct"] if a.token_search == "auto"
+                  else [n for n in a.token_search.split(",") if n and n != "none"])
+        plan = TokenPlan(
+            levels=tuple(a.token_streams), modes=tuple(a.token_modes), chunks=a.token_chunks,
+            rate=a.token_rate, ramp_ms=a.token_ramp_ms, grace_s=a.token_grace,
+            rounds=a.token_rounds, search=tuple(search), search_steps=a.token_search_steps,
+            search_limit_ms=a.token_search_ms, search_max_k=max(a.token_streams))
+        procs = a.client_procs or max(2, len(self.client_cpus or ()))
+        pool = ClientPool(procs)
+        try:
+            phase = TokenPhase(plan, peers, self.mock, pool, self.client_cpus, self.proxy_cpus,
+                               resource.getrlimit(resource.RLIMIT_NOFILE)[0], self._wait_quiet,
+                               log)
+            out = await phase.run()
+        finally:
+            pool.close()
+        out["plan"] = asdict(plan)
+        out["client_procs"] = procs
+        self.results["tokenrate"] = out
+
+    async def _restart_proxies(self) -> None:
+        """Fresh proxy processes, so memory per stream is not hidden by memory an earlier
+        phase grew (a Python process keeps it and reuses it)."""
+        for peer in self.peers + self.multi:
+            if not peer.pids():
+                continue  # direct: nothing to restart
+            peer.stop()
+            await peer.start()
+            log(f"{peer.name} restarted on :{peer.port}")
+
+    # -- phase 7: profile (optional) --------------------------------------------------------------
     async def profile(self) -> None:
         """Sample oaimux with py-spy during a 16-connection non-stream load."""
         peer = next((p for p in self.peers if p.name == "oaimux"), None)
@@ -505,7 +545,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--oaimux-cmd", default=DEFAULT_OAIMUX_CMD,
                     help="command template for oaimux; placeholders {python} {config} {port} "
                          "{workers} (default: %(default)s)")
-    ap.add_argument("--phases", default="smoke,hold,nonstream,sse,large",
+    ap.add_argument("--phases", default="smoke,hold,nonstream,sse,large,tokenrate",
                     help="comma list of phases to run")
     ap.add_argument("--rounds", type=int, help="interleaved rounds of the non-stream phase")
     ap.add_argument("--duration", type=float, help="seconds per non-stream measurement")
@@ -520,6 +560,36 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--body-mb", type=float, default=10.0, help="size of the big JSON body")
     ap.add_argument("--binary-mb", type=float, default=10.0, help="size of the binary answer")
     ap.add_argument("--reps", type=int, help="repetitions of each big-body request")
+    ap.add_argument("--token-streams",
+                    help="concurrent stream counts K of the token-rate phase "
+                         "(default 100,1000,3000; 100 in --quick)")
+    ap.add_argument("--token-modes", default="burst,ramp",
+                    help="how the K streams start: all at once (burst), spread evenly over "
+                         "--token-ramp-ms (ramp), or both (default)")
+    ap.add_argument("--token-chunks", type=int, help="chunks per stream (default 200; 50 in "
+                                                        "--quick)")
+    ap.add_argument("--token-rate", type=float, default=50.0,
+                    help="chunks per second per stream (default %(default)s)")
+    ap.add_argument("--token-ramp-ms", type=float,
+                    help="ramp over which ramped starts spread (default 1000; 250 in --quick)")
+    ap.add_argument("--token-grace", type=float,
+                    help="seconds past a run's schedule before its streams are cut "
+                         "(default 3; 2 in --quick)")
+    ap.add_argument("--token-rounds", type=int, default=1,
+                    help="interleaved rounds of the token-rate levels (default %(default)s)")
+    ap.add_argument("--token-search", default=None,
+                    help="peers whose largest K (added chunk-delay p99 within "
+                         "--token-search-ms) is searched for: comma list (e.g. "
+                         "nginx,oaimux,oaimux-w2), 'auto' = nginx and 1-worker oaimux "
+                         "(default), 'none' (default in --quick)")
+    ap.add_argument("--token-search-steps", type=int, default=4,
+                    help="runs per peer the search may take (default %(default)s)")
+    ap.add_argument("--token-search-ms", type=float, default=10.0,
+                    help="added chunk-delay p99 a proxy may add and still carry K "
+                         "(default %(default)s)")
+    ap.add_argument("--client-procs", type=int, default=None,
+                    help="client processes reading the token-rate streams (default: the "
+                         "load side's cores, at least 2)")
     ap.add_argument("--profile", action="store_true",
                     help="after the run, sample oaimux with py-spy under load (needs py-spy)")
     ap.add_argument("--quiet-wait", type=float, default=None,
@@ -538,7 +608,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     defaults = {  # (full, quick)
         "rounds": (3, 1), "duration": (8.0, 2.0), "stream_rounds": (2, 1), "chunks": (20, 10),
         "interval_ms": (100.0, 50.0), "reps": (5, 2), "workers": (2, 1),
-        "quiet_wait": (4.0, 1.0),
+        "quiet_wait": (4.0, 1.0), "token_streams": ("100,1000,3000", "100"),
+        "token_chunks": (200, 50), "token_ramp_ms": (1000.0, 250.0), "token_grace": (3.0, 2.0),
+        "token_search": ("auto", "none"),
     }
     for key, (full, short) in defaults.items():
         if getattr(a, key) is None:
@@ -547,6 +619,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a.single_reps = 3 if quick else 5
     a.conns = [int(c) for c in a.conns.split(",") if c]
     a.streams = [int(k) for k in a.streams.split(",") if k]
+    a.token_streams = [int(k) for k in a.token_streams.split(",") if k]
+    a.token_modes = [m for m in a.token_modes.split(",") if m in ("burst", "ramp")]
     a.phases = {p.strip() for p in a.phases.split(",") if p.strip()}
     if a.profile:
         a.phases.add("profile")
@@ -575,7 +649,8 @@ async def run(a: argparse.Namespace) -> dict[str, Any]:
             # hold runs first, on fresh processes: after 1,000-stream runs a Python proxy keeps
             # the memory it grew to, and "RSS with N open - idle RSS" would read near zero.
             ("smoke", bench.smoke), ("hold", bench.hold), ("nonstream", bench.nonstream),
-            ("sse", bench.sse), ("large", bench.large), ("profile", bench.profile),
+            ("sse", bench.sse), ("large", bench.large), ("tokenrate", bench.tokenrate),
+            ("profile", bench.profile),
         ]
         for name, phase in phases:
             if name in a.phases and bench.peers:
@@ -608,6 +683,16 @@ def print_report(results: dict[str, Any]) -> None:
               f"{statistics.median(foreign):.0f}% (other work on this machine; high = noisy)")
     for name, why in results.get("skipped", {}).items():
         print(f"skipped {name}: {' '.join(why.splitlines()[:2])[:300]}")
+    tokens = report.render_tokenrate(results)
+    if tokens:
+        tr = results["tokenrate"]
+        plan = tr.get("plan", {})
+        print(f"\ntoken rate: K streams of {plan.get('chunks')} chunks at {plan.get('rate'):g}/s "
+              f"(60-120-byte deltas), {tr.get('client_procs')} client processes. Delay: "
+              f"direct's as measured, a proxy's as added over direct's; TTFB as measured.")
+        print(tokens)
+        for k, why in (tr.get("skipped") or {}).items():
+            print(f"skipped token-rate K={k}: {why}")
     prof = results.get("profile") or {}
     if prof.get("samples"):
         print(f"\nwhere oaimux spends CPU (py-spy, {prof['samples']} samples, 16 conns):")

@@ -16,6 +16,13 @@ keep-alive, Content-Length or chunked request bodies and ``Expect: 100-continue`
 - ``GET /healthz`` - 200 ``ok``. ``GET /_stats`` - counters as JSON: open connections, streams
   in progress, and totals. The hang-up test reads these to see whether a proxy closed its
   upstream connections after its clients went away.
+- ``GET /_lateness`` - how late the mock sent the chunks of ``"mock_delta"`` streams against
+  their schedule since the last call (count, p50, p99, max in µs), then starts over. A mock that
+  cannot keep its schedule shows here instead of passing as proxy delay.
+
+With ``"mock_delta": 1`` a stream's chunks are shaped and sized like a model's token deltas:
+``data: {"choices":[{"delta":{"content":"ts=<ns> ..."}}]}`` padded to 60-120 bytes per event
+(the size cycles with the chunk number), instead of the full ~200-byte chunk above.
 
 Knobs, first match wins: headers ``x-mock-chunks``, ``x-mock-interval-ms``, ``x-mock-bytes``;
 then top-level body keys ``"mock_chunks"``, ``"mock_interval_ms"``, ``"mock_bytes"`` (bodies
@@ -78,14 +85,31 @@ FINISH_EVENT = (
 )
 DONE_EVENT = b"data: [DONE]\n\n"
 
+# Token-delta shaped events (the token-rate phase): 60-120 bytes each, like a model's deltas.
+DELTA_PREFIX = b'data: {"choices":[{"delta":{"content":"ts='
+DELTA_SUFFIX = b'"}}]}\n\n'
+DELTA_FILLER = b" lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod"
+DELTA_MIN_BYTES, DELTA_MAX_BYTES = 60, 120
+
+
+def delta_event(ts: int, seq: int) -> bytes:
+    """One delta-shaped SSE event carrying ``ts``; its size cycles over 60-120 bytes with
+    ``seq`` (37 is coprime to the 61 sizes, so every size comes up once in 61 chunks)."""
+    head = DELTA_PREFIX + b"%d" % ts
+    want = DELTA_MIN_BYTES + (seq * 37) % (DELTA_MAX_BYTES - DELTA_MIN_BYTES + 1)
+    pad = want - len(head) - len(DELTA_SUFFIX)
+    return head + DELTA_FILLER[: max(0, pad)] + DELTA_SUFFIX
+
 _KNOB_RE = {
     "chunks": re.compile(rb'"mock_chunks"\s*:\s*(\d+)'),
     "interval_ms": re.compile(rb'"mock_interval_ms"\s*:\s*(\d+(?:\.\d+)?)'),
     "bytes": re.compile(rb'"mock_bytes"\s*:\s*(\d+)'),
+    "delta": re.compile(rb'"mock_delta"\s*:\s*(\d+)'),
 }
 _STREAM_RE = re.compile(rb'"stream"\s*:\s*true')
 KNOB_SCAN_BYTES = 4096
 MAX_REQUEST_BODY = 256 * 1024 * 1024  # refuse anything absurd rather than exhaust memory
+LATENESS_KEPT = 5_000_000  # lateness samples kept between two reads of /_lateness (~40 MB)
 
 
 def binary_payload(size: int) -> bytes:
@@ -107,9 +131,22 @@ class Stats:
         self.streams_completed = 0
         self.streams_aborted = 0
         self.request_body_bytes_max = 0
+        # Send time minus scheduled time of each delta-stream chunk (ns), since the last read.
+        self.lateness: list[int] = []
 
     def as_json(self) -> bytes:
-        return json.dumps(self.__dict__).encode()
+        return json.dumps({k: v for k, v in self.__dict__.items() if k != "lateness"}).encode()
+
+    def take_lateness(self) -> bytes:
+        """Percentiles of the lateness recorded since the last call, as JSON; then forget it."""
+        late, self.lateness = sorted(self.lateness), []
+        n = len(late)
+
+        def pct(q: float) -> float:
+            return late[min(n - 1, max(0, -(-n * q // 100) - 1))] / 1000 if n else 0.0
+
+        return json.dumps({"count": n, "p50_us": pct(50), "p99_us": pct(99),
+                           "max_us": late[-1] / 1000 if n else 0.0}).encode()
 
 
 class Config:
@@ -282,6 +319,8 @@ class MockProtocol(asyncio.Protocol):
             self._reply(200, b"text/plain", b"ok", close)
         elif path == "/_stats":
             self._reply(200, b"application/json", st.as_json(), close)
+        elif path == "/_lateness":
+            self._reply(200, b"application/json", st.take_lateness(), close)
         else:
             self._reply(404, b"application/json", b'{"error":{"message":"not found"}}', close)
 
@@ -319,7 +358,10 @@ class MockProtocol(asyncio.Protocol):
         self.stream_active = True
         loop = asyncio.get_running_loop()
         t0 = loop.time()
-        self._send_chunk(0, chunks, t0, interval)
+        if self._knob(headers, "delta", 0):
+            self._send_delta(0, chunks, t0, interval)
+        else:
+            self._send_chunk(0, chunks, t0, interval)
 
     def _send_chunk(self, seq: int, chunks: int, t0: float, interval: float) -> None:
         self.streaming = None
@@ -336,6 +378,31 @@ class MockProtocol(asyncio.Protocol):
                 t0 + (seq + 1) * interval, self._send_chunk, seq + 1, chunks, t0, interval
             )
             return
+        self._finish_stream(tr)
+
+    def _send_delta(self, seq: int, chunks: int, t0: float, interval: float) -> None:
+        """``_send_chunk`` for token-delta shaped chunks, recording how late each one leaves.
+
+        The schedule is on the loop's clock, which is CLOCK_MONOTONIC (in ms steps on uvloop),
+        the clock of ``time.monotonic_ns``; so send stamp minus schedule is the lateness.
+        """
+        self.streaming = None
+        tr = self.transport
+        if tr is None or tr.is_closing():
+            return
+        if seq < chunks:
+            now = time.monotonic_ns()
+            event = delta_event(now, seq)
+            tr.write(b"%x\r\n%s\r\n" % (len(event), event))
+            if len(self.stats.lateness) < LATENESS_KEPT:
+                self.stats.lateness.append(now - round((t0 + seq * interval) * 1e9))
+            self.streaming = asyncio.get_running_loop().call_at(
+                t0 + (seq + 1) * interval, self._send_delta, seq + 1, chunks, t0, interval
+            )
+            return
+        self._finish_stream(tr)
+
+    def _finish_stream(self, tr: asyncio.Transport) -> None:
         tail = FINISH_EVENT + DONE_EVENT
         tr.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(tail), tail))
         self.stream_active = False

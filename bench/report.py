@@ -235,3 +235,144 @@ def goals_summary(rows: list[Row]) -> str:
     met = sum(1 for r in with_goal if r.met)
     unknown = sum(1 for r in with_goal if r.met is None)
     return f"goals met: {met} of {len(with_goal)}" + (f" ({unknown} n/a)" if unknown else "")
+
+
+# -- token rate ---------------------------------------------------------------------------------
+
+_TOKEN_FIELDS = ("completed", "cpu_us_per_chunk", "setup_us_per_stream", "teardown_us_per_stream",
+                 "delay_p50_ms", "delay_p99_ms", "ttfb_p50_ms", "ttfb_p99_ms", "kb_per_stream",
+                 "mock_late_p99_ms", "load_cpu_pct", "foreign_pct", "coalesced", "chunks_received",
+                 "chunks_expected")
+
+
+def token_cells(results: dict[str, Any]) -> dict[tuple[int, str, str], dict[str, float | None]]:
+    """(K, start mode, peer) -> median over rounds of each token-rate figure (level runs only,
+    not the search's)."""
+    runs = [r for r in results.get("tokenrate", {}).get("runs", []) if not r.get("search")]
+    groups: dict[tuple[int, str, str], list[dict[str, Any]]] = {}
+    for r in runs:
+        groups.setdefault((r["k"], r["mode"], r["peer"]), []).append(r)
+    cells: dict[tuple[int, str, str], dict[str, float | None]] = {}
+    for key, rows in groups.items():
+        cell = {f: _median(r.get(f) for r in rows) for f in _TOKEN_FIELDS}
+        # The largest growth over rounds: a Python process reuses memory an earlier run freed,
+        # so later rounds read low.
+        cell["kb_per_stream"] = max((r["kb_per_stream"] for r in rows
+                                     if r.get("kb_per_stream") is not None), default=None)
+        # 1.0 when some round had no steady window (CPU per chunk is then over the whole run)
+        cell["whole_run"] = float(any(r.get("cpu_window") == "whole run" for r in rows))
+        cells[key] = cell
+    return cells
+
+
+def load_saturated(direct: dict[str, float | None], k: int, limit_ms: float) -> bool:
+    """Direct's own run missed what a proxy is judged by (every stream complete, chunk-delay
+    p99 and the mock's lateness p99 within the limit): the load side itself could not keep up,
+    so that group's "added" figures say little about the proxies."""
+    return bool(direct) and ((direct.get("completed") or 0) < k
+                             or (direct.get("delay_p99_ms") or 0.0) > limit_ms
+                             or (direct.get("mock_late_p99_ms") or 0.0) > limit_ms)
+
+
+def render_tokenrate(results: dict[str, Any]) -> str:
+    """The token-rate phase as two Markdown tables: every level run, and the search."""
+    tr = results.get("tokenrate") or {}
+    cells = token_cells(results)
+    if not cells:
+        return ""
+    plan = tr.get("plan", {})
+    peer_order = [p for p in (*PEER_COLUMNS, *sorted({k[2] for k in cells})) if
+                  any(k[2] == p for k in cells)]
+    peer_order = list(dict.fromkeys(peer_order))
+    header = ["K", "start", "peer", "streams done", "CPU µs/chunk", "vs nginx",
+              "set-up µs/stream", "teardown µs/stream", "delay p50 ms", "delay p99 ms",
+              "TTFB p50 ms", "TTFB p99 ms", "KB/stream", "chunks merged", "mock late p99 ms",
+              "load CPU %", "foreign %", "note"]
+    table: list[list[str]] = [header]
+    limit = plan.get("search_limit_ms", 10.0)
+    any_whole = False
+    for k in sorted({key[0] for key in cells}):
+        for mode in ("burst", "ramp"):
+            direct = cells.get((k, mode, "direct"), {})
+            nginx = cells.get((k, mode, "nginx"), {})
+            note = "load side saturated" if load_saturated(direct, k, limit) else ""
+            for peer in peer_order:
+                c = cells.get((k, mode, peer))
+                if c is None:
+                    continue
+                proxied = peer != "direct"
+                # Set-up, teardown and memory only from burst starts: after a ramp the set-up
+                # is CPU minus a second of relayed chunks (a difference of two large numbers),
+                # and memory is what the burst run at this K already grew.
+                burst = proxied and mode == "burst"
+                whole = "*" if c["whole_run"] else ""
+                any_whole = any_whole or bool(whole)
+                table.append([
+                    f"{k:,}", mode, peer,
+                    _pct(c["completed"], k),
+                    _f(c["cpu_us_per_chunk"], "{:.1f}") + whole if proxied else DASH,
+                    (_ratio(c["cpu_us_per_chunk"], nginx.get("cpu_us_per_chunk"))
+                     if proxied and peer != "nginx" else DASH),
+                    _f(c["setup_us_per_stream"], "{:.0f}") if burst else DASH,
+                    _f(c["teardown_us_per_stream"], "{:.0f}") if burst else DASH,
+                    _vs_floor(c["delay_p50_ms"], direct.get("delay_p50_ms"), proxied),
+                    _vs_floor(c["delay_p99_ms"], direct.get("delay_p99_ms"), proxied),
+                    _f(c["ttfb_p50_ms"], "{:.1f}"), _f(c["ttfb_p99_ms"], "{:.1f}"),
+                    _f(c["kb_per_stream"], "{:.1f}") if burst else DASH,
+                    _f(c["coalesced"], "{:,.0f}"),
+                    _f(c["mock_late_p99_ms"], "{:.1f}"), _f(c["load_cpu_pct"], "{:.0f}"),
+                    _f(c["foreign_pct"], "{:.0f}"), note,
+                ])
+    out = [_markdown(table)]
+    if any_whole:
+        out.append("\n\\* no steady window (the first stream ended before the last one had its "
+                   "first chunk): CPU over the whole run, set-up included.")
+    search = tr.get("search") or {}
+    if search:
+        ng = (search.get("nginx") or {}).get("largest_k")
+        rows: list[list[str]] = [["peer", "largest K carried", "first K not carried",
+                                  "vs nginx", "CPU-bound K (1 core)", "note"]]
+        for peer, s in search.items():
+            best = s.get("largest_k")
+            rows.append([
+                peer, _f(best, "{:,.0f}"), _f(s.get("first_failing_k"), "{:,.0f}"),
+                _ratio(best, ng) if peer != "nginx" else DASH,
+                _f(s.get("cpu_bound_k"), "{:,.0f}") if "-w" not in peer else DASH,
+                "load side saturated above it: a lower bound" if s.get("limited_by_load")
+                else "",
+            ])
+        out.append(f"\nLargest K carried at {plan.get('rate', 50):g} chunks/s with ramped "
+                   f"starts: every stream complete and chunk-delay p99 at most "
+                   f"{plan.get('search_limit_ms', 10):g} ms above direct's at the same K.\n")
+        out.append(_markdown(rows))
+    return "\n".join(out)
+
+
+def _f(v: float | None, fmt: str) -> str:
+    return DASH if v is None else fmt.format(v)
+
+
+def _pct(done: float | None, k: int) -> str:
+    return DASH if done is None else f"{done:,.0f}/{k:,}"
+
+
+def _vs_floor(v: float | None, floor: float | None, proxied: bool) -> str:
+    """Direct's figure as measured; a proxy's as what it adds over direct's."""
+    if v is None:
+        return DASH
+    if not proxied:
+        return f"{v:.2f}"
+    return DASH if floor is None else f"{v - floor:+.2f}"
+
+
+def _markdown(cells: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
+
+    def line(row: list[str]) -> str:
+        parts = [c.ljust(w) if i < 3 else c.rjust(w)
+                 for i, (c, w) in enumerate(zip(row, widths, strict=True))]
+        return "| " + " | ".join(parts) + " |"
+
+    sep = "|" + "|".join("-" * (w + 1) + (":" if i >= 3 else "-")
+                         for i, w in enumerate(widths)) + "|"
+    return "\n".join([line(cells[0]), sep, *(line(r) for r in cells[1:])])
