@@ -14,13 +14,25 @@ import hashlib
 import ipaddress
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import yaml
 from yarl import URL
 
+from .fields import (
+    Node,
+    boolean,
+    header_name,
+    int_in,
+    nonempty_string,
+    nonneg_number,
+    positive_number,
+    show,
+    str_list,
+    string,
+)
 from .settings import (
     BUILTIN_KINDS,
     AuthKey,
@@ -62,122 +74,10 @@ __all__ = [
     "parse_settings",
 ]
 
-T = TypeVar("T")
-
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-# RFC 9110 §5.1: a field name is a token.
-_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
-
-
-# ---------------------------------------------------------------------------
-# Parsing. A small cursor keeps the key path for error messages.
-
-
-class _Node:
-    """A value in the YAML tree with its key path, for precise error messages."""
-
-    __slots__ = ("file", "path", "value")
-
-    def __init__(self, file: str, path: str, value: object) -> None:
-        self.file = file
-        self.path = path
-        self.value = value
-
-    def error(self, problem: str) -> ConfigError:
-        where = self.path or "(top level)"
-        return ConfigError(f"{self.file}: {where}: {problem}")
-
-    def child(self, key: str | int) -> _Node:
-        if isinstance(key, int):
-            path = f"{self.path}[{key}]"
-            assert isinstance(self.value, list)
-            return _Node(self.file, path, self.value[key])
-        path = f"{self.path}.{key}" if self.path else key
-        assert isinstance(self.value, dict)
-        return _Node(self.file, path, self.value.get(key))
-
-    def mapping(self, allowed: tuple[str, ...]) -> dict[str, Any]:
-        if not isinstance(self.value, dict):
-            raise self.error(f"expected a mapping, got {_show(self.value)}")
-        for key in self.value:
-            if not isinstance(key, str):
-                raise self.error(f"keys must be strings, got {_show(key)}")
-            if key not in allowed:
-                raise self.error(f"unknown key {key!r} (allowed: {', '.join(allowed)})")
-        return self.value
-
-    def opt(self, key: str, kind: Callable[[_Node], T], default: T) -> T:
-        assert isinstance(self.value, dict)
-        if key not in self.value or self.value[key] is None:
-            return default
-        return kind(self.child(key))
-
-
-def _show(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def _str(node: _Node) -> str:
-    if not isinstance(node.value, str):
-        raise node.error(f"expected a string, got {_show(node.value)}")
-    return node.value
-
-
-def _nonempty_str(node: _Node) -> str:
-    value = _str(node)
-    if not value:
-        raise node.error("must not be empty")
-    return value
-
-
-def _bool(node: _Node) -> bool:
-    if not isinstance(node.value, bool):
-        raise node.error(f"expected true or false, got {_show(node.value)}")
-    return node.value
-
-
-def _positive_number(node: _Node) -> float:
-    v = node.value
-    if isinstance(v, bool) or not isinstance(v, int | float) or not v > 0 or v != v:
-        raise node.error(f"expected a positive number, got {_show(v)}")
-    if v == float("inf"):
-        raise node.error("must be finite")
-    return float(v)
-
-
-def _nonneg_number(node: _Node) -> float:
-    v = node.value
-    if isinstance(v, bool) or not isinstance(v, int | float) or not v >= 0 or v == float("inf"):
-        raise node.error(f"expected a number >= 0, got {_show(v)}")
-    return float(v)
-
-
-def _int_in(lo: int, hi: int) -> Callable[[_Node], int]:
-    def parse(node: _Node) -> int:
-        v = node.value
-        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-            raise node.error(f"expected a whole number from {lo} to {hi}, got {_show(v)}")
-        return v
-
-    return parse
-
-
-def _str_list(node: _Node) -> tuple[str, ...]:
-    if not isinstance(node.value, list):
-        raise node.error(f"expected a list, got {_show(node.value)}")
-    return tuple(_nonempty_str(node.child(i)) for i in range(len(node.value)))
-
-
-def _header_name(node: _Node) -> str:
-    name = _nonempty_str(node)
-    if not _TOKEN.match(name):
-        raise node.error(f"not a valid header name: {_show(name)}")
-    return name
-
 
 def _expand_env(
-    node: _Node, environ: Mapping[str, str], noted: list[EnvSubstitution]
+    node: Node, environ: Mapping[str, str], noted: list[EnvSubstitution]
 ) -> object:
     """Replace ${VAR} / ${VAR:-default} in every string of the tree (in place).
 
@@ -213,42 +113,42 @@ def _expand_env(
     return value
 
 
-def _rate_limit(node: _Node) -> RateLimitSettings:
+def _rate_limit(node: Node) -> RateLimitSettings:
     m = node.mapping(("requests_per_minute", "burst", "storage", "on_storage_error"))
     for key in ("requests_per_minute", "burst"):
         if key not in m:
             raise node.error(f"missing key {key!r}")
     return RateLimitSettings(
-        requests_per_minute=_positive_number(node.child("requests_per_minute")),
-        burst=_int_in(1, 10**9)(node.child("burst")),
+        requests_per_minute=positive_number(node.child("requests_per_minute")),
+        burst=int_in(1, 10**9)(node.child("burst")),
     )
 
 
-def _network(node: _Node) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
-    text = _nonempty_str(node)
+def _network(node: Node) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    text = nonempty_string(node)
     try:
         return ipaddress.ip_network(text, strict=False)
     except ValueError:
-        raise node.error(f"not an IP network: {_show(text)}") from None
+        raise node.error(f"not an IP network: {show(text)}") from None
 
 
-def _networks(node: _Node) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+def _networks(node: Node) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
     if not isinstance(node.value, list):
-        raise node.error(f"expected a list of networks, got {_show(node.value)}")
+        raise node.error(f"expected a list of networks, got {show(node.value)}")
     return tuple(_network(node.child(i)) for i in range(len(node.value)))
 
 
-def _cors(node: _Node) -> CorsSettings:
+def _cors(node: Node) -> CorsSettings:
     node.mapping(("allow_origins", "max_age"))
     origins_node = node.child("allow_origins")
     if origins_node.value == "*":
         origins: tuple[str, ...] = ("*",)
     else:
-        origins = _str_list(origins_node)
-    return CorsSettings(allow_origins=origins, max_age=node.opt("max_age", _int_in(0, 86400), 600))
+        origins = str_list(origins_node)
+    return CorsSettings(allow_origins=origins, max_age=node.opt("max_age", int_in(0, 86400), 600))
 
 
-def _server(node: _Node) -> ServerSettings:
+def _server(node: Node) -> ServerSettings:
     node.mapping(
         (
             "host",
@@ -266,112 +166,112 @@ def _server(node: _Node) -> ServerSettings:
     )
     d = ServerSettings()
     return ServerSettings(
-        host=node.opt("host", _nonempty_str, d.host),
-        port=node.opt("port", _int_in(0, 65535), d.port),
+        host=node.opt("host", nonempty_string, d.host),
+        port=node.opt("port", int_in(0, 65535), d.port),
         trusted_proxies=node.opt("trusted_proxies", _networks, d.trusted_proxies),
-        max_body_bytes=node.opt("max_body_bytes", _int_in(1, 2**40), d.max_body_bytes),
-        shutdown_grace_seconds=node.opt("shutdown_grace_seconds", _nonneg_number, 30.0),
-        header_timeout=node.opt("header_timeout", _positive_number, d.header_timeout),
-        body_idle_timeout=node.opt("body_idle_timeout", _positive_number, d.body_idle_timeout),
-        body_timeout=node.opt("body_timeout", _positive_number, d.body_timeout),
-        send_timeout=node.opt("send_timeout", _positive_number, d.send_timeout),
-        keepalive_timeout=node.opt("keepalive_timeout", _positive_number, d.keepalive_timeout),
+        max_body_bytes=node.opt("max_body_bytes", int_in(1, 2**40), d.max_body_bytes),
+        shutdown_grace_seconds=node.opt("shutdown_grace_seconds", nonneg_number, 30.0),
+        header_timeout=node.opt("header_timeout", positive_number, d.header_timeout),
+        body_idle_timeout=node.opt("body_idle_timeout", positive_number, d.body_idle_timeout),
+        body_timeout=node.opt("body_timeout", positive_number, d.body_timeout),
+        send_timeout=node.opt("send_timeout", positive_number, d.send_timeout),
+        keepalive_timeout=node.opt("keepalive_timeout", positive_number, d.keepalive_timeout),
         cors=node.opt("cors", _cors, None),
     )
 
 
-def _log(node: _Node) -> LogSettings:
+def _log(node: Node) -> LogSettings:
     node.mapping(("format", "level", "access"))
-    fmt = node.opt("format", _str, "text")
+    fmt = node.opt("format", string, "text")
     if fmt not in ("text", "json"):
-        raise node.child("format").error(f"expected text or json, got {_show(fmt)}")
-    level = node.opt("level", _str, "INFO").upper()
+        raise node.child("format").error(f"expected text or json, got {show(fmt)}")
+    level = node.opt("level", string, "INFO").upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
-        raise node.child("level").error(f"not a log level: {_show(level)}")
+        raise node.child("level").error(f"not a log level: {show(level)}")
     return LogSettings(
         format="json" if fmt == "json" else "text",
         level=level,
-        access=node.opt("access", _bool, True),
+        access=node.opt("access", boolean, True),
     )
 
 
-def _listen(node: _Node) -> tuple[str, int]:
-    text = _nonempty_str(node)
+def _listen(node: Node) -> tuple[str, int]:
+    text = nonempty_string(node)
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535 or not host:
-        raise node.error(f"expected host:port, got {_show(text)}")
+        raise node.error(f"expected host:port, got {show(text)}")
     return host.strip("[]"), int(port)
 
 
-def _metrics(node: _Node) -> MetricsSettings:
+def _metrics(node: Node) -> MetricsSettings:
     node.mapping(("enabled", "path", "listen"))
-    path = node.opt("path", _nonempty_str, "/metrics")
+    path = node.opt("path", nonempty_string, "/metrics")
     if not path.startswith("/"):
-        raise node.child("path").error(f"must start with '/', got {_show(path)}")
+        raise node.child("path").error(f"must start with '/', got {show(path)}")
     return MetricsSettings(
-        enabled=node.opt("enabled", _bool, True),
+        enabled=node.opt("enabled", boolean, True),
         path=path,
         listen=node.opt("listen", _listen, None),
     )
 
 
-def _headers(node: _Node) -> HeaderRewrite:
+def _headers(node: Node) -> HeaderRewrite:
     node.mapping(("set", "remove"))
     pairs: list[tuple[str, Secret]] = []
     set_node = node.child("set")
     if set_node.value is not None:
         if not isinstance(set_node.value, dict):
             raise set_node.error(
-                f"expected a mapping of header: value, got {_show(set_node.value)}"
+                f"expected a mapping of header: value, got {show(set_node.value)}"
             )
         for key in set_node.value:
             if not isinstance(key, str):
-                raise set_node.error(f"header names must be strings, got {_show(key)}")
-            _header_name(_Node(set_node.file, f"{set_node.path}.{key}", key))
-            value = _str(set_node.child(key))
+                raise set_node.error(f"header names must be strings, got {show(key)}")
+            header_name(Node(set_node.file, f"{set_node.path}.{key}", key))
+            value = string(set_node.child(key))
             if any(c in value for c in "\r\n\0"):
                 raise set_node.child(key).error("header values must not contain CR, LF or NUL")
             pairs.append((key, Secret(value)))
-    removed: tuple[str, ...] = node.opt("remove", _str_list, ())
+    removed: tuple[str, ...] = node.opt("remove", str_list, ())
     for i, name in enumerate(removed):
-        _header_name(_Node(node.file, f"{node.path}.remove[{i}]", name))
+        header_name(Node(node.file, f"{node.path}.remove[{i}]", name))
     return HeaderRewrite(set=tuple(pairs), remove=frozenset(n.lower() for n in removed))
 
 
-def _timeouts(node: _Node) -> Timeouts:
+def _timeouts(node: Node) -> Timeouts:
     node.mapping(("connect", "response", "idle"))
     d = Timeouts()
     return Timeouts(
-        connect=node.opt("connect", _positive_number, d.connect),
-        response=node.opt("response", _positive_number, d.response),
-        idle=node.opt("idle", _positive_number, d.idle),
+        connect=node.opt("connect", positive_number, d.connect),
+        response=node.opt("response", positive_number, d.response),
+        idle=node.opt("idle", positive_number, d.idle),
     )
 
 
-def _retries(node: _Node) -> RetrySettings:
+def _retries(node: Node) -> RetrySettings:
     node.mapping(("attempts", "backoff"))
     return RetrySettings(
-        attempts=node.opt("attempts", _int_in(0, 10), 0),
-        backoff=node.opt("backoff", _nonneg_number, 0.2),
+        attempts=node.opt("attempts", int_in(0, 10), 0),
+        backoff=node.opt("backoff", nonneg_number, 0.2),
     )
 
 
-def _breaker(node: _Node) -> CircuitBreakerSettings:
+def _breaker(node: Node) -> CircuitBreakerSettings:
     node.mapping(("failures", "cooldown"))
     return CircuitBreakerSettings(
-        failures=node.opt("failures", _int_in(1, 10**6), 5),
-        cooldown=node.opt("cooldown", _positive_number, 30.0),
+        failures=node.opt("failures", int_in(1, 10**6), 5),
+        cooldown=node.opt("cooldown", positive_number, 30.0),
     )
 
 
-def _url(node: _Node) -> URL:
-    text = _nonempty_str(node)
+def _url(node: Node) -> URL:
+    text = nonempty_string(node)
     try:
         url = URL(text)
     except (ValueError, TypeError):
-        raise node.error(f"not a URL: {_show(text)}") from None
+        raise node.error(f"not a URL: {show(text)}") from None
     if url.scheme not in ("http", "https") or not url.host:
-        raise node.error(f"expected an http:// or https:// URL with a host, got {_show(text)}")
+        raise node.error(f"expected an http:// or https:// URL with a host, got {show(text)}")
     if url.query_string or url.fragment or url.user or url.password:
         raise node.error("a base URL takes no query, fragment or credentials")
     return url.with_path(url.path.rstrip("/"))
@@ -382,14 +282,14 @@ def _url(node: _Node) -> URL:
 BUILTIN_PLACEHOLDER_URL = URL("http://127.0.0.1:0/v1")
 
 
-def _builtin(node: _Node) -> str:
-    kind = _nonempty_str(node)
+def _builtin(node: Node) -> str:
+    kind = nonempty_string(node)
     if kind not in BUILTIN_KINDS:
-        raise node.error(f"unknown builtin {_show(kind)} (known: {', '.join(BUILTIN_KINDS)})")
+        raise node.error(f"unknown builtin {show(kind)} (known: {', '.join(BUILTIN_KINDS)})")
     return kind
 
 
-def _upstream(name: str, node: _Node) -> Upstream:
+def _upstream(name: str, node: Node) -> Upstream:
     m = node.mapping(
         (
             "url",
@@ -411,29 +311,29 @@ def _upstream(name: str, node: _Node) -> Upstream:
         raise node.error("missing key 'url' (or 'builtin: demo' for the built-in demo upstream)")
     else:
         url = _url(node.child("url"))
-    keep: tuple[str, ...] = node.opt("keep_response_headers", _str_list, ())
+    keep: tuple[str, ...] = node.opt("keep_response_headers", str_list, ())
     return Upstream(
         name=name,
         url=url,
         builtin=builtin,
         headers=node.opt("headers", _headers, HeaderRewrite()),
         timeouts=node.opt("timeouts", _timeouts, Timeouts()),
-        pass_client_auth=node.opt("pass_client_auth", _bool, False),
+        pass_client_auth=node.opt("pass_client_auth", boolean, False),
         keep_response_headers=frozenset(k.lower() for k in keep),
         retries=node.opt("retries", _retries, RetrySettings()),
         circuit_breaker=node.opt("circuit_breaker", _breaker, CircuitBreakerSettings()),
     )
 
 
-def _upstream_ref(node: _Node, known: Mapping[str, Upstream]) -> str:
-    name = _nonempty_str(node)
+def _upstream_ref(node: Node, known: Mapping[str, Upstream]) -> str:
+    name = nonempty_string(node)
     if name not in known:
         raise node.error(f"unknown upstream {name!r} (known: {', '.join(known) or 'none'})")
     return name
 
 
 def _route_upstreams(
-    node: _Node, known: Mapping[str, Upstream]
+    node: Node, known: Mapping[str, Upstream]
 ) -> tuple[tuple[str, ...], Balance | None]:
     value = node.value
     if isinstance(value, str):
@@ -455,14 +355,14 @@ def _route_upstreams(
             member = members.child(i)
             member.mapping(("name", "weight"))
             name = _upstream_ref(member.child("name"), known)
-            weight = member.opt("weight", _int_in(1, 10**6), 1)
+            weight = member.opt("weight", int_in(1, 10**6), 1)
             weights.append((name, weight))
         names = tuple(n for n, _ in weights)
         if len(set(names)) != len(names):
             raise members.error("lists an upstream twice")
         return names, Balance(tuple(weights))
     raise node.error(
-        f"expected an upstream name, a list of names or {{balance: [...]}}, got {_show(value)}"
+        f"expected an upstream name, a list of names or {{balance: [...]}}, got {show(value)}"
     )
 
 
@@ -479,19 +379,19 @@ _ROUTE_KEYS = (
 )
 
 
-def _route(index: int, node: _Node, known: Mapping[str, Upstream]) -> Route:
+def _route(index: int, node: Node, known: Mapping[str, Upstream]) -> Route:
     m = node.mapping(_ROUTE_KEYS)
     if "upstream" not in m:
         raise node.error("missing key 'upstream'")
     upstreams, balance = _route_upstreams(node.child("upstream"), known)
-    model = node.opt("model", _nonempty_str, None)
-    path = node.opt("path", _nonempty_str, None)
-    default = node.opt("default", _bool, False)
+    model = node.opt("model", nonempty_string, None)
+    path = node.opt("path", nonempty_string, None)
+    default = node.opt("default", boolean, False)
     discover = False
     if "models" in m:
         if m["models"] != "discover":
             raise node.child("models").error(
-                f"the only value is 'discover', got {_show(m['models'])}"
+                f"the only value is 'discover', got {show(m['models'])}"
             )
         discover = True
     selectors = [s for s in (model is not None, path is not None, default, discover) if s]
@@ -499,10 +399,10 @@ def _route(index: int, node: _Node, known: Mapping[str, Upstream]) -> Route:
         raise node.error(
             "needs exactly one of 'model', 'path', 'default: true' or 'models: discover'"
         )
-    prefix = node.opt("prefix", _str, "")
+    prefix = node.opt("prefix", string, "")
     if prefix and not discover:
         raise node.child("prefix").error("'prefix' goes with 'models: discover'")
-    rewrite = node.opt("rewrite_model", _nonempty_str, None)
+    rewrite = node.opt("rewrite_model", nonempty_string, None)
     if rewrite is not None and model is None:
         raise node.child("rewrite_model").error("'rewrite_model' needs a 'model' route")
     if path is not None:
@@ -518,17 +418,17 @@ def _route(index: int, node: _Node, known: Mapping[str, Upstream]) -> Route:
         balance=balance,
         rewrite_model=rewrite,
         rate_limit=node.opt("rate_limit", _rate_limit, None),
-        fallback_on_timeout=node.opt("fallback_on_timeout", _bool, False),
+        fallback_on_timeout=node.opt("fallback_on_timeout", boolean, False),
         discover=discover,
         prefix=prefix,
     )
 
 
-def _auth_key(index: int, node: _Node, known_names: set[str]) -> AuthKey:
+def _auth_key(index: int, node: Node, known_names: set[str]) -> AuthKey:
     m = node.mapping(("name", "key", "sha256", "models", "rate_limit"))
     if "name" not in m:
         raise node.error("missing key 'name'")
-    name = _nonempty_str(node.child("name"))
+    name = nonempty_string(node.child("name"))
     if name in known_names:
         raise node.child("name").error(f"duplicate key name {name!r}")
     known_names.add(name)
@@ -536,17 +436,17 @@ def _auth_key(index: int, node: _Node, known_names: set[str]) -> AuthKey:
     if has_key == has_digest:
         raise node.error("needs exactly one of 'key' or 'sha256'")
     if has_key:
-        key = _nonempty_str(node.child("key"))
+        key = nonempty_string(node.child("key"))
         if len(key) < 8:
             # Do not quote it: it is a secret.
             raise node.child("key").error("a proxy key must be at least 8 characters")
         digest = hashlib.sha256(key.encode()).digest()
     else:
-        hex_digest = _nonempty_str(node.child("sha256")).lower()
+        hex_digest = nonempty_string(node.child("sha256")).lower()
         if not re.fullmatch(r"[0-9a-f]{64}", hex_digest):
             raise node.child("sha256").error("expected 64 hex digits")
         digest = bytes.fromhex(hex_digest)
-    models = node.opt("models", _str_list, None)
+    models = node.opt("models", str_list, None)
     return AuthKey(
         name=name,
         sha256=digest,
@@ -562,7 +462,7 @@ def parse_settings(
     data: object, source: str = "routes.yaml", environ: Mapping[str, str] | None = None
 ) -> Settings:
     """Validate an already-loaded YAML tree. Raises only :class:`ConfigError`."""
-    root = _Node(source, "", data)
+    root = Node(source, "", data)
     if data is None:
         raise root.error("the file is empty")
     root.mapping(_TOP_KEYS)
@@ -575,7 +475,7 @@ def parse_settings(
     upstreams: dict[str, Upstream] = {}
     for name in upstreams_node.value:
         if not isinstance(name, str) or not name:
-            raise upstreams_node.error(f"upstream names must be strings, got {_show(name)}")
+            raise upstreams_node.error(f"upstream names must be strings, got {show(name)}")
         upstreams[name] = _upstream(name, upstreams_node.child(name))
 
     routes_node = root.child("routes")
@@ -593,7 +493,7 @@ def parse_settings(
     fail_open = True
     if rate_node.value is not None:
         rate_limit = _rate_limit(rate_node)
-        storage = rate_node.opt("storage", _nonempty_str, None)
+        storage = rate_node.opt("storage", nonempty_string, None)
         if storage is not None and storage != "memory":
             if not storage.startswith(("redis://", "rediss://", "unix://")):
                 raise rate_node.child("storage").error(
@@ -601,10 +501,10 @@ def parse_settings(
                 )
         else:
             storage = None
-        mode = rate_node.opt("on_storage_error", _str, "open")
+        mode = rate_node.opt("on_storage_error", string, "open")
         if mode not in ("open", "closed"):
             raise rate_node.child("on_storage_error").error(
-                f"expected open or closed, got {_show(mode)}"
+                f"expected open or closed, got {show(mode)}"
             )
         fail_open = mode == "open"
 
