@@ -12,7 +12,7 @@ This package imports nothing else of the proxy's.
 
 from __future__ import annotations
 
-from .sections import load_settings, parse_settings
+from .loader import load_settings, parse_settings
 from .settings import (
     AuthKey,
     Balance,

@@ -1,30 +1,21 @@
-"""Load ``routes.yaml`` once into the frozen, typed settings of settings.py.
+"""One parser per section of ``routes.yaml``: server, log, metrics, routes, auth.
 
-``load_settings(path)`` is the only entry point. It expands ``${VAR}`` and
-``${VAR:-default}`` from the environment, validates every key and returns a
-:class:`~proxy.settings.Settings`. Every problem raises :class:`ConfigError`
-naming the file, the key path (``routes[2].upstream``) and the offending value;
-nothing is checked later, at request time. The settings types are re-exported
-here, so ``from proxy.config import Route`` keeps working.
+Each takes the section's :class:`~proxy.config.fields.Node` and returns its
+frozen settings; the upstreams and the rate limits have modules of their own
+(upstreams.py, limits.py). A parser refuses unknown keys, so a misspelt key
+is an error naming it and the keys allowed there.
 """
 
 from __future__ import annotations
 
 import hashlib
 import ipaddress
-import os
 import re
 from collections.abc import Mapping
-from pathlib import Path
-from typing import Any
-
-import yaml
-from yarl import URL
 
 from .fields import (
     Node,
     boolean,
-    header_name,
     int_in,
     nonempty_string,
     nonneg_number,
@@ -33,95 +24,19 @@ from .fields import (
     str_list,
     string,
 )
+from .limits import rate_limit
 from .settings import (
-    BUILTIN_KINDS,
     AuthKey,
     Balance,
-    CircuitBreakerSettings,
-    ConfigError,
     CorsSettings,
-    EnvSubstitution,
-    HeaderRewrite,
     LogSettings,
     MetricsSettings,
-    RateLimitSettings,
-    RetrySettings,
     Route,
-    Secret,
     ServerSettings,
-    Settings,
-    Timeouts,
     Upstream,
 )
 
-__all__ = [
-    "AuthKey",
-    "Balance",
-    "CircuitBreakerSettings",
-    "ConfigError",
-    "CorsSettings",
-    "HeaderRewrite",
-    "LogSettings",
-    "MetricsSettings",
-    "RateLimitSettings",
-    "RetrySettings",
-    "Route",
-    "ServerSettings",
-    "Settings",
-    "Timeouts",
-    "Upstream",
-    "load_settings",
-    "parse_settings",
-]
-
-_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-
-def _expand_env(
-    node: Node, environ: Mapping[str, str], noted: list[EnvSubstitution]
-) -> object:
-    """Replace ${VAR} / ${VAR:-default} in every string of the tree (in place).
-
-    Expansions that are empty or fell back to the default go to ``noted``.
-    """
-    value = node.value
-    if isinstance(value, str):
-
-        def repl(match: re.Match[str]) -> str:
-            name, default = match.group(1), match.group(2)
-            if name in environ:
-                text = environ[name]
-                if not text:
-                    noted.append(EnvSubstitution(node.path, name, True, False))
-                return text
-            if default is not None:
-                noted.append(EnvSubstitution(node.path, name, not default, True))
-                return default
-            raise node.error(
-                f"environment variable {name} is not set (and no ${{{name}:-default}})"
-            )
-
-        return _ENV_REF.sub(repl, value)
-    if isinstance(value, dict):
-        for key in list(value):
-            if isinstance(key, str):
-                value[key] = _expand_env(node.child(key), environ, noted)
-        return value
-    if isinstance(value, list):
-        for i in range(len(value)):
-            value[i] = _expand_env(node.child(i), environ, noted)
-        return value
-    return value
-
-
-def _rate_limit(node: Node) -> RateLimitSettings:
-    m = node.mapping(("requests_per_minute", "burst", "storage", "on_storage_error"))
-    for key in ("requests_per_minute", "burst"):
-        if key not in m:
-            raise node.error(f"missing key {key!r}")
-    return RateLimitSettings(
-        requests_per_minute=positive_number(node.child("requests_per_minute")),
-        burst=int_in(1, 10**9)(node.child("burst")),
-    )
+__all__ = ["auth_section", "log_section", "metrics_section", "routes_section", "server_section"]
 
 
 def _network(node: Node) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
@@ -148,7 +63,7 @@ def _cors(node: Node) -> CorsSettings:
     return CorsSettings(allow_origins=origins, max_age=node.opt("max_age", int_in(0, 86400), 600))
 
 
-def _server(node: Node) -> ServerSettings:
+def server_section(node: Node) -> ServerSettings:
     node.mapping(
         (
             "host",
@@ -180,7 +95,7 @@ def _server(node: Node) -> ServerSettings:
     )
 
 
-def _log(node: Node) -> LogSettings:
+def log_section(node: Node) -> LogSettings:
     node.mapping(("format", "level", "access"))
     fmt = node.opt("format", string, "text")
     if fmt not in ("text", "json"):
@@ -203,7 +118,7 @@ def _listen(node: Node) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def _metrics(node: Node) -> MetricsSettings:
+def metrics_section(node: Node) -> MetricsSettings:
     node.mapping(("enabled", "path", "listen"))
     path = node.opt("path", nonempty_string, "/metrics")
     if not path.startswith("/"):
@@ -212,116 +127,6 @@ def _metrics(node: Node) -> MetricsSettings:
         enabled=node.opt("enabled", boolean, True),
         path=path,
         listen=node.opt("listen", _listen, None),
-    )
-
-
-def _headers(node: Node) -> HeaderRewrite:
-    node.mapping(("set", "remove"))
-    pairs: list[tuple[str, Secret]] = []
-    set_node = node.child("set")
-    if set_node.value is not None:
-        if not isinstance(set_node.value, dict):
-            raise set_node.error(
-                f"expected a mapping of header: value, got {show(set_node.value)}"
-            )
-        for key in set_node.value:
-            if not isinstance(key, str):
-                raise set_node.error(f"header names must be strings, got {show(key)}")
-            header_name(Node(set_node.file, f"{set_node.path}.{key}", key))
-            value = string(set_node.child(key))
-            if any(c in value for c in "\r\n\0"):
-                raise set_node.child(key).error("header values must not contain CR, LF or NUL")
-            pairs.append((key, Secret(value)))
-    removed: tuple[str, ...] = node.opt("remove", str_list, ())
-    for i, name in enumerate(removed):
-        header_name(Node(node.file, f"{node.path}.remove[{i}]", name))
-    return HeaderRewrite(set=tuple(pairs), remove=frozenset(n.lower() for n in removed))
-
-
-def _timeouts(node: Node) -> Timeouts:
-    node.mapping(("connect", "response", "idle"))
-    d = Timeouts()
-    return Timeouts(
-        connect=node.opt("connect", positive_number, d.connect),
-        response=node.opt("response", positive_number, d.response),
-        idle=node.opt("idle", positive_number, d.idle),
-    )
-
-
-def _retries(node: Node) -> RetrySettings:
-    node.mapping(("attempts", "backoff"))
-    return RetrySettings(
-        attempts=node.opt("attempts", int_in(0, 10), 0),
-        backoff=node.opt("backoff", nonneg_number, 0.2),
-    )
-
-
-def _breaker(node: Node) -> CircuitBreakerSettings:
-    node.mapping(("failures", "cooldown"))
-    return CircuitBreakerSettings(
-        failures=node.opt("failures", int_in(1, 10**6), 5),
-        cooldown=node.opt("cooldown", positive_number, 30.0),
-    )
-
-
-def _url(node: Node) -> URL:
-    text = nonempty_string(node)
-    try:
-        url = URL(text)
-    except (ValueError, TypeError):
-        raise node.error(f"not a URL: {show(text)}") from None
-    if url.scheme not in ("http", "https") or not url.host:
-        raise node.error(f"expected an http:// or https:// URL with a host, got {show(text)}")
-    if url.query_string or url.fragment or url.user or url.password:
-        raise node.error("a base URL takes no query, fragment or credentials")
-    return url.with_path(url.path.rstrip("/"))
-
-
-# Where a builtin upstream is until its listener is bound (demo.BuiltinUpstreams):
-# port 0 cannot be connected to, so a request can never go elsewhere by mistake.
-BUILTIN_PLACEHOLDER_URL = URL("http://127.0.0.1:0/v1")
-
-
-def _builtin(node: Node) -> str:
-    kind = nonempty_string(node)
-    if kind not in BUILTIN_KINDS:
-        raise node.error(f"unknown builtin {show(kind)} (known: {', '.join(BUILTIN_KINDS)})")
-    return kind
-
-
-def _upstream(name: str, node: Node) -> Upstream:
-    m = node.mapping(
-        (
-            "url",
-            "headers",
-            "timeouts",
-            "pass_client_auth",
-            "keep_response_headers",
-            "retries",
-            "circuit_breaker",
-            "builtin",
-        )
-    )
-    builtin = node.opt("builtin", _builtin, None)
-    if builtin is not None:
-        if "url" in m:
-            raise node.error("takes 'url' or 'builtin', not both")
-        url = BUILTIN_PLACEHOLDER_URL
-    elif "url" not in m:
-        raise node.error("missing key 'url' (or 'builtin: demo' for the built-in demo upstream)")
-    else:
-        url = _url(node.child("url"))
-    keep: tuple[str, ...] = node.opt("keep_response_headers", str_list, ())
-    return Upstream(
-        name=name,
-        url=url,
-        builtin=builtin,
-        headers=node.opt("headers", _headers, HeaderRewrite()),
-        timeouts=node.opt("timeouts", _timeouts, Timeouts()),
-        pass_client_auth=node.opt("pass_client_auth", boolean, False),
-        keep_response_headers=frozenset(k.lower() for k in keep),
-        retries=node.opt("retries", _retries, RetrySettings()),
-        circuit_breaker=node.opt("circuit_breaker", _breaker, CircuitBreakerSettings()),
     )
 
 
@@ -417,11 +222,21 @@ def _route(index: int, node: Node, known: Mapping[str, Upstream]) -> Route:
         default=default,
         balance=balance,
         rewrite_model=rewrite,
-        rate_limit=node.opt("rate_limit", _rate_limit, None),
+        rate_limit=node.opt("rate_limit", rate_limit, None),
         fallback_on_timeout=node.opt("fallback_on_timeout", boolean, False),
         discover=discover,
         prefix=prefix,
     )
+
+
+def routes_section(node: Node, upstreams: Mapping[str, Upstream]) -> tuple[Route, ...]:
+    """The ``routes`` list, in the file's order; each names upstreams already parsed."""
+    if not isinstance(node.value, list) or not node.value:
+        raise node.error("expected a list of at least one route")
+    routes = tuple(_route(i, node.child(i), upstreams) for i in range(len(node.value)))
+    if sum(1 for r in routes if r.default) > 1:
+        raise node.error("only one route may be 'default: true'")
+    return routes
 
 
 def _auth_key(index: int, node: Node, known_names: set[str]) -> AuthKey:
@@ -451,132 +266,17 @@ def _auth_key(index: int, node: Node, known_names: set[str]) -> AuthKey:
         name=name,
         sha256=digest,
         models=models,
-        rate_limit=node.opt("rate_limit", _rate_limit, None),
+        rate_limit=node.opt("rate_limit", rate_limit, None),
     )
 
 
-_TOP_KEYS = ("server", "log", "metrics", "rate_limit", "auth", "upstreams", "routes")
-
-
-def parse_settings(
-    data: object, source: str = "routes.yaml", environ: Mapping[str, str] | None = None
-) -> Settings:
-    """Validate an already-loaded YAML tree. Raises only :class:`ConfigError`."""
-    root = Node(source, "", data)
-    if data is None:
-        raise root.error("the file is empty")
-    root.mapping(_TOP_KEYS)
-    noted: list[EnvSubstitution] = []
-    _expand_env(root, os.environ if environ is None else environ, noted)
-
-    upstreams_node = root.child("upstreams")
-    if not isinstance(upstreams_node.value, dict) or not upstreams_node.value:
-        raise upstreams_node.error("expected a mapping of at least one upstream")
-    upstreams: dict[str, Upstream] = {}
-    for name in upstreams_node.value:
-        if not isinstance(name, str) or not name:
-            raise upstreams_node.error(f"upstream names must be strings, got {show(name)}")
-        upstreams[name] = _upstream(name, upstreams_node.child(name))
-
-    routes_node = root.child("routes")
-    if not isinstance(routes_node.value, list) or not routes_node.value:
-        raise routes_node.error("expected a list of at least one route")
-    routes = tuple(
-        _route(i, routes_node.child(i), upstreams) for i in range(len(routes_node.value))
-    )
-    if sum(1 for r in routes if r.default) > 1:
-        raise routes_node.error("only one route may be 'default: true'")
-
-    rate_node = root.child("rate_limit")
-    rate_limit = None
-    storage = None
-    fail_open = True
-    if rate_node.value is not None:
-        rate_limit = _rate_limit(rate_node)
-        storage = rate_node.opt("storage", nonempty_string, None)
-        if storage is not None and storage != "memory":
-            if not storage.startswith(("redis://", "rediss://", "unix://")):
-                raise rate_node.child("storage").error(
-                    "expected 'memory' or a redis://host:port/db URL"
-                )
-        else:
-            storage = None
-        mode = rate_node.opt("on_storage_error", string, "open")
-        if mode not in ("open", "closed"):
-            raise rate_node.child("on_storage_error").error(
-                f"expected open or closed, got {show(mode)}"
-            )
-        fail_open = mode == "open"
-
-    auth_keys: tuple[AuthKey, ...] = ()
-    auth_node = root.child("auth")
-    if auth_node.value is not None:
-        auth_node.mapping(("keys",))
-        keys_node = auth_node.child("keys")
-        if not isinstance(keys_node.value, list):
-            raise keys_node.error("expected a list of keys")
-        names: set[str] = set()
-        auth_keys = tuple(
-            _auth_key(i, keys_node.child(i), names) for i in range(len(keys_node.value))
-        )
-
-    return Settings(
-        source=source,
-        server=root.opt("server", _server, ServerSettings()),
-        log=root.opt("log", _log, LogSettings()),
-        metrics=root.opt("metrics", _metrics, MetricsSettings()),
-        rate_limit=rate_limit,
-        rate_limit_storage=storage,
-        rate_limit_fail_open=fail_open,
-        upstreams=upstreams,
-        routes=routes,
-        auth_keys=auth_keys,
-        env_substitutions=tuple(noted),
-    )
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate mapping keys (YAML 1.2 says they are an error)."""
-
-
-def _construct_mapping(
-    loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False
-) -> dict[Any, Any]:
-    seen: set[object] = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        try:
-            duplicate = key in seen
-        except TypeError:
-            raise yaml.constructor.ConstructorError(
-                None, None, "unhashable mapping key", key_node.start_mark
-            ) from None
-        if duplicate:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r}", key_node.start_mark
-            )
-        seen.add(key)
-    return loader.construct_mapping(node, deep=deep)
-
-
-_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-
-
-def load_settings(
-    path: str | os.PathLike[str], environ: Mapping[str, str] | None = None
-) -> Settings:
-    """Read, expand and validate a routes file. Raises only :class:`ConfigError`."""
-    source = str(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(
-            f"{source}: cannot read: {exc.strerror if isinstance(exc, OSError) else exc}"
-        ) from None
-    try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{source}: not valid YAML: {exc}") from None
-    except RecursionError:
-        raise ConfigError(f"{source}: not valid YAML: nested too deeply") from None
-    return parse_settings(data, source, environ)
+def auth_section(node: Node) -> tuple[AuthKey, ...]:
+    """The proxy keys of ``auth.keys``; none when the section is absent."""
+    if node.value is None:
+        return ()
+    node.mapping(("keys",))
+    keys_node = node.child("keys")
+    if not isinstance(keys_node.value, list):
+        raise keys_node.error("expected a list of keys")
+    names: set[str] = set()
+    return tuple(_auth_key(i, keys_node.child(i), names) for i in range(len(keys_node.value)))
