@@ -32,11 +32,11 @@ from aiohttp import web
 
 from .auth import presented_key
 from .clientip import client_address, limit_key
+from .config.settings import AuthKey, RateLimitSettings, Route, Settings
 from .errors import RateLimited, ServiceUnavailable, Unauthorized
 from .failurelog import TEN_MINUTES, FailureLog
 from .ratelimit import Decision, RateLimiter, StorageUnavailable
 from .runtime import Runtime
-from .settings import AuthKey, RateLimitSettings, Route, Settings
 
 __all__ = [
     "Admission",

@@ -24,6 +24,7 @@ from aiohttp import StreamReader, web
 from aiohttp.helpers import parse_mimetype
 from aiohttp.http_exceptions import HttpProcessingError
 
+from .config.settings import ServerSettings
 from .connections import close_without_lingering
 from .errors import InvalidRequest, ProxyError, RequestTimeout, RequestTooLarge
 from .findmodel import (
@@ -32,7 +33,6 @@ from .findmodel import (
     find_multipart_model,
     multipart_boundary,
 )
-from .settings import ServerSettings
 from .upload import MultipartHead, PartWatcher, read_until_model
 
 T = TypeVar("T")

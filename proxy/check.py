@@ -23,10 +23,10 @@ from dataclasses import dataclass
 
 import aiohttp
 
+from .config.settings import CREDENTIAL_HEADERS, EnvSubstitution, Settings
 from .demo import BuiltinUpstreams
 from .discovery import DiscoveryFailed, models_request_headers, parse_model_ids
 from .runtime import UpstreamPlan, build_runtime
-from .settings import CREDENTIAL_HEADERS, EnvSubstitution, Settings
 
 __all__ = [
     "PROBE_TIMEOUT",

@@ -44,7 +44,7 @@ from typing import Any
 from aiohttp import web
 from yarl import URL
 
-from .settings import Settings
+from .config.settings import Settings
 
 __all__ = ["BuiltinUpstreams", "demo_app"]
 

@@ -33,9 +33,9 @@ import uuid
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from .config.settings import Settings
 from .failurelog import FailureLog
 from .runtime import RuntimeHolder, UpstreamPlan, build_runtime
-from .settings import Settings
 
 __all__ = [
     "Discovery",

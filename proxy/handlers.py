@@ -31,6 +31,7 @@ from .bodies import (
     read_body,
     read_multipart_head,
 )
+from .config.settings import Route
 from .errors import (
     InvalidRequest,
     MethodNotAllowed,
@@ -60,7 +61,6 @@ from .realtime import (
     realtime_target,
 )
 from .runtime import Runtime
-from .settings import Route
 from .upload import MultipartHead, PartWatcher
 
 __all__ = [

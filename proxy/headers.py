@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from . import SERVER
-from .settings import Upstream
+from .config.settings import Upstream
 
 __all__ = [
     "CLIENT_CREDENTIAL_HEADERS",

@@ -16,8 +16,8 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from . import SERVER
+from .config.settings import CorsSettings
 from .errors import OriginNotAllowed, ProxyError, error_response, from_http_exception
-from .settings import CorsSettings
 
 __all__ = ["Cors", "error_middleware"]
 

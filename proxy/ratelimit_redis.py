@@ -51,8 +51,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from .config.settings import RateLimitSettings
 from .ratelimit import Decision, StorageUnavailable
-from .settings import RateLimitSettings
 
 __all__ = ["KEY_PREFIX", "SCRIPT", "RedisRateLimiter"]
 

@@ -64,6 +64,7 @@ from .attempts import (
     reset,
 )
 from .auth import KeyTable
+from .config.settings import Route
 from .errors import (
     InvalidRequest,
     ModelNotAllowed,
@@ -75,7 +76,6 @@ from .errors import (
 from .health import Health, order_upstreams
 from .observe import Exchange, Observer
 from .runtime import Runtime
-from .settings import Route
 from .upstream import Origin
 
 __all__ = [

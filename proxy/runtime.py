@@ -16,9 +16,9 @@ from yarl import URL
 
 from .auth import KeyTable
 from .clientip import TrustedNetworks, trusted_networks
+from .config.settings import Route, Settings, Upstream
 from .headers import RequestHeaderPolicy, ResponseHeaderPolicy
 from .routing import RouteTable
-from .settings import Route, Settings, Upstream
 from .upstream import Origin
 
 __all__ = ["Runtime", "RuntimeHolder", "UpstreamPlan", "build_runtime"]

@@ -88,8 +88,9 @@ class ServerSettings:
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     max_body_bytes: int = 32 * 1024 * 1024
     shutdown_grace_seconds: float = 30.0
-    # Slow clients (issue 5): time allowed to send the request headers, and the
-    # longest silence while the request body is being read.
+    # Slow clients (README "Slow and oversized clients"): time allowed to send
+    # the request headers, and the longest silence while the request body is
+    # being read.
     header_timeout: float = 30.0
     body_idle_timeout: float = 60.0
     # The longest a whole request body may take to arrive, however steadily
