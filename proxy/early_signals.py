@@ -12,9 +12,12 @@ runs before any heavy import (aiohttp, yaml, the proxy's own modules):
   replayed as a reload once the event loop handles signals (serve.py), or by
   the ``--workers`` supervisor (workers.py).
 - SIGTERM and SIGINT exit with status 0 at once: nothing is listening yet, so
-  there is nothing to drain (README, "Stop, reload, workers"). The exit is a
-  ``SystemExit`` raised where the program was, so ``finally`` blocks and
-  ``atexit`` hooks still run.
+  there is nothing to drain (README, "Stop, reload, workers"). The exit is
+  ``os._exit`` after flushing stdout and stderr, not a ``SystemExit`` raised
+  where the program was: that point can be anywhere in an import (a
+  ``SystemExit`` raised while ``ssl`` was being imported once ended as a
+  ``TypeError`` and a non-zero status), and nothing held this early needs
+  ``finally`` blocks or ``atexit`` hooks.
 
 Once the event loop (or the supervisor) installs its own handlers these are
 replaced; nothing here runs while requests are served.
@@ -26,7 +29,9 @@ nothing.
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 from types import FrameType
 
 __all__ = ["hold", "take_reload"]
@@ -40,7 +45,12 @@ def _note_reload(_signum: int, _frame: FrameType | None) -> None:
 
 
 def _exit_now(_signum: int, _frame: FrameType | None) -> None:
-    raise SystemExit(0)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed, or a broken pipe: nothing to keep
+            pass
+    os._exit(0)
 
 
 def hold() -> None:
