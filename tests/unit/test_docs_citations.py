@@ -32,7 +32,10 @@ THIS = Path(__file__).resolve()
 SCANNED_DIRS = ("proxy", "tests", "bench", "docs")
 SUFFIXES = frozenset({".py", ".md", ".mjs", ".js", ".java", ".html", ".sh", ".yaml", ".txt"})
 SKIPPED_DIRS = frozenset({"node_modules", "__pycache__", ".venv", "target", "build"})
-DOCS = {"docs/faults.md": ROOT / "docs" / "faults.md", "docs/decisions.md": ROOT / "docs" / "decisions.md"}
+DOCS = {
+    "docs/faults.md": ROOT / "docs" / "faults.md",
+    "docs/decisions.md": ROOT / "docs" / "decisions.md",
+}
 
 # What no comment may cite, each with the reason shown when it does.
 UNOPENABLE: tuple[tuple[re.Pattern[str], str], ...] = (
@@ -65,6 +68,8 @@ README_CITATION = re.compile(rf"(?<![\w/.])README(?:'s)?{_SEP},?{_SEP}({_TITLES}
 TITLE = re.compile(r'"([^"]+)"')
 # Code and test references in the docs: `proxy/upload.py::PartWatcher`.
 CODE_REFERENCE = re.compile(r"`((?:proxy|tests|bench)/[\w/]+\.py)::([\w.]+)`")
+# Links between the docs and to the README: [text](../README.md#anchor).
+LINK = re.compile(r"\]\(((?:\.\./)?[\w/]*\.md)(?:#([\w-]+))?\)")
 
 
 def scanned_files() -> list[Path]:
@@ -149,6 +154,24 @@ def test_every_cited_section_exists() -> None:
 def test_headings_are_unique_anchors(document: str) -> None:
     titles = headings_of(DOCS[document].read_text(encoding="utf-8"))
     assert len(titles) == len(set(titles)), sorted(t for t in titles if titles.count(t) > 1)
+
+
+def anchor(title: str) -> str:
+    """The anchor GitHub gives a heading: lower case, punctuation dropped, spaces
+    made hyphens."""
+    return re.sub(r"[^\w\- ]", "", title.strip().lower()).replace(" ", "-")
+
+
+@pytest.mark.parametrize("document", sorted(DOCS))
+def test_links_point_at_files_and_headings_that_exist(document: str) -> None:
+    problems = []
+    for target, fragment in LINK.findall(DOCS[document].read_text(encoding="utf-8")):
+        path = (DOCS[document].parent / target).resolve()
+        if not path.is_file():
+            problems.append(f"{document}: {target} does not exist")
+        elif fragment and fragment not in {anchor(t) for t in headings(name(path))}:
+            problems.append(f"{document}: {target} has no heading with the anchor #{fragment}")
+    assert not problems, "\n".join(problems)
 
 
 @cache
@@ -241,6 +264,12 @@ def test_citations_are_parsed_across_comment_lines() -> None:
         (2, "README.md", "Timeouts"),
         (3, "README.md", "Stop, reload, workers"),
     ]
+
+
+def test_anchors_are_made_as_github_makes_them() -> None:
+    assert anchor("Model discovery (`models: discover`)") == "model-discovery-models-discover"
+    assert anchor("Stop, reload, workers") == "stop-reload-workers"
+    assert anchor("Slow headers (slowloris)") == "slow-headers-slowloris"
 
 
 def test_headings_in_code_blocks_are_not_headings() -> None:
