@@ -68,8 +68,8 @@ README_CITATION = re.compile(rf"(?<![\w/.])README(?:'s)?{_SEP},?{_SEP}({_TITLES}
 TITLE = re.compile(r'"([^"]+)"')
 # Code and test references in the docs: `proxy/upload.py::PartWatcher`.
 CODE_REFERENCE = re.compile(r"`((?:proxy|tests|bench)/[\w/]+\.py)::([\w.]+)`")
-# Links between the docs and to the README: [text](../README.md#anchor).
-LINK = re.compile(r"\]\(((?:\.\./)?[\w/]*\.md)(?:#([\w-]+))?\)")
+# Links between the docs and to the README: [text](../README.md#anchor), [text](#anchor).
+LINK = re.compile(r"\]\((?:((?:\.\./)?[\w/]*\.md)|(?=#))(?:#([\w-]+))?\)")
 
 
 def scanned_files() -> list[Path]:
@@ -166,11 +166,12 @@ def anchor(title: str) -> str:
 def test_links_point_at_files_and_headings_that_exist(document: str) -> None:
     problems = []
     for target, fragment in LINK.findall(DOCS[document].read_text(encoding="utf-8")):
-        path = (DOCS[document].parent / target).resolve()
+        path = (DOCS[document].parent / target).resolve() if target else DOCS[document]
         if not path.is_file():
             problems.append(f"{document}: {target} does not exist")
         elif fragment and fragment not in {anchor(t) for t in headings(name(path))}:
-            problems.append(f"{document}: {target} has no heading with the anchor #{fragment}")
+            where = target or "itself"
+            problems.append(f"{document}: {where} has no heading with the anchor #{fragment}")
     assert not problems, "\n".join(problems)
 
 
