@@ -279,7 +279,7 @@ def oaimux_config(mock_port: int, port: int, observability: bool = False) -> dic
     """The routes.yaml the bench gives oaimux: every model to the mock, no rate limit.
 
     ``observability`` turns on the JSON access log and metrics (off for the plain figures);
-    the observability issue re-runs the bench with it to price them.
+    ``python -m bench --observability`` runs with it, to price them.
     """
     return {
         "server": {"host": "127.0.0.1", "port": port, "max_body_bytes": MAX_BODY_BYTES},

@@ -65,7 +65,7 @@ def _goal(ok: bool | None) -> str:
 
 
 def summarize(results: dict[str, Any]) -> list[Row]:
-    """The figures of the issue, in order, from a results dict (see module docstring)."""
+    """The table's figures with their goals, in order, from a results dict (see the module)."""
     rows: list[Row] = []
     ns: list[dict[str, Any]] = results.get("nonstream", [])
     conns_levels = sorted({r["conns"] for r in ns})

@@ -67,7 +67,8 @@ def server_options() -> dict[str, Any]:
 
 
 def make_upstream_session() -> aiohttp.ClientSession:
-    """One pooled session per process, set up for a pass-through (reliability.md §0.1)."""
+    """One pooled session per process, set up for a pass-through (docs/faults.md,
+    "Client defaults that break a pass-through")."""
     connector = aiohttp.TCPConnector(
         limit=0,  # no global cap: the upstreams' own limits apply
         limit_per_host=0,
@@ -90,7 +91,7 @@ async def _upstream_session_ctx(app: web.Application) -> AsyncIterator[None]:
     pool = app[UPSTREAMS] = UpstreamPool(keepalive=POOL_KEEPALIVE_SECONDS)
     holder = app[RUNTIME]
     # A reload keeps the warm connections of the upstreams it did not change
-    # and closes those of the upstreams it removed (README: Stop, reload, workers).
+    # and closes those of the upstreams it removed (README, "Stop, reload, workers").
     pool.serve(holder.current.origins())
     holder.on_swap = lambda runtime: pool.serve(runtime.origins())
     app[SESSION] = make_upstream_session()
@@ -114,7 +115,8 @@ async def _builtin_upstreams_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _discovery_ctx(app: web.Application) -> AsyncIterator[None]:
-    # In the background: an unreachable upstream never holds up start-up (issue 9).
+    # In the background: an unreachable upstream never holds up start-up
+    # (README, "Model discovery (`models: discover`)").
     app[DISCOVERY].start(app[SESSION])
     yield
     await app[DISCOVERY].close()

@@ -172,7 +172,8 @@ async def _read_body(request: web.Request, server: ServerSettings) -> BodyBytes:
     if len(buffered) >= length:
         return buffered
     # The rest arrives in pieces, each appended once to one growing buffer:
-    # no list of pieces joined at the end (a peak of twice the body; issue 8).
+    # no list of pieces joined at the end, a peak of twice the body
+    # (docs/decisions.md, "Request bodies grow in one buffer").
     # readchunk() hands over a piece as aiohttp got it, where readany() would
     # join the pieces buffered so far. Not preallocated at Content-Length: a
     # client announcing the limit and sending one byte must not make us touch

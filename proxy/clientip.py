@@ -3,7 +3,8 @@
 ``X-Forwarded-For`` is believed only when the peer is one of
 ``server.trusted_proxies``; then the right-most address that is not itself
 trusted is the client. Never the left-most: clients write that one themselves
-(reliability.md G14, aiohttp-remotes' XForwardedStrict).
+(docs/faults.md, "Spoofed client addresses"). aiohttp-remotes'
+``XForwardedStrict`` reads the header the same way.
 """
 
 from __future__ import annotations

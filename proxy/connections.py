@@ -4,7 +4,8 @@ aiohttp bounds the size of a request head (line, field and header-count
 limits) but not the time it takes to arrive, so a client sending one header
 byte every few seconds (slowloris) holds a connection and a task for as long
 as it likes. When the proxy is exposed directly (a PaaS without nginx in
-front), it bounds that itself (reliability.md B.19, Decision 6):
+front), it bounds that itself (README, "Slow and oversized clients"; each
+fault and the test that holds it: docs/faults.md, "Oversized and slow clients"):
 
 - the first request head on a connection must be complete within
   ``server.header_timeout`` of the connection opening; a timer started in
@@ -27,7 +28,7 @@ quotes the offending bytes (they can hold a client's key).
 
 :func:`expect_continue` answers ``Expect: 100-continue`` for the proxy's
 catch-all route: a body declared larger than ``server.max_body_bytes`` gets its
-413 before the client sends it (reliability.md A.14).
+413 before the client sends it (docs/faults.md, "Declared body over the limit").
 
 Stopping (:class:`ProxyRunner` ``cleanup``, README "Stop, reload, workers")
 keeps one deadline, ``server.shutdown_grace_seconds`` after the listeners
@@ -285,7 +286,8 @@ class GuardedRequestHandler(RequestHandler):
         """A request head is in: drop the timers that only bound its arrival.
 
         Neither can act while the request runs, yet each holds a timer handle
-        for the life of a stream (memory per open stream is an issue 8 goal).
+        for the life of a stream (docs/decisions.md, "Memory per open stream is
+        a budget").
         The head deadline only concerns the first head. aiohttp's keep-alive
         timer only closes a connection waiting for a head; firing during a
         request it merely drops itself, and aiohttp arms it anew once the

@@ -67,7 +67,8 @@ class ProxyError(Exception):
     type = "api_error"
     code = "internal_error"
     # Close the connection after the answer: the request's framing is suspect,
-    # so bytes after it must not be read as another request (reliability.md C.36).
+    # so bytes after it must not be read as another request (docs/faults.md,
+    # "Bytes after a refused head").
     close_connection = False
 
     def __init__(

@@ -7,7 +7,7 @@ scanner ``json.loads`` itself uses, so the body is validated exactly as
 ``json.loads`` would validate it, yet no Python loop runs over anything but
 the top-level keys. Two top-level ``model`` keys are refused as ambiguous: a
 parser that keeps the first and one that keeps the last would disagree about
-where the request goes (the parser-differential lesson of reliability.md §0.9).
+where the request goes (README, "One parse decides").
 
 Most bodies take a shorter road to the same answer (:func:`_find_in_one_scan`):
 one C scan of the whole body yields its top-level pairs, and the model's
@@ -621,8 +621,9 @@ class MultipartModelScan:
     delimiter, holds it: the answer :func:`find_multipart_model` gives for the
     first such closed prefix, and the same errors, found at the same
     delimiter. Each part is looked at once, when the delimiter after it
-    arrives, so a form whose model comes last costs time linear in its size
-    (re-parsing every closed prefix would be quadratic; issue 8).
+    arrives, so a form whose model comes last costs time linear in its size,
+    where re-parsing every closed prefix would be quadratic (docs/decisions.md,
+    "The multipart model scan is linear").
 
     After a close delimiter, or a model value that is not UTF-8 text, it looks
     no further: the parse of the whole body gives the answer then.
@@ -696,7 +697,8 @@ def part_name(header_block: bytes | bytearray) -> str | None:
     """The form field name of a part, as every form parser would read it.
 
     A part whose name parsers could read differently is refused
-    (``invalid_multipart``), not guessed at (reliability.md A.9): two
+    (``invalid_multipart``), not guessed at (docs/faults.md, "Form parts that
+    parsers read differently"): two
     ``Content-Disposition`` headers (parsers differ on which wins), a parameter
     given twice or in RFC 2231 ``name*=`` form, a backslash (aiohttp unescapes
     ``"mod\\el"`` to ``model``, Python's email parser keeps the backslash).

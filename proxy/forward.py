@@ -62,7 +62,8 @@ log = logging.getLogger("oaimux.forward")
 
 _SSE = "text/event-stream"
 # Header names made once: a str name would become a new istr per response,
-# kept by the response for the life of a stream (issue 8, memory per stream).
+# kept by the response for the life of a stream (docs/decisions.md, "Memory per
+# open stream is a budget").
 _X_REQUEST_ID = istr("x-request-id")
 _X_ACCEL_BUFFERING = istr("X-Accel-Buffering")
 
@@ -73,8 +74,9 @@ class Answered:
 
     :func:`forward` returns this instead of relaying itself, so that its frame
     (and the caller's, holding the request body) is gone while a stream runs:
-    a long stream then holds neither the prompt nor the retry state (memory
-    per open stream, issue 8).
+    a long stream then holds neither the prompt nor the retry state
+    (docs/decisions.md, "A stream holds neither the request body nor the retry
+    state").
     """
 
     response: UpstreamResponse
@@ -357,7 +359,8 @@ async def relay(
         except ValueError:
             # aiohttp's writer refuses control characters in a header value that
             # its lenient response parser let through: never relay such a header
-            # (reliability.md C.37). Nothing has been written yet.
+            # (docs/faults.md, "Malformed upstream answers"). Nothing has been
+            # written yet.
             log.warning(
                 "upstream %s sent a response header that cannot be relayed [request %s]",
                 plan.name,

@@ -106,14 +106,17 @@ MAX_MODEL_LENGTH = 256
 def vet_head(request: web.BaseRequest) -> None:
     """Refuse a request head that another server could read differently.
 
-    - an HTTP version other than 1.0 or 1.1 (aiohttp's C parser accepts an
-      ``HTTP/0.9`` or ``HTTP/2.0`` request line; reliability.md C.38);
+    - an HTTP version other than 1.0 or 1.1: aiohttp's C parser accepts an
+      ``HTTP/0.9`` or ``HTTP/2.0`` request line (docs/faults.md, "Other HTTP
+      versions and non-HTTP bytes");
     - a header name with an underscore: nginx drops them and some servers fold
       ``_`` into ``-``, so ``X_Forwarded_For`` could mean different things to
-      us and to the upstream (Envoy rejects them at the edge; C.34);
+      us and to the upstream; Envoy rejects them at the edge (docs/faults.md,
+      "Underscores in header names");
     - a WebSocket upgrade on anything but a body-less GET: aiohttp's parser
       hands the bytes after such a request to the new protocol, the
-      smuggling shape of CVE-2026-69243 (C.36). Any other ``Upgrade`` (h2c,
+      smuggling shape of CVE-2026-69243 (docs/faults.md, "Upgrade smuggling").
+      Any other ``Upgrade`` (h2c,
       which Java's HttpClient and ``curl --http2`` offer) is ignored, as RFC
       9110 §7.8 lets a server do: the request is served over HTTP/1.1, body
       and all, and the offer is dropped with the hop-by-hop headers.
@@ -175,7 +178,8 @@ def _underscore_in_names(raw_headers: tuple[tuple[bytes, bytes], ...]) -> bool:
 
 def vet_model(model: str) -> None:
     """Refuse a model id no route could mean: empty, over :data:`MAX_MODEL_LENGTH`
-    characters, or holding control characters (they would reach logs; A.3)."""
+    characters, or holding control characters, which would reach logs
+    (docs/faults.md, "Model ids that could reach a log")."""
     if not model:
         raise InvalidRequest(
             "you must provide a model parameter", code="missing_model", param="model"
@@ -193,7 +197,7 @@ def vet_path(raw_path: str) -> str:
 
     A path that could climb above the upstream's base path is refused: ``.``
     and ``..`` segments, encoded slashes and backslashes, in any encoding
-    (reliability.md D: traversal and encoded-slash confusion).
+    (docs/faults.md, "Paths that climb or hide a slash").
     """
     if not raw_path.startswith("/"):
         raise InvalidRequest("Only origin-form request targets are accepted.", code="invalid_path")
@@ -256,7 +260,8 @@ async def proxy_view(request: web.Request) -> web.StreamResponse:
         if isinstance(answer, web.StreamResponse):
             return answer
         # Relayed from here, once _proxy's frame (the request body, the routing
-        # state) is gone: a stream can run for minutes (issue 8).
+        # state) is gone: a stream can run for minutes (docs/decisions.md,
+        # "A stream holds neither the request body nor the retry state").
         try:
             return await relay(request, answer, ex, observer)
         finally:
@@ -304,7 +309,7 @@ async def _proxy(
     inbound: CIMultiDictProxy[str] = request.headers
     # When no route has a limit of its own, the bucket does not depend on the
     # route: charge before the body is read, so a client over its limit costs
-    # no body read and no parse (issue 3).
+    # no body read and no parse (README, "Rate limiting").
     charged = not runtime.route_limited
     if charged and runtime.limited:  # with no limit configured, nothing to charge
         await charge(limiter, runtime, caller, None)
@@ -320,7 +325,7 @@ async def _proxy(
         upstream_model: str | None = None
         realtime: RealtimeTarget | None = None
         if path == REALTIME_PATH and is_websocket_upgrade(request):
-            # Routed by ?model= (issue 9); see realtime.py.
+            # Routed by ?model= (README, "Realtime (WebSocket)"); see realtime.py.
             realtime = realtime_target(request, runtime, caller, query, query_models)
             route = realtime.route
             ex.model, ex.upstream_model = realtime.model, realtime.upstream_model
@@ -334,7 +339,8 @@ async def _proxy(
             bounds: BodyBounds | None = None
             routable: BodyBytes
             if boundary is not None:
-                # A large form: read only up to its model field (issue 8).
+                # A large form: read only up to its model field (docs/decisions.md,
+                # "Large forms stream once their model field is in").
                 bounds = BodyBounds.start(settings.server)
                 head = await read_multipart_head(request, boundary, bounds)
                 body = routable = head.head
@@ -383,7 +389,8 @@ async def _proxy(
                 raise NotFound(f"Unknown request URL: {request.method} {_clip(raw_path)}.")
             length = request.content_length
             if request.body_exists and (length is None or length > STREAM_ABOVE):
-                # Large uploads (files, batches input) stream through; issue 9.
+                # Large uploads (files, batches input) stream through
+                # (README, "Uploads are streamed").
                 body = BodyStream(request, BodyBounds.start(settings.server))
             elif request.method not in ("GET", "HEAD", "DELETE", "OPTIONS") or request.body_exists:
                 body = await read_body(request, settings.server)

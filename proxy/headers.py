@@ -1,6 +1,6 @@
 """Which headers cross the proxy, in each direction.
 
-Request direction (client → upstream), in this order (Go issue 50580: our own
+Request direction (client → upstream), in this order (golang/go#50580: our own
 headers are applied last, so stripping cannot undo them):
 
 1. hop-by-hop headers and every header named in ``Connection`` are dropped

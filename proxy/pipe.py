@@ -3,8 +3,9 @@
 The obvious relay is a task looping ``await body.readany()`` then ``await
 response.write(chunk)``: every chunk then wakes a task, goes through two
 coroutine layers of aiohttp's writer and back. At 1,000 streams that was most
-of the proxy's CPU per chunk (issue 8): a bare socket-to-socket pipe costs
-16.5 µs a chunk on the bench machine, that loop about 38 µs.
+of the proxy's CPU per chunk: a bare socket-to-socket pipe costs 16.5 µs a
+chunk on the bench machine, that loop about 38 µs (docs/decisions.md, "The
+body pipe writes from the read callback").
 
 Here the upstream connection's ``data_received`` (upstream.py) calls
 :meth:`BodyPipe.pump` right after aiohttp's parser has fed the body, and the
@@ -68,7 +69,8 @@ class BodyPipe:
         # HTTP/1.1 client when no length is known; none for HTTP/1.0).
         self._chunked = prepared.headers.get("Transfer-Encoding") == "chunked"
         # A future only while the task waits: lighter than an Event, which
-        # keeps a deque per stream (memory per open stream is an issue 8 goal).
+        # keeps a deque per stream (docs/decisions.md, "Memory per open stream
+        # is a budget").
         self._waiter: asyncio.Future[None] | None = None
         self._woken = False
         self._busy = self._again = self._held = self._client_gone = False

@@ -386,7 +386,8 @@ async def proxy_realtime(
     """Connect upstream, then answer the client's upgrade and relay until closed."""
     offered = _offered_protocols(request.headers)
     # Offering the client's own protocols back keeps aiohttp from logging
-    # them as "not overlapping" (they can hold a key: reliability.md D45).
+    # them as "not overlapping": they can hold a key (docs/faults.md,
+    # "A key in a WebSocket subprotocol").
     if not web.WebSocketResponse(protocols=offered).can_prepare(request).ok:
         raise InvalidRequest(
             "Not a valid WebSocket handshake (RFC 6455 §4.2.1).",
@@ -418,7 +419,8 @@ async def proxy_realtime(
     handshake: web.BaseRequest = request
     if offered and not chosen:
         # Answer without a subprotocol, and keep aiohttp from logging the
-        # offered ones (they can hold a key: reliability.md D45).
+        # offered ones: they can hold a key (docs/faults.md, "A key in a
+        # WebSocket subprotocol").
         headers = CIMultiDict(request.headers)
         headers.popall("Sec-WebSocket-Protocol", None)
         handshake = request.clone(headers=headers)

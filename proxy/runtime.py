@@ -3,7 +3,7 @@
 A :class:`Runtime` is immutable. A request takes ``holder.current`` once at its
 start and uses that snapshot to its end, so a reload (SIGHUP) never changes the
 rules under a request already running: in-flight requests finish on the old
-configuration, new ones see the new one (issue 4).
+configuration, new ones see the new one (README, "Stop, reload, workers").
 """
 
 from __future__ import annotations

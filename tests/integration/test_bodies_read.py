@@ -1,8 +1,9 @@
-"""Reading a whole request body (issue 8): bounds, framing and exact bytes.
+"""Reading a whole request body: bounds, framing and exact bytes.
 
 Bodies here are megabytes, written in pieces over a raw socket, so the proxy
 reads them as they arrive rather than finding them buffered with the head:
-that is the path that appends pieces to one growing buffer. Every test checks
+that is the path that appends pieces to one growing buffer (docs/decisions.md,
+"Request bodies grow in one buffer"). Every test checks
 what the upstream was sent, byte for byte, or that it was sent nothing.
 """
 

@@ -1,4 +1,4 @@
-"""The canary sweep (reliability.md D.43): recognisable secrets go in, and come out nowhere.
+"""The canary sweep: recognisable secrets go in, and come out nowhere.
 
 An upstream key and a proxy key made of letters that never occur in hex ids
 are configured; requests that succeed, fail auth, hit an upstream that refuses
@@ -7,7 +7,8 @@ garbage (aiohttp raises a client error whose repr carries the request headers)
 are run. Then every response (status line, headers, body), ``/about``,
 ``/v1/models``, ``/metrics``, ``/healthz``, captured logs, stdout and stderr,
 the output of a real ``oaimux serve`` process and of ``oaimux check`` are
-searched for the secrets and for every 8-character piece of them.
+searched for the secrets and for every 8-character piece of them
+(docs/faults.md, "Secrets in any output").
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
-"""``models: discover`` (issue 9.4): two real fake upstreams list their models.
+"""``models: discover``: two real fake upstreams list their models.
 
 Upstream ``local`` (an Ollama-like server, ids under the ``local/`` prefix)
 and upstream ``cloud`` (ids as they are, with the proxy's key injected).
+The behaviour: (README, "Model discovery (`models: discover`)").
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
-"""Hostile HTTP over raw sockets against a real server (reliability.md B, C and G).
+"""Hostile HTTP over raw sockets against a real server (README, "Hostile HTTP").
 
 Every malformed or smuggling-shaped request is refused (400/431/413/408) with
-an OpenAI-shaped body, bounded memory, and nothing reaches the upstream. The
+an OpenAI-shaped body, bounded memory, and nothing reaches the upstream. Each
+case is an entry of (docs/faults.md, "Smuggling and hostile request heads",
+"Oversized and slow clients", "Clients going away"). The
 corpus runs against the server as ``oaimux serve`` builds it, with aiohttp's C
 parser (asserted), and once against a real ``python -m proxy serve`` process
 running the pure-Python parser (``AIOHTTP_NO_EXTENSIONS=1``), since most
@@ -70,14 +72,15 @@ class Case:
 
 
 CORPUS: dict[str, Case] = {
-    # C.24 CL.TE and TE.CL, with a request smuggled behind the body
+    # CL.TE and TE.CL, with a request smuggled behind the body (docs/faults.md,
+    # "Conflicting Content-Length and Transfer-Encoding")
     "cl-te": Case(
         post("Content-Length: 4\r\nTransfer-Encoding: chunked\r\n", b"0\r\n\r\n" + SMUGGLED)
     ),
     "te-cl": Case(
         post("Transfer-Encoding: chunked\r\nContent-Length: 40\r\n", b"0\r\n\r\n" + SMUGGLED)
     ),
-    # C.25 Transfer-Encoding obfuscation
+    # (docs/faults.md, "Obfuscated Transfer-Encoding")
     "te-xchunked": Case(post("Transfer-Encoding: xchunked\r\n", b"0\r\n\r\n")),
     "te-chunked-identity": Case(post("Transfer-Encoding: chunked, identity\r\n", b"0\r\n\r\n")),
     "te-twice": Case(
@@ -86,7 +89,7 @@ CORPUS: dict[str, Case] = {
     "te-space-before-colon": Case(post("Transfer-Encoding : chunked\r\n", b"0\r\n\r\n")),
     "te-vertical-tab": Case(post("Transfer-Encoding:\x0bchunked\r\n", b"0\r\n\r\n")),
     "te-gzip-only": Case(post("Transfer-Encoding: gzip\r\n", b"0\r\n\r\n"), frozenset({400, 501})),
-    # C.26 Content-Length variants
+    # (docs/faults.md, "Malformed Content-Length")
     "cl-twice-equal": Case(post("Content-Length: 2\r\nContent-Length: 2\r\n", b"{}")),
     "cl-twice-different": Case(post("Content-Length: 2\r\nContent-Length: 40\r\n", b"{}")),
     "cl-plus": Case(post("Content-Length: +2\r\n", b"{}")),
@@ -97,7 +100,8 @@ CORPUS: dict[str, Case] = {
         "POST /v1/x HTTP/1.1\r\nHost: a\r\nContent-Length: \uff12\r\n\r\n{}".encode()
     ),
     "cl-comma-list": Case(post("Content-Length: 2, 2\r\n", b"{}")),
-    # C.27 CR, LF, NUL and line-ending tricks (GHSA-45c4-8wx5-qw6w reproducer first)
+    # (docs/faults.md, "CR, LF and NUL in a request head"), the GHSA-45c4-8wx5-qw6w
+    # reproducer first
     "cr-in-value": Case(
         post("X-Abc: \rxTransfer-Encoding: chunked\r\nContent-Length: 2\r\n", b"{}")
     ),
@@ -107,7 +111,7 @@ CORPUS: dict[str, Case] = {
     "nul-in-name": Case(b"GET /v1/models HTTP/1.1\r\nHost: a\r\nX-\x00A: b\r\n\r\n"),
     "space-in-name": Case(b"GET /v1/models HTTP/1.1\r\nHost: a\r\nX A: b\r\n\r\n"),
     "escape-in-target": Case(b"GET /v1/\x1b[31mred HTTP/1.1\r\nHost: a\r\n\r\n"),
-    # C.28 chunk tricks
+    # (docs/faults.md, "Chunk framing tricks")
     "chunk-ext-newline": Case(post("Transfer-Encoding: chunked\r\n", b"2;a\nb\r\n{}\r\n0\r\n\r\n")),
     "chunk-size-mismatch": Case(post("Transfer-Encoding: chunked\r\n", b"5\r\n{}\r\n0\r\n\r\n")),
     "chunk-size-garbage": Case(post("Transfer-Encoding: chunked\r\n", b"zz\r\n{}\r\n0\r\n\r\n")),
@@ -119,7 +123,7 @@ CORPUS: dict[str, Case] = {
         frozenset({400, 431, 413}),
         may_accept=True,
     ),
-    # C.29 trailers carrying framing/routing headers
+    # (docs/faults.md, "Trailers carrying framing headers")
     "trailer-cl-host": Case(
         post(
             "Transfer-Encoding: chunked\r\n",
@@ -127,9 +131,9 @@ CORPUS: dict[str, Case] = {
         ),
         python_parser_may_accept=True,
     ),
-    # C.30 Host games
+    # (docs/faults.md, "Two Host headers")
     "host-twice": Case(b"GET /v1/models HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"),
-    # C.31 absolute-form and CONNECT
+    # (docs/faults.md, "Absolute-form targets and CONNECT")
     "absolute-form": Case(
         b"POST http://evil.example/v1/chat/completions HTTP/1.1\r\nHost: evil.example\r\n"
         b"Content-Length: %d\r\n\r\n%s" % (len(CHAT), CHAT)
@@ -138,12 +142,12 @@ CORPUS: dict[str, Case] = {
         b"CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\n\r\n",
         frozenset({400, 404, 405}),
     ),
-    # C.34 underscores in header names
+    # (docs/faults.md, "Underscores in header names")
     "underscore-xff": Case(
         post(f"X_Forwarded_For: 1.2.3.4\r\nContent-Length: {len(CHAT)}\r\n", CHAT)
     ),
     "underscore-api-key": Case(post(f"api_key: sk-x\r\nContent-Length: {len(CHAT)}\r\n", CHAT)),
-    # C.36 upgrade smuggling
+    # (docs/faults.md, "Upgrade smuggling")
     "upgrade-on-post": Case(
         post(
             f"Connection: Upgrade\r\nUpgrade: websocket\r\nContent-Length: {len(CHAT)}\r\n",
@@ -162,7 +166,7 @@ CORPUS: dict[str, Case] = {
         b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
         b"Content-Length: 5\r\n\r\nhello" + SMUGGLED
     ),
-    # C.38 protocol oddities
+    # (docs/faults.md, "Other HTTP versions and non-HTTP bytes")
     "http-0.9": Case(b"GET /v1/files\r\n\r\n", frozenset({400, 505})),
     "http-2.0-line": Case(b"GET /v1/files HTTP/2.0\r\nHost: a\r\n\r\n", frozenset({400, 505})),
     "http-1.2": Case(b"GET /v1/files HTTP/1.2\r\nHost: a\r\n\r\n", frozenset({400, 505})),
@@ -171,7 +175,7 @@ CORPUS: dict[str, Case] = {
         b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 40, python_parser_may_close=True
     ),
     "ssh-banner": Case(b"SSH-2.0-OpenSSH_9.6\r\n", python_parser_may_close=True),
-    # B.18 header flood, big header, long request line
+    # Many headers, a big header, a long request line (docs/faults.md, "Header floods")
     "200-headers": Case(
         b"GET /v1/models HTTP/1.1\r\nHost: a\r\n"
         + b"".join(b"X-H%d: v\r\n" % i for i in range(200))
@@ -331,7 +335,8 @@ async def test_hostile_corpus_with_the_python_parser_in_a_real_process(
 async def test_pipelined_requests_are_answered_in_order_with_bounded_memory(
     make_settings: Any, fake: FakeUpstream, path_config: dict[str, Any]
 ) -> None:
-    """B.22: 10 000 requests in one write (CVE-2026-54273, fixed in aiohttp 3.14.1)."""
+    """10 000 requests in one write, as in aiohttp CVE-2026-54273, fixed in 3.14.1
+    (docs/faults.md, "Pipelining floods")."""
     settings = make_settings(path_config)
     count = 10_000
     request = b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n"
@@ -386,7 +391,7 @@ async def test_pipelined_requests_are_answered_in_order_with_bounded_memory(
 async def test_content_length_over_the_limit_is_refused_before_the_body(
     make_settings: Any, fake: FakeUpstream, path_config: dict[str, Any]
 ) -> None:
-    """B.15 / A.14: 413 while the client has sent only the head."""
+    """413 while the client has sent only the head (docs/faults.md, "Declared body over the limit")."""
     settings = make_settings({**path_config, "server": {"max_body_bytes": 1 << 20}})
     async with running_proxy(settings) as proxy:
         for extra in ("", "Expect: 100-continue\r\n"):
@@ -434,7 +439,8 @@ async def test_unknown_expectation_is_417(
 async def test_chunked_body_over_the_limit_is_refused_as_it_crosses(
     make_settings: Any, fake: FakeUpstream, path_config: dict[str, Any]
 ) -> None:
-    """B.16: no Content-Length; 413 once the limit is crossed, the rest never read."""
+    """No Content-Length; 413 once the limit is crossed, the rest never read
+    (docs/faults.md, "Chunked body crossing the limit")."""
     settings = make_settings({**path_config, "server": {"max_body_bytes": 64 * 1024}})
     async with running_proxy(settings) as proxy:
         reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
@@ -453,7 +459,7 @@ async def test_chunked_body_over_the_limit_is_refused_as_it_crosses(
 async def test_stalled_body_gets_408_and_nothing_upstream(
     make_settings: Any, fake: FakeUpstream, path_config: dict[str, Any]
 ) -> None:
-    """B.17: shorter than Content-Length, then silence."""
+    """Shorter than Content-Length, then silence (docs/faults.md, "Body shorter than announced")."""
     settings = make_settings({**path_config, "server": {"body_idle_timeout": 0.3}})
     async with running_proxy(settings) as proxy:
         started = time.monotonic()
@@ -496,7 +502,8 @@ async def dribble(port: int, data: bytes, interval: float) -> tuple[float, bytes
 async def test_slowloris_is_cut_while_others_are_served(
     make_settings: Any, fake: FakeUpstream, path_config: dict[str, Any]
 ) -> None:
-    """B.19/B.23: slow heads and idle connections are closed at the header deadline."""
+    """Slow heads and idle connections are closed at the header deadline
+    (docs/faults.md, "Slow headers (slowloris)", "Idle connections")."""
     settings = make_settings(
         {**path_config, "server": {"header_timeout": 0.5, "keepalive_timeout": 1.0}}
     )
@@ -552,7 +559,8 @@ async def test_keepalive_idle_and_a_dribbled_second_head_are_bounded(
 async def test_a_dribbled_head_within_the_deadline_is_served(
     make_settings: Any, fake: FakeUpstream, path_config: dict[str, Any]
 ) -> None:
-    """B.18: headers one byte per segment are fine while they arrive in time."""
+    """Headers one byte per segment are fine while they arrive in time
+    (docs/faults.md, "Header floods")."""
     settings = make_settings({**path_config, "server": {"header_timeout": 5}})
     async with running_proxy(settings) as proxy:
         raw = post(f"Content-Length: {len(CHAT)}\r\nConnection: close\r\n")
@@ -573,7 +581,8 @@ async def test_client_reset_right_after_the_head(
     path_config: dict[str, Any],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """G.83: no crash, no upstream request, the server keeps serving."""
+    """No crash, no upstream request, the server keeps serving
+    (docs/faults.md, "A client reset right after its head")."""
     caplog.set_level(logging.INFO)
     async with running_proxy(make_settings(path_config)) as proxy:
         for _ in range(20):
@@ -595,7 +604,8 @@ async def test_client_reset_mid_upload_aborts_the_upstream_request(
     path_config: dict[str, Any],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """G.80: 5 of 25 MB sent, then RST: the upstream request is aborted, nothing logged as 2xx."""
+    """5 of 25 MB sent, then RST: the upstream request is aborted, nothing logged as 2xx
+    (docs/faults.md, "A client reset mid-upload")."""
     caplog.set_level(logging.INFO)
     boundary = "up10ad"
     head = (
@@ -634,8 +644,8 @@ async def test_client_reset_mid_upload_aborts_the_upstream_request(
 async def test_slow_reader_holds_back_the_upstream(
     aiohttp_server: Any, make_settings: Any, upstream_url: str
 ) -> None:
-    """B.21: a client that stops reading stops the upstream being read: every write
-    is awaited, so nothing piles up in the proxy."""
+    """A client that stops reading stops the upstream being read: every write is
+    awaited, so nothing piles up in the proxy (docs/faults.md, "A client that reads slowly")."""
     block = b"\0" * 65536
     total = 256 * 1024 * 1024
     written = 0

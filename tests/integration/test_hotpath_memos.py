@@ -2,7 +2,8 @@
 
 Header verdicts are memoised per name spelling, the names a ``Connection``
 header lists per value, the caller of an open proxy per address, and the rate
-limiter is skipped when no limit is configured at all (issue 8). Each test
+limiter is skipped when no limit is configured at all (docs/decisions.md,
+"Memoised verdicts on the hot path"). Each test
 here would fail if a memo leaked one request's decision into another's.
 """
 

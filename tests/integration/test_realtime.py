@@ -1,4 +1,5 @@
-"""Realtime: ``GET /v1/realtime?model=...`` WebSocket tunnel through the proxy (issue 9.1).
+"""Realtime: ``GET /v1/realtime?model=...`` WebSocket tunnel through the proxy
+(README, "Realtime (WebSocket)").
 
 A real fake upstream WebSocket server (tests/fakes/openai_like.py) and
 aiohttp's WebSocket client on the other side; nothing mocked.

@@ -1,4 +1,4 @@
-"""The official ``openai`` Python SDK, sync and async, pointed at the proxy (issue 9.5).
+"""The official ``openai`` Python SDK, sync and async, pointed at the proxy (README, "Clients").
 
 The proxy and the fake upstream listen on real loopback ports; the SDK talks
 HTTP to the proxy exactly as it would to api.openai.com. Sync calls run in a

@@ -1,7 +1,8 @@
 """One parse decides: the model the proxy routes by is the model the upstream sees.
 
 Ambiguous requests are refused before anything reaches the upstream
-(reliability.md §0.9, A.3-A.5, A.9, A.10, A.13).
+(README, "One parse decides"). Each case is an entry of
+(docs/faults.md, "Requests: one parse decides").
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Credentials never cross the proxy, and nothing a client sends picks the upstream host.
 
-Every assertion is on what the upstream really received (reliability.md D.39-D.42,
-C.30-C.33, A.12; Go's ReverseProxy tests do the same with a real backend).
+Every assertion is on what the upstream really received, as Go's ReverseProxy tests
+do with a real backend (README, "What is trusted", "What is never forwarded", "What
+never comes back"). Each case is an entry of (docs/faults.md, "Headers and credentials").
 """
 
 from __future__ import annotations
@@ -418,7 +419,7 @@ async def test_redirects_are_relayed_never_followed(
 async def test_hop_by_hop_headers_are_stripped_with_several_connection_headers(
     hostile: HostileUpstream, hostile_url: str
 ) -> None:
-    """Go's TestReverseProxyStripEmptyConnection (CVE-2021-33197) and issue 50580."""
+    """Go's TestReverseProxyStripEmptyConnection (CVE-2021-33197) and golang/go#50580."""
     settings = parse_settings(config(hostile_url), environ={})
     head = (
         "POST /v1/chat/completions HTTP/1.1\r\nHost: a\r\n"

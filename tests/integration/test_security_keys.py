@@ -239,7 +239,8 @@ async def test_browser_realtime_key_is_taken_from_the_subprotocol(
 ) -> None:
     """Browsers cannot set headers on a WebSocket: the SDKs offer the key as the
     ``openai-insecure-api-key.<key>`` subprotocol. It is checked like any proxy
-    key, and neither it nor the upstream's key crosses over (D.45)."""
+    key, and neither it nor the upstream's key crosses over
+    (docs/faults.md, "A key in a WebSocket subprotocol")."""
     upstream = OpenAILike(name="rt", models=["gpt-4o-realtime-preview"])
     server: TestServer = await aiohttp_server(upstream.app())
     config = {

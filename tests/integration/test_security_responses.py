@@ -1,5 +1,6 @@
-"""What a malformed upstream answer can do to a client: nothing (reliability.md C.37),
-and requests whose body and Content-Type disagree get a defined answer (A.8, A.9)."""
+"""What a malformed upstream answer can do to a client: nothing (docs/faults.md,
+"Malformed upstream answers"), and requests whose body and Content-Type disagree get
+a defined answer (docs/faults.md, "Body and Content-Type that disagree")."""
 
 from __future__ import annotations
 
@@ -105,7 +106,7 @@ async def test_tolerated_upstream_quirks_are_reserialized(answer: bytes) -> None
         # No Content-Type: JSON is assumed, as the OpenAI API does.
         ("/v1/chat/completions", None, b'{"model": "gpt-4o-mini"}', 200, None),
         ("/v1/chat/completions", "text/plain", b"model=gpt-4o-mini", 400, "invalid_json"),
-        # Multipart edge cases (A.9).
+        # Multipart edge cases (docs/faults.md, "Form parts that parsers read differently").
         ("/v1/audio/transcriptions", "multipart/form-data; boundary=x",
          b'--x\r\nContent-Disposition: form-data; name="model"\r\n\r\nwhisper-1', 400, "invalid_multipart"),
         ("/v1/audio/transcriptions", "multipart/form-data; boundary=x",

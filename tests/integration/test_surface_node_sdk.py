@@ -1,4 +1,4 @@
-"""The official ``openai`` npm package, pointed at the proxy (issue 9.5).
+"""The official ``openai`` npm package, pointed at the proxy (README, "Clients").
 
 The proxy and the fake upstream listen on real loopback ports; Node runs
 tests/node/sdk_smoke.mjs against the proxy's base URL (chat stream, models

@@ -1,4 +1,4 @@
-"""Responses and audio-capable chat pass byte for byte (issue 9.3).
+"""Responses and audio-capable chat pass byte for byte (README, "Endpoints").
 
 Real-shaped bodies both ways; the bytes the client gets are hashed against
 the bytes the fake upstream sent, and the bytes the upstream got against the

@@ -1,8 +1,9 @@
-"""Requests with no model (issue 9.2): path routes, the default route, streamed uploads.
+"""Requests with no model: path routes, the default route, streamed uploads.
 
 Files, batches, uploads, vector stores, assistants and threads go to the
 upstream their ``path`` route names; GET and DELETE by id pass through; large
-uploads are streamed to the upstream as they arrive, never held whole.
+uploads are streamed to the upstream as they arrive, never held whole
+(README, "Endpoints", "Uploads are streamed").
 """
 
 from __future__ import annotations
