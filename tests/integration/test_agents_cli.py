@@ -1,4 +1,4 @@
-"""Claude Code and Codex CLI, the real agents from npm, each completing one turn (issue 16.6).
+"""Claude Code and Codex CLI, the real agents from npm, each completing one turn.
 
 Each agent runs headless and offline (tests/agents_cli.py says how) against a
 fake upstream written to the public wire format: the Anthropic Messages API
@@ -116,6 +116,31 @@ def access_lines(proxy: ProxyProcess, path: str) -> list[dict[str, str]]:
         if fields.get("path") == path:
             lines.append(fields)
     return lines
+
+
+# -- Offline ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("agent", ["claude", "codex"])
+async def test_an_agent_pointed_outside_reaches_only_the_egress_trap(
+    tmp_path: Path, trap: EgressTrap, agent: str
+) -> None:
+    """What every other test's ``egress == []`` rests on: a request for an outside
+    host goes to the trap (and is refused there), never out. ``.invalid`` names no
+    host anywhere (RFC 6761 §6.4)."""
+    if agent == "claude":
+        run = await claude_run(
+            tmp_path, trap, "http://api.anthropic.invalid", PROMPT, api_key="sk-x-0001"
+        )
+        asked = "POST http://api.anthropic.invalid/v1/messages?beta=true HTTP/1.1"
+    else:
+        run = await codex_run(
+            tmp_path, trap, "http://api.openai.invalid/v1", PROMPT,
+            key="sk-x-0001", model=CODEX_MODEL, websockets=False,
+        )  # fmt: skip
+        asked = "POST http://api.openai.invalid/v1/responses HTTP/1.1"
+    assert run.returncode != 0, str(run)
+    assert run.egress and set(run.egress) == {asked}, str(run)
 
 
 # -- Claude Code ---------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The fake agent upstreams, read by the official SDKs (issue 16.6).
+"""The fake agent upstreams, read by the official SDKs.
 
 tests/integration/test_agents_cli.py runs Claude Code and Codex CLI against
 tests/fakes/anthropic_messages.py and tests/fakes/openai_responses.py; here the
@@ -12,6 +12,7 @@ aiohttp's client: it is what a relay must preserve.
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 import anthropic
@@ -36,7 +37,7 @@ def messages_fake() -> AnthropicMessages:
 @pytest.fixture
 async def anthropic_sdk(
     aiohttp_server: Any, messages_fake: AnthropicMessages
-) -> anthropic.AsyncAnthropic:
+) -> AsyncIterator[anthropic.AsyncAnthropic]:
     server: TestServer = await aiohttp_server(messages_fake.app())
     client = anthropic.AsyncAnthropic(base_url=str(server.make_url("")), api_key=KEY, max_retries=0)
     yield client
@@ -148,7 +149,7 @@ async def test_websocket_turns_chain_only_on_their_own_connection(
             await first.send_json(
                 {"type": "response.create", "model": GPT, "previous_response_id": prewarm_id}
             )
-            turn = []
+            turn: list[dict[str, Any]] = []
             while not turn or turn[-1]["type"] != "response.completed":
                 msg = await first.receive(timeout=5)
                 assert msg.type is WSMsgType.TEXT
