@@ -15,9 +15,9 @@ public wire formats:
   answer is the same events, one JSON text frame each. ``"generate": false``
   (Codex's prewarm) answers ``response.created`` then ``response.completed``
   with no output. ``previous_response_id`` must name a response made earlier
-  on the same connection, else an ``error`` event with
-  ``previous_response_not_found`` (as OpenAI answers when a turn lands on a
-  connection that does not hold the previous one).
+  on the same connection (with ``store: false`` the server keeps it only in
+  the memory of the socket that made it), else an ``error`` event, code
+  ``previous_response_not_found``.
   :attr:`ws_refuse` answers the upgrade with that HTTP status instead.
 
 What it received is recorded: HTTP requests in :attr:`received`, each

@@ -13,8 +13,9 @@ reached the agent.
 
 What oaimux cannot do yet is tested too, marked ``xfail(strict=True)``:
 ``/v1/messages`` routed by model (and judged by the key's model allow-list),
-Codex's WebSocket through the relay, the ``426`` that makes Codex give up its
-WebSocket at once, and a finished Codex turn logged ``complete``.
+an Anthropic stream's input tokens in the access log, Codex's WebSocket
+through the relay, the ``426`` that makes Codex give up its WebSocket at
+once, and a finished Codex turn logged ``complete``.
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ from tests.faults.process import ProxyProcess, running_proxy, write_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.node]
 
-CLAUDE_MODEL = "claude-sonnet-5-5"  # passed with --model: sent as it is (not a retired one:
-# Claude Code warns about those)
+# Passed with --model and sent as it is. Not a retired model: Claude Code warns about those.
+CLAUDE_MODEL = "claude-sonnet-5-5"
 CODEX_MODEL = "gpt-5-codex"
 PROMPT = "say hi"
 ANTHROPIC_UPSTREAM_KEY = "sk-ant-upstream-agents-0001"
