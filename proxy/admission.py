@@ -33,7 +33,7 @@ from aiohttp import web
 from .auth import presented_key
 from .clientip import client_address, limit_key
 from .errors import RateLimited, ServiceUnavailable, Unauthorized
-from .failurelog import TEN_MINUTES, FailureLog
+from .observe.failurelog import TEN_MINUTES, FailureLog
 from .ratelimit import Decision, RateLimiter, StorageUnavailable
 from .runtime import Runtime
 from .settings import AuthKey, RateLimitSettings, Route, Settings

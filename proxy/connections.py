@@ -78,7 +78,13 @@ from .errors import (
     error_response,
 )
 from .keys import OBSERVER, RUNTIME
-from .observe import OUR_REQUEST_ID_HEADER, Exchange, Observer, new_request_id, request_id_for
+from .observe.observer import (
+    OUR_REQUEST_ID_HEADER,
+    Exchange,
+    Observer,
+    new_request_id,
+    request_id_for,
+)
 from .settings import ServerSettings
 from .ticker import Ticker
 

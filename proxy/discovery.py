@@ -33,7 +33,7 @@ import uuid
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from .failurelog import FailureLog
+from .observe.failurelog import FailureLog
 from .runtime import RuntimeHolder, UpstreamPlan, build_runtime
 from .settings import Settings
 

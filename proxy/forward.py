@@ -50,7 +50,7 @@ from .errors import (
     UpstreamUnavailable,
 )
 from .health import Health, backoff_delay, order_upstreams
-from .observe import OUR_REQUEST_ID_HEADER, Exchange, Observer
+from .observe.observer import OUR_REQUEST_ID_HEADER, Exchange, Observer
 from .pipe import BodyPipe
 from .runtime import Runtime, UpstreamPlan
 from .settings import Route

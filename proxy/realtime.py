@@ -73,7 +73,7 @@ from .errors import (
     UpstreamUnavailable,
 )
 from .health import Health, order_upstreams
-from .observe import Exchange, Observer
+from .observe.observer import Exchange, Observer
 from .runtime import Runtime
 from .settings import Route
 from .upstream import Origin

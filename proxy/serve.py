@@ -42,7 +42,7 @@ from .app import create_app, server_options
 from .config import ConfigError, Settings, load_settings
 from .connections import ProxyRunner
 from .keys import BUILTINS, DISCOVERY, OBSERVER, RUNTIME
-from .observe import send_access_log_to
+from .observe.observer import send_access_log_to
 from .runtime import build_runtime
 
 __all__ = [
@@ -286,7 +286,7 @@ async def _start_metrics_listener(
     metrics = app[OBSERVER].metrics
     if metrics is None or settings.metrics.listen is None:
         return None
-    from .metrics import serve_metrics
+    from .observe.metrics import serve_metrics
 
     host, port = settings.metrics.listen
     runner = await serve_metrics(metrics, settings.metrics.path, host, port, reuse_port)

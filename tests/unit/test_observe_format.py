@@ -13,8 +13,8 @@ import pytest
 from aiohttp.test_utils import make_mocked_request
 
 from proxy.config import LogSettings
-from proxy.metrics import Metrics
-from proxy.observe import BufferedLineHandler, Exchange, Observer, request_id_for
+from proxy.observe.metrics import Metrics
+from proxy.observe.observer import BufferedLineHandler, Exchange, Observer, request_id_for
 from tests.fakes.access_lines import capture_logs, parse_text_line
 
 
@@ -193,7 +193,7 @@ def test_access_records_format_like_any_record() -> None:
 
 async def test_server_access_log_skips_log_records() -> None:
     from proxy.config import parse_settings
-    from proxy.observe import access_logger, make_observer, send_access_log_to
+    from proxy.observe.observer import access_logger, make_observer, send_access_log_to
 
     saved = (list(access_logger.handlers), access_logger.propagate, access_logger.level)
     stream = _CountingStream()
@@ -225,7 +225,7 @@ async def test_server_access_log_skips_log_records() -> None:
 
 
 def test_remembered_line_parts_stay_bounded_and_right() -> None:
-    from proxy.observe import _SEGMENTS
+    from proxy.observe.observer import _SEGMENTS
 
     observer = Observer(LogSettings())
     for i in range(_SEGMENTS * 2 + 5):

@@ -33,9 +33,9 @@ from typing import TextIO
 from aiohttp import web
 from multidict import istr
 
-from .errors import ProxyError, error_response
+from ..errors import ProxyError, error_response
+from ..settings import LogSettings, Settings
 from .metrics import Metrics
-from .settings import LogSettings, Settings
 from .usage import usage_from_tail
 
 __all__ = [

@@ -41,7 +41,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.registry import Collector
 
-from . import SERVER
+from .. import SERVER
 
 __all__ = [
     "BREAKER_STATES",

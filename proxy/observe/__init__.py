@@ -1,0 +1,1 @@
+"""What one exchange looked like, and where that record goes."""
