@@ -37,6 +37,7 @@ from .errors import (
     ModelNotAllowed,
     NotFound,
     ProxyError,
+    clip,
     error_response,
 )
 from .findmodel import multipart_boundary, rewrite_model
@@ -354,7 +355,7 @@ async def _proxy(
             ex.metric_model = match.route.model or found.model
             if not KeyTable.allows(caller.key, found.model):
                 raise ModelNotAllowed(
-                    f"Your key may not use the model '{_clip(found.model)}'.", param="model"
+                    f"Your key may not use the model '{clip(found.model)}'.", param="model"
                 )
             route = match.route
             upstream_model = match.upstream_model
@@ -380,7 +381,7 @@ async def _proxy(
                         f"{request.method} is not allowed on /v1/{path}; use POST.",
                         headers={"Allow": "POST"},
                     )
-                raise NotFound(f"Unknown request URL: {request.method} {_clip(raw_path)}.")
+                raise NotFound(f"Unknown request URL: {request.method} {clip(raw_path)}.")
             length = request.content_length
             if request.body_exists and (length is None or length > STREAM_ABOVE):
                 # Large uploads (files, batches input) stream through; issue 9.
@@ -458,14 +459,10 @@ def _client_authorization(request: web.BaseRequest, runtime: Runtime) -> str | N
 
 def model_not_found(model: str) -> NotFound:
     return NotFound(
-        f"The model '{_clip(model)}' does not exist or you do not have access to it.",
+        f"The model '{clip(model)}' does not exist or you do not have access to it.",
         code="model_not_found",
         param="model",
     )
-
-
-def _clip(text: str, limit: int = 200) -> str:
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 async def _admit(request: web.Request) -> Caller:

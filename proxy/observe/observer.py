@@ -33,7 +33,7 @@ from typing import TextIO
 from aiohttp import web
 from multidict import istr
 
-from ..errors import ProxyError, error_response
+from ..errors import ProxyError, clip, error_response
 from ..settings import LogSettings, Settings
 from .metrics import Metrics
 from .usage import usage_from_tail
@@ -497,18 +497,14 @@ def _text(value: str | None) -> str:
     if len(value) <= _MAX_LOGGED and _BARE.fullmatch(value):
         return value
     # Quote (JSON string rules): no space, quote or newline can forge a field.
-    return _encode_string(_clip(value))
+    return _encode_string(clip(value, _MAX_LOGGED))
 
 
 def _json(value: str | None) -> str:
     if value is None:
         return "null"
     # The json module's own C string encoder: quotes, escapes, ASCII only.
-    return _encode_string(_clip(value))
-
-
-def _clip(value: str) -> str:
-    return value if len(value) <= _MAX_LOGGED else value[:_MAX_LOGGED] + "..."
+    return _encode_string(clip(value, _MAX_LOGGED))
 
 
 def _json_int(value: int | None) -> str:
