@@ -78,13 +78,8 @@ from .errors import (
     error_response,
 )
 from .keys import OBSERVER, RUNTIME
-from .observe.observer import (
-    OUR_REQUEST_ID_HEADER,
-    Exchange,
-    Observer,
-    new_request_id,
-    request_id_for,
-)
+from .observe import OUR_REQUEST_ID_HEADER, Exchange, new_request_id, request_id_for
+from .observe.observer import Observer
 from .settings import ServerSettings
 from .ticker import Ticker
 

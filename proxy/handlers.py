@@ -52,7 +52,7 @@ from .keys import (
     STARTED_AT,
     UPSTREAMS,
 )
-from .observe.observer import EXCHANGE, Exchange, request_id_for
+from .observe import EXCHANGE, Exchange, request_id_for
 from .realtime import (
     REALTIME_PATH,
     RealtimeTarget,

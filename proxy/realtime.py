@@ -74,7 +74,8 @@ from .errors import (
     clip,
 )
 from .health import Health, order_upstreams
-from .observe.observer import Exchange, Observer
+from .observe import Exchange
+from .observe.observer import Observer
 from .runtime import Runtime
 from .settings import Route
 from .upstream import Origin

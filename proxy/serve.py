@@ -42,7 +42,7 @@ from .app import create_app, server_options
 from .config import ConfigError, Settings, load_settings
 from .connections import ProxyRunner
 from .keys import BUILTINS, DISCOVERY, OBSERVER, RUNTIME
-from .observe.observer import send_access_log_to
+from .observe.access_log import send_access_log_to
 from .runtime import build_runtime
 
 __all__ = [

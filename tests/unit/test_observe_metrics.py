@@ -91,7 +91,7 @@ def test_process_metrics_in_single_process_mode() -> None:
 
 
 def test_counts_kept_on_the_hot_path_are_published_at_collection() -> None:
-    from proxy.observe.observer import Exchange
+    from proxy.observe import Exchange
 
     m = single()
     observer = Observer(LogSettings(access=False), m)
