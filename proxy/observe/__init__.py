@@ -1,7 +1,8 @@
 """What one exchange looked like, and where that record goes.
 
 - exchange.py: :class:`Exchange`, the record of one request the request path
-  fills in (never a body, a header value or a key), and the request id.
+  fills in (never a body, a header value or a key), how it ended
+  (:data:`Outcome`), and the request id.
 - observer.py: :class:`Observer`, the hooks the request path calls; turns a
   finished exchange into one access-log line and into metrics.
 - access_log.py: the line's two formats and the handler that writes a loop
@@ -23,6 +24,7 @@ from .exchange import (
     OUR_REQUEST_ID_HEADER,
     OUTCOMES,
     Exchange,
+    Outcome,
     new_request_id,
     request_id_for,
 )
@@ -33,6 +35,7 @@ __all__ = [
     "OUR_REQUEST_ID_HEADER",
     "OUTCOMES",
     "Exchange",
+    "Outcome",
     "new_request_id",
     "request_id_for",
 ]

@@ -21,11 +21,15 @@ from aiohttp import web
 from ..errors import ProxyError, error_response
 from ..settings import LogSettings, Settings
 from .access_log import AccessLines, AccessRecord, access_logger, direct_sink
-from .exchange import EXCHANGE, OUR_REQUEST_ID_HEADER, Exchange, request_id_for
+from .exchange import EXCHANGE, OUR_REQUEST_ID_HEADER, Exchange, Outcome, request_id_for
 from .metrics import Metrics
 from .usage import usage_from_tail
 
 __all__ = ["Observer", "View", "make_observer"]
+
+# Outcomes of an upstream that broke off mid-body: also counted as its failure
+# (typed, so a misspelt name fails mypy rather than never matching).
+_UPSTREAM_CUT: tuple[Outcome, ...] = ("upstream_reset", "idle_timeout")
 
 View = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -85,7 +89,7 @@ class Observer:
             if ex.error_code is not None:
                 metrics.count_error(ex.status, ex.error_code)
             outcome = ex.outcome
-            if outcome in ("upstream_reset", "idle_timeout") and ex.upstream is not None:
+            if outcome in _UPSTREAM_CUT and ex.upstream is not None:
                 metrics.upstream_failures.labels(upstream, outcome).inc()
             elif outcome == "client_stalled":
                 metrics.client_stalls.labels(upstream).inc()

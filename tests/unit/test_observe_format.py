@@ -239,3 +239,16 @@ def test_remembered_line_parts_stay_bounded_and_right() -> None:
     ex = exchange(model='quote"d')
     assert parse_text_line(lines.format_text(ex))["model"] == 'quote"d'
     assert json.loads(lines.format_json(ex))["model"] == 'quote"d'
+
+
+def test_every_outcome_is_documented_in_the_readme() -> None:
+    """The outcomes the code may write (one Literal, checked by mypy) are the
+    README's access-log ``outcome`` values, in the same order."""
+    from pathlib import Path
+
+    from proxy.observe import OUTCOMES
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
+    row = next(line for line in readme.splitlines() if line.startswith("| `outcome` |"))
+    documented = re.findall(r"`([a-z_]+)`", row.split("|")[2])
+    assert tuple(documented) == OUTCOMES
