@@ -8,7 +8,7 @@
 - access_log.py: the line's two formats and the handler that writes a loop
   turn's lines at once.
 - metrics.py: the Prometheus metrics (the only importer of prometheus_client)
-  and their listener.
+  and their listener; metric_families.py: their names, help texts and labels.
 - usage.py: token counts read from the last two chunks of a response.
 - failurelog.py: a failure that keeps coming back, logged without repeating it.
 
