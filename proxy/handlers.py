@@ -38,10 +38,9 @@ from .errors import (
     NotFound,
     ProxyError,
     clip,
-    error_response,
 )
 from .findmodel import multipart_boundary, rewrite_model
-from .forward import OUR_REQUEST_ID_HEADER, Answered, forward, relay
+from .forward import Answered, forward, relay
 from .keys import (
     HEALTH,
     LIMITER,
@@ -264,17 +263,7 @@ async def proxy_view(request: web.Request) -> web.StreamResponse:
             if answer.upload is not None:
                 ex.bytes_in = answer.upload.size
     except ProxyError as err:
-        ex.status = err.status
-        ex.error_code = err.code
-        ex.outcome = "error"
-        resp = error_response(err)
-        resp.headers[OUR_REQUEST_ID_HEADER] = ex.request_id
-        resp.headers["x-request-id"] = ex.request_id
-        if isinstance(resp.body, bytes):
-            ex.bytes_out = len(resp.body)
-        if err.status == 429:
-            observer.rate_limited(ex)
-        return resp
+        return observer.render_error(err, ex)
     except BaseException as exc:  # client gone (cancelled), or a bug: still logged
         ex.failed_before_response(exc)
         raise

@@ -147,6 +147,23 @@ class Observer:
         if self.metrics is not None:
             self.metrics.set_breaker(upstream, state)
 
+    # -- answers the proxy makes up
+
+    def render_error(self, err: ProxyError, ex: Exchange) -> web.Response:
+        """The answer to ``err`` (OpenAI's error JSON) with the request id in
+        ``x-oaimux-request-id`` and ``x-request-id``, noted on ``ex`` (status,
+        code, bytes) and counted (a 429 as rate limited)."""
+        ex.failed_before_response(err)
+        resp = error_response(err)
+        resp.headers[OUR_REQUEST_ID_HEADER] = ex.request_id
+        resp.headers["x-request-id"] = ex.request_id
+        body = resp.body
+        if isinstance(body, bytes):
+            ex.bytes_out = len(body)
+        if err.status == 429:
+            self.rate_limited(ex)
+        return resp
+
     # -- the proxy's own endpoints
 
     def observed(self, view: View) -> View:
@@ -168,10 +185,7 @@ class Observer:
                 try:
                     resp = await view(request)
                 except ProxyError as err:
-                    ex.failed_before_response(err)
-                    if err.status == 429:
-                        self.rate_limited(ex)
-                    resp = error_response(err)
+                    return self.render_error(err, ex)
                 ex.status = resp.status
                 body = resp.body if isinstance(resp, web.Response) else None
                 if isinstance(body, bytes):
