@@ -154,7 +154,7 @@ class Admission:
     ``rate_limiter_unavailable`` (``closed``). Either way the outage is logged
     when it starts, when its reason changes and every ``warn_every`` seconds
     (10 minutes) while it lasts, with the number of requests affected; not once
-    per request. Recovery is logged once (failurelog.py).
+    per request. Recovery is logged once (observe/failurelog.py).
     """
 
     def __init__(

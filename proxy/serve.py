@@ -70,7 +70,7 @@ def configure_logging(settings: Settings) -> None:
         handler.setFormatter(_TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root.addHandler(handler)
     root.setLevel(settings.log.level)
-    # Access lines go to stderr on their own, a batch per loop turn (observe.py).
+    # Access lines go to stderr on their own, a batch per loop turn (observe/access_log.py).
     send_access_log_to(sys.stderr)
     # aiohttp's own access log is off (server_options); ours is oaimux.access.
     logging.getLogger("aiohttp.access").disabled = True
