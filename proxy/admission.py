@@ -34,7 +34,7 @@ from .auth import presented_key
 from .clientip import client_address, limit_key
 from .config.settings import AuthKey, RateLimitSettings, Route, Settings
 from .errors import RateLimited, ServiceUnavailable, Unauthorized
-from .failurelog import TEN_MINUTES, FailureLog
+from .observe.failurelog import TEN_MINUTES, FailureLog
 from .ratelimit import Decision, RateLimiter, StorageUnavailable
 from .runtime import Runtime
 
@@ -154,7 +154,7 @@ class Admission:
     ``rate_limiter_unavailable`` (``closed``). Either way the outage is logged
     when it starts, when its reason changes and every ``warn_every`` seconds
     (10 minutes) while it lasts, with the number of requests affected; not once
-    per request. Recovery is logged once (failurelog.py).
+    per request. Recovery is logged once (observe/failurelog.py).
     """
 
     def __init__(

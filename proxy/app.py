@@ -34,7 +34,7 @@ from .keys import (
     UPSTREAMS,
 )
 from .middlewares import Cors, error_middleware
-from .observe import Observer, make_observer
+from .observe.observer import Observer, make_observer
 from .ratelimit import MemoryRateLimiter, RateLimiter
 from .realtime import RealtimeSessions, close_realtime_sessions
 from .runtime import RuntimeHolder, build_runtime

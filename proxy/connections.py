@@ -80,7 +80,8 @@ from .errors import (
     error_response,
 )
 from .keys import OBSERVER, RUNTIME
-from .observe import OUR_REQUEST_ID_HEADER, Exchange, Observer, new_request_id, request_id_for
+from .observe import OUR_REQUEST_ID_HEADER, Exchange, Outcome, new_request_id, request_id_for
+from .observe.observer import Observer
 from .ticker import Ticker
 
 __all__ = [
@@ -574,7 +575,7 @@ class ProxyRunner(web.AppRunner):
         )
 
 
-def client_outcome(request: web.BaseRequest) -> str:
+def client_outcome(request: web.BaseRequest) -> Outcome:
     """The access-log outcome of a client that left mid-response: ``client_stalled``
     when the send bound closed its connection, ``client_gone`` otherwise."""
     protocol = request.protocol

@@ -14,7 +14,8 @@ When and how (the contract):
   is asked again every :attr:`Discovery.retry_every` seconds (60 s) until it
   answers; the others are not held up. Its failure is logged as a warning the
   first time, when the reason changes, and every 10 minutes while it lasts;
-  its recovery once (failurelog.py). There is no periodic refresh after success: send SIGHUP.
+  its recovery once (observe/failurelog.py). There is no periodic refresh
+  after success: send SIGHUP.
 - On reload (SIGHUP) the new configuration is served at once with the ids
   already known for the same upstream (same name and URL), and every
   discover route is asked again.
@@ -34,7 +35,7 @@ import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from .config.settings import Settings
-from .failurelog import FailureLog
+from .observe.failurelog import FailureLog
 from .runtime import RuntimeHolder, UpstreamPlan, build_runtime
 
 __all__ = [

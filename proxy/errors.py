@@ -52,6 +52,7 @@ __all__ = [
     "UpstreamAuthFailed",
     "UpstreamTimeout",
     "UpstreamUnavailable",
+    "clip",
     "error_body",
     "error_response",
     "from_http_exception",
@@ -175,6 +176,12 @@ class UpstreamTimeout(ProxyError):
     status = 504
     type = "api_error"
     code = "upstream_timeout"
+
+
+def clip(text: str, limit: int = 200) -> str:
+    """``text`` cut to ``limit`` characters (and ``...``): a client-chosen string
+    (a model id, a path) quoted in an error message or a log line stays short."""
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def error_body(message: str, type_: str, code: str | None, param: str | None = None) -> bytes:

@@ -51,7 +51,8 @@ from .errors import (
     UpstreamUnavailable,
 )
 from .health import Health, backoff_delay, order_upstreams
-from .observe import OUR_REQUEST_ID_HEADER, Exchange, Observer
+from .observe import OUR_REQUEST_ID_HEADER, Exchange
+from .observe.observer import Observer
 from .pipe import BodyPipe
 from .runtime import Runtime, UpstreamPlan
 from .upstream import UpstreamFailure, UpstreamPool, UpstreamResponse

@@ -38,10 +38,10 @@ from .errors import (
     ModelNotAllowed,
     NotFound,
     ProxyError,
-    error_response,
+    clip,
 )
 from .findmodel import multipart_boundary, rewrite_model
-from .forward import OUR_REQUEST_ID_HEADER, Answered, forward, relay
+from .forward import Answered, forward, relay
 from .keys import (
     HEALTH,
     LIMITER,
@@ -268,17 +268,7 @@ async def proxy_view(request: web.Request) -> web.StreamResponse:
             if answer.upload is not None:
                 ex.bytes_in = answer.upload.size
     except ProxyError as err:
-        ex.status = err.status
-        ex.error_code = err.code
-        ex.outcome = "error"
-        resp = error_response(err)
-        resp.headers[OUR_REQUEST_ID_HEADER] = ex.request_id
-        resp.headers["x-request-id"] = ex.request_id
-        if isinstance(resp.body, bytes):
-            ex.bytes_out = len(resp.body)
-        if err.status == 429:
-            observer.rate_limited(ex)
-        return resp
+        return observer.render_error(err, ex)
     except BaseException as exc:  # client gone (cancelled), or a bug: still logged
         ex.failed_before_response(exc)
         raise
@@ -360,7 +350,7 @@ async def _proxy(
             ex.metric_model = match.route.model or found.model
             if not KeyTable.allows(caller.key, found.model):
                 raise ModelNotAllowed(
-                    f"Your key may not use the model '{_clip(found.model)}'.", param="model"
+                    f"Your key may not use the model '{clip(found.model)}'.", param="model"
                 )
             route = match.route
             upstream_model = match.upstream_model
@@ -386,7 +376,7 @@ async def _proxy(
                         f"{request.method} is not allowed on /v1/{path}; use POST.",
                         headers={"Allow": "POST"},
                     )
-                raise NotFound(f"Unknown request URL: {request.method} {_clip(raw_path)}.")
+                raise NotFound(f"Unknown request URL: {request.method} {clip(raw_path)}.")
             length = request.content_length
             if request.body_exists and (length is None or length > STREAM_ABOVE):
                 # Large uploads (files, batches input) stream through
@@ -465,14 +455,10 @@ def _client_authorization(request: web.BaseRequest, runtime: Runtime) -> str | N
 
 def model_not_found(model: str) -> NotFound:
     return NotFound(
-        f"The model '{_clip(model)}' does not exist or you do not have access to it.",
+        f"The model '{clip(model)}' does not exist or you do not have access to it.",
         code="model_not_found",
         param="model",
     )
-
-
-def _clip(text: str, limit: int = 200) -> str:
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 async def _admit(request: web.Request) -> Caller:

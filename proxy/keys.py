@@ -9,7 +9,7 @@ from .admission import Admission
 from .demo import BuiltinUpstreams
 from .discovery import Discovery
 from .health import Health
-from .observe import Observer
+from .observe.observer import Observer
 from .realtime import RealtimeSessions
 from .runtime import RuntimeHolder
 from .upstream import UpstreamPool

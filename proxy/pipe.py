@@ -76,7 +76,7 @@ class BodyPipe:
         self._busy = self._again = self._held = self._client_gone = False
         self.sent = 0
         # The last two pieces written (references, not copies): the usage
-        # object of a stream is read from them after the end (usage.py).
+        # object of a stream is read from them after the end (observe/usage.py).
         self.tail = self.previous = b""
 
     async def run(self) -> BaseException | None:

@@ -187,7 +187,7 @@ class RedisRateLimiter:
                     reason = _describe(exc, self._deadline)
                     # Do not queue every request behind a dead server: skip it for a moment.
                     # Requests refused during the pause carry the same reason, so
-                    # the outage reads as one state in the log (failurelog.py).
+                    # the outage reads as one state in the log (observe/failurelog.py).
                     self._down_until = time.monotonic() + self._cooldown
                     self._down_reason = reason
                     _fail(batch, StorageUnavailable(reason))

@@ -72,9 +72,11 @@ from .errors import (
     ProxyError,
     RateLimited,
     UpstreamUnavailable,
+    clip,
 )
 from .health import Health, order_upstreams
-from .observe import Exchange, Observer
+from .observe import Exchange
+from .observe.observer import Observer
 from .runtime import Runtime
 from .upstream import Origin
 
@@ -164,12 +166,12 @@ def realtime_target(
     match = runtime.table.resolve(model)
     if match is None:
         raise NotFound(
-            f"The model '{_clip(model)}' does not exist or you do not have access to it.",
+            f"The model '{clip(model)}' does not exist or you do not have access to it.",
             code="model_not_found",
             param="model",
         )
     if not KeyTable.allows(caller.key, model):
-        raise ModelNotAllowed(f"Your key may not use the model '{_clip(model)}'.", param="model")
+        raise ModelNotAllowed(f"Your key may not use the model '{clip(model)}'.", param="model")
     upstream_model = match.upstream_model
     if upstream_model != model:
         query = _with_model(query, upstream_model)
@@ -186,10 +188,6 @@ def _with_model(query: str, model: str) -> str:
         if unquote(name.replace("+", " ")).lower() == "model":
             parts[i] = f"{name}={value}"
     return "&".join(parts)
-
-
-def _clip(text: str, limit: int = 200) -> str:
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _offered_protocols(headers: CIMultiDictProxy[str]) -> list[str]:

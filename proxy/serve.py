@@ -42,7 +42,7 @@ from .app import create_app, server_options
 from .config import ConfigError, Settings, load_settings
 from .connections import ProxyRunner
 from .keys import BUILTINS, DISCOVERY, OBSERVER, RUNTIME
-from .observe import send_access_log_to
+from .observe.access_log import send_access_log_to
 from .runtime import build_runtime
 
 __all__ = [
@@ -70,7 +70,7 @@ def configure_logging(settings: Settings) -> None:
         handler.setFormatter(_TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root.addHandler(handler)
     root.setLevel(settings.log.level)
-    # Access lines go to stderr on their own, a batch per loop turn (observe.py).
+    # Access lines go to stderr on their own, a batch per loop turn (observe/access_log.py).
     send_access_log_to(sys.stderr)
     # aiohttp's own access log is off (server_options); ours is oaimux.access.
     logging.getLogger("aiohttp.access").disabled = True
@@ -286,7 +286,7 @@ async def _start_metrics_listener(
     metrics = app[OBSERVER].metrics
     if metrics is None or settings.metrics.listen is None:
         return None
-    from .metrics import serve_metrics
+    from .observe.metrics import serve_metrics
 
     host, port = settings.metrics.listen
     runner = await serve_metrics(metrics, settings.metrics.path, host, port, reuse_port)

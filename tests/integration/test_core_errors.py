@@ -103,6 +103,20 @@ async def test_unknown_path_and_wrong_method(make_proxy: Any) -> None:
     assert resp.headers["Allow"] == "POST"
 
 
+async def test_a_long_model_or_path_is_clipped_in_the_message(make_proxy: Any) -> None:
+    """A client-chosen string quoted in an error stays at 200 characters and ``...``."""
+    client = await make_proxy()
+    model = "m" * 250  # a valid id (up to 256), longer than what a message quotes
+    resp = await client.post("/v1/chat/completions", json={"model": model}, headers=JSON)
+    err = await assert_error(resp, 404, "invalid_request_error", "model_not_found", "model")
+    assert err["message"] == (
+        f"The model '{model[:200]}...' does not exist or you do not have access to it."
+    )
+    path = "/v1/" + "p" * 300
+    err = await assert_error(await client.get(path), 404, "invalid_request_error", "unknown_url")
+    assert err["message"] == f"Unknown request URL: GET {path[:200]}...."
+
+
 async def test_every_upstream_unreachable(make_proxy: Any, upstream_url: str) -> None:
     a, b = free_port(), free_port()
     config = basic_config(upstream_url)

@@ -19,6 +19,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -224,6 +225,31 @@ def test_docker_build_context_keeps_what_the_build_needs() -> None:
         prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
         for pattern in ignored:
             assert not any(fnmatch.fnmatch(p, pattern) for p in prefixes), (needed, pattern)
+
+
+def test_the_wheel_the_image_installs_holds_every_module(tmp_path: Path) -> None:
+    """The image installs oaimux from a wheel, not from the source tree: every
+    module under proxy/, subpackages included, must be in it. Built from a
+    copy: a build/ directory left in the tree would lend the wheel its files."""
+    source = tmp_path / "src"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    shutil.copytree(REPO / "proxy", source / "proxy", ignore=shutil.ignore_patterns("__pycache__"))
+    wheels = tmp_path / "wheels"
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q"]
+        + ["--wheel-dir", str(wheels), str(source)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert build.returncode == 0, build.stderr
+    (wheel,) = wheels.glob("oaimux-*.whl")
+    with zipfile.ZipFile(wheel) as packed:
+        shipped = {name for name in packed.namelist() if name.startswith("proxy/")}
+    sources = {path.relative_to(REPO).as_posix() for path in (REPO / "proxy").rglob("*.py")}
+    assert sources - shipped == set()
 
 
 def test_dockerfile_passes_hadolint() -> None:

@@ -322,6 +322,10 @@ async def test_error_answers_carry_our_request_id(make_proxy: MakeProxy) -> None
     assert resp.headers["x-oaimux-request-id"] == resp.headers["x-request-id"] == "err-7"
     resp = await client.get("/v1/models", headers={"X-Request-Id": "list-8"})
     assert resp.headers["x-oaimux-request-id"] == resp.headers["x-request-id"] == "list-8"
+    # An error of the proxy's own endpoints (Observer.observed) too.
+    resp = await client.get("/v1/models/unknown", headers={"X-Request-Id": "own-9"})
+    assert resp.status == 404
+    assert resp.headers["x-oaimux-request-id"] == resp.headers["x-request-id"] == "own-9"
 
 
 async def test_stream_usage_from_the_official_sdk(make_proxy: MakeProxy, aiohttp_server: Any, logs: LogLines) -> None:

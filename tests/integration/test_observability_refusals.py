@@ -19,7 +19,7 @@ import pytest
 
 from proxy.config import Settings
 from proxy.keys import OBSERVER
-from proxy.metrics import Metrics
+from proxy.observe.metrics import Metrics
 from tests.conftest import basic_config
 from tests.fakes.access_lines import LogLines, capture_logs, parse_text_line
 from tests.fakes.security import RunningProxy, error_of, exchange, running_proxy, split_response

@@ -83,7 +83,7 @@ async def test_two_workers_one_scrape(upstream_url: str, tmp_path: Path) -> None
                     assert resp.status == 200
                     await resp.read()
             (shared,) = temp.glob("oaimux-metrics-*")
-            # Each worker publishes its counters within a second (metrics.py, _SYNC_SECONDS).
+            # Each worker publishes its counters within a second (observe/metrics.py, _SYNC_SECONDS).
             async with asyncio.timeout(10):
                 while True:
                     async with session.get(f"http://127.0.0.1:{metrics_port}/metrics") as resp:

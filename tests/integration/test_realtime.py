@@ -328,6 +328,26 @@ async def test_unknown_model_is_refused_before_the_upgrade(
     assert upstream.received == []
 
 
+async def test_a_long_unknown_model_is_clipped_in_the_message(
+    proxy: TestClient[Any, Any], upstream: OpenAILike
+) -> None:
+    model = "m" * 250  # a valid id (up to 256), longer than what a message quotes
+    resp = await proxy.get(
+        f"/v1/realtime?model={model}",
+        headers={
+            "Connection": "Upgrade",
+            "Upgrade": "websocket",
+            "Sec-WebSocket-Version": "13",
+            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+        },
+    )
+    assert resp.status == 404
+    assert (await resp.json())["error"]["message"] == (
+        f"The model '{model[:200]}...' does not exist or you do not have access to it."
+    )
+    assert upstream.received == []
+
+
 @pytest.mark.parametrize(
     ("query", "status", "code"),
     [

@@ -21,7 +21,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from proxy.config import parse_settings
-from proxy.metrics import Metrics, serve_metrics
+from proxy.observe.metrics import Metrics, serve_metrics
 from tests.fakes.openai_like import OpenAILike
 from tests.fakes.security import running_proxy, split_response
 

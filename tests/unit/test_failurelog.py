@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from proxy.failurelog import FailureLog, format_duration
+from proxy.observe.failurelog import FailureLog, format_duration
 
 LOGGER = logging.getLogger("oaimux.test.failurelog")
 

@@ -13,8 +13,10 @@ import pytest
 from aiohttp.test_utils import make_mocked_request
 
 from proxy.config import LogSettings
-from proxy.metrics import Metrics
-from proxy.observe import BufferedLineHandler, Exchange, Observer, request_id_for
+from proxy.observe import Exchange, request_id_for
+from proxy.observe.access_log import AccessLines, BufferedLineHandler
+from proxy.observe.metrics import Metrics
+from proxy.observe.observer import Observer
 from tests.fakes.access_lines import capture_logs, parse_text_line
 
 
@@ -58,7 +60,7 @@ def test_text_line_fields_and_values() -> None:
         bytes_in=12, bytes_out=3456, ttfb=0.0123, duration=1.5, prompt_tokens=7, completion_tokens=9,
         key_name="team-a",
     )  # fmt: skip
-    f = parse_text_line(Observer(LogSettings()).format_text(ex))
+    f = parse_text_line(AccessLines().format_text(ex))
     assert f["request_id"] == "rid-1" and f["client"] == "10.0.0.7" and f["key"] == "team-a"
     assert (f["model"], f["target"], f["upstream"], f["tried"]) == ("fast", "llama3.2:3b", "ollama", "a,b")
     assert (f["ttfb_ms"], f["duration_ms"]) == ("12.30", "1500.00")
@@ -70,7 +72,7 @@ def test_text_line_fields_and_values() -> None:
     ['has space', 'quote"inside', "back\\slash", "tab\tand\nnewline", "é-unicode", "k=v", "x" * 300, ""],
 )
 def test_text_line_quotes_what_could_forge_a_field(model: str) -> None:
-    line = Observer(LogSettings()).format_text(exchange(model=model, path="/v1/a b"))
+    line = AccessLines().format_text(exchange(model=model, path="/v1/a b"))
     f = parse_text_line(line)  # asserts a single line of intact pairs
     assert f["model"] == (model if len(model) <= 200 else model[:200] + "...")
     assert f["path"] == "/v1/a b"
@@ -78,18 +80,18 @@ def test_text_line_quotes_what_could_forge_a_field(model: str) -> None:
 
 
 def test_json_line_has_the_same_fields() -> None:
-    observer = Observer(LogSettings(format="json"))
+    lines = AccessLines()
     ex = exchange(model="m", ttfb=None, duration=0.25, tried=["x"])
-    record = json.loads(observer.format_json(ex))
-    text = parse_text_line(observer.format_text(ex))
+    record = json.loads(lines.format_json(ex))
+    text = parse_text_line(lines.format_text(ex))
     assert list(record) == list(text)
     assert record["tried"] == ["x"] and record["ttfb_ms"] is None and record["duration_ms"] == 250.0
 
 
 def test_time_is_utc_with_milliseconds_across_seconds() -> None:
-    observer = Observer(LogSettings())
+    lines = AccessLines()
     for wall in (1_700_000_000.0, 1_700_000_000.999, 1_700_000_001.5, 1_700_000_000.25):
-        f = parse_text_line(observer.format_text(exchange(started_wall=wall)))
+        f = parse_text_line(lines.format_text(exchange(started_wall=wall)))
         second = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(int(wall)))
         assert f["time"] == f"{second}.{int(round((wall % 1) * 1000)):03d}Z"
 
@@ -193,7 +195,8 @@ def test_access_records_format_like_any_record() -> None:
 
 async def test_server_access_log_skips_log_records() -> None:
     from proxy.config import parse_settings
-    from proxy.observe import access_logger, make_observer, send_access_log_to
+    from proxy.observe.access_log import access_logger, send_access_log_to
+    from proxy.observe.observer import make_observer
 
     saved = (list(access_logger.handlers), access_logger.propagate, access_logger.level)
     stream = _CountingStream()
@@ -225,14 +228,27 @@ async def test_server_access_log_skips_log_records() -> None:
 
 
 def test_remembered_line_parts_stay_bounded_and_right() -> None:
-    from proxy.observe import _SEGMENTS
+    from proxy.observe.access_log import _SEGMENTS
 
-    observer = Observer(LogSettings())
+    lines = AccessLines()
     for i in range(_SEGMENTS * 2 + 5):
-        f = parse_text_line(observer.format_text(exchange(model=f"model {i}")))
+        f = parse_text_line(lines.format_text(exchange(model=f"model {i}")))
         assert f["model"] == f"model {i}"
-        assert len(observer._segments) <= _SEGMENTS
-    # The same exchange in both formats, from one observer.
+        assert len(lines._segments) <= _SEGMENTS
+    # The same exchange in both formats, from one writer of lines.
     ex = exchange(model='quote"d')
-    assert parse_text_line(observer.format_text(ex))["model"] == 'quote"d'
-    assert json.loads(observer.format_json(ex))["model"] == 'quote"d'
+    assert parse_text_line(lines.format_text(ex))["model"] == 'quote"d'
+    assert json.loads(lines.format_json(ex))["model"] == 'quote"d'
+
+
+def test_every_outcome_is_documented_in_the_readme() -> None:
+    """The outcomes the code may write (one Literal, checked by mypy) are the
+    README's access-log ``outcome`` values, in the same order."""
+    from pathlib import Path
+
+    from proxy.observe import OUTCOMES
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
+    row = next(line for line in readme.splitlines() if line.startswith("| `outcome` |"))
+    documented = re.findall(r"`([a-z_]+)`", row.split("|")[2])
+    assert tuple(documented) == OUTCOMES

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from proxy.config import LogSettings
-from proxy.metrics import Metrics
-from proxy.observe import Observer
+from proxy.observe.metrics import Metrics
+from proxy.observe.observer import Observer
 
 
 def single() -> Metrics:
@@ -114,7 +114,7 @@ def test_counts_kept_on_the_hot_path_are_published_at_collection() -> None:
 def test_batched_latency_equals_the_librarys_observe() -> None:
     from prometheus_client import CollectorRegistry, Histogram
 
-    from proxy.metrics import _BUCKETS
+    from proxy.observe.metrics import _BUCKETS
 
     values = [0.0, 0.004, 0.005, 0.0050001, 0.1, 0.7, 29.9, 30.0, 600.0, 600.5, 7200.0, 0.02] * 3
     m = single()
@@ -145,7 +145,7 @@ def test_a_worker_starting_beside_one_that_is_still_creating_its_file(tmp_path: 
     (tmp_path / "counter_99999.db").write_bytes(b"")
     code = (
         "import sys\n"
-        "from proxy.metrics import Metrics\n"
+        "from proxy.observe.metrics import Metrics\n"
         "Metrics(['a'], multiprocess_dir=sys.argv[1])\n"
         "print('built')\n"
     )

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from proxy.usage import Usage, usage_from_tail
+from proxy.observe.usage import Usage, usage_from_tail
 from tests.fakes.openai_shaped import (
     CHAT_USAGE,
     RESPONSES_USAGE,

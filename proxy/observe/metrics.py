@@ -10,10 +10,12 @@ a scrape answered by any worker then reads every worker's files, so one scrape
 sees the whole server. The parent creates that directory before forking and
 removes it at exit (:func:`share_metrics_across_workers`).
 
-Label values are bounded by the configuration: ``model`` is a routing-table
-entry (an exact id, a glob pattern, or a discovered id), never the string a
-client sent; ``upstream`` is a configured upstream name; ``kind``,
-``status_class`` and the error ``status`` and ``code`` come from fixed sets.
+The metrics themselves (names, help texts, labels) are declared in
+metric_families.py. Label values are bounded by the configuration: ``model``
+is a routing-table entry (an exact id, a glob pattern, or a discovered id),
+never the string a client sent; ``upstream`` is a configured upstream name;
+``kind``, ``status_class`` and the error ``status`` and ``code`` come from
+fixed sets.
 """
 
 from __future__ import annotations
@@ -41,7 +43,9 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.registry import Collector
 
-from . import SERVER
+from .. import SERVER
+from . import metric_families as families
+from .metric_families import Family
 
 __all__ = [
     "BREAKER_STATES",
@@ -108,85 +112,18 @@ class Metrics:
             own = self.registry
             ProcessCollector(registry=own)
             PlatformCollector(registry=own)
-        self.requests = Counter(
-            "oaimux_requests",
-            "Requests answered, by routing-table model, upstream and status class.",
-            ("model", "upstream", "status_class"),
-            registry=own,
-        )
-        self.duration = Histogram(
-            "oaimux_request_duration_seconds",
-            "Time from the request's arrival to the end of its response (streams included).",
-            ("upstream",),
-            buckets=_BUCKETS,
-            registry=own,
-        )
-        self.ttfb = Histogram(
-            "oaimux_time_to_first_byte_seconds",
-            "Time from the request's arrival until the upstream's response headers were sent on.",
-            ("upstream",),
-            buckets=_BUCKETS,
-            registry=own,
-        )
-        self.in_flight = Gauge(
-            "oaimux_requests_in_flight",
-            "Requests being handled now.",
-            registry=own,
-            multiprocess_mode="livesum",
-        )
-        self.open_streams = Gauge(
-            "oaimux_open_streams",
-            "Streamed responses (SSE or chunked) being relayed now.",
-            registry=own,
-            multiprocess_mode="livesum",
-        )
-        self.rate_limited_total = Counter(
-            "oaimux_rate_limited",
-            "Requests refused by the rate limiter, by routing-table model.",
-            ("model",),
-            registry=own,
-        )
-        self.upstream_failures = Counter(
-            "oaimux_upstream_failures",
-            "Failed attempts at an upstream, by kind (connect, timeout, status_503, "
-            "upstream_reset, idle_timeout, ...).",
-            ("upstream", "kind"),
-            registry=own,
-        )
-        self.client_stalls = Counter(
-            "oaimux_client_stalls",
-            "Responses cut because the client took no bytes for server.send_timeout, by upstream.",
-            ("upstream",),
-            registry=own,
-        )
-        self.fallbacks = Counter(
-            "oaimux_fallbacks",
-            "Requests moved on from one upstream to the next.",
-            ("from_upstream", "to_upstream"),
-            registry=own,
-        )
-        self.breaker_state = Gauge(
-            "oaimux_circuit_breaker_state",
-            "Circuit breaker per upstream: 0 closed, 1 half-open, 2 open "
-            "(with several workers, the worst of them).",
-            ("upstream",),
-            registry=own,
-            multiprocess_mode="livemax",
-        )
-        self.errors = Counter(
-            "oaimux_errors",
-            "Errors the proxy answered itself (OpenAI error JSON with x-oaimux-error), "
-            "by status and error code; also the requests refused before a handler ran.",
-            ("status", "code"),
-            registry=own,
-        )
-        self.tokens = Counter(
-            "oaimux_tokens",
-            "Tokens reported in the upstream's usage object, by routing-table model, "
-            "upstream and type (prompt, completion).",
-            ("model", "upstream", "type"),
-            registry=own,
-        )
+        self.requests = _counter(families.REQUESTS, own)
+        self.duration = _histogram(families.DURATION, own)
+        self.ttfb = _histogram(families.TTFB, own)
+        self.in_flight = _gauge(families.IN_FLIGHT, own)
+        self.open_streams = _gauge(families.OPEN_STREAMS, own)
+        self.rate_limited_total = _counter(families.RATE_LIMITED, own)
+        self.upstream_failures = _counter(families.UPSTREAM_FAILURES, own)
+        self.client_stalls = _counter(families.CLIENT_STALLS, own)
+        self.fallbacks = _counter(families.FALLBACKS, own)
+        self.breaker_state = _gauge(families.BREAKER_STATE, own)
+        self.errors = _counter(families.ERRORS, own)
+        self.tokens = _counter(families.TOKENS, own)
         # Pending since the last sync; the hot path touches only these.
         self.in_flight_now = 0
         self.open_streams_now = 0
@@ -288,6 +225,24 @@ class Metrics:
         # Set whole: the type carries parameters (version, escaping) aiohttp must not re-split.
         resp.headers["Content-Type"] = content_type
         return resp
+
+
+def _counter(family: Family, registry: CollectorRegistry | None) -> Counter:
+    return Counter(family.name, family.help, family.labels, registry=registry)
+
+
+def _histogram(family: Family, registry: CollectorRegistry | None) -> Histogram:
+    return Histogram(family.name, family.help, family.labels, registry=registry, buckets=_BUCKETS)
+
+
+def _gauge(family: Family, registry: CollectorRegistry | None) -> Gauge:
+    return Gauge(
+        family.name,
+        family.help,
+        family.labels,
+        registry=registry,
+        multiprocess_mode=family.multiprocess_mode,
+    )
 
 
 class _Observations:

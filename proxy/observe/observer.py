@@ -1,0 +1,208 @@
+"""The Observer: what the request path reports, turned into the access log and metrics.
+
+An :class:`Observer` receives each :class:`~.exchange.Exchange` at the
+moments that matter (begun, stream opened, finished, refused) and the
+events of an upstream walk (failure, fallback, breaker change). When the
+response has *ended* (streams included, however they ended) it writes one
+access-log line (access_log.py) and counts the request in the metrics
+(metrics.py). Nothing here runs per chunk: the relay only keeps a
+reference to the last two chunks, read for the token usage (usage.py) once
+the response is over.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from ..config.settings import LogSettings, Settings
+from ..errors import ProxyError, error_response
+from .access_log import AccessLines, AccessRecord, access_logger, direct_sink
+from .exchange import EXCHANGE, OUR_REQUEST_ID_HEADER, Exchange, Outcome, request_id_for
+from .metrics import Metrics
+from .usage import usage_from_tail
+
+__all__ = ["Observer", "View", "make_observer"]
+
+# Outcomes of an upstream that broke off mid-body: also counted as its failure
+# (typed, so a misspelt name fails mypy rather than never matching).
+_UPSTREAM_CUT: tuple[Outcome, ...] = ("upstream_reset", "idle_timeout")
+
+View = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class Observer:
+    """Receives exchanges: writes the access log and keeps the metrics.
+
+    ``metrics`` is ``None`` when ``metrics.enabled`` is false; then the hooks
+    only log. Every method is cheap and never raises into the request.
+    """
+
+    def __init__(
+        self,
+        log: LogSettings,
+        metrics: Metrics | None = None,
+        sink: Callable[[str], None] | None = None,
+    ) -> None:
+        self.log = log
+        self.metrics = metrics
+        self.sink = sink  # see direct_sink; None: through the oaimux.access logger
+        self.lines = AccessLines()
+        # Chosen once: the line's format is fixed for the observer's life.
+        self.format_line = (
+            self.lines.format_json if log.format == "json" else self.lines.format_text
+        )
+
+    # -- the life of one request
+
+    def begin(self, ex: Exchange) -> None:
+        """A request started being handled (counts it in flight)."""
+        if self.metrics is not None:
+            self.metrics.in_flight_now += 1
+            ex.in_flight = True
+
+    def stream_opened(self, ex: Exchange) -> None:
+        """A streamed response's headers were sent; its body is being relayed."""
+        if self.metrics is not None:
+            self.metrics.open_streams_now += 1
+            ex.stream_open = True
+
+    def finished(self, ex: Exchange) -> None:
+        """The response has ended (or never started): log it once, count it once."""
+        ex.duration = time.perf_counter() - ex.started
+        metrics = self.metrics
+        logging_on = self.log.access and access_logger.isEnabledFor(logging.INFO)
+        if ex.tail and (metrics is not None or logging_on):
+            self._read_usage(ex)
+        if metrics is not None:
+            if ex.in_flight:
+                metrics.in_flight_now -= 1
+                ex.in_flight = False
+            if ex.stream_open:
+                metrics.open_streams_now -= 1
+                ex.stream_open = False
+            upstream = ex.upstream or ""
+            metrics.request_finished(ex.metric_model, upstream, ex.status, ex.duration, ex.ttfb)
+            if ex.error_code is not None:
+                metrics.count_error(ex.status, ex.error_code)
+            outcome = ex.outcome
+            if outcome in _UPSTREAM_CUT and ex.upstream is not None:
+                metrics.upstream_failures.labels(upstream, outcome).inc()
+            elif outcome == "client_stalled":
+                metrics.client_stalls.labels(upstream).inc()
+            if ex.prompt_tokens is not None or ex.completion_tokens is not None:
+                metrics.count_tokens(
+                    ex.metric_model, upstream, ex.prompt_tokens, ex.completion_tokens
+                )
+        if logging_on:
+            line = self.format_line(ex)
+            if self.sink is not None:
+                self.sink(line)
+            else:
+                access_logger.handle(AccessRecord(line))
+
+    def _read_usage(self, ex: Exchange) -> None:
+        if not 200 <= ex.status < 300 or ex.content_encoding not in (None, "identity"):
+            return
+        content_type = ex.content_type
+        if not (content_type.startswith("text/event-stream") or "json" in content_type):
+            return
+        usage = usage_from_tail(ex.tail_previous, ex.tail)
+        ex.tail = ex.tail_previous = b""  # the chunks are no longer needed
+        if usage is not None:
+            ex.prompt_tokens = usage.prompt_tokens
+            ex.completion_tokens = usage.completion_tokens
+
+    def refused(self, ex: Exchange, err: ProxyError, bytes_out: int) -> None:
+        """A request the server refused before any view ran (the HTTP parser,
+        the header deadline, ``Expect``), answered with ``err``."""
+        ex.status = err.status
+        ex.error_code = err.code
+        ex.outcome = "error"
+        ex.bytes_out = bytes_out
+        self.finished(ex)
+
+    # -- hooks called from admission, forward and health
+
+    def rate_limited(self, ex: Exchange) -> None:
+        """A request refused by the limiter."""
+        if self.metrics is not None:
+            self.metrics.rate_limited_total.labels(ex.metric_model).inc()
+
+    def upstream_failure(self, upstream: str, kind: str) -> None:
+        """An attempt at ``upstream`` failed before any response byte."""
+        if self.metrics is not None:
+            self.metrics.upstream_failures.labels(upstream, kind).inc()
+
+    def fallback(self, from_upstream: str, to_upstream: str) -> None:
+        """A request moved on from one upstream to the next."""
+        if self.metrics is not None:
+            self.metrics.fallbacks.labels(from_upstream, to_upstream).inc()
+
+    def breaker_changed(self, upstream: str, state: str) -> None:
+        """A circuit breaker changed state."""
+        if self.metrics is not None:
+            self.metrics.set_breaker(upstream, state)
+
+    # -- answers the proxy makes up
+
+    def render_error(self, err: ProxyError, ex: Exchange) -> web.Response:
+        """The answer to ``err`` (OpenAI's error JSON) with the request id in
+        ``x-oaimux-request-id`` and ``x-request-id``, noted on ``ex`` (status,
+        code, bytes) and counted (a 429 as rate limited)."""
+        ex.failed_before_response(err)
+        resp = error_response(err)
+        resp.headers[OUR_REQUEST_ID_HEADER] = ex.request_id
+        resp.headers["x-request-id"] = ex.request_id
+        body = resp.body
+        if isinstance(body, bytes):
+            ex.bytes_out = len(body)
+        if err.status == 429:
+            self.rate_limited(ex)
+        return resp
+
+    # -- the proxy's own endpoints
+
+    def observed(self, view: View) -> View:
+        """Wrap one of the proxy's own views (``/v1/models``, ``/about``) so it is
+        logged and counted like a proxied request. The view may fill in the
+        caller through ``request[EXCHANGE]``."""
+
+        async def observed_view(request: web.Request) -> web.StreamResponse:
+            ex = Exchange(
+                request_id=request_id_for(request),
+                method=request.method,
+                # Never the query string: it can carry a key (?api-key=...).
+                path=request.raw_path.partition("?")[0][:512],
+                client="-",
+            )
+            request[EXCHANGE] = ex
+            self.begin(ex)
+            try:
+                try:
+                    resp = await view(request)
+                except ProxyError as err:
+                    return self.render_error(err, ex)
+                ex.status = resp.status
+                body = resp.body if isinstance(resp, web.Response) else None
+                if isinstance(body, bytes):
+                    ex.bytes_out = len(body)
+                resp.headers[OUR_REQUEST_ID_HEADER] = ex.request_id
+                resp.headers.setdefault("x-request-id", ex.request_id)
+                return resp
+            except BaseException as exc:
+                ex.failed_before_response(exc)
+                raise
+            finally:
+                self.finished(ex)
+
+        return observed_view
+
+
+def make_observer(settings: Settings) -> Observer:
+    """The observer for ``settings``: the access log, and metrics unless disabled."""
+    metrics = Metrics(settings.upstreams) if settings.metrics.enabled else None
+    return Observer(settings.log, metrics, direct_sink())
