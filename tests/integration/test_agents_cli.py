@@ -205,7 +205,7 @@ async def test_claude_code_through_oaimux_on_a_messages_path_route(
 
 
 @pytest.mark.xfail(
-    strict=True, reason="issue 16: input tokens of an Anthropic stream are not counted yet"
+    strict=True, reason="not built yet: input tokens of an Anthropic stream are not counted yet"
 )
 async def test_claude_code_turn_through_oaimux_logs_its_token_usage(
     tmp_path: Path,
@@ -229,7 +229,7 @@ async def test_claude_code_turn_through_oaimux_logs_its_token_usage(
 
 
 @pytest.mark.xfail(
-    strict=True, reason="issue 16: POST /v1/messages is not routed by the body's model yet"
+    strict=True, reason="not built yet: POST /v1/messages is not routed by the body's model yet"
 )
 async def test_claude_code_through_oaimux_routed_by_model(
     tmp_path: Path,
@@ -264,7 +264,7 @@ async def test_claude_code_through_oaimux_routed_by_model(
 
 
 @pytest.mark.xfail(
-    strict=True, reason="issue 16: a key's model allow-list does not apply to /v1/messages yet"
+    strict=True, reason="not built yet: a key's model allow-list does not apply to /v1/messages yet"
 )
 async def test_claude_code_with_a_key_allowed_only_gpt_models_is_refused(
     tmp_path: Path,
@@ -381,7 +381,7 @@ async def test_codex_over_http_through_oaimux_on_a_model_route(
 
 
 @pytest.mark.xfail(
-    strict=True, reason="issue 16: a client hanging up after response.completed is client_gone"
+    strict=True, reason="not built yet: a client hanging up after response.completed is client_gone"
 )
 async def test_a_finished_codex_turn_through_oaimux_is_logged_complete(
     tmp_path: Path,
@@ -409,7 +409,7 @@ async def test_a_finished_codex_turn_through_oaimux_is_logged_complete(
     assert "outcome=complete" in line, line
 
 
-@pytest.mark.xfail(strict=True, reason="issue 16: the Responses WebSocket is not relayed yet")
+@pytest.mark.xfail(strict=True, reason="not built yet: the Responses WebSocket is not relayed yet")
 async def test_codex_over_the_websocket_through_oaimux(
     tmp_path: Path,
     trap: EgressTrap,
@@ -439,7 +439,7 @@ async def test_codex_over_the_websocket_through_oaimux(
 
 
 @pytest.mark.xfail(
-    strict=True, reason="issue 16: no 426 for a Responses WebSocket no upstream accepts"
+    strict=True, reason="not built yet: no 426 for a Responses WebSocket no upstream accepts"
 )
 async def test_codex_websocket_with_no_upstream_accepting_it_gets_426_and_falls_back(
     tmp_path: Path,
