@@ -20,7 +20,6 @@ from .connections import expect_continue
 from .demo import BuiltinUpstreams
 from .discovery import Discovery
 from .handlers import about_view, healthz_view, model_view, models_view, proxy_view
-from .health import Health
 from .keys import (
     BUILTINS,
     DISCOVERY,
@@ -35,8 +34,9 @@ from .keys import (
 )
 from .middlewares import Cors, error_middleware
 from .observe.observer import Observer, make_observer
+from .outbound.health import Health
+from .outbound.realtime import RealtimeSessions, close_realtime_sessions
 from .ratelimit import MemoryRateLimiter, RateLimiter
-from .realtime import RealtimeSessions, close_realtime_sessions
 from .runtime import RuntimeHolder, build_runtime
 from .upstream import UpstreamPool
 

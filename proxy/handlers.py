@@ -41,7 +41,6 @@ from .errors import (
     clip,
 )
 from .findmodel import multipart_boundary, rewrite_model
-from .forward import Answered, forward, relay
 from .keys import (
     HEALTH,
     LIMITER,
@@ -53,7 +52,8 @@ from .keys import (
     UPSTREAMS,
 )
 from .observe import EXCHANGE, Exchange, request_id_for
-from .realtime import (
+from .outbound.forward import Answered, forward, relay
+from .outbound.realtime import (
     REALTIME_PATH,
     RealtimeTarget,
     is_websocket_upgrade,
@@ -315,7 +315,7 @@ async def _proxy(
         upstream_model: str | None = None
         realtime: RealtimeTarget | None = None
         if path == REALTIME_PATH and is_websocket_upgrade(request):
-            # Routed by ?model= (README, "Realtime (WebSocket)"); see realtime.py.
+            # Routed by ?model= (README, "Realtime (WebSocket)"); see outbound/realtime.py.
             realtime = realtime_target(request, runtime, caller, query, query_models)
             route = realtime.route
             ex.model, ex.upstream_model = realtime.model, realtime.upstream_model

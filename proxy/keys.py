@@ -8,9 +8,9 @@ from aiohttp import web
 from .admission import Admission
 from .demo import BuiltinUpstreams
 from .discovery import Discovery
-from .health import Health
 from .observe.observer import Observer
-from .realtime import RealtimeSessions
+from .outbound.health import Health
+from .outbound.realtime import RealtimeSessions
 from .runtime import RuntimeHolder
 from .upstream import UpstreamPool
 

@@ -64,7 +64,7 @@ def _plan(upstream: Upstream) -> UpstreamPlan:
         response_headers=ResponseHeaderPolicy.for_upstream(upstream),
         # No total timeout: a stream that keeps producing is never cut. Time to
         # response headers is bounded by the caller; idle silence by the
-        # connection's read timeout once headers are in (see forward.py).
+        # connection's read timeout once headers are in (see outbound/forward.py).
         # ``connect`` also bounds DNS and the TLS handshake, which
         # ``sock_connect`` alone does not.
         client_timeout=aiohttp.ClientTimeout(

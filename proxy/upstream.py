@@ -43,7 +43,7 @@ from aiohttp.streams import StreamReader
 from multidict import CIMultiDict, CIMultiDictProxy, MultiMapping
 from yarl import URL
 
-from .attempts import BAD_RESPONSE, DISCONNECTED, connect_failure, connect_timeout, reset
+from .outbound.attempts import BAD_RESPONSE, DISCONNECTED, connect_failure, connect_timeout, reset
 from .ticker import Ticker
 
 __all__ = ["Origin", "UpstreamFailure", "UpstreamPool", "UpstreamResponse"]

@@ -1,4 +1,4 @@
-"""The body pipe (proxy/pipe.py) on the wire: framing per client, keep-alive
+"""The body pipe (proxy/outbound/pipe.py) on the wire: framing per client, keep-alive
 after a piped body, and back-pressure from a client that stops reading."""
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ from dataclasses import replace
 from yarl import URL
 
 from proxy.config import CircuitBreakerSettings, Upstream
-from proxy.health import Health
+from proxy.outbound.health import Health
 
 
 class Clock:

@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 
 from proxy.config import Balance
-from proxy.health import MAX_BACKOFF, backoff_delay, order_upstreams
+from proxy.outbound.health import MAX_BACKOFF, backoff_delay, order_upstreams
 
 
 def test_fallback_list_is_file_order_without_copying() -> None:

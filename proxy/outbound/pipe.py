@@ -29,7 +29,7 @@ from typing import Final
 from aiohttp import web
 from aiohttp.streams import StreamReader
 
-from .upstream import UpstreamResponse
+from ..upstream import UpstreamResponse
 
 __all__ = ["BodyPipe"]
 

@@ -20,7 +20,7 @@ import socket
 import ssl
 from enum import Enum
 
-from .errors import (
+from ..errors import (
     ProxyError,
     RateLimited,
     UpstreamAuthFailed,

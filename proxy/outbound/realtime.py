@@ -51,8 +51,23 @@ import aiohttp
 from aiohttp import WSCloseCode, WSMsgType, web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from . import SERVER
-from .admission import Caller
+from .. import SERVER
+from ..admission import Caller
+from ..auth import KeyTable
+from ..config.settings import Route
+from ..errors import (
+    InvalidRequest,
+    ModelNotAllowed,
+    NotFound,
+    ProxyError,
+    RateLimited,
+    UpstreamUnavailable,
+    clip,
+)
+from ..observe import Exchange
+from ..observe.observer import Observer
+from ..runtime import Runtime
+from ..upstream import Origin
 from .attempts import (
     CIRCUIT_OPEN,
     DISCONNECTED,
@@ -63,22 +78,7 @@ from .attempts import (
     no_headers_within,
     reset,
 )
-from .auth import KeyTable
-from .config.settings import Route
-from .errors import (
-    InvalidRequest,
-    ModelNotAllowed,
-    NotFound,
-    ProxyError,
-    RateLimited,
-    UpstreamUnavailable,
-    clip,
-)
 from .health import Health, order_upstreams
-from .observe import Exchange
-from .observe.observer import Observer
-from .runtime import Runtime
-from .upstream import Origin
 
 __all__ = [
     "REALTIME_PATH",

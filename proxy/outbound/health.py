@@ -33,8 +33,8 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from .config.settings import Balance, Upstream
-from .errors import ServiceUnavailable
+from ..config.settings import Balance, Upstream
+from ..errors import ServiceUnavailable
 
 __all__ = ["MAX_BACKOFF", "Breaker", "Health", "backoff_delay", "order_upstreams"]
 

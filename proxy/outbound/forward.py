@@ -43,19 +43,19 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDictProxy, istr
 
-from .attempts import CIRCUIT_OPEN, Attempts, Ending, answered, no_headers_within
-from .bodies import BodyStream
-from .config.settings import Route
-from .connections import client_outcome
-from .errors import (
+from ..bodies import BodyStream
+from ..config.settings import Route
+from ..connections import client_outcome
+from ..errors import (
     UpstreamUnavailable,
 )
+from ..observe import OUR_REQUEST_ID_HEADER, Exchange
+from ..observe.observer import Observer
+from ..runtime import Runtime, UpstreamPlan
+from ..upstream import UpstreamFailure, UpstreamPool, UpstreamResponse
+from .attempts import CIRCUIT_OPEN, Attempts, Ending, answered, no_headers_within
 from .health import Health, backoff_delay, order_upstreams
-from .observe import OUR_REQUEST_ID_HEADER, Exchange
-from .observe.observer import Observer
 from .pipe import BodyPipe
-from .runtime import Runtime, UpstreamPlan
-from .upstream import UpstreamFailure, UpstreamPool, UpstreamResponse
 
 __all__ = ["OUR_REQUEST_ID_HEADER", "Answered", "abort_client", "forward", "relay"]
 
