@@ -35,7 +35,7 @@ from .keys import (
 from .middlewares import Cors, error_middleware
 from .observe.observer import Observer, make_observer
 from .outbound.health import Health
-from .outbound.realtime import RealtimeSessions, close_realtime_sessions
+from .outbound.tunnel import RealtimeSessions
 from .ratelimit import MemoryRateLimiter, RateLimiter
 from .runtime import RuntimeHolder, build_runtime
 from .upstream import UpstreamPool
@@ -125,7 +125,7 @@ async def _discovery_ctx(app: web.Application) -> AsyncIterator[None]:
 async def _close_realtime(app: web.Application) -> None:
     # on_shutdown runs before aiohttp waits for handlers: open WebSockets would
     # otherwise hold the drain until the grace runs out.
-    await close_realtime_sessions(app[REALTIME_SESSIONS])
+    await app[REALTIME_SESSIONS].close_all()
 
 
 async def _limiter_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -41,6 +41,7 @@ from .errors import (
     clip,
 )
 from .findmodel import multipart_boundary, rewrite_model
+from .inbound.route import REALTIME_PATH, RealtimeTarget, is_websocket_upgrade, realtime_target
 from .keys import (
     HEALTH,
     LIMITER,
@@ -53,13 +54,7 @@ from .keys import (
 )
 from .observe import EXCHANGE, Exchange, request_id_for
 from .outbound.forward import Answered, forward, relay
-from .outbound.realtime import (
-    REALTIME_PATH,
-    RealtimeTarget,
-    is_websocket_upgrade,
-    proxy_realtime,
-    realtime_target,
-)
+from .outbound.realtime import proxy_realtime
 from .runtime import Runtime
 from .upload import MultipartHead, PartWatcher
 
@@ -315,7 +310,7 @@ async def _proxy(
         upstream_model: str | None = None
         realtime: RealtimeTarget | None = None
         if path == REALTIME_PATH and is_websocket_upgrade(request):
-            # Routed by ?model= (README, "Realtime (WebSocket)"); see outbound/realtime.py.
+            # Routed by ?model= (README, "Realtime (WebSocket)"); see inbound/route.py.
             realtime = realtime_target(request, runtime, caller, query, query_models)
             route = realtime.route
             ex.model, ex.upstream_model = realtime.model, realtime.upstream_model

@@ -10,7 +10,7 @@ from .demo import BuiltinUpstreams
 from .discovery import Discovery
 from .observe.observer import Observer
 from .outbound.health import Health
-from .outbound.realtime import RealtimeSessions
+from .outbound.tunnel import RealtimeSessions
 from .runtime import RuntimeHolder
 from .upstream import UpstreamPool
 

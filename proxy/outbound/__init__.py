@@ -4,5 +4,6 @@
 - attempts.py: what happened at each upstream a request tried, in words.
 - health.py: circuit breakers, and the order a route's upstreams are tried in.
 - pipe.py: move a response body from the upstream to the client as it is parsed.
-- realtime.py: the WebSocket tunnel of ``/v1/realtime``.
+- realtime.py: a realtime WebSocket session's upstream leg (the handshake).
+- tunnel.py: the session's two legs, relayed frame by frame.
 """
