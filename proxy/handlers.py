@@ -53,8 +53,9 @@ from .keys import (
     UPSTREAMS,
 )
 from .observe import EXCHANGE, Exchange, request_id_for
-from .outbound.forward import Answered, forward, relay
+from .outbound.forward import Answered, forward
 from .outbound.realtime import proxy_realtime
+from .outbound.relay import relay
 from .runtime import Runtime
 from .upload import MultipartHead, PartWatcher
 

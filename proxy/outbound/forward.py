@@ -1,4 +1,4 @@
-"""The hot path: send the request to an upstream and pump the response back.
+"""The hot path: send the request to an upstream until one answers.
 
 Contract of :func:`forward`:
 
@@ -19,54 +19,31 @@ Contract of :func:`forward`:
   upstream with nothing left to try is relayed to the client as it came.
   Otherwise the error that ends the walk says what happened at each upstream,
   in order (attempts.py), and the server log gets the same words once.
-- After the response is prepared, the response is the client's. A failure
-  can only abort the client's connection, so no terminating chunk is written
-  and the client library raises instead of taking a truncated body as whole
-  (Go's ReverseProxy does the same: "all we can do is abort the request").
-  No byte the upstream did not send is ever written.
-- The client going away cancels the handler (``handler_cancellation=True``);
-  the ``finally`` below then closes the upstream connection at once, so an
-  abandoned generation stops costing tokens. So does a client that stops
-  reading: the connection's send bound (connections.py, ``server.send_timeout``)
-  aborts it, and the access log says ``client_stalled``.
+- The answer is relayed by relay.py, once this frame is gone.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-import aiohttp
 from aiohttp import web
-from multidict import CIMultiDictProxy, istr
+from multidict import CIMultiDictProxy
 
 from ..bodies import BodyStream
 from ..config.settings import Route
-from ..connections import client_outcome
-from ..errors import (
-    UpstreamUnavailable,
-)
-from ..observe import OUR_REQUEST_ID_HEADER, Exchange
+from ..observe import Exchange
 from ..observe.observer import Observer
 from ..runtime import Runtime, UpstreamPlan
 from ..upstream import UpstreamFailure, UpstreamPool, UpstreamResponse
 from .attempts import CIRCUIT_OPEN, Attempts, Ending, answered, no_headers_within
 from .health import Health, backoff_delay, order_upstreams
-from .pipe import BodyPipe
 
-__all__ = ["OUR_REQUEST_ID_HEADER", "Answered", "abort_client", "forward", "relay"]
+__all__ = ["Answered", "forward"]
 
 log = logging.getLogger("oaimux.forward")
-
-_SSE = "text/event-stream"
-# Header names made once: a str name would become a new istr per response,
-# kept by the response for the life of a stream (docs/decisions.md, "Memory per
-# open stream is a budget").
-_X_REQUEST_ID = istr("x-request-id")
-_X_ACCEL_BUFFERING = istr("X-Accel-Buffering")
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,18 +70,6 @@ class _Refused(Exception):
         super().__init__(kind)
         self.kind = kind
         self.what = what
-
-
-def abort_client(request: web.BaseRequest) -> None:
-    """Close the client's connection without ending the response cleanly.
-
-    The handler then returns the prepared response; aiohttp's ``write_eof`` on a
-    closing transport raises ``ConnectionError``, which aiohttp treats as a
-    client disconnect: nothing more is written, nothing is logged as an error.
-    """
-    transport = request.transport
-    if transport is not None:
-        transport.abort()
 
 
 async def forward(
@@ -306,128 +271,3 @@ def _log_auth_failure(upstream_resp: UpstreamResponse, name: str) -> None:
         upstream_resp.status,
     )
     upstream_resp.close()
-
-
-async def relay(
-    request: web.Request, answered: Answered, ex: Exchange, observer: Observer
-) -> web.StreamResponse:
-    """Stream the upstream's response to the client, chunk by chunk, as it arrives.
-
-    A body that arrived whole with its head (most non-stream answers) goes out
-    in one write together with the response head.
-    """
-    upstream_resp, plan = answered.response, answered.plan
-    completed = False
-    resp: web.StreamResponse | None = None
-    try:
-        headers = plan.response_headers.build(upstream_resp.headers)
-        # The upstream's own x-request-id (OpenAI support asks for it) passes
-        # unchanged; ours is always in x-oaimux-request-id, and in x-request-id
-        # when the upstream sent none.
-        headers[OUR_REQUEST_ID_HEADER] = ex.request_id
-        if _X_REQUEST_ID not in headers:
-            headers[_X_REQUEST_ID] = ex.request_id
-        length = upstream_resp.content_length
-        content_type = upstream_resp.headers.get("Content-Type", "")
-        ex.streaming = length is None or content_type.startswith(_SSE)
-        ex.content_type = content_type
-        ex.content_encoding = upstream_resp.headers.get("Content-Encoding")
-        content = upstream_resp.content
-        whole: bytes | None = None
-        if not ex.streaming and content.is_eof() and content.total_bytes == length:
-            # (A HEAD answer or a 304 declares a length it does not carry:
-            # total_bytes differs, and it takes the general path.)
-            whole = content.read_nowait()
-        if whole is not None:
-            # Its head is held back and written with the body (aiohttp's Response).
-            resp = web.Response(
-                status=upstream_resp.status, reason=upstream_resp.reason, headers=headers
-            )
-            resp.body = whole
-        else:
-            resp = web.StreamResponse(
-                status=upstream_resp.status, reason=upstream_resp.reason, headers=headers
-            )
-            if length is not None:
-                resp.content_length = length
-        del headers  # copied into the response; not held for the stream's life
-        if ex.streaming:
-            # Keep an nginx in front from buffering the stream.
-            resp.headers[_X_ACCEL_BUFFERING] = "no"
-        ex.status = upstream_resp.status
-        try:
-            await resp.prepare(request)
-        except ValueError:
-            # aiohttp's writer refuses control characters in a header value that
-            # its lenient response parser let through: never relay such a header
-            # (docs/faults.md, "Malformed upstream answers"). Nothing has been
-            # written yet.
-            log.warning(
-                "upstream %s sent a response header that cannot be relayed [request %s]",
-                plan.name,
-                ex.request_id,
-            )
-            raise UpstreamUnavailable(
-                f"No upstream could answer: {plan.name}: sent a response header that "
-                "cannot be relayed."
-            ) from None
-        if whole is not None:
-            ex.ttfb = time.perf_counter() - ex.started
-            try:
-                await resp.write_eof()
-            finally:
-                ex.bytes_out = len(whole)
-                ex.tail = whole
-            completed = True
-            return resp
-        ex.ttfb = time.perf_counter() - ex.started
-        # From here on, bound the silence between two body chunks.
-        upstream_resp.arm_idle_timeout(plan.upstream.timeouts.idle)
-        upstream_resp.forget_head()
-        if ex.streaming:
-            observer.stream_opened(ex)
-        pipe = BodyPipe(upstream_resp, request, resp)
-        try:
-            failure = await pipe.run()
-        finally:
-            # Also when the client left mid-body: the log shows what it got.
-            ex.bytes_out = pipe.sent
-            ex.tail = pipe.tail
-            ex.tail_previous = pipe.previous
-        if isinstance(failure, aiohttp.SocketTimeoutError):
-            ex.outcome = "idle_timeout"
-        elif failure is not None:
-            ex.outcome = "upstream_reset"  # reset, cut short, or broken framing
-        if ex.outcome != "complete":
-            log.warning(
-                "upstream %s failed mid-body (%s) after %d bytes; aborting the client's "
-                "connection [request %s]",
-                plan.name,
-                ex.outcome,
-                pipe.sent,
-                ex.request_id,
-            )
-            abort_client(request)
-            return resp
-        await resp.write_eof()
-        completed = True
-        return resp
-    except asyncio.CancelledError:
-        ex.outcome = client_outcome(request)
-        raise
-    except ConnectionError:
-        # The client's socket closed under a write (it hung up in the same
-        # loop turn the answer came in, before aiohttp cancelled this handler).
-        # Raising would have aiohttp log a traceback for an ordinary hang-up;
-        # returning the prepared response lets its own write_eof meet the
-        # closed socket, which it takes quietly as a client disconnect.
-        ex.outcome = client_outcome(request)
-        if resp is None:
-            raise
-        return resp
-    finally:
-        if completed:
-            upstream_resp.release()
-        else:
-            # Close, never pool: the connection is mid-body.
-            upstream_resp.close()
