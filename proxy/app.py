@@ -23,9 +23,11 @@ from .handlers import about_view, healthz_view, model_view, models_view, proxy_v
 from .keys import (
     BUILTINS,
     DISCOVERY,
+    FORWARDER,
     HEALTH,
     LIMITER,
     OBSERVER,
+    REALTIME,
     REALTIME_SESSIONS,
     RUNTIME,
     SESSION,
@@ -34,7 +36,9 @@ from .keys import (
 )
 from .middlewares import Cors, error_middleware
 from .observe.observer import Observer, make_observer
+from .outbound.forward import Forwarder
 from .outbound.health import Health
+from .outbound.realtime import RealtimeProxy
 from .outbound.tunnel import RealtimeSessions
 from .ratelimit import MemoryRateLimiter, RateLimiter
 from .runtime import RuntimeHolder, build_runtime
@@ -94,7 +98,11 @@ async def _upstream_session_ctx(app: web.Application) -> AsyncIterator[None]:
     # and closes those of the upstreams it removed (README, "Stop, reload, workers").
     pool.serve(holder.current.origins())
     holder.on_swap = lambda runtime: pool.serve(runtime.origins())
+    app[FORWARDER] = Forwarder(pool, app[HEALTH], app[OBSERVER])
     app[SESSION] = make_upstream_session()
+    app[REALTIME] = RealtimeProxy(
+        app[SESSION], app[HEALTH], app[OBSERVER], sessions=app[REALTIME_SESSIONS]
+    )
     yield
     holder.on_swap = None
     pool.close()

@@ -23,9 +23,9 @@ import aiohttp
 from aiohttp import StreamReader, web
 from aiohttp.helpers import parse_mimetype
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestHandler
 
 from .config.settings import ServerSettings
-from .connections import close_without_lingering
 from .errors import InvalidRequest, ProxyError, RequestTimeout, RequestTooLarge
 from .findmodel import (
     FoundModel,
@@ -42,6 +42,7 @@ __all__ = [
     "BodyBounds",
     "BodyBytes",
     "BodyStream",
+    "close_without_lingering",
     "decoded_for_routing",
     "find_model",
     "read_body",
@@ -352,3 +353,17 @@ class BodyStream:
                 self.failure = err
                 raise _BodyFailed from None
         return chunk
+
+
+def close_without_lingering(request: web.BaseRequest) -> None:
+    """Close the connection as soon as the answer is written.
+
+    aiohttp otherwise keeps reading an unfinished body for up to
+    ``lingering_time`` (10 s) so a client still sending can read the answer.
+    A client that stalled or broke the body's framing is sent nothing more
+    useful by waiting, and its connection cannot be reused.
+    """
+    protocol = request.protocol
+    if isinstance(protocol, RequestHandler):
+        protocol._lingering_time = 0.0
+        protocol._keepalive = False

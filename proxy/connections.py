@@ -67,6 +67,7 @@ from aiohttp.web_protocol import RequestHandler, _ErrInfo
 
 from . import SERVER
 from .admission import identify
+from .bodies import close_without_lingering
 from .config.settings import ServerSettings
 from .errors import (
     ERROR_HEADER,
@@ -90,7 +91,6 @@ __all__ = [
     "ProxyRunner",
     "SendWatch",
     "client_outcome",
-    "close_without_lingering",
     "expect_continue",
 ]
 
@@ -582,20 +582,6 @@ def client_outcome(request: web.BaseRequest) -> Outcome:
     if isinstance(protocol, GuardedRequestHandler) and protocol.stalled:
         return "client_stalled"
     return "client_gone"
-
-
-def close_without_lingering(request: web.BaseRequest) -> None:
-    """Close the connection as soon as the answer is written.
-
-    aiohttp otherwise keeps reading an unfinished body for up to
-    ``lingering_time`` (10 s) so a client still sending can read the answer.
-    A client that stalled or broke the body's framing is sent nothing more
-    useful by waiting, and its connection cannot be reused.
-    """
-    protocol = request.protocol
-    if isinstance(protocol, RequestHandler):
-        protocol._lingering_time = 0.0
-        protocol._keepalive = False
 
 
 async def expect_continue(request: web.Request) -> web.StreamResponse | None:

@@ -41,20 +41,17 @@ from .errors import (
     clip,
 )
 from .findmodel import multipart_boundary, rewrite_model
-from .inbound.route import REALTIME_PATH, RealtimeTarget, is_websocket_upgrade, realtime_target
-from .keys import (
-    HEALTH,
-    LIMITER,
-    OBSERVER,
-    REALTIME_SESSIONS,
-    RUNTIME,
-    SESSION,
-    STARTED_AT,
-    UPSTREAMS,
+from .inbound.route import (
+    REALTIME_PATH,
+    Outbound,
+    RealtimeTarget,
+    client_authorization,
+    is_websocket_upgrade,
+    realtime_target,
 )
+from .keys import FORWARDER, LIMITER, OBSERVER, REALTIME, RUNTIME, STARTED_AT
 from .observe import EXCHANGE, Exchange, request_id_for
-from .outbound.forward import Answered, forward
-from .outbound.realtime import proxy_realtime
+from .outbound.forward import Answered
 from .outbound.relay import relay
 from .runtime import Runtime
 from .upload import MultipartHead, PartWatcher
@@ -389,32 +386,12 @@ async def _proxy(
     if not charged:
         await charge(limiter, runtime, caller, route)
     if realtime is not None:
-        return await proxy_realtime(
-            request,
-            realtime,
-            runtime,
-            ex,
-            _client_authorization(request, runtime),
-            app[SESSION],
-            app[HEALTH],
-            app[OBSERVER],
-            app[REALTIME_SESSIONS],
-        )
+        return await app[REALTIME].serve(request, realtime, runtime, ex=ex)
+    outbound = Outbound(
+        request.method, route, path, query, inbound, body, client_authorization(request, runtime)
+    )
     try:
-        return await forward(
-            request,
-            inbound,
-            runtime,
-            route,
-            path,
-            query,
-            body,
-            ex,
-            _client_authorization(request, runtime),
-            app[UPSTREAMS],
-            app[HEALTH],
-            app[OBSERVER],
-        )
+        return await app[FORWARDER].forward(outbound, runtime, ex)
     except BaseException:
         if isinstance(body, BodyStream):
             ex.bytes_in = body.size
@@ -440,13 +417,6 @@ def _without(request: web.Request, header: str) -> CIMultiDictProxy[str]:
     kept = CIMultiDict(request.headers)
     kept.popall(header, None)
     return CIMultiDictProxy(kept)
-
-
-def _client_authorization(request: web.BaseRequest, runtime: Runtime) -> str | None:
-    """The client's Authorization, for upstreams with pass_client_auth; never a proxy key."""
-    if runtime.keyed:
-        return None
-    return request.headers.get("Authorization")
 
 
 def model_not_found(model: str) -> NotFound:

@@ -9,7 +9,9 @@ from .admission import Admission
 from .demo import BuiltinUpstreams
 from .discovery import Discovery
 from .observe.observer import Observer
+from .outbound.forward import Forwarder
 from .outbound.health import Health
+from .outbound.realtime import RealtimeProxy
 from .outbound.tunnel import RealtimeSessions
 from .runtime import RuntimeHolder
 from .upstream import UpstreamPool
@@ -17,9 +19,11 @@ from .upstream import UpstreamPool
 __all__ = [
     "BUILTINS",
     "DISCOVERY",
+    "FORWARDER",
     "HEALTH",
     "LIMITER",
     "OBSERVER",
+    "REALTIME",
     "REALTIME_SESSIONS",
     "RUNTIME",
     "SESSION",
@@ -32,11 +36,15 @@ RUNTIME = web.AppKey("runtime", RuntimeHolder)
 # realtime WebSockets.
 UPSTREAMS = web.AppKey("upstream_pool", UpstreamPool)
 SESSION = web.AppKey("upstream_session", aiohttp.ClientSession)
+# Built with the pool: what sends each routed request to its upstreams.
+FORWARDER = web.AppKey("forwarder", Forwarder)
 LIMITER = web.AppKey("limiter", Admission)
 OBSERVER = web.AppKey("observer", Observer)
 HEALTH = web.AppKey("health", Health)
 STARTED_AT = web.AppKey("started_at", float)
 DISCOVERY = web.AppKey("discovery", Discovery)
 REALTIME_SESSIONS = web.AppKey("realtime_sessions", RealtimeSessions)
+# Built with SESSION: what opens realtime WebSocket sessions (and the tunnels).
+REALTIME = web.AppKey("realtime", RealtimeProxy)
 # The listeners of built-in upstreams (``builtin: demo``); started only when named.
 BUILTINS = web.AppKey("builtin_upstreams", BuiltinUpstreams)

@@ -1,4 +1,8 @@
-"""Routing a realtime WebSocket handshake (``GET /v1/realtime?model=...``).
+"""A routed request, as handed to outbound/; and the routing of a realtime
+WebSocket handshake (``GET /v1/realtime?model=...``).
+
+HTTP requests are routed in handlers.py, into an :class:`Outbound`. A realtime
+handshake is routed here, into a :class:`RealtimeTarget`:
 
 - The request is routed by its ``model`` query parameter, like a body's
   ``model``: unknown ids are refused with the OpenAI-shaped 404 *before* the
@@ -17,19 +21,49 @@ from dataclasses import dataclass
 from urllib.parse import quote, unquote
 
 from aiohttp import web
+from multidict import CIMultiDictProxy
 
 from ..admission import Caller
 from ..auth import KeyTable
+from ..bodies import BodyBytes, BodyStream
 from ..config.settings import Route
 from ..errors import InvalidRequest, ModelNotAllowed, NotFound, clip
 from ..runtime import Runtime
 
-__all__ = ["REALTIME_PATH", "RealtimeTarget", "is_websocket_upgrade", "realtime_target"]
+__all__ = [
+    "REALTIME_PATH",
+    "Outbound",
+    "RealtimeTarget",
+    "client_authorization",
+    "is_websocket_upgrade",
+    "realtime_target",
+]
 
 REALTIME_PATH = "realtime"
 
 # As handlers.MAX_MODEL_LENGTH: longer than any real model id.
 _MAX_MODEL_LENGTH = 256
+
+
+@dataclass(frozen=True, slots=True)
+class Outbound:
+    """A routed request: all that outbound/forward.py needs to send it, so that
+    nothing after routing reaches back into the client's request."""
+
+    method: str
+    route: Route
+    path: str  # after /v1/, still percent-encoded, vetted
+    query: str  # as it came, credential parameters dropped
+    headers: CIMultiDictProxy[str]  # the client's (without Content-Encoding after a rewrite)
+    body: BodyBytes | BodyStream  # read whole (re-sent on a retry), or streamed through
+    client_authorization: str | None  # see client_authorization()
+
+
+def client_authorization(request: web.BaseRequest, runtime: Runtime) -> str | None:
+    """The client's Authorization, for upstreams with pass_client_auth; never a proxy key."""
+    if runtime.keyed:
+        return None
+    return request.headers.get("Authorization")
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +74,7 @@ class RealtimeTarget:
     model: str | None
     upstream_model: str | None
     query: str
+    client_authorization: str | None  # see client_authorization()
 
 
 def is_websocket_upgrade(request: web.BaseRequest) -> bool:
@@ -80,7 +115,7 @@ def realtime_target(
                 code="missing_model",
                 param="model",
             )
-        return RealtimeTarget(route, None, None, query)
+        return RealtimeTarget(route, None, None, query, client_authorization(request, runtime))
     match = runtime.table.resolve(model)
     if match is None:
         raise NotFound(
@@ -93,7 +128,8 @@ def realtime_target(
     upstream_model = match.upstream_model
     if upstream_model != model:
         query = _with_model(query, upstream_model)
-    return RealtimeTarget(match.route, model, upstream_model, query)
+    authorization = client_authorization(request, runtime)
+    return RealtimeTarget(match.route, model, upstream_model, query, authorization)
 
 
 def _with_model(query: str, model: str) -> str:

@@ -1,7 +1,10 @@
-"""What happened at each upstream a request tried, in words an operator can act on.
+"""The walk over a route's upstreams, and what happened at each, in words an
+operator can act on.
 
-The fallback walks (forward.py, realtime.py) note every attempt that did not
-end in an answer, in order, as ``<upstream>: <what happened>``::
+:class:`Attempts` is the one fallback walk: the HTTP forward (forward.py) and
+the realtime handshake (realtime.py) both go through it. It notes every
+attempt that did not end in an answer, in order, as
+``<upstream>: <what happened>``::
 
     openai: answered 401 (credential refused); local: connection refused at 127.0.0.1:11434
 
@@ -15,11 +18,15 @@ or an upstream's response body.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 import ssl
+from collections.abc import Iterator, Sequence
 from enum import Enum
+from typing import TYPE_CHECKING
 
+from ..config.settings import Route
 from ..errors import (
     ProxyError,
     RateLimited,
@@ -27,6 +34,16 @@ from ..errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from ..observe import Exchange
+from .health import Health, order_upstreams
+
+if TYPE_CHECKING:
+    # For the annotations only. runtime.py imports upstream.py, which imports
+    # this module's words for a failed connection; and through upstream.py,
+    # `oaimux check` imports this module, which must not load the metrics
+    # (prometheus_client) with the Observer.
+    from ..observe.observer import Observer
+    from ..runtime import Runtime, UpstreamPlan
 
 __all__ = [
     "BAD_RESPONSE",
@@ -105,35 +122,158 @@ class Ending(Enum):
 
 
 class Attempts:
-    """The attempts of one request that ended without an answer, in order.
+    """One request's walk over its route's upstreams (README, "Choosing an
+    upstream"), for the HTTP forward and the realtime handshake alike.
 
-    Made only once something failed or was skipped: a request answered at the
-    first try never builds one.
+    Iterating gives the upstreams to try, in the route's order (a fallback
+    list, or a weighted draw then the rest), skipping (and noting) those whose
+    circuit breaker is open, and reporting each move to a next upstream. The
+    caller tries each as it must (HTTP with retries, a WebSocket handshake
+    once) and tells the walk how that went: :meth:`start` for every try,
+    then :meth:`failed` (move on, or try again), :meth:`answered_by` (the
+    answer is the client's), :meth:`healthy` or :meth:`abandon`. When the
+    walk runs out, :meth:`exhausted` is the error to raise: 503 when every
+    breaker was open, otherwise what happened at each upstream, in order.
+
+    The notes are made only once something failed or was skipped: a request
+    answered at the first try builds no list.
     """
 
-    __slots__ = ("_notes", "last_failed")
+    __slots__ = (
+        "_health",
+        "_last_failed",
+        "_notes",
+        "_observer",
+        "_order",
+        "_plans",
+        "_position",
+        "_route",
+        "ending",
+        "ex",
+    )
 
-    def __init__(self) -> None:
-        self._notes: list[tuple[str, str]] = []
+    def __init__(
+        self, route: Route, runtime: Runtime, ex: Exchange, *, health: Health, observer: Observer
+    ) -> None:
+        self._route = route
+        self._plans = runtime.plans
+        self.ex = ex
+        self._health = health
+        self._observer = observer
+        self._order: Sequence[str] = ()
+        self._position = 0
+        self._notes: list[tuple[str, str]] | None = None
         # The upstream whose attempt failed last (skips aside); None: only skips.
-        self.last_failed: str | None = None
+        self._last_failed: str | None = None
+        # How the walk ends if nothing answers; None while nothing failed.
+        self.ending: Ending | None = None
 
-    @property
-    def failed(self) -> bool:
-        """Was an attempt made that failed (not only upstreams skipped)?"""
-        return self.last_failed is not None
+    def __iter__(self) -> Iterator[UpstreamPlan]:
+        order = self._order = order_upstreams(self._route.upstreams, self._route.balance)
+        plans, health = self._plans, self._health
+        previous: str | None = None
+        for position, name in enumerate(order):
+            plan = plans[name]
+            if not health.available(plan.upstream):
+                # Breaker open (or its one probe is out): skip, don't wait.
+                self._note(name, CIRCUIT_OPEN)
+                continue
+            if previous is not None:
+                self._observer.fallback(previous, name)
+            previous = name
+            self._position = position
+            yield plan
 
-    def note(self, upstream: str, what: str) -> None:
+    def start(self, plan: UpstreamPlan) -> None:
+        """A try of ``plan`` begins: the access log's ``tried`` names every try,
+        a retried upstream twice; the one that answers is taken off again."""
+        self.ex.tried.append(plan.name)
+
+    def another_after(self) -> bool:
+        """Is there an upstream after the current one whose breaker would let a
+        request in (claiming nothing)?"""
+        plans, health = self._plans, self._health
+        for name in self._order[self._position + 1 :]:
+            if health.could_try(plans[name].upstream):
+                return True
+        return False
+
+    @staticmethod
+    def refuses_credential(plan: UpstreamPlan, status: int) -> bool:
+        """Is ``status`` the upstream refusing the proxy's own credential? Not when
+        the client's credential went instead (``pass_client_auth``): that refusal
+        is the client's answer. The same key would be refused again, so the walk
+        moves on at once."""
+        upstream = plan.upstream
+        return (
+            status in (401, 403) and upstream.injects_credential and not upstream.pass_client_auth
+        )
+
+    def credential_refused(self, plan: UpstreamPlan, status: int) -> None:
+        """``plan``'s upstream refused the proxy's credential (after
+        :meth:`refuses_credential`)."""
+        what = answered(status, credential_refused=True)
+        self.failed(plan, "auth", what, ending=Ending.CREDENTIAL_REFUSED)
+
+    def failed(self, plan: UpstreamPlan, kind: str, what: str, *, ending: Ending) -> None:
+        """A try of ``plan`` failed: ``kind`` for the metrics, ``what`` in words,
+        ``ending`` the error if nothing answers after it."""
+        self._health.failure(plan.upstream)
+        self._observer.upstream_failure(plan.name, kind)
+        self._note(plan.name, what)
+        self.ending = ending
+
+    def healthy(self, plan: UpstreamPlan) -> None:
+        """``plan``'s upstream answered for itself (its answer, even a refusal of
+        this request, says nothing against it): close its breaker."""
+        self._health.success(plan.upstream)
+
+    def answered_by(self, plan: UpstreamPlan, *, healthy: bool = True) -> None:
+        """``plan``'s answer is the client's. ``healthy=False``: a 429 or 5xx relayed
+        as it came because nothing was left to try, which still counts against
+        the upstream's breaker."""
+        if healthy:
+            self._health.success(plan.upstream)
+        else:
+            self._health.failure(plan.upstream)
+        ex = self.ex
+        ex.tried.pop()
+        ex.upstream = plan.name
+        if self._last_failed is not None:
+            log.warning(
+                "answered by %s after: %s [request %s]", plan.name, self._summary(), ex.request_id
+            )
+
+    def abandon(self, plan: UpstreamPlan, exc: BaseException) -> None:
+        """The try of ``plan`` ended without a verdict (``exc``: the client left, or a
+        bug): free its breaker's probe, if it held it."""
+        if isinstance(exc, asyncio.CancelledError):
+            self.ex.outcome = "client_gone"
+        self._health.release_probe(plan.upstream)
+
+    def exhausted(self) -> ProxyError:
+        """The error that ends a walk that found no answer: every breaker open
+        (503, fail fast and say when to come back), or what happened at each
+        upstream, in order; the same words go to the server log, once."""
+        ending = self.ending
+        if ending is None:
+            plans = self._plans
+            return self._health.all_paused(plans[n].upstream for n in self._route.upstreams)
+        return self._error(ending)
+
+    def _note(self, upstream: str, what: str) -> None:
+        if self._notes is None:
+            self._notes = []
         self._notes.append((upstream, what))
         if what != CIRCUIT_OPEN:
-            self.last_failed = upstream
+            self._last_failed = upstream
 
-    def summary(self) -> str:
+    def _summary(self) -> str:
         """``a: what; b: what``; a retry that ended the same way is counted, not repeated."""
         parts: list[str] = []
         previous: tuple[str, str] | None = None
         times = 0
-        for note in [*self._notes, None]:
+        for note in [*(self._notes or ()), None]:
             if note == previous:
                 times += 1
                 continue
@@ -143,16 +283,14 @@ class Attempts:
             previous, times = note, 1
         return "; ".join(parts)
 
-    def error(self, ending: Ending, request_id: str) -> ProxyError:
-        """The error that ends the walk, naming what happened at each upstream in
-        order; the same words go to the server log, once, as a warning."""
-        summary = self.summary()
-        log.warning("no upstream answered: %s [request %s]", summary, request_id)
+    def _error(self, ending: Ending) -> ProxyError:
+        summary = self._summary()
+        log.warning("no upstream answered: %s [request %s]", summary, self.ex.request_id)
         if ending is Ending.TIMEOUT:
             return UpstreamTimeout(f"No upstream answered in time: {summary}.")
         if ending is Ending.CREDENTIAL_REFUSED:
             return UpstreamAuthFailed(
-                f"The upstream '{self.last_failed}' refused the proxy's credential: a "
+                f"The upstream '{self._last_failed}' refused the proxy's credential: a "
                 f"configuration problem of the proxy, not of your request. Tried: {summary}."
             )
         if ending is Ending.HANDSHAKE_RATE_LIMITED:

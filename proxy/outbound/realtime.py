@@ -5,10 +5,11 @@ tunnel.py):
 
 - The upstream handshake happens first; the client is answered ``101`` only
   after the upstream answered ``101`` (Go's ``handleUpgradeResponse`` does the
-  same), so no byte is tunnelled to an upstream that refused. A refusal is an
-  HTTP error to the client: 401/403 to the proxy's own credential, 429 and
-  5xx move on to the route's next upstream, then become 502 (429 stays 429);
-  any other 4xx is passed on with its status.
+  same), so no byte is tunnelled to an upstream that refused. The route's
+  upstreams are walked as for any request (attempts.py: breakers, fallback),
+  each tried once. A refusal is an HTTP error to the client: 401/403 to the
+  proxy's own credential, 429 and 5xx move on to the route's next upstream,
+  then become 502 (429 stays 429); any other 4xx is passed on with its status.
 - The upgrade request gets the upstream's header rewrites (headers.py: its
   credential set, the client's credentials and hop-by-hop headers dropped);
   ``Sec-WebSocket-*`` are made per leg by aiohttp. Subprotocols the client
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
@@ -37,10 +38,9 @@ from ..errors import InvalidRequest, ProxyError, RateLimited, UpstreamUnavailabl
 from ..inbound.route import REALTIME_PATH, RealtimeTarget
 from ..observe import Exchange
 from ..observe.observer import Observer
-from ..runtime import Runtime
+from ..runtime import Runtime, UpstreamPlan
 from ..upstream import Origin
 from .attempts import (
-    CIRCUIT_OPEN,
     DISCONNECTED,
     Attempts,
     Ending,
@@ -49,10 +49,10 @@ from .attempts import (
     no_headers_within,
     reset,
 )
-from .health import Health, order_upstreams
+from .health import Health
 from .tunnel import CLOSE_TIMEOUT, RealtimeSessions, Tunnel
 
-__all__ = ["proxy_realtime"]
+__all__ = ["RealtimeProxy"]
 
 log = logging.getLogger("oaimux.realtime")
 
@@ -68,6 +68,101 @@ _HANDSHAKE_HEADERS = (
 _CREDENTIAL_PROTOCOLS = ("openai-insecure-api-key.", "openai-organization.", "openai-project.")
 
 
+@dataclass(frozen=True, slots=True)
+class _Upgrade:
+    """What every upstream handshake of one session is made from."""
+
+    headers: CIMultiDictProxy[str]  # the client's, rewritten per upstream
+    target: RealtimeTarget
+    protocols: tuple[str, ...]  # the subprotocols to offer upstream
+    max_msg_size: int
+
+
+class RealtimeProxy:
+    """Opens realtime sessions: the upstream leg through the route's walk, then
+    the tunnel. One per app, holding the WebSocket client session, the
+    breakers, the observer and the open sessions (closed on shutdown)."""
+
+    __slots__ = ("_health", "_observer", "_session", "_sessions")
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        health: Health,
+        observer: Observer,
+        *,
+        sessions: RealtimeSessions,
+    ) -> None:
+        self._session = session
+        self._health = health
+        self._observer = observer
+        self._sessions = sessions
+
+    async def serve(
+        self, request: web.Request, target: RealtimeTarget, runtime: Runtime, *, ex: Exchange
+    ) -> web.StreamResponse:
+        """Connect upstream, then answer the client's upgrade and relay until closed."""
+        offered = _offered_protocols(request.headers)
+        # Offering the client's own protocols back keeps aiohttp from logging
+        # them as "not overlapping": they can hold a key (docs/faults.md,
+        # "A key in a WebSocket subprotocol").
+        if not web.WebSocketResponse(protocols=offered).can_prepare(request).ok:
+            raise InvalidRequest(
+                "Not a valid WebSocket handshake (RFC 6455 §4.2.1).",
+                code="invalid_websocket_handshake",
+            )
+        limit = runtime.settings.server.max_body_bytes
+        protocols = _forwarded_protocols(offered, target, runtime)
+        upgrade = _Upgrade(request.headers, target, protocols, limit)
+        attempts = Attempts(target.route, runtime, ex, health=self._health, observer=self._observer)
+        upstream = await self._connect(upgrade, attempts)
+        chosen = upstream.protocol
+        client = _client_leg(chosen, limit)
+        tunnel = Tunnel(client, upstream, ex)
+        await tunnel.run(_handshake_request(request, offered, chosen), self._sessions)
+        return client
+
+    async def _connect(
+        self, upgrade: _Upgrade, attempts: Attempts
+    ) -> aiohttp.ClientWebSocketResponse[bool]:
+        """The upstream leg, after the upstream's ``101``; each upstream is tried once."""
+        for plan in attempts:
+            attempts.start(plan)
+            try:
+                upstream = await self._handshake(plan, upgrade, attempts.ex.request_id)
+            except (aiohttp.ClientError, OSError) as exc:  # TimeoutError too
+                _handshake_failed(attempts, plan, exc)
+                continue
+            except BaseException as exc:
+                attempts.abandon(plan, exc)
+                raise
+            attempts.answered_by(plan)
+            return upstream
+        raise attempts.exhausted()
+
+    async def _handshake(
+        self, plan: UpstreamPlan, upgrade: _Upgrade, request_id: str
+    ) -> aiohttp.ClientWebSocketResponse[bool]:
+        target = upgrade.target
+        headers = plan.request_headers.build(
+            upgrade.headers, request_id, target.client_authorization
+        )
+        for header in _HANDSHAKE_HEADERS:
+            headers.popall(header, None)
+        async with asyncio.timeout(plan.upstream.timeouts.response):
+            return await self._session.ws_connect(
+                plan.url_for(REALTIME_PATH, target.query),
+                protocols=upgrade.protocols,
+                headers=headers,
+                autoping=False,
+                autoclose=False,
+                compress=0,
+                max_msg_size=upgrade.max_msg_size,
+                decode_text=False,
+                timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=CLOSE_TIMEOUT),
+            )
+
+
 def _offered_protocols(headers: CIMultiDictProxy[str]) -> list[str]:
     return [
         token.strip()
@@ -77,40 +172,23 @@ def _offered_protocols(headers: CIMultiDictProxy[str]) -> list[str]:
     ]
 
 
-async def proxy_realtime(
-    request: web.Request,
-    target: RealtimeTarget,
-    runtime: Runtime,
-    ex: Exchange,
-    client_authorization: str | None,
-    session: aiohttp.ClientSession,
-    health: Health,
-    observer: Observer,
-    sessions: RealtimeSessions,
-) -> web.StreamResponse:
-    """Connect upstream, then answer the client's upgrade and relay until closed."""
-    offered = _offered_protocols(request.headers)
-    # Offering the client's own protocols back keeps aiohttp from logging
-    # them as "not overlapping": they can hold a key (docs/faults.md,
-    # "A key in a WebSocket subprotocol").
-    if not web.WebSocketResponse(protocols=offered).can_prepare(request).ok:
-        raise InvalidRequest(
-            "Not a valid WebSocket handshake (RFC 6455 §4.2.1).",
-            code="invalid_websocket_handshake",
-        )
-    limit = runtime.settings.server.max_body_bytes
+def _forwarded_protocols(
+    offered: list[str], target: RealtimeTarget, runtime: Runtime
+) -> tuple[str, ...]:
+    """The offered subprotocols to pass upstream: the credential-bearing ones
+    only when the client's own credential may reach every upstream."""
     client_may_authenticate = not runtime.keys and all(
         runtime.plans[n].request_headers.pass_authorization for n in target.route.upstreams
     )
-    protocols = [
+    return tuple(
         p
         for p in offered
         if client_may_authenticate or not p.lower().startswith(_CREDENTIAL_PROTOCOLS)
-    ]
-    upstream = await _connect(
-        request, target, runtime, ex, client_authorization, protocols, session, health, observer
     )
-    chosen = upstream.protocol
+
+
+def _client_leg(chosen: str | None, limit: int) -> web.WebSocketResponse[bool]:
+    """The client's leg, told the subprotocol the upstream chose (if any)."""
     client = web.WebSocketResponse(
         protocols=(chosen,) if chosen else (),
         autoping=False,
@@ -121,123 +199,53 @@ async def proxy_realtime(
         decode_text=False,
     )
     client.headers["Server"] = SERVER
-    handshake: web.BaseRequest = request
-    if offered and not chosen:
-        # Answer without a subprotocol, and keep aiohttp from logging the
-        # offered ones: they can hold a key (docs/faults.md, "A key in a
-        # WebSocket subprotocol").
-        headers = CIMultiDict(request.headers)
-        headers.popall("Sec-WebSocket-Protocol", None)
-        handshake = request.clone(headers=headers)
-    tunnel = Tunnel(client, upstream, ex)
-    await tunnel.run(handshake, sessions)
     return client
 
 
-async def _connect(
-    request: web.Request,
-    target: RealtimeTarget,
-    runtime: Runtime,
-    ex: Exchange,
-    client_authorization: str | None,
-    protocols: Sequence[str],
-    session: aiohttp.ClientSession,
-    health: Health,
-    observer: Observer,
-) -> aiohttp.ClientWebSocketResponse[bool]:
-    """The upstream leg, after the upstream's ``101``; tries the route's upstreams in order."""
-    route = target.route
-    plans = runtime.plans
-    # As in forward.py: made at the first failure or skip.
-    attempts: Attempts | None = None
-    ending: Ending | None = None
-    previous: str | None = None
-    limit = runtime.settings.server.max_body_bytes
-    for name in order_upstreams(route.upstreams, route.balance):
-        plan = plans[name]
-        upstream_settings = plan.upstream
-        if not health.available(upstream_settings):
-            # Breaker open: skip, as forward.py does.
-            attempts = attempts or Attempts()
-            attempts.note(name, CIRCUIT_OPEN)
-            continue
-        if previous is not None:
-            observer.fallback(previous, name)
-        previous = name
-        headers = plan.request_headers.build(request.headers, ex.request_id, client_authorization)
-        for header in _HANDSHAKE_HEADERS:
-            headers.popall(header, None)
-        ex.tried.append(name)
-        timeout = plan.upstream.timeouts.response
-        try:
-            async with asyncio.timeout(timeout):
-                upstream = await session.ws_connect(
-                    plan.url_for(REALTIME_PATH, target.query),
-                    protocols=tuple(protocols),
-                    headers=headers,
-                    autoping=False,
-                    autoclose=False,
-                    compress=0,
-                    max_msg_size=limit,
-                    decode_text=False,
-                    timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=CLOSE_TIMEOUT),
-                )
-        except aiohttp.WSServerHandshakeError as exc:
-            status = exc.status
-            if (
-                status in (401, 403)
-                and upstream_settings.injects_credential
-                and not upstream_settings.pass_client_auth
-            ):
-                log.error(
-                    "upstream %s answered %d to the proxy's own credential on a realtime "
-                    "handshake; check its key",
-                    name,
-                    status,
-                )
-                kind = "auth"
-                what = answered(status, credential_refused=True)
-                ending = Ending.CREDENTIAL_REFUSED
-            elif status == 429 or status >= 500 or status < 400:
-                kind = f"status_{status}"
-                what = answered(status)
-                ending = (
-                    Ending.HANDSHAKE_RATE_LIMITED if status == 429 else Ending.HANDSHAKE_REFUSED
-                )
-            else:
-                # The upstream's verdict on this request (e.g. 400, 404): no fallback.
-                health.success(upstream_settings)
-                raise _refused(name, status) from None
-        except TimeoutError:
-            kind = "timeout"
-            what = no_headers_within(timeout)
-            ending = Ending.TIMEOUT
-        except (aiohttp.ClientError, OSError) as exc:
-            # Its words, never the exception's repr: that can carry request headers (our key).
-            kind, what = _connect_failure(exc, plan.origin)
-            ending = Ending.UNAVAILABLE
-        except asyncio.CancelledError:
-            health.release_probe(upstream_settings)
-            raise
+def _handshake_request(
+    request: web.Request, offered: list[str], chosen: str | None
+) -> web.BaseRequest:
+    """The request the client's ``101`` answers."""
+    if not offered or chosen:
+        return request
+    # Answer without a subprotocol, and keep aiohttp from logging the
+    # offered ones: they can hold a key (docs/faults.md, "A key in a
+    # WebSocket subprotocol").
+    headers = CIMultiDict(request.headers)
+    headers.popall("Sec-WebSocket-Protocol", None)
+    return request.clone(headers=headers)
+
+
+def _handshake_failed(
+    attempts: Attempts, plan: UpstreamPlan, exc: aiohttp.ClientError | OSError
+) -> None:
+    """Note why ``plan``'s handshake failed, so the walk moves on; or raise the
+    upstream's own verdict on this request (a 4xx other than 401/403/429)."""
+    if isinstance(exc, aiohttp.WSServerHandshakeError):
+        status = exc.status
+        if attempts.refuses_credential(plan, status):
+            log.error(
+                "upstream %s answered %d to the proxy's own credential on a realtime "
+                "handshake; check its key",
+                plan.name,
+                status,
+            )
+            attempts.credential_refused(plan, status)
+        elif status == 429 or status >= 500 or status < 400:
+            rate_limited = status == 429
+            ending = Ending.HANDSHAKE_RATE_LIMITED if rate_limited else Ending.HANDSHAKE_REFUSED
+            attempts.failed(plan, f"status_{status}", answered(status), ending=ending)
         else:
-            health.success(upstream_settings)
-            ex.tried.pop()
-            ex.upstream = name
-            if attempts is not None and attempts.failed:
-                log.warning(
-                    "answered by %s after: %s [request %s]",
-                    name,
-                    attempts.summary(),
-                    ex.request_id,
-                )
-            return upstream
-        attempts = attempts or Attempts()
-        attempts.note(name, what)
-        health.failure(upstream_settings)
-        observer.upstream_failure(name, kind)
-    if ending is None or attempts is None:
-        raise health.all_paused(plans[n].upstream for n in route.upstreams)
-    raise attempts.error(ending, ex.request_id)
+            # The upstream's verdict on this request (e.g. 400, 404): no fallback.
+            attempts.healthy(plan)
+            raise _refused(plan.name, status) from None
+    elif isinstance(exc, TimeoutError):
+        what = no_headers_within(plan.upstream.timeouts.response)
+        attempts.failed(plan, "timeout", what, ending=Ending.TIMEOUT)
+    else:
+        # Its words, never the exception's repr: that can carry request headers (our key).
+        kind, what = _connect_failure(exc, plan.origin)
+        attempts.failed(plan, kind, what, ending=Ending.UNAVAILABLE)
 
 
 def _connect_failure(exc: aiohttp.ClientError | OSError, origin: Origin) -> tuple[str, str]:
