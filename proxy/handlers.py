@@ -256,7 +256,7 @@ async def proxy_view(request: web.Request) -> web.StreamResponse:
         # state) is gone: a stream can run for minutes (docs/decisions.md,
         # "A stream holds neither the request body nor the retry state").
         try:
-            return await relay(request, answer, ex, observer)
+            return await relay(request, answer, ex, observer=observer)
         finally:
             if answer.upload is not None:
                 ex.bytes_in = answer.upload.size

@@ -59,107 +59,44 @@ def abort_client(request: web.BaseRequest) -> None:
 
 
 async def relay(
-    request: web.Request, answered: Answered, ex: Exchange, observer: Observer
+    request: web.Request, answered: Answered, ex: Exchange, *, observer: Observer
 ) -> web.StreamResponse:
-    """Stream the upstream's response to the client, chunk by chunk, as it arrives.
-
-    A body that arrived whole with its head (most non-stream answers) goes out
-    in one write together with the response head.
-    """
+    """Send the upstream's answer to the client: a body that came whole with its
+    head in one write with the head, any other chunk by chunk as it arrives."""
     upstream_resp, plan = answered.response, answered.plan
     completed = False
     resp: web.StreamResponse | None = None
     try:
-        headers = plan.response_headers.build(upstream_resp.headers)
-        # The upstream's own x-request-id (OpenAI support asks for it) passes
-        # unchanged; ours is always in x-oaimux-request-id, and in x-request-id
-        # when the upstream sent none.
-        headers[OUR_REQUEST_ID_HEADER] = ex.request_id
-        if _X_REQUEST_ID not in headers:
-            headers[_X_REQUEST_ID] = ex.request_id
-        length = upstream_resp.content_length
-        content_type = upstream_resp.headers.get("Content-Type", "")
-        ex.streaming = length is None or content_type.startswith(_SSE)
-        ex.content_type = content_type
-        ex.content_encoding = upstream_resp.headers.get("Content-Encoding")
-        content = upstream_resp.content
-        whole: bytes | None = None
-        if not ex.streaming and content.is_eof() and content.total_bytes == length:
-            # (A HEAD answer or a 304 declares a length it does not carry:
-            # total_bytes differs, and it takes the general path.)
-            whole = content.read_nowait()
-        if whole is not None:
-            # Its head is held back and written with the body (aiohttp's Response).
-            resp = web.Response(
-                status=upstream_resp.status, reason=upstream_resp.reason, headers=headers
-            )
-            resp.body = whole
-        else:
-            resp = web.StreamResponse(
-                status=upstream_resp.status, reason=upstream_resp.reason, headers=headers
-            )
-            if length is not None:
-                resp.content_length = length
-        del headers  # copied into the response; not held for the stream's life
-        if ex.streaming:
-            # Keep an nginx in front from buffering the stream.
-            resp.headers[_X_ACCEL_BUFFERING] = "no"
-        ex.status = upstream_resp.status
+        resp, whole = response_head(answered, ex)
         try:
             await resp.prepare(request)
         except ValueError:
-            # aiohttp's writer refuses control characters in a header value that
-            # its lenient response parser let through: never relay such a header
-            # (docs/faults.md, "Malformed upstream answers"). Nothing has been
-            # written yet.
-            log.warning(
-                "upstream %s sent a response header that cannot be relayed [request %s]",
-                plan.name,
-                ex.request_id,
-            )
-            raise UpstreamUnavailable(
-                f"No upstream could answer: {plan.name}: sent a response header that "
-                "cannot be relayed."
-            ) from None
+            # A header value with control characters, which aiohttp's writer
+            # refuses though its lenient parser let it through: never relayed
+            # (docs/faults.md, "Malformed upstream answers"). Nothing was written.
+            raise _unrelayable_head(plan.name, ex) from None
+        ex.ttfb = time.perf_counter() - ex.started
         if whole is not None:
-            ex.ttfb = time.perf_counter() - ex.started
             try:
                 await resp.write_eof()
             finally:
-                ex.bytes_out = len(whole)
-                ex.tail = whole
-            completed = True
-            return resp
-        ex.ttfb = time.perf_counter() - ex.started
-        # From here on, bound the silence between two body chunks.
-        upstream_resp.arm_idle_timeout(plan.upstream.timeouts.idle)
-        upstream_resp.forget_head()
-        if ex.streaming:
-            observer.stream_opened(ex)
-        pipe = BodyPipe(upstream_resp, request, resp)
-        try:
-            failure = await pipe.run()
-        finally:
-            # Also when the client left mid-body: the log shows what it got.
-            ex.bytes_out = pipe.sent
-            ex.tail = pipe.tail
-            ex.tail_previous = pipe.previous
-        if isinstance(failure, aiohttp.SocketTimeoutError):
-            ex.outcome = "idle_timeout"
-        elif failure is not None:
-            ex.outcome = "upstream_reset"  # reset, cut short, or broken framing
-        if ex.outcome != "complete":
-            log.warning(
-                "upstream %s failed mid-body (%s) after %d bytes; aborting the client's "
-                "connection [request %s]",
-                plan.name,
-                ex.outcome,
-                pipe.sent,
-                ex.request_id,
-            )
-            abort_client(request)
-            return resp
-        await resp.write_eof()
+                _answer_ended(ex, len(whole), whole)
+        else:
+            # From here on, bound the silence between two body chunks.
+            upstream_resp.arm_idle_timeout(plan.upstream.timeouts.idle)
+            upstream_resp.forget_head()
+            if ex.streaming:
+                observer.stream_opened(ex)
+            pipe = BodyPipe(upstream_resp, request, resp)
+            try:
+                failure = await pipe.run()
+            finally:
+                # Also when the client left mid-body: the log shows what it got.
+                _answer_ended(ex, pipe.sent, pipe.tail, previous=pipe.previous)
+            if _cut_short(failure, plan.name, ex):
+                abort_client(request)
+                return resp
+            await resp.write_eof()
         completed = True
         return resp
     except asyncio.CancelledError:
@@ -176,8 +113,89 @@ async def relay(
             raise
         return resp
     finally:
+        # Pool the connection only after a whole body; else it is mid-body: close.
         if completed:
             upstream_resp.release()
         else:
-            # Close, never pool: the connection is mid-body.
             upstream_resp.close()
+
+
+def response_head(answered: Answered, ex: Exchange) -> tuple[web.StreamResponse, bytes | None]:
+    """The client's response head for ``answered``, and the body when it is
+    already whole (then the head is held back and written with it, as
+    aiohttp's ``Response`` does); notes the answer's kind on ``ex``."""
+    upstream_resp = answered.response
+    headers = answered.plan.response_headers.build(upstream_resp.headers)
+    # The upstream's own x-request-id (OpenAI support asks for it) passes
+    # unchanged; ours is always in x-oaimux-request-id, and in x-request-id
+    # when the upstream sent none.
+    headers[OUR_REQUEST_ID_HEADER] = ex.request_id
+    if _X_REQUEST_ID not in headers:
+        headers[_X_REQUEST_ID] = ex.request_id
+    length = upstream_resp.content_length
+    content_type = upstream_resp.headers.get("Content-Type", "")
+    ex.streaming = length is None or content_type.startswith(_SSE)
+    ex.content_type = content_type
+    ex.content_encoding = upstream_resp.headers.get("Content-Encoding")
+    content = upstream_resp.content
+    whole: bytes | None = None
+    if not ex.streaming and content.is_eof() and content.total_bytes == length:
+        # (A HEAD answer or a 304 declares a length it does not carry:
+        # total_bytes differs, and it takes the general path.)
+        whole = content.read_nowait()
+    status, reason = upstream_resp.status, upstream_resp.reason
+    resp: web.StreamResponse
+    if whole is not None:
+        resp = web.Response(status=status, reason=reason, headers=headers)
+        resp.body = whole
+    else:
+        resp = web.StreamResponse(status=status, reason=reason, headers=headers)
+        if length is not None:
+            resp.content_length = length
+    if ex.streaming:
+        # Keep an nginx in front from buffering the stream.
+        resp.headers[_X_ACCEL_BUFFERING] = "no"
+    ex.status = status
+    return resp, whole
+
+
+def _cut_short(failure: BaseException | None, upstream: str, ex: Exchange) -> bool:
+    """Did the body end short (the upstream's ``failure``, or an outcome noted
+    already)? Then the client's connection is to be aborted, so its library
+    raises instead of taking a truncated body as whole."""
+    if isinstance(failure, aiohttp.SocketTimeoutError):
+        ex.outcome = "idle_timeout"
+    elif failure is not None:
+        ex.outcome = "upstream_reset"  # reset, cut short, or broken framing
+    if ex.outcome == "complete":
+        return False
+    log.warning(
+        "upstream %s failed mid-body (%s) after %d bytes; aborting the client's "
+        "connection [request %s]",
+        upstream,
+        ex.outcome,
+        ex.bytes_out,
+        ex.request_id,
+    )
+    return True
+
+
+def _answer_ended(ex: Exchange, sent: int, tail: bytes, *, previous: bytes = b"") -> None:
+    """The answer ended (whole, cut short, or left by the client): the one place
+    the relay notes what the client got. ``tail`` and ``previous`` are the last
+    two pieces written, from which the observer's ``finished`` hook, which every
+    answer reaches, reads the token usage (observe/usage.py)."""
+    ex.bytes_out = sent
+    ex.tail = tail
+    ex.tail_previous = previous
+
+
+def _unrelayable_head(upstream: str, ex: Exchange) -> UpstreamUnavailable:
+    log.warning(
+        "upstream %s sent a response header that cannot be relayed [request %s]",
+        upstream,
+        ex.request_id,
+    )
+    return UpstreamUnavailable(
+        f"No upstream could answer: {upstream}: sent a response header that cannot be relayed."
+    )
