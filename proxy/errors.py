@@ -36,6 +36,7 @@ from . import SERVER
 
 __all__ = [
     "ERROR_HEADER",
+    "MAX_MODEL_LENGTH",
     "ExpectationFailed",
     "HeadersTooLarge",
     "InvalidRequest",
@@ -52,6 +53,7 @@ __all__ = [
     "UpstreamAuthFailed",
     "UpstreamTimeout",
     "UpstreamUnavailable",
+    "check_model_id",
     "clip",
     "error_body",
     "error_response",
@@ -182,6 +184,32 @@ def clip(text: str, limit: int = 200) -> str:
     """``text`` cut to ``limit`` characters (and ``...``): a client-chosen string
     (a model id, a path) quoted in an error message or a log line stays short."""
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+# Longer than any real model id (Azure deployments: 64, Hugging Face: 96 + org).
+MAX_MODEL_LENGTH = 256
+
+
+def check_model_id(model: str) -> None:
+    """Refuse a model id no route could mean: over :data:`MAX_MODEL_LENGTH`
+    characters, or holding control characters, which would reach logs
+    (docs/faults.md, "Model ids that could reach a log"). An empty id passes:
+    what its absence means is the caller's to say."""
+    if len(model) > MAX_MODEL_LENGTH or not model.isprintable():
+        raise InvalidRequest(
+            f"The model id must be 1 to {MAX_MODEL_LENGTH} printable characters.",
+            code="invalid_model",
+            param="model",
+        )
+
+
+def model_not_found(model: str) -> NotFound:
+    """The 404 for a model id no route (and no discovered id) matches."""
+    return NotFound(
+        f"The model '{clip(model)}' does not exist or you do not have access to it.",
+        code="model_not_found",
+        param="model",
+    )
 
 
 def error_body(message: str, type_: str, code: str | None, param: str | None = None) -> bytes:

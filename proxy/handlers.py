@@ -309,7 +309,9 @@ async def _proxy(
         realtime: RealtimeTarget | None = None
         if path == REALTIME_PATH and is_websocket_upgrade(request):
             # Routed by ?model= (README, "Realtime (WebSocket)"); see inbound/route.py.
-            realtime = realtime_target(request, runtime, caller, query, query_models)
+            realtime = realtime_target(
+                request, runtime, caller, query=query, query_models=query_models
+            )
             route = realtime.route
             ex.model, ex.upstream_model = realtime.model, realtime.upstream_model
             ex.metric_model = route.model or realtime.model or ""

@@ -27,7 +27,7 @@ from ..admission import Caller
 from ..auth import KeyTable
 from ..bodies import BodyBytes, BodyStream
 from ..config.settings import Route
-from ..errors import InvalidRequest, ModelNotAllowed, NotFound, clip
+from ..errors import InvalidRequest, ModelNotAllowed, check_model_id, clip, model_not_found
 from ..runtime import Runtime
 
 __all__ = [
@@ -40,9 +40,6 @@ __all__ = [
 ]
 
 REALTIME_PATH = "realtime"
-
-# As handlers.MAX_MODEL_LENGTH: longer than any real model id.
-_MAX_MODEL_LENGTH = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +85,7 @@ def realtime_target(
     request: web.BaseRequest,
     runtime: Runtime,
     caller: Caller,
+    *,
     query: str,
     query_models: Sequence[str],
 ) -> RealtimeTarget:
@@ -101,12 +99,7 @@ def realtime_target(
         # A body on an upgrade request is a smuggling attempt (CVE-2026-69243).
         raise InvalidRequest("A WebSocket handshake must not have a body.", code="body_not_allowed")
     model = query_models[0] if query_models else ""
-    if len(model) > _MAX_MODEL_LENGTH or not model.isprintable():
-        raise InvalidRequest(
-            f"The model id must be 1 to {_MAX_MODEL_LENGTH} printable characters.",
-            code="invalid_model",
-            param="model",
-        )
+    check_model_id(model)
     if not model:
         route = runtime.table.resolve_path(REALTIME_PATH)
         if route is None:
@@ -118,11 +111,7 @@ def realtime_target(
         return RealtimeTarget(route, None, None, query, client_authorization(request, runtime))
     match = runtime.table.resolve(model)
     if match is None:
-        raise NotFound(
-            f"The model '{clip(model)}' does not exist or you do not have access to it.",
-            code="model_not_found",
-            param="model",
-        )
+        raise model_not_found(model)
     if not KeyTable.allows(caller.key, model):
         raise ModelNotAllowed(f"Your key may not use the model '{clip(model)}'.", param="model")
     upstream_model = match.upstream_model

@@ -12,6 +12,7 @@ import json
 import logging
 import struct
 from typing import Any
+from urllib.parse import unquote
 
 import aiohttp
 import pytest
@@ -370,6 +371,36 @@ async def test_bad_model_query_is_refused_before_the_upgrade(
     )
     assert resp.status == status
     assert (await resp.json())["error"]["code"] == code
+    assert upstream.received == []
+
+
+@pytest.mark.parametrize("model", ["m" * 257, "gpt%1B[2J"], ids=["too-long", "escape"])
+async def test_a_model_id_no_route_could_mean_is_refused_as_a_body_model_is(
+    proxy: TestClient[Any, Any], upstream: OpenAILike, model: str
+) -> None:
+    """The same check, and the same words, as for a model in a request body."""
+    resp = await proxy.get(
+        f"/v1/realtime?model={model}",
+        headers={
+            "Connection": "Upgrade",
+            "Upgrade": "websocket",
+            "Sec-WebSocket-Version": "13",
+            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+        },
+    )
+    assert resp.status == 400
+    error = (await resp.json())["error"]
+    assert error == {
+        "message": "The model id must be 1 to 256 printable characters.",
+        "type": "invalid_request_error",
+        "param": "model",
+        "code": "invalid_model",
+    }
+    as_body = await proxy.post(
+        "/v1/chat/completions", json={"model": unquote(model), "messages": []}
+    )
+    assert as_body.status == 400
+    assert (await as_body.json())["error"] == error
     assert upstream.received == []
 
 
