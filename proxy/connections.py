@@ -66,6 +66,7 @@ from aiohttp.web_protocol import RequestHandler, _ErrInfo
 
 from . import SERVER
 from .admission import identify
+from .client.timers import Ticker
 from .errors import (
     ERROR_HEADER,
     ExpectationFailed,
@@ -80,7 +81,6 @@ from .errors import (
 from .keys import OBSERVER, RUNTIME
 from .observe import OUR_REQUEST_ID_HEADER, Exchange, Observer, new_request_id, request_id_for
 from .settings import ServerSettings
-from .ticker import Ticker
 
 __all__ = [
     "GuardedRequestHandler",

@@ -6,13 +6,13 @@ import aiohttp
 from aiohttp import web
 
 from .admission import Admission
+from .client import UpstreamPool
 from .demo import BuiltinUpstreams
 from .discovery import Discovery
 from .health import Health
 from .observe import Observer
 from .realtime import RealtimeSessions
 from .runtime import RuntimeHolder
-from .upstream import UpstreamPool
 
 __all__ = [
     "BUILTINS",

@@ -28,7 +28,7 @@ from typing import Final
 from aiohttp import web
 from aiohttp.streams import StreamReader
 
-from .upstream import UpstreamResponse
+from .client import UpstreamResponse
 
 __all__ = ["BodyPipe"]
 

@@ -64,6 +64,7 @@ from .attempts import (
     reset,
 )
 from .auth import KeyTable
+from .client import Origin
 from .errors import (
     InvalidRequest,
     ModelNotAllowed,
@@ -76,7 +77,6 @@ from .health import Health, order_upstreams
 from .observe import Exchange, Observer
 from .runtime import Runtime
 from .settings import Route
-from .upstream import Origin
 
 __all__ = [
     "REALTIME_PATH",

@@ -15,11 +15,11 @@ import aiohttp
 from yarl import URL
 
 from .auth import KeyTable
+from .client import Origin
 from .clientip import TrustedNetworks, trusted_networks
 from .headers import RequestHeaderPolicy, ResponseHeaderPolicy
 from .routing import RouteTable
 from .settings import Route, Settings, Upstream
-from .upstream import Origin
 
 __all__ = ["Runtime", "RuntimeHolder", "UpstreamPlan", "build_runtime"]
 

@@ -14,7 +14,7 @@ import pytest
 from multidict import CIMultiDict
 from yarl import URL
 
-from proxy.upstream import Origin, UpstreamFailure, UpstreamPool, UpstreamResponse
+from proxy.client import Origin, UpstreamFailure, UpstreamPool, UpstreamResponse
 from tests.faults import fixtures
 from tests.faults.fixtures import FaultFactory
 from tests.faults.server import (

@@ -14,7 +14,7 @@ from aiohttp.client_exceptions import SocketTimeoutError
 from multidict import CIMultiDict
 from yarl import URL
 
-from proxy.upstream import Origin, UpstreamPool, UpstreamResponse
+from proxy.client import Origin, UpstreamPool, UpstreamResponse
 from tests.faults import fixtures
 from tests.faults.fixtures import FaultFactory
 from tests.faults.server import sse, sse_event

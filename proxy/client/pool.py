@@ -43,8 +43,8 @@ from aiohttp.streams import StreamReader
 from multidict import CIMultiDict, CIMultiDictProxy, MultiMapping
 from yarl import URL
 
-from .attempts import BAD_RESPONSE, DISCONNECTED, connect_failure, connect_timeout, reset
-from .ticker import Ticker
+from ..attempts import BAD_RESPONSE, DISCONNECTED, connect_failure, connect_timeout, reset
+from .timers import Ticker
 
 __all__ = ["Origin", "UpstreamFailure", "UpstreamPool", "UpstreamResponse"]
 
