@@ -154,7 +154,7 @@ class SendWatch(Ticker):
     writing: the buffer is above the high-water mark, so a write would wait)
     is aborted once its client has taken no byte for ``timeout``: between 1
     and 1.25 times the bound after its last progress or the pause, whichever
-    is later, never earlier (see :class:`~proxy.ticker.Ticker`). Progress is
+    is later, never earlier (see :class:`~proxy.client.timers.Ticker`). Progress is
     any fall in the bytes not yet taken (:func:`_untaken`). A connection is
     watched only from the pause to the resume of its writing, so nothing runs
     per write: a relay that keeps up never enters the watch. The abort ends

@@ -28,7 +28,7 @@ __all__ = [
 ]
 
 RUNTIME = web.AppKey("runtime", RuntimeHolder)
-# The hot path's pooled connections (upstream.py); SESSION serves discovery and
+# The hot path's pooled connections (proxy/client/); SESSION serves discovery and
 # realtime WebSockets.
 UPSTREAMS = web.AppKey("upstream_pool", UpstreamPool)
 SESSION = web.AppKey("upstream_session", aiohttp.ClientSession)

@@ -6,7 +6,7 @@ coroutine layers of aiohttp's writer and back. At 1,000 streams that was most
 of the proxy's CPU per chunk (issue 8): a bare socket-to-socket pipe costs
 16.5 µs a chunk on the bench machine, that loop about 38 µs.
 
-Here the upstream connection's ``data_received`` (upstream.py) calls
+Here the upstream connection's ``data_received`` (client/connection.py) calls
 :meth:`BodyPipe.pump` right after aiohttp's parser has fed the body, and the
 pump writes what was parsed straight to the client's transport, framed as
 the prepared response announced (chunked, or raw for a Content-Length body

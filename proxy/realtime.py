@@ -53,18 +53,10 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from . import SERVER
 from .admission import Caller
-from .attempts import (
-    CIRCUIT_OPEN,
-    DISCONNECTED,
-    Attempts,
-    Ending,
-    answered,
-    connect_failure,
-    no_headers_within,
-    reset,
-)
+from .attempts import CIRCUIT_OPEN, Attempts, Ending, answered, no_headers_within
 from .auth import KeyTable
 from .client import Origin
+from .client.failures import DISCONNECTED, connect_failure, reset
 from .errors import (
     InvalidRequest,
     ModelNotAllowed,
@@ -575,7 +567,7 @@ async def _connect(
 
 def _connect_failure(exc: aiohttp.ClientError | OSError, origin: Origin) -> tuple[str, str]:
     """The failure kind and its words for an upstream WebSocket that could not
-    be opened, in upstream.py's terms."""
+    be opened, in the lean client's terms (client/failures.py)."""
     if isinstance(exc, aiohttp.ClientConnectorError):
         return "connect", connect_failure(exc.os_error, origin.host, origin.port)
     if isinstance(exc, aiohttp.ServerDisconnectedError):

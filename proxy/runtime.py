@@ -33,7 +33,7 @@ class UpstreamPlan:
     request_headers: RequestHeaderPolicy
     response_headers: ResponseHeaderPolicy
     client_timeout: aiohttp.ClientTimeout  # discovery and realtime (ClientSession)
-    origin: Origin  # the hot path's lean client (upstream.py)
+    origin: Origin  # the hot path's lean client (proxy/client/)
     path_prefix: str  # the base URL's path, without a trailing slash
 
     @property

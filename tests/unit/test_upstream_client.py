@@ -1,4 +1,4 @@
-"""The lean upstream client (proxy/upstream.py) against a scripted raw server.
+"""The lean upstream client (proxy/client/) against a scripted raw server.
 
 Each test speaks to a real socket server (tests/faults/server.py) that records
 the bytes it received and its connections, so framing, pooling and failure

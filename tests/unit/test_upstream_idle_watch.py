@@ -1,4 +1,4 @@
-"""The pool-wide idle watch of upstream response bodies (proxy/upstream.py).
+"""The pool-wide idle watch of upstream response bodies (proxy/client/).
 
 One timer serves every body being read, each with its own limit: a silent
 body is cut at its own limit, never at another's, and never before it.
