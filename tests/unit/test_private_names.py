@@ -135,13 +135,33 @@ def _defined_by_the_proxy(trees: dict[str, ast.Module]) -> set[str]:
             elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
                 if isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"):
                     names.add(node.attr)
-            elif isinstance(node, ast.Constant) and isinstance(node.value, str):
-                names.add(node.value)  # __slots__ entries (and harmless other strings)
+            if isinstance(node, ast.Assign) and "__slots__" in map(ast.unparse, node.targets):
+                names.update(
+                    sub.value
+                    for sub in ast.walk(node.value)
+                    if isinstance(sub, ast.Constant) and isinstance(sub.value, str)
+                )
     return names
 
 
 def _private(name: str) -> bool:
     return name.startswith("_") and not name.startswith("__")
+
+
+def _attribute_name(node: ast.AST) -> str | None:
+    """The attribute ``node`` reaches: ``x.name``, or ``getattr(x, "name")``
+    and its kin."""
+    if isinstance(node, ast.Attribute):
+        return node.attr
+    if (
+        isinstance(node, ast.Call)
+        and ast.unparse(node.func) in ("getattr", "setattr", "hasattr", "delattr")
+        and len(node.args) >= 2
+        and isinstance(node.args[1], ast.Constant)
+        and isinstance(node.args[1].value, str)
+    ):
+        return node.args[1].value
+    return None
 
 
 def _foreign_private_names(trees: dict[str, ast.Module]) -> dict[str, set[str]]:
@@ -156,12 +176,13 @@ def _foreign_private_names(trees: dict[str, ast.Module]) -> dict[str, set[str]]:
                 for alias in node.names:
                     if _private(alias.name):
                         found.setdefault(alias.name, set()).add(path)
-            if not isinstance(node, ast.Attribute) or not _private(node.attr):
+            name = _attribute_name(node)
+            if name is None or not _private(name):
                 continue
-            base = node.value
+            base = node.value if isinstance(node, ast.Attribute) else None
             is_super = isinstance(base, ast.Call) and ast.unparse(base.func) == "super"
-            if is_super or node.attr not in ours:
-                found.setdefault(node.attr, set()).add(path)
+            if is_super or name not in ours:
+                found.setdefault(name, set()).add(path)
     return found
 
 
