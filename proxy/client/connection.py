@@ -23,7 +23,7 @@ from yarl import URL
 
 from .failures import DISCONNECTED, UpstreamFailure
 
-__all__ = ["READ_BUFSIZE", "Connection", "Origin", "abort", "open_connection"]
+__all__ = ["Connection", "Origin", "abort", "open_connection"]
 
 # Bodies up to this size go out in one write with the head (one syscall);
 # larger ones follow the head as their own write, without a copy.
