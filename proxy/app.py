@@ -15,6 +15,7 @@ import aiohttp
 from aiohttp import web
 
 from .admission import Admission
+from .client import UpstreamPool
 from .config.settings import Settings
 from .connections import expect_continue
 from .demo import BuiltinUpstreams
@@ -38,7 +39,6 @@ from .observe.observer import Observer, make_observer
 from .ratelimit import MemoryRateLimiter, RateLimiter
 from .realtime import RealtimeSessions, close_realtime_sessions
 from .runtime import RuntimeHolder, build_runtime
-from .upstream import UpstreamPool
 
 __all__ = ["create_app", "make_upstream_session", "server_options"]
 

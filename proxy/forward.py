@@ -45,6 +45,7 @@ from multidict import CIMultiDictProxy, istr
 
 from .attempts import CIRCUIT_OPEN, Attempts, Ending, answered, no_headers_within
 from .bodies import BodyStream
+from .client import UpstreamFailure, UpstreamPool, UpstreamResponse
 from .config.settings import Route
 from .connections import client_outcome
 from .errors import (
@@ -55,7 +56,6 @@ from .observe import OUR_REQUEST_ID_HEADER, Exchange
 from .observe.observer import Observer
 from .pipe import BodyPipe
 from .runtime import Runtime, UpstreamPlan
-from .upstream import UpstreamFailure, UpstreamPool, UpstreamResponse
 
 __all__ = ["OUR_REQUEST_ID_HEADER", "Answered", "abort_client", "forward", "relay"]
 

@@ -53,17 +53,10 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from . import SERVER
 from .admission import Caller
-from .attempts import (
-    CIRCUIT_OPEN,
-    DISCONNECTED,
-    Attempts,
-    Ending,
-    answered,
-    connect_failure,
-    no_headers_within,
-    reset,
-)
+from .attempts import CIRCUIT_OPEN, Attempts, Ending, answered, no_headers_within
 from .auth import KeyTable
+from .client import Origin
+from .client.failures import DISCONNECTED, connect_failure, reset
 from .config.settings import Route
 from .errors import (
     InvalidRequest,
@@ -78,7 +71,6 @@ from .health import Health, order_upstreams
 from .observe import Exchange
 from .observe.observer import Observer
 from .runtime import Runtime
-from .upstream import Origin
 
 __all__ = [
     "REALTIME_PATH",
@@ -575,7 +567,7 @@ async def _connect(
 
 def _connect_failure(exc: aiohttp.ClientError | OSError, origin: Origin) -> tuple[str, str]:
     """The failure kind and its words for an upstream WebSocket that could not
-    be opened, in upstream.py's terms."""
+    be opened, in the lean client's terms (client/failures.py)."""
     if isinstance(exc, aiohttp.ClientConnectorError):
         return "connect", connect_failure(exc.os_error, origin.host, origin.port)
     if isinstance(exc, aiohttp.ServerDisconnectedError):
