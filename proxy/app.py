@@ -15,6 +15,7 @@ import aiohttp
 from aiohttp import web
 
 from .admission import Admission
+from .client import UpstreamPool
 from .config.settings import Settings
 from .connections import expect_continue
 from .demo import BuiltinUpstreams
@@ -42,7 +43,6 @@ from .outbound.realtime import RealtimeProxy
 from .outbound.tunnel import RealtimeSessions
 from .ratelimit import MemoryRateLimiter, RateLimiter
 from .runtime import RuntimeHolder, build_runtime
-from .upstream import UpstreamPool
 
 __all__ = ["create_app", "make_upstream_session", "server_options"]
 

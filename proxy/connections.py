@@ -68,6 +68,7 @@ from aiohttp.web_protocol import RequestHandler, _ErrInfo
 from . import SERVER
 from .admission import identify
 from .bodies import close_without_lingering
+from .client.timers import Ticker
 from .config.settings import ServerSettings
 from .errors import (
     ERROR_HEADER,
@@ -83,7 +84,6 @@ from .errors import (
 from .keys import OBSERVER, RUNTIME
 from .observe import OUR_REQUEST_ID_HEADER, Exchange, Outcome, new_request_id, request_id_for
 from .observe.observer import Observer
-from .ticker import Ticker
 
 __all__ = [
     "GuardedRequestHandler",
@@ -156,7 +156,7 @@ class SendWatch(Ticker):
     writing: the buffer is above the high-water mark, so a write would wait)
     is aborted once its client has taken no byte for ``timeout``: between 1
     and 1.25 times the bound after its last progress or the pause, whichever
-    is later, never earlier (see :class:`~proxy.ticker.Ticker`). Progress is
+    is later, never earlier (see :class:`~proxy.client.timers.Ticker`). Progress is
     any fall in the bytes not yet taken (:func:`_untaken`). A connection is
     watched only from the pause to the resume of its writing, so nothing runs
     per write: a relay that keeps up never enters the watch. The abort ends

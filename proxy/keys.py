@@ -6,6 +6,7 @@ import aiohttp
 from aiohttp import web
 
 from .admission import Admission
+from .client import UpstreamPool
 from .demo import BuiltinUpstreams
 from .discovery import Discovery
 from .observe.observer import Observer
@@ -14,7 +15,6 @@ from .outbound.health import Health
 from .outbound.realtime import RealtimeProxy
 from .outbound.tunnel import RealtimeSessions
 from .runtime import RuntimeHolder
-from .upstream import UpstreamPool
 
 __all__ = [
     "BUILTINS",
@@ -32,7 +32,7 @@ __all__ = [
 ]
 
 RUNTIME = web.AppKey("runtime", RuntimeHolder)
-# The hot path's pooled connections (upstream.py); SESSION serves discovery and
+# The hot path's pooled connections (proxy/client/); SESSION serves discovery and
 # realtime WebSockets.
 UPSTREAMS = web.AppKey("upstream_pool", UpstreamPool)
 SESSION = web.AppKey("upstream_session", aiohttp.ClientSession)

@@ -15,11 +15,11 @@ import aiohttp
 from yarl import URL
 
 from .auth import KeyTable
+from .client import Origin
 from .clientip import TrustedNetworks, trusted_networks
 from .config.settings import Route, Settings, Upstream
 from .headers import RequestHeaderPolicy, ResponseHeaderPolicy
 from .routing import RouteTable
-from .upstream import Origin
 
 __all__ = ["Runtime", "RuntimeHolder", "UpstreamPlan", "build_runtime"]
 
@@ -33,7 +33,7 @@ class UpstreamPlan:
     request_headers: RequestHeaderPolicy
     response_headers: ResponseHeaderPolicy
     client_timeout: aiohttp.ClientTimeout  # discovery and realtime (ClientSession)
-    origin: Origin  # the hot path's lean client (upstream.py)
+    origin: Origin  # the hot path's lean client (proxy/client/)
     path_prefix: str  # the base URL's path, without a trailing slash
 
     @property

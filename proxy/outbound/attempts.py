@@ -13,18 +13,17 @@ and the error that ends a walk (``upstream_unavailable``, ``upstream_timeout``,
 gets it once, as a warning. The words come from fixed phrases, upstream names,
 status codes, configured timeouts, and the host and port the proxy connected
 to (neither is a secret); never a header value, a key, a URL's path or query,
-or an upstream's response body.
+or an upstream's response body. The words for an upstream that gave no
+response (refused, reset, not HTTP, ...) are the client's
+(proxy/client/failures.py); those here are the walk's own.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import socket
-import ssl
 from collections.abc import Iterator, Sequence
 from enum import Enum
-from typing import TYPE_CHECKING
 
 from ..config.settings import Route
 from ..errors import (
@@ -35,65 +34,15 @@ from ..errors import (
     UpstreamUnavailable,
 )
 from ..observe import Exchange
+from ..observe.observer import Observer
+from ..runtime import Runtime, UpstreamPlan
 from .health import Health, order_upstreams
 
-if TYPE_CHECKING:
-    # For the annotations only. runtime.py imports upstream.py, which imports
-    # this module's words for a failed connection; and through upstream.py,
-    # `oaimux check` imports this module, which must not load the metrics
-    # (prometheus_client) with the Observer.
-    from ..observe.observer import Observer
-    from ..runtime import Runtime, UpstreamPlan
-
-__all__ = [
-    "BAD_RESPONSE",
-    "CIRCUIT_OPEN",
-    "DISCONNECTED",
-    "Attempts",
-    "Ending",
-    "answered",
-    "connect_failure",
-    "connect_timeout",
-    "no_headers_within",
-    "reset",
-    "where",
-]
+__all__ = ["CIRCUIT_OPEN", "Attempts", "Ending", "answered", "no_headers_within"]
 
 log = logging.getLogger("oaimux.upstream")
 
 CIRCUIT_OPEN = "circuit open"
-DISCONNECTED = "closed the connection before answering"
-BAD_RESPONSE = "answered something that is not HTTP"
-
-
-def where(host: str, port: int) -> str:
-    """``host:port``, an IPv6 literal in brackets (RFC 3986 §3.2.2)."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def connect_failure(exc: OSError, host: str, port: int) -> str:
-    """Why a connection to ``host:port`` could not be made (DNS, refused, TLS, ...)."""
-    if isinstance(exc, socket.gaierror):
-        return f"DNS lookup of {host} failed ({exc.strerror or 'no address'})"
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return (
-            f"TLS handshake with {where(host, port)} failed "
-            f"(certificate verify failed: {exc.verify_message})"
-        )
-    if isinstance(exc, ssl.SSLError):
-        return f"TLS handshake with {where(host, port)} failed ({exc.reason or 'error'})"
-    if isinstance(exc, ConnectionRefusedError):
-        return f"connection refused at {where(host, port)}"
-    return f"cannot connect to {where(host, port)} ({_reason(exc)})"
-
-
-def connect_timeout(seconds: float, host: str, port: int) -> str:
-    return f"no connection to {where(host, port)} within {seconds:g} s"
-
-
-def reset(exc: BaseException) -> str:
-    """The connection broke before the response head (not a clean close)."""
-    return f"connection broken before answering ({_reason(exc)})"
 
 
 def answered(status: int, credential_refused: bool = False) -> str:
@@ -102,13 +51,6 @@ def answered(status: int, credential_refused: bool = False) -> str:
 
 def no_headers_within(seconds: float) -> str:
     return f"no response headers within {seconds:g} s"
-
-
-def _reason(exc: BaseException) -> str:
-    # strerror is the C library's fixed text ("Connection reset by peer");
-    # str(exc) could hold anything a library put there, so it is never used.
-    strerror = getattr(exc, "strerror", None)
-    return strerror if isinstance(strerror, str) and strerror else type(exc).__name__
 
 
 class Ending(Enum):

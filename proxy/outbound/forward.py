@@ -35,11 +35,11 @@ import logging
 from dataclasses import dataclass
 
 from ..bodies import BodyStream
+from ..client import UpstreamFailure, UpstreamPool, UpstreamResponse
 from ..inbound.route import Outbound
 from ..observe import Exchange
 from ..observe.observer import Observer
 from ..runtime import Runtime, UpstreamPlan
-from ..upstream import UpstreamFailure, UpstreamPool, UpstreamResponse
 from .attempts import Attempts, Ending, answered, no_headers_within
 from .health import Health, backoff_delay
 

@@ -7,7 +7,7 @@ of the proxy's CPU per chunk: a bare socket-to-socket pipe costs 16.5 µs a
 chunk on the bench machine, that loop about 38 µs (docs/decisions.md, "The
 body pipe writes from the read callback").
 
-Here the upstream connection's ``data_received`` (upstream.py) calls
+Here the upstream connection's ``data_received`` (client/connection.py) calls
 :meth:`BodyPipe.pump` right after aiohttp's parser has fed the body, and the
 pump writes what was parsed straight to the client's transport, framed as
 the prepared response announced (chunked, or raw for a Content-Length body
@@ -29,7 +29,7 @@ from typing import Final
 from aiohttp import web
 from aiohttp.streams import StreamReader
 
-from ..upstream import UpstreamResponse
+from ..client import UpstreamResponse
 
 __all__ = ["BodyPipe"]
 

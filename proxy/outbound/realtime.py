@@ -34,21 +34,14 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from .. import SERVER
+from ..client import Origin
+from ..client.failures import DISCONNECTED, connect_failure, reset
 from ..errors import InvalidRequest, ProxyError, RateLimited, UpstreamUnavailable
 from ..inbound.route import REALTIME_PATH, RealtimeTarget
 from ..observe import Exchange
 from ..observe.observer import Observer
 from ..runtime import Runtime, UpstreamPlan
-from ..upstream import Origin
-from .attempts import (
-    DISCONNECTED,
-    Attempts,
-    Ending,
-    answered,
-    connect_failure,
-    no_headers_within,
-    reset,
-)
+from .attempts import Attempts, Ending, answered, no_headers_within
 from .health import Health
 from .tunnel import CLOSE_TIMEOUT, RealtimeSessions, Tunnel
 
@@ -250,7 +243,7 @@ def _handshake_failed(
 
 def _connect_failure(exc: aiohttp.ClientError | OSError, origin: Origin) -> tuple[str, str]:
     """The failure kind and its words for an upstream WebSocket that could not
-    be opened, in upstream.py's terms."""
+    be opened, in the lean client's terms (client/failures.py)."""
     if isinstance(exc, aiohttp.ClientConnectorError):
         return "connect", connect_failure(exc.os_error, origin.host, origin.port)
     if isinstance(exc, aiohttp.ServerDisconnectedError):

@@ -23,7 +23,7 @@ import openai
 import pytest
 from aiohttp.test_utils import TestClient
 
-from proxy.outbound.attempts import connect_failure
+from proxy.client.failures import connect_failure
 from tests.conftest import serve_proxy
 from tests.fakes.access_lines import LogLines, capture_logs
 from tests.faults import fixtures

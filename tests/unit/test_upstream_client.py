@@ -1,4 +1,4 @@
-"""The lean upstream client (proxy/upstream.py) against a scripted raw server.
+"""The lean upstream client (proxy/client/) against a scripted raw server.
 
 Each test speaks to a real socket server (tests/faults/server.py) that records
 the bytes it received and its connections, so framing, pooling and failure
@@ -14,7 +14,7 @@ import pytest
 from multidict import CIMultiDict
 from yarl import URL
 
-from proxy.upstream import Origin, UpstreamFailure, UpstreamPool, UpstreamResponse
+from proxy.client import Origin, UpstreamFailure, UpstreamPool, UpstreamResponse
 from tests.faults import fixtures
 from tests.faults.fixtures import FaultFactory
 from tests.faults.server import (

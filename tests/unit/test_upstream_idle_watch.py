@@ -1,4 +1,4 @@
-"""The pool-wide idle watch of upstream response bodies (proxy/upstream.py).
+"""The pool-wide idle watch of upstream response bodies (proxy/client/).
 
 One timer serves every body being read, each with its own limit: a silent
 body is cut at its own limit, never at another's, and never before it.
@@ -14,7 +14,7 @@ from aiohttp.client_exceptions import SocketTimeoutError
 from multidict import CIMultiDict
 from yarl import URL
 
-from proxy.upstream import Origin, UpstreamPool, UpstreamResponse
+from proxy.client import Origin, UpstreamPool, UpstreamResponse
 from tests.faults import fixtures
 from tests.faults.fixtures import FaultFactory
 from tests.faults.server import sse, sse_event
