@@ -1,4 +1,6 @@
 """From the client's bytes to a routed request: where does it go?
 
-- route.py: the routing of a realtime WebSocket handshake (by ``?model=``).
+- route.py: :class:`~proxy.inbound.route.Outbound`, a routed request as
+  outbound/ takes it; and the routing of a realtime WebSocket handshake (by
+  ``?model=``).
 """
