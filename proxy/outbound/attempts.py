@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterator, Sequence
 from enum import Enum
 
 from ..config.settings import Route
@@ -67,7 +66,7 @@ class Attempts:
     """One request's walk over its route's upstreams (README, "Choosing an
     upstream"), for the HTTP forward and the realtime handshake alike.
 
-    Iterating gives the upstreams to try, in the route's order (a fallback
+    :meth:`walk` gives the upstreams to try, in the route's order (a fallback
     list, or a weighted draw then the rest), skipping (and noting) those whose
     circuit breaker is open, and reporting each move to a next upstream. The
     caller tries each as it must (HTTP with retries, a WebSocket handshake
@@ -77,65 +76,80 @@ class Attempts:
     walk runs out, :meth:`exhausted` is the error to raise: 503 when every
     breaker was open, otherwise what happened at each upstream, in order.
 
-    The notes are made only once something failed or was skipped: a request
-    answered at the first try builds no list.
+    Made per request, and most requests end at the first try: nothing is
+    noted, and no list is made, until something failed or was skipped.
     """
 
     __slots__ = (
         "_health",
         "_last_failed",
+        "_next",
         "_notes",
         "_observer",
         "_order",
         "_plans",
-        "_position",
+        "_previous",
         "_route",
         "ending",
         "ex",
     )
 
-    def __init__(
-        self, route: Route, runtime: Runtime, ex: Exchange, *, health: Health, observer: Observer
-    ) -> None:
-        self._route = route
-        self._plans = runtime.plans
+    def __init__(self, ex: Exchange, health: Health, observer: Observer) -> None:
         self.ex = ex
         self._health = health
         self._observer = observer
-        self._order: Sequence[str] = ()
-        self._position = 0
+        # What happened, in order; None until something failed or was skipped
+        # (_last_failed is set with it).
         self._notes: list[tuple[str, str]] | None = None
-        # The upstream whose attempt failed last (skips aside); None: only skips.
-        self._last_failed: str | None = None
         # How the walk ends if nothing answers; None while nothing failed.
         self.ending: Ending | None = None
 
-    def __iter__(self) -> Iterator[UpstreamPlan]:
-        order = self._order = order_upstreams(self._route.upstreams, self._route.balance)
-        plans, health = self._plans, self._health
-        previous: str | None = None
-        for position, name in enumerate(order):
-            plan = plans[name]
-            if not health.available(plan.upstream):
+    def walk(self, route: Route, runtime: Runtime) -> Attempts:
+        """Iterate over the upstreams of ``route`` to try, in order."""
+        self._route = route
+        self._plans = runtime.plans
+        self._order = order_upstreams(route.upstreams, route.balance)
+        self._next = 0
+        self._previous: str | None = None
+        return self
+
+    def __iter__(self) -> Attempts:
+        return self
+
+    def __next__(self) -> UpstreamPlan:
+        # An iterator of its own rather than a generator: a request answered
+        # at the first try leaves the walk unfinished, and closing a suspended
+        # generator raises GeneratorExit into it.
+        order = self._order
+        position = self._next
+        while position < len(order):
+            name = order[position]
+            position += 1
+            plan = self._plans[name]
+            if not self._health.available(plan.upstream):
                 # Breaker open (or its one probe is out): skip, don't wait.
                 self._note(name, CIRCUIT_OPEN)
                 continue
+            previous = self._previous
             if previous is not None:
                 self._observer.fallback(previous, name)
-            previous = name
-            self._position = position
-            yield plan
+            self._previous = name
+            self._next = position
+            return plan
+        self._next = position
+        raise StopIteration
 
     def start(self, plan: UpstreamPlan) -> None:
         """A try of ``plan`` begins: the access log's ``tried`` names every try,
         a retried upstream twice; the one that answers is taken off again."""
-        self.ex.tried.append(plan.name)
+        self.ex.tried.append(plan.upstream.name)
 
-    def another_after(self) -> bool:
-        """Is there an upstream after the current one whose breaker would let a
-        request in (claiming nothing)?"""
-        plans, health = self._plans, self._health
-        for name in self._order[self._position + 1 :]:
+    def another_after(self, plan: UpstreamPlan) -> bool:
+        """Is there an upstream after ``plan`` whose breaker would let a request
+        in (claiming nothing)?"""
+        plans, health, order = self._plans, self._health, self._order
+        # A route names an upstream once (the configuration refuses it twice).
+        for name in order[order.index(plan.upstream.name) + 1 :]:
             if health.could_try(plans[name].upstream):
                 return True
         return False
@@ -174,16 +188,20 @@ class Attempts:
         """``plan``'s answer is the client's. ``healthy=False``: a 429 or 5xx relayed
         as it came because nothing was left to try, which still counts against
         the upstream's breaker."""
+        upstream = plan.upstream
         if healthy:
-            self._health.success(plan.upstream)
+            self._health.success(upstream)
         else:
-            self._health.failure(plan.upstream)
+            self._health.failure(upstream)
         ex = self.ex
         ex.tried.pop()
-        ex.upstream = plan.name
-        if self._last_failed is not None:
+        ex.upstream = upstream.name
+        if self._notes is not None and self._last_failed is not None:
             log.warning(
-                "answered by %s after: %s [request %s]", plan.name, self._summary(), ex.request_id
+                "answered by %s after: %s [request %s]",
+                upstream.name,
+                self._summary(),
+                ex.request_id,
             )
 
     def abandon(self, plan: UpstreamPlan, exc: BaseException) -> None:
@@ -206,6 +224,8 @@ class Attempts:
     def _note(self, upstream: str, what: str) -> None:
         if self._notes is None:
             self._notes = []
+            # The upstream whose attempt failed last (skips aside); None: only skips.
+            self._last_failed: str | None = None
         self._notes.append((upstream, what))
         if what != CIRCUIT_OPEN:
             self._last_failed = upstream

@@ -89,10 +89,8 @@ class Forwarder:
     async def forward(self, outbound: Outbound, runtime: Runtime, ex: Exchange) -> Answered:
         """Send ``outbound`` along its route until an upstream answers (see the
         module docstring for the contract); relay.py relays the answer."""
-        attempts = Attempts(
-            outbound.route, runtime, ex, health=self._health, observer=self._observer
-        )
-        for plan in attempts:
+        attempts = Attempts(ex, self._health, self._observer)
+        for plan in attempts.walk(outbound.route, runtime):
             try:
                 response = await self._try_upstream(plan, outbound, attempts)
             except BaseException as exc:
@@ -134,6 +132,9 @@ class Forwarder:
                     raise attempts.exhausted() from None
                 return None
             status = response.status
+            if status < 400:  # the common case first: nothing below applies
+                attempts.answered_by(plan)
+                return response
             if attempts.refuses_credential(plan, status):
                 _log_auth_failure(response, plan.name)
                 attempts.credential_refused(plan, status)
@@ -142,7 +143,7 @@ class Forwarder:
                 # A 429 says "wait": retrying the same upstream at once is
                 # pointless, so it only moves on. A 5xx may be retried.
                 retry_here = status != 429 and attempt + 1 < tries
-                if not _spent(body) and (retry_here or attempts.another_after()):
+                if not _spent(body) and (retry_here or attempts.another_after(plan)):
                     response.close()
                     what = answered(status)
                     attempts.failed(plan, f"status_{status}", what, ending=Ending.UNAVAILABLE)

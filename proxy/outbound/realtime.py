@@ -107,8 +107,8 @@ class RealtimeProxy:
         limit = runtime.settings.server.max_body_bytes
         protocols = _forwarded_protocols(offered, target, runtime)
         upgrade = _Upgrade(request.headers, target, protocols, limit)
-        attempts = Attempts(target.route, runtime, ex, health=self._health, observer=self._observer)
-        upstream = await self._connect(upgrade, attempts)
+        attempts = Attempts(ex, self._health, self._observer)
+        upstream = await self._connect(upgrade, runtime, attempts)
         chosen = upstream.protocol
         client = _client_leg(chosen, limit)
         tunnel = Tunnel(client, upstream, ex)
@@ -116,10 +116,10 @@ class RealtimeProxy:
         return client
 
     async def _connect(
-        self, upgrade: _Upgrade, attempts: Attempts
+        self, upgrade: _Upgrade, runtime: Runtime, attempts: Attempts
     ) -> aiohttp.ClientWebSocketResponse[bool]:
         """The upstream leg, after the upstream's ``101``; each upstream is tried once."""
-        for plan in attempts:
+        for plan in attempts.walk(upgrade.target.route, runtime):
             attempts.start(plan)
             try:
                 upstream = await self._handshake(plan, upgrade, attempts.ex.request_id)
