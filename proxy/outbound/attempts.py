@@ -35,7 +35,7 @@ from ..errors import (
 from ..observe import Exchange
 from ..observe.observer import Observer
 from ..runtime import Runtime, UpstreamPlan
-from .health import Health, order_upstreams
+from .health import Health, backoff_delay, order_upstreams
 
 __all__ = ["CIRCUIT_OPEN", "Attempts", "Ending", "answered", "no_headers_within"]
 
@@ -66,21 +66,25 @@ class Attempts:
     """One request's walk over its route's upstreams (README, "Choosing an
     upstream"), for the HTTP forward and the realtime handshake alike.
 
-    :meth:`walk` gives the upstreams to try, in the route's order (a fallback
-    list, or a weighted draw then the rest), skipping (and noting) those whose
-    circuit breaker is open, and reporting each move to a next upstream. The
-    caller tries each as it must (HTTP with retries, a WebSocket handshake
-    once) and tells the walk how that went: :meth:`start` for every try,
-    then :meth:`failed` (move on, or try again), :meth:`answered_by` (the
-    answer is the client's), :meth:`healthy` or :meth:`abandon`. When the
-    walk runs out, :meth:`exhausted` is the error to raise: 503 when every
-    breaker was open, otherwise what happened at each upstream, in order.
+    :meth:`walk` gives the tries, in the route's order (a fallback list, or a
+    weighted draw then the rest): each upstream whose circuit breaker lets a
+    request in (the others are skipped, and noted), reporting each move to a
+    next one; and the same upstream again after ``failed(..., again=True)``
+    while its ``retries.attempts`` allow, after :attr:`delay` (jittered
+    backoff), which the caller waits out. For every try the caller tells the
+    walk how it went: :meth:`start`, then :meth:`failed` (the walk moves on,
+    or tries again), :meth:`answered_by` (the answer is the client's),
+    :meth:`healthy` or :meth:`abandon`. When the walk runs out,
+    :meth:`exhausted` is the error to raise: 503 when every breaker was open,
+    otherwise what happened at each upstream, in order.
 
     Made per request, and most requests end at the first try: nothing is
     noted, and no list is made, until something failed or was skipped.
     """
 
     __slots__ = (
+        "_again",
+        "_current",
         "_health",
         "_last_failed",
         "_next",
@@ -88,11 +92,16 @@ class Attempts:
         "_observer",
         "_order",
         "_plans",
-        "_previous",
         "_route",
+        "_tries",
+        "delay",
         "ending",
         "ex",
     )
+    # Set by __next__: tries of the current upstream so far, and the wait
+    # before the try it gives (a retry's backoff; 0 for an upstream's first).
+    _tries: int
+    delay: float
 
     def __init__(self, ex: Exchange, health: Health, observer: Observer) -> None:
         self.ex = ex
@@ -105,12 +114,13 @@ class Attempts:
         self.ending: Ending | None = None
 
     def walk(self, route: Route, runtime: Runtime) -> Attempts:
-        """Iterate over the upstreams of ``route`` to try, in order."""
+        """Iterate over the tries of ``route``'s upstreams, in order."""
         self._route = route
         self._plans = runtime.plans
         self._order = order_upstreams(route.upstreams, route.balance)
         self._next = 0
-        self._previous: str | None = None
+        self._current: UpstreamPlan | None = None
+        self._again = False
         return self
 
     def __iter__(self) -> Attempts:
@@ -120,6 +130,14 @@ class Attempts:
         # An iterator of its own rather than a generator: a request answered
         # at the first try leaves the walk unfinished, and closing a suspended
         # generator raises GeneratorExit into it.
+        current = self._current
+        if self._again and current is not None:
+            self._again = False
+            retries = current.upstream.retries
+            if self._tries <= retries.attempts:
+                self.delay = backoff_delay(retries.backoff, self._tries)
+                return current
+        self.delay = 0.0
         order = self._order
         position = self._next
         while position < len(order):
@@ -130,10 +148,10 @@ class Attempts:
                 # Breaker open (or its one probe is out): skip, don't wait.
                 self._note(name, CIRCUIT_OPEN)
                 continue
-            previous = self._previous
-            if previous is not None:
-                self._observer.fallback(previous, name)
-            self._previous = name
+            if current is not None:
+                self._observer.fallback(current.upstream.name, name)
+            self._current = plan
+            self._tries = 0
             self._next = position
             return plan
         self._next = position
@@ -142,7 +160,12 @@ class Attempts:
     def start(self, plan: UpstreamPlan) -> None:
         """A try of ``plan`` begins: the access log's ``tried`` names every try,
         a retried upstream twice; the one that answers is taken off again."""
+        self._tries += 1
         self.ex.tried.append(plan.upstream.name)
+
+    def may_retry(self, plan: UpstreamPlan) -> bool:
+        """Would ``failed(..., again=True)`` try ``plan`` again (its retries allow)?"""
+        return self._tries <= plan.upstream.retries.attempts
 
     def another_after(self, plan: UpstreamPlan) -> bool:
         """Is there an upstream after ``plan`` whose breaker would let a request
@@ -171,13 +194,18 @@ class Attempts:
         what = answered(status, credential_refused=True)
         self.failed(plan, "auth", what, ending=Ending.CREDENTIAL_REFUSED)
 
-    def failed(self, plan: UpstreamPlan, kind: str, what: str, *, ending: Ending) -> None:
+    def failed(
+        self, plan: UpstreamPlan, kind: str, what: str, *, ending: Ending, again: bool = False
+    ) -> None:
         """A try of ``plan`` failed: ``kind`` for the metrics, ``what`` in words,
-        ``ending`` the error if nothing answers after it."""
+        ``ending`` the error if nothing answers after it. ``again``: a failure
+        worth another try of the same upstream, if its retries allow; else the
+        walk moves on."""
         self._health.failure(plan.upstream)
         self._observer.upstream_failure(plan.name, kind)
         self._note(plan.name, what)
         self.ending = ending
+        self._again = again
 
     def healthy(self, plan: UpstreamPlan) -> None:
         """``plan``'s upstream answered for itself (its answer, even a refusal of

@@ -41,7 +41,7 @@ from ..observe import Exchange
 from ..observe.observer import Observer
 from ..runtime import Runtime, UpstreamPlan
 from .attempts import Attempts, Ending, answered, no_headers_within
-from .health import Health, backoff_delay
+from .health import Health
 
 __all__ = ["Answered", "Forwarder"]
 
@@ -90,72 +90,32 @@ class Forwarder:
         """Send ``outbound`` along its route until an upstream answers (see the
         module docstring for the contract); relay.py relays the answer."""
         attempts = Attempts(ex, self._health, self._observer)
+        body = outbound.body
         for plan in attempts.walk(outbound.route, runtime):
             try:
-                response = await self._try_upstream(plan, outbound, attempts)
+                if attempts.delay:  # a retry of the same upstream
+                    await asyncio.sleep(attempts.delay)
+                if attempts.ending is not None and _spent(body):
+                    # Something failed, and a streamed body cannot be sent twice.
+                    raise attempts.exhausted()
+                attempts.start(plan)
+                response = await self._open(plan, outbound, ex)
+            except _Refused as refused:
+                if isinstance(body, BodyStream) and body.failure is not None:
+                    attempts.abandon(plan, body.failure)
+                    raise body.failure from None  # the client's fault, not the upstream's
+                fallback_on_timeout = outbound.route.fallback_on_timeout
+                _no_response(refused, plan, attempts, fallback_on_timeout=fallback_on_timeout)
+                continue
             except BaseException as exc:
                 attempts.abandon(plan, exc)
                 raise
-            if response is not None:
-                body = outbound.body
-                return Answered(response, plan, body if isinstance(body, BodyStream) else None)
+            if response.status < 400:  # the common case first
+                attempts.answered_by(plan)
+            elif not _answers_client(response, plan, attempts, spent=_spent(body)):
+                continue
+            return Answered(response, plan, body if isinstance(body, BodyStream) else None)
         raise attempts.exhausted()
-
-    async def _try_upstream(
-        self, plan: UpstreamPlan, outbound: Outbound, attempts: Attempts
-    ) -> UpstreamResponse | None:
-        """Try ``plan``'s upstream, again on a failure its retries allow: the
-        response to relay, or None to move on to the next upstream."""
-        upstream = plan.upstream
-        body = outbound.body
-        tries = upstream.retries.attempts + 1
-        for attempt in range(tries):
-            if attempt:
-                await asyncio.sleep(backoff_delay(upstream.retries.backoff, attempt))
-            if attempts.ending is not None and _spent(body):
-                # Something failed, and a streamed body cannot be sent twice.
-                raise attempts.exhausted()
-            attempts.start(plan)
-            try:
-                response = await self._open(plan, outbound, attempts.ex)
-            except _Refused as refused:
-                if isinstance(body, BodyStream) and body.failure is not None:
-                    raise body.failure from None  # the client's fault, not the upstream's
-                if refused.kind != "timeout":
-                    attempts.failed(plan, refused.kind, refused.what, ending=Ending.UNAVAILABLE)
-                    continue
-                attempts.failed(plan, refused.kind, refused.what, ending=Ending.TIMEOUT)
-                if not outbound.route.fallback_on_timeout:
-                    # The request was sent whole: the upstream may be generating
-                    # already. Another try could run (and bill) it twice, so only
-                    # an opted-in route moves on, and never to the same upstream.
-                    raise attempts.exhausted() from None
-                return None
-            status = response.status
-            if status < 400:  # the common case first: nothing below applies
-                attempts.answered_by(plan)
-                return response
-            if attempts.refuses_credential(plan, status):
-                _log_auth_failure(response, plan.name)
-                attempts.credential_refused(plan, status)
-                return None
-            if status == 429 or status >= 500:
-                # A 429 says "wait": retrying the same upstream at once is
-                # pointless, so it only moves on. A 5xx may be retried.
-                retry_here = status != 429 and attempt + 1 < tries
-                if not _spent(body) and (retry_here or attempts.another_after(plan)):
-                    response.close()
-                    what = answered(status)
-                    attempts.failed(plan, f"status_{status}", what, ending=Ending.UNAVAILABLE)
-                    if retry_here:
-                        continue
-                    return None
-                # Nothing left to try: the client gets the upstream's own answer.
-                attempts.answered_by(plan, healthy=False)
-            else:
-                attempts.answered_by(plan)
-            return response
-        return None
 
     async def _open(self, plan: UpstreamPlan, outbound: Outbound, ex: Exchange) -> UpstreamResponse:
         """Send the request; return the upstream's response once its headers are in.
@@ -192,6 +152,49 @@ class Forwarder:
 def _spent(body: bytes | bytearray | BodyStream) -> bool:
     """Has a streamed body begun to go out (so it cannot be sent again)?"""
     return isinstance(body, BodyStream) and body.started
+
+
+def _no_response(
+    refused: _Refused, plan: UpstreamPlan, attempts: Attempts, *, fallback_on_timeout: bool
+) -> None:
+    """Note an attempt that got no response: the walk tries the upstream again
+    (its retries allowing) or moves on; after a response timeout it moves on
+    only where the route allows it, else this raises the walk's error."""
+    if refused.kind != "timeout":
+        attempts.failed(plan, refused.kind, refused.what, ending=Ending.UNAVAILABLE, again=True)
+        return
+    attempts.failed(plan, refused.kind, refused.what, ending=Ending.TIMEOUT)
+    if not fallback_on_timeout:
+        # The request was sent whole: the upstream may be generating already.
+        # Another try could run (and bill) it twice, so only an opted-in route
+        # moves on, and never to the same upstream.
+        raise attempts.exhausted() from None
+
+
+def _answers_client(
+    response: UpstreamResponse, plan: UpstreamPlan, attempts: Attempts, *, spent: bool
+) -> bool:
+    """Is this 4xx or 5xx the client's answer? If not, it is noted and dropped,
+    and the walk tries the upstream again or moves on."""
+    status = response.status
+    if attempts.refuses_credential(plan, status):
+        _log_auth_failure(response, plan.name)
+        attempts.credential_refused(plan, status)
+        return False  # the same key would be refused again
+    if status != 429 and status < 500:
+        attempts.answered_by(plan)
+        return True
+    # A 429 says "wait": retrying the same upstream at once is pointless, so
+    # it only moves on. A 5xx may be retried.
+    again = status != 429 and attempts.may_retry(plan)
+    if not spent and (again or attempts.another_after(plan)):
+        response.close()
+        what = answered(status)
+        attempts.failed(plan, f"status_{status}", what, ending=Ending.UNAVAILABLE, again=again)
+        return False
+    # Nothing left to try: the client gets the upstream's own answer.
+    attempts.answered_by(plan, healthy=False)
+    return True
 
 
 def _log_auth_failure(upstream_resp: UpstreamResponse, name: str) -> None:
