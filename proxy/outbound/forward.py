@@ -7,8 +7,10 @@ Contract of :meth:`Forwarder.forward`:
   Upstreams are tried in the route's order (fallback list, or weighted
   balance then the rest), skipping those whose circuit breaker is open
   (health.py); when all are open the answer is 503 with ``Retry-After``.
-  The walk itself (order, breakers, the error left at the end) is
-  attempts.py's, shared with the realtime handshake; what is HTTP's is here.
+  The walk itself (order, breakers, retries and their backoff, the error
+  left at the end) is attempts.py's, shared with the realtime handshake;
+  which failure is worth another try, and which answer is the client's, is
+  HTTP's and decided here.
 - An upstream is retried (``retries.attempts``, jittered backoff) or left for
   the next only on a failure before any response byte reached the client:
   cannot connect (refused, connect timeout, reset, disconnected, garbage
