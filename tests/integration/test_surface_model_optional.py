@@ -137,7 +137,7 @@ async def test_sdk_calls_without_a_model_take_the_path_route_then_the_default(
         ("/v1/images/generations", b'{"prompt": "x"}', {"Content-Type": "application/json"}),
         ("/v1/images/variations", *form(("image", b"\x89PNG"))),
     ],
-    ids=["moderations-path-route-only", "json", "multipart"],
+    ids=["moderations", "images-generations", "images-variations-form"],
 )
 async def test_no_model_and_no_route_is_missing_model(
     aiohttp_client: Any,
