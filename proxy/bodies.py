@@ -29,6 +29,7 @@ from .config.settings import ServerSettings
 from .errors import InvalidRequest, ProxyError, RequestTimeout, RequestTooLarge
 from .findmodel import (
     FoundModel,
+    ModelAbsent,
     find_json_model,
     find_multipart_model,
     multipart_boundary,
@@ -264,12 +265,16 @@ def decoded_for_routing(body: BodyBytes, content_encoding: str | None, limit: in
     return out
 
 
-def find_model(body: BodyBytes, content_type_header: str) -> FoundModel:
-    """The model of a model-routed request: multipart form field or JSON key."""
+def find_model(body: BodyBytes, content_type_header: str) -> FoundModel | None:
+    """The model of a model-routed request: multipart form field or JSON key;
+    None when the body names none at all (it may be routed by path)."""
     mime = parse_mimetype(content_type_header)
-    if mime.type == "multipart" and mime.subtype == "form-data":
-        return find_multipart_model(body, multipart_boundary(dict(mime.parameters)))
-    return find_json_model(body)
+    try:
+        if mime.type == "multipart" and mime.subtype == "form-data":
+            return find_multipart_model(body, multipart_boundary(dict(mime.parameters)))
+        return find_json_model(body)
+    except ModelAbsent:
+        return None
 
 
 # Path-routed bodies above this size are streamed to the upstream as they

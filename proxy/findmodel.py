@@ -35,6 +35,7 @@ from .errors import InvalidRequest
 
 __all__ = [
     "FoundModel",
+    "ModelAbsent",
     "MultipartModelScan",
     "find_json_model",
     "find_multipart_model",
@@ -68,8 +69,24 @@ class FoundModel:
     codec: str = "utf-8"  # how a replacement value is encoded (the body's own encoding)
 
 
+_MISSING_MESSAGE = "you must provide a model parameter"
+
+
+class ModelAbsent(InvalidRequest):
+    """The body names no model at all: a JSON object without a top-level
+    ``model`` key, or a form without a ``model`` field.
+
+    Such a request may still be routed by its path (README, Endpoints); a
+    ``model`` that is there but unusable (not a string, empty, not UTF-8) is
+    :func:`_missing` and is refused whatever the routes say.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(_MISSING_MESSAGE, code="missing_model", param="model")
+
+
 def _missing() -> InvalidRequest:
-    return InvalidRequest("you must provide a model parameter", code="missing_model", param="model")
+    return InvalidRequest(_MISSING_MESSAGE, code="missing_model", param="model")
 
 
 def _invalid_json(detail: str) -> InvalidRequest:
@@ -84,8 +101,10 @@ def find_json_model(body: bytes | bytearray, exact_limit: int | None = None) -> 
     """Return the top-level ``model`` of a JSON object body.
 
     Raises :class:`InvalidRequest` with code ``invalid_json`` when ``json.loads``
-    would reject the body, ``missing_model`` when there is no top-level string
-    ``model``, and ``ambiguous_model`` when there are two.
+    would reject the body, :class:`ModelAbsent` (``missing_model``) when the
+    object has no top-level ``model``, ``missing_model`` when it is not a
+    string or the body is not an object, and ``ambiguous_model`` when there
+    are two.
 
     Bodies over ``exact_limit`` bytes (1 MiB) are UTF-8 checked structurally
     instead (see :func:`_find_structural`): the same answer for every valid
@@ -146,7 +165,7 @@ def _find_in_one_scan(body: bytes | bytearray) -> FoundModel | None:
                 raise _ambiguous()
             index = i
     if index < 0:
-        raise _missing()
+        raise ModelAbsent()
     model = pairs[index][1]
     if type(model) is not str:  # json gives str exactly, never a subclass
         raise _missing()
@@ -356,7 +375,9 @@ def _find_exact(body: bytes | bytearray) -> FoundModel:
             raise _invalid_json(f"expected ',' or '}}' at character {pos}")
     if _skip_ws(text, pos).end() != n:
         raise _invalid_json(f"extra data at character {pos}")
-    if found is None or found[1] < 0:
+    if found is None:
+        raise ModelAbsent()
+    if found[1] < 0:
         raise _missing()
     model, start, end = found
     if encoding != "utf-8":
@@ -544,8 +565,10 @@ def _find_structural(body: bytes | bytearray) -> FoundModel:
             raise _invalid_json(f"expected ',' or '}}' at byte {pos}")
     if _ws_end(body, pos) != n:
         raise _invalid_json(f"extra data at byte {pos}")
-    if found is None:
+    if missing:
         raise _missing()
+    if found is None:
+        raise ModelAbsent()
     return found
 
 
@@ -563,7 +586,8 @@ def multipart_boundary(content_type_params: dict[str, str]) -> bytes:
 def find_multipart_model(body: bytes | bytearray, boundary: bytes) -> FoundModel:
     """Return the value of the ``model`` form field of a complete multipart body.
 
-    Raises ``missing_model`` when no part is named ``model``, ``ambiguous_model``
+    Raises :class:`ModelAbsent` when no part is named ``model``,
+    ``missing_model`` when its value is empty or not UTF-8, ``ambiguous_model``
     when two are, and ``invalid_multipart`` when the framing is broken.
     """
     delimiter = b"--" + boundary
@@ -608,7 +632,9 @@ def find_multipart_model(body: bytes | bytearray, boundary: bytes) -> FoundModel
                 ) from None
             found = FoundModel(value, content_start, next_delim, False)
         pos = next_delim + 2
-    if found is None or not found.model:
+    if found is None:
+        raise ModelAbsent()
+    if not found.model:
         raise _missing()
     return found
 

@@ -40,7 +40,7 @@ from .errors import (
     ProxyError,
     clip,
 )
-from .findmodel import multipart_boundary, rewrite_model
+from .findmodel import ModelAbsent, multipart_boundary, rewrite_model
 from .inbound.route import (
     REALTIME_PATH,
     Outbound,
@@ -335,43 +335,43 @@ async def _proxy(
                 routable = decoded_for_routing(body, encoding, limit)
                 found = find_model(routable, content_type)
             ex.bytes_in = len(body)
-            vet_model(found.model)
-            ex.model = found.model
-            match = runtime.table.resolve(found.model)
-            if match is None:
-                raise model_not_found(found.model)
-            # Metrics label: the table's entry (a glob, an exact or discovered id),
-            # never the client's string, so the label set stays bounded.
-            ex.metric_model = match.route.model or found.model
-            if not KeyTable.allows(caller.key, found.model):
-                raise ModelNotAllowed(
-                    f"Your key may not use the model '{clip(found.model)}'.", param="model"
-                )
-            route = match.route
-            upstream_model = match.upstream_model
-            if upstream_model != found.model:
-                if routable is not body:
-                    # A compressed body is rewritten and sent uncompressed (see README).
-                    inbound = _without(request, "Content-Encoding")
-                body = rewrite_model(routable, found, upstream_model)
-            ex.upstream_model = upstream_model
-            if head is not None and not head.complete:
-                # (A head is read only for a form with a boundary, within bounds.)
-                assert boundary is not None and bounds is not None and isinstance(body, bytes)
-                watcher = PartWatcher(boundary)
-                watcher.feed(head.head[found.end :])  # the rest of the head, after the model
-                body = BodyStream(
-                    request, bounds, head=body, received=len(head.head), watcher=watcher
-                )
+            if found is None:
+                # No model at all (a stored prompt names its own, and OpenAI makes
+                # it optional on moderations and images): routed by path.
+                route = _route_without_model(runtime, caller, path)
+            else:
+                vet_model(found.model)
+                ex.model = found.model
+                match = runtime.table.resolve(found.model)
+                if match is None:
+                    raise model_not_found(found.model)
+                # Metrics label: the table's entry (a glob, an exact or discovered id),
+                # never the client's string, so the label set stays bounded.
+                ex.metric_model = match.route.model or found.model
+                if not KeyTable.allows(caller.key, found.model):
+                    raise ModelNotAllowed(
+                        f"Your key may not use the model '{clip(found.model)}'.", param="model"
+                    )
+                route = match.route
+                upstream_model = match.upstream_model
+                if upstream_model != found.model:
+                    if routable is not body:
+                        # A compressed body is rewritten and sent uncompressed (see README).
+                        inbound = _without(request, "Content-Encoding")
+                    body = rewrite_model(routable, found, upstream_model)
+                ex.upstream_model = upstream_model
+                if head is not None and not head.complete:
+                    # (A head is read only for a form with a boundary, within bounds.)
+                    assert boundary is not None and bounds is not None and isinstance(body, bytes)
+                    watcher = PartWatcher(boundary)
+                    watcher.feed(head.head[found.end :])  # the rest of the head, after the model
+                    body = BodyStream(
+                        request, bounds, head=body, received=len(head.head), watcher=watcher
+                    )
         else:
             route = runtime.table.resolve_path(path)
             if route is None:
-                if path in MODEL_PATHS:
-                    raise MethodNotAllowed(
-                        f"{request.method} is not allowed on /v1/{path}; use POST.",
-                        headers={"Allow": "POST"},
-                    )
-                raise NotFound(f"Unknown request URL: {request.method} {clip(raw_path)}.")
+                raise _no_route(request.method, path, raw_path)
             length = request.content_length
             if request.body_exists and (length is None or length > STREAM_ABOVE):
                 # Large uploads (files, batches input) stream through
@@ -398,6 +398,34 @@ async def _proxy(
         if isinstance(body, BodyStream):
             ex.bytes_in = body.size
         raise
+
+
+def _route_without_model(runtime: Runtime, caller: Caller, path: str) -> Route:
+    """The route of a model-routed request whose body names no model: the path
+    routes, then the default route, as for a model-less path; else ``missing_model``."""
+    route = runtime.table.resolve_path(path)
+    if route is None:
+        raise ModelAbsent()
+    if caller.key is not None and caller.key.models is not None:
+        # The upstream would pick its own default model, which the key's list
+        # could not have allowed.
+        raise ModelNotAllowed("this key must name a model", param="model")
+    return route
+
+
+def _no_route(method: str, path: str, raw_path: str) -> ProxyError:
+    """The error for a request no route serves: 405 on a path that is served with
+    another method (a model path takes POST; the proxy answers GET on its model
+    list), else 404."""
+    if path in MODEL_PATHS:
+        return MethodNotAllowed(
+            f"{method} is not allowed on /v1/{path}; use POST.", headers={"Allow": "POST"}
+        )
+    if path == "models" or (path.startswith("models/") and len(path) > len("models/")):
+        return MethodNotAllowed(
+            f"{method} is not allowed on /v1/{clip(path)}; use GET.", headers={"Allow": "GET"}
+        )
+    return NotFound(f"Unknown request URL: {method} {clip(raw_path)}.")
 
 
 def _streamable_form(

@@ -20,7 +20,13 @@ from dataclasses import dataclass
 from aiohttp import StreamReader
 
 from .errors import InvalidRequest, RequestTooLarge
-from .findmodel import FoundModel, MultipartModelScan, find_multipart_model, part_name
+from .findmodel import (
+    FoundModel,
+    ModelAbsent,
+    MultipartModelScan,
+    find_multipart_model,
+    part_name,
+)
 
 __all__ = ["MultipartHead", "PartWatcher", "read_until_model"]
 
@@ -30,7 +36,8 @@ _MAX_PART_HEADERS = 16 * 1024
 
 @dataclass(slots=True)
 class MultipartHead:
-    """The bytes read so far, the model found in them, and whether the body ended.
+    """The bytes read so far, the model found in them (None: the complete form
+    has no ``model`` field), and whether the body ended.
 
     ``head`` is ``bytes`` while the body goes on (it is sent first, the rest
     streams after it); a complete body is handed on in the buffer it was read
@@ -38,7 +45,7 @@ class MultipartHead:
     """
 
     head: bytes | bytearray
-    found: FoundModel
+    found: FoundModel | None
     complete: bool
 
 
@@ -60,7 +67,10 @@ async def read_until_model(
         while True:
             chunk = await content.readany()
             if not chunk:
-                return MultipartHead(buf, find_multipart_model(buf, boundary), True)
+                try:
+                    return MultipartHead(buf, find_multipart_model(buf, boundary), True)
+                except ModelAbsent:
+                    return MultipartHead(buf, None, True)
             if len(buf) + len(chunk) > limit:
                 raise RequestTooLarge(
                     f"The request body is larger than this proxy accepts ({limit} bytes)."

@@ -151,14 +151,12 @@ async def test_model_after_a_large_file_is_found_and_the_body_kept_whole() -> No
     assert head.found.end < len(head.head)
 
 
-async def test_a_form_without_model_is_read_whole_and_refused() -> None:
+async def test_a_form_without_model_is_read_whole_and_handed_back() -> None:
+    """No model field: the whole form comes back, for routing by path."""
     body = form(("file", b"\x00" * 100_000), ("prompt", b"hi"))
-    try:
-        await read_until_model(Reads(body, 999), B.encode(), 10**9, 5)  # type: ignore[arg-type]
-    except InvalidRequest as err:
-        assert err.code == "missing_model"
-    else:
-        raise AssertionError("a form without a model field was accepted")
+    head = await read_until_model(Reads(body, 999), B.encode(), 10**9, 5)  # type: ignore[arg-type]
+    assert head.found is None and head.complete
+    assert head.head == body
 
 
 def test_rewrite_of_a_bytearray_equals_that_of_bytes() -> None:

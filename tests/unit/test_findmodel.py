@@ -8,6 +8,7 @@ import pytest
 
 from proxy.errors import InvalidRequest
 from proxy.findmodel import (
+    ModelAbsent,
     _find_exact,
     _find_in_one_scan,
     find_json_model,
@@ -58,6 +59,30 @@ def test_refusals(body: bytes, code: str, exact_limit: int | None) -> None:
     with pytest.raises(InvalidRequest) as err:
         find_json_model(body, exact_limit=exact_limit)
     assert err.value.code == code
+
+
+@pytest.mark.parametrize(
+    ("body", "absent"),
+    [
+        (b"{}", True),
+        (b'{"input": "x", "x": {"model": "nested"}}', True),
+        (b'{"prompt": {"id": "pmpt_1"}, "s": "\\"model\\": \\"a\\""}', True),
+        (b'{"model": null}', False),
+        (b'{"model": 4}', False),
+        (b'{"model": ["a"]}', False),
+        (b"[]", False),
+        (b'"model"', False),
+    ],
+)
+@pytest.mark.parametrize("exact_limit", [None, 0], ids=["exact", "structural"])
+def test_a_model_not_there_is_told_from_one_not_usable(
+    body: bytes, absent: bool, exact_limit: int | None
+) -> None:
+    """Only an object with no top-level model may be routed by path instead."""
+    with pytest.raises(InvalidRequest) as err:
+        find_json_model(body, exact_limit=exact_limit)
+    assert err.value.code == "missing_model"
+    assert isinstance(err.value, ModelAbsent) is absent
 
 
 PRETTY = json.dumps(
@@ -209,3 +234,19 @@ def test_multipart_refusals(body: bytes, code: str) -> None:
     with pytest.raises(InvalidRequest) as err:
         find_multipart_model(body, b"XyZ")
     assert err.value.code == code
+
+
+@pytest.mark.parametrize(
+    ("body", "absent"),
+    [
+        (_form(("file", b"x"), ("prompt", b"p")), True),
+        (_form(("Model", b"a"), ("models", b"b")), True),
+        (_form(("model", b""), ("prompt", b"p")), False),
+        (_form(("model", b"\xff"),), False),
+    ],
+)
+def test_multipart_model_not_there_is_told_from_one_not_usable(body: bytes, absent: bool) -> None:
+    with pytest.raises(InvalidRequest) as err:
+        find_multipart_model(body, b"XyZ")
+    assert err.value.code == "missing_model"
+    assert isinstance(err.value, ModelAbsent) is absent

@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from proxy.errors import InvalidRequest
 from proxy.findmodel import (
     FoundModel,
+    ModelAbsent,
     _find_exact,
     find_json_model,
     find_multipart_model,
@@ -140,6 +141,8 @@ def test_agrees_with_json_loads(
         else:
             assert err.code == "missing_model", err.message
             assert not found_models or not isinstance(found_models[0], str)
+            # Only a model that is not there at all may be routed by path.
+            assert isinstance(err, ModelAbsent) == (not found_models)
         return
     assert len(found_models) == 1 and isinstance(found_models[0], str)
     assert found.model == found_models[0] == json.loads(body)["model"]
@@ -311,7 +314,9 @@ def reference(body: bytes | bytearray) -> tuple[str, Any]:
     models = [v for k, v in tops[-1] if k == "model"]  # the top level closes last
     if len(models) > 1:
         return ("error", "ambiguous_model")
-    if not models or not isinstance(models[0], str):
+    if not models:
+        return ("error", "absent")  # missing_model, but routable by path
+    if not isinstance(models[0], str):
         return ("error", "missing_model")
     return ("found", models[0])
 
@@ -320,7 +325,7 @@ def answer(body: bytes | bytearray, find: Any = find_json_model) -> tuple[str, A
     try:
         return ("found", find(body))
     except InvalidRequest as err:
-        return ("error", (err.code, err.message))
+        return ("error", (err.code, err.message, isinstance(err, ModelAbsent)))
 
 
 @FUZZ
@@ -335,7 +340,9 @@ def test_one_scan_agrees_with_a_json_loads_reference(
     want = reference(body)
     got = answer(body)
     if want[0] == "error":
-        assert got[0] == "error" and got[1][0] == want[1], (body, got)
+        absent = want[1] == "absent"
+        code = "missing_model" if absent else want[1]
+        assert got[0] == "error" and got[1][0] == code and got[1][2] == absent, (body, got)
         return
     assert got[0] == "found", (body, got)
     found = got[1]
@@ -395,6 +402,7 @@ def test_multipart_finds_the_one_model_field(case: tuple[bytes, list[tuple[str, 
             assert err.code in ("ambiguous_model", "missing_model")
         elif not model_parts or not model_parts[0]:
             assert err.code == "missing_model"
+            assert isinstance(err, ModelAbsent) == (not model_parts)
         else:
             # Only a value that is not UTF-8 text is refused.
             with pytest.raises(UnicodeDecodeError):
