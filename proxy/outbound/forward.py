@@ -190,9 +190,9 @@ def _answers_client(
     # it only moves on. A 5xx may be retried.
     again = status != 429 and attempts.may_retry(plan)
     if not spent and (again or attempts.another_after(plan)):
-        response.close()
         what = answered(status)
         attempts.failed(plan, f"status_{status}", what, ending=Ending.UNAVAILABLE, again=again)
+        response.close()
         return False
     # Nothing left to try: the client gets the upstream's own answer.
     attempts.answered_by(plan, healthy=False)
