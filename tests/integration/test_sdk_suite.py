@@ -51,7 +51,7 @@ OPENAI_SDK = "3.63.0"
 SUITE_DEPENDENCIES = ("pytest==9.2.0", "pytest-asyncio==1.5.0", "rich==15.0.0")
 SUITE_DIR = Path(__file__).resolve().parents[1] / "sdk_suite"
 EXAMPLES_SCRIPT = SUITE_DIR / "examples.py"
-# One run of the suite; a bound, not an expectation (README, Development).
+# A bound on one run of the suite, far above the 60-100 s it takes here.
 SUITE_TIMEOUT = 1800.0
 
 # Not compared: credentials (RFC 9110 §11.6.2; the proxy drops the client's),

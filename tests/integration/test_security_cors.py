@@ -94,7 +94,7 @@ async def test_headers_on_success_errors_and_streams(
         ("POST", "/v1/chat/completions", CHAT, {"Origin": APP}, 401),
         ("POST", "/v1/chat/completions", {"model": "nope"}, key, 404),
         ("POST", "/v1/chat/completions", {"messages": []}, key, 400),
-        ("POST", "/v1/models", None, key, 404),
+        ("POST", "/v1/models", None, key, 405),
         ("GET", "/v1/chat/completions", None, key, 405),
         ("GET", "/v1/models", None, key, 200),
         ("POST", "/v1/chat/completions", CHAT, key, 429),
