@@ -28,6 +28,7 @@ from .settings import (
     ConfigError,
     CorsSettings,
     HeaderRewrite,
+    Limits,
     LogSettings,
     MetricsSettings,
     RateLimitSettings,
@@ -37,6 +38,7 @@ from .settings import (
     ServerSettings,
     Settings,
     Timeouts,
+    TokenBudget,
     Upstream,
 )
 
@@ -47,6 +49,7 @@ __all__ = [
     "ConfigError",
     "CorsSettings",
     "HeaderRewrite",
+    "Limits",
     "LogSettings",
     "MetricsSettings",
     "RateLimitSettings",
@@ -55,6 +58,7 @@ __all__ = [
     "ServerSettings",
     "Settings",
     "Timeouts",
+    "TokenBudget",
     "Upstream",
     "load_settings",
     "parse_settings",
@@ -203,14 +207,62 @@ def _expand_env(node: _Node, environ: Mapping[str, str]) -> object:
     return value
 
 
-def _rate_limit(node: _Node) -> RateLimitSettings:
-    m = node.mapping(("requests_per_minute", "burst", "storage", "on_storage_error"))
-    for key in ("requests_per_minute", "burst"):
-        if key not in m:
-            raise node.error(f"missing key {key!r}")
-    return RateLimitSettings(
-        requests_per_minute=_positive_number(node.child("requests_per_minute")),
-        burst=_int_in(1, 10**9)(node.child("burst")),
+_TOKEN_KEYS = (
+    "tokens_per_minute",
+    "tokens_per_day",
+    "default_output_tokens",
+    "max_output_reservation",
+    "enforce",
+)
+# Far above any real budget, and small enough that token arithmetic in Redis's
+# Lua numbers (doubles) stays exact to well below one token.
+_MAX_TOKENS = 10**12
+
+
+def _rate_limit(node: _Node) -> Limits:
+    """One ``rate_limit`` block: requests, tokens, or both (README: Token budgets)."""
+    m = node.mapping(
+        ("requests_per_minute", "burst", "storage", "on_storage_error", *_TOKEN_KEYS)
+    )
+    requests = None
+    if "requests_per_minute" in m or "burst" in m:
+        for key in ("requests_per_minute", "burst"):
+            if key not in m:
+                raise node.error(f"missing key {key!r} (requests_per_minute and burst go together)")
+        requests = RateLimitSettings(
+            requests_per_minute=_positive_number(node.child("requests_per_minute")),
+            burst=_int_in(1, 10**9)(node.child("burst")),
+        )
+    tokens = _token_budget(node, m)
+    if requests is None and tokens is None:
+        raise node.error(
+            "set at least one of requests_per_minute (with burst), tokens_per_minute, "
+            "tokens_per_day"
+        )
+    return Limits(requests, tokens)
+
+
+def _token_budget(node: _Node, m: dict[str, Any]) -> TokenBudget | None:
+    count = _int_in(1, _MAX_TOKENS)
+    per_minute = node.opt("tokens_per_minute", count, None)
+    per_day = node.opt("tokens_per_day", count, None)
+    if per_minute is None and per_day is None:
+        for key in _TOKEN_KEYS[2:]:
+            if key in m:
+                raise node.child(key).error("needs tokens_per_minute or tokens_per_day")
+        return None
+    d = TokenBudget(None, None)
+    cap = d.max_output_reservation
+    if "max_output_reservation" in m:  # present and null: no cap
+        cap = node.opt("max_output_reservation", _int_in(0, _MAX_TOKENS), None)
+    return TokenBudget(
+        per_minute=per_minute,
+        per_day=per_day,
+        default_output_tokens=node.opt(
+            "default_output_tokens", _int_in(0, _MAX_TOKENS), d.default_output_tokens
+        ),
+        max_output_reservation=cap,
+        enforce=node.opt("enforce", _bool, d.enforce),
     )
 
 
