@@ -19,7 +19,7 @@ from aiohttp.http import HttpVersion10, HttpVersion11
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from . import __version__
-from .admission import Caller, charge, identify, unauthorized
+from .admission import Caller, RequestCost, charge, identify, unauthorized
 from .auth import KeyTable
 from .bodies import (
     STREAM_ABOVE,
@@ -271,8 +271,10 @@ async def proxy_view(request: web.Request) -> web.StreamResponse:
         resp.headers["x-request-id"] = ex.request_id
         if isinstance(resp.body, bytes):
             ex.bytes_out = len(resp.body)
+        if ex.budget is not None:
+            ex.budget.add_headers(resp.headers)
         if err.status == 429:
-            observer.rate_limited(ex)
+            observer.rate_limited(ex, err)
         return resp
     except BaseException as exc:  # client gone (cancelled), or a bug: still logged
         ex.failed_before_response(exc)
@@ -304,10 +306,11 @@ async def _proxy(
     inbound: CIMultiDictProxy[str] = request.headers
     # When no route has a limit of its own, the bucket does not depend on the
     # route: charge before the body is read, so a client over its limit costs
-    # no body read and no parse (issue 3).
-    charged = not runtime.route_limited
+    # no body read and no parse (issue 3). A token budget needs the body.
+    charged = not (runtime.route_limited or runtime.token_limited)
     if charged and runtime.limited:  # with no limit configured, nothing to charge
-        await charge(limiter, runtime, caller, None)
+        ex.budget = await charge(limiter, runtime, caller, None)
+    cost: RequestCost | None = None  # a model request's, for a token budget
     try:
         vet_head(request)
         path = vet_path(raw_path)
@@ -342,8 +345,9 @@ async def _proxy(
             else:
                 body = await read_body(request, settings.server)
                 routable = decoded_for_routing(body, encoding, limit)
-                found = find_model(routable, content_type)
+                found = find_model(routable, content_type, runtime.token_limited)
             ex.bytes_in = len(body)
+            cost = RequestCost.of(found, len(routable))
             vet_model(found.model)
             ex.model = found.model
             match = runtime.table.resolve(found.model)
@@ -394,7 +398,7 @@ async def _proxy(
             await charge(limiter, runtime, caller, route)
         raise
     if not charged:
-        await charge(limiter, runtime, caller, route)
+        ex.budget = await charge(limiter, runtime, caller, route, cost)
     if realtime is not None:
         return await proxy_realtime(
             request,
@@ -476,7 +480,9 @@ async def _admit(request: web.Request) -> Caller:
     if ex is not None:
         ex.client = caller.address
         ex.key_name = caller.key.name if caller.key is not None else None
-    await charge(request.app[LIMITER], runtime, caller, None)
+    charged = await charge(request.app[LIMITER], runtime, caller, None)
+    if ex is not None:
+        ex.budget = charged
     if not caller.authenticated:
         raise unauthorized()
     return caller

@@ -12,8 +12,10 @@ removes it at exit (:func:`share_metrics_across_workers`).
 
 Label values are bounded by the configuration: ``model`` is a routing-table
 entry (an exact id, a glob pattern, or a discovered id), never the string a
-client sent; ``upstream`` is a configured upstream name; ``kind`` and
-``status_class`` come from fixed sets.
+client sent; ``upstream`` is a configured upstream name; ``key`` is a proxy
+key's configured name (never the key; ``""`` without proxy keys, and a failed
+key check never reaches a token count); ``kind``, ``type``, ``window``,
+``reason`` and ``status_class`` come from fixed sets.
 """
 
 from __future__ import annotations
@@ -176,11 +178,40 @@ class Metrics:
             ("model", "upstream", "type"),
             registry=own,
         )
+        self.key_tokens = Counter(
+            "oaimux_key_tokens",
+            "Tokens reported in the upstream's usage object, by proxy key name, "
+            "routing-table model and type (input: uncached input, cached: input read "
+            "from the provider's cache, output).",
+            ("key", "model", "type"),
+            registry=own,
+        )
+        self.token_limited = Counter(
+            "oaimux_token_limited",
+            "Requests refused by a token budget, by proxy key name, routing-table model "
+            "and window (minute, day).",
+            ("key", "model", "window"),
+            registry=own,
+        )
+        self.token_limit_not_enforced = Counter(
+            "oaimux_token_limit_not_enforced",
+            "Requests a token budget with enforce: false let through that it would have "
+            "refused, by proxy key name, routing-table model and window (minute, day).",
+            ("key", "model", "window"),
+            registry=own,
+        )
+        self.tokens_unreconciled = Counter(
+            "oaimux_tokens_unreconciled",
+            "Answers whose token reservation was kept because they reported no usage, "
+            "by proxy key name, routing-table model and reason (no_usage, cut_short).",
+            ("key", "model", "reason"),
+            registry=own,
+        )
         # Pending since the last sync; the hot path touches only these.
         self.in_flight_now = 0
         self.open_streams_now = 0
         self._pending_requests: dict[tuple[str, str, int], int] = {}
-        self._pending_tokens: dict[tuple[str, str], list[int]] = {}
+        self._pending_tokens: dict[tuple[str, str, str], list[int]] = {}
         self._sync_scheduled = False
         self._pending_latency: dict[str, _Observations] = {}
         for name in upstreams:
@@ -205,14 +236,22 @@ class Metrics:
             seen.ttfb_sum += ttfb
 
     def count_tokens(
-        self, model: str, upstream: str, prompt: int | None, completion: int | None
+        self,
+        model: str,
+        upstream: str,
+        key_name: str,
+        prompt: int | None,
+        completion: int | None,
+        cached: int = 0,
     ) -> None:
-        key = (model, upstream)
-        pair = self._pending_tokens.get(key)
-        if pair is None:
-            pair = self._pending_tokens[key] = [0, 0]
-        pair[0] += prompt or 0
-        pair[1] += completion or 0
+        """One answer's usage (``cached`` is part of ``prompt``)."""
+        key = (model, upstream, key_name)
+        counts = self._pending_tokens.get(key)
+        if counts is None:
+            counts = self._pending_tokens[key] = [0, 0, 0]
+        counts[0] += prompt or 0
+        counts[1] += completion or 0
+        counts[2] += cached
 
     def sync(self) -> None:
         """Publish what the hot path counted since the last sync."""
@@ -224,11 +263,17 @@ class Metrics:
         if self._pending_tokens:
             tokens, self._pending_tokens = self._pending_tokens, {}
             labels = self.tokens.labels
-            for (model, upstream), (prompt, completion) in tokens.items():
+            by_key = self.key_tokens.labels
+            for (model, upstream, key_name), (prompt, completion, cached) in tokens.items():
                 if prompt:
                     labels(model, upstream, "prompt").inc(prompt)
+                    if prompt > cached:
+                        by_key(key_name, model, "input").inc(prompt - cached)
+                if cached:
+                    by_key(key_name, model, "cached").inc(cached)
                 if completion:
                     labels(model, upstream, "completion").inc(completion)
+                    by_key(key_name, model, "output").inc(completion)
         if self._pending_latency:
             latency, self._pending_latency = self._pending_latency, {}
             for upstream, seen in latency.items():

@@ -33,10 +33,11 @@ from typing import TextIO
 from aiohttp import web
 from multidict import istr
 
-from .errors import ProxyError, error_response
+from .budget import Charged
+from .errors import ProxyError, TokensLimited, error_response
 from .metrics import Metrics
 from .settings import LogSettings, Settings
-from .usage import usage_from_tail
+from .usage import Usage, usage_from_tail
 
 __all__ = [
     "EXCHANGE",
@@ -115,6 +116,10 @@ class Exchange:
     in_flight: bool = False
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    cached_tokens: int = 0
+    # What admission charged (budget.py): headers for the answer, and the token
+    # reservation reconciled when the answer has ended.
+    budget: Charged | None = None
     # The last two response chunks, for the usage object; set after the body ended.
     tail: bytes = b""
     tail_previous: bytes = b""
@@ -299,8 +304,13 @@ class Observer:
         ex.duration = time.perf_counter() - ex.started
         metrics = self.metrics
         logging_on = self.log.access and access_logger.isEnabledFor(logging.INFO)
-        if ex.tail and (metrics is not None or logging_on):
+        budget = ex.budget
+        reserved = budget is not None and budget.reservation is not None
+        if ex.tail and (metrics is not None or logging_on or reserved):
             self._read_usage(ex)
+        if reserved:
+            assert budget is not None
+            self._reconcile(ex, budget)
         if metrics is not None:
             if ex.in_flight:
                 metrics.in_flight_now -= 1
@@ -318,7 +328,12 @@ class Observer:
                     metrics.client_stalls.labels(upstream).inc()
             if ex.prompt_tokens is not None or ex.completion_tokens is not None:
                 metrics.count_tokens(
-                    ex.metric_model, upstream, ex.prompt_tokens, ex.completion_tokens
+                    ex.metric_model,
+                    upstream,
+                    ex.key_name or "",
+                    ex.prompt_tokens,
+                    ex.completion_tokens,
+                    ex.cached_tokens,
                 )
         if logging_on:
             line = self.format_json(ex) if self.json else self.format_text(ex)
@@ -336,8 +351,32 @@ class Observer:
         usage = usage_from_tail(ex.tail_previous, ex.tail)
         ex.tail = ex.tail_previous = b""  # the chunks are no longer needed
         if usage is not None:
-            ex.prompt_tokens = usage.prompt_tokens
-            ex.completion_tokens = usage.completion_tokens
+            ex.prompt_tokens, ex.completion_tokens, ex.cached_tokens = usage
+
+    def _reconcile(self, ex: Exchange, budget: Charged) -> None:
+        """The answer has ended: settle its token reservation (budget.py)."""
+        usage = None
+        if ex.prompt_tokens is not None or ex.completion_tokens is not None:
+            usage = Usage(ex.prompt_tokens, ex.completion_tokens, ex.cached_tokens)
+        outcome = ex.outcome
+        # Nothing was generated when the proxy answered with an error of its
+        # own (but a response timeout: the upstream may be generating still),
+        # or when the upstream answered whole with an error status.
+        produced = not (
+            (outcome == "error" and ex.error_code != "upstream_timeout")
+            or (outcome == "complete" and ex.status >= 400)
+        )
+        kept = budget.reconcile(usage, produced)
+        metrics = self.metrics
+        if metrics is None:
+            return
+        key = ex.key_name or ""
+        if kept:
+            reason = "no_usage" if outcome == "complete" else "cut_short"
+            metrics.tokens_unreconciled.labels(key, ex.metric_model, reason).inc()
+        tokens = budget.tokens
+        if tokens is not None and not tokens.allowed:  # passed only as enforce is false
+            metrics.token_limit_not_enforced.labels(key, ex.metric_model, tokens.window).inc()
 
     # -- the access-log line
 
@@ -382,6 +421,7 @@ class Observer:
         """One ``key=value`` line (logfmt); client-chosen strings are quoted when needed."""
         ttfb = "-" if ex.ttfb is None else f"{ex.ttfb * 1000:.2f}"
         duration = "-" if ex.duration is None else f"{ex.duration * 1000:.2f}"
+        reserved, charged = _tokens_charged(ex)
         return (
             f"time={self._time(ex.started_wall)} request_id={ex.request_id}"
             f" {self._who(ex, False)} tried={','.join(ex.tried) or '-'}"
@@ -390,6 +430,7 @@ class Observer:
             f" error={ex.error_code or '-'}"
             f" prompt_tokens={_num(ex.prompt_tokens)}"
             f" completion_tokens={_num(ex.completion_tokens)}"
+            f" reserved_tokens={_num(reserved)} charged_tokens={_num(charged)}"
         )
 
     def format_json(self, ex: Exchange) -> str:
@@ -402,6 +443,7 @@ class Observer:
         ttfb = "null" if ex.ttfb is None else f"{ex.ttfb * 1000:.2f}"
         duration = "null" if ex.duration is None else f"{ex.duration * 1000:.2f}"
         tried = ",".join(_json(name) for name in ex.tried)
+        reserved, charged = _tokens_charged(ex)
         return (
             # request_id (vetted), method (an HTTP token) and outcome never need escaping.
             f'{{"time":"{self._time(ex.started_wall)}","request_id":"{ex.request_id}"'
@@ -409,15 +451,20 @@ class Observer:
             f',"bytes_in":{ex.bytes_in},"bytes_out":{ex.bytes_out}'
             f',"ttfb_ms":{ttfb},"duration_ms":{duration},"outcome":"{ex.outcome}"'
             f',"error":{_json(ex.error_code)},"prompt_tokens":{_json_int(ex.prompt_tokens)}'
-            f',"completion_tokens":{_json_int(ex.completion_tokens)}}}'
+            f',"completion_tokens":{_json_int(ex.completion_tokens)}'
+            f',"reserved_tokens":{_json_int(reserved)},"charged_tokens":{_json_int(charged)}}}'
         )
 
     # -- hooks called from admission, forward and health
 
-    def rate_limited(self, ex: Exchange) -> None:
-        """A request refused by the limiter."""
+    def rate_limited(self, ex: Exchange, err: ProxyError | None = None) -> None:
+        """A request refused by the limiter (``err``: the refusal, when at hand)."""
         if self.metrics is not None:
             self.metrics.rate_limited_total.labels(ex.metric_model).inc()
+            if isinstance(err, TokensLimited):
+                self.metrics.token_limited.labels(
+                    ex.key_name or "", ex.metric_model, err.window
+                ).inc()
 
     def upstream_failure(self, upstream: str, kind: str) -> None:
         """An attempt at ``upstream`` failed before any response byte."""
@@ -465,6 +512,8 @@ class Observer:
                     ex.bytes_out = len(body)
                 resp.headers[OUR_REQUEST_ID_HEADER] = ex.request_id
                 resp.headers.setdefault("x-request-id", ex.request_id)
+                if ex.budget is not None:
+                    ex.budget.add_headers(resp.headers)
                 return resp
             except BaseException as exc:
                 ex.failed_before_response(exc)
@@ -493,6 +542,14 @@ def _json(value: str | None) -> str:
 
 def _clip(value: str) -> str:
     return value if len(value) <= _MAX_LOGGED else value[:_MAX_LOGGED] + "..."
+
+
+def _tokens_charged(ex: Exchange) -> tuple[int | None, int | None]:
+    """The access log's reserved and charged tokens (``None``: no token budget)."""
+    budget = ex.budget
+    if budget is None:
+        return None, None
+    return budget.reserved_tokens, budget.charged_tokens
 
 
 def _json_int(value: int | None) -> str:

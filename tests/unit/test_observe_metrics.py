@@ -44,10 +44,16 @@ def test_latency_buckets_reach_long_streams() -> None:
 
 def test_tokens_by_type() -> None:
     m = single()
-    m.count_tokens("m", "u", 10, None)
-    m.count_tokens("m", "u", 5, 7)
+    m.count_tokens("m", "u", "alice", 10, None)
+    m.count_tokens("m", "u", "bob", 5, 7, cached=4)
     assert sample(m, "oaimux_tokens_total", model="m", upstream="u", type="prompt") == 15
     assert sample(m, "oaimux_tokens_total", model="m", upstream="u", type="completion") == 7
+    # Per key name: input without the cached part, cached, output.
+    assert sample(m, "oaimux_key_tokens_total", key="alice", model="m", type="input") == 10
+    assert sample(m, "oaimux_key_tokens_total", key="bob", model="m", type="input") == 1
+    assert sample(m, "oaimux_key_tokens_total", key="bob", model="m", type="cached") == 4
+    assert sample(m, "oaimux_key_tokens_total", key="bob", model="m", type="output") == 7
+    assert sample(m, "oaimux_key_tokens_total", key="alice", model="m", type="output") is None
 
 
 def test_breaker_states_through_the_observer_hook() -> None:
