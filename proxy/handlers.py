@@ -395,7 +395,7 @@ async def _proxy(
         ex.route = route.describe()
     except ProxyError:
         if not charged:
-            await charge(limiter, runtime, caller, route)
+            ex.budget = await charge(limiter, runtime, caller, route)
         raise
     if not charged:
         ex.budget = await charge(limiter, runtime, caller, route, cost)
