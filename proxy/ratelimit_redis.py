@@ -9,9 +9,9 @@ reads the bucket, decides and writes it back atomically, so concurrent
 requests from any number of proxies can never both spend the last token
 (no read-modify-write race). It is the same arithmetic as ratelimit.py's
 :func:`~proxy.ratelimit.take_token`, in microseconds. A request with a token
-budget is one :data:`RESERVE_SCRIPT` instead: the request bucket and the
+budget is one :data:`TOKENS_SCRIPT` instead: the request bucket and the
 token buckets decided and charged together, all or nothing; the end of its
-answer is one :data:`SETTLE_SCRIPT`, queued without waiting.
+answer is another call of it, queued without waiting.
 
 The clock is Redis's own ``TIME``, read inside the script: with several
 machines, each with its own clock, a bucket written by one and read by
@@ -57,7 +57,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from .ratelimit import Decision, StorageUnavailable, TokenDecision, token_decision
 from .settings import RateLimitSettings, TokenBudget
 
-__all__ = ["KEY_PREFIX", "RESERVE_SCRIPT", "SCRIPT", "SETTLE_SCRIPT", "RedisRateLimiter"]
+__all__ = ["KEY_PREFIX", "SCRIPT", "TOKENS_SCRIPT", "RedisRateLimiter"]
 
 KEY_PREFIX = "oaimux:rl:"
 US = 1_000_000
@@ -137,15 +137,26 @@ local function write_tokens(key, m, d, cap_m, cap_d)
 end
 """
 
-# One reservation, atomically: the request bucket (as SCRIPT) and the token
-# buckets. KEYS[1]: request bucket, KEYS[2]: token buckets. ARGV: burst (0: no
-# request limit), µs per request token, capacity per minute, per day (0: that
-# window is not limited), cost in each, and 1 to charge the tokens even when
-# they do not fit (enforce: false). Nothing is written unless both pass.
-# Returns {allowed, remaining, retry_after_us, reset_after_us} of the request
-# bucket, then tokens fit 0/1 and the tokens owed per minute and per day
-# before and after, as strings (a Lua number in a reply is cut to an integer).
-RESERVE_SCRIPT = (
+# The token buckets' one script, in two modes (one script, not two: Redis may
+# forget its scripts at any time (a restart, SCRIPT FLUSH), and a call it
+# answers NOSCRIPT is sent again after the rest of its pipeline; were the two
+# modes two scripts, a reconciliation could then land after a reservation
+# queued behind it).
+#
+# ARGV[1] 'reserve': one reservation, atomically: the request bucket (as
+# SCRIPT) and the token buckets. KEYS[1]: request bucket, KEYS[2]: token
+# buckets. ARGV[2..]: burst (0: no request limit), µs per request token,
+# capacity per minute, per day (0: that window is not limited), cost in each,
+# and 1 to charge the tokens even when they do not fit (enforce: false).
+# Nothing is written unless both pass. Returns {allowed, remaining,
+# retry_after_us, reset_after_us} of the request bucket, then tokens fit 0/1
+# and the tokens owed per minute and per day before and after, as strings (a
+# Lua number in a reply is cut to an integer).
+#
+# ARGV[1] 'settle': what an answer really used, once it ended. KEYS[1]: token
+# buckets; ARGV[2..]: capacity per minute, per day, tokens to add to each
+# (negative: a refund).
+TOKENS_SCRIPT = (
     """\
 if redis.replicate_commands then pcall(redis.replicate_commands) end
 local t = redis.call('TIME')
@@ -153,13 +164,21 @@ local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 """
     + _TOKENS_LUA
     + """\
-local burst = tonumber(ARGV[1])
-local cap_m, cap_d = tonumber(ARGV[3]), tonumber(ARGV[4])
-local cost_m, cost_d = tonumber(ARGV[5]), tonumber(ARGV[6])
+if ARGV[1] == 'settle' then
+  local cap_m, cap_d = tonumber(ARGV[2]), tonumber(ARGV[3])
+  local m, d = read_tokens(KEYS[1], cap_m, cap_d)
+  if cap_m > 0 then m = math.min(math.max(m + tonumber(ARGV[4]), 0), 2 * cap_m) end
+  if cap_d > 0 then d = math.min(math.max(d + tonumber(ARGV[5]), 0), 2 * cap_d) end
+  write_tokens(KEYS[1], m, d, cap_m, cap_d)
+  return 1
+end
+local burst = tonumber(ARGV[2])
+local interval = tonumber(ARGV[3])
+local cap_m, cap_d = tonumber(ARGV[4]), tonumber(ARGV[5])
+local cost_m, cost_d = tonumber(ARGV[6]), tonumber(ARGV[7])
 local m, d = read_tokens(KEYS[2], cap_m, cap_d)
 local req = {1, 0, 0, 0}
 local debt = nil
-local interval = tonumber(ARGV[2])
 local function store(owed)
   redis.call('SET', KEYS[1], string.format('%.0f', now + owed),
              'PX', math.max(1, math.ceil(owed / 1000)))
@@ -187,7 +206,7 @@ if burst > 0 then
 end
 local fits = (cap_m == 0 or m + cost_m <= cap_m) and (cap_d == 0 or d + cost_d <= cap_d)
 local am, ad = m, d
-if fits or ARGV[7] == '1' then
+if fits or ARGV[8] == '1' then
   if cap_m > 0 then am = math.min(m + cost_m, 2 * cap_m) end
   if cap_d > 0 then ad = math.min(d + cost_d, 2 * cap_d) end
   write_tokens(KEYS[2], am, ad, cap_m, cap_d)
@@ -196,27 +215,7 @@ end
 return {req[1], req[2], req[3], req[4], fits and 1 or 0, fmt(m), fmt(d), fmt(am), fmt(ad)}
 """
 )
-RESERVE_SHA = hashlib.sha1(RESERVE_SCRIPT.encode()).hexdigest()  # noqa: S324
-
-# What an answer really used, once it ended: KEYS[1]: token buckets; ARGV:
-# capacity per minute, per day, tokens to add to each (negative: a refund).
-SETTLE_SCRIPT = (
-    """\
-if redis.replicate_commands then pcall(redis.replicate_commands) end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-"""
-    + _TOKENS_LUA
-    + """\
-local cap_m, cap_d = tonumber(ARGV[1]), tonumber(ARGV[2])
-local m, d = read_tokens(KEYS[1], cap_m, cap_d)
-if cap_m > 0 then m = math.min(math.max(m + tonumber(ARGV[3]), 0), 2 * cap_m) end
-if cap_d > 0 then d = math.min(math.max(d + tonumber(ARGV[4]), 0), 2 * cap_d) end
-write_tokens(KEYS[1], m, d, cap_m, cap_d)
-return 1
-"""
-)
-SETTLE_SHA = hashlib.sha1(SETTLE_SCRIPT.encode()).hexdigest()  # noqa: S324
+TOKENS_SHA = hashlib.sha1(TOKENS_SCRIPT.encode()).hexdigest()  # noqa: S324
 
 
 def interval_us(limit: RateLimitSettings) -> int:
@@ -225,7 +224,7 @@ def interval_us(limit: RateLimitSettings) -> int:
 
 
 # (script sha, script, keys, args, waiter for the reply; None: nobody waits)
-_Pending = tuple[str, str, tuple[str, ...], tuple[int, ...], "asyncio.Future[Any] | None"]
+_Pending = tuple[str, str, tuple[str, ...], tuple[int | str, ...], "asyncio.Future[Any] | None"]
 
 
 def _fail(pending: list[_Pending], exc: StorageUnavailable) -> None:
@@ -295,10 +294,10 @@ class RedisRateLimiter:
     ) -> tuple[Decision | None, TokenDecision]:
         burst, interval = (0, 1) if limit is None else (limit.burst, interval_us(limit))
         reply = await self._call(
-            RESERVE_SHA,
-            RESERVE_SCRIPT,
+            TOKENS_SHA,
+            TOKENS_SCRIPT,
             (KEY_PREFIX + key, KEY_PREFIX + token_key),
-            (burst, interval, budget.per_minute or 0, budget.per_day or 0, *costs,
+            ("reserve", burst, interval, budget.per_minute or 0, budget.per_day or 0, *costs,
              0 if budget.enforce else 1),
         )  # fmt: skip
         allowed, remaining, retry_us, reset_us, fits = (int(v) for v in reply[:5])
@@ -313,11 +312,11 @@ class RedisRateLimiter:
         if self._down_until and time.monotonic() < self._down_until:
             self.settles_lost += 1
             return
-        args = (budget.per_minute or 0, budget.per_day or 0, *deltas)
-        self._enqueue((SETTLE_SHA, SETTLE_SCRIPT, (KEY_PREFIX + token_key,), args, None))
+        args = ("settle", budget.per_minute or 0, budget.per_day or 0, *deltas)
+        self._enqueue((TOKENS_SHA, TOKENS_SCRIPT, (KEY_PREFIX + token_key,), args, None))
 
     async def _call(
-        self, sha: str, script: str, keys: tuple[str, ...], args: tuple[int, ...]
+        self, sha: str, script: str, keys: tuple[str, ...], args: tuple[int | str, ...]
     ) -> Any:
         """Run one script through the queue; its raw reply."""
         if self._down_until:
