@@ -589,12 +589,12 @@ def _find_structural(body: bytes | bytearray, output_cap: bool = False) -> Found
     return replace(found, output_cap=_output_cap(caps)) if caps else found
 
 
-_B_INTEGER = re.compile(rb"(?:0|[1-9][0-9]*)")
+_B_INTEGER = re.compile(rb"-?(?:0|[1-9][0-9]*)")
 
 
 def _whole_number(body: bytes | bytearray, start: int, end: int) -> int | None:
     """The value between ``start`` and ``end`` as json.loads would give it, if it
-    is a non-negative integer (the structural scan does not decode values)."""
+    is an integer (the structural scan does not decode values)."""
     if _B_INTEGER.fullmatch(body, start, end) is None:
         return None
     return int(body[start:end])
