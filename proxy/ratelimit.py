@@ -222,34 +222,28 @@ def token_decision(
     """The figures of one reservation (see :class:`TokenDecision`), from what
     each window owed before and after it (``after`` is ``before`` when nothing
     was charged)."""
-    pick: TokenDecision | None = None
-    windows = (
-        ("minute", budget.per_minute, MINUTE, 0),
-        ("day", budget.per_day, DAY, 1),
+    cap_m, cap_d = budget.per_minute, budget.per_day
+    day = not cap_m
+    if cap_m and cap_d:  # both windows: the one that binds
+        if allowed:
+            day = cap_d - after[1] < cap_m - after[0]
+        else:
+            day = (before[1] + costs[1] - cap_d) * DAY / cap_d > (
+                before[0] + costs[0] - cap_m
+            ) * MINUTE / cap_m
+    i, capacity, seconds = (1, cap_d, DAY) if day else (0, cap_m, MINUTE)
+    assert capacity, "a token budget has at least one window (config.py)"
+    owed_before, owed_after = before[i], after[i]
+    retry = (owed_before + costs[i] - capacity) * seconds / capacity
+    return TokenDecision(
+        allowed,
+        "day" if day else "minute",
+        capacity,
+        int(owed_before + 0.5),
+        max(0, math.floor(capacity - owed_after)),
+        retry if retry > 0.0 else 0.0,
+        owed_after * seconds / capacity,
     )
-    for name, capacity, seconds, i in windows:
-        if not capacity:
-            continue
-        owed_before, owed_after = before[i], after[i]
-        retry = (owed_before + costs[i] - capacity) * seconds / capacity
-        this = TokenDecision(
-            allowed,
-            name,
-            capacity,
-            int(owed_before + 0.5),
-            max(0, math.floor(capacity - owed_after)),
-            retry if retry > 0.0 else 0.0,
-            owed_after * seconds / capacity,
-        )
-        if pick is None:
-            pick = this
-        elif allowed:
-            if this.remaining < pick.remaining:
-                pick = this
-        elif this.retry_after > pick.retry_after:
-            pick = this
-    assert pick is not None, "a token budget has at least one window (config.py)"
-    return pick
 
 
 class StorageUnavailable(Exception):
