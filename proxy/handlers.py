@@ -297,7 +297,7 @@ async def _proxy(
     limiter = app[LIMITER]
     settings = runtime.settings
     if not caller.authenticated:
-        await charge(limiter, runtime, caller, None)
+        ex.budget = await charge(limiter, runtime, caller, None)
         # A suspect head is refused as such (and its connection closed) even
         # without a key: bytes after it must not be read as another request.
         vet_head(request)

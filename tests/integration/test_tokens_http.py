@@ -27,6 +27,7 @@ from proxy.config import parse_settings
 from proxy.keys import LIMITER, OBSERVER
 from proxy.ratelimit import NS, MemoryRateLimiter
 from tests.fakes.access_lines import capture_logs, parse_text_line
+from tests.fakes.upstream import FakeUpstream
 from tests.fakes.usage_upstream import ByteTap, UsageUpstream, usage
 
 Client = TestClient[web.Request, web.Application]
@@ -498,3 +499,27 @@ async def test_the_openai_sdk_raises_rate_limit_error_with_the_headers_readable(
     assert int(headers["Retry-After"]) >= 1
     assert headers["x-ratelimit-reset-tokens"].endswith("s")
     assert upstream.requests == 1
+
+
+async def test_a_client_that_leaves_mid_stream_is_charged_its_reservation(
+    proxy: Any, aiohttp_server: Any
+) -> None:
+    fake = FakeUpstream(gated=True, sse_chunks=3)
+    server: TestServer = await aiohttp_server(fake.app())
+    cfg = config(str(server.make_url("/v1")), tokens_per_minute=1000)
+    cfg["metrics"] = {"enabled": True}
+    client = await proxy(cfg, FakeClock())
+    with capture_logs() as logs:
+        resp = await client.post(CHAT, data=body_costing(600, stream=True), headers=JSON)
+        fake.gate(0).set()
+        assert (await resp.content.readuntil(b"\n\n")).startswith(b"data: ")
+        resp.close()  # gone before the usage could come
+        fake.gate(1).set()
+        (line,) = await logs.wait_for(1)
+    fields = parse_text_line(line)
+    assert (fields["outcome"], fields["reserved_tokens"], fields["charged_tokens"]) == (
+        "client_gone", "600", "600",
+    )  # fmt: skip
+    assert (await post(client, body_costing(600))).status == 429
+    assert metric(client, "oaimux_tokens_unreconciled_total", key="", model="m",
+                  reason="cut_short") == 1  # fmt: skip
