@@ -37,7 +37,7 @@ from functools import lru_cache
 from aiohttp import web
 
 from .auth import presented_key
-from .budget import REMAINING_TOKENS, RESET_TOKENS, Charged, Reservation, openai_duration
+from .budget import REMAINING_TOKENS, RESET_TOKENS, Charged, openai_duration
 from .clientip import client_address, limit_key
 from .errors import RateLimited, ServiceUnavailable, TokensLimited, Unauthorized
 from .findmodel import FoundModel
@@ -289,9 +289,7 @@ class Admission:
             if budget.enforce:
                 raise tokens_limited(tokens, estimate, route)
             self._would_refuse(caller, tokens)
-        return Charged(
-            decision, tokens, Reservation(self.storage, token_key, budget, estimate, costs)
-        )
+        return Charged(decision, tokens, self.storage, token_key, budget, estimate, costs)
 
     def _would_refuse(self, caller: Caller, tokens: TokenDecision) -> None:
         """``enforce: false``: a request a token budget would have refused passed.

@@ -34,7 +34,6 @@ __all__ = [
     "RESET_REQUESTS",
     "RESET_TOKENS",
     "Charged",
-    "Reservation",
     "openai_duration",
 ]
 
@@ -63,58 +62,44 @@ def openai_duration(seconds: float) -> str:
     return f"{s}s"
 
 
-class Reservation:
-    """Tokens reserved in a client's token buckets, until the answer's real count is in."""
-
-    __slots__ = ("budget", "costs", "estimate", "key", "storage")
-
-    def __init__(
-        self,
-        storage: RateLimiter,
-        key: str,
-        budget: TokenBudget,
-        estimate: int,
-        costs: tuple[int, int],
-    ) -> None:
-        self.storage = storage
-        self.key = key  # the token buckets' key in the storage
-        self.budget = budget
-        self.estimate = estimate  # the request's estimate, as logged
-        self.costs = costs  # what each window (minute, day) was charged: the estimate,
-        # cut to the window's capacity
-
-    def replace_with(self, tokens: int) -> None:
-        """Charge ``tokens`` instead of what was reserved (0: a full refund)."""
-        deltas = (tokens - self.costs[0], tokens - self.costs[1])
-        if deltas != (0, 0):
-            self.storage.settle(self.key, self.budget, deltas)
-
-
 class Charged:
-    """What one request was charged: the request bucket's decision, the token
-    buckets' decision and reservation (each ``None`` when no such limit applies).
+    """What one request was charged: the request bucket's decision and the token
+    buckets' decision (each ``None`` when no such limit applies) and, with a
+    token budget, the reservation to reconcile: ``estimate`` tokens (as logged),
+    of which each window (minute, day) was charged ``costs`` (the estimate, cut
+    to the window's capacity), in the token buckets ``key`` of ``storage``.
 
     ``charged_tokens`` is ``None`` until :meth:`reconcile` ran, then the tokens
-    the buckets were finally charged for the request.
+    the buckets were finally charged for the request. One object per request,
+    slotted and plain: it is made on the hot path.
     """
 
-    __slots__ = ("charged_tokens", "request", "reservation", "tokens")
+    __slots__ = (
+        "budget", "charged_tokens", "costs", "estimate", "key", "request", "storage", "tokens",
+    )  # fmt: skip
 
     def __init__(
         self,
         request: Decision | None,
         tokens: TokenDecision | None = None,
-        reservation: Reservation | None = None,
+        storage: RateLimiter | None = None,
+        key: str = "",
+        budget: TokenBudget | None = None,
+        estimate: int | None = None,
+        costs: tuple[int, int] = (0, 0),
     ) -> None:
         self.request = request
         self.tokens = tokens
-        self.reservation = reservation
+        self.storage = storage
+        self.key = key
+        self.budget = budget
+        self.estimate = estimate
+        self.costs = costs
         self.charged_tokens: int | None = None
 
     @property
-    def reserved_tokens(self) -> int | None:
-        reservation = self.reservation
-        return None if reservation is None else reservation.estimate
+    def reserves_tokens(self) -> bool:
+        return self.estimate is not None
 
     def add_headers(self, headers: MutableMapping[str, str]) -> None:
         """The ``x-oaimux-ratelimit-*`` headers: what is left in the buckets
@@ -131,18 +116,21 @@ class Charged:
     def reconcile(self, usage: Usage | None, produced: bool) -> bool:
         """Settle the reservation as the module docstring says.
 
-        ``usage``: what the answer reported, if anything; ``produced``: whether
-        an upstream may have produced tokens for it (false: refund in full).
-        Returns True when the reservation was kept without a count
-        (an unreconciled answer).
+        ``usage``: what the answer reported, if anything (from any reader);
+        ``produced``: whether an upstream may have produced tokens for it
+        (false: refund in full). Returns True when the reservation was kept
+        without a count (an unreconciled answer).
         """
-        reservation = self.reservation
-        if reservation is None or self.charged_tokens is not None:
+        estimate = self.estimate
+        if estimate is None or self.charged_tokens is not None:
             return False
         billable = None if usage is None else billable_tokens(usage)
         if billable is None and produced:
-            self.charged_tokens = reservation.estimate
+            self.charged_tokens = estimate
             return True
-        self.charged_tokens = billable or 0
-        reservation.replace_with(self.charged_tokens)
+        charged = self.charged_tokens = billable or 0
+        costs = self.costs
+        deltas = (charged - costs[0], charged - costs[1])
+        if deltas != (0, 0) and self.storage is not None and self.budget is not None:
+            self.storage.settle(self.key, self.budget, deltas)
         return False

@@ -305,7 +305,7 @@ class Observer:
         metrics = self.metrics
         logging_on = self.log.access and access_logger.isEnabledFor(logging.INFO)
         budget = ex.budget
-        reserved = budget is not None and budget.reservation is not None
+        reserved = budget is not None and budget.estimate is not None
         if ex.tail and (metrics is not None or logging_on or reserved):
             self._read_usage(ex)
         if reserved:
@@ -549,7 +549,7 @@ def _tokens_charged(ex: Exchange) -> tuple[int | None, int | None]:
     budget = ex.budget
     if budget is None:
         return None, None
-    return budget.reserved_tokens, budget.charged_tokens
+    return budget.estimate, budget.charged_tokens
 
 
 def _json_int(value: int | None) -> str:

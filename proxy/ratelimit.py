@@ -67,7 +67,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from .settings import RateLimitSettings, TokenBudget
 
@@ -135,9 +135,9 @@ def take_token(full_at: int, now: int, burst: int, interval: int) -> tuple[Decis
     return Decision(False, 0, retry / NS, debt / NS), full_at
 
 
-@dataclass(frozen=True, slots=True)
-class TokenDecision:
-    """The outcome of one reservation against a client's token buckets.
+class TokenDecision(NamedTuple):
+    """The outcome of one reservation against a client's token buckets (a tuple:
+    one is made per request, and a frozen dataclass costs five times as much).
 
     ``allowed``: every window had room for its cost (with ``enforce: false``
     the reservation was charged anyway). ``window`` (``"minute"`` or
@@ -161,8 +161,6 @@ class TokenDecision:
 
 def _drain(owed: float, elapsed: float, capacity: int, window: float) -> float:
     """Tokens still owed ``elapsed`` (any unit) after ``owed``, cut to the ceiling."""
-    if not capacity:
-        return 0.0
     owed -= elapsed * capacity / window
     if owed <= 0.0:
         return 0.0
@@ -177,24 +175,25 @@ def take_tokens(
     capacities: tuple[int, int],
     costs: tuple[int, int],
     force: bool,
-) -> tuple[tuple[float, float], tuple[float, float], bool]:
+) -> tuple[float, float, float, float, bool]:
     """Reserve ``costs`` (minute, day) from buckets that owed ``owed`` ``elapsed``
     ago, with ``unit`` time units a second (a capacity of 0: window not limited).
 
-    Returns what each window owes now (before), what it owes after, and whether
-    every window had room. Nothing is charged when a window has no room, unless
-    ``force`` (``enforce: false``). The Redis script does the same steps.
+    Returns what the minute and the day owe now (before), what they owe after,
+    and whether every window had room. Nothing is charged when a window has no
+    room, unless ``force`` (``enforce: false``). The Redis script does the same
+    steps.
     """
     cap_m, cap_d = capacities
-    m = _drain(owed[0], elapsed, cap_m, MINUTE * unit)
-    d = _drain(owed[1], elapsed, cap_d, DAY * unit)
+    m = _drain(owed[0], elapsed, cap_m, MINUTE * unit) if cap_m else 0.0
+    d = _drain(owed[1], elapsed, cap_d, DAY * unit) if cap_d else 0.0
     cost_m, cost_d = costs
     fits = (not cap_m or m + cost_m <= cap_m) and (not cap_d or d + cost_d <= cap_d)
     if not (fits or force):
-        return (m, d), (m, d), False
+        return m, d, m, d, False
     after_m = min(m + cost_m, 2.0 * cap_m) if cap_m else 0.0
     after_d = min(d + cost_d, 2.0 * cap_d) if cap_d else 0.0
-    return (m, d), (after_m, after_d), fits
+    return m, d, after_m, after_d, fits
 
 
 def settle_tokens(
@@ -364,24 +363,26 @@ class _TokenShard:
             self.buckets = dict(self.buckets)
             self.peak = size
 
-    def write(self, key: str, state: list[float] | None, owed: tuple[float, float], now: int,
-              capacities: tuple[int, int]) -> None:
-        """Store ``owed`` as of ``now`` (``state``: the bucket's list, if it has one)."""
-        drained = 0.0
-        if capacities[0]:
-            drained = owed[0] * MINUTE * NS / capacities[0]
-        if capacities[1]:
-            drained = max(drained, owed[1] * DAY * NS / capacities[1])
+    def write(
+        self,
+        key: str,
+        state: list[float] | None,
+        owed_minute: float,
+        owed_day: float,
+        now: int,
+        capacities: tuple[int, int],
+    ) -> None:
+        """Store what is owed as of ``now`` (``state``: the bucket's list, if it has one)."""
+        cap_m, cap_d = capacities
+        drained = owed_minute * (MINUTE * NS) / cap_m if cap_m else 0.0
+        if cap_d:
+            drained = max(drained, owed_day * (DAY * NS) / cap_d)
         full_at = now + math.ceil(drained)
         if state is None:
-            self.buckets[key] = [owed[0], owed[1], now, full_at]
+            self.buckets[key] = [owed_minute, owed_day, now, full_at]
             heapq.heappush(self.heap, (full_at, key))
         else:
-            state[0], state[1], state[2], state[3] = owed[0], owed[1], now, full_at
-
-
-def _capacities(budget: TokenBudget) -> tuple[int, int]:
-    return (budget.per_minute or 0, budget.per_day or 0)
+            state[0], state[1], state[2], state[3] = owed_minute, owed_day, now, full_at
 
 
 class MemoryRateLimiter:
@@ -474,27 +475,28 @@ class MemoryRateLimiter:
         now = self._clock()
         decision: Decision | None = None
         if limit is not None:
-            shard = self._shards[hash(key) & self._mask]
-            full_at = shard.buckets.get(key)
+            full_at = self._shards[hash(key) & self._mask].buckets.get(key)
             decision, new_full_at = take_token(
                 now if full_at is None else full_at, now, limit.burst, interval_ns(limit)
             )
         tokens = self._token_shards[hash(token_key) & self._mask]
         state = tokens.buckets.get(token_key)
-        owed = (0.0, 0.0) if state is None else (state[0], state[1])
-        elapsed = 0 if state is None else now - state[2]
-        capacities = _capacities(budget)
+        capacities = (budget.per_minute or 0, budget.per_day or 0)
+        if state is None:
+            owed, elapsed = (0.0, 0.0), 0.0
+        else:
+            owed, elapsed = (state[0], state[1]), now - state[2]
+        force = not budget.enforce
         if decision is not None and not decision.allowed:
-            before = take_tokens(owed, elapsed, NS, capacities, (0, 0), False)[0]
-            return decision, token_decision(budget, before, before, costs, False)
-        before, after, fits = take_tokens(
-            owed, elapsed, NS, capacities, costs, not budget.enforce
-        )
-        if fits or not budget.enforce:
-            tokens.write(token_key, state, after, now, capacities)
+            costs, force = (0, 0), False  # refused: the tokens are only looked at
+        m, d, after_m, after_d, fits = take_tokens(owed, elapsed, NS, capacities, costs, force)
+        if decision is not None and not decision.allowed:
+            return decision, token_decision(budget, (m, d), (m, d), costs, False)
+        if fits or force:
+            tokens.write(token_key, state, after_m, after_d, now, capacities)
             if decision is not None:
                 self._store(key, full_at, new_full_at, now)
-        return decision, token_decision(budget, before, after, costs, fits)
+        return decision, token_decision(budget, (m, d), (after_m, after_d), costs, fits)
 
     def _store(self, key: str, full_at: int | None, new_full_at: int, now: int) -> None:
         """Write a request bucket's new ``full_at`` (as :meth:`acquire_now` does)."""
@@ -511,10 +513,10 @@ class MemoryRateLimiter:
         state = tokens.buckets.get(token_key)
         owed = (0.0, 0.0) if state is None else (state[0], state[1])
         elapsed = 0 if state is None else now - state[2]
-        capacities = _capacities(budget)
+        capacities = (budget.per_minute or 0, budget.per_day or 0)
         after = settle_tokens(owed, elapsed, NS, capacities, deltas)
         if state is not None or after[0] or after[1]:
-            tokens.write(token_key, state, after, now, capacities)
+            tokens.write(token_key, state, after[0], after[1], now, capacities)
         if tokens.heap and tokens.heap[0][0] <= now:
             tokens.evict(now, self.EVICT_PER_ACQUIRE)
 

@@ -33,30 +33,30 @@ class Clock:
 
 def test_a_bucket_refills_continuously_over_its_window() -> None:
     # 600 owed, half a minute later: 100 owed on a 1000/min budget.
-    before, after, fits = take_tokens((600.0, 0.0), MINUTE_NS / 2, NS, (1000, 0), (900, 0), False)
-    assert (before, after, fits) == ((100.0, 0.0), (1000.0, 0.0), True)
+    # (minute before, day before, minute after, day after, fits)
+    taken = take_tokens((600.0, 0.0), MINUTE_NS / 2, NS, (1000, 0), (900, 0), False)
+    assert taken == (100.0, 0.0, 1000.0, 0.0, True)
     # One token more does not fit, and nothing is charged.
-    before, after, fits = take_tokens((600.0, 0.0), MINUTE_NS / 2, NS, (1000, 0), (901, 0), False)
-    assert (before, after, fits) == ((100.0, 0.0), (100.0, 0.0), False)
+    taken = take_tokens((600.0, 0.0), MINUTE_NS / 2, NS, (1000, 0), (901, 0), False)
+    assert taken == (100.0, 0.0, 100.0, 0.0, False)
 
 
 def test_every_window_must_have_room() -> None:
     owed = (0.0, 4800.0)  # the minute is empty, the day nearly spent
-    _, after, fits = take_tokens(owed, 0, NS, (1000, 5000), (300, 300), False)
-    assert not fits and after == owed
-    decision = token_decision(BOTH, owed, after, (300, 300), False)
+    taken = take_tokens(owed, 0, NS, (1000, 5000), (300, 300), False)
+    assert taken == (0.0, 4800.0, 0.0, 4800.0, False)
+    decision = token_decision(BOTH, owed, owed, (300, 300), False)
     assert (decision.window, decision.limit, decision.used) == ("day", 5000, 4800)
     assert decision.retry_after == pytest.approx(100 * 86400 / 5000)  # 100 tokens of a day's refill
 
 
 def test_enforce_false_charges_what_does_not_fit() -> None:
-    _, after, fits = take_tokens((900.0, 0.0), 0, NS, (1000, 0), (300, 0), True)
-    assert (after, fits) == ((1200.0, 0.0), False)
+    taken = take_tokens((900.0, 0.0), 0, NS, (1000, 0), (300, 0), True)
+    assert taken == (900.0, 0.0, 1200.0, 0.0, False)
 
 
 def test_debts_are_cut_to_twice_the_budget() -> None:
-    before, _, _ = take_tokens((50000.0, 0.0), 0, NS, (1000, 0), (0, 0), False)
-    assert before == (2000.0, 0.0)
+    assert take_tokens((50000.0, 0.0), 0, NS, (1000, 0), (0, 0), False)[:2] == (2000.0, 0.0)
     assert settle_tokens((900.0, 0.0), 0, NS, (1000, 0), (10**6, 0)) == (2000.0, 0.0)
     assert settle_tokens((900.0, 0.0), 0, NS, (1000, 0), (-10**6, 0)) == (0.0, 0.0)
 
@@ -224,6 +224,6 @@ def test_bad_budgets_are_refused_by_key_path(rate: dict[str, Any], where: str, s
 
 def test_a_window_of_refill_repays_a_whole_budget() -> None:
     owed = (1000.0, 2400.0)
-    assert take_tokens(owed, DAY_NS, NS, (1000, 2400), (0, 0), False)[0] == (0.0, 0.0)
-    half_day = take_tokens(owed, DAY_NS // 2, NS, (1000, 2400), (0, 0), False)[0]
+    assert take_tokens(owed, DAY_NS, NS, (1000, 2400), (0, 0), False)[:2] == (0.0, 0.0)
+    half_day = take_tokens(owed, DAY_NS // 2, NS, (1000, 2400), (0, 0), False)[:2]
     assert half_day == (0.0, 1200.0)
