@@ -95,7 +95,7 @@ def _request(limiter: MemoryRateLimiter, settings: Settings, key: str) -> None:
     if limits.tokens is None:
         limiter.acquire_now(key, limits.requests)
     else:
-        limiter.reserve_now(key, limits.requests, key + "|tokens", limits.tokens, RESERVED)
+        limiter.reserve_now(key, limits.requests, limits.tokens, RESERVED)
 
 
 def _key(settings: Settings, i: int) -> str:

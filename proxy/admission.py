@@ -33,6 +33,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import NamedTuple
 
 from aiohttp import web
 
@@ -41,7 +42,13 @@ from .budget import REMAINING_TOKENS, RESET_TOKENS, Charged, openai_duration
 from .clientip import client_address, limit_key
 from .errors import RateLimited, ServiceUnavailable, TokensLimited, Unauthorized
 from .findmodel import FoundModel
-from .ratelimit import Decision, RateLimiter, StorageUnavailable, TokenDecision
+from .ratelimit import (
+    Decision,
+    MemoryRateLimiter,
+    RateLimiter,
+    StorageUnavailable,
+    TokenDecision,
+)
 from .runtime import Runtime
 from .settings import AuthKey, Limits, RateLimitSettings, Route, Settings, TokenBudget
 
@@ -114,11 +121,10 @@ def choose_limit(
     return None
 
 
-@dataclass(frozen=True, slots=True)
-class RequestCost:
+class RequestCost(NamedTuple):
     """What a model request may cost in tokens, known once its body is read:
     the bytes of its JSON body (0 for a form: its files are not text), and its
-    own output cap (``None``: it sets none)."""
+    own output cap (``None``: it sets none). A tuple: one is made per request."""
 
     prompt_bytes: int
     output_cap: int | None
@@ -261,10 +267,11 @@ class Admission:
                 # than a whole budget passes when the budget is full, and what
                 # the answer uses beyond is charged when it ends.
                 costs = (min(estimate, budget.per_minute or 0), min(estimate, budget.per_day or 0))
-                token_key = key + "|tokens"
-                decision, tokens = await self.storage.reserve(
-                    key, requests, token_key, budget, costs
-                )
+                storage = self.storage
+                if type(storage) is MemoryRateLimiter:  # answers at once: no coroutine
+                    decision, tokens = storage.reserve_now(key, requests, budget, costs)
+                else:
+                    decision, tokens = await storage.reserve(key, requests, budget, costs)
         except StorageUnavailable as exc:
             fail_open = runtime.settings.rate_limit_fail_open
             self._storage_failed(exc, fail_open)
@@ -289,7 +296,7 @@ class Admission:
             if budget.enforce:
                 raise tokens_limited(tokens, estimate, route)
             self._would_refuse(caller, tokens)
-        return Charged(decision, tokens, self.storage, token_key, budget, estimate, costs)
+        return Charged(decision, tokens, self.storage, key, budget, estimate, costs)
 
     def _would_refuse(self, caller: Caller, tokens: TokenDecision) -> None:
         """``enforce: false``: a request a token budget would have refused passed.
@@ -328,15 +335,9 @@ class Admission:
         self._failures = 0
 
 
-async def charge(
-    admission: Admission,
-    runtime: Runtime,
-    caller: Caller,
-    route: Route | None,
-    cost: RequestCost | None = None,
-) -> Charged | None:
-    """Charge this request (see :meth:`Admission.charge`)."""
-    return await admission.charge(runtime, caller, route, cost)
+# charge(admission, runtime, caller, route, cost): see Admission.charge. The
+# method itself, not a coroutine around it: one frame less per request.
+charge = Admission.charge
 
 
 def unauthorized() -> Unauthorized:

@@ -117,6 +117,7 @@ class Exchange:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     cached_tokens: int = 0
+    usage: Usage | None = None  # as read, for the token budget's reconciliation
     # What admission charged (budget.py): headers for the answer, and the token
     # reservation reconciled when the answer has ended.
     budget: Charged | None = None
@@ -351,13 +352,11 @@ class Observer:
         usage = usage_from_tail(ex.tail_previous, ex.tail)
         ex.tail = ex.tail_previous = b""  # the chunks are no longer needed
         if usage is not None:
+            ex.usage = usage
             ex.prompt_tokens, ex.completion_tokens, ex.cached_tokens = usage
 
     def _reconcile(self, ex: Exchange, budget: Charged) -> None:
         """The answer has ended: settle its token reservation (budget.py)."""
-        usage = None
-        if ex.prompt_tokens is not None or ex.completion_tokens is not None:
-            usage = Usage(ex.prompt_tokens, ex.completion_tokens, ex.cached_tokens)
         outcome = ex.outcome
         # Nothing was generated when the proxy answered with an error of its
         # own (but a response timeout: the upstream may be generating still),
@@ -366,7 +365,7 @@ class Observer:
             (outcome == "error" and ex.error_code != "upstream_timeout")
             or (outcome == "complete" and ex.status >= 400)
         )
-        kept = budget.reconcile(usage, produced)
+        kept = budget.reconcile(ex.usage, produced)
         metrics = self.metrics
         if metrics is None:
             return

@@ -260,21 +260,20 @@ class RateLimiter(Protocol):
         self,
         key: str,
         limit: RateLimitSettings | None,
-        token_key: str,
         budget: TokenBudget,
         costs: tuple[int, int],
     ) -> tuple[Decision | None, TokenDecision]:
         """In one atomic step: take one token from the request bucket ``key``
         (when ``limit`` is set) and reserve ``costs`` (minute, day) from the
-        token buckets ``token_key``. Nothing is taken unless both have room,
-        except that with ``budget.enforce`` false the tokens are taken anyway.
-        A request refused by its request bucket gets no token decision's
-        charge: the token decision then reports the buckets untouched."""
+        client's token buckets of the same key. Nothing is taken unless both
+        have room, except that with ``budget.enforce`` false the tokens are
+        taken anyway. When the request bucket refuses, the token decision
+        reports the token buckets untouched."""
         ...
 
-    def settle(self, token_key: str, budget: TokenBudget, deltas: tuple[int, int]) -> None:
+    def settle(self, key: str, budget: TokenBudget, deltas: tuple[int, int]) -> None:
         """Add ``deltas`` (minute, day; negative: a refund) to the token buckets
-        ``token_key``. Never blocks and never raises: it is applied before any
+        of ``key``. Never blocks and never raises: it is applied before any
         later ``reserve`` of this storage, or (storage unreachable) dropped."""
         ...
 
@@ -457,30 +456,30 @@ class MemoryRateLimiter:
         self,
         key: str,
         limit: RateLimitSettings | None,
-        token_key: str,
         budget: TokenBudget,
         costs: tuple[int, int],
     ) -> tuple[Decision | None, TokenDecision]:
-        return self.reserve_now(key, limit, token_key, budget, costs)
+        return self.reserve_now(key, limit, budget, costs)
 
     def reserve_now(
         self,
         key: str,
         limit: RateLimitSettings | None,
-        token_key: str,
         budget: TokenBudget,
         costs: tuple[int, int],
     ) -> tuple[Decision | None, TokenDecision]:
-        """:meth:`reserve` without the coroutine (atomic: nothing here awaits)."""
+        """:meth:`reserve` without the coroutine (atomic: nothing here awaits).
+        The token buckets are kept under the same key, in dicts of their own."""
         now = self._clock()
+        shard = hash(key) & self._mask
         decision: Decision | None = None
         if limit is not None:
-            full_at = self._shards[hash(key) & self._mask].buckets.get(key)
+            full_at = self._shards[shard].buckets.get(key)
             decision, new_full_at = take_token(
                 now if full_at is None else full_at, now, limit.burst, interval_ns(limit)
             )
-        tokens = self._token_shards[hash(token_key) & self._mask]
-        state = tokens.buckets.get(token_key)
+        tokens = self._token_shards[shard]
+        state = tokens.buckets.get(key)
         capacities = (budget.per_minute or 0, budget.per_day or 0)
         if state is None:
             owed, elapsed = (0.0, 0.0), 0.0
@@ -493,7 +492,7 @@ class MemoryRateLimiter:
         if decision is not None and not decision.allowed:
             return decision, token_decision(budget, (m, d), (m, d), costs, False)
         if fits or force:
-            tokens.write(token_key, state, after_m, after_d, now, capacities)
+            tokens.write(key, state, after_m, after_d, now, capacities)
             if decision is not None:
                 self._store(key, full_at, new_full_at, now)
         return decision, token_decision(budget, (m, d), (after_m, after_d), costs, fits)
@@ -507,18 +506,20 @@ class MemoryRateLimiter:
         if shard.heap[0][0] <= now:
             shard.evict(now, self.EVICT_PER_ACQUIRE)
 
-    def settle(self, token_key: str, budget: TokenBudget, deltas: tuple[int, int]) -> None:
+    def settle(self, key: str, budget: TokenBudget, deltas: tuple[int, int]) -> None:
+        # Drained buckets are retired by the sweeper (reservations and settles
+        # never evict): one settle per answer, kept short.
         now = self._clock()
-        tokens = self._token_shards[hash(token_key) & self._mask]
-        state = tokens.buckets.get(token_key)
-        owed = (0.0, 0.0) if state is None else (state[0], state[1])
-        elapsed = 0 if state is None else now - state[2]
+        tokens = self._token_shards[hash(key) & self._mask]
+        state = tokens.buckets.get(key)
         capacities = (budget.per_minute or 0, budget.per_day or 0)
-        after = settle_tokens(owed, elapsed, NS, capacities, deltas)
-        if state is not None or after[0] or after[1]:
-            tokens.write(token_key, state, after[0], after[1], now, capacities)
-        if tokens.heap and tokens.heap[0][0] <= now:
-            tokens.evict(now, self.EVICT_PER_ACQUIRE)
+        if state is None:
+            after = settle_tokens((0.0, 0.0), 0, NS, capacities, deltas)
+            if after[0] or after[1]:  # an overrun charged after the bucket drained
+                tokens.write(key, None, after[0], after[1], now, capacities)
+            return
+        m, d = settle_tokens((state[0], state[1]), now - state[2], NS, capacities, deltas)
+        tokens.write(key, state, m, d, now, capacities)
 
     def evict(self, now: int, budget: int) -> int:
         """Retire up to ``budget`` heap entries due by ``now``; return buckets dropped."""

@@ -57,9 +57,10 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from .ratelimit import Decision, StorageUnavailable, TokenDecision, token_decision
 from .settings import RateLimitSettings, TokenBudget
 
-__all__ = ["KEY_PREFIX", "SCRIPT", "TOKENS_SCRIPT", "RedisRateLimiter"]
+__all__ = ["KEY_PREFIX", "SCRIPT", "TOKENS_SCRIPT", "TOKENS_SUFFIX", "RedisRateLimiter"]
 
 KEY_PREFIX = "oaimux:rl:"
+TOKENS_SUFFIX = "|tokens"  # a client's token buckets: its request bucket's key and this
 US = 1_000_000
 
 # KEYS[1]: the bucket. ARGV[1]: burst. ARGV[2]: microseconds per token.
@@ -288,7 +289,6 @@ class RedisRateLimiter:
         self,
         key: str,
         limit: RateLimitSettings | None,
-        token_key: str,
         budget: TokenBudget,
         costs: tuple[int, int],
     ) -> tuple[Decision | None, TokenDecision]:
@@ -296,7 +296,7 @@ class RedisRateLimiter:
         reply = await self._call(
             TOKENS_SHA,
             TOKENS_SCRIPT,
-            (KEY_PREFIX + key, KEY_PREFIX + token_key),
+            (KEY_PREFIX + key, KEY_PREFIX + key + TOKENS_SUFFIX),
             ("reserve", burst, interval, budget.per_minute or 0, budget.per_day or 0, *costs,
              0 if budget.enforce else 1),
         )  # fmt: skip
@@ -308,12 +308,12 @@ class RedisRateLimiter:
             decision = Decision(bool(allowed), remaining, retry_us / US, reset_us / US)
         return decision, token_decision(budget, before, after, costs, bool(fits) and bool(allowed))
 
-    def settle(self, token_key: str, budget: TokenBudget, deltas: tuple[int, int]) -> None:
+    def settle(self, key: str, budget: TokenBudget, deltas: tuple[int, int]) -> None:
         if self._down_until and time.monotonic() < self._down_until:
             self.settles_lost += 1
             return
         args = ("settle", budget.per_minute or 0, budget.per_day or 0, *deltas)
-        self._enqueue((TOKENS_SHA, TOKENS_SCRIPT, (KEY_PREFIX + token_key,), args, None))
+        self._enqueue((TOKENS_SHA, TOKENS_SCRIPT, (KEY_PREFIX + key + TOKENS_SUFFIX,), args, None))
 
     async def _call(
         self, sha: str, script: str, keys: tuple[str, ...], args: tuple[int | str, ...]

@@ -37,6 +37,8 @@ _OPENAI_LAYOUT = re.compile(
     rb'\{[ \t\r\n]*"prompt_tokens"[ \t\r\n]*:[ \t\r\n]*(\d+)[ \t\r\n]*,'
     rb'[ \t\r\n]*"completion_tokens"[ \t\r\n]*:[ \t\r\n]*(\d+)(?=[ \t\r\n,}])'
 )
+# The same, from the key on: the usual answer's usage in one match.
+_KEYED_LAYOUT = re.compile(rb'"usage"[ \t\r\n]*:[ \t\r\n]*' + _OPENAI_LAYOUT.pattern)
 # A count: its key, then a whole number (followed by what ends a JSON number in an object).
 _COUNT = re.compile(
     rb'"(prompt_tokens|input_tokens|completion_tokens|output_tokens|cached_tokens)"'
@@ -75,6 +77,11 @@ def usage_from_tail(previous: bytes, last: bytes) -> Usage | None:
     ``completion_tokens``) and the Responses API names (``input_tokens``,
     ``output_tokens``) are read. ``"usage": null`` counts as no usage.
     """
+    at = last.rfind(_KEY)
+    if at >= 0:  # the usual case first, in one match (this runs once per answer)
+        common = _KEYED_LAYOUT.match(last, at)
+        if common is not None and last.find(_CACHED, common.end(), at + _WINDOW) < 0:
+            return Usage(int(common.group(1)), int(common.group(2)))
     found = _find(last)
     if found is None and previous:
         # The usage event may sit in the chunk before (a lone "data: [DONE]" last),

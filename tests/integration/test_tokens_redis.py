@@ -161,10 +161,10 @@ async def test_a_raised_token_limit_is_felt_at_once_and_a_debt_is_cut_to_the_cei
     before = RedisRateLimiter(redis_server.url)
     small = TokenBudget(per_minute=1000, per_day=None)
     try:
-        _, decision = await before.reserve("k", None, "k|tokens", small, (1000, 0))
+        _, decision = await before.reserve("k", None, small, (1000, 0))
         assert decision.allowed
-        before.settle("k|tokens", small, (99000, 0))  # an answer of 100,000 tokens
-        _, refused = await before.reserve("k", None, "k|tokens", small, (10, 0))
+        before.settle("k", small, (99000, 0))  # an answer of 100,000 tokens
+        _, refused = await before.reserve("k", None, small, (10, 0))
     finally:
         await before.close()
     assert not refused.allowed
@@ -174,7 +174,7 @@ async def test_a_raised_token_limit_is_felt_at_once_and_a_debt_is_cut_to_the_cei
     after = RedisRateLimiter(redis_server.url)  # a proxy started with a raised limit
     raised = TokenBudget(per_minute=100000, per_day=None)
     try:
-        _, decision = await after.reserve("k", None, "k|tokens", raised, (5000, 0))
+        _, decision = await after.reserve("k", None, raised, (5000, 0))
         # The 2000 tokens owed are 2000 of the new budget: room at once.
         assert decision.allowed
         assert 93000 <= decision.remaining <= 93500  # plus a few ms of the new refill
