@@ -38,7 +38,9 @@ from .errors import (
     ModelNotAllowed,
     NotFound,
     ProxyError,
+    check_model_id,
     clip,
+    model_not_found,
 )
 from .findmodel import ModelAbsent, multipart_boundary, rewrite_model
 from .inbound.route import (
@@ -93,9 +95,6 @@ _KEY_PARAMS = frozenset({"key", "api-key", "api_key", "apikey", "access_token", 
 _BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _HTTP_VERSIONS = frozenset({HttpVersion10, HttpVersion11})
 # Longer than any real model id (Azure deployments: 64, Hugging Face: 96 + org).
-MAX_MODEL_LENGTH = 256
-
-
 def vet_head(request: web.BaseRequest) -> None:
     """Refuse a request head that another server could read differently.
 
@@ -170,19 +169,13 @@ def _underscore_in_names(raw_headers: tuple[tuple[bytes, bytes], ...]) -> bool:
 
 
 def vet_model(model: str) -> None:
-    """Refuse a model id no route could mean: empty, over :data:`MAX_MODEL_LENGTH`
-    characters, or holding control characters, which would reach logs
-    (docs/faults.md, "Model ids that could reach a log")."""
+    """Refuse a model id no route could mean: empty here, the rest as
+    :func:`~proxy.errors.check_model_id` (the realtime handshake's check too)."""
     if not model:
         raise InvalidRequest(
             "you must provide a model parameter", code="missing_model", param="model"
         )
-    if len(model) > MAX_MODEL_LENGTH or not model.isprintable():
-        raise InvalidRequest(
-            f"The model id must be 1 to {MAX_MODEL_LENGTH} printable characters.",
-            code="invalid_model",
-            param="model",
-        )
+    check_model_id(model)
 
 
 def vet_path(raw_path: str) -> str:
@@ -447,14 +440,6 @@ def _without(request: web.Request, header: str) -> CIMultiDictProxy[str]:
     kept = CIMultiDict(request.headers)
     kept.popall(header, None)
     return CIMultiDictProxy(kept)
-
-
-def model_not_found(model: str) -> NotFound:
-    return NotFound(
-        f"The model '{clip(model)}' does not exist or you do not have access to it.",
-        code="model_not_found",
-        param="model",
-    )
 
 
 async def _admit(request: web.Request) -> Caller:
