@@ -38,9 +38,9 @@ import tracemalloc
 from collections.abc import Callable
 from typing import Any
 
-from proxy.admission import Caller, choose_limit
+from proxy.admission.admission import Caller, choose_limit
+from proxy.admission.buckets import NS, MemoryRateLimiter
 from proxy.config import Settings, parse_settings
-from proxy.ratelimit import NS, MemoryRateLimiter
 
 __all__ = ["main", "run"]
 

@@ -25,8 +25,8 @@ import aiohttp
 
 from .config.settings import CREDENTIAL_HEADERS, EnvSubstitution, Settings
 from .demo import BuiltinUpstreams
-from .discovery import DiscoveryFailed, models_request_headers, parse_model_ids
-from .runtime import UpstreamPlan, build_runtime
+from .runtime.discovery import DiscoveryFailed, models_request_headers, parse_model_ids
+from .runtime.runtime import UpstreamPlan, build_runtime
 
 __all__ = [
     "PROBE_TIMEOUT",

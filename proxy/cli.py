@@ -99,7 +99,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     early_signals.hold()  # first: see the module docstring
     from .config import ConfigError, load_settings
-    from .serve import configure_logging, port_reusable, serve
+    from .server.process import configure_logging, port_reusable, serve
 
     args = _parser().parse_args(argv)
     path = _config_path(args.config)
@@ -129,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for warning in startup_warnings(settings, host, port):
         logging.getLogger("oaimux").warning("%s", warning)
     if args.workers > 1:
-        from .workers import run_workers
+        from .server.workers import run_workers
 
         return run_workers(path, settings, host, port, args.workers)
     return serve(path, settings, host, port)

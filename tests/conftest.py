@@ -14,8 +14,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from proxy.app import create_app, server_options
 from proxy.config import Settings, parse_settings
+from proxy.server.app import create_app, server_options
 from tests.fakes.upstream import FakeUpstream
 
 MakeProxy = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]

@@ -24,12 +24,12 @@ from urllib.parse import quote, unquote
 from aiohttp import web
 from multidict import CIMultiDictProxy
 
-from ..admission import Caller
-from ..auth import KeyTable
-from ..bodies import BodyBytes, BodyStream
+from ..admission.admission import Caller
+from ..admission.proxy_keys import KeyTable
 from ..config.settings import Route
 from ..errors import InvalidRequest, ModelNotAllowed, check_model_id, clip, model_not_found
-from ..runtime import Runtime
+from ..runtime.runtime import Runtime
+from .body import BodyBytes, BodyStream
 
 __all__ = [
     "REALTIME_PATH",

@@ -34,7 +34,7 @@ from ..errors import (
 )
 from ..observe import Exchange
 from ..observe.observer import Observer
-from ..runtime import Runtime, UpstreamPlan
+from ..runtime.runtime import Runtime, UpstreamPlan
 from .health import Health, backoff_delay, order_upstreams
 
 __all__ = ["CIRCUIT_OPEN", "Attempts", "Ending", "answered", "no_headers_within"]

@@ -23,7 +23,7 @@ Contract of :meth:`Forwarder.forward`:
   upstream with nothing left to try is relayed to the client as it came.
   Otherwise the error that ends the walk says what happened at each upstream,
   in order (attempts.py), and the server log gets the same words once.
-- The body is an :class:`~proxy.bodies.BodyStream` for large path-routed
+- The body is an :class:`~proxy.inbound.body.BodyStream` for large path-routed
   uploads: sent as it arrives, so once a byte of it went out there is no
   retry and no fallback, and a failure the stream blames on the client is
   answered as the client's.
@@ -36,12 +36,12 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
-from ..bodies import BodyStream
 from ..client import UpstreamFailure, UpstreamPool, UpstreamResponse
+from ..inbound.body import BodyStream
 from ..inbound.route import Outbound
 from ..observe import Exchange
 from ..observe.observer import Observer
-from ..runtime import Runtime, UpstreamPlan
+from ..runtime.runtime import Runtime, UpstreamPlan
 from .attempts import Attempts, Ending, answered, no_headers_within
 from .health import Health
 

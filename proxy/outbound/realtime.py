@@ -40,7 +40,7 @@ from ..errors import InvalidRequest, ProxyError, RateLimited, UpstreamUnavailabl
 from ..inbound.route import REALTIME_PATH, RealtimeTarget
 from ..observe import Exchange
 from ..observe.observer import Observer
-from ..runtime import Runtime, UpstreamPlan
+from ..runtime.runtime import Runtime, UpstreamPlan
 from .attempts import Attempts, Ending, answered, no_headers_within
 from .health import Health
 from .tunnel import CLOSE_TIMEOUT, RealtimeSessions, Tunnel

@@ -27,10 +27,10 @@ import aiohttp
 from aiohttp import web
 from multidict import istr
 
-from ..connections import client_outcome
 from ..errors import UpstreamUnavailable
 from ..observe import OUR_REQUEST_ID_HEADER, Exchange
 from ..observe.observer import Observer
+from ..server.connections import client_outcome
 from .forward import Answered
 from .pipe import BodyPipe
 

@@ -23,9 +23,9 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.app import create_app, server_options
 from proxy.config import Settings
-from proxy.connections import ProxyRunner
+from proxy.server.app import create_app, server_options
+from proxy.server.connections import ProxyRunner
 from tests.fakes.upstream import Received
 
 __all__ = [

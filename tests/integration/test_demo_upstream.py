@@ -24,10 +24,10 @@ import openai
 import pytest
 from aiohttp.test_utils import TestClient
 
-from proxy.app import create_app, server_options
 from proxy.config import load_settings, parse_settings
 from proxy.demo import STREAM_PAUSE
-from proxy.keys import BUILTINS, DISCOVERY, RUNTIME
+from proxy.server.app import create_app, server_options
+from proxy.server.keys import BUILTINS, DISCOVERY, RUNTIME
 from tests.faults.process import running_proxy
 
 ROOT = Path(__file__).parents[2]

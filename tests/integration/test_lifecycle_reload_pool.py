@@ -21,10 +21,10 @@ import aiohttp
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from proxy.app import create_app, server_options
 from proxy.config import load_settings
-from proxy.keys import DISCOVERY, RUNTIME, UPSTREAMS
-from proxy.runtime import build_runtime
+from proxy.runtime.runtime import build_runtime
+from proxy.server.app import create_app, server_options
+from proxy.server.keys import DISCOVERY, RUNTIME, UPSTREAMS
 from tests.faults import fixtures
 from tests.faults.fixtures import JSON, FaultFactory, chat_body, route_config
 from tests.faults.process import ProxyProcess, running_proxy, write_config

@@ -16,8 +16,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.keys import OBSERVER
 from proxy.observe.metrics import serve_metrics
+from proxy.server.keys import OBSERVER
 from tests.conftest import MakeProxy, basic_config
 from tests.fakes.access_lines import LogLines, capture_logs, parse_text_line
 from tests.fakes.openai_shaped import CHAT_USAGE, RESPONSES_USAGE, STREAM_USAGE, OpenAIShaped

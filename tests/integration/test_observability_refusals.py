@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from proxy.config import Settings
-from proxy.keys import OBSERVER
 from proxy.observe.metrics import Metrics
+from proxy.server.keys import OBSERVER
 from tests.conftest import basic_config
 from tests.fakes.access_lines import LogLines, capture_logs, parse_text_line
 from tests.fakes.security import RunningProxy, error_of, exchange, running_proxy, split_response
@@ -46,7 +46,7 @@ def settings(make_settings: Callable[..., Settings], upstream_url: str) -> Setti
 
 
 def metrics_of(proxy: RunningProxy) -> Metrics:
-    metrics = proxy.app[OBSERVER].metrics
+    metrics = proxy.server.app[OBSERVER].metrics
     assert metrics is not None
     return metrics
 

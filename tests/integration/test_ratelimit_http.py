@@ -22,8 +22,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from proxy.app import create_app, server_options
 from proxy.config import parse_settings
+from proxy.server.app import create_app, server_options
 
 JSON = {"Content-Type": "application/json"}
 UPSTREAM_LIMIT_HEADERS = {

@@ -25,10 +25,10 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from proxy.app import create_app, server_options
+from proxy.admission.buckets import StorageUnavailable
+from proxy.admission.buckets_redis import KEY_PREFIX, RedisRateLimiter
 from proxy.config import RateLimitSettings, parse_settings
-from proxy.ratelimit import StorageUnavailable
-from proxy.ratelimit_redis import KEY_PREFIX, RedisRateLimiter
+from proxy.server.app import create_app, server_options
 from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.redis

@@ -11,7 +11,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy.keys import HEALTH
+from proxy.server.keys import HEALTH
 from tests.faults import fixtures
 from tests.faults.fixtures import (
     JSON,

@@ -20,10 +20,10 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from proxy.app import create_app, server_options
 from proxy.config import Settings, parse_settings
-from proxy.connections import ProxyRunner
-from proxy.keys import OBSERVER
+from proxy.server.app import create_app, server_options
+from proxy.server.connections import ProxyRunner
+from proxy.server.keys import OBSERVER
 from tests.fakes.security import RunningProxy, running_proxy
 from tests.faults import fixtures, process
 from tests.faults.fixtures import AccessLog, FaultFactory, chat_body, route_config
@@ -144,7 +144,7 @@ async def test_a_client_that_stops_reading_is_cut_and_its_upstream_request_close
         assert record["status"] == 200
         assert 0 < record["bytes_out"] < total
         assert sent[0] < total
-        metrics = proxy.app[OBSERVER].metrics
+        metrics = proxy.server.app[OBSERVER].metrics
         assert metrics is not None
         stalls = metrics.registry.get_sample_value("oaimux_client_stalls_total", {"upstream": "a"})
         assert stalls == 1

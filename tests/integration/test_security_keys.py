@@ -12,8 +12,8 @@ import anthropic
 import pytest
 from aiohttp.test_utils import TestServer
 
-from proxy.app import create_app, server_options
 from proxy.config import parse_settings
+from proxy.server.app import create_app, server_options
 from tests.conftest import basic_config
 from tests.fakes.openai_like import OpenAILike
 from tests.fakes.security import error_of

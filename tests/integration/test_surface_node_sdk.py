@@ -19,8 +19,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from proxy.app import create_app, server_options
 from proxy.config import parse_settings
+from proxy.server.app import create_app, server_options
 from tests.fakes.openai_like import OpenAILike
 
 NODE_DIR = Path(__file__).resolve().parents[1] / "node"

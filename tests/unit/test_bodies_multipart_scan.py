@@ -20,14 +20,14 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from proxy.errors import InvalidRequest
-from proxy.findmodel import (
+from proxy.inbound.findmodel import (
     FoundModel,
     MultipartModelScan,
     find_json_model,
     find_multipart_model,
     rewrite_model,
 )
-from proxy.upload import read_until_model
+from proxy.inbound.upload import read_until_model
 
 FUZZ = settings(
     max_examples=int(os.environ.get("OAIMUX_FUZZ_EXAMPLES", "300")),

@@ -6,7 +6,7 @@ import ipaddress
 
 import pytest
 
-from proxy.clientip import client_address, limit_key
+from proxy.admission.clientip import client_address, limit_key
 
 NGINX = [ipaddress.ip_network("127.0.0.1/32")]
 CHAIN = [ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("127.0.0.1/32")]

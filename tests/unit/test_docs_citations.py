@@ -66,7 +66,7 @@ _TITLES = rf'"[^"]+"(?:{_SEP}(?:,|and|;){_SEP}"[^"]+")*'
 DOC_CITATION = re.compile(rf"\((docs/(?:faults|decisions)\.md){_SEP},{_SEP}({_TITLES})\)")
 README_CITATION = re.compile(rf"(?<![\w/.])README(?:'s)?{_SEP},?{_SEP}({_TITLES})")
 TITLE = re.compile(r'"([^"]+)"')
-# Code and test references in the docs: `proxy/upload.py::PartWatcher`.
+# Code and test references in the docs: `proxy/inbound/upload.py::PartWatcher`.
 CODE_REFERENCE = re.compile(r"`((?:proxy|tests|bench)/[\w/]+\.py)::([\w.]+)`")
 # Links between the docs and to the README: [text](../README.md#anchor), [text](#anchor).
 LINK = re.compile(r"\]\((?:((?:\.\./)?[\w/]*\.md)|(?=#))(?:#([\w-]+))?\)")

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from proxy.errors import InvalidRequest
-from proxy.findmodel import (
+from proxy.inbound.findmodel import (
     ModelAbsent,
     _find_exact,
     _find_in_one_scan,

@@ -1,4 +1,4 @@
-"""Property tests for the client-address parser (proxy/clientip.py, owned by rate limiting).
+"""Property tests for the client-address parser (proxy/admission/clientip.py, owned by rate limiting).
 
 Whatever a client writes into ``X-Forwarded-For`` (garbage, ports, brackets,
 zones, mapped addresses, empty elements, thousands of hops), ``client_address``
@@ -15,7 +15,7 @@ import os
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from proxy.clientip import client_address, limit_key
+from proxy.admission.clientip import client_address, limit_key
 
 FUZZ = settings(max_examples=int(os.environ.get("OAIMUX_FUZZ_EXAMPLES", "300")), deadline=None)
 

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from proxy.errors import InvalidRequest
-from proxy.findmodel import (
+from proxy.inbound.findmodel import (
     FoundModel,
     ModelAbsent,
     _find_exact,

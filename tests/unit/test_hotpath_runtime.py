@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from proxy.config import parse_settings
-from proxy.runtime import build_runtime
+from proxy.runtime.runtime import build_runtime
 
 LIMIT = {"requests_per_minute": 60, "burst": 5}
 

@@ -20,7 +20,7 @@ from proxy.observe.metrics import Metrics
 from proxy.observe.observer import Observer
 from proxy.outbound.attempts import Attempts, Ending
 from proxy.outbound.health import Health
-from proxy.runtime import Runtime, build_runtime
+from proxy.runtime.runtime import Runtime, build_runtime
 
 
 def runtime_for(a: dict[str, Any]) -> Runtime:

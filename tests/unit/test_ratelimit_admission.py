@@ -8,17 +8,17 @@ from typing import Any
 
 import pytest
 
-from proxy.admission import (
+from proxy.admission.admission import (
     Admission,
     Caller,
     choose_limit,
     openai_duration,
     rate_limited,
 )
+from proxy.admission.buckets import Decision, StorageUnavailable
 from proxy.config import RateLimitSettings, parse_settings
 from proxy.errors import RateLimited, ServiceUnavailable, error_response
-from proxy.ratelimit import Decision, StorageUnavailable
-from proxy.runtime import Runtime, build_runtime
+from proxy.runtime.runtime import Runtime, build_runtime
 
 GLOBAL = {"requests_per_minute": 60, "burst": 10}
 

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from proxy.admission.buckets import NS, MemoryRateLimiter, interval_ns, take_token
 from proxy.config import RateLimitSettings
-from proxy.ratelimit import NS, MemoryRateLimiter, interval_ns, take_token
 
 MINUTE = 60 * NS
 

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from proxy import auth
-from proxy.auth import KeyTable, presented_key
+from proxy.admission import proxy_keys as auth
+from proxy.admission.proxy_keys import KeyTable, presented_key
 from proxy.config import AuthKey, ConfigError, parse_settings
 
 

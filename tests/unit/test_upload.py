@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from proxy.bodies import BodyBounds, BodyStream
 from proxy.errors import InvalidRequest
-from proxy.upload import PartWatcher, read_until_model
+from proxy.inbound.body import BodyBounds, BodyStream
+from proxy.inbound.upload import PartWatcher, read_until_model
 
 B = b"bnd"
 

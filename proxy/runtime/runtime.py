@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 import aiohttp
 from yarl import URL
 
-from .auth import KeyTable
-from .client import Origin
-from .clientip import TrustedNetworks, trusted_networks
-from .config.settings import Route, Settings, Upstream
+from ..admission.clientip import TrustedNetworks, trusted_networks
+from ..admission.proxy_keys import KeyTable
+from ..client import Origin
+from ..config.settings import Route, Settings, Upstream
 from .headers import RequestHeaderPolicy, ResponseHeaderPolicy
-from .routing import RouteTable
+from .route_table import RouteTable
 
 __all__ = ["Runtime", "RuntimeHolder", "UpstreamPlan", "build_runtime"]
 

@@ -3,7 +3,7 @@
 A transcription or image edit can be tens of megabytes, with the ``model``
 field usually first (the official SDKs send form fields before files).
 :func:`read_until_model` reads only until the ``model`` part is complete; a
-:class:`~proxy.bodies.BodyStream` then sends that head (rewritten if the route
+:class:`~proxy.inbound.body.BodyStream` then sends that head (rewritten if the route
 says so) followed by the rest of the body as it arrives, while
 :class:`PartWatcher` checks every later part header, so a second ``model``
 field is still refused (``ambiguous_model``): the upload is cut off before the
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from aiohttp import StreamReader
 
-from .errors import InvalidRequest, RequestTooLarge
+from ..errors import InvalidRequest, RequestTooLarge
 from .findmodel import (
     FoundModel,
     ModelAbsent,

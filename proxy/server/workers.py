@@ -34,10 +34,10 @@ import sys
 import time
 from collections import deque
 
-from . import early_signals
-from .config import ConfigError, Settings, load_settings
-from .observe.metrics import forget_worker, share_metrics_across_workers
-from .serve import LIFECYCLE_SIGNALS, Worker, serve_worker
+from .. import early_signals
+from ..config import ConfigError, Settings, load_settings
+from ..observe.metrics import forget_worker, share_metrics_across_workers
+from .process import LIFECYCLE_SIGNALS, Worker, serve_worker
 
 __all__ = ["run_workers"]
 

@@ -30,13 +30,13 @@ from functools import lru_cache
 
 from aiohttp import web
 
-from .auth import presented_key
+from ..config.settings import AuthKey, RateLimitSettings, Route, Settings
+from ..errors import RateLimited, ServiceUnavailable, Unauthorized
+from ..observe.failurelog import TEN_MINUTES, FailureLog
+from ..runtime.runtime import Runtime
+from .buckets import Decision, RateLimiter, StorageUnavailable
 from .clientip import client_address, limit_key
-from .config.settings import AuthKey, RateLimitSettings, Route, Settings
-from .errors import RateLimited, ServiceUnavailable, Unauthorized
-from .observe.failurelog import TEN_MINUTES, FailureLog
-from .ratelimit import Decision, RateLimiter, StorageUnavailable
-from .runtime import Runtime
+from .proxy_keys import presented_key
 
 __all__ = [
     "Admission",

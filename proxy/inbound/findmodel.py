@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import InvalidRequest
+from ..errors import InvalidRequest
 
 __all__ = [
     "FoundModel",

@@ -37,13 +37,13 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from . import early_signals
+from .. import early_signals
+from ..config import ConfigError, Settings, load_settings
+from ..observe.access_log import send_access_log_to
+from ..runtime.runtime import build_runtime
 from .app import create_app, server_options
-from .config import ConfigError, Settings, load_settings
 from .connections import ProxyRunner
 from .keys import BUILTINS, DISCOVERY, OBSERVER, RUNTIME
-from .observe.access_log import send_access_log_to
-from .runtime import build_runtime
 
 __all__ = [
     "LIFECYCLE_SIGNALS",
@@ -286,7 +286,7 @@ async def _start_metrics_listener(
     metrics = app[OBSERVER].metrics
     if metrics is None or settings.metrics.listen is None:
         return None
-    from .observe.metrics import serve_metrics
+    from ..observe.metrics import serve_metrics
 
     host, port = settings.metrics.listen
     runner = await serve_metrics(metrics, settings.metrics.path, host, port, reuse_port)

@@ -8,7 +8,7 @@ answers ``NOSCRIPT``, e.g. after a restart or ``SCRIPT FLUSH``). The script
 reads the bucket, decides and writes it back atomically, so concurrent
 requests from any number of proxies can never both spend the last token
 (no read-modify-write race). It is the same arithmetic as ratelimit.py's
-:func:`~proxy.ratelimit.take_token`, in microseconds.
+:func:`~proxy.admission.buckets.take_token`, in microseconds.
 
 The clock is Redis's own ``TIME``, read inside the script: with several
 machines, each with its own clock, a bucket written by one and read by
@@ -28,7 +28,7 @@ seconds (0.5 by default), a request waits at most ``deadline`` (2 s) for its
 answer, nothing is retried, and after a connection failure Redis is not tried
 again for ``cooldown`` seconds (1 s), so during an outage requests are
 answered at once. Every failure raises
-:class:`~proxy.ratelimit.StorageUnavailable`, and the caller (admission.py)
+:class:`~proxy.admission.buckets.StorageUnavailable`, and the caller (admission.py)
 fails open or closed. Why not shorter: a timeout also counts the time this
 process's event loop is busy, and a flood of 500-1000 simultaneous requests
 stretches one loop turn to a few hundred milliseconds (measured in the tests'
@@ -51,8 +51,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from .config.settings import RateLimitSettings
-from .ratelimit import Decision, StorageUnavailable
+from ..config.settings import RateLimitSettings
+from .buckets import Decision, StorageUnavailable
 
 __all__ = ["KEY_PREFIX", "SCRIPT", "RedisRateLimiter"]
 

@@ -65,12 +65,11 @@ from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError, LineTooL
 from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
 
-from . import SERVER
-from .admission import identify
-from .bodies import close_without_lingering
-from .client.timers import Ticker
-from .config.settings import ServerSettings
-from .errors import (
+from .. import SERVER
+from ..admission.admission import identify
+from ..client.timers import Ticker
+from ..config.settings import ServerSettings
+from ..errors import (
     ERROR_HEADER,
     ExpectationFailed,
     HeadersTooLarge,
@@ -81,9 +80,10 @@ from .errors import (
     error_body,
     error_response,
 )
+from ..inbound.body import close_without_lingering
+from ..observe import OUR_REQUEST_ID_HEADER, Exchange, Outcome, new_request_id, request_id_for
+from ..observe.observer import Observer
 from .keys import OBSERVER, RUNTIME
-from .observe import OUR_REQUEST_ID_HEADER, Exchange, Outcome, new_request_id, request_id_for
-from .observe.observer import Observer
 
 __all__ = [
     "GuardedRequestHandler",

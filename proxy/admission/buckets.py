@@ -47,7 +47,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from .config.settings import RateLimitSettings
+from ..config.settings import RateLimitSettings
 
 __all__ = [
     "Decision",

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
-from .config.settings import Route
+from ..config.settings import Route
 
 __all__ = ["Match", "RouteTable"]
 

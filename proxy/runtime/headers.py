@@ -35,8 +35,8 @@ from dataclasses import dataclass, field
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from . import SERVER
-from .config.settings import Upstream
+from .. import SERVER
+from ..config.settings import Upstream
 
 __all__ = [
     "CLIENT_CREDENTIAL_HEADERS",

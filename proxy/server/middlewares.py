@@ -15,9 +15,9 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from . import SERVER
-from .config.settings import CorsSettings
-from .errors import OriginNotAllowed, ProxyError, error_response, from_http_exception
+from .. import SERVER
+from ..config.settings import CorsSettings
+from ..errors import OriginNotAllowed, ProxyError, error_response, from_http_exception
 
 __all__ = ["Cors", "error_middleware"]
 

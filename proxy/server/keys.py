@@ -5,16 +5,16 @@ from __future__ import annotations
 import aiohttp
 from aiohttp import web
 
-from .admission import Admission
-from .client import UpstreamPool
-from .demo import BuiltinUpstreams
-from .discovery import Discovery
-from .observe.observer import Observer
-from .outbound.forward import Forwarder
-from .outbound.health import Health
-from .outbound.realtime import RealtimeProxy
-from .outbound.tunnel import RealtimeSessions
-from .runtime import RuntimeHolder
+from ..admission.admission import Admission
+from ..client import UpstreamPool
+from ..demo import BuiltinUpstreams
+from ..observe.observer import Observer
+from ..outbound.forward import Forwarder
+from ..outbound.health import Health
+from ..outbound.realtime import RealtimeProxy
+from ..outbound.tunnel import RealtimeSessions
+from ..runtime.discovery import Discovery
+from ..runtime.runtime import RuntimeHolder
 
 __all__ = [
     "BUILTINS",

@@ -25,8 +25,8 @@ from aiohttp.helpers import parse_mimetype
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
 
-from .config.settings import ServerSettings
-from .errors import InvalidRequest, ProxyError, RequestTimeout, RequestTooLarge
+from ..config.settings import ServerSettings
+from ..errors import InvalidRequest, ProxyError, RequestTimeout, RequestTooLarge
 from .findmodel import (
     FoundModel,
     ModelAbsent,

@@ -14,13 +14,19 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from .admission import Admission
-from .client import UpstreamPool
-from .config.settings import Settings
+from ..admission.admission import Admission
+from ..admission.buckets import MemoryRateLimiter, RateLimiter
+from ..client import UpstreamPool
+from ..config.settings import Settings
+from ..demo import BuiltinUpstreams
+from ..observe.observer import Observer, make_observer
+from ..outbound.forward import Forwarder
+from ..outbound.health import Health
+from ..outbound.realtime import RealtimeProxy
+from ..outbound.tunnel import RealtimeSessions
+from ..runtime.discovery import Discovery
+from ..runtime.runtime import RuntimeHolder, build_runtime
 from .connections import expect_continue
-from .demo import BuiltinUpstreams
-from .discovery import Discovery
-from .handlers import about_view, healthz_view, model_view, models_view, proxy_view
 from .keys import (
     BUILTINS,
     DISCOVERY,
@@ -36,13 +42,7 @@ from .keys import (
     UPSTREAMS,
 )
 from .middlewares import Cors, error_middleware
-from .observe.observer import Observer, make_observer
-from .outbound.forward import Forwarder
-from .outbound.health import Health
-from .outbound.realtime import RealtimeProxy
-from .outbound.tunnel import RealtimeSessions
-from .ratelimit import MemoryRateLimiter, RateLimiter
-from .runtime import RuntimeHolder, build_runtime
+from .views import about_view, healthz_view, model_view, models_view, proxy_view
 
 __all__ = ["create_app", "make_upstream_session", "server_options"]
 
@@ -140,7 +140,7 @@ async def _limiter_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[RUNTIME].current.settings
     limiter: RateLimiter
     if settings.rate_limit_storage is not None:
-        from .ratelimit_redis import RedisRateLimiter
+        from ..admission.buckets_redis import RedisRateLimiter
 
         limiter = RedisRateLimiter(settings.rate_limit_storage)
     else:

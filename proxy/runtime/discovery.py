@@ -34,8 +34,8 @@ import uuid
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from .config.settings import Settings
-from .observe.failurelog import FailureLog
+from ..config.settings import Settings
+from ..observe.failurelog import FailureLog
 from .runtime import RuntimeHolder, UpstreamPlan, build_runtime
 
 __all__ = [

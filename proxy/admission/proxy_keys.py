@@ -14,7 +14,7 @@ from fnmatch import fnmatchcase
 
 from multidict import CIMultiDictProxy
 
-from .config.settings import AuthKey
+from ..config.settings import AuthKey
 
 __all__ = ["KeyTable", "presented_key"]
 

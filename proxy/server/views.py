@@ -18,21 +18,11 @@ from aiohttp.helpers import parse_mimetype
 from aiohttp.http import HttpVersion10, HttpVersion11
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from . import __version__
-from .admission import Caller, charge, identify, unauthorized
-from .auth import KeyTable
-from .bodies import (
-    STREAM_ABOVE,
-    BodyBounds,
-    BodyBytes,
-    BodyStream,
-    decoded_for_routing,
-    find_model,
-    read_body,
-    read_multipart_head,
-)
-from .config.settings import Route
-from .errors import (
+from .. import __version__
+from ..admission.admission import Caller, charge, identify, unauthorized
+from ..admission.proxy_keys import KeyTable
+from ..config.settings import Route
+from ..errors import (
     InvalidRequest,
     MethodNotAllowed,
     ModelNotAllowed,
@@ -42,8 +32,18 @@ from .errors import (
     clip,
     model_not_found,
 )
-from .findmodel import ModelAbsent, multipart_boundary, rewrite_model
-from .inbound.route import (
+from ..inbound.body import (
+    STREAM_ABOVE,
+    BodyBounds,
+    BodyBytes,
+    BodyStream,
+    decoded_for_routing,
+    find_model,
+    read_body,
+    read_multipart_head,
+)
+from ..inbound.findmodel import ModelAbsent, multipart_boundary, rewrite_model
+from ..inbound.route import (
     REALTIME_PATH,
     Outbound,
     RealtimeTarget,
@@ -51,12 +51,12 @@ from .inbound.route import (
     is_websocket_upgrade,
     realtime_target,
 )
+from ..inbound.upload import MultipartHead, PartWatcher
+from ..observe import EXCHANGE, Exchange, request_id_for
+from ..outbound.forward import Answered
+from ..outbound.relay import relay
+from ..runtime.runtime import Runtime
 from .keys import FORWARDER, LIMITER, OBSERVER, REALTIME, RUNTIME, STARTED_AT
-from .observe import EXCHANGE, Exchange, request_id_for
-from .outbound.forward import Answered
-from .outbound.relay import relay
-from .runtime import Runtime
-from .upload import MultipartHead, PartWatcher
 
 __all__ = [
     "MODEL_FORM_PATHS",
