@@ -380,9 +380,6 @@ async def test_codex_over_http_through_oaimux_on_a_model_route(
     assert f"model={CODEX_MODEL}" in line and "upstream=openai" in line and "key=codex" in line
 
 
-@pytest.mark.xfail(
-    strict=True, reason="not built yet: a client hanging up after response.completed is client_gone"
-)
 async def test_a_finished_codex_turn_through_oaimux_is_logged_complete(
     tmp_path: Path,
     trap: EgressTrap,
