@@ -1,4 +1,5 @@
-"""The tunnel of one realtime session: both WebSocket legs, frame by frame.
+"""The tunnel of one WebSocket session (realtime, or the Responses API's):
+both legs, frame by frame.
 
 Contract (the handshake before it: realtime.py):
 
@@ -65,20 +66,22 @@ class Tunnel:
             return_exceptions=True,
         )
 
-    async def run(self, handshake: web.BaseRequest, sessions: RealtimeSessions) -> None:
-        """Answer the client's upgrade (``handshake``), then relay both ways until
-        both legs are closed; the upstream leg is closed whatever happens."""
+    async def run(self, handshake: web.BaseRequest | None, sessions: RealtimeSessions) -> None:
+        """Answer the client's upgrade (``handshake``; None: the client's leg is
+        open already), then relay both ways until both legs are closed; the
+        upstream leg is closed whatever happens."""
         client, upstream, ex = self.client, self.upstream, self.ex
         sessions.add(self)
         try:
-            try:
-                await client.prepare(handshake)
-            except (ConnectionError, web.HTTPException):
-                ex.outcome = "client_gone"
-                await upstream.close(code=WSCloseCode.GOING_AWAY)
-                return
-            ex.status = 101
-            ex.streaming = True
+            if handshake is not None:
+                try:
+                    await client.prepare(handshake)
+                except (ConnectionError, web.HTTPException):
+                    ex.outcome = "client_gone"
+                    await upstream.close(code=WSCloseCode.GOING_AWAY)
+                    return
+                ex.status = 101
+                ex.streaming = True
             await self._both_ways()
         except asyncio.CancelledError:
             # The client's connection was lost (handler_cancellation): close upstream.

@@ -406,7 +406,6 @@ async def test_a_finished_codex_turn_through_oaimux_is_logged_complete(
     assert "outcome=complete" in line, line
 
 
-@pytest.mark.xfail(strict=True, reason="not built yet: the Responses WebSocket is not relayed yet")
 async def test_codex_over_the_websocket_through_oaimux(
     tmp_path: Path,
     trap: EgressTrap,
@@ -435,9 +434,6 @@ async def test_codex_over_the_websocket_through_oaimux(
     assert turn["previous_response_id"] == conn.response_ids[0]
 
 
-@pytest.mark.xfail(
-    strict=True, reason="not built yet: no 426 for a Responses WebSocket no upstream accepts"
-)
 async def test_codex_websocket_with_no_upstream_accepting_it_gets_426_and_falls_back(
     tmp_path: Path,
     trap: EgressTrap,
