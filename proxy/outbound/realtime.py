@@ -46,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from dataclasses import dataclass
 
 import aiohttp
@@ -162,6 +163,7 @@ class RealtimeProxy:
             ex.outcome = "client_gone"
             return client
         ex.status = 101
+        ex.ttfb = time.perf_counter() - ex.started
         ex.streaming = True
         try:
             first = await _first_message(client, server.body_idle_timeout)

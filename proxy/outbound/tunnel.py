@@ -21,6 +21,7 @@ Contract (the handshake before it: realtime.py):
 from __future__ import annotations
 
 import asyncio
+import time
 
 import aiohttp
 from aiohttp import WSCloseCode, WSMsgType, web
@@ -81,11 +82,15 @@ class Tunnel:
                     await upstream.close(code=WSCloseCode.GOING_AWAY)
                     return
                 ex.status = 101
+                ex.ttfb = time.perf_counter() - ex.started
                 ex.streaming = True
             await self._both_ways()
         except asyncio.CancelledError:
-            # The client's connection was lost (handler_cancellation): close upstream.
-            ex.outcome = "client_gone"
+            # The client's connection was lost (handler_cancellation): close
+            # upstream. Once a close frame was passed on, that is how a session
+            # ends (the client drops the connection after the closing handshake).
+            if not self.closing:
+                ex.outcome = "client_gone"
             raise
         finally:
             sessions.discard(self)
