@@ -10,7 +10,9 @@ nothing is read or kept per chunk for it.
 The terminal events (README, "Access log"):
 
 - ``data: [DONE]``, the end of an OpenAI Chat Completions or Completions stream;
-- ``response.completed``, the end of a Responses API stream;
+- ``response.completed``, the end of a Responses API stream (and
+  ``response.incomplete`` and ``response.failed``, which end it the same way:
+  the response went out whole, it just did not succeed);
 - ``message_stop``, the end of an Anthropic Messages stream.
 
 An event counts when it is whole (the blank line that ends it was sent,
@@ -25,7 +27,9 @@ import re
 
 __all__ = ["TERMINAL_EVENTS", "stream_ended"]
 
-TERMINAL_EVENTS = frozenset({"response.completed", "message_stop"})
+TERMINAL_EVENTS = frozenset(
+    {"response.completed", "response.incomplete", "response.failed", "message_stop"}
+)
 
 _DONE = b"[DONE]"
 # A run of line endings; one with two or more is a blank line: an event's end.

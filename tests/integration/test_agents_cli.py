@@ -11,11 +11,12 @@ The fakes answer with text naming themselves and the model, so the agent's own
 output proves which upstream served the turn and that the streamed text
 reached the agent.
 
-What oaimux cannot do yet is tested too, marked ``xfail(strict=True)``:
-``/v1/messages`` routed by model (and judged by the key's model allow-list),
-an Anthropic stream's input tokens in the access log, Codex's WebSocket
-through the relay, the ``426`` that makes Codex give up its WebSocket at
-once, and a finished Codex turn logged ``complete``.
+Codex's WebSocket through the relay, the ``426`` that makes Codex give up its
+WebSocket at once when no upstream takes it, and a finished Codex turn logged
+``complete`` are tested through oaimux too. What oaimux cannot do yet is
+tested as well, marked ``xfail(strict=True)``: ``/v1/messages`` routed by
+model (and judged by the key's model allow-list), and an Anthropic stream's
+input tokens in the access log.
 """
 
 from __future__ import annotations

@@ -37,6 +37,14 @@ CASES = {
         True,
     ),
     "another event last": (COMPLETED, DELTA, None, False),
+    "response.failed": (
+        DELTA,
+        b'event: response.failed\ndata: {"type":"response.failed"}\n\n',
+        None,
+        True,
+    ),
+    "response.incomplete": (b"", DELTA + b'data: {"type":"response.incomplete"}\n\n', None, True),
+    "an error event": (DELTA, b'event: error\ndata: {"type":"error"}\n\n', None, False),
     "the event name wins over the data": (
         b"",
         DELTA + b'event: ping\ndata: {"type":"message_stop"}\n\n',
