@@ -18,6 +18,9 @@ The terminal events (README, "Access log"):
 An event counts when it is whole (the blank line that ends it was sent,
 WHATWG HTML §9.2.6 "Interpreting an event stream") and is the last event
 sent, named by its ``event:`` field or by the ``type`` of its JSON data.
+On the Responses WebSocket each message is one JSON event
+(:func:`message_ended`); the tunnel keeps the last message it passed to
+the client, and asks only when the client vanished.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from __future__ import annotations
 import json
 import re
 
-__all__ = ["TERMINAL_EVENTS", "stream_ended"]
+__all__ = ["TERMINAL_EVENTS", "message_ended", "stream_ended"]
 
 TERMINAL_EVENTS = frozenset(
     {"response.completed", "response.incomplete", "response.failed", "message_stop"}
@@ -78,12 +81,15 @@ def _is_terminal(event: bytes) -> bool:
     if name:
         return name.decode("utf-8", "replace") in TERMINAL_EVENTS
     payload = b"\n".join(lines)
-    if payload == _DONE:
-        return True
-    if not payload.startswith(b"{"):
+    return payload == _DONE or message_ended(payload)
+
+
+def message_ended(message: bytes) -> bool:
+    """Is ``message`` (one JSON event, as on the Responses WebSocket) a terminal event?"""
+    if not message.lstrip().startswith(b"{"):
         return False
     try:
-        doc = json.loads(payload)
+        doc = json.loads(message)
     except ValueError:
         return False
     return isinstance(doc, dict) and doc.get("type") in TERMINAL_EVENTS

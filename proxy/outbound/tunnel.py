@@ -14,6 +14,8 @@ Contract (the handshake before it: realtime.py):
   and the other side is closed with 1002 (1007 for a reason that is not
   UTF-8). A side that vanishes without a close frame closes the other with
   1001 (client gone) or 1011 (upstream gone). On shutdown both legs get 1001.
+  A client that vanishes right after a terminal event (``response.completed``)
+  with nothing asked since is logged ``complete``.
 - A message over ``server.max_body_bytes`` closes that leg with 1009 and the
   other with the same code (both legs are opened with that limit).
 """
@@ -26,7 +28,8 @@ import time
 import aiohttp
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from ..observe import Exchange
+from ..observe import Exchange, Outcome
+from ..observe.stream_end import message_ended
 
 __all__ = ["CLOSE_TIMEOUT", "RealtimeSessions", "Tunnel"]
 
@@ -51,6 +54,10 @@ class Tunnel:
         self.upstream = upstream
         self.ex = ex
         self.closing = False
+        # The last message passed, when it went to the client (b"" when the
+        # client's went last): a client that vanishes after a terminal event
+        # with nothing asked since got its whole answer (observe/stream_end.py).
+        self.last_to_client = b""
         # The code the upstream leg is (being) closed with; the handler's
         # cleanup uses it if the handler is cancelled half way (aiohttp cancels
         # it when the client's connection closes, which can come first).
@@ -90,7 +97,7 @@ class Tunnel:
             # upstream. Once a close frame was passed on, that is how a session
             # ends (the client drops the connection after the closing handshake).
             if not self.closing:
-                ex.outcome = "client_gone"
+                ex.outcome = self._client_gone_outcome()
             raise
         finally:
             sessions.discard(self)
@@ -137,6 +144,7 @@ class Tunnel:
                         data = msg.data
                         await dst.send_frame(data, kind)
                         sent += len(data)
+                        self.last_to_client = b"" if src_is_client else data
                     elif kind is WSMsgType.PING:
                         await dst.ping(msg.data)
                     elif kind is WSMsgType.PONG:
@@ -182,12 +190,18 @@ class Tunnel:
     ) -> None:
         """src is closed or broken: close dst with ``code``."""
         self.closing = True
-        self.ex.outcome = "client_gone" if src_is_client else "upstream_reset"
+        self.ex.outcome = self._client_gone_outcome() if src_is_client else "upstream_reset"
         if not _valid_close_code(code):  # not expected from aiohttp's WebSocketError
             code = WSCloseCode.INTERNAL_ERROR
         if src_is_client:
             self.upstream_code = code
         await dst.close(code=code, message=b"")
+
+    def _client_gone_outcome(self) -> Outcome:
+        """``complete`` when the client vanished right after a terminal event
+        (Codex drops the connection once it has ``response.completed``)."""
+        last = self.last_to_client
+        return "complete" if last and message_ended(last) else "client_gone"
 
     async def _protocol_error(
         self,

@@ -425,8 +425,15 @@ async def test_codex_over_the_websocket_through_oaimux(
             tmp_path / "home", trap, f"{proxy.url}/v1", PROMPT,
             key=CODEX_PROXY_KEY, model=CODEX_MODEL, websockets=True,
         )  # fmt: skip
+        [line] = await proxy.wait_line(r"path=/v1/responses ")
     assert_turn(run, responses.reply_text(CODEX_MODEL))
     assert [r.method for r in responses.received] == ["GET"]  # no HTTP fallback
+    # One session, routed by its first message (the prewarm's model).
+    fields = dict(part.split("=", 1) for part in line.split(" ") if "=" in part)
+    assert (fields["method"], fields["status"], fields["model"]) == ("GET", "101", CODEX_MODEL)
+    assert (fields["upstream"], fields["key"]) == ("openai", "codex"), line
+    # Codex drops the connection once it has response.completed: a finished turn.
+    assert fields["outcome"] == "complete", line
     [conn] = responses.connections
     assert conn.handshake.headers["authorization"] == f"Bearer {OPENAI_UPSTREAM_KEY}"
     assert WS_BETA in conn.handshake.headers["openai-beta"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from typing import Any
 
 import aiohttp
@@ -259,6 +260,30 @@ async def test_only_the_routes_upstreams_that_take_the_websocket_are_tried(
     await ws.close()
     assert [r.method for r in b.received] == ["GET"]  # one handshake, to b as "b"
     assert b.connections[0].handshake.headers["authorization"] == f"Bearer {KEY_B}"
+
+
+@pytest.mark.parametrize(
+    ("last", "outcome"), [("a turn", "complete"), ("an error event", "client_gone")]
+)
+async def test_a_client_vanishing_after_a_finished_turn_is_complete(
+    proxy: TestClient[Any, Any], b: OpenAIResponses, last: str, outcome: str
+) -> None:
+    """Codex drops the connection, no close frame, once it has response.completed."""
+    with capture_logs() as logs:
+        ws = await connect(proxy)
+        events = await turn(ws, json.dumps(create("gpt-b")))
+        assert events[-1]["type"] == "response.completed"
+        if last == "an error event":
+            events = await turn(ws, json.dumps({"type": "response.cancel"}))
+            assert events[-1]["type"] == "error"
+        sock = ws.get_extra_info("socket")
+        sock.shutdown(socket.SHUT_RDWR)  # gone, without a close frame
+        (line,) = await logs.wait_for(1)
+        async with asyncio.timeout(10):
+            await b.connections[0].closed.wait()  # the upstream leg was closed
+        await ws.close()
+    f = parse_text_line(line)
+    assert (f["status"], f["outcome"]) == ("101", outcome)
 
 
 # -- sessions that cannot go anywhere ----------------------------------------
