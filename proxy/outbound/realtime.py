@@ -170,33 +170,51 @@ class RealtimeProxy:
             if first is None:
                 ex.outcome = "client_gone"
                 return client
-            authorization = client_authorization(request, runtime)
             target, first = responses_target(
-                first, runtime, caller, query=query, authorization=authorization
+                first,
+                runtime,
+                caller,
+                query=query,
+                authorization=client_authorization(request, runtime),
             )
-            ex.model, ex.upstream_model = target.model, target.upstream_model
-            ex.metric_model = target.route.model or target.model or ""
-            ex.route = target.route.describe()
-            upgrade = _Upgrade(request.headers, target, (), server.max_body_bytes)
-            attempts = Attempts(ex, self._health, self._observer)
-            upstream = await self._connect(upgrade, runtime, attempts)
+            upstream = await self._open_responses(request, target, first, runtime, ex)
         except ProxyError as err:
             await _refuse_session(client, err, ex)
             return client
         except asyncio.CancelledError:
             ex.outcome = "client_gone"
             raise
+        await Tunnel(client, upstream, ex).run(None, self._sessions)
+        return client
+
+    async def _open_responses(
+        self,
+        request: web.Request,
+        target: RealtimeTarget,
+        first: bytes,
+        runtime: Runtime,
+        ex: Exchange,
+    ) -> aiohttp.ClientWebSocketResponse[bool]:
+        """The upstream leg of a routed Responses WebSocket, its first message sent."""
+        ex.model, ex.upstream_model = target.model, target.upstream_model
+        ex.metric_model = target.route.model or target.model or ""
+        ex.route = target.route.describe()
+        limit = runtime.settings.server.max_body_bytes
+        upgrade = _Upgrade(request.headers, target, (), limit)
+        attempts = Attempts(ex, self._health, self._observer)
+        upstream = await self._connect(upgrade, runtime, attempts)
         try:
             await upstream.send_frame(first, WSMsgType.TEXT)
         except (ConnectionError, aiohttp.ClientError):
             await upstream.close(code=WSCloseCode.GOING_AWAY)
-            name = ex.upstream or "-"
-            gone = UpstreamUnavailable(f"The upstream '{name}' closed the WebSocket at once.")
-            await _refuse_session(client, gone, ex)
-            return client
+            raise UpstreamUnavailable(
+                f"The upstream '{ex.upstream}' closed the WebSocket at once."
+            ) from None
+        except BaseException:
+            await asyncio.shield(upstream.close(code=WSCloseCode.GOING_AWAY))
+            raise
         ex.bytes_in += len(first)
-        await Tunnel(client, upstream, ex).run(None, self._sessions)
-        return client
+        return upstream
 
     async def _connect(
         self, upgrade: _Upgrade, runtime: Runtime, attempts: Attempts
