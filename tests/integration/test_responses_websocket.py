@@ -65,6 +65,7 @@ def config(a_url: str, b_url: str, **extra: Any) -> dict[str, Any]:
                 "url": b_url,
                 "headers": {"set": {"Authorization": f"Bearer {KEY_B}"}},
                 "responses_websocket": True,
+                "query": {"api-version": "2025-04-01-preview"},
             },
             "http-only": {"url": b_url},
             "down": {"url": "http://127.0.0.1:9/v1", "responses_websocket": True},
@@ -210,6 +211,7 @@ async def test_routed_by_the_first_message_and_every_frame_to_one_upstream_conne
     assert PROXY_KEY not in json.dumps(headers)
     assert headers["openai-beta"] == BETA
     assert conn.handshake.path == "/v1/responses"
+    assert conn.handshake.query_string == "api-version=2025-04-01-preview"  # the upstream's query
     f = parse_text_line(line)
     assert (f["method"], f["path"], f["status"], f["model"], f["upstream"]) == (
         "GET", "/v1/responses", "101", "gpt-b", "b"
