@@ -175,6 +175,12 @@ class Upstream:
     # ``builtin: demo``: served by oaimux itself (demo.py); ``url`` is a
     # placeholder until the listener is bound (BuiltinUpstreams.bind).
     builtin: str | None = None
+    # Query parameters added to every request to this upstream (Azure's
+    # ``api-version``), replacing the client's of the same name; values are
+    # secrets (README, "Azure OpenAI").
+    query: tuple[tuple[str, Secret], ...] = ()
+    # It takes the Responses API over a WebSocket (``GET /v1/responses``).
+    responses_websocket: bool = False
 
     @property
     def injects_credential(self) -> bool:

@@ -1,11 +1,14 @@
 """The ``upstreams`` section: where requests go, and how each upstream is spoken to.
 
 One mapping per upstream: its base URL (or ``builtin: demo``), the headers it
-gets set and removed, its timeouts, retries and circuit breaker, and the
-response headers it may send back.
+gets set and removed, the query parameters it gets added, its timeouts,
+retries and circuit breaker, the response headers it may send back, and
+whether it takes the Responses API over a WebSocket.
 """
 
 from __future__ import annotations
+
+import datetime
 
 from yarl import URL
 
@@ -53,6 +56,28 @@ def _headers(node: Node) -> HeaderRewrite:
     for i, name in enumerate(removed):
         header_name(Node(node.file, f"{node.path}.remove[{i}]", name))
     return HeaderRewrite(set=tuple(pairs), remove=frozenset(n.lower() for n in removed))
+
+
+def _query(node: Node) -> tuple[tuple[str, Secret], ...]:
+    """``query: {name: value}``; the values are secrets, so errors never quote them."""
+    if not isinstance(node.value, dict):
+        raise node.error("expected a mapping of query parameter: value")
+    pairs: list[tuple[str, Secret]] = []
+    for name, given in node.value.items():
+        if not isinstance(name, str) or not name.strip():
+            raise node.error(f"query parameter names must be non-empty strings, got {show(name)}")
+        # YAML reads an unquoted 2024-10-21 as a date and 2 as a number: both
+        # are taken as the text written.
+        written = given
+        if isinstance(given, datetime.date) or (
+            isinstance(given, int) and not isinstance(given, bool)
+        ):
+            written = str(given)
+        if not isinstance(written, str):
+            kind = type(given).__name__
+            raise node.child(name).error(f"expected a string, got a {kind} (value not shown)")
+        pairs.append((name, Secret(written)))
+    return tuple(pairs)
 
 
 def _timeouts(node: Node) -> Timeouts:
@@ -117,6 +142,8 @@ def _upstream(name: str, node: Node) -> Upstream:
             "retries",
             "circuit_breaker",
             "builtin",
+            "query",
+            "responses_websocket",
         )
     )
     builtin = node.opt("builtin", _builtin, None)
@@ -139,6 +166,8 @@ def _upstream(name: str, node: Node) -> Upstream:
         keep_response_headers=frozenset(k.lower() for k in keep),
         retries=node.opt("retries", _retries, RetrySettings()),
         circuit_breaker=node.opt("circuit_breaker", _breaker, CircuitBreakerSettings()),
+        query=node.opt("query", _query, ()),
+        responses_websocket=node.opt("responses_websocket", boolean, False),
     )
 
 

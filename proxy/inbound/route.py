@@ -1,8 +1,12 @@
-"""A routed request, as handed to outbound/; and the routing of a realtime
-WebSocket handshake (``GET /v1/realtime?model=...``).
+"""A routed request, as handed to outbound/; and the routing of the two
+WebSocket sessions: realtime (``GET /v1/realtime?model=...``) and the
+Responses API's (``GET /v1/responses``).
 
-HTTP requests are routed in handlers.py, into an :class:`Outbound`. A realtime
-handshake is routed here, into a :class:`RealtimeTarget`:
+HTTP requests are routed in handlers.py, into an :class:`Outbound`. A
+WebSocket session is routed here, into a :class:`RealtimeTarget`, in one of
+two ways; outbound/realtime.py then relays both alike.
+
+A realtime handshake, before the upgrade:
 
 - The request is routed by its ``model`` query parameter, like a body's
   ``model``: unknown ids are refused with the OpenAI-shaped 404 *before* the
@@ -12,10 +16,23 @@ handshake is routed here, into a :class:`RealtimeTarget`:
 - Proxy keys and the rate limit apply as to any request (handlers.py charges
   the handshake once it is routed); outbound/realtime.py then opens the
   upstream leg and the tunnel.
+
+A Responses WebSocket, after the upgrade (README, "Codex CLI"):
+
+- The upgrade is answered ``426 Upgrade Required`` at once when no upstream
+  has ``responses_websocket: true``: Codex then falls back to HTTP.
+- Otherwise the session is routed by the ``model`` of the client's first
+  message (a ``response.create`` event: the model at its top level, else
+  under ``response``), like a body's ``model``, over the route's upstreams
+  that take the Responses WebSocket. An alias's ``rewrite_model`` changes
+  only the value's bytes, in that first message only; later messages pass
+  as they come, to the same upstream connection.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -26,21 +43,26 @@ from multidict import CIMultiDictProxy
 
 from ..admission.admission import Caller
 from ..admission.proxy_keys import KeyTable
-from ..config.settings import Route
+from ..config.settings import Balance, Route
 from ..errors import InvalidRequest, ModelNotAllowed, check_model_id, clip, model_not_found
 from ..runtime.runtime import Runtime
 from .body import BodyBytes, BodyStream
+from .findmodel import FoundModel, ModelAbsent, find_json_model, rewrite_model
 
 __all__ = [
     "REALTIME_PATH",
+    "RESPONSES_PATH",
     "Outbound",
     "RealtimeTarget",
+    "check_responses_upgrade",
     "client_authorization",
     "is_websocket_upgrade",
     "realtime_target",
+    "responses_target",
 ]
 
 REALTIME_PATH = "realtime"
+RESPONSES_PATH = "responses"
 
 
 class Outbound(NamedTuple):
@@ -70,13 +92,15 @@ def client_authorization(request: web.BaseRequest, runtime: Runtime) -> str | No
 
 @dataclass(frozen=True, slots=True)
 class RealtimeTarget:
-    """Where a realtime handshake goes: the route, and the query to send upstream."""
+    """Where a WebSocket session goes: the route, and the path and query to
+    send upstream (realtime, or the Responses API's)."""
 
     route: Route
     model: str | None
     upstream_model: str | None
     query: str
     client_authorization: str | None  # see client_authorization()
+    path: str = REALTIME_PATH
 
 
 def is_websocket_upgrade(request: web.BaseRequest) -> bool:
@@ -100,9 +124,7 @@ def realtime_target(
     ``query_models`` the ``model`` values in it (handlers.vet_query); more
     than one was already refused.
     """
-    if request.body_exists:
-        # A body on an upgrade request is a smuggling attempt (CVE-2026-69243).
-        raise InvalidRequest("A WebSocket handshake must not have a body.", code="body_not_allowed")
+    _refuse_body(request)
     model = query_models[0] if query_models else ""
     check_model_id(model)
     if not model:
@@ -124,6 +146,127 @@ def realtime_target(
         query = _with_model(query, upstream_model)
     authorization = client_authorization(request, runtime)
     return RealtimeTarget(match.route, model, upstream_model, query, authorization)
+
+
+def _refuse_body(request: web.BaseRequest) -> None:
+    if request.body_exists:
+        # A body on an upgrade request is a smuggling attempt (CVE-2026-69243).
+        raise InvalidRequest("A WebSocket handshake must not have a body.", code="body_not_allowed")
+
+
+def check_responses_upgrade(request: web.BaseRequest, runtime: Runtime) -> None:
+    """Refuse a Responses WebSocket upgrade before it is accepted: ``426`` when no
+    upstream takes it (Codex then falls back to HTTP at once; any other refusal
+    it retries for seconds)."""
+    _refuse_body(request)
+    if not any(u.responses_websocket for u in runtime.settings.upstreams.values()):
+        err = InvalidRequest(
+            "No upstream of this proxy takes the Responses API over a WebSocket; "
+            "use POST /v1/responses.",
+            code="websocket_not_supported",
+        )
+        err.status = 426
+        raise err
+
+
+def responses_target(
+    message: bytes,
+    runtime: Runtime,
+    caller: Caller,
+    *,
+    query: str,
+    authorization: str | None,
+) -> tuple[RealtimeTarget, bytes]:
+    """Route a Responses WebSocket by its first ``message``; the target, and the
+    message to send upstream (the model's value rewritten for an alias). Raises
+    the error to answer (as an ``error`` event)."""
+    found = _first_message_model(message)
+    model = found.model
+    if not model:
+        raise ModelAbsent()
+    check_model_id(model)
+    match = runtime.table.resolve(model)
+    if match is None:
+        raise model_not_found(model)
+    if not KeyTable.allows(caller.key, model):
+        raise ModelNotAllowed(f"Your key may not use the model '{clip(model)}'.", param="model")
+    route = _websocket_route(match.route, runtime)
+    upstream_model = match.upstream_model
+    if upstream_model != model:
+        message = rewrite_model(message, found, upstream_model)
+    target = RealtimeTarget(route, model, upstream_model, query, authorization, RESPONSES_PATH)
+    return target, message
+
+
+def _first_message_model(message: bytes) -> FoundModel:
+    """The ``model`` of a ``response.create`` event: at its top level, else under
+    ``response``, with its byte offsets in ``message``."""
+    try:
+        return find_json_model(message)
+    except ModelAbsent:
+        pass
+    span = _member_span(message, "response")
+    if span is None:
+        raise ModelAbsent()
+    start, end = span
+    inner = find_json_model(message[start:end])
+    return dataclasses.replace(inner, start=inner.start + start, end=inner.end + start)
+
+
+_DECODER = json.JSONDecoder()
+
+
+def _member_span(message: bytes, key: str) -> tuple[int, int] | None:
+    """The byte span of the value of the top-level member ``key`` of a JSON
+    object when that value is an object, else None. Runs once per session."""
+    try:
+        text = message.decode("utf-8")
+        doc = json.loads(text)
+    except ValueError:  # not UTF-8 (find_json_model took other encodings)
+        return None
+    if not isinstance(doc, dict) or not isinstance(doc.get(key), dict):
+        return None
+    # Step over the members in order (the last of a repeated key is json.loads's).
+    pos = text.index("{") + 1
+    span: tuple[int, int] | None = None
+    while True:
+        pos = _past_ws(text, pos)
+        name, pos = json.decoder.scanstring(text, pos + 1)  # type: ignore[attr-defined]
+        pos = _past_ws(text, pos) + 1  # the colon
+        pos = _past_ws(text, pos)
+        _, end = _DECODER.raw_decode(text, pos)
+        if name == key:
+            span = (len(text[:pos].encode()), len(text[:end].encode()))
+        pos = _past_ws(text, end)
+        if text[pos] == "}":
+            return span
+        pos += 1  # the comma
+
+
+def _past_ws(text: str, pos: int) -> int:
+    while text[pos] in " \t\r\n":
+        pos += 1
+    return pos
+
+
+def _websocket_route(route: Route, runtime: Runtime) -> Route:
+    """``route`` over its upstreams that take the Responses WebSocket (the
+    others are left out of the walk), or the error to answer."""
+    plans = runtime.plans
+    kept = tuple(n for n in route.upstreams if plans[n].upstream.responses_websocket)
+    if kept == route.upstreams:
+        return route
+    if not kept:
+        raise InvalidRequest(
+            f"No upstream of the route for this model takes the Responses API over a "
+            f"WebSocket ({route.describe()}); use POST /v1/responses.",
+            code="websocket_not_supported",
+        )
+    balance = route.balance
+    if balance is not None:
+        weights = tuple((n, w) for n, w in balance.weights if n in kept)
+        balance = Balance(weights) if len(weights) > 1 else None
+    return dataclasses.replace(route, upstreams=kept, balance=balance)
 
 
 def _with_model(query: str, model: str) -> str:

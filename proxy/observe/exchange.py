@@ -125,10 +125,12 @@ class Exchange:
             self.status = exc.status
             self.outcome = "complete" if exc.status < 400 else "error"
         elif isinstance(exc, (asyncio.CancelledError, ConnectionError)):
-            if self.outcome == "complete":
-                self.outcome = "client_gone"
             if self.ttfb is None:  # no response head went out (prepare may have failed)
                 self.status = CLIENT_CLOSED
+                if self.outcome == "complete":
+                    self.outcome = "client_gone"
+            # Else the relay has judged how the client left (a stream whose
+            # terminal event went out is complete: outbound/relay.py).
         else:
             self.outcome = "error"
             if not self.status:

@@ -1,4 +1,5 @@
-"""``GET /v1/realtime?model=...`` with a WebSocket upgrade: the upstream leg first.
+"""The WebSocket sessions: ``GET /v1/realtime?model=...`` (the upstream leg
+first) and ``GET /v1/responses`` (the client's leg first); one tunnel for both.
 
 Contract (the routing before it: inbound/route.py; the tunnel after it:
 tunnel.py):
@@ -21,23 +22,43 @@ tunnel.py):
 - Compression is off on both legs: a pass-through does not spend CPU
   re-deflating audio. A message over ``server.max_body_bytes`` closes the
   tunnel (tunnel.py).
+
+The Responses API's WebSocket (Codex CLI) is routed by its first message, so
+the client is answered ``101`` first (:meth:`RealtimeProxy.serve_responses`):
+
+- The first message is awaited for ``server.body_idle_timeout`` seconds
+  (pings are answered meanwhile), and is at most ``server.max_body_bytes``.
+- Then the upstream leg is opened through the same walk, with the same
+  header rewrites, at ``<upstream url>/responses``; no subprotocol is offered
+  upstream nor chosen for the client (the upstream's choice is not known
+  when the client is answered). The first message is sent, rewritten for an
+  alias, and the tunnel takes over.
+- A session that cannot go anywhere gets one ``error`` event (OpenAI's
+  ``{"type": "error", "status": ..., "error": {...}}``) and a close frame:
+  1011 when the upstream refused or could not be reached, 1008 (policy) for
+  anything about the message or the caller (no model, unknown or forbidden
+  model, no upstream taking the WebSocket). No upstream connection is left
+  open.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import time
 from dataclasses import dataclass
 
 import aiohttp
-from aiohttp import web
+from aiohttp import WSCloseCode, WSMsgType, web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from .. import SERVER
+from ..admission.admission import Caller
 from ..client import Origin
 from ..client.failures import DISCONNECTED, connect_failure, reset
 from ..errors import InvalidRequest, ProxyError, RateLimited, UpstreamUnavailable
-from ..inbound.route import REALTIME_PATH, RealtimeTarget
+from ..inbound.route import RealtimeTarget, client_authorization, responses_target
 from ..observe import Exchange
 from ..observe.observer import Observer
 from ..runtime.runtime import Runtime, UpstreamPlan
@@ -57,6 +78,8 @@ _HANDSHAKE_HEADERS = (
     "Sec-WebSocket-Protocol",
     "Sec-WebSocket-Accept",
 )
+# Control frames taken from a Responses WebSocket before its first message.
+_FIRST_MESSAGE_CONTROL_FRAMES = 16
 # Subprotocols that carry a credential (OpenAI's browser WebSocket scheme).
 _CREDENTIAL_PROTOCOLS = ("openai-insecure-api-key.", "openai-organization.", "openai-project.")
 
@@ -115,6 +138,84 @@ class RealtimeProxy:
         await tunnel.run(_handshake_request(request, offered, chosen), self._sessions)
         return client
 
+    async def serve_responses(
+        self,
+        request: web.Request,
+        runtime: Runtime,
+        caller: Caller,
+        *,
+        query: str,
+        ex: Exchange,
+    ) -> web.StreamResponse:
+        """Accept the client's upgrade, route by its first message, connect
+        upstream, then relay until closed (the module's docstring)."""
+        offered = _offered_protocols(request.headers)
+        if not web.WebSocketResponse(protocols=offered).can_prepare(request).ok:
+            raise InvalidRequest(
+                "Not a valid WebSocket handshake (RFC 6455 §4.2.1).",
+                code="invalid_websocket_handshake",
+            )
+        server = runtime.settings.server
+        client = _client_leg(None, server.max_body_bytes)
+        try:
+            await client.prepare(_handshake_request(request, offered, None))
+        except (ConnectionError, web.HTTPException):
+            ex.outcome = "client_gone"
+            return client
+        ex.status = 101
+        ex.ttfb = time.perf_counter() - ex.started
+        ex.streaming = True
+        try:
+            first = await _first_message(client, server.body_idle_timeout)
+            if first is None:
+                ex.outcome = "client_gone"
+                return client
+            target, first = responses_target(
+                first,
+                runtime,
+                caller,
+                query=query,
+                authorization=client_authorization(request, runtime),
+            )
+            upstream = await self._open_responses(request, target, first, runtime, ex)
+        except ProxyError as err:
+            await _refuse_session(client, err, ex)
+            return client
+        except asyncio.CancelledError:
+            ex.outcome = "client_gone"
+            raise
+        await Tunnel(client, upstream, ex).run(None, self._sessions)
+        return client
+
+    async def _open_responses(
+        self,
+        request: web.Request,
+        target: RealtimeTarget,
+        first: bytes,
+        runtime: Runtime,
+        ex: Exchange,
+    ) -> aiohttp.ClientWebSocketResponse[bool]:
+        """The upstream leg of a routed Responses WebSocket, its first message sent."""
+        ex.model, ex.upstream_model = target.model, target.upstream_model
+        ex.metric_model = target.route.model or target.model or ""
+        ex.route = target.route.describe()
+        limit = runtime.settings.server.max_body_bytes
+        upgrade = _Upgrade(request.headers, target, (), limit)
+        attempts = Attempts(ex, self._health, self._observer)
+        upstream = await self._connect(upgrade, runtime, attempts)
+        try:
+            await upstream.send_frame(first, WSMsgType.TEXT)
+        except (ConnectionError, aiohttp.ClientError):
+            await upstream.close(code=WSCloseCode.GOING_AWAY)
+            raise UpstreamUnavailable(
+                f"The upstream '{ex.upstream}' closed the WebSocket at once."
+            ) from None
+        except BaseException:
+            await asyncio.shield(upstream.close(code=WSCloseCode.GOING_AWAY))
+            raise
+        ex.bytes_in += len(first)
+        return upstream
+
     async def _connect(
         self, upgrade: _Upgrade, runtime: Runtime, attempts: Attempts
     ) -> aiohttp.ClientWebSocketResponse[bool]:
@@ -144,7 +245,7 @@ class RealtimeProxy:
             headers.popall(header, None)
         async with asyncio.timeout(plan.upstream.timeouts.response):
             return await self._session.ws_connect(
-                plan.url_for(REALTIME_PATH, target.query),
+                plan.url_for(target.path, target.query),
                 protocols=upgrade.protocols,
                 headers=headers,
                 autoping=False,
@@ -154,6 +255,62 @@ class RealtimeProxy:
                 decode_text=False,
                 timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=CLOSE_TIMEOUT),
             )
+
+
+async def _first_message(client: web.WebSocketResponse[bool], wait: float) -> bytes | None:
+    """The client's first text message (bounded in time here, in size by the
+    leg's ``max_msg_size``); None when the client closed first. Pings before
+    it are answered, as the upstream would."""
+    try:
+        async with asyncio.timeout(wait):
+            for _ in range(_FIRST_MESSAGE_CONTROL_FRAMES):
+                msg = await client.receive()
+                kind = msg.type
+                if kind is WSMsgType.TEXT:
+                    data: bytes = msg.data
+                    return data
+                if kind is WSMsgType.PING:
+                    await client.pong(msg.data)
+                elif kind is WSMsgType.CLOSE:
+                    await client.close(code=WSCloseCode.OK)
+                    return None
+                elif kind is WSMsgType.BINARY:
+                    raise InvalidRequest(
+                        "The first message must be a response.create event as JSON text.",
+                        code="invalid_first_message",
+                    )
+                elif kind is not WSMsgType.PONG:
+                    # Gone, or broken (aiohttp closed it: 1009 for an oversized message).
+                    return None
+    except TimeoutError:
+        raise InvalidRequest(
+            f"No first message (a response.create event) within {wait:g} s.",
+            code="first_message_timeout",
+        ) from None
+    raise InvalidRequest(
+        "Too many control frames before the first message.", code="invalid_first_message"
+    )
+
+
+async def _refuse_session(
+    client: web.WebSocketResponse[bool], err: ProxyError, ex: Exchange
+) -> None:
+    """End a Responses WebSocket that cannot go anywhere: one ``error`` event,
+    then close 1011 when the upstream refused or failed, else 1008 (policy)."""
+    ex.outcome = "error"
+    ex.error_code = err.code
+    upstream_failed = err.status >= 500 or err.code.startswith("upstream_")
+    code = WSCloseCode.INTERNAL_ERROR if upstream_failed else WSCloseCode.POLICY_VIOLATION
+    event = {
+        "type": "error",
+        "status": err.status,
+        "error": {"type": err.type, "code": err.code, "message": err.message, "param": err.param},
+    }
+    try:
+        await client.send_str(json.dumps(event))
+        await client.close(code=code, message=err.code.encode()[:123])
+    except (ConnectionError, aiohttp.ClientError):
+        pass  # the client is gone already
 
 
 def _offered_protocols(headers: CIMultiDictProxy[str]) -> list[str]:

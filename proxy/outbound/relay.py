@@ -14,7 +14,8 @@
   the upstream connection is then closed at once, so an abandoned generation
   stops costing tokens. So does a client that stops reading: the connection's
   send bound (connections.py, ``server.send_timeout``) aborts it, and the
-  access log says ``client_stalled``.
+  access log says ``client_stalled``. A client that leaves once it has the
+  stream's terminal event (observe/stream_end.py) is logged ``complete``.
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ from aiohttp import web
 from multidict import istr
 
 from ..errors import UpstreamUnavailable
-from ..observe import OUR_REQUEST_ID_HEADER, Exchange
+from ..observe import OUR_REQUEST_ID_HEADER, Exchange, Outcome
 from ..observe.observer import Observer
+from ..observe.stream_end import stream_ended
 from ..server.connections import client_outcome
 from .forward import Answered
 from .pipe import BodyPipe
@@ -100,7 +102,7 @@ async def relay(
         completed = True
         return resp
     except asyncio.CancelledError:
-        ex.outcome = client_outcome(request)
+        ex.outcome = _client_left(request, ex)
         raise
     except ConnectionError:
         # The client's socket closed under a write (it hung up in the same
@@ -108,7 +110,7 @@ async def relay(
         # Raising would have aiohttp log a traceback for an ordinary hang-up;
         # returning the prepared response lets its own write_eof meet the
         # closed socket, which it takes quietly as a client disconnect.
-        ex.outcome = client_outcome(request)
+        ex.outcome = _client_left(request, ex)
         if resp is None:
             raise
         return resp
@@ -157,6 +159,21 @@ def response_head(answered: Answered, ex: Exchange) -> tuple[web.StreamResponse,
         resp.headers[_X_ACCEL_BUFFERING] = "no"
     ex.status = status
     return resp, whole
+
+
+def _client_left(request: web.BaseRequest, ex: Exchange) -> Outcome:
+    """The outcome of a client that left before the response ended: ``complete``
+    when the last event sent was its stream's terminal one (README, "Access
+    log"), else how it left. The upstream's response is closed either way."""
+    outcome = client_outcome(request)
+    if (
+        outcome == "client_gone"
+        and ex.content_type.startswith(_SSE)
+        and ex.tail
+        and stream_ended(ex.tail_previous, ex.tail, ex.bytes_out)
+    ):
+        return "complete"
+    return outcome
 
 
 def _cut_short(failure: BaseException | None, upstream: str, ex: Exchange) -> bool:

@@ -1,4 +1,5 @@
-"""The tunnel of one realtime session: both WebSocket legs, frame by frame.
+"""The tunnel of one WebSocket session (realtime, or the Responses API's):
+both legs, frame by frame.
 
 Contract (the handshake before it: realtime.py):
 
@@ -13,6 +14,8 @@ Contract (the handshake before it: realtime.py):
   and the other side is closed with 1002 (1007 for a reason that is not
   UTF-8). A side that vanishes without a close frame closes the other with
   1001 (client gone) or 1011 (upstream gone). On shutdown both legs get 1001.
+  A client that vanishes right after a terminal event (``response.completed``)
+  with nothing asked since is logged ``complete``.
 - A message over ``server.max_body_bytes`` closes that leg with 1009 and the
   other with the same code (both legs are opened with that limit).
 """
@@ -20,11 +23,13 @@ Contract (the handshake before it: realtime.py):
 from __future__ import annotations
 
 import asyncio
+import time
 
 import aiohttp
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from ..observe import Exchange
+from ..observe import Exchange, Outcome
+from ..observe.stream_end import message_ended
 
 __all__ = ["CLOSE_TIMEOUT", "RealtimeSessions", "Tunnel"]
 
@@ -49,6 +54,10 @@ class Tunnel:
         self.upstream = upstream
         self.ex = ex
         self.closing = False
+        # The last message passed, when it went to the client (b"" when the
+        # client's went last): a client that vanishes after a terminal event
+        # with nothing asked since got its whole answer (observe/stream_end.py).
+        self.last_to_client = b""
         # The code the upstream leg is (being) closed with; the handler's
         # cleanup uses it if the handler is cancelled half way (aiohttp cancels
         # it when the client's connection closes, which can come first).
@@ -65,24 +74,30 @@ class Tunnel:
             return_exceptions=True,
         )
 
-    async def run(self, handshake: web.BaseRequest, sessions: RealtimeSessions) -> None:
-        """Answer the client's upgrade (``handshake``), then relay both ways until
-        both legs are closed; the upstream leg is closed whatever happens."""
+    async def run(self, handshake: web.BaseRequest | None, sessions: RealtimeSessions) -> None:
+        """Answer the client's upgrade (``handshake``; None: the client's leg is
+        open already), then relay both ways until both legs are closed; the
+        upstream leg is closed whatever happens."""
         client, upstream, ex = self.client, self.upstream, self.ex
         sessions.add(self)
         try:
-            try:
-                await client.prepare(handshake)
-            except (ConnectionError, web.HTTPException):
-                ex.outcome = "client_gone"
-                await upstream.close(code=WSCloseCode.GOING_AWAY)
-                return
-            ex.status = 101
-            ex.streaming = True
+            if handshake is not None:
+                try:
+                    await client.prepare(handshake)
+                except (ConnectionError, web.HTTPException):
+                    ex.outcome = "client_gone"
+                    await upstream.close(code=WSCloseCode.GOING_AWAY)
+                    return
+                ex.status = 101
+                ex.ttfb = time.perf_counter() - ex.started
+                ex.streaming = True
             await self._both_ways()
         except asyncio.CancelledError:
-            # The client's connection was lost (handler_cancellation): close upstream.
-            ex.outcome = "client_gone"
+            # The client's connection was lost (handler_cancellation): close
+            # upstream. Once a close frame was passed on, that is how a session
+            # ends (the client drops the connection after the closing handshake).
+            if not self.closing:
+                ex.outcome = self._client_gone_outcome()
             raise
         finally:
             sessions.discard(self)
@@ -129,6 +144,7 @@ class Tunnel:
                         data = msg.data
                         await dst.send_frame(data, kind)
                         sent += len(data)
+                        self.last_to_client = b"" if src_is_client else data
                     elif kind is WSMsgType.PING:
                         await dst.ping(msg.data)
                     elif kind is WSMsgType.PONG:
@@ -174,12 +190,18 @@ class Tunnel:
     ) -> None:
         """src is closed or broken: close dst with ``code``."""
         self.closing = True
-        self.ex.outcome = "client_gone" if src_is_client else "upstream_reset"
+        self.ex.outcome = self._client_gone_outcome() if src_is_client else "upstream_reset"
         if not _valid_close_code(code):  # not expected from aiohttp's WebSocketError
             code = WSCloseCode.INTERNAL_ERROR
         if src_is_client:
             self.upstream_code = code
         await dst.close(code=code, message=b"")
+
+    def _client_gone_outcome(self) -> Outcome:
+        """``complete`` when the client vanished right after a terminal event
+        (Codex drops the connection once it has ``response.completed``)."""
+        last = self.last_to_client
+        return "complete" if last and message_ended(last) else "client_gone"
 
     async def _protocol_error(
         self,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from urllib.parse import quote, unquote_plus
 
 import aiohttp
 from yarl import URL
@@ -23,6 +24,9 @@ from .route_table import RouteTable
 
 __all__ = ["Runtime", "RuntimeHolder", "UpstreamPlan", "build_runtime"]
 
+# Characters a query name or value keeps unencoded (RFC 3986 §2.3).
+_UNRESERVED = "-._~"
+
 
 @dataclass(frozen=True, slots=True)
 class UpstreamPlan:
@@ -35,6 +39,10 @@ class UpstreamPlan:
     client_timeout: aiohttp.ClientTimeout  # discovery and realtime (ClientSession)
     origin: Origin  # the hot path's lean client (proxy/client/)
     path_prefix: str  # the base URL's path, without a trailing slash
+    # The upstream's ``query`` parameters, encoded (values are secrets: no repr),
+    # and their names, whose client parameters they replace.
+    added_query: str = field(default="", repr=False)
+    added_names: frozenset[str] = frozenset()
 
     @property
     def name(self) -> str:
@@ -42,17 +50,37 @@ class UpstreamPlan:
 
     def url_for(self, path: str, query_string: str) -> URL:
         """``<base url>/<path>?<query>``; both are raw (still percent-encoded) and
-        already vetted: no ``..`` segment, no encoded slash (see handlers.py)."""
+        already vetted: no ``..`` segment, no encoded slash (see handlers.py).
+        The upstream's own query parameters are added (:meth:`query_for`)."""
         text = f"{self.base}/{path}"
+        query_string = self.query_for(query_string)
         if query_string:
             text = f"{text}?{query_string}"
         return URL(text, encoded=True)
 
     def target_for(self, path: str, query_string: str) -> str:
         """The request target (RFC 9112 §3.2.1 origin-form) for :meth:`url_for`'s URL."""
+        if self.added_query:  # the hot path: no call for an upstream without ``query``
+            query_string = self.query_for(query_string)
         if query_string:
             return f"{self.path_prefix}/{path}?{query_string}"
         return f"{self.path_prefix}/{path}"
+
+    def query_for(self, query_string: str) -> str:
+        """The query sent upstream: the client's (raw, vetted), without the
+        parameters the upstream's ``query`` sets, then those (README, "Azure
+        OpenAI"). Unchanged for an upstream with no ``query``."""
+        added = self.added_query
+        if not added:
+            return query_string
+        names = self.added_names
+        kept = [
+            part
+            for part in query_string.split("&")
+            if part and unquote_plus(part.partition("=")[0]) not in names
+        ]
+        kept.append(added)
+        return "&".join(kept)
 
 
 def _plan(upstream: Upstream) -> UpstreamPlan:
@@ -72,6 +100,11 @@ def _plan(upstream: Upstream) -> UpstreamPlan:
         ),
         origin=Origin.of(upstream.url),
         path_prefix=upstream.url.raw_path.rstrip("/"),
+        added_query="&".join(
+            f"{quote(name, safe=_UNRESERVED)}={quote(value.value, safe=_UNRESERVED)}"
+            for name, value in upstream.query
+        ),
+        added_names=frozenset(name for name, _ in upstream.query),
     )
 
 

@@ -45,8 +45,10 @@ from ..inbound.body import (
 from ..inbound.findmodel import ModelAbsent, multipart_boundary, rewrite_model
 from ..inbound.route import (
     REALTIME_PATH,
+    RESPONSES_PATH,
     Outbound,
     RealtimeTarget,
+    check_responses_upgrade,
     client_authorization,
     is_websocket_upgrade,
     realtime_target,
@@ -94,6 +96,8 @@ MODEL_PATHS = MODEL_JSON_PATHS | MODEL_FORM_PATHS
 _KEY_PARAMS = frozenset({"key", "api-key", "api_key", "apikey", "access_token", "token"})
 _BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _HTTP_VERSIONS = frozenset({HttpVersion10, HttpVersion11})
+
+
 # Longer than any real model id (Azure deployments: 64, Hugging Face: 96 + org).
 def vet_head(request: web.BaseRequest) -> None:
     """Refuse a request head that another server could read differently.
@@ -308,6 +312,13 @@ async def _proxy(
             route = realtime.route
             ex.model, ex.upstream_model = realtime.model, realtime.upstream_model
             ex.metric_model = route.model or realtime.model or ""
+        elif path == RESPONSES_PATH and is_websocket_upgrade(request):
+            # Routed by its first message, once accepted (README, "Codex CLI").
+            check_responses_upgrade(request, runtime)
+            if not charged:
+                await charge(limiter, runtime, caller, None)
+                charged = True
+            return await app[REALTIME].serve_responses(request, runtime, caller, query=query, ex=ex)
         elif path in MODEL_PATHS and request.method == "POST":
             limit = settings.server.max_body_bytes
             content_type = request.headers.get("Content-Type", "application/json")
@@ -421,9 +432,7 @@ def _no_route(method: str, path: str, raw_path: str) -> ProxyError:
     return NotFound(f"Unknown request URL: {method} {clip(raw_path)}.")
 
 
-def _streamable_form(
-    request: web.Request, content_type: str, encoding: str | None
-) -> bytes | None:
+def _streamable_form(request: web.Request, content_type: str, encoding: str | None) -> bytes | None:
     """The boundary of a multipart body worth streaming (over STREAM_ABOVE bytes, or
     chunked, and not compressed), else None: small forms are read whole, so
     retries and fallback keep working for them."""

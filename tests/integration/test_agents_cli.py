@@ -11,11 +11,12 @@ The fakes answer with text naming themselves and the model, so the agent's own
 output proves which upstream served the turn and that the streamed text
 reached the agent.
 
-What oaimux cannot do yet is tested too, marked ``xfail(strict=True)``:
-``/v1/messages`` routed by model (and judged by the key's model allow-list),
-an Anthropic stream's input tokens in the access log, Codex's WebSocket
-through the relay, the ``426`` that makes Codex give up its WebSocket at
-once, and a finished Codex turn logged ``complete``.
+Codex's WebSocket through the relay, the ``426`` that makes Codex give up its
+WebSocket at once when no upstream takes it, and a finished Codex turn logged
+``complete`` are tested through oaimux too. What oaimux cannot do yet is
+tested as well, marked ``xfail(strict=True)``: ``/v1/messages`` routed by
+model (and judged by the key's model allow-list), and an Anthropic stream's
+input tokens in the access log.
 """
 
 from __future__ import annotations
@@ -380,9 +381,6 @@ async def test_codex_over_http_through_oaimux_on_a_model_route(
     assert f"model={CODEX_MODEL}" in line and "upstream=openai" in line and "key=codex" in line
 
 
-@pytest.mark.xfail(
-    strict=True, reason="not built yet: a client hanging up after response.completed is client_gone"
-)
 async def test_a_finished_codex_turn_through_oaimux_is_logged_complete(
     tmp_path: Path,
     trap: EgressTrap,
@@ -409,7 +407,6 @@ async def test_a_finished_codex_turn_through_oaimux_is_logged_complete(
     assert "outcome=complete" in line, line
 
 
-@pytest.mark.xfail(strict=True, reason="not built yet: the Responses WebSocket is not relayed yet")
 async def test_codex_over_the_websocket_through_oaimux(
     tmp_path: Path,
     trap: EgressTrap,
@@ -428,8 +425,15 @@ async def test_codex_over_the_websocket_through_oaimux(
             tmp_path / "home", trap, f"{proxy.url}/v1", PROMPT,
             key=CODEX_PROXY_KEY, model=CODEX_MODEL, websockets=True,
         )  # fmt: skip
+        [line] = await proxy.wait_line(r"path=/v1/responses ")
     assert_turn(run, responses.reply_text(CODEX_MODEL))
     assert [r.method for r in responses.received] == ["GET"]  # no HTTP fallback
+    # One session, routed by its first message (the prewarm's model).
+    fields = dict(part.split("=", 1) for part in line.split(" ") if "=" in part)
+    assert (fields["method"], fields["status"], fields["model"]) == ("GET", "101", CODEX_MODEL)
+    assert (fields["upstream"], fields["key"]) == ("openai", "codex"), line
+    # Codex drops the connection once it has response.completed: a finished turn.
+    assert fields["outcome"] == "complete", line
     [conn] = responses.connections
     assert conn.handshake.headers["authorization"] == f"Bearer {OPENAI_UPSTREAM_KEY}"
     assert WS_BETA in conn.handshake.headers["openai-beta"]
@@ -438,9 +442,6 @@ async def test_codex_over_the_websocket_through_oaimux(
     assert turn["previous_response_id"] == conn.response_ids[0]
 
 
-@pytest.mark.xfail(
-    strict=True, reason="not built yet: no 426 for a Responses WebSocket no upstream accepts"
-)
 async def test_codex_websocket_with_no_upstream_accepting_it_gets_426_and_falls_back(
     tmp_path: Path,
     trap: EgressTrap,
