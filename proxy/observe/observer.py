@@ -150,11 +150,11 @@ class Observer:
     # -- answers the proxy makes up
 
     def render_error(self, err: ProxyError, ex: Exchange) -> web.Response:
-        """The answer to ``err`` (OpenAI's error JSON) with the request id in
+        """The answer to ``err`` (in the dialect of the request's path) with the request id in
         ``x-oaimux-request-id`` and ``x-request-id``, noted on ``ex`` (status,
         code, bytes) and counted (a 429 as rate limited)."""
         ex.failed_before_response(err)
-        resp = error_response(err)
+        resp = error_response(err, ex.path)
         resp.headers[OUR_REQUEST_ID_HEADER] = ex.request_id
         resp.headers["x-request-id"] = ex.request_id
         body = resp.body

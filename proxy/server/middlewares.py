@@ -46,15 +46,17 @@ def _answer(request: web.Request, exc: Exception) -> web.StreamResponse:
     that went away, a timeout.
     """
     if isinstance(exc, ProxyError):
-        return error_response(exc)
+        return error_response(exc, request.raw_path.partition("?")[0])
     if isinstance(exc, web.HTTPException):
         if exc.status < 400:
             raise exc
-        return error_response(from_http_exception(exc))
+        return error_response(from_http_exception(exc), request.raw_path.partition("?")[0])
     if isinstance(exc, ConnectionError | TimeoutError):
         raise exc
     log.exception("unexpected error handling %s %s", request.method, request.path[:200])
-    return error_response(ProxyError("The proxy failed to handle the request."))
+    return error_response(
+        ProxyError("The proxy failed to handle the request."), request.raw_path.partition("?")[0]
+    )
 
 
 _ALLOW_METHODS = "GET, POST, PUT, PATCH, DELETE, OPTIONS"
@@ -89,7 +91,8 @@ class Cors:
             # A preflight is the proxy's to answer, never forwarded upstream.
             if self._origin(request) is None:
                 return error_response(
-                    OriginNotAllowed("This origin may not call the proxy from a browser.")
+                    OriginNotAllowed("This origin may not call the proxy from a browser."),
+                    request.raw_path.partition("?")[0],
                 )
             resp = web.Response(status=204, headers={"Server": SERVER})
             resp.headers["Access-Control-Allow-Methods"] = _ALLOW_METHODS
