@@ -34,6 +34,9 @@ from ..client import UpstreamResponse
 __all__ = ["BodyPipe"]
 
 _CRLF: Final = b"\r\n"
+# How much of the first piece is kept for the usage reader (observe/usage.py):
+# a message_start event is well under 1 KB.
+_FIRST_KEPT: Final = 4096
 
 
 class BodyPipe:
@@ -52,6 +55,7 @@ class BodyPipe:
         "_waiter",
         "_woken",
         "_writer",
+        "first",
         "previous",
         "sent",
         "tail",
@@ -78,6 +82,9 @@ class BodyPipe:
         # The last two pieces written (references, not copies): the usage
         # object of a stream is read from them after the end (observe/usage.py).
         self.tail = self.previous = b""
+        # The start of the first piece (a reference when short): where an
+        # Anthropic stream reports its input tokens.
+        self.first = b""
 
     async def run(self) -> BaseException | None:
         """Pump until the body ends. Returns None when it ended whole, or the
@@ -156,6 +163,8 @@ class BodyPipe:
                 out.writelines((b"%x\r\n" % len(data), data, _CRLF))
             else:
                 out.write(data)
+            if not self.sent:
+                self.first = data[:_FIRST_KEPT]
             self.sent += len(data)
             self.previous = self.tail
             self.tail = data

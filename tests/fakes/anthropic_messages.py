@@ -43,6 +43,9 @@ class AnthropicMessages:
     # The bytes of the last streamed answer, as written, for byte-for-byte checks.
     sent_stream: bytes = b""
     input_tokens: int = 25
+    # Prompt-cache reads and writes reported beside input_tokens (which leaves them out).
+    cache_read_tokens: int = 0
+    cache_creation_tokens: int = 0
     # Keep a stream open after ``message_stop`` until the client leaves
     # (``hold_until_client_leaves``); ``held_stream_left`` tells it left.
     hold_after_stop: bool = False
@@ -110,8 +113,8 @@ class AnthropicMessages:
         deltas = self.reply_deltas(model)
         usage = {
             "input_tokens": self.input_tokens,
-            "cache_creation_input_tokens": 0,
-            "cache_read_input_tokens": 0,
+            "cache_creation_input_tokens": self.cache_creation_tokens,
+            "cache_read_input_tokens": self.cache_read_tokens,
             "output_tokens": len(deltas),
         }
         message: dict[str, Any] = {

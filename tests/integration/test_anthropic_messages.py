@@ -10,7 +10,6 @@ raises for Anthropic's own (sync, async, streaming, count_tokens).
 from __future__ import annotations
 
 import asyncio
-import json
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -19,6 +18,7 @@ import anthropic
 import pytest
 from aiohttp import ClientSession
 from aiohttp.test_utils import TestServer
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.fakes.access_lines import capture_logs, parse_text_line
 from tests.fakes.anthropic_messages import AnthropicMessages
@@ -386,16 +386,34 @@ async def test_an_unknown_path_under_messages_is_answered_in_anthropics_shape(
 # -- Usage -------------------------------------------------------------------------
 
 
-def _usage_of(line: str) -> tuple[str, str]:
+def _usage_of(line: str) -> tuple[str, ...]:
     fields = parse_text_line(line)
-    return fields["prompt_tokens"], fields["completion_tokens"]
+    names = ("prompt_tokens", "completion_tokens", "cache_read_tokens", "cache_creation_tokens")
+    return tuple(fields[name] for name in names)
+
+
+async def _tokens_counted(proxy_url: str) -> dict[str, float]:
+    """oaimux_tokens_total for the sonnet glob, by type."""
+    async with ClientSession() as http:
+        async with http.get(f"{proxy_url}/metrics") as resp:
+            text = await resp.text()
+    counted = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "oaimux_tokens_total" and sample.labels["upstream"] == "sonnet":
+                assert sample.labels["model"] == "claude-sonnet-*"
+                counted[sample.labels["type"]] = sample.value
+    return counted
 
 
 @pytest.mark.parametrize("stream", [False, True])
-async def test_usage_reaches_the_access_log(
+async def test_usage_reaches_the_access_log_and_the_metrics(
     proxy_url: str, sonnet: AnthropicMessages, stream: bool
 ) -> None:
-    sonnet.input_tokens = 1234
+    """Input and cache counts from message_start, output from the last message_delta
+    (the stream's usage is split); a JSON answer's usage is whole at its end."""
+    sonnet.input_tokens, sonnet.cache_read_tokens, sonnet.cache_creation_tokens = 1234, 56, 7
+    output = len(sonnet.reply_deltas(SONNET))
     with capture_logs() as logs:
         async with ClientSession() as http:
             async with http.post(
@@ -406,5 +424,11 @@ async def test_usage_reaches_the_access_log(
                 assert resp.status == 200
                 await resp.read()
         [line] = await logs.wait_for(1)
-    assert _usage_of(line) == ("1234", str(len(sonnet.reply_deltas(SONNET))))
-    assert json.loads(json.dumps(parse_text_line(line)))["model"] == SONNET
+    assert _usage_of(line) == ("1234", str(output), "56", "7")
+    assert parse_text_line(line)["model"] == SONNET
+    assert await _tokens_counted(proxy_url) == {
+        "prompt": 1234,
+        "completion": output,
+        "cache_read": 56,
+        "cache_creation": 7,
+    }
