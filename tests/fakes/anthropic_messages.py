@@ -50,6 +50,9 @@ class AnthropicMessages:
     # (``hold_until_client_leaves``); ``held_stream_left`` tells it left.
     hold_after_stop: bool = False
     held_stream_left: asyncio.Event = field(default_factory=asyncio.Event)
+    # When set, a stream waits for it after message_start: a relay that held
+    # events back until more came would keep that first one from the client.
+    after_start: asyncio.Event | None = None
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024**2)
@@ -184,8 +187,11 @@ class AnthropicMessages:
             sse_frame("message_stop", {"type": "message_stop"}),
         ]
         # One write per event: a relay that coalesced or held them would show.
-        for frame in frames:
+        for i, frame in enumerate(frames):
             await resp.write(frame)
+            if i == 0 and self.after_start is not None:
+                async with asyncio.timeout(10):
+                    await self.after_start.wait()
         self.sent_stream = b"".join(frames)
         if self.hold_after_stop:
             await hold_until_client_leaves(self.held_stream_left)

@@ -95,6 +95,7 @@ async def proxy_url(
             {"model": "claude-sonnet-*", "upstream": "sonnet"},
             {"model": "opus", "upstream": "opus", "rewrite_model": OPUS},
             {"model": "claude-dead", "upstream": "dead"},
+            {"model": "claude-fallback", "upstream": ["dead", "sonnet"]},
             {"model": "claude-silent", "upstream": "silent"},
             {"model": "claude-*", "upstream": "opus"},
         ],
@@ -236,6 +237,32 @@ async def test_a_stream_reaches_the_client_byte_for_byte(
             assert resp.headers["Content-Type"].startswith("text/event-stream")
             got = await resp.read()
     assert got == sonnet.sent_stream and got
+
+
+async def test_each_event_is_relayed_as_it_comes(proxy_url: str, sonnet: AnthropicMessages) -> None:
+    """message_start reaches the client while the upstream holds back the rest."""
+    sonnet.after_start = asyncio.Event()
+    async with ClientSession() as http:
+        async with http.post(
+            f"{proxy_url}/v1/messages",
+            json={"model": SONNET, "max_tokens": 8, "messages": MESSAGES, "stream": True},
+            headers={"x-api-key": PROXY_KEY},
+        ) as resp:
+            async with asyncio.timeout(10):
+                first = await resp.content.readuntil(b"\n\n")
+            assert first.startswith(b"event: message_start\n")
+            assert not sonnet.after_start.is_set()
+            sonnet.after_start.set()
+            rest = await resp.read()
+    assert first + rest == sonnet.sent_stream
+
+
+async def test_a_fallback_list_serves_messages(proxy_url: str, sonnet: AnthropicMessages) -> None:
+    async with sdk(proxy_url) as client:
+        message = await client.messages.create(
+            model="claude-fallback", max_tokens=64, messages=MESSAGES
+        )
+    assert text_of(message) == sonnet.reply_text("claude-fallback")
 
 
 async def test_the_sdk_streams_through_the_proxy_event_by_event(
