@@ -87,7 +87,9 @@ async def relay(
             upstream_resp.forget_head()
             if ex.streaming:
                 observer.stream_opened(ex)
-            pipe = BodyPipe(upstream_resp, request, resp)
+            pipe = BodyPipe(
+                upstream_resp, request, resp, keep_first=ex.content_type.startswith(_SSE)
+            )
             try:
                 failure = await pipe.run()
             finally:
