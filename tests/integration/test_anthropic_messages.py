@@ -20,6 +20,7 @@ from aiohttp import ClientSession
 from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
+from proxy.server.keys import DISCOVERY
 from tests.fakes.access_lines import capture_logs, parse_text_line
 from tests.fakes.anthropic_messages import AnthropicMessages
 
@@ -263,6 +264,32 @@ async def test_a_fallback_list_serves_messages(proxy_url: str, sonnet: Anthropic
             model="claude-fallback", max_tokens=64, messages=MESSAGES
         )
     assert text_of(message) == sonnet.reply_text("claude-fallback")
+
+
+async def test_ids_discovered_from_anthropics_model_list_are_routed(
+    aiohttp_server: Any, make_proxy_server: MakeServer
+) -> None:
+    """``models: discover`` reads Anthropic's GET /v1/models (with the
+    upstream's anthropic-version set), and the prefix is stripped upstream."""
+    local = AnthropicMessages(name="local", api_key=UPSTREAM_KEY, model_ids=("claude-q", "x"))
+    local_server: TestServer = await aiohttp_server(local.app())
+    headers = {"x-api-key": UPSTREAM_KEY, "anthropic-version": "2023-06-01"}
+    config = {
+        "upstreams": {
+            "local": {"url": str(local_server.make_url("/v1")), "headers": {"set": headers}}
+        },
+        "routes": [{"models": "discover", "upstream": "local", "prefix": "local/"}],
+    }
+    server = await make_proxy_server(config)
+    async with asyncio.timeout(10):
+        await server.app[DISCOVERY].complete.wait()
+    async with sdk(str(server.make_url("")).rstrip("/")) as client:
+        message = await client.messages.create(
+            model="local/claude-q", max_tokens=8, messages=MESSAGES
+        )
+    assert text_of(message) == local.reply_text("claude-q")
+    [sent] = local.messages_received
+    assert sent.json()["model"] == "claude-q"
 
 
 async def test_the_sdk_streams_through_the_proxy_event_by_event(
