@@ -23,6 +23,11 @@ Every response the proxy makes up has exactly the four keys ``message``,
 ``type``, ``param`` and ``code`` (``null`` where empty) and the header
 ``x-oaimux-error: <code>``, so clients and operators can tell our errors from
 the upstream's. Messages never quote headers, keys or bodies.
+
+On Anthropic's paths (``/v1/messages`` and below) the same errors are written
+in Anthropic's shape, ``{"type": "error", "error": {"type": ..., "message": ...}}``,
+with the same status and headers; the type comes from
+:data:`ANTHROPIC_ERROR_TYPES` (README, "Coding agents").
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from aiohttp import web
 from . import SERVER
 
 __all__ = [
+    "ANTHROPIC_ERROR_TYPES",
     "ERROR_HEADER",
     "MAX_MODEL_LENGTH",
     "ExpectationFailed",
@@ -53,6 +59,7 @@ __all__ = [
     "UpstreamAuthFailed",
     "UpstreamTimeout",
     "UpstreamUnavailable",
+    "anthropic_path",
     "check_model_id",
     "clip",
     "error_body",
@@ -219,14 +226,52 @@ def error_body(message: str, type_: str, code: str | None, param: str | None = N
     ).encode()
 
 
-def error_response(err: ProxyError) -> web.Response:
-    """Render a :class:`ProxyError`; the only place an error body is made."""
+# Anthropic's error type for each status the proxy answers with: every code of
+# one status means the same to an Anthropic client, so the status decides
+# (the table with our codes: README, "Coding agents"). Anthropic's SDKs pick
+# their exception class by the status; the type is what their users read.
+ANTHROPIC_ERROR_TYPES: dict[int, str] = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    408: "timeout_error",
+    413: "request_too_large",
+    417: "invalid_request_error",
+    429: "rate_limit_error",
+    431: "invalid_request_error",
+    500: "api_error",
+    502: "api_error",
+    503: "overloaded_error",
+    504: "timeout_error",
+}
+
+
+def anthropic_path(raw_path: str) -> bool:
+    """Is ``raw_path`` (no query) one of Anthropic's, ``/v1/messages`` or below
+    (also without ``/v1``)? Errors there are written in Anthropic's shape."""
+    path = raw_path[4:] if raw_path.startswith("/v1/") else raw_path[1:]
+    return path == "messages" or path.startswith("messages/")
+
+
+def anthropic_error_body(message: str, status: int) -> bytes:
+    """Anthropic's error object for an answer with ``status``."""
+    kind = ANTHROPIC_ERROR_TYPES.get(status, "api_error")
+    return json.dumps({"type": "error", "error": {"type": kind, "message": message}}).encode()
+
+
+def error_response(err: ProxyError, raw_path: str = "") -> web.Response:
+    """Render a :class:`ProxyError` for a request to ``raw_path`` (without its
+    query; in Anthropic's shape on :func:`anthropic_path`); the only place an
+    error body is made."""
     headers = {"Server": SERVER, ERROR_HEADER: err.code, **err.headers}
+    if raw_path and anthropic_path(raw_path):
+        body = anthropic_error_body(err.message, err.status)
+    else:
+        body = error_body(err.message, err.type, err.code, err.param)
     resp = web.Response(
-        status=err.status,
-        body=error_body(err.message, err.type, err.code, err.param),
-        content_type="application/json",
-        headers=headers,
+        status=err.status, body=body, content_type="application/json", headers=headers
     )
     if err.close_connection:
         resp.force_close()

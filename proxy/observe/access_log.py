@@ -214,6 +214,8 @@ class AccessLines:
             f" error={ex.error_code or '-'}"
             f" prompt_tokens={_num(ex.prompt_tokens)}"
             f" completion_tokens={_num(ex.completion_tokens)}"
+            f" cache_read_tokens={_num(ex.cache_read_tokens)}"
+            f" cache_creation_tokens={_num(ex.cache_creation_tokens)}"
         )
 
     def format_json(self, ex: Exchange) -> str:
@@ -233,7 +235,9 @@ class AccessLines:
             f',"bytes_in":{ex.bytes_in},"bytes_out":{ex.bytes_out}'
             f',"ttfb_ms":{ttfb},"duration_ms":{duration},"outcome":"{ex.outcome}"'
             f',"error":{_json(ex.error_code)},"prompt_tokens":{_json_int(ex.prompt_tokens)}'
-            f',"completion_tokens":{_json_int(ex.completion_tokens)}}}'
+            f',"completion_tokens":{_json_int(ex.completion_tokens)}'
+            f',"cache_read_tokens":{_json_int(ex.cache_read_tokens)}'
+            f',"cache_creation_tokens":{_json_int(ex.cache_creation_tokens)}}}'
         )
 
 

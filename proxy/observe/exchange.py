@@ -109,9 +109,14 @@ class Exchange:
     in_flight: bool = False
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    cache_read_tokens: int | None = None
+    cache_creation_tokens: int | None = None
     # The last two response chunks, for the usage object; set after the body ended.
     tail: bytes = b""
     tail_previous: bytes = b""
+    # The start of the first chunk of a piped body (an Anthropic stream's
+    # message_start carries its input tokens); set after the body ended.
+    head: bytes = b""
     content_type: str = ""
     content_encoding: str | None = None
 

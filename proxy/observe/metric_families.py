@@ -77,7 +77,7 @@ ERRORS = Family(
 TOKENS = Family(
     "oaimux_tokens",
     "Tokens reported in the upstream's usage object, by routing-table model, "
-    "upstream and type (prompt, completion).",
+    "upstream and type (prompt, completion, cache_read, cache_creation).",
     ("model", "upstream", "type"),
 )
 

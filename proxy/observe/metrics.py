@@ -73,6 +73,10 @@ BREAKER_STATES = {"closed": 0.0, "half_open": 1.0, "open": 2.0}
 _STATUS_CLASSES = tuple(f"{n}xx" for n in range(10))
 
 
+# oaimux_tokens_total's type label, in the order count_tokens keeps them.
+_TOKEN_TYPES = ("prompt", "completion", "cache_read", "cache_creation")
+
+
 class Metrics:
     """The proxy's metrics.
 
@@ -160,14 +164,22 @@ class Metrics:
         pending[key] = pending.get(key, 0) + 1
 
     def count_tokens(
-        self, model: str, upstream: str, prompt: int | None, completion: int | None
+        self,
+        model: str,
+        upstream: str,
+        prompt: int | None,
+        completion: int | None,
+        cache_read: int | None = None,
+        cache_creation: int | None = None,
     ) -> None:
         key = (model, upstream)
-        pair = self._pending_tokens.get(key)
-        if pair is None:
-            pair = self._pending_tokens[key] = [0, 0]
-        pair[0] += prompt or 0
-        pair[1] += completion or 0
+        counts = self._pending_tokens.get(key)
+        if counts is None:
+            counts = self._pending_tokens[key] = [0, 0, 0, 0]
+        counts[0] += prompt or 0
+        counts[1] += completion or 0
+        counts[2] += cache_read or 0
+        counts[3] += cache_creation or 0
 
     def sync(self) -> None:
         """Publish what the hot path counted since the last sync."""
@@ -183,11 +195,10 @@ class Metrics:
         if self._pending_tokens:
             tokens, self._pending_tokens = self._pending_tokens, {}
             labels = self.tokens.labels
-            for (model, upstream), (prompt, completion) in tokens.items():
-                if prompt:
-                    labels(model, upstream, "prompt").inc(prompt)
-                if completion:
-                    labels(model, upstream, "completion").inc(completion)
+            for (model, upstream), counts in tokens.items():
+                for kind, count in zip(_TOKEN_TYPES, counts, strict=True):
+                    if count:
+                        labels(model, upstream, kind).inc(count)
         if self._pending_latency:
             latency, self._pending_latency = self._pending_latency, {}
             for upstream, seen in latency.items():

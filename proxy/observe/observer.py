@@ -23,7 +23,7 @@ from ..errors import ProxyError, error_response
 from .access_log import AccessLines, AccessRecord, access_logger, direct_sink
 from .exchange import EXCHANGE, OUR_REQUEST_ID_HEADER, Exchange, Outcome, request_id_for
 from .metrics import Metrics
-from .usage import usage_from_tail
+from .usage import usage_from_stream, usage_from_tail
 
 __all__ = ["Observer", "View", "make_observer"]
 
@@ -95,7 +95,12 @@ class Observer:
                 metrics.client_stalls.labels(upstream).inc()
             if ex.prompt_tokens is not None or ex.completion_tokens is not None:
                 metrics.count_tokens(
-                    ex.metric_model, upstream, ex.prompt_tokens, ex.completion_tokens
+                    ex.metric_model,
+                    upstream,
+                    ex.prompt_tokens,
+                    ex.completion_tokens,
+                    ex.cache_read_tokens,
+                    ex.cache_creation_tokens,
                 )
         if logging_on:
             line = self.format_line(ex)
@@ -110,11 +115,16 @@ class Observer:
         content_type = ex.content_type
         if not (content_type.startswith("text/event-stream") or "json" in content_type):
             return
-        usage = usage_from_tail(ex.tail_previous, ex.tail)
-        ex.tail = ex.tail_previous = b""  # the chunks are no longer needed
+        if content_type.startswith("text/event-stream"):
+            usage = usage_from_stream(ex.head, ex.tail_previous, ex.tail)
+        else:
+            usage = usage_from_tail(ex.tail_previous, ex.tail)
+        ex.tail = ex.tail_previous = ex.head = b""  # the chunks are no longer needed
         if usage is not None:
             ex.prompt_tokens = usage.prompt_tokens
             ex.completion_tokens = usage.completion_tokens
+            ex.cache_read_tokens = usage.cache_read_tokens
+            ex.cache_creation_tokens = usage.cache_creation_tokens
 
     def refused(self, ex: Exchange, err: ProxyError, bytes_out: int) -> None:
         """A request the server refused before any view ran (the HTTP parser,
@@ -150,11 +160,11 @@ class Observer:
     # -- answers the proxy makes up
 
     def render_error(self, err: ProxyError, ex: Exchange) -> web.Response:
-        """The answer to ``err`` (OpenAI's error JSON) with the request id in
+        """The answer to ``err`` (in the dialect of the request's path) with the request id in
         ``x-oaimux-request-id`` and ``x-request-id``, noted on ``ex`` (status,
         code, bytes) and counted (a 429 as rate limited)."""
         ex.failed_before_response(err)
-        resp = error_response(err)
+        resp = error_response(err, ex.path)
         resp.headers[OUR_REQUEST_ID_HEADER] = ex.request_id
         resp.headers["x-request-id"] = ex.request_id
         body = resp.body

@@ -12,6 +12,15 @@ reads the counts of the object after it, only when that object is whole.
 A literal ``"usage"`` inside a JSON string cannot match: there the quotes are
 escaped (``\\"usage\\"``). Compressed bodies cannot be read from their tail
 (deflate needs everything before it), so they yield nothing.
+
+Anthropic's Messages API ends a JSON answer with its ``usage`` too, but a
+stream splits it: ``message_start`` (the first event) carries
+``input_tokens`` and the cache counts, the last ``message_delta`` the final
+``output_tokens`` (README, "Token usage"). For a stream the relay also keeps
+the start of its first chunk, and :func:`usage_from_stream` takes each count
+from the end when the end reports it, else from that first event. Anthropic's
+``cache_read_input_tokens`` and ``cache_creation_input_tokens`` are counts of
+their own: its ``input_tokens`` leaves them out.
 """
 
 from __future__ import annotations
@@ -19,7 +28,7 @@ from __future__ import annotations
 import re
 from typing import NamedTuple
 
-__all__ = ["Usage", "usage_from_tail"]
+__all__ = ["Usage", "usage_from_stream", "usage_from_tail"]
 
 _KEY = b'"usage"'
 # JSON whitespace, the colon, whitespace: what follows a key.
@@ -34,16 +43,29 @@ _OPENAI_LAYOUT = re.compile(
 )
 # A count: its key, then a whole number (followed by what ends a JSON number in an object).
 _COUNT = re.compile(
-    rb'"(prompt_tokens|input_tokens|completion_tokens|output_tokens)"[ \t\r\n]*:[ \t\r\n]*'
+    rb'"(prompt_tokens|input_tokens|completion_tokens|output_tokens'
+    rb'|cache_read_input_tokens|cache_creation_input_tokens)"[ \t\r\n]*:[ \t\r\n]*'
     rb"(\d+)(?=[ \t\r\n,}])"
 )
+# Which of Usage's fields each count's name fills (the first occurrence wins).
+_FIELD = {
+    b"prompt_tokens": 0,
+    b"input_tokens": 0,
+    b"completion_tokens": 1,
+    b"output_tokens": 1,
+    b"cache_read_input_tokens": 2,
+    b"cache_creation_input_tokens": 3,
+}
 
 
 class Usage(NamedTuple):
-    """Prompt (input) and completion (output) tokens; ``None`` where not reported."""
+    """Prompt (input) and completion (output) tokens, and Anthropic's cache
+    reads and writes; ``None`` where not reported."""
 
     prompt_tokens: int | None
     completion_tokens: int | None
+    cache_read_tokens: int | None = None
+    cache_creation_tokens: int | None = None
 
 
 def usage_from_tail(previous: bytes, last: bytes) -> Usage | None:
@@ -60,6 +82,33 @@ def usage_from_tail(previous: bytes, last: bytes) -> Usage | None:
         # or straddle the two chunks.
         found = _find(previous + last)
     return found
+
+
+def usage_from_stream(first: bytes, previous: bytes, last: bytes) -> Usage | None:
+    """A stream's usage: each count from its end (:func:`usage_from_tail`) when
+    reported there, else from the first ``usage`` object of ``first`` (the start
+    of the stream's first chunk: Anthropic's ``message_start``)."""
+    end = usage_from_tail(previous, last)
+    if not first or (end is not None and None not in end):
+        return end
+    start = _find_first(first)
+    if start is None:
+        return end
+    if end is None:
+        return start
+    return Usage(*(e if e is not None else s for e, s in zip(end, start, strict=True)))
+
+
+def _find_first(data: bytes) -> Usage | None:
+    at = data.find(_KEY)
+    while at >= 0:
+        colon = _COLON.match(data, at + len(_KEY))
+        if colon is not None:
+            if data[colon.end() : colon.end() + 1] != b"{":
+                return None
+            return _read(data, colon.end())
+        at = data.find(_KEY, at + len(_KEY))
+    return None
 
 
 def _find(data: bytes) -> Usage | None:
@@ -95,15 +144,11 @@ def _read(data: bytes, start: int) -> Usage | None:
             break
     else:
         return None  # cut off (or not a usage object we understand)
-    prompt: int | None = None
-    completion: int | None = None
+    counts: list[int | None] = [None, None, None, None]
     for match in _COUNT.finditer(data, start, stop):
-        name, value = match.group(1), int(match.group(2))
-        if name in (b"prompt_tokens", b"input_tokens"):
-            if prompt is None:
-                prompt = value
-        elif completion is None:
-            completion = value
-    if prompt is None and completion is None:
+        field = _FIELD[match.group(1)]
+        if counts[field] is None:
+            counts[field] = int(match.group(2))
+    if counts == [None, None, None, None]:
         return None
-    return Usage(prompt, completion)
+    return Usage(*counts)

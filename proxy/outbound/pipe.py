@@ -34,6 +34,10 @@ from ..client import UpstreamResponse
 __all__ = ["BodyPipe"]
 
 _CRLF: Final = b"\r\n"
+# How much of an event stream's first event is kept for the usage reader
+# (observe/usage.py): Anthropic's message_start is well under 1 KB, and a stream
+# holds it to its end (docs/decisions.md, "Memory per open stream is a budget").
+_FIRST_KEPT: Final = 2048
 
 
 class BodyPipe:
@@ -47,18 +51,25 @@ class BodyPipe:
         "_client",
         "_client_gone",
         "_held",
+        "_keep_first",
         "_out",
         "_response",
         "_waiter",
         "_woken",
         "_writer",
+        "first",
         "previous",
         "sent",
         "tail",
     )
 
     def __init__(
-        self, response: UpstreamResponse, request: web.BaseRequest, prepared: web.StreamResponse
+        self,
+        response: UpstreamResponse,
+        request: web.BaseRequest,
+        prepared: web.StreamResponse,
+        *,
+        keep_first: bool = False,
     ) -> None:
         self._response = response
         self._body: StreamReader = response.content
@@ -78,6 +89,10 @@ class BodyPipe:
         # The last two pieces written (references, not copies): the usage
         # object of a stream is read from them after the end (observe/usage.py).
         self.tail = self.previous = b""
+        # With keep_first (an event stream), its first event: where an
+        # Anthropic stream reports its input tokens.
+        self._keep_first = keep_first
+        self.first = b""
 
     async def run(self) -> BaseException | None:
         """Pump until the body ends. Returns None when it ended whole, or the
@@ -156,6 +171,8 @@ class BodyPipe:
                 out.writelines((b"%x\r\n" % len(data), data, _CRLF))
             else:
                 out.write(data)
+            if not self.sent and self._keep_first:
+                self.first = _first_event(data)
             self.sent += len(data)
             self.previous = self.tail
             self.tail = data
@@ -168,3 +185,10 @@ class BodyPipe:
                 return
         if body.is_eof():
             self._wake()
+
+
+def _first_event(data: bytes) -> bytes:
+    """The first server-sent event of ``data`` (up to its blank line), at most
+    ``_FIRST_KEPT`` bytes."""
+    end = data.find(b"\n\n", 0, _FIRST_KEPT)
+    return data[: end + 2] if end >= 0 else data[:_FIRST_KEPT]

@@ -89,12 +89,14 @@ async def relay(
             upstream_resp.forget_head()
             if ex.streaming:
                 observer.stream_opened(ex)
-            pipe = BodyPipe(upstream_resp, request, resp)
+            pipe = BodyPipe(
+                upstream_resp, request, resp, keep_first=ex.content_type.startswith(_SSE)
+            )
             try:
                 failure = await pipe.run()
             finally:
                 # Also when the client left mid-body: the log shows what it got.
-                _answer_ended(ex, pipe.sent, pipe.tail, previous=pipe.previous)
+                _answer_ended(ex, pipe.sent, pipe.tail, previous=pipe.previous, first=pipe.first)
             if _cut_short(failure, plan.name, ex):
                 abort_client(request)
                 return resp
@@ -197,14 +199,18 @@ def _cut_short(failure: BaseException | None, upstream: str, ex: Exchange) -> bo
     return True
 
 
-def _answer_ended(ex: Exchange, sent: int, tail: bytes, *, previous: bytes = b"") -> None:
+def _answer_ended(
+    ex: Exchange, sent: int, tail: bytes, *, previous: bytes = b"", first: bytes = b""
+) -> None:
     """The answer ended (whole, cut short, or left by the client): the one place
     the relay notes what the client got. ``tail`` and ``previous`` are the last
-    two pieces written, from which the observer's ``finished`` hook, which every
-    answer reaches, reads the token usage (observe/usage.py)."""
+    two pieces written, ``first`` the start of the first, from which the
+    observer's ``finished`` hook, which every answer reaches, reads the token
+    usage (observe/usage.py)."""
     ex.bytes_out = sent
     ex.tail = tail
     ex.tail_previous = previous
+    ex.head = first
 
 
 def _unrelayable_head(upstream: str, ex: Exchange) -> UpstreamUnavailable:

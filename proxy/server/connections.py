@@ -411,12 +411,12 @@ class GuardedRequestHandler(RequestHandler):
             err = InvalidRequest(
                 "The request is not valid HTTP/1.1 and was refused.", code="malformed_request"
             )
-        resp = error_response(err)
+        line = _request_line(self._head_start)
+        self._head_start = b""
+        resp = error_response(err, line[1] if line is not None else "")
         resp.force_close()
         request_id = new_request_id()
         resp.headers[OUR_REQUEST_ID_HEADER] = request_id
-        line = _request_line(self._head_start)
-        self._head_start = b""
         if line is not None and self._observer is not None:
             ex = Exchange(request_id, line[0], line[1], request.remote or "-")
             assert isinstance(resp.body, bytes)
@@ -619,7 +619,7 @@ def _refuse(request: web.Request, err: ProxyError) -> web.Response:
         caller.address,
     )
     ex.key_name = caller.key.name if caller.key is not None else None
-    resp = error_response(err)
+    resp = error_response(err, ex.path)
     resp.force_close()
     resp.headers[OUR_REQUEST_ID_HEADER] = ex.request_id
     resp.headers["x-request-id"] = ex.request_id

@@ -2,8 +2,9 @@
 
 ``error_middleware`` is outermost: a :class:`ProxyError`, an aiohttp
 ``HTTPException`` (router 404/405, 413) or any unexpected exception becomes
-OpenAI's error JSON, unless the response has already started, in which case
-nothing can be added to it (the connection is aborted instead). Unexpected
+our error JSON (errors.error_response: Anthropic's shape on its paths), unless
+the response has already started, in which case nothing can be added to it
+(the connection is aborted instead). Unexpected
 exceptions are logged once, server-side, and never shown to the client. The
 answers of the proxy's own endpoints get its ``Server`` header here.
 """
@@ -38,7 +39,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 
 def _answer(request: web.Request, exc: Exception) -> web.StreamResponse:
-    """OpenAI's error JSON for ``exc``, raised by a view before it answered.
+    """The error JSON for ``exc`` (OpenAI's, or Anthropic's on its paths), raised by a
+    view before it answered.
 
     Call it only from an ``except`` block (the log line takes the traceback
     from there). What is not an error to answer is raised again: an
@@ -46,15 +48,20 @@ def _answer(request: web.Request, exc: Exception) -> web.StreamResponse:
     that went away, a timeout.
     """
     if isinstance(exc, ProxyError):
-        return error_response(exc)
+        return error_response(exc, _path_of(request))
     if isinstance(exc, web.HTTPException):
         if exc.status < 400:
             raise exc
-        return error_response(from_http_exception(exc))
+        return error_response(from_http_exception(exc), _path_of(request))
     if isinstance(exc, ConnectionError | TimeoutError):
         raise exc
     log.exception("unexpected error handling %s %s", request.method, request.path[:200])
-    return error_response(ProxyError("The proxy failed to handle the request."))
+    return error_response(ProxyError("The proxy failed to handle the request."), _path_of(request))
+
+
+def _path_of(request: web.BaseRequest) -> str:
+    """The request's path without its query: which dialect an error is written in."""
+    return request.raw_path.partition("?")[0]
 
 
 _ALLOW_METHODS = "GET, POST, PUT, PATCH, DELETE, OPTIONS"
@@ -89,7 +96,8 @@ class Cors:
             # A preflight is the proxy's to answer, never forwarded upstream.
             if self._origin(request) is None:
                 return error_response(
-                    OriginNotAllowed("This origin may not call the proxy from a browser.")
+                    OriginNotAllowed("This origin may not call the proxy from a browser."),
+                    _path_of(request),
                 )
             resp = web.Response(status=204, headers={"Server": SERVER})
             resp.headers["Access-Control-Allow-Methods"] = _ALLOW_METHODS

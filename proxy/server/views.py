@@ -84,6 +84,9 @@ MODEL_JSON_PATHS = frozenset(
         "images/generations",
         "moderations",
         "responses",
+        # Anthropic's Messages API (README, "Coding agents"): the same routing.
+        "messages",
+        "messages/count_tokens",
     }
 )
 # ... or by the "model" form field (multipart/form-data; JSON is accepted too).

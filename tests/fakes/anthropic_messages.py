@@ -6,8 +6,10 @@ content block ``content_block_start``, ``content_block_delta`` (``text_delta``)
 and ``content_block_stop``, then ``message_delta`` carrying ``stop_reason`` and
 the final ``usage.output_tokens``, then ``message_stop``; a ``ping`` comes after
 the first block starts, as Anthropic's own streams show) and of
-``POST /v1/messages/count_tokens`` (``{"input_tokens": n}``). Every other path
-answers Anthropic's 404 error shape.
+``POST /v1/messages/count_tokens`` (``{"input_tokens": n}``) and ``GET
+/v1/models`` (Anthropic's list: ``data`` of ``{"type": "model", "id", ...}``,
+``has_more``, ``first_id``, ``last_id``). Every other path answers Anthropic's
+404 error shape.
 
 Every request is recorded in :attr:`AnthropicMessages.received` (method, path,
 query, headers, raw body), so a test asserts on what the upstream really got.
@@ -43,15 +45,24 @@ class AnthropicMessages:
     # The bytes of the last streamed answer, as written, for byte-for-byte checks.
     sent_stream: bytes = b""
     input_tokens: int = 25
+    # Prompt-cache reads and writes reported beside input_tokens (which leaves them out).
+    cache_read_tokens: int = 0
+    cache_creation_tokens: int = 0
     # Keep a stream open after ``message_stop`` until the client leaves
     # (``hold_until_client_leaves``); ``held_stream_left`` tells it left.
     hold_after_stop: bool = False
     held_stream_left: asyncio.Event = field(default_factory=asyncio.Event)
+    # When set, a stream waits for it after message_start: a relay that held
+    # events back until more came would keep that first one from the client.
+    after_start: asyncio.Event | None = None
+    # What GET /v1/models lists.
+    model_ids: tuple[str, ...] = ()
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024**2)
         app.router.add_post("/v1/messages", self.messages)
         app.router.add_post("/v1/messages/count_tokens", self.count_tokens)
+        app.router.add_get("/v1/models", self.models)
         app.router.add_route("*", "/{tail:.*}", self.unknown)
         return app
 
@@ -96,6 +107,27 @@ class AnthropicMessages:
             return _error(400, "invalid_request_error", "model and messages are required")
         return doc
 
+    async def models(self, request: web.Request) -> web.Response:
+        received = await self._record(request)
+        if not self._authorized(received):
+            return _error(401, "authentication_error", "invalid x-api-key")
+        if "anthropic-version" not in received.headers:
+            return _error(400, "invalid_request_error", "anthropic-version header is required")
+        data = [
+            {
+                "type": "model",
+                "id": model,
+                "display_name": model,
+                "created_at": "2026-01-01T00:00:00Z",
+            }
+            for model in self.model_ids
+        ]
+        first = self.model_ids[0] if self.model_ids else None
+        last = self.model_ids[-1] if self.model_ids else None
+        return web.json_response(
+            {"data": data, "has_more": False, "first_id": first, "last_id": last}
+        )
+
     async def count_tokens(self, request: web.Request) -> web.Response:
         doc = await self._checked_body(request)
         if isinstance(doc, web.Response):
@@ -110,8 +142,8 @@ class AnthropicMessages:
         deltas = self.reply_deltas(model)
         usage = {
             "input_tokens": self.input_tokens,
-            "cache_creation_input_tokens": 0,
-            "cache_read_input_tokens": 0,
+            "cache_creation_input_tokens": self.cache_creation_tokens,
+            "cache_read_input_tokens": self.cache_read_tokens,
             "output_tokens": len(deltas),
         }
         message: dict[str, Any] = {
@@ -181,8 +213,11 @@ class AnthropicMessages:
             sse_frame("message_stop", {"type": "message_stop"}),
         ]
         # One write per event: a relay that coalesced or held them would show.
-        for frame in frames:
+        for i, frame in enumerate(frames):
             await resp.write(frame)
+            if i == 0 and self.after_start is not None:
+                async with asyncio.timeout(10):
+                    await self.after_start.wait()
         self.sent_stream = b"".join(frames)
         if self.hold_after_stop:
             await hold_until_client_leaves(self.held_stream_left)

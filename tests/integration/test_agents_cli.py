@@ -11,12 +11,11 @@ The fakes answer with text naming themselves and the model, so the agent's own
 output proves which upstream served the turn and that the streamed text
 reached the agent.
 
-Codex's WebSocket through the relay, the ``426`` that makes Codex give up its
-WebSocket at once when no upstream takes it, and a finished Codex turn logged
-``complete`` are tested through oaimux too. What oaimux cannot do yet is
-tested as well, marked ``xfail(strict=True)``: ``/v1/messages`` routed by
-model (and judged by the key's model allow-list), and an Anthropic stream's
-input tokens in the access log.
+Through oaimux: Claude Code's turn routed by the body's ``model`` (and judged
+by the key's model allow-list) with its stream's input tokens in the access
+log; Codex's WebSocket through the relay, the ``426`` that makes Codex give up
+its WebSocket at once when no upstream takes it, and a finished Codex turn
+logged ``complete``.
 """
 
 from __future__ import annotations
@@ -171,7 +170,7 @@ async def test_claude_code_completes_a_streamed_turn_against_the_fake_directly(
 
 
 @pytest.mark.parametrize("carrier", ["x-api-key", "bearer"])
-async def test_claude_code_through_oaimux_on_a_messages_path_route(
+async def test_claude_code_through_oaimux_with_the_proxy_key_in_either_carrier(
     tmp_path: Path,
     trap: EgressTrap,
     anthropic: AnthropicMessages,
@@ -179,9 +178,8 @@ async def test_claude_code_through_oaimux_on_a_messages_path_route(
     responses_url: str,
     carrier: str,
 ) -> None:
-    """Works today: a ``path: "messages*"`` route (every Claude model to one upstream)."""
     config = proxy_config(
-        anthropic_url, responses_url, [{"path": "messages*", "upstream": "anthropic"}]
+        anthropic_url, responses_url, [{"model": "claude-*", "upstream": "anthropic"}]
     )
     key = (
         {"api_key": CLAUDE_PROXY_KEY}
@@ -205,9 +203,6 @@ async def test_claude_code_through_oaimux_on_a_messages_path_route(
     assert "status=200" in line and "key=claude" in line
 
 
-@pytest.mark.xfail(
-    strict=True, reason="not built yet: input tokens of an Anthropic stream are not counted yet"
-)
 async def test_claude_code_turn_through_oaimux_logs_its_token_usage(
     tmp_path: Path,
     trap: EgressTrap,
@@ -217,7 +212,7 @@ async def test_claude_code_turn_through_oaimux_logs_its_token_usage(
 ) -> None:
     """``input_tokens`` from ``message_start``, ``output_tokens`` from the last ``message_delta``."""
     config = proxy_config(
-        anthropic_url, responses_url, [{"path": "messages*", "upstream": "anthropic"}]
+        anthropic_url, responses_url, [{"model": "claude-*", "upstream": "anthropic"}]
     )
     async with running_proxy(write_config(tmp_path / "routes.yaml", config)) as proxy:
         run = await claude_run(
@@ -229,9 +224,6 @@ async def test_claude_code_turn_through_oaimux_logs_its_token_usage(
     assert f"prompt_tokens={anthropic.input_tokens} completion_tokens={output_tokens}" in line
 
 
-@pytest.mark.xfail(
-    strict=True, reason="not built yet: POST /v1/messages is not routed by the body's model yet"
-)
 async def test_claude_code_through_oaimux_routed_by_model(
     tmp_path: Path,
     aiohttp_server: Any,
@@ -264,9 +256,6 @@ async def test_claude_code_through_oaimux_routed_by_model(
     assert f"model={CLAUDE_MODEL}" in line and "upstream=sonnet" in line
 
 
-@pytest.mark.xfail(
-    strict=True, reason="not built yet: a key's model allow-list does not apply to /v1/messages yet"
-)
 async def test_claude_code_with_a_key_allowed_only_gpt_models_is_refused(
     tmp_path: Path,
     trap: EgressTrap,

@@ -109,7 +109,7 @@ async def test_anthropic_sdk_gets_the_fakes_errors_as_its_exception_classes(
                 model=CLAUDE, max_tokens=8, messages=[{"role": "user", "content": "hi"}]
             )
         with pytest.raises(anthropic.NotFoundError):
-            await client.models.list()
+            await client.models.retrieve("claude-unknown")  # a path the fake does not serve
 
 
 async def test_openai_sdk_streams_a_response_from_the_fake(

@@ -25,7 +25,7 @@ CHAT = "/v1/chat/completions"
 FIELDS = [
     "time", "request_id", "client", "key", "method", "path", "model", "target", "upstream",
     "tried", "status", "bytes_in", "bytes_out", "ttfb_ms", "duration_ms", "outcome", "error",
-    "prompt_tokens", "completion_tokens",
+    "prompt_tokens", "completion_tokens", "cache_read_tokens", "cache_creation_tokens",
 ]  # fmt: skip
 
 

@@ -101,7 +101,7 @@ async def test_anthropic_sdk_key_in_x_api_key(
 ) -> None:
     """Anthropic's SDK (as Claude Code) presents its key as ``x-api-key``."""
     config = keyed_config(upstream_url)
-    config["routes"].append({"path": "messages", "upstream": "fake"})
+    config["routes"].append({"model": "claude-*", "upstream": "fake"})
     client = await make_proxy(config)
     base_url = str(client.make_url(""))
     async with anthropic.AsyncAnthropic(base_url=base_url, api_key=TEAM_B, max_retries=0) as sdk:

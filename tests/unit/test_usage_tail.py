@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from proxy.observe.usage import Usage, usage_from_tail
+from proxy.observe.usage import Usage, usage_from_stream, usage_from_tail
 from tests.fakes.openai_shaped import (
     CHAT_USAGE,
     RESPONSES_USAGE,
@@ -132,3 +132,84 @@ def test_a_count_cut_at_the_end_is_not_read() -> None:
 def test_openai_layout_cut_inside_the_object_is_not_read() -> None:
     assert usage_from_tail(b"", b'{"usage":{"prompt_tokens":5,"completion_tokens":1') is None
     assert usage_from_tail(b"", b'{"usage":{"prompt_tokens":5,"completion_tokens":1,"total_tokens":6}}') == Usage(5, 1)
+
+
+# -- Anthropic's Messages API: a JSON answer, and a stream that splits its usage.
+
+
+def _anthropic_stream(input_tokens: int, output_tokens: int) -> list[bytes]:
+    """The events of an Anthropic stream, as its API frames them."""
+    start = {
+        "type": "message_start",
+        "message": {
+            "id": "msg_1",
+            "type": "message",
+            "role": "assistant",
+            "model": "claude-sonnet-5-5",
+            "content": [],
+            "stop_reason": None,
+            "usage": {
+                "input_tokens": input_tokens,
+                "cache_creation_input_tokens": 3,
+                "cache_read_input_tokens": 40,
+                "cache_creation": {"ephemeral_5m_input_tokens": 3, "ephemeral_1h_input_tokens": 0},
+                "output_tokens": 1,
+            },
+        },
+    }
+    delta = {
+        "type": "message_delta",
+        "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+        "usage": {"output_tokens": output_tokens},
+    }
+
+    def event(name: str, data: dict[str, object]) -> bytes:
+        return f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
+
+    return [
+        event("message_start", start),
+        event("ping", {"type": "ping"}),
+        event("message_delta", delta),
+        event("message_stop", {"type": "message_stop"}),
+    ]
+
+
+def test_anthropic_stream_takes_input_from_the_start_and_output_from_the_end() -> None:
+    events = _anthropic_stream(1200, 37)
+    first, previous, last = events[0] + events[1], events[2], events[3]
+    assert usage_from_stream(first, previous, last) == Usage(1200, 37, 40, 3)
+    # Without its first chunk the stream's end still gives the output tokens.
+    assert usage_from_stream(b"", previous, last) == Usage(None, 37)
+    # A first chunk cut inside message_start's usage object yields nothing more.
+    cut = first[: first.index(b'"cache_read_input_tokens"')]
+    assert usage_from_stream(cut, previous, last) == Usage(None, 37)
+
+
+def test_counts_at_the_end_win_over_the_start() -> None:
+    """Anthropic's message_delta counts are cumulative: when it reports input too, it wins."""
+    events = _anthropic_stream(1200, 37)
+    end = events[2].replace(b'"output_tokens": 37', b'"input_tokens": 1300, "output_tokens": 37')
+    assert usage_from_stream(events[0], end, events[3]) == Usage(1300, 37, 40, 3)
+
+
+def test_an_openai_stream_reads_the_same_with_its_first_chunk() -> None:
+    events = chat_stream_events("gpt-4o", include_usage=True)
+    first, previous, last = events[0], events[-2], events[-1]
+    assert usage_from_stream(first, previous, last) == usage_from_tail(previous, last)
+
+
+def test_anthropic_json_answer_with_cache_counts() -> None:
+    body = json.dumps(
+        {
+            "id": "msg_1",
+            "type": "message",
+            "content": [{"type": "text", "text": "hi"}],
+            "usage": {
+                "input_tokens": 9,
+                "cache_creation_input_tokens": 0,
+                "cache_read_input_tokens": 2048,
+                "output_tokens": 4,
+            },
+        }
+    ).encode()
+    assert usage_from_tail(b"", body) == Usage(9, 4, 2048, 0)
