@@ -81,7 +81,7 @@ async def start(
 
 async def discovered(proxy: TestClient[Any, Any], wait: float = 5.0) -> None:
     async with asyncio.timeout(wait):
-        await proxy.server.app[DISCOVERY].complete.wait()
+        await proxy.app[DISCOVERY].complete.wait()
 
 
 async def model_ids(proxy: TestClient[Any, Any]) -> list[str]:
@@ -154,7 +154,7 @@ async def test_a_failing_upstream_does_not_block_start_up_and_is_asked_again(
             await asyncio.sleep(0.01)  # bounded polling of a background task
         while local.models_asked < 5:
             await asyncio.sleep(0.01)
-    assert not proxy.server.app[DISCOVERY].complete.is_set()
+    assert not proxy.app[DISCOVERY].complete.is_set()
     assert not any(m.startswith("local/") for m in await model_ids(proxy))
     assert (await chat(proxy, "local/llama3.2:3b")).status == 404
     # Five failed attempts, one warning: the same failure is not repeated.
@@ -210,8 +210,8 @@ async def test_refresh_keeps_known_ids_and_asks_again(
     local.models = ["llama3.2:3b", "phi4:14b"]
     cfg["routes"][1]["prefix"] = "ollama/"
     new = parse_settings(cfg, environ={})
-    holder = proxy.server.app[RUNTIME]
-    discovery = proxy.server.app[DISCOVERY]
+    holder = proxy.app[RUNTIME]
+    discovery = proxy.app[DISCOVERY]
     discovery.refresh(new)
     # At once, before any answer: the ids known for the same upstream, new prefix.
     ids = await model_ids(proxy)

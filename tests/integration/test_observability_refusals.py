@@ -46,7 +46,7 @@ def settings(make_settings: Callable[..., Settings], upstream_url: str) -> Setti
 
 
 def metrics_of(proxy: RunningProxy) -> Metrics:
-    metrics = proxy.server.app[OBSERVER].metrics
+    metrics = proxy.app[OBSERVER].metrics
     assert metrics is not None
     return metrics
 
