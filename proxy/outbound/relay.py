@@ -13,7 +13,7 @@
 - A client that goes away cancels the handler (``handler_cancellation=True``);
   the upstream connection is then closed at once, so an abandoned generation
   stops costing tokens. So does a client that stops reading: the connection's
-  send bound (connections.py, ``server.send_timeout``) aborts it, and the
+  send bound (server/send_watch.py, ``server.send_timeout``) aborts it, and the
   access log says ``client_stalled``.
 """
 
@@ -28,9 +28,8 @@ from aiohttp import web
 from multidict import istr
 
 from ..errors import UpstreamUnavailable
-from ..observe import OUR_REQUEST_ID_HEADER, Exchange
+from ..observe import OUR_REQUEST_ID_HEADER, Exchange, Outcome
 from ..observe.observer import Observer
-from ..server.connections import client_outcome
 from .forward import Answered
 from .pipe import BodyPipe
 
@@ -100,7 +99,7 @@ async def relay(
         completed = True
         return resp
     except asyncio.CancelledError:
-        ex.outcome = client_outcome(request)
+        ex.outcome = _client_outcome(request)
         raise
     except ConnectionError:
         # The client's socket closed under a write (it hung up in the same
@@ -108,7 +107,7 @@ async def relay(
         # Raising would have aiohttp log a traceback for an ordinary hang-up;
         # returning the prepared response lets its own write_eof meet the
         # closed socket, which it takes quietly as a client disconnect.
-        ex.outcome = client_outcome(request)
+        ex.outcome = _client_outcome(request)
         if resp is None:
             raise
         return resp
@@ -199,3 +198,12 @@ def _unrelayable_head(upstream: str, ex: Exchange) -> UpstreamUnavailable:
     return UpstreamUnavailable(
         f"No upstream could answer: {upstream}: sent a response header that cannot be relayed."
     )
+
+
+def _client_outcome(request: web.BaseRequest) -> Outcome:
+    """The access-log outcome of a client that left mid-response: ``client_stalled``
+    when the send bound closed its connection (the server's connection protocol
+    then says ``stalled``: server/connections.py), ``client_gone`` otherwise."""
+    if getattr(request.protocol, "stalled", False):
+        return "client_stalled"
+    return "client_gone"

@@ -26,7 +26,6 @@ from ..outbound.realtime import RealtimeProxy
 from ..outbound.tunnel import RealtimeSessions
 from ..runtime.discovery import Discovery
 from ..runtime.runtime import RuntimeHolder, build_runtime
-from .connections import expect_continue
 from .keys import (
     BUILTINS,
     DISCOVERY,
@@ -42,6 +41,7 @@ from .keys import (
     UPSTREAMS,
 )
 from .middlewares import Cors, error_middleware
+from .refusals import expect_continue
 from .views import about_view, healthz_view, model_view, models_view, proxy_view
 
 __all__ = ["create_app", "make_upstream_session", "server_options"]

@@ -3,7 +3,7 @@
 - SIGTERM / SIGINT: stop accepting (the listening socket is closed, so new
   connections are refused), let requests and streams in flight finish until
   ``server.shutdown_grace_seconds`` have passed, abort what is left (a broken
-  response, never a clean end; connections.py), exit 0 within the grace plus
+  response, never a clean end; drain.py), exit 0 within the grace plus
   one second, and log how many requests were cut. A second SIGTERM / SIGINT
   during the drain exits at once (status 1).
 - SIGHUP: re-read the config file; on success swap the runtime atomically
@@ -42,7 +42,7 @@ from ..config import ConfigError, Settings, load_settings
 from ..observe.access_log import send_access_log_to
 from ..runtime.runtime import build_runtime
 from .app import create_app, server_options
-from .connections import ProxyRunner
+from .drain import ProxyRunner
 from .keys import BUILTINS, DISCOVERY, OBSERVER, RUNTIME
 
 __all__ = [
@@ -136,7 +136,7 @@ def _needs_restart(old: Settings, new: Settings) -> list[str]:
 
 
 # Past the grace, the process is gone by this much at the latest: the drain's
-# own steps after the deadline take about half of it (connections.py), and if
+# own steps after the deadline take about half of it (drain.py), and if
 # anything hangs anyway (a DNS lookup in a thread, a cleanup step) the process
 # exits without it.
 EXIT_MARGIN = 0.8

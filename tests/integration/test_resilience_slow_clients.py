@@ -22,7 +22,7 @@ from aiohttp import web
 
 from proxy.config import Settings, parse_settings
 from proxy.server.app import create_app, server_options
-from proxy.server.connections import ProxyRunner
+from proxy.server.drain import ProxyRunner
 from proxy.server.keys import OBSERVER
 from tests.fakes.security import RunningProxy, running_proxy
 from tests.faults import fixtures, process
@@ -144,7 +144,7 @@ async def test_a_client_that_stops_reading_is_cut_and_its_upstream_request_close
         assert record["status"] == 200
         assert 0 < record["bytes_out"] < total
         assert sent[0] < total
-        metrics = proxy.server.app[OBSERVER].metrics
+        metrics = proxy.app[OBSERVER].metrics
         assert metrics is not None
         stalls = metrics.registry.get_sample_value("oaimux_client_stalls_total", {"upstream": "a"})
         assert stalls == 1
