@@ -184,7 +184,7 @@ def create_app(settings: Settings, observer: Observer | None = None) -> web.Appl
         router.add_get(prefix + "/models/{model:.+}", observer.observed(model_view))
     if observer.metrics is not None and settings.metrics.listen is None:
         # Not rate limited, not logged; with metrics.listen it moves to its own
-        # listener (serve.py), off the port that faces clients.
+        # listener (process.py), off the port that faces clients.
         router.add_get(settings.metrics.path, observer.metrics.handle)
     router.add_route("*", "/{tail:.*}", proxy_view, expect_handler=expect_continue)
     return app
