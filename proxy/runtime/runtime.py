@@ -16,7 +16,7 @@ from yarl import URL
 
 from ..admission.clientip import TrustedNetworks, trusted_networks
 from ..admission.proxy_keys import KeyTable
-from ..client import Origin
+from ..client import Destination, Origin
 from ..config.settings import Route, Settings, Upstream
 from .headers import RequestHeaderPolicy, ResponseHeaderPolicy
 from .route_table import RouteTable
@@ -34,6 +34,7 @@ class UpstreamPlan:
     response_headers: ResponseHeaderPolicy
     client_timeout: aiohttp.ClientTimeout  # discovery and realtime (ClientSession)
     origin: Origin  # the hot path's lean client (proxy/client/)
+    destination: Destination  # the origin and its timeouts, as that client takes them
     path_prefix: str  # the base URL's path, without a trailing slash
 
     @property
@@ -57,6 +58,7 @@ class UpstreamPlan:
 
 def _plan(upstream: Upstream) -> UpstreamPlan:
     t = upstream.timeouts
+    origin = Origin.of(upstream.url)
     return UpstreamPlan(
         upstream=upstream,
         base=str(upstream.url).rstrip("/"),
@@ -70,7 +72,8 @@ def _plan(upstream: Upstream) -> UpstreamPlan:
         client_timeout=aiohttp.ClientTimeout(
             total=None, connect=t.connect, sock_connect=t.connect, sock_read=None
         ),
-        origin=Origin.of(upstream.url),
+        origin=origin,
+        destination=Destination(origin, t.connect, t.response),
         path_prefix=upstream.url.raw_path.rstrip("/"),
     )
 
