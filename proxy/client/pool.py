@@ -154,12 +154,16 @@ class UpstreamPool:
         destination: Destination,
         method: str,
         target: str,
-        *,
         headers: MultiMapping[str],
         body: bytes | bytearray | AsyncIterable[bytes],
         body_length: int | None,
     ) -> UpstreamResponse:
         """Send one request; see the package docstring for the contract.
+
+        The parameters are not keyword-only, and the proxy passes them
+        positionally: it calls this once per attempt, and CPython 3.11 does not
+        specialise a call with keywords (docs/decisions.md, "The upstream walk
+        costs little per request").
 
         ``destination.response_timeout`` bounds the whole call, connecting
         included, up to the response head: past it the call raises

@@ -138,9 +138,9 @@ class Forwarder:
                 destination,
                 outbound.method,
                 plan.target_for(outbound.path, outbound.query),
-                headers=headers,
-                body=body,
-                body_length=length,
+                headers,
+                body,
+                length,
             )
         except TimeoutError:
             raise _Refused("timeout", no_headers_within(destination.response_timeout)) from None
