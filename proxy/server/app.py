@@ -18,7 +18,6 @@ from ..admission.admission import Admission
 from ..admission.buckets import MemoryRateLimiter, RateLimiter
 from ..client import UpstreamPool
 from ..config.settings import Settings
-from ..demo import BuiltinUpstreams
 from ..observe.observer import Observer, make_observer
 from ..outbound.forward import Forwarder
 from ..outbound.health import Health
@@ -26,6 +25,7 @@ from ..outbound.realtime import RealtimeProxy
 from ..outbound.tunnel import RealtimeSessions
 from ..runtime.discovery import Discovery
 from ..runtime.runtime import RuntimeHolder, build_runtime
+from .builtin_upstreams import BuiltinUpstreams
 from .keys import (
     BUILTINS,
     DISCOVERY,
