@@ -278,6 +278,17 @@ def test_no_module_imports_itself_around_a_loop() -> None:
     assert not found, "modules that import each other:\n  " + "\n  ".join(map(", ".join, found))
 
 
+def test_the_supervisor_imports_the_serving_process_only() -> None:
+    """``--workers`` is chosen by cli.py; workers.py forks processes that run
+    process.py, and neither imports the other back (README, "Architecture")."""
+    of_server = {
+        imp.imported
+        for imp in imports(sources())
+        if imp.importer == "proxy.server.workers" and layer(imp.imported) == "server"
+    }
+    assert of_server == {"proxy.server.process"}
+
+
 def test_every_layer_is_known() -> None:
     unknown = {layer(name) for name in sources()} - set(RANK)
     assert not unknown, f"give these folders or modules a place in RANK: {sorted(unknown)}"
