@@ -24,9 +24,9 @@ from dataclasses import dataclass
 import aiohttp
 
 from .config.settings import CREDENTIAL_HEADERS, EnvSubstitution, Settings
-from .demo import BuiltinUpstreams
 from .runtime.discovery import DiscoveryFailed, models_request_headers, parse_model_ids
 from .runtime.runtime import UpstreamPlan, build_runtime
+from .server.builtin_upstreams import BuiltinUpstreams
 
 __all__ = [
     "PROBE_TIMEOUT",

@@ -1,7 +1,7 @@
 """``oaimux serve`` and ``oaimux check``: the thin command line.
 
-``serve`` runs one process (serve.py), or with ``--workers N`` a supervisor
-of N (workers.py).
+``serve`` runs one process (server/process.py), or with ``--workers N`` a
+supervisor of N (server/workers.py): the choice is made here, in ``main``.
 
 Exit status 2 for a configuration error (message on stderr, no traceback);
 ``check --probe`` exits 1 when an upstream a route names cannot be used.

@@ -20,21 +20,20 @@ What it answers (under ``/v1``), made up on the spot, no model involved:
 
 Anything else is a 404 in OpenAI's error shape, naming what is served.
 
-:class:`BuiltinUpstreams` owns the listeners and gives every upstream with a
-``builtin`` its URL (``Settings`` say ``builtin: demo``; the loopback port is
-known only once bound).
+:func:`demo_app` is the application; the loopback listener that serves it, and
+the URL it gives every upstream with ``builtin: demo``, are the server's
+(``proxy/server/builtin_upstreams.py``). This module imports nothing else of
+the proxy, so any layer may start it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import dataclasses
 import hashlib
 import io
 import json
 import math
-import socket
 import struct
 import time
 import wave
@@ -42,11 +41,8 @@ from collections.abc import Iterator
 from typing import Any
 
 from aiohttp import web
-from yarl import URL
 
-from .config.settings import Settings
-
-__all__ = ["BuiltinUpstreams", "demo_app"]
+__all__ = ["demo_app"]
 
 DEMO_MODEL = "demo"
 CREATED = 1_735_689_600  # 2025-01-01: a fixed "created" for the model list
@@ -351,87 +347,3 @@ def demo_app() -> web.Application:
     app.router.add_post("/v1/embeddings", _embeddings)
     app.router.add_post("/v1/audio/speech", _speech)
     return app
-
-
-# ---------------------------------------------------------------------------
-# The listeners.
-
-
-class BuiltinUpstreams:
-    """The loopback listeners of the built-in upstreams a configuration names.
-
-    Nothing is started until :meth:`bind` meets an upstream with ``builtin``.
-    Each kind has one listener for the life of the process, shared by every
-    upstream of that kind (and kept across reloads). Owned by the app
-    (app.py), which closes it after the proxy's own requests have drained.
-    """
-
-    def __init__(self) -> None:
-        self._urls: dict[str, URL] = {}
-        self._starting: list[asyncio.Task[web.AppRunner]] = []
-        self._runners: list[web.AppRunner] = []
-
-    def bind(self, settings: Settings) -> Settings:
-        """``settings`` with each builtin upstream's URL pointing at its listener.
-
-        A listener not yet running is bound now (its port is known at once) and
-        starts serving on the running loop; :meth:`ready` waits for that.
-        Connections made in between wait in the socket's backlog.
-        """
-        named = {n: u for n, u in settings.upstreams.items() if u.builtin is not None}
-        if not named:
-            return settings
-        upstreams = dict(settings.upstreams)
-        for name, upstream in named.items():
-            assert upstream.builtin is not None
-            upstreams[name] = dataclasses.replace(upstream, url=self._url_of(upstream.builtin))
-        return dataclasses.replace(settings, upstreams=upstreams)
-
-    def _url_of(self, kind: str) -> URL:
-        if kind not in self._urls:
-            sock = socket.create_server(("127.0.0.1", 0))
-            sock.setblocking(False)
-            port = sock.getsockname()[1]
-            self._starting.append(asyncio.get_running_loop().create_task(_serve(sock)))
-            self._urls[kind] = URL(f"http://127.0.0.1:{port}/v1")
-        return self._urls[kind]
-
-    @property
-    def started(self) -> tuple[str, ...]:
-        """The kinds whose listener was started (bound), in order."""
-        return tuple(self._urls)
-
-    async def ready(self) -> None:
-        """Wait until every bound listener serves."""
-        starting, self._starting = self._starting, []
-        self._runners.extend(await asyncio.gather(*starting))
-
-    async def close(self) -> None:
-        await asyncio.gather(*self._starting, return_exceptions=True)
-        for task in self._starting:
-            if not task.cancelled() and task.exception() is None:
-                self._runners.append(task.result())
-        self._starting = []
-        runners, self._runners = self._runners, []
-        for runner in runners:
-            await runner.cleanup()
-
-
-async def _serve(sock: socket.socket) -> web.AppRunner:
-    # handler_cancellation: a client (the proxy) that goes away mid-stream ends
-    # the handler instead of leaving it writing to a closed connection.
-    runner = web.AppRunner(
-        demo_app(),
-        access_log=None,
-        handle_signals=False,
-        shutdown_timeout=1.0,
-        handler_cancellation=True,
-    )
-    try:
-        await runner.setup()
-        await web.SockSite(runner, sock).start()
-    except BaseException:
-        sock.close()
-        await runner.cleanup()
-        raise
-    return runner

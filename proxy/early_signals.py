@@ -9,8 +9,8 @@ runs before any heavy import (aiohttp, yaml, the proxy's own modules):
 - SIGHUP is *held*: noted, not acted on. The first load of the routes file
   takes the note (:func:`take_reload` just before the read: whatever it reads
   is at least as new as the signal); a SIGHUP noted after that read is
-  replayed as a reload once the event loop handles signals (serve.py), or by
-  the ``--workers`` supervisor (workers.py).
+  replayed as a reload once the event loop handles signals
+  (server/process.py), or by the ``--workers`` supervisor (server/workers.py).
 - SIGTERM and SIGINT exit with status 0 at once: nothing is listening yet, so
   there is nothing to drain (README, "Stop, reload, workers"). The exit is
   ``os._exit`` after flushing stdout and stderr, not a ``SystemExit`` raised

@@ -20,15 +20,17 @@ Contract of :meth:`UpstreamPool.request`:
   byte: ``connect`` (refused, unreachable, DNS, TLS), ``connect_timeout``,
   ``disconnected`` (closed before a response), ``bad_response`` (not HTTP),
   ``reset`` (any other socket error).
-- ``response_timeout`` bounds the whole call (connect to headers) and raises
-  ``TimeoutError``; cancelling the call aborts the connection, never pools it.
+- Its :class:`Destination` (origin and timeouts, made once per upstream) says
+  where; its ``response_timeout`` bounds the whole call (connect to headers)
+  and raises ``TimeoutError``; cancelling the call aborts the connection,
+  never pools it.
 - The caller must end every :class:`UpstreamResponse` with ``release()`` (the
   body was read to its end: the connection may be reused) or ``close()``
   (anything else: the connection is aborted, so the upstream stops at once).
 
 Modules, each importing only those below it:
 
-- ``pool``: :class:`UpstreamPool` and :class:`UpstreamResponse`;
+- ``pool``: :class:`UpstreamPool`, :class:`Destination` and :class:`UpstreamResponse`;
 - ``timers``: one timer for many bounds (response deadlines, idle watch);
 - ``connection``: :class:`Origin`, aiohttp's client protocol adapted to the
   pool (the only user of aiohttp's private client names), the request writers;
@@ -37,6 +39,6 @@ Modules, each importing only those below it:
 
 from .connection import Origin
 from .failures import UpstreamFailure
-from .pool import UpstreamPool, UpstreamResponse
+from .pool import Destination, UpstreamPool, UpstreamResponse
 
-__all__ = ["Origin", "UpstreamFailure", "UpstreamPool", "UpstreamResponse"]
+__all__ = ["Destination", "Origin", "UpstreamFailure", "UpstreamPool", "UpstreamResponse"]

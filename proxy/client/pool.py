@@ -9,6 +9,7 @@ import asyncio
 import socket
 import ssl
 from collections.abc import AsyncIterable, Callable, Iterable
+from dataclasses import dataclass
 from typing import Final
 
 from aiohttp.http import RawResponseMessage
@@ -19,12 +20,23 @@ from .connection import Connection, Origin, abort, open_connection
 from .failures import UpstreamFailure, connect_failure, connect_timeout, failure_before_head
 from .timers import Deadlines, IdleWatch
 
-__all__ = ["UpstreamPool", "UpstreamResponse"]
+__all__ = ["Destination", "UpstreamPool", "UpstreamResponse"]
 
 # Resolved addresses of upstream host names are reused this long; upstream
 # IP literals are never resolved.
 DNS_TTL_SECONDS: Final = 60.0
 _NO_HEADERS: Final = CIMultiDictProxy(CIMultiDict[str]())
+
+
+@dataclass(frozen=True, slots=True)
+class Destination:
+    """Where :meth:`UpstreamPool.request` sends a request, and how long it may
+    take: built once per upstream, not per request (docs/decisions.md, "The
+    upstream walk costs little per request")."""
+
+    origin: Origin
+    connect_timeout: float  # DNS, TCP and TLS set-up of a new connection
+    response_timeout: float  # the whole call, connecting included, up to the response head
 
 
 class UpstreamResponse:
@@ -139,31 +151,37 @@ class UpstreamPool:
 
     async def request(
         self,
-        origin: Origin,
+        destination: Destination,
         method: str,
         target: str,
         headers: MultiMapping[str],
         body: bytes | bytearray | AsyncIterable[bytes],
         body_length: int | None,
-        connect_timeout: float,
-        response_timeout: float,
     ) -> UpstreamResponse:
         """Send one request; see the package docstring for the contract.
 
-        ``response_timeout`` bounds the whole call, connecting included, up to
-        the response head: past it the call raises ``TimeoutError``.
-        ``connect_timeout`` bounds DNS, TCP and TLS set-up of a new connection.
+        The parameters are not keyword-only, and the proxy passes them
+        positionally: it calls this once per attempt, and CPython 3.11 does not
+        specialise a call with keywords (docs/decisions.md, "The upstream walk
+        costs little per request").
+
+        ``destination.response_timeout`` bounds the whole call, connecting
+        included, up to the response head: past it the call raises
+        ``TimeoutError``. ``destination.connect_timeout`` bounds DNS, TCP and
+        TLS set-up of a new connection.
 
         ``headers`` holds neither Host nor framing headers: they are written here.
         ``body`` is the whole body, or an async iterable of chunks sent as they
         come: ``body_length`` bytes in all, or chunked when it is None.
         """
+        origin = destination.origin
+        response_timeout = destination.response_timeout
         loop = asyncio.get_running_loop()
         now = loop.time()
         deadline = now + response_timeout
         conn = self._take(origin, now)
         if conn is None:
-            conn = await self._connect(origin, connect_timeout, response_timeout)
+            conn = await self._connect(destination)
         sender: asyncio.Task[None] | None = None
         deadlines = self._deadlines
         deadlines.watch(conn, deadline, response_timeout)
@@ -242,11 +260,14 @@ class UpstreamPool:
         if left:
             self._sweeper = loop.call_later(self._keepalive, self._sweep)
 
-    async def _connect(self, origin: Origin, timeout: float, response_timeout: float) -> Connection:
-        """A new connection, or ``connect``/``connect_timeout``; ``timeout`` bounds
-        DNS, TCP and the TLS handshake together. When ``response_timeout`` is
-        the shorter, running out of it raises ``TimeoutError`` (the request's
-        own deadline) instead."""
+    async def _connect(self, destination: Destination) -> Connection:
+        """A new connection, or ``connect``/``connect_timeout``; the connect
+        timeout bounds DNS, TCP and the TLS handshake together. When the
+        response timeout is the shorter, running out of it raises
+        ``TimeoutError`` (the request's own deadline) instead."""
+        origin = destination.origin
+        timeout = destination.connect_timeout
+        response_timeout = destination.response_timeout
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(min(timeout, response_timeout)):

@@ -1,9 +1,9 @@
 """One timer for many bounds: the pool's response deadlines and idle watch,
 and (through :class:`Ticker`) the server's send watch of slow clients.
 
-The server's connections module imports :class:`Ticker` from here: the
-server sits above the client in the package's layers, so that import runs
-downward, and the top level of the package stays small.
+The server's send watch (server/send_watch.py) imports :class:`Ticker` from
+here: the server sits above the client in the package's layers, so that
+import runs downward, and the top level of the package stays small.
 """
 
 from __future__ import annotations

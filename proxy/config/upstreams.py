@@ -119,7 +119,7 @@ def _url(node: Node) -> URL:
     return url.with_path(url.path.rstrip("/"))
 
 
-# Where a builtin upstream is until its listener is bound (demo.BuiltinUpstreams):
+# Where a builtin upstream is until its listener is bound (server/builtin_upstreams.py):
 # port 0 cannot be connected to, so a request can never go elsewhere by mistake.
 BUILTIN_PLACEHOLDER_URL = URL("http://127.0.0.1:0/v1")
 

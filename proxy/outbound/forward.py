@@ -130,22 +130,20 @@ class Forwarder:
         headers = plan.request_headers.build(
             outbound.headers, ex.request_id, outbound.client_authorization
         )
-        timeouts = plan.upstream.timeouts
         body = outbound.body
         length = body.length if isinstance(body, BodyStream) else None
+        destination = plan.destination
         try:
             return await self._pool.request(
-                plan.origin,
+                destination,
                 outbound.method,
                 plan.target_for(outbound.path, outbound.query),
                 headers,
                 body,
                 length,
-                timeouts.connect,
-                timeouts.response,
             )
         except TimeoutError:
-            raise _Refused("timeout", no_headers_within(timeouts.response)) from None
+            raise _Refused("timeout", no_headers_within(destination.response_timeout)) from None
         except UpstreamFailure as failure:
             # Its words, never the exception's repr: that can carry request headers (our key).
             raise _Refused(failure.kind, failure.detail) from None

@@ -13,7 +13,7 @@
 - A client that goes away cancels the handler (``handler_cancellation=True``);
   the upstream connection is then closed at once, so an abandoned generation
   stops costing tokens. So does a client that stops reading: the connection's
-  send bound (connections.py, ``server.send_timeout``) aborts it, and the
+  send bound (server/send_watch.py, ``server.send_timeout``) aborts it, and the
   access log says ``client_stalled``. A client that leaves once it has the
   stream's terminal event (observe/stream_end.py) is logged ``complete``.
 """
@@ -32,7 +32,6 @@ from ..errors import UpstreamUnavailable
 from ..observe import OUR_REQUEST_ID_HEADER, Exchange, Outcome
 from ..observe.observer import Observer
 from ..observe.stream_end import stream_ended
-from ..server.connections import client_outcome
 from .forward import Answered
 from .pipe import BodyPipe
 
@@ -167,7 +166,7 @@ def _client_left(request: web.BaseRequest, ex: Exchange) -> Outcome:
     """The outcome of a client that left before the response ended: ``complete``
     when the last event sent was its stream's terminal one (README, "Access
     log"), else how it left. The upstream's response is closed either way."""
-    outcome = client_outcome(request)
+    outcome = _client_outcome(request)
     if (
         outcome == "client_gone"
         and ex.content_type.startswith(_SSE)
@@ -222,3 +221,12 @@ def _unrelayable_head(upstream: str, ex: Exchange) -> UpstreamUnavailable:
     return UpstreamUnavailable(
         f"No upstream could answer: {upstream}: sent a response header that cannot be relayed."
     )
+
+
+def _client_outcome(request: web.BaseRequest) -> Outcome:
+    """The access-log outcome of a client that left mid-response: ``client_stalled``
+    when the send bound closed its connection (the server's connection protocol
+    then says ``stalled``: server/connections.py), ``client_gone`` otherwise."""
+    if getattr(request.protocol, "stalled", False):
+        return "client_stalled"
+    return "client_gone"

@@ -17,7 +17,7 @@ from yarl import URL
 
 from ..admission.clientip import TrustedNetworks, trusted_networks
 from ..admission.proxy_keys import KeyTable
-from ..client import Origin
+from ..client import Destination, Origin
 from ..config.settings import Route, Settings, Upstream
 from .headers import RequestHeaderPolicy, ResponseHeaderPolicy
 from .route_table import RouteTable
@@ -38,6 +38,7 @@ class UpstreamPlan:
     response_headers: ResponseHeaderPolicy
     client_timeout: aiohttp.ClientTimeout  # discovery and realtime (ClientSession)
     origin: Origin  # the hot path's lean client (proxy/client/)
+    destination: Destination  # the origin and its timeouts, as that client takes them
     path_prefix: str  # the base URL's path, without a trailing slash
     # The upstream's ``query`` parameters, encoded (values are secrets: no repr),
     # and their names, whose client parameters they replace.
@@ -85,6 +86,7 @@ class UpstreamPlan:
 
 def _plan(upstream: Upstream) -> UpstreamPlan:
     t = upstream.timeouts
+    origin = Origin.of(upstream.url)
     return UpstreamPlan(
         upstream=upstream,
         base=str(upstream.url).rstrip("/"),
@@ -98,7 +100,8 @@ def _plan(upstream: Upstream) -> UpstreamPlan:
         client_timeout=aiohttp.ClientTimeout(
             total=None, connect=t.connect, sock_connect=t.connect, sock_read=None
         ),
-        origin=Origin.of(upstream.url),
+        origin=origin,
+        destination=Destination(origin, t.connect, t.response),
         path_prefix=upstream.url.raw_path.rstrip("/"),
         added_query="&".join(
             f"{quote(name, safe=_UNRESERVED)}={quote(value.value, safe=_UNRESERVED)}"

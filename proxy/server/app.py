@@ -18,7 +18,6 @@ from ..admission.admission import Admission
 from ..admission.buckets import MemoryRateLimiter, RateLimiter
 from ..client import UpstreamPool
 from ..config.settings import Settings
-from ..demo import BuiltinUpstreams
 from ..observe.observer import Observer, make_observer
 from ..outbound.forward import Forwarder
 from ..outbound.health import Health
@@ -26,7 +25,7 @@ from ..outbound.realtime import RealtimeProxy
 from ..outbound.tunnel import RealtimeSessions
 from ..runtime.discovery import Discovery
 from ..runtime.runtime import RuntimeHolder, build_runtime
-from .connections import expect_continue
+from .builtin_upstreams import BuiltinUpstreams
 from .keys import (
     BUILTINS,
     DISCOVERY,
@@ -42,6 +41,7 @@ from .keys import (
     UPSTREAMS,
 )
 from .middlewares import Cors, error_middleware
+from .refusals import expect_continue
 from .views import about_view, healthz_view, model_view, models_view, proxy_view
 
 __all__ = ["create_app", "make_upstream_session", "server_options"]
@@ -184,7 +184,7 @@ def create_app(settings: Settings, observer: Observer | None = None) -> web.Appl
         router.add_get(prefix + "/models/{model:.+}", observer.observed(model_view))
     if observer.metrics is not None and settings.metrics.listen is None:
         # Not rate limited, not logged; with metrics.listen it moves to its own
-        # listener (serve.py), off the port that faces clients.
+        # listener (process.py), off the port that faces clients.
         router.add_get(settings.metrics.path, observer.metrics.handle)
     router.add_route("*", "/{tail:.*}", proxy_view, expect_handler=expect_continue)
     return app

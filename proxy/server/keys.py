@@ -7,7 +7,6 @@ from aiohttp import web
 
 from ..admission.admission import Admission
 from ..client import UpstreamPool
-from ..demo import BuiltinUpstreams
 from ..observe.observer import Observer
 from ..outbound.forward import Forwarder
 from ..outbound.health import Health
@@ -15,6 +14,7 @@ from ..outbound.realtime import RealtimeProxy
 from ..outbound.tunnel import RealtimeSessions
 from ..runtime.discovery import Discovery
 from ..runtime.runtime import RuntimeHolder
+from .builtin_upstreams import BuiltinUpstreams
 
 __all__ = [
     "BUILTINS",

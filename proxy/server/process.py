@@ -3,7 +3,7 @@
 - SIGTERM / SIGINT: stop accepting (the listening socket is closed, so new
   connections are refused), let requests and streams in flight finish until
   ``server.shutdown_grace_seconds`` have passed, abort what is left (a broken
-  response, never a clean end; connections.py), exit 0 within the grace plus
+  response, never a clean end; drain.py), exit 0 within the grace plus
   one second, and log how many requests were cut. A second SIGTERM / SIGINT
   during the drain exits at once (status 1).
 - SIGHUP: re-read the config file; on success swap the runtime atomically
@@ -42,7 +42,7 @@ from ..config import ConfigError, Settings, load_settings
 from ..observe.access_log import send_access_log_to
 from ..runtime.runtime import build_runtime
 from .app import create_app, server_options
-from .connections import ProxyRunner
+from .drain import ProxyRunner
 from .keys import BUILTINS, DISCOVERY, OBSERVER, RUNTIME
 
 __all__ = [
@@ -136,7 +136,7 @@ def _needs_restart(old: Settings, new: Settings) -> list[str]:
 
 
 # Past the grace, the process is gone by this much at the latest: the drain's
-# own steps after the deadline take about half of it (connections.py), and if
+# own steps after the deadline take about half of it (drain.py), and if
 # anything hangs anyway (a DNS lookup in a thread, a cleanup step) the process
 # exits without it.
 EXIT_MARGIN = 0.8
@@ -156,50 +156,17 @@ async def _run(
     if worker is not None and worker.current is not settings:
         # A replacement worker: serve the configuration its siblings reloaded.
         _apply(app, path, settings, worker.current, pid)
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-
-    def reload() -> None:
-        try:
-            new = app[BUILTINS].bind(load_settings(path))
-        except ConfigError as exc:
-            log.error("reload failed, keeping the running config (pid %d): %s", pid, exc)
-            return
-        _apply(app, path, app[RUNTIME].current.settings, new, pid)
-
-    def on_stop(name: str) -> None:
-        if not stop.is_set():
-            stop.set()
-        elif worker is None:
-            # A second signal (an operator's second Ctrl-C): stop waiting. A
-            # worker ignores it: it can get one signal twice, from the
-            # terminal and from its parent; the parent handles repeats.
-            log.warning("second %s: exiting now, without waiting for requests in flight", name)
-            logging.shutdown()
-            os._exit(1)
-
+    lifecycle = _Lifecycle(app, path, worker)
     # The loop's handlers replace the start-up ones (early_signals.py) before
     # anything is set up or bound, so no signal finds the process half ready.
-    loop.add_signal_handler(signal.SIGTERM, on_stop, "SIGTERM")
-    loop.add_signal_handler(signal.SIGINT, on_stop, "SIGINT")
-    loop.add_signal_handler(signal.SIGHUP, reload)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, LIFECYCLE_SIGNALS)
-    if early_signals.take_reload():
-        reload()  # a SIGHUP came after the file was read at start: read it again
+    lifecycle.install(asyncio.get_running_loop())
     runner = ProxyRunner(app, settings.server, handler_cancellation=True, **server_options())
     await runner.setup()
-    if stop.is_set():  # stopped while setting up: never listen
+    if lifecycle.stop.is_set():  # stopped while setting up: never listen
         await runner.cleanup()
         log.info("stopped (pid %d) before listening", pid)
         return
-    site = web.TCPSite(runner, host, port, reuse_port=worker is not None or None, backlog=1024)
-    try:
-        await site.start()
-        metrics_runner = await _start_metrics_listener(app, settings, worker is not None)
-    except OSError as exc:
-        # Address in use, not ours to bind...: one clear line, resources closed.
-        await runner.cleanup()
-        raise CannotListen(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    metrics_runner = await _listen(runner, settings, host, port, worker is not None)
     served = app[RUNTIME].current.settings
     log.info(
         "oaimux serving %s on http://%s:%d: %d routes, %d upstreams, uvloop %s (pid %d)",
@@ -212,14 +179,81 @@ async def _run(
         pid,
     )
     orphan_watch = (
-        loop.create_task(_watch_parent(worker.parent, stop)) if worker is not None else None
+        asyncio.create_task(_watch_parent(worker.parent, lifecycle.stop))
+        if worker is not None
+        else None
     )
-    await stop.wait()
-    started = time.monotonic()
-    grace = settings.server.shutdown_grace_seconds
-    _exit_anyway_after(grace + EXIT_MARGIN, pid)
+    await lifecycle.stop.wait()
     if orphan_watch is not None:
         orphan_watch.cancel()
+    await _drain(runner, metrics_runner, settings.server.shutdown_grace_seconds, pid)
+
+
+class _Lifecycle:
+    """The loop's answers to the lifecycle signals of one serving process:
+    SIGTERM/SIGINT set :attr:`stop`, SIGHUP reloads (module docstring)."""
+
+    def __init__(self, app: web.Application, path: str, worker: Worker | None) -> None:
+        self.app = app
+        self.path = path
+        self.worker = worker
+        self.pid = os.getpid()
+        self.stop = asyncio.Event()
+
+    def install(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Handle the lifecycle signals on ``loop`` from now on; answer a SIGHUP
+        held since the start."""
+        loop.add_signal_handler(signal.SIGTERM, self.on_stop, "SIGTERM")
+        loop.add_signal_handler(signal.SIGINT, self.on_stop, "SIGINT")
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, LIFECYCLE_SIGNALS)
+        if early_signals.take_reload():
+            self.reload()  # a SIGHUP came after the file was read at start: read it again
+
+    def reload(self) -> None:
+        app = self.app
+        try:
+            new = app[BUILTINS].bind(load_settings(self.path))
+        except ConfigError as exc:
+            log.error("reload failed, keeping the running config (pid %d): %s", self.pid, exc)
+            return
+        _apply(app, self.path, app[RUNTIME].current.settings, new, self.pid)
+
+    def on_stop(self, name: str) -> None:
+        if not self.stop.is_set():
+            self.stop.set()
+        elif self.worker is None:
+            # A second signal (an operator's second Ctrl-C): stop waiting. A
+            # worker ignores it: it can get one signal twice, from the
+            # terminal and from its parent; the parent handles repeats.
+            log.warning("second %s: exiting now, without waiting for requests in flight", name)
+            logging.shutdown()
+            os._exit(1)
+
+
+async def _listen(
+    runner: ProxyRunner, settings: Settings, host: str, port: int, shared: bool
+) -> web.AppRunner | None:
+    """Listen on ``host``:``port`` (``shared``: with the other workers, through
+    SO_REUSEPORT), and on the metrics address if it has one; return the
+    metrics listener's runner."""
+    site = web.TCPSite(runner, host, port, reuse_port=shared or None, backlog=1024)
+    try:
+        await site.start()
+        return await _start_metrics_listener(runner.app, settings, shared)
+    except OSError as exc:
+        # Address in use, not ours to bind...: one clear line, resources closed.
+        await runner.cleanup()
+        raise CannotListen(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
+async def _drain(
+    runner: ProxyRunner, metrics_runner: web.AppRunner | None, grace: float, pid: int
+) -> None:
+    """Stop: no new connections, requests in flight get up to ``grace``
+    seconds, then what is left is cut (drain.py); log how it went."""
+    started = time.monotonic()
+    _exit_anyway_after(grace + EXIT_MARGIN, pid)
     server = runner.server
     log.info(
         "stopping (pid %d): no new connections; %d open, draining for up to %gs",

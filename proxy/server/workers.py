@@ -12,7 +12,7 @@ workers' listening sockets.
 - SIGHUP: the file is read first; a broken file is reported once and not
   passed on (the workers keep the running config). A good one is passed on,
   every worker re-reads it, and later replacements start with it.
-- SIGTERM / SIGINT: passed on; each worker drains within the grace (serve.py).
+- SIGTERM / SIGINT: passed on; each worker drains within the grace (process.py).
   A worker still alive one second after the grace gets SIGKILL. The
   supervisor exits 0 once all have stopped cleanly, 1 otherwise. A second
   SIGTERM/SIGINT while they drain kills them at once (exit 1).
@@ -48,7 +48,7 @@ RESTART_WINDOW = 60.0
 FIRST_BACKOFF = 0.5
 MAX_BACKOFF = 10.0
 # Past the grace, a worker that has not exited gets SIGKILL: workers exit by
-# grace + serve.EXIT_MARGIN themselves, so only a stuck one is killed.
+# grace + process.EXIT_MARGIN themselves, so only a stuck one is killed.
 KILL_MARGIN = 0.95
 
 

@@ -25,7 +25,7 @@ from aiohttp import web
 
 from proxy.config import Settings
 from proxy.server.app import create_app, server_options
-from proxy.server.connections import ProxyRunner
+from proxy.server.drain import ProxyRunner
 from tests.fakes.upstream import Received
 
 __all__ = [

@@ -22,7 +22,7 @@ from aiohttp import web
 
 from proxy.config import Settings, parse_settings
 from proxy.server.app import create_app, server_options
-from proxy.server.connections import ProxyRunner
+from proxy.server.drain import ProxyRunner
 from proxy.server.keys import OBSERVER
 from tests.fakes.security import RunningProxy, running_proxy
 from tests.faults import fixtures, process

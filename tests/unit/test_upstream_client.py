@@ -14,7 +14,7 @@ import pytest
 from multidict import CIMultiDict
 from yarl import URL
 
-from proxy.client import Origin, UpstreamFailure, UpstreamPool, UpstreamResponse
+from proxy.client import Destination, Origin, UpstreamFailure, UpstreamPool, UpstreamResponse
 from tests.faults import fixtures
 from tests.faults.fixtures import FaultFactory
 from tests.faults.server import (
@@ -54,14 +54,12 @@ async def send(
     origin: Origin | None = None,
 ) -> UpstreamResponse:
     return await pool.request(
-        origin or origin_of(server),
+        Destination(origin or origin_of(server), 5.0, 5.0),
         method,
         target,
-        headers or CIMultiDict(),
-        body,
-        None,
-        5.0,
-        5.0,
+        headers=headers or CIMultiDict(),
+        body=body,
+        body_length=None,
     )
 
 
@@ -258,14 +256,12 @@ async def test_a_streamed_body_of_unknown_length_goes_chunked(
 ) -> None:
     server = await faults()
     resp = await pool.request(
-        origin_of(server),
+        Destination(origin_of(server), 5, 5),
         "POST",
         "/v1/files",
-        CIMultiDict(),
-        chunks(b"ab", b"", b"cde"),
-        None,
-        5,
-        5,
+        headers=CIMultiDict(),
+        body=chunks(b"ab", b"", b"cde"),
+        body_length=None,
     )
     await read_all(resp)
     assert server.requests[0].headers["transfer-encoding"] == "chunked"
@@ -277,7 +273,12 @@ async def test_a_streamed_body_of_known_length_says_it(
 ) -> None:
     server = await faults()
     resp = await pool.request(
-        origin_of(server), "POST", "/v1/files", CIMultiDict(), chunks(b"ab", b"cde"), 5, 5, 5
+        Destination(origin_of(server), 5, 5),
+        "POST",
+        "/v1/files",
+        headers=CIMultiDict(),
+        body=chunks(b"ab", b"cde"),
+        body_length=5,
     )
     await read_all(resp)
     assert server.requests[0].headers["content-length"] == "5"
@@ -296,7 +297,12 @@ async def test_a_body_that_breaks_off_aborts_the_upstream_request(
 
     with pytest.raises(UpstreamFailure) as failed:
         await pool.request(
-            origin_of(server), "POST", "/v1/files", CIMultiDict(), broken(), 10, 5, 5
+            Destination(origin_of(server), 5, 5),
+            "POST",
+            "/v1/files",
+            headers=CIMultiDict(),
+            body=broken(),
+            body_length=10,
         )
     assert failed.value.kind in {"disconnected", "reset"}
     await asyncio.wait_for(server.connections[0].peer_closed.wait(), 5)
@@ -323,7 +329,14 @@ async def test_failures_before_a_response_are_named(
 async def test_a_refused_connection_is_a_connect_failure(pool: UpstreamPool) -> None:
     origin = Origin.of(URL(f"http://127.0.0.1:{closed_port()}/v1"))
     with pytest.raises(UpstreamFailure) as failed:
-        await pool.request(origin, "GET", "/v1/models", CIMultiDict(), b"", None, 5, 5)
+        await pool.request(
+            Destination(origin, 5, 5),
+            "GET",
+            "/v1/models",
+            headers=CIMultiDict(),
+            body=b"",
+            body_length=None,
+        )
     assert failed.value.kind == "connect"
 
 
@@ -335,7 +348,14 @@ async def test_a_host_name_is_resolved_once_and_reused(
     assert not origin.literal
     try:
         for _ in range(2):
-            resp = await pool.request(origin, "GET", "/v1/models", CIMultiDict(), b"", None, 5, 5)
+            resp = await pool.request(
+                Destination(origin, 5, 5),
+                "GET",
+                "/v1/models",
+                headers=CIMultiDict(),
+                body=b"",
+                body_length=None,
+            )
             await resp.content.read()
             resp.close()  # never pooled: the second request must connect again
     except UpstreamFailure:
@@ -383,7 +403,12 @@ async def test_no_head_within_the_response_timeout_is_a_timeout(
     started = loop.time()
     with pytest.raises(TimeoutError):
         await pool.request(
-            origin_of(server), "POST", "/v1/chat/completions", CIMultiDict(), b"{}", None, 5, 0.2
+            Destination(origin_of(server), 5, 0.2),
+            "POST",
+            "/v1/chat/completions",
+            headers=CIMultiDict(),
+            body=b"{}",
+            body_length=None,
         )
     waited = loop.time() - started
     assert waited >= 0.2  # never before the deadline (at most an eighth after it)
@@ -397,7 +422,21 @@ async def test_the_shorter_of_connect_and_response_timeout_decides_the_error(
     with blackhole() as port:
         origin = Origin.of(URL(f"http://127.0.0.1:{port}/v1"))
         with pytest.raises(UpstreamFailure) as failed:
-            await pool.request(origin, "GET", "/v1/models", CIMultiDict(), b"", None, 0.1, 5)
+            await pool.request(
+                Destination(origin, 0.1, 5),
+                "GET",
+                "/v1/models",
+                headers=CIMultiDict(),
+                body=b"",
+                body_length=None,
+            )
         assert failed.value.kind == "connect_timeout"
         with pytest.raises(TimeoutError):
-            await pool.request(origin, "GET", "/v1/models", CIMultiDict(), b"", None, 5, 0.1)
+            await pool.request(
+                Destination(origin, 5, 0.1),
+                "GET",
+                "/v1/models",
+                headers=CIMultiDict(),
+                body=b"",
+                body_length=None,
+            )

@@ -14,7 +14,7 @@ from aiohttp.client_exceptions import SocketTimeoutError
 from multidict import CIMultiDict
 from yarl import URL
 
-from proxy.client import Origin, UpstreamPool, UpstreamResponse
+from proxy.client import Destination, Origin, UpstreamPool, UpstreamResponse
 from tests.faults import fixtures
 from tests.faults.fixtures import FaultFactory
 from tests.faults.server import sse, sse_event
@@ -34,7 +34,12 @@ async def pool() -> AsyncIterator[UpstreamPool]:
 async def open_stream(pool: UpstreamPool, origin: Origin) -> UpstreamResponse:
     """A stream whose upstream sends two events, then nothing."""
     resp = await pool.request(
-        origin, "POST", "/v1/chat/completions", CIMultiDict(), b"{}", None, 5.0, 5.0
+        Destination(origin, 5.0, 5.0),
+        "POST",
+        "/v1/chat/completions",
+        headers=CIMultiDict(),
+        body=b"{}",
+        body_length=None,
     )
     assert await resp.content.readexactly(len(_EVENTS)) == _EVENTS
     return resp
