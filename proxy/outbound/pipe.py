@@ -30,6 +30,7 @@ from aiohttp import web
 from aiohttp.streams import StreamReader
 
 from ..client import UpstreamResponse
+from ..client.connection import take_parsed
 
 __all__ = ["BodyPipe"]
 
@@ -124,47 +125,47 @@ class BodyPipe:
     def pump(self) -> None:
         """Write whatever the parser has produced; called by the upstream
         connection after each read, and re-entered safely (reading the body can
-        resume a paused parser, which parses and calls back)."""
+        resume a paused parser, which parses and calls back). It runs for every
+        relayed chunk: keep its Python calls few (docs/decisions.md, "A relayed
+        chunk costs few Python calls")."""
         if self._busy:
             self._again = True
             return
         self._busy = True
         try:
-            while True:
+            again = True
+            while again:
                 self._again = False
-                self._move()
-                if not self._again:
-                    break
+                if self._held:
+                    return
+                data, ended = take_parsed(self._body)
+                if data:
+                    out = self._out
+                    if out is None or out.is_closing():
+                        self._client_gone = True
+                        self._wake()
+                        return
+                    if self._chunked:
+                        out.writelines((b"%x\r\n" % len(data), data, _CRLF))
+                    else:
+                        out.write(data)
+                    self.sent += len(data)
+                    self.previous = self.tail
+                    self.tail = data
+                    # A transport's writing can only be paused with bytes
+                    # waiting in its buffer: the C call first spares the
+                    # property's Python call for every chunk that went out whole.
+                    if out.get_write_buffer_size() and self._client.writing_paused:
+                        # The client reads slower than the upstream sends: stop
+                        # reading the upstream until the client has drained
+                        # (back-pressure).
+                        self._held = True
+                        self._response.hold()
+                        self._wake()
+                        return
+                if ended:
+                    self._wake()
+                    return
+                again = self._again
         finally:
             self._busy = False
-
-    def _move(self) -> None:
-        body = self._body
-        if self._held:
-            return
-        if body.exception() is not None:
-            self._wake()
-            return
-        data = body.read_nowait()
-        if data:
-            out = self._out
-            if out is None or out.is_closing():
-                self._client_gone = True
-                self._wake()
-                return
-            if self._chunked:
-                out.writelines((b"%x\r\n" % len(data), data, _CRLF))
-            else:
-                out.write(data)
-            self.sent += len(data)
-            self.previous = self.tail
-            self.tail = data
-            if self._client.writing_paused:
-                # The client reads slower than the upstream sends: stop reading
-                # the upstream until the client has drained (back-pressure).
-                self._held = True
-                self._response.hold()
-                self._wake()
-                return
-        if body.is_eof():
-            self._wake()
