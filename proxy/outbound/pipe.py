@@ -99,6 +99,10 @@ class BodyPipe:
         # aiohttp decided the framing when it prepared the head (chunked for an
         # HTTP/1.1 client when no length is known; none for HTTP/1.0).
         self._chunked = prepared.headers.get("Transfer-Encoding") == "chunked"
+        # Its head is serialized: the header table is not read again, and would
+        # otherwise stay for the whole stream (docs/decisions.md, "Memory per
+        # open stream is a budget").
+        prepared.headers.clear()
         # A future only while the task waits: lighter than an Event, which
         # keeps a deque per stream (docs/decisions.md, "Memory per open stream
         # is a budget").
