@@ -128,8 +128,17 @@ class BodyPipe:
                 out = self._out
                 if out is not None and not out.is_closing():
                     out.write(head)
+            loop = asyncio.get_running_loop()
             while True:
-                await self._wait()
+                # Waited for here, not in a coroutine of its own: that would be
+                # one more frame kept for the life of the stream.
+                if not self._woken:
+                    waiter = self._waiter = loop.create_future()
+                    try:
+                        await waiter
+                    finally:
+                        self._waiter = None
+                self._woken = False
                 if self._client_gone:
                     raise ConnectionResetError("the client went away")
                 if self._held:
@@ -146,15 +155,6 @@ class BodyPipe:
                     return None
         finally:
             response.on_body(None)
-
-    async def _wait(self) -> None:
-        if not self._woken:
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        self._woken = False
 
     def _wake(self) -> None:
         self._woken = True
