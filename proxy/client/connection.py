@@ -15,7 +15,7 @@ import socket
 import ssl
 from collections.abc import AsyncIterable, Callable
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, cast
 
 from aiohttp.client_proto import ResponseHandler
 from aiohttp.streams import StreamReader
@@ -92,6 +92,12 @@ class Connection(ResponseHandler):
         # Called after the parser has fed the body: new bytes, its end, or its
         # failure (pipe.py moves them to the client without a task switch).
         self.on_body: Callable[[], None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # aiohttp's BaseProtocol would set TCP_NODELAY here, through a socket
+        # object made for the purpose and a system call; asyncio's and
+        # uvloop's TCP transports set it already when they are made.
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         _parse(self, data)  # super()'s, without the lookup: this runs per chunk

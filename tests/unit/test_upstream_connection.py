@@ -1,9 +1,11 @@
-"""The pipe's one-call read of a parsed body piece (proxy/client/connection.py::take_parsed),
-on aiohttp's real StreamReader and the real upstream protocol."""
+"""What proxy/client/connection.py saves per chunk and per connection: the pipe's
+one-call read of a parsed body piece (take_parsed) on aiohttp's real StreamReader,
+and no second TCP_NODELAY call, on real sockets."""
 
 from __future__ import annotations
 
 import asyncio
+import socket
 
 from aiohttp.streams import StreamReader
 
@@ -44,3 +46,20 @@ async def test_take_parsed_takes_nothing_from_a_failed_body() -> None:
     body.feed_data(b"cut")
     body.set_exception(ConnectionResetError())
     assert take_parsed(body) == (b"", True)
+
+
+async def test_an_upstream_connection_has_nagle_off_without_aiohttps_extra_call() -> None:
+    """Connection.connection_made leaves TCP_NODELAY to the event loop's TCP
+    transport (asyncio's and uvloop's set it when they make one): a small
+    request head must not wait for an acknowledgement (RFC 9293 §3.7.4)."""
+    loop = asyncio.get_running_loop()
+    # A bare listening socket: the kernel completes the handshake on its own.
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        transport, conn = await loop.create_connection(lambda: Connection(loop), "127.0.0.1", port)
+        try:
+            sock = transport.get_extra_info("socket")
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+            assert conn.transport is transport
+        finally:
+            transport.abort()
