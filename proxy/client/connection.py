@@ -202,8 +202,9 @@ def take_parsed(body: StreamReader) -> tuple[bytes, bool]:
     The same as ``read_nowait()`` followed by ``is_eof()`` and ``exception()``,
     but the usual case of a stream, one parsed piece waiting and reading not
     paused, is done here in one call: StreamReader's read takes five Python
-    calls for it, about a sixth of the proxy's instructions per relayed chunk
-    (docs/decisions.md, "A relayed chunk costs few Python calls"). Its
+    calls for it, and each costs hundreds of instructions on a path that runs
+    per relayed chunk (docs/decisions.md, "A relayed chunk costs few Python
+    calls"). Its
     bookkeeping is kept: the bytes buffered, the read position and the chunk
     boundaries behind it. With reading paused, the read must also resume it,
     so that case, like any other, goes through ``read_nowait``.
