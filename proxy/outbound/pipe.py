@@ -18,9 +18,10 @@ from the upstream is held, so nothing piles up in memory.
 Contract: the response must be prepared before the pipe is made (its head
 sent, or, after :func:`head_waits_for_body`, left in aiohttp's writer for the
 pipe to send with the first chunk that came with it, or alone before
-:meth:`BodyPipe.run` first waits); the pipe empties its header table. The caller ends it with ``write_eof()`` (aiohttp writes the last chunk)
-when :meth:`BodyPipe.run` returns None, and aborts the client when it
-returns the upstream's failure. Bytes are never changed, only framed.
+:meth:`BodyPipe.run` first waits); the pipe empties its header table. The
+caller ends it with ``write_eof()`` (aiohttp writes the last chunk) when
+:meth:`BodyPipe.run` returns None, and aborts the client when it returns the
+upstream's failure. Bytes are never changed, only framed.
 """
 
 from __future__ import annotations
