@@ -209,6 +209,12 @@ def take_parsed(body: StreamReader) -> tuple[bytes, bool]:
     boundaries behind it. With reading paused, the read must also resume it,
     so that case, like any other, goes through ``read_nowait``.
     """
+    if type(body) is not StreamReader:
+        # aiohttp's EmptyStreamReader (the body of a 204, a 304 or a HEAD
+        # answer) keeps no buffer: its public methods say it is empty and ended.
+        if body.exception() is not None:
+            return b"", True
+        return body.read_nowait(), body.is_eof()
     buffer = body._buffer
     if body._exception is not None:
         return b"", True

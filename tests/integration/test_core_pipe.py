@@ -191,3 +191,34 @@ async def test_a_chunk_that_came_with_the_head_goes_out_with_it_whole(
                 assert await reader.read() == sse_event(1) + b"data: [DONE]\n\n"
     finally:
         writer.close()
+
+
+def no_content() -> Behaviour:
+    """A 204 answer: a head and no body at all (RFC 9110 §15.3.5)."""
+
+    async def run(conn: Connection, request: RawRequest) -> bool:
+        await conn.send(b"HTTP/1.1 204 No Content\r\nx-upstream: yes\r\n\r\n")
+        return True
+
+    return run
+
+
+async def test_an_answer_without_a_body_is_relayed_and_the_connection_kept(
+    make_proxy_server: Any, faults: FaultFactory
+) -> None:
+    upstream = await faults(no_content(), no_content())
+    server = await make_proxy_server(route_config({"a": upstream.url}, "a"))
+    reader, writer = await raw_exchange(server.port, chat_request(stream=False))
+    try:
+        async with asyncio.timeout(10):
+            for request in range(2):  # the client's connection stays usable
+                if request:
+                    writer.write(chat_request(stream=False))
+                    await writer.drain()
+                head = await reader.readuntil(b"\r\n\r\n")
+                assert head.startswith(b"HTTP/1.1 204")
+                assert b"x-upstream: yes" in head.lower()
+                assert b"transfer-encoding" not in head.lower()
+    finally:
+        writer.close()
+    assert len(upstream.requests) == 2

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import socket
 
-from aiohttp.streams import StreamReader
+from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 
 from proxy.client.connection import Connection, take_parsed
 
@@ -63,3 +63,8 @@ async def test_an_upstream_connection_has_nagle_off_without_aiohttps_extra_call(
             assert conn.transport is transport
         finally:
             transport.abort()
+
+
+def test_take_parsed_reads_an_empty_body_as_ended() -> None:
+    # What aiohttp's parser gives a 204, a 304 or a HEAD answer: no buffer at all.
+    assert take_parsed(EMPTY_PAYLOAD) == (b"", True)
