@@ -15,15 +15,16 @@ import socket
 import ssl
 from collections.abc import AsyncIterable, Callable
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, cast
 
 from aiohttp.client_proto import ResponseHandler
+from aiohttp.streams import StreamReader
 from multidict import MultiMapping
 from yarl import URL
 
 from .failures import DISCONNECTED, UpstreamFailure
 
-__all__ = ["Connection", "Origin", "abort", "open_connection"]
+__all__ = ["Connection", "Origin", "abort", "open_connection", "take_parsed"]
 
 # Bodies up to this size go out in one write with the head (one syscall);
 # larger ones follow the head as their own write, without a copy.
@@ -92,8 +93,14 @@ class Connection(ResponseHandler):
         # failure (pipe.py moves them to the client without a task switch).
         self.on_body: Callable[[], None] | None = None
 
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # aiohttp's BaseProtocol would set TCP_NODELAY here, through a socket
+        # object made for the purpose and a system call; asyncio's and
+        # uvloop's TCP transports set it already when they are made.
+        self.transport = cast(asyncio.Transport, transport)
+
     def data_received(self, data: bytes) -> None:
-        super().data_received(data)
+        _parse(self, data)  # super()'s, without the lookup: this runs per chunk
         if self.on_body is not None:
             self.on_body()
 
@@ -183,6 +190,50 @@ class Connection(ResponseHandler):
         return asyncio.get_running_loop().create_task(
             _send_body(self, body, chunked=body_length is None)
         )
+
+
+_parse: Final = ResponseHandler.data_received
+
+
+def take_parsed(body: StreamReader) -> tuple[bytes, bool]:
+    """What the parser has fed ``body`` that nobody has read yet, and whether
+    the body has ended (or failed: then nothing is taken).
+
+    The same as ``read_nowait()`` followed by ``is_eof()`` and ``exception()``,
+    but the usual case of a stream, one parsed piece waiting and reading not
+    paused, is done here in one call: StreamReader's read takes five Python
+    calls for it, and each costs hundreds of instructions on a path that runs
+    per relayed chunk (docs/decisions.md, "A relayed chunk costs few Python
+    calls"). Its
+    bookkeeping is kept: the bytes buffered, the read position and the chunk
+    boundaries behind it. With reading paused, the read must also resume it,
+    so that case, like any other, goes through ``read_nowait``.
+    """
+    if type(body) is not StreamReader:
+        # aiohttp's EmptyStreamReader (the body of a 204, a 304 or a HEAD
+        # answer) keeps no buffer: its public methods say it is empty and ended.
+        if body.exception() is not None:
+            return b"", True
+        return body.read_nowait(), body.is_eof()
+    buffer = body._buffer
+    if body._exception is not None:
+        return b"", True
+    conn = body._protocol
+    if (
+        len(buffer) == 1
+        and not body._buffer_offset
+        and not (conn._reading_paused or conn._buffer_paused)
+    ):
+        data: bytes = buffer.popleft()
+        size = len(data)
+        body._size -= size
+        cursor = body._cursor = body._cursor + size
+        splits = body._http_chunk_splits
+        while splits and splits[0] < cursor:
+            splits.popleft()
+        return data, body._eof
+    data = body.read_nowait() if buffer else b""
+    return data, body._eof
 
 
 def abort(conn: Connection, sender: asyncio.Task[None] | None) -> None:

@@ -15,10 +15,13 @@ or an HTTP/1.0 client). The handler task only waits for the end, and for the
 client to drain when it reads slower than the upstream sends: then reading
 from the upstream is held, so nothing piles up in memory.
 
-Contract: the response must be prepared (its head sent) before the pipe
-runs; the caller ends it with ``write_eof()`` (aiohttp writes the last chunk)
-when :meth:`BodyPipe.run` returns None, and aborts the client when it
-returns the upstream's failure. Bytes are never changed, only framed.
+Contract: the response must be prepared before the pipe is made (its head
+sent, or, after :func:`head_waits_for_body`, left in aiohttp's writer for the
+pipe to send with the first chunk that came with it, or alone before
+:meth:`BodyPipe.run` first waits); the pipe empties its header table. The
+caller ends it with ``write_eof()`` (aiohttp writes the last chunk) when
+:meth:`BodyPipe.run` returns None, and aborts the client when it returns the
+upstream's failure. Bytes are never changed, only framed.
 """
 
 from __future__ import annotations
@@ -27,17 +30,46 @@ import asyncio
 from typing import Final
 
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.http_writer import StreamWriter
 from aiohttp.streams import StreamReader
 
 from ..client import UpstreamResponse
+from ..client.connection import take_parsed
 
-__all__ = ["BodyPipe"]
+__all__ = ["BodyPipe", "head_waits_for_body"]
 
 _CRLF: Final = b"\r\n"
 # How much of an event stream's first event is kept for the usage reader
 # (observe/usage.py): Anthropic's message_start is well under 1 KB, and a stream
 # holds it to its end (docs/decisions.md, "Memory per open stream is a budget").
 _FIRST_KEPT: Final = 2048
+# A chunk smaller than this is framed into one new bytes object (a token's
+# delta: ~100 bytes); a larger one goes out as three pieces, not copied.
+_FRAME_COPY_BELOW: Final = 4096
+
+
+def head_waits_for_body(prepared: web.StreamResponse) -> None:
+    """Have ``prepare()`` keep the response head in aiohttp's writer instead of
+    sending it: the pipe sends it, with the body bytes that came with the
+    upstream's head if any, in the same loop turn (so it never waits for a
+    chunk). One send instead of two per stream (docs/decisions.md, "The
+    response head leaves with the first chunk")."""
+    prepared._send_headers_immediately = False
+
+
+def _take_head(writer: AbstractStreamWriter) -> bytes | None:
+    """The head prepare() left unsent (:func:`head_waits_for_body`), now the
+    pipe's to send; aiohttp's writer takes it as written."""
+    if not isinstance(writer, StreamWriter) or writer._headers_written:
+        return None
+    head = writer._headers_buf
+    if not head:
+        return None
+    writer._headers_buf = None
+    writer._headers_written = True
+    writer.output_size += len(head)
+    return head
 
 
 class BodyPipe:
@@ -50,6 +82,7 @@ class BodyPipe:
         "_chunked",
         "_client",
         "_client_gone",
+        "_head",
         "_held",
         "_keep_first",
         "_out",
@@ -76,9 +109,14 @@ class BodyPipe:
         self._out = request.transport
         self._client = request.protocol
         self._writer = request.writer
+        self._head = _take_head(request.writer)
         # aiohttp decided the framing when it prepared the head (chunked for an
         # HTTP/1.1 client when no length is known; none for HTTP/1.0).
         self._chunked = prepared.headers.get("Transfer-Encoding") == "chunked"
+        # Its head is serialized: the header table is not read again, and would
+        # otherwise stay for the whole stream (docs/decisions.md, "Memory per
+        # open stream is a budget").
+        prepared.headers.clear()
         # A future only while the task waits: lighter than an Event, which
         # keeps a deque per stream (docs/decisions.md, "Memory per open stream
         # is a budget").
@@ -101,9 +139,24 @@ class BodyPipe:
         response = self._response
         response.on_body(self.pump)
         try:
-            self.pump()  # what arrived with the head
+            self.pump()  # what arrived with the head, sent with the head
+            head = self._head
+            if head is not None:  # nothing came with it: the head goes alone, now
+                self._head = None
+                out = self._out
+                if out is not None and not out.is_closing():
+                    out.write(head)
+            loop = asyncio.get_running_loop()
             while True:
-                await self._wait()
+                # Waited for here, not in a coroutine of its own: that would be
+                # one more frame kept for the life of the stream.
+                if not self._woken:
+                    waiter = self._waiter = loop.create_future()
+                    try:
+                        await waiter
+                    finally:
+                        self._waiter = None
+                self._woken = False
                 if self._client_gone:
                     raise ConnectionResetError("the client went away")
                 if self._held:
@@ -121,15 +174,6 @@ class BodyPipe:
         finally:
             response.on_body(None)
 
-    async def _wait(self) -> None:
-        if not self._woken:
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        self._woken = False
-
     def _wake(self) -> None:
         self._woken = True
         waiter = self._waiter
@@ -139,52 +183,63 @@ class BodyPipe:
     def pump(self) -> None:
         """Write whatever the parser has produced; called by the upstream
         connection after each read, and re-entered safely (reading the body can
-        resume a paused parser, which parses and calls back)."""
+        resume a paused parser, which parses and calls back). It runs for every
+        relayed chunk: keep its Python calls few (docs/decisions.md, "A relayed
+        chunk costs few Python calls")."""
         if self._busy:
             self._again = True
             return
         self._busy = True
         try:
-            while True:
+            again = True
+            while again:
                 self._again = False
-                self._move()
-                if not self._again:
-                    break
+                if self._held:
+                    return
+                data, ended = take_parsed(self._body)
+                if data:
+                    out = self._out
+                    if out is None or out.is_closing():
+                        self._client_gone = True
+                        self._wake()
+                        return
+                    head = self._head
+                    if head is not None:
+                        self._head = None
+                        if self._chunked:
+                            out.writelines((head, b"%x\r\n" % len(data), data, _CRLF))
+                        else:
+                            out.writelines((head, data))
+                    elif self._chunked:
+                        if len(data) < _FRAME_COPY_BELOW:
+                            # One bytes object: cheaper than three for uvloop.
+                            out.write(b"%x\r\n%b\r\n" % (len(data), data))
+                        else:
+                            out.writelines((b"%x\r\n" % len(data), data, _CRLF))
+                    else:
+                        out.write(data)
+                    if not self.sent and self._keep_first:
+                        self.first = _first_event(data)
+                    self.sent += len(data)
+                    self.previous = self.tail
+                    self.tail = data
+                    # A transport's writing can only be paused with bytes
+                    # waiting in its buffer: the C call first spares the
+                    # property's Python call for every chunk that went out whole.
+                    if out.get_write_buffer_size() and self._client.writing_paused:
+                        # The client reads slower than the upstream sends: stop
+                        # reading the upstream until the client has drained
+                        # (back-pressure).
+                        self._held = True
+                        self._response.hold()
+                        self._wake()
+                        return
+                if ended:
+                    self._wake()
+                    return
+                again = self._again
         finally:
             self._busy = False
-
-    def _move(self) -> None:
-        body = self._body
-        if self._held:
-            return
-        if body.exception() is not None:
-            self._wake()
-            return
-        data = body.read_nowait()
-        if data:
-            out = self._out
-            if out is None or out.is_closing():
-                self._client_gone = True
-                self._wake()
-                return
-            if self._chunked:
-                out.writelines((b"%x\r\n" % len(data), data, _CRLF))
-            else:
-                out.write(data)
-            if not self.sent and self._keep_first:
-                self.first = _first_event(data)
-            self.sent += len(data)
-            self.previous = self.tail
-            self.tail = data
-            if self._client.writing_paused:
-                # The client reads slower than the upstream sends: stop reading
-                # the upstream until the client has drained (back-pressure).
-                self._held = True
-                self._response.hold()
-                self._wake()
-                return
-        if body.is_eof():
-            self._wake()
 
 
 def _first_event(data: bytes) -> bytes:

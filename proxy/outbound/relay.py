@@ -33,7 +33,7 @@ from ..observe import OUR_REQUEST_ID_HEADER, Exchange, Outcome
 from ..observe.observer import Observer
 from ..observe.stream_end import stream_ended
 from .forward import Answered
-from .pipe import BodyPipe
+from .pipe import BodyPipe, head_waits_for_body
 
 __all__ = ["abort_client", "relay"]
 
@@ -153,6 +153,7 @@ def response_head(answered: Answered, ex: Exchange) -> tuple[web.StreamResponse,
         resp.body = whole
     else:
         resp = web.StreamResponse(status=status, reason=reason, headers=headers)
+        head_waits_for_body(resp)
         if length is not None:
             resp.content_length = length
     if ex.streaming:

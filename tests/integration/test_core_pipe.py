@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
+
 from tests.faults import fixtures
 from tests.faults.fixtures import FaultFactory, chat_body, route_config
-from tests.faults.server import Connection, RawRequest, sse, sse_event
+from tests.faults.server import Behaviour, Connection, RawRequest, sse, sse_event
 
 faults = fixtures.faults
 
@@ -125,3 +127,98 @@ async def test_a_client_that_stops_reading_holds_the_upstream_back(
         await asyncio.wait_for(sent_all.wait(), 10)
     finally:
         writer.close()
+
+
+def head_then_rest(first: bytes, go: asyncio.Event) -> Behaviour:
+    """A chunked SSE answer: its head, with ``first`` as a chunk in the same
+    write when not empty; then, once ``go`` is set, one more event and the end."""
+
+    async def run(conn: Connection, request: RawRequest) -> bool:
+        head = (
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+        )
+        await conn.send(head + (b"%x\r\n%s\r\n" % (len(first), first) if first else b""))
+        await go.wait()
+        rest = sse_event(1) + b"data: [DONE]\n\n"
+        await conn.send(b"%x\r\n%s\r\n0\r\n\r\n" % (len(rest), rest))
+        return True
+
+    return run
+
+
+async def test_the_head_goes_out_at_once_when_no_chunk_came_with_it(
+    make_proxy_server: Any, faults: FaultFactory
+) -> None:
+    go = asyncio.Event()
+    upstream = await faults(head_then_rest(b"", go))
+    server = await make_proxy_server(route_config({"a": upstream.url}, "a"))
+    reader, writer = await raw_exchange(server.port, chat_request())
+    try:
+        async with asyncio.timeout(10):
+            # The upstream sends nothing more until the client has the head.
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200")
+            go.set()
+            assert await read_chunked(reader) == sse_event(1) + b"data: [DONE]\n\n"
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize("version", ["1.1", "1.0"])
+async def test_a_chunk_that_came_with_the_head_goes_out_with_it_whole(
+    make_proxy_server: Any, faults: FaultFactory, version: str
+) -> None:
+    go = asyncio.Event()
+    upstream = await faults(head_then_rest(sse_event(0), go))
+    server = await make_proxy_server(route_config({"a": upstream.url}, "a"))
+    reader, writer = await raw_exchange(server.port, chat_request(version))
+    try:
+        async with asyncio.timeout(10):
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(f"HTTP/{version} 200".encode())
+            first = sse_event(0)
+            if version == "1.1":
+                # Framed as its own chunk, before the upstream sends anything more.
+                assert await reader.readexactly(len(first) + 6) == (
+                    b"%x\r\n%s\r\n" % (len(first), first)
+                )
+                go.set()
+                assert await read_chunked(reader) == sse_event(1) + b"data: [DONE]\n\n"
+            else:
+                assert await reader.readexactly(len(first)) == first
+                go.set()
+                assert await reader.read() == sse_event(1) + b"data: [DONE]\n\n"
+    finally:
+        writer.close()
+
+
+def no_content() -> Behaviour:
+    """A 204 answer: a head and no body at all (RFC 9110 §15.3.5)."""
+
+    async def run(conn: Connection, request: RawRequest) -> bool:
+        await conn.send(b"HTTP/1.1 204 No Content\r\nx-upstream: yes\r\n\r\n")
+        return True
+
+    return run
+
+
+async def test_an_answer_without_a_body_is_relayed_and_the_connection_kept(
+    make_proxy_server: Any, faults: FaultFactory
+) -> None:
+    upstream = await faults(no_content(), no_content())
+    server = await make_proxy_server(route_config({"a": upstream.url}, "a"))
+    reader, writer = await raw_exchange(server.port, chat_request(stream=False))
+    try:
+        async with asyncio.timeout(10):
+            for request in range(2):  # the client's connection stays usable
+                if request:
+                    writer.write(chat_request(stream=False))
+                    await writer.drain()
+                head = await reader.readuntil(b"\r\n\r\n")
+                assert head.startswith(b"HTTP/1.1 204")
+                assert b"x-upstream: yes" in head.lower()
+                assert b"transfer-encoding" not in head.lower()
+    finally:
+        writer.close()
+    assert len(upstream.requests) == 2

@@ -28,6 +28,8 @@ from types import ModuleType
 import pytest
 from aiohttp import web, web_protocol
 from aiohttp.client_proto import ResponseHandler
+from aiohttp.http_writer import StreamWriter
+from aiohttp.streams import StreamReader
 from prometheus_client import CollectorRegistry, Histogram, values
 
 import proxy
@@ -60,6 +62,20 @@ RELIED_ON: dict[str, tuple[str, ...]] = {
         "_reading_paused",
         "_resume_reading_for_buffer",
     ),
+    # The pipe's read of a parsed chunk (client/connection.py, take_parsed).
+    "aiohttp.streams.StreamReader": (
+        "_buffer",
+        "_buffer_offset",
+        "_cursor",
+        "_eof",
+        "_exception",
+        "_http_chunk_splits",
+        "_protocol",
+        "_size",
+    ),
+    # The pipe sends the response head with the first chunk (outbound/pipe.py).
+    "aiohttp.web_response.StreamResponse": ("_send_headers_immediately",),
+    "aiohttp.http_writer.StreamWriter": ("_headers_buf", "_headers_written"),
     "prometheus_client.Histogram's labelled child": ("_buckets", "_sum"),
     # Not underscored, but internals all the same (not in the library's docs).
     "prometheus_client.values": ("MultiProcessValue", "MutexValue", "ValueClass"),
@@ -84,6 +100,9 @@ def holders() -> dict[str, object]:
         "aiohttp.web_server.Server": server,
         "aiohttp.web_runner.AppRunner": web.AppRunner(web.Application()),
         "aiohttp.client_proto.ResponseHandler": ResponseHandler(loop),
+        "aiohttp.streams.StreamReader": StreamReader(ResponseHandler(loop), 2**16, loop=loop),
+        "aiohttp.web_response.StreamResponse": web.StreamResponse(),
+        "aiohttp.http_writer.StreamWriter": StreamWriter(ResponseHandler(loop), loop),
         "prometheus_client.Histogram's labelled child": histogram.labels("a"),
         "prometheus_client.values": values,
     }

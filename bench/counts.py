@@ -1,0 +1,237 @@
+"""Counts of oaimux's work on the token-rate load that other jobs on the machine cannot move.
+
+``python -m bench.counts instructions|heap|syscalls``: oaimux against the bench's mock, each
+count printed as one JSON line. Method and figures: bench/README.md, "Counting instead of
+timing".
+
+- ``instructions`` (needs valgrind): oaimux under callgrind; counters zeroed once it is warm,
+  read after (a) ``--streams`` streams of one chunk opened 30 ms apart and after (b) as many
+  of ``--chunks`` chunks each, 150 ms apart (one read per chunk). Set-up = (a) / streams,
+  per chunk = ((b) - (a)) / (streams x (chunks - 1)): user-space instructions only.
+- ``heap``: Python heap (tracemalloc) with ``--streams`` streams held open, each past its
+  first chunk, minus the heap before, per stream.
+- ``syscalls``: write and read system calls of the proxy (``/proc/<pid>/io``) per stream,
+  for ``--streams`` streams of 3 chunks started together.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import tracemalloc
+from pathlib import Path
+from tempfile import TemporaryDirectory
+
+from bench.peers import REPO_ROOT, free_port, oaimux_config, to_yaml
+from bench.tokenrate import token_request
+
+_END = b"0\r\n\r\n"
+
+
+class _Stream(asyncio.Protocol):
+    """One streaming request; notes when its first event and its end arrive."""
+
+    def __init__(self, request: bytes, first: asyncio.Future[None], ended: asyncio.Future[None]):
+        self.request, self.first, self.ended = request, first, ended
+        self.tail = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.write(self.request)
+
+    def data_received(self, data: bytes) -> None:
+        if not self.first.done() and b"data:" in data:
+            self.first.set_result(None)
+        self.tail = (self.tail + data)[-len(_END) :]
+        if self.tail == _END:
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.ended.done():
+            self.ended.set_result(None)
+
+
+async def streams(
+    port: int,
+    k: int,
+    chunks: int,
+    interval_ms: float,
+    gap_s: float,
+    held: float = 0.0,
+    at_first: object = None,
+) -> None:
+    """Open ``k`` streams ``gap_s`` apart; call ``at_first`` once all have their first
+    event, then wait for every end (bounded)."""
+    loop = asyncio.get_running_loop()
+    request = token_request(chunks, interval_ms)
+    firsts, ends = [], []
+    for _ in range(k):
+        first, ended = loop.create_future(), loop.create_future()
+        firsts.append(first)
+        ends.append(ended)
+        await loop.create_connection(
+            lambda f=first, e=ended: _Stream(request, f, e), "127.0.0.1", port
+        )
+        if gap_s:
+            await asyncio.sleep(gap_s)
+    await asyncio.wait_for(asyncio.gather(*firsts), 60)
+    if callable(at_first):
+        await at_first()
+    await asyncio.wait_for(asyncio.gather(*ends), 60 + held)
+
+
+async def _wait_port(port: int, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
+
+
+def _callgrind(pid: int, what: str, out: Path) -> int:
+    """Zero (``-z``) or dump (``-d``) the counters; after a dump, its total."""
+    subprocess.run(["callgrind_control", what, str(pid)], check=True, capture_output=True)
+    if what == "-z":
+        return 0
+    for _ in range(50):  # the dump is written by the proxy's process, shortly
+        dumps = sorted(out.glob(f"cg.{pid}.*"), key=os.path.getmtime)
+        if dumps and "totals:" in dumps[-1].read_text():
+            text = dumps[-1].read_text()
+            return int(text.split("totals:")[1].split()[0])
+        time.sleep(0.1)
+    raise RuntimeError("callgrind wrote no dump")
+
+
+async def run(mode: str, k: int, chunks: int, tmp: Path) -> dict[str, float]:
+    mock_port, port = free_port(), free_port()
+    config = tmp / "routes.yaml"
+    config.write_text(to_yaml(oaimux_config(mock_port, port)))
+    python = sys.executable
+    mock = subprocess.Popen(
+        [python, "-m", "bench.mock_upstream", "--port", str(mock_port)],
+        cwd=REPO_ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    wrap = (
+        ["valgrind", "--tool=callgrind", f"--callgrind-out-file={tmp}/cg.%p"]
+        if mode == "instructions"
+        else []
+    )
+    env = dict(os.environ, BENCH_COUNTS_HEAP=str(tmp / "heap") if mode == "heap" else "")
+    proxy = subprocess.Popen(
+        [*wrap, python, "-m", "bench.counts", "serve", str(config), str(port)],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        await _wait_port(mock_port, 30)
+        await _wait_port(port, 300)
+        await streams(port, 5, 3, 50, 0.05)  # warm: imports, pooled connections
+        if mode == "instructions":
+            _callgrind(proxy.pid, "-z", tmp)
+            await streams(port, k, 1, 50, 0.03)
+            setup = _callgrind(proxy.pid, "-d", tmp)
+            _callgrind(proxy.pid, "-z", tmp)
+            await streams(port, k, chunks, 150, 0.0)
+            both = _callgrind(proxy.pid, "-d", tmp)
+            return {
+                "instructions_per_setup": setup / k,
+                "instructions_per_chunk": (both - setup) / (k * (chunks - 1)),
+            }
+        if mode == "heap":
+            heap = tmp / "heap"
+
+            async def look() -> None:
+                await asyncio.sleep(0.5)
+                proxy.send_signal(signal.SIGUSR2)
+                for _ in range(100):
+                    await asyncio.sleep(0.1)
+                    if heap.exists() and len(heap.read_text().split()) > looks:
+                        return
+
+            looks = 0
+            await look()
+            looks = 1
+            await streams(port, k, 3, 2500, 0.0, held=5, at_first=look)
+            before, during = map(int, heap.read_text().split())
+            return {"heap_bytes_per_open_stream": (during - before) / k}
+        io = Path(f"/proc/{proxy.pid}/io")
+
+        def calls() -> tuple[int, int]:
+            fields = dict(line.split(": ") for line in io.read_text().splitlines())
+            return int(fields["syscw"]), int(fields["syscr"])
+
+        before = calls()
+        await streams(port, k, 3, 20, 0.0)
+        after = calls()
+        return {
+            "writes_per_stream": (after[0] - before[0]) / k,
+            "reads_per_stream": (after[1] - before[1]) / k,
+        }
+    finally:
+        proxy.send_signal(signal.SIGTERM)
+        mock.terminate()
+        for proc in (proxy, mock):
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def serve(config: str, port: str) -> int:
+    """oaimux itself; with BENCH_COUNTS_HEAP set, tracemalloc on and SIGUSR2 appending the
+    traced heap to that file."""
+    out = os.environ.get("BENCH_COUNTS_HEAP")
+    if out:
+        tracemalloc.start()
+
+        def note(*_: object) -> None:
+            import gc
+
+            gc.collect()
+            with open(out, "a") as f:
+                f.write(f"{tracemalloc.get_traced_memory()[0]}\n")
+
+        signal.signal(signal.SIGUSR2, note)
+    from proxy import early_signals
+
+    early_signals.hold()
+    from proxy.cli import main
+
+    return main(["serve", "--config", config, "--port", port, "--host", "127.0.0.1"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["serve"]:
+        return serve(args[1], args[2])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("mode", choices=["instructions", "heap", "syscalls"])
+    ap.add_argument(
+        "--streams", type=int, help="streams (default 40; 300 for heap; 100 for syscalls)"
+    )
+    ap.add_argument("--chunks", type=int, default=41, help="chunks per stream (instructions)")
+    a = ap.parse_args(args)
+    k = a.streams or {"instructions": 40, "heap": 300, "syscalls": 100}[a.mode]
+    with TemporaryDirectory() as tmp:
+        print(json.dumps(asyncio.run(run(a.mode, k, a.chunks, Path(tmp)))))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
