@@ -20,6 +20,7 @@ from aiohttp import WSMsgType
 from aiohttp.test_utils import TestClient, TestServer
 
 from proxy.config import ConfigError, parse_settings
+from proxy.outbound.tunnel import CLOSE_TIMEOUT
 from tests.conftest import serve_proxy
 from tests.fakes.access_lines import capture_logs, parse_text_line
 from tests.fakes.openai_responses import OpenAIResponses
@@ -347,13 +348,16 @@ async def test_a_later_message_that_may_not_go_there_ends_the_session_with_1008(
 ) -> None:
     key, message, code = LATER[case]
     with capture_logs() as logs:
-        ws = await connect(proxy, key=key)
+        ws = await connect(proxy, key=key, autoclose=False)
         await turn(ws, json.dumps(create("gpt-b")))
         event, close_code = await refused(ws, message)
-        (line,) = await logs.wait_for(1)
         [conn] = b.connections
-        async with asyncio.timeout(10):
-            await conn.closed.wait()  # the upstream leg was closed
+        # The upstream leg is closed at once, not when the client has answered
+        # the close frame (it has not yet) or the proxy gave up waiting for it.
+        async with asyncio.timeout(CLOSE_TIMEOUT / 2):
+            await conn.closed.wait()
+        await ws.close()
+        (line,) = await logs.wait_for(1)
     assert close_code == 1008
     assert event["type"] == "error" and event["error"]["code"] == code
     assert set(event) == {"type", "status", "error"}
