@@ -18,7 +18,7 @@ Contract (the handshake before it: realtime.py):
   with nothing asked since is logged ``complete``.
 - A message over ``server.max_body_bytes`` closes that leg with 1009 and the
   other with the same code (both legs are opened with that limit).
-- A Responses WebSocket has its client's text messages vetted before they
+- A Responses WebSocket has its client's messages vetted before they
   are sent on (``vet``, realtime.py): a refused one ends the session with one
   ``error`` event and 1008 to the client (:func:`refuse_session`), and the
   upstream leg closed with 1001. The upstream's messages are never read.
@@ -40,7 +40,7 @@ from ..observe.stream_end import message_ended
 
 __all__ = ["CLOSE_TIMEOUT", "RealtimeSessions", "Tunnel", "Vet", "refuse_session"]
 
-# What a client's text message becomes before it is sent upstream (the same
+# What a client's message becomes before it is sent upstream (the same
 # bytes, or a rewrite), or the ProxyError that ends the session.
 Vet = Callable[[bytes], Awaitable[bytes]]
 
@@ -156,7 +156,7 @@ class Tunnel:
                 try:
                     if kind is WSMsgType.TEXT or kind is WSMsgType.BINARY:
                         data = msg.data
-                        if vet is not None and kind is WSMsgType.TEXT:
+                        if vet is not None:  # binary too: an upstream may parse it alike
                             try:
                                 data = await vet(data)
                             except ProxyError as err:

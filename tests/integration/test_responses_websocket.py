@@ -339,6 +339,7 @@ LATER = {
     "an alias to the same upstream": (PROXY_KEY, json.dumps(create("fast")), "model_changes_route"),
     "an unknown model": (PROXY_KEY, json.dumps(create("gpt-unknown")), "model_not_found"),
     "not JSON": (PROXY_KEY, "response.create please", "invalid_json"),
+    "a binary message": (GPT_ONLY_KEY, json.dumps(create("claude-x")).encode(), "model_not_allowed"),
 }  # fmt: skip
 
 
