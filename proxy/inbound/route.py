@@ -25,8 +25,11 @@ A Responses WebSocket, after the upgrade (README, "Codex CLI"):
   message (a ``response.create`` event: the model at its top level, else
   under ``response``), like a body's ``model``, over the route's upstreams
   that take the Responses WebSocket. An alias's ``rewrite_model`` changes
-  only the value's bytes, in that first message only; later messages pass
-  as they come, to the same upstream connection.
+  only the value's bytes. Later messages go to the same upstream connection;
+  each that may be a ``response.create`` is checked (:class:`ResponsesTurns`):
+  its model, if it names one, must be allowed to the key and route to the
+  same route (an alias is rewritten as in the first); the others pass as
+  they came.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from ..admission.admission import Caller
 from ..admission.proxy_keys import KeyTable
 from ..config.settings import Balance, Route
 from ..errors import InvalidRequest, ModelNotAllowed, check_model_id, clip, model_not_found
+from ..runtime.route_table import Match
 from ..runtime.runtime import Runtime
 from .body import BodyBytes, BodyStream
 from .findmodel import FoundModel, ModelAbsent, find_json_model, rewrite_model
@@ -54,9 +58,11 @@ __all__ = [
     "RESPONSES_PATH",
     "Outbound",
     "RealtimeTarget",
+    "ResponsesTurns",
     "check_responses_upgrade",
     "client_authorization",
     "is_websocket_upgrade",
+    "may_create_response",
     "realtime_target",
     "responses_target",
 ]
@@ -180,8 +186,20 @@ def responses_target(
     """Route a Responses WebSocket by its first ``message``; the target, and the
     message to send upstream (the model's value rewritten for an alias). Raises
     the error to answer (as an ``error`` event)."""
-    found = _first_message_model(message)
+    found = _responses_model(message)
+    match = _allowed_match(found.model, runtime, caller)
+    route = _websocket_route(match.route, runtime)
     model = found.model
+    upstream_model = match.upstream_model
+    if upstream_model != model:
+        message = rewrite_model(message, found, upstream_model)
+    target = RealtimeTarget(route, model, upstream_model, query, authorization, RESPONSES_PATH)
+    return target, message
+
+
+def _allowed_match(model: str, runtime: Runtime, caller: Caller) -> Match:
+    """``model``'s match in the table, or the error to answer: no model, an
+    unknown one, or one the caller's key may not use."""
     if not model:
         raise ModelAbsent()
     check_model_id(model)
@@ -190,15 +208,56 @@ def responses_target(
         raise model_not_found(model)
     if not KeyTable.allows(caller.key, model):
         raise ModelNotAllowed(f"Your key may not use the model '{clip(model)}'.", param="model")
-    route = _websocket_route(match.route, runtime)
-    upstream_model = match.upstream_model
-    if upstream_model != model:
-        message = rewrite_model(message, found, upstream_model)
-    target = RealtimeTarget(route, model, upstream_model, query, authorization, RESPONSES_PATH)
-    return target, message
+    return match
 
 
-def _first_message_model(message: bytes) -> FoundModel:
+# Bytes a ``response.create`` event cannot lack: its type's value spelled
+# out, or an escape (``\u0065``) or a UTF-16/32 encoding hiding it.
+_CREATE_MARKS = (b"response.create", b"\\u", b"\x00")
+
+
+def may_create_response(message: bytes) -> bool:
+    """Whether ``message`` may be a ``response.create`` event: its top-level
+    ``type`` cannot be that without these bytes (a substring search, not a
+    parse; the Responses WebSocket has no other client event)."""
+    return any(mark in message for mark in _CREATE_MARKS)
+
+
+@dataclass(frozen=True, slots=True)
+class ResponsesTurns:
+    """The check of a Responses WebSocket's later messages (README, "Codex
+    CLI"): each ``response.create`` must name a model the key may use that
+    routes to the route of the first message, or no model."""
+
+    runtime: Runtime
+    caller: Caller
+    route: Route  # the first message's
+
+    def check(self, message: bytes) -> bytes | None:
+        """None for a message that is no ``response.create`` (it passes as it
+        came); else the message to send, the model's value rewritten for an
+        alias. Raises the error to answer."""
+        if not may_create_response(message):
+            return None
+        try:
+            found = _responses_model(message)
+        except ModelAbsent:
+            return message  # the connection's model applies
+        match = _allowed_match(found.model, self.runtime, self.caller)
+        if match.route.index != self.route.index:
+            raise InvalidRequest(
+                f"This connection is routed by its first message ({self.route.describe()}); "
+                f"the model '{clip(found.model)}' is routed elsewhere. Open another "
+                "connection for it.",
+                code="model_changes_route",
+                param="model",
+            )
+        if match.upstream_model != found.model:
+            return rewrite_model(message, found, match.upstream_model)
+        return message
+
+
+def _responses_model(message: bytes) -> FoundModel:
     """The ``model`` of a ``response.create`` event: at its top level, else under
     ``response``, with its byte offsets in ``message``."""
     try:

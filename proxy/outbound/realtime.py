@@ -33,6 +33,12 @@ the client is answered ``101`` first (:meth:`RealtimeProxy.serve_responses`):
   upstream nor chosen for the client (the upstream's choice is not known
   when the client is answered). The first message is sent, rewritten for an
   alias, and the tunnel takes over.
+- Rate limit: the handshake was charged before the route was known (the
+  key's or the global bucket); a route with a ``rate_limit`` of its own is
+  charged once more when the first message has chosen it. Each later message
+  that may be a ``response.create`` is a request: checked
+  (inbound/route.py, ``ResponsesTurns``), then charged to the route's bucket,
+  else the key's, else the global one. A refusal ends the session as below.
 - A session that cannot go anywhere gets one ``error`` event (OpenAI's
   ``{"type": "error", "status": ..., "error": {...}}``) and a close frame:
   1011 when the upstream refused or could not be reached, 1008 (policy) for
@@ -44,7 +50,6 @@ the client is answered ``101`` first (:meth:`RealtimeProxy.serve_responses`):
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -54,17 +59,22 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from .. import SERVER
-from ..admission.admission import Caller
+from ..admission.admission import Admission, Caller
 from ..client import Origin
 from ..client.failures import DISCONNECTED, connect_failure, reset
 from ..errors import InvalidRequest, ProxyError, RateLimited, UpstreamUnavailable
-from ..inbound.route import RealtimeTarget, client_authorization, responses_target
+from ..inbound.route import (
+    RealtimeTarget,
+    ResponsesTurns,
+    client_authorization,
+    responses_target,
+)
 from ..observe import Exchange
 from ..observe.observer import Observer
 from ..runtime.runtime import Runtime, UpstreamPlan
 from .attempts import Attempts, Ending, answered, no_headers_within
 from .health import Health
-from .tunnel import CLOSE_TIMEOUT, RealtimeSessions, Tunnel
+from .tunnel import CLOSE_TIMEOUT, RealtimeSessions, Tunnel, refuse_session
 
 __all__ = ["RealtimeProxy"]
 
@@ -99,7 +109,7 @@ class RealtimeProxy:
     the tunnel. One per app, holding the WebSocket client session, the
     breakers, the observer and the open sessions (closed on shutdown)."""
 
-    __slots__ = ("_health", "_observer", "_session", "_sessions")
+    __slots__ = ("_admission", "_health", "_observer", "_session", "_sessions")
 
     def __init__(
         self,
@@ -108,11 +118,13 @@ class RealtimeProxy:
         observer: Observer,
         *,
         sessions: RealtimeSessions,
+        admission: Admission,
     ) -> None:
         self._session = session
         self._health = health
         self._observer = observer
         self._sessions = sessions
+        self._admission = admission  # charges a Responses WebSocket's turns
 
     async def serve(
         self, request: web.Request, target: RealtimeTarget, runtime: Runtime, *, ex: Exchange
@@ -177,14 +189,30 @@ class RealtimeProxy:
                 query=query,
                 authorization=client_authorization(request, runtime),
             )
+            _describe(ex, target)
+            if target.route.rate_limit is not None:
+                # The handshake was charged before the route was known.
+                await self._admission.charge(runtime, caller, target.route)
             upstream = await self._open_responses(request, target, first, runtime, ex)
         except ProxyError as err:
-            await _refuse_session(client, err, ex)
+            await refuse_session(client, err, ex)
             return client
         except asyncio.CancelledError:
             ex.outcome = "client_gone"
             raise
-        await Tunnel(client, upstream, ex).run(None, self._sessions)
+        turns = ResponsesTurns(runtime, caller, target.route)
+        admission = self._admission
+
+        async def vet(message: bytes) -> bytes:
+            """A later message: checked, and charged as a request when it may
+            be a ``response.create`` (README, "Codex CLI")."""
+            checked = turns.check(message)
+            if checked is None:
+                return message
+            await admission.charge(runtime, caller, target.route)
+            return checked
+
+        await Tunnel(client, upstream, ex, vet).run(None, self._sessions)
         return client
 
     async def _open_responses(
@@ -196,9 +224,6 @@ class RealtimeProxy:
         ex: Exchange,
     ) -> aiohttp.ClientWebSocketResponse[bool]:
         """The upstream leg of a routed Responses WebSocket, its first message sent."""
-        ex.model, ex.upstream_model = target.model, target.upstream_model
-        ex.metric_model = target.route.model or target.model or ""
-        ex.route = target.route.describe()
         limit = runtime.settings.server.max_body_bytes
         upgrade = _Upgrade(request.headers, target, (), limit)
         attempts = Attempts(ex, self._health, self._observer)
@@ -292,25 +317,11 @@ async def _first_message(client: web.WebSocketResponse[bool], wait: float) -> by
     )
 
 
-async def _refuse_session(
-    client: web.WebSocketResponse[bool], err: ProxyError, ex: Exchange
-) -> None:
-    """End a Responses WebSocket that cannot go anywhere: one ``error`` event,
-    then close 1011 when the upstream refused or failed, else 1008 (policy)."""
-    ex.outcome = "error"
-    ex.error_code = err.code
-    upstream_failed = err.status >= 500 or err.code.startswith("upstream_")
-    code = WSCloseCode.INTERNAL_ERROR if upstream_failed else WSCloseCode.POLICY_VIOLATION
-    event = {
-        "type": "error",
-        "status": err.status,
-        "error": {"type": err.type, "code": err.code, "message": err.message, "param": err.param},
-    }
-    try:
-        await client.send_str(json.dumps(event))
-        await client.close(code=code, message=err.code.encode()[:123])
-    except (ConnectionError, aiohttp.ClientError):
-        pass  # the client is gone already
+def _describe(ex: Exchange, target: RealtimeTarget) -> None:
+    """Name the session's model and route in its access log line and metrics."""
+    ex.model, ex.upstream_model = target.model, target.upstream_model
+    ex.metric_model = target.route.model or target.model or ""
+    ex.route = target.route.describe()
 
 
 def _offered_protocols(headers: CIMultiDictProxy[str]) -> list[str]:

@@ -18,20 +18,31 @@ Contract (the handshake before it: realtime.py):
   with nothing asked since is logged ``complete``.
 - A message over ``server.max_body_bytes`` closes that leg with 1009 and the
   other with the same code (both legs are opened with that limit).
+- A Responses WebSocket has its client's messages vetted before they
+  are sent on (``vet``, realtime.py): a refused one ends the session with one
+  ``error`` event and 1008 to the client (:func:`refuse_session`), and the
+  upstream leg closed with 1001. The upstream's messages are never read.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 from aiohttp import WSCloseCode, WSMsgType, web
 
+from ..errors import ProxyError
 from ..observe import Exchange, Outcome
 from ..observe.stream_end import message_ended
 
-__all__ = ["CLOSE_TIMEOUT", "RealtimeSessions", "Tunnel"]
+__all__ = ["CLOSE_TIMEOUT", "RealtimeSessions", "Tunnel", "Vet", "refuse_session"]
+
+# What a client's message becomes before it is sent upstream (the same
+# bytes, or a rewrite), or the ProxyError that ends the session.
+Vet = Callable[[bytes], Awaitable[bytes]]
 
 # Seconds to wait for the other side's close frame once ours is sent.
 CLOSE_TIMEOUT = 5.0
@@ -49,10 +60,12 @@ class Tunnel:
         client: web.WebSocketResponse[bool],
         upstream: aiohttp.ClientWebSocketResponse[bool],
         ex: Exchange,
+        vet: Vet | None = None,
     ) -> None:
         self.client = client
         self.upstream = upstream
         self.ex = ex
+        self.vet = vet  # None: every message passes as it came (realtime)
         self.closing = False
         # The last message passed, when it went to the client (b"" when the
         # client's went last): a client that vanishes after a terminal event
@@ -134,6 +147,7 @@ class Tunnel:
         """Relay ``src`` → ``dst`` until either closes (named task: shows in tracebacks)."""
         ex = self.ex
         receive = src.receive
+        vet = self.vet if src_is_client else None
         sent = 0
         try:
             while True:
@@ -142,6 +156,12 @@ class Tunnel:
                 try:
                     if kind is WSMsgType.TEXT or kind is WSMsgType.BINARY:
                         data = msg.data
+                        if vet is not None:  # binary too: an upstream may parse it alike
+                            try:
+                                data = await vet(data)
+                            except ProxyError as err:
+                                await self._refuse(err)
+                                return
                         await dst.send_frame(data, kind)
                         sent += len(data)
                         self.last_to_client = b"" if src_is_client else data
@@ -197,6 +217,17 @@ class Tunnel:
             self.upstream_code = code
         await dst.close(code=code, message=b"")
 
+    async def _refuse(self, err: ProxyError) -> None:
+        """A client message was refused: end the session (the module's docstring)."""
+        if self.closing:
+            return
+        self.closing = True
+        await asyncio.gather(
+            self.upstream.close(code=self.upstream_code, message=b""),
+            refuse_session(self.client, err, self.ex),
+            return_exceptions=True,
+        )
+
     def _client_gone_outcome(self) -> Outcome:
         """``complete`` when the client vanished right after a terminal event
         (Codex drops the connection once it has ``response.completed``)."""
@@ -236,6 +267,28 @@ class Tunnel:
         # supports close from another task) and waits for dst's reply.
         await dst.close(code=code, message=message)
         await src.close(code=code, message=b"")
+
+
+async def refuse_session(
+    client: web.WebSocketResponse[bool], err: ProxyError, ex: Exchange
+) -> None:
+    """End a Responses WebSocket with one ``error`` event (OpenAI's shape on
+    that socket), then close 1011 when the upstream refused or failed, else
+    1008 (policy)."""
+    ex.outcome = "error"
+    ex.error_code = err.code
+    upstream_failed = err.status >= 500 or err.code.startswith("upstream_")
+    code = WSCloseCode.INTERNAL_ERROR if upstream_failed else WSCloseCode.POLICY_VIOLATION
+    event = {
+        "type": "error",
+        "status": err.status,
+        "error": {"type": err.type, "code": err.code, "message": err.message, "param": err.param},
+    }
+    try:
+        await client.send_str(json.dumps(event))
+        await client.close(code=code, message=err.code.encode()[:123])
+    except (ConnectionError, aiohttp.ClientError):
+        pass  # the client is gone already
 
 
 def _valid_close_code(code: int) -> bool:

@@ -101,7 +101,11 @@ async def _upstream_session_ctx(app: web.Application) -> AsyncIterator[None]:
     app[FORWARDER] = Forwarder(pool, app[HEALTH], app[OBSERVER])
     app[SESSION] = make_upstream_session()
     app[REALTIME] = RealtimeProxy(
-        app[SESSION], app[HEALTH], app[OBSERVER], sessions=app[REALTIME_SESSIONS]
+        app[SESSION],
+        app[HEALTH],
+        app[OBSERVER],
+        sessions=app[REALTIME_SESSIONS],
+        admission=app[LIMITER],
     )
     yield
     holder.on_swap = None
@@ -169,12 +173,14 @@ def create_app(settings: Settings, observer: Observer | None = None) -> web.Appl
         app.on_response_prepare.append(cors.on_prepare)
     app[BUILTINS] = BuiltinUpstreams()
     app.cleanup_ctx.append(_builtin_upstreams_ctx)
+    # Before the upstream session's context: the Responses WebSocket charges
+    # each turn (README, "Codex CLI").
+    app.cleanup_ctx.append(_limiter_ctx)
     app.cleanup_ctx.append(_upstream_session_ctx)
     app[DISCOVERY] = Discovery(app[RUNTIME])
     app.cleanup_ctx.append(_discovery_ctx)
     app[REALTIME_SESSIONS] = RealtimeSessions()
     app.on_shutdown.append(_close_realtime)
-    app.cleanup_ctx.append(_limiter_ctx)
 
     router = app.router
     router.add_get("/healthz", healthz_view, allow_head=True)

@@ -431,6 +431,30 @@ async def test_codex_over_the_websocket_through_oaimux(
     assert turn["previous_response_id"] == conn.response_ids[0]
 
 
+async def test_codex_over_the_websocket_through_an_alias_has_every_turn_rewritten(
+    tmp_path: Path,
+    trap: EgressTrap,
+    responses: OpenAIResponses,
+    anthropic_url: str,
+    responses_url: str,
+) -> None:
+    """Codex names its model in every message (prewarm, then the turn): each
+    reaches the upstream with the alias's target (README, "Codex CLI")."""
+    alias = "team-codex"
+    route = {"model": alias, "upstream": "openai", "rewrite_model": CODEX_MODEL}
+    config = proxy_config(anthropic_url, responses_url, [route], responses_websocket=True)
+    async with running_proxy(write_config(tmp_path / "routes.yaml", config)) as proxy:
+        run = await codex_run(
+            tmp_path / "home", trap, f"{proxy.url}/v1", PROMPT,
+            key=CODEX_PROXY_KEY, model=alias, websockets=True,
+        )  # fmt: skip
+        [line] = await proxy.wait_line(r"path=/v1/responses ")
+    assert_turn(run, responses.reply_text(CODEX_MODEL))
+    assert "outcome=complete" in line, line
+    [conn] = responses.connections
+    assert [event["model"] for event in conn.events()] == [CODEX_MODEL, CODEX_MODEL]
+
+
 async def test_codex_websocket_with_no_upstream_accepting_it_gets_426_and_falls_back(
     tmp_path: Path,
     trap: EgressTrap,

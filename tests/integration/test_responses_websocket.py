@@ -20,6 +20,7 @@ from aiohttp import WSMsgType
 from aiohttp.test_utils import TestClient, TestServer
 
 from proxy.config import ConfigError, parse_settings
+from proxy.outbound.tunnel import CLOSE_TIMEOUT
 from tests.conftest import serve_proxy
 from tests.fakes.access_lines import capture_logs, parse_text_line
 from tests.fakes.openai_responses import OpenAIResponses
@@ -85,6 +86,7 @@ def config(a_url: str, b_url: str, **extra: Any) -> dict[str, Any]:
             {"model": "gpt-fallback", "upstream": ["down", "a"]},
             {"model": "gpt-refused", "upstream": "wrong-key"},
             {"model": "claude-x", "upstream": "a"},
+            {"model": "codex-*", "upstream": "b"},
         ],
         "auth": {
             "keys": [
@@ -230,17 +232,19 @@ async def test_the_model_under_response_routes_too(
     assert b.connections == [] and len(a.connections) == 1
 
 
-async def test_rewrite_model_changes_only_the_value_in_the_first_message(
+async def test_rewrite_model_changes_only_the_value_in_every_message(
     proxy: TestClient[Any, Any], b: OpenAIResponses
 ) -> None:
+    """Codex repeats the model on every turn: an alias is rewritten in each."""
     ws = await connect(proxy)
     first = '{"type":"response.create",  "model" : "fast","input":"hi",\n"generate":false}'
     await turn(ws, first)
-    later = json.dumps(create("fast", input="again"))
+    later = r'{"type": "response.create", "input": "\u00e9 again", "model":"fast"}'
     await turn(ws, later)
     await ws.close()
     [conn] = b.connections
-    assert conn.frames == [first.replace('"fast"', '"gpt-b-large"'), later]
+    rewritten = [m.replace('"fast"', '"gpt-b-large"') for m in (first, later)]
+    assert conn.frames == rewritten
 
 
 async def test_a_fallback_list_walks_to_an_upstream_that_answers(
@@ -286,6 +290,152 @@ async def test_a_client_vanishing_after_a_finished_turn_is_complete(
         await ws.close()
     f = parse_text_line(line)
     assert (f["status"], f["outcome"]) == ("101", outcome)
+
+
+# -- later messages ------------------------------------------------------------
+
+
+async def test_later_messages_on_the_same_route_pass_byte_for_byte(
+    proxy: TestClient[Any, Any], b: OpenAIResponses
+) -> None:
+    """Another model of the first one's route, no model, another event type:
+    each reaches the same upstream connection exactly as sent."""
+    ws = await connect(proxy, key=GPT_ONLY_KEY)
+    await turn(ws, json.dumps(create("gpt-b", generate=False)))
+    sent = [
+        '{"model": "gpt-b",  "type":"response.create", "input": [ {"role":"user"} ]}',
+        json.dumps(create(None, input="no model: the connection's")),
+        json.dumps({"type": "response.cancel", "model": "claude-x"}),  # not a create
+    ]
+    for message in sent:
+        await turn(ws, message)
+    await ws.close()
+    [conn] = b.connections
+    assert conn.frames[1:] == sent
+
+
+async def test_another_model_of_a_glob_route_passes(
+    proxy: TestClient[Any, Any], b: OpenAIResponses
+) -> None:
+    ws = await connect(proxy)
+    await turn(ws, json.dumps(create("codex-1")))
+    events = await turn(ws, json.dumps(create("codex-2")))
+    assert events[-1]["type"] == "response.completed"
+    await ws.close()
+    [conn] = b.connections
+    assert [e["model"] for e in conn.events()] == ["codex-1", "codex-2"]
+
+
+LATER = {
+    "a model the key may not use": (GPT_ONLY_KEY, json.dumps(create("claude-x")), "model_not_allowed"),
+    "the same behind an escaped type": (
+        GPT_ONLY_KEY, r'{"type":"response\u002ecreate","model":"claude-x"}', "model_not_allowed"
+    ),
+    "the same under response": (
+        GPT_ONLY_KEY, json.dumps({"type": "response.create", "response": {"model": "claude-x"}}),
+        "model_not_allowed",
+    ),
+    "a model of another route": (PROXY_KEY, json.dumps(create("gpt-a")), "model_changes_route"),
+    "an alias to the same upstream": (PROXY_KEY, json.dumps(create("fast")), "model_changes_route"),
+    "an unknown model": (PROXY_KEY, json.dumps(create("gpt-unknown")), "model_not_found"),
+    "not JSON": (PROXY_KEY, "response.create please", "invalid_json"),
+    "a binary message": (GPT_ONLY_KEY, json.dumps(create("claude-x")).encode(), "model_not_allowed"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", LATER)
+async def test_a_later_message_that_may_not_go_there_ends_the_session_with_1008(
+    proxy: TestClient[Any, Any], a: OpenAIResponses, b: OpenAIResponses, case: str
+) -> None:
+    key, message, code = LATER[case]
+    with capture_logs() as logs:
+        ws = await connect(proxy, key=key, autoclose=False)
+        await turn(ws, json.dumps(create("gpt-b")))
+        event, close_code = await refused(ws, message)
+        [conn] = b.connections
+        # The upstream leg is closed at once, not when the client has answered
+        # the close frame (it has not yet) or the proxy gave up waiting for it.
+        async with asyncio.timeout(CLOSE_TIMEOUT / 2):
+            await conn.closed.wait()
+        await ws.close()
+        (line,) = await logs.wait_for(1)
+    assert close_code == 1008
+    assert event["type"] == "error" and event["error"]["code"] == code
+    assert set(event) == {"type", "status", "error"}
+    assert set(event["error"]) == {"type", "code", "message", "param"}
+    assert len(conn.frames) == 1  # the refused message never reached the upstream
+    assert a.received == []
+    f = parse_text_line(line)
+    assert (f["status"], f["outcome"], f["error"]) == ("101", "error", code)
+
+
+# -- rate limits ----------------------------------------------------------------
+
+
+def limited_config(a_url: str, b_url: str, **extra: Any) -> dict[str, Any]:
+    """``gpt-limited`` (to b) has a bucket of its own: 2 requests, refilled slowly."""
+    cfg = config(a_url, b_url, **extra)
+    route = {"model": "gpt-limited", "upstream": "b", "rate_limit": {"requests_per_minute": 0.01, "burst": 2}}  # fmt: skip
+    cfg["routes"].insert(0, route)
+    return cfg
+
+
+async def rate_limited(ws: aiohttp.ClientWebSocketResponse[bool], message: str) -> None:
+    event, close_code = await refused(ws, message)
+    assert close_code == 1008
+    assert event["status"] == 429
+    assert (event["error"]["type"], event["error"]["code"]) == ("requests", "rate_limit_exceeded")
+    assert "Rate limit reached for requests to this model" in event["error"]["message"]
+
+
+async def test_each_turn_is_charged_to_the_routes_own_bucket(
+    aiohttp_client: Any, a_url: str, b_url: str, b: OpenAIResponses
+) -> None:
+    """The global bucket (1) pays the handshake; the route's (2) the turns."""
+    cfg = limited_config(a_url, b_url, rate_limit={"requests_per_minute": 0.01, "burst": 1})
+    proxy = await serve_proxy(aiohttp_client, cfg)
+    ws = await connect(proxy)
+    for _ in range(2):
+        events = await turn(ws, json.dumps(create("gpt-limited")))
+        assert events[-1]["type"] == "response.completed"
+    await rate_limited(ws, json.dumps(create("gpt-limited")))
+    [conn] = b.connections
+    async with asyncio.timeout(10):
+        await conn.closed.wait()
+    assert len(conn.frames) == 2
+    with pytest.raises(aiohttp.WSServerHandshakeError) as caught:
+        await connect(proxy)  # the global bucket is empty: refused before the upgrade
+    assert caught.value.status == 429
+
+
+async def test_a_first_message_to_a_route_with_an_empty_bucket_opens_nothing(
+    aiohttp_client: Any, a_url: str, b_url: str, b: OpenAIResponses
+) -> None:
+    proxy = await serve_proxy(aiohttp_client, limited_config(a_url, b_url))
+    for _ in range(2):
+        ws = await connect(proxy)
+        await turn(ws, json.dumps(create("gpt-limited")))
+        await ws.close()
+    ws = await connect(proxy)
+    await rate_limited(ws, json.dumps(create("gpt-limited")))
+    assert len(b.connections) == 2  # none opened for the refused one
+
+
+async def test_each_turn_counts_against_the_keys_bucket_when_the_route_has_none(
+    aiohttp_client: Any, a_url: str, b_url: str, b: OpenAIResponses
+) -> None:
+    """Key ``ws`` may make 3 requests: the handshake with its first message, then 2 turns."""
+    cfg = config(a_url, b_url)
+    cfg["auth"]["keys"][0]["rate_limit"] = {"requests_per_minute": 0.01, "burst": 3}
+    proxy = await serve_proxy(aiohttp_client, cfg)
+    ws = await connect(proxy)
+    for _ in range(3):
+        events = await turn(ws, json.dumps(create("gpt-b")))
+        assert events[-1]["type"] == "response.completed"
+    event, close_code = await refused(ws, json.dumps(create("gpt-b")))
+    assert (event["status"], close_code) == (429, 1008)
+    assert "Rate limit reached for requests:" in event["error"]["message"]
+    assert len(b.connections[0].frames) == 3
 
 
 # -- sessions that cannot go anywhere ----------------------------------------
