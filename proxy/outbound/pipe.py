@@ -44,6 +44,9 @@ _CRLF: Final = b"\r\n"
 # (observe/usage.py): Anthropic's message_start is well under 1 KB, and a stream
 # holds it to its end (docs/decisions.md, "Memory per open stream is a budget").
 _FIRST_KEPT: Final = 2048
+# How a piece that ends a server-sent event ends: a blank line (WHATWG HTML
+# §9.2.6), whatever the line endings ("\r\n\r\n" ends with the third).
+_EVENT_ENDS: Final = (b"\n\n", b"\r\r", b"\n\r\n")
 # A chunk smaller than this is framed into one new bytes object (a token's
 # delta: ~100 bytes); a larger one goes out as three pieces, not copied.
 _FRAME_COPY_BELOW: Final = 4096
@@ -90,6 +93,8 @@ class BodyPipe:
         "_waiter",
         "_woken",
         "_writer",
+        "event_start",
+        "event_start_at",
         "first",
         "previous",
         "sent",
@@ -127,6 +132,12 @@ class BodyPipe:
         # The last two pieces written (references, not copies): the usage
         # object of a stream is read from them after the end (observe/usage.py).
         self.tail = self.previous = b""
+        # The piece written after one that ended an event (a reference): the
+        # start of the last event, which a large one (a Responses stream's
+        # response.completed carries the whole response) can spread over more
+        # pieces than the last two (observe/stream_end.py).
+        self.event_start = b""
+        self.event_start_at = 0  # the count of bytes sent before it
         # With keep_first (an event stream), its first event: where an
         # Anthropic stream reports its input tokens.
         self._keep_first = keep_first
@@ -218,8 +229,13 @@ class BodyPipe:
                             out.writelines((b"%x\r\n" % len(data), data, _CRLF))
                     else:
                         out.write(data)
-                    if not self.sent and self._keep_first:
-                        self.first = _first_event(data)
+                    if not self.sent:
+                        self.event_start = data
+                        if self._keep_first:
+                            self.first = _first_event(data)
+                    elif self.tail.endswith(_EVENT_ENDS):
+                        self.event_start = data
+                        self.event_start_at = self.sent
                     self.sent += len(data)
                     self.previous = self.tail
                     self.tail = data

@@ -67,6 +67,7 @@ async def relay(
     upstream_resp, plan = answered.response, answered.plan
     completed = False
     resp: web.StreamResponse | None = None
+    pipe: BodyPipe | None = None
     try:
         resp, whole = response_head(answered, ex)
         try:
@@ -103,7 +104,7 @@ async def relay(
         completed = True
         return resp
     except asyncio.CancelledError:
-        ex.outcome = _client_left(request, ex)
+        ex.outcome = _client_left(request, ex, pipe)
         raise
     except ConnectionError:
         # The client's socket closed under a write (it hung up in the same
@@ -111,7 +112,7 @@ async def relay(
         # Raising would have aiohttp log a traceback for an ordinary hang-up;
         # returning the prepared response lets its own write_eof meet the
         # closed socket, which it takes quietly as a client disconnect.
-        ex.outcome = _client_left(request, ex)
+        ex.outcome = _client_left(request, ex, pipe)
         if resp is None:
             raise
         return resp
@@ -163,16 +164,23 @@ def response_head(answered: Answered, ex: Exchange) -> tuple[web.StreamResponse,
     return resp, whole
 
 
-def _client_left(request: web.BaseRequest, ex: Exchange) -> Outcome:
+def _client_left(request: web.BaseRequest, ex: Exchange, pipe: BodyPipe | None) -> Outcome:
     """The outcome of a client that left before the response ended: ``complete``
     when the last event sent was its stream's terminal one (README, "Access
     log"), else how it left. The upstream's response is closed either way."""
+    event_start, event_start_at = (pipe.event_start, pipe.event_start_at) if pipe else (b"", 0)
     outcome = _client_outcome(request)
     if (
         outcome == "client_gone"
         and ex.content_type.startswith(_SSE)
         and ex.tail
-        and stream_ended(ex.tail_previous, ex.tail, ex.bytes_out)
+        and stream_ended(
+            ex.tail_previous,
+            ex.tail,
+            ex.bytes_out,
+            event_start=event_start,
+            event_start_at=event_start_at,
+        )
     ):
         return "complete"
     return outcome

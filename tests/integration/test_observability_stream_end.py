@@ -159,3 +159,81 @@ async def test_a_client_leaving_before_the_terminal_event_is_client_gone(
     held.events, awaited = UNFINISHED[case]
     fields = await _hang_up_after(make_proxy, held, held_url, logs, awaited)
     assert fields["outcome"] == "client_gone"
+
+
+# A terminal event of 30 KB (OpenAI's response.completed carries the whole
+# response) written in three parts, each sent only once the client has the one
+# before: the proxy reads and relays it as three chunks, more than the last two
+# it keeps. Small terminal events in three writes as the control.
+BIG = {"type": "response.completed", "response": {"id": "r", "output": [{"text": "x" * 30000}]}}
+BIG_EVENT = _named("response.completed", BIG)
+BIG_DELTA = _named("response.output_text.delta", {**BIG, "type": "response.output_text.delta"})
+CREATED = _named("response.created", {"type": "response.created"})
+
+
+def _thirds(event: bytes) -> list[bytes]:
+    return [event[:10000], event[10000:20000], event[20000:]]
+
+
+PACED = {
+    "responses completed of 30 KB in three writes": ([CREATED, *_thirds(BIG_EVENT)], "complete"),
+    "a delta of 30 KB in three writes": ([CREATED, *_thirds(BIG_DELTA)], "client_gone"),
+    "anthropic message_stop in three writes": (
+        [_named("message_delta", MESSAGE_DELTA), b"event: message_stop\n", b"data: ", b'{"type": "message_stop"}\n\n'],
+        "complete",
+    ),
+    "chat [DONE] in three writes": ([CHUNK, b"data: ", b"[DONE]", b"\n\n"], "complete"),
+}  # fmt: skip
+
+
+@dataclass
+class PacedStream:
+    """An upstream that writes each of ``pieces`` once the client has the one
+    before (one read each at the proxy), then holds the response open."""
+
+    pieces: list[bytes] = field(default_factory=list)
+    received: asyncio.Queue[None] = field(default_factory=asyncio.Queue)
+    left: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def stream(self, request: web.Request) -> web.StreamResponse:
+        await request.read()
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for piece in self.pieces:
+            await resp.write(piece)
+            async with asyncio.timeout(10):
+                await self.received.get()
+        await hold_until_client_leaves(self.left)
+        return resp
+
+
+@pytest.mark.parametrize("case", PACED)
+async def test_a_terminal_event_over_more_than_two_chunks(
+    make_proxy: MakeProxy, aiohttp_server: Any, logs: LogLines, case: str
+) -> None:
+    pieces, outcome = PACED[case]
+    paced = PacedStream(pieces)
+    app = web.Application()
+    app.router.add_post("/v1/{path:.*}", paced.stream)
+    server: TestServer = await aiohttp_server(app)
+    config = {
+        "upstreams": {"paced": {"url": str(server.make_url("/v1"))}},
+        "routes": [{"model": "m", "upstream": "paced"}],
+    }
+    client = await make_proxy(config)
+    resp = await client.post("/v1/responses", json={"model": "m", "stream": True})
+    received, wanted = b"", b""
+    async with asyncio.timeout(10):
+        for piece in pieces:
+            wanted += piece
+            while len(received) < len(wanted):
+                chunk = await resp.content.readany()
+                assert chunk, received
+                received += chunk
+            paced.received.put_nowait(None)
+    assert received == wanted
+    resp.close()
+    async with asyncio.timeout(10):
+        await paced.left.wait()
+    (line,) = await logs.wait_for(1)
+    assert parse_text_line(line)["outcome"] == outcome
