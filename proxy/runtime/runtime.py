@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from urllib.parse import quote, unquote_plus
+from urllib.parse import quote
 
 import aiohttp
 from yarl import URL
@@ -20,6 +20,7 @@ from ..admission.proxy_keys import KeyTable
 from ..client import Destination, Origin
 from ..config.settings import Route, Settings, Upstream
 from .headers import RequestHeaderPolicy, ResponseHeaderPolicy
+from .query import query_param_name
 from .route_table import RouteTable
 
 __all__ = ["Runtime", "RuntimeHolder", "UpstreamPlan", "build_runtime"]
@@ -41,7 +42,8 @@ class UpstreamPlan:
     destination: Destination  # the origin and its timeouts, as that client takes them
     path_prefix: str  # the base URL's path, without a trailing slash
     # The upstream's ``query`` parameters, encoded (values are secrets: no repr),
-    # and their names, whose client parameters they replace.
+    # and their names (lower-cased, as query_param_name reads a client's),
+    # whose client parameters they replace.
     added_query: str = field(default="", repr=False)
     added_names: frozenset[str] = frozenset()
 
@@ -78,7 +80,7 @@ class UpstreamPlan:
         kept = [
             part
             for part in query_string.split("&")
-            if part and unquote_plus(part.partition("=")[0]) not in names
+            if part and query_param_name(part) not in names
         ]
         kept.append(added)
         return "&".join(kept)
@@ -107,7 +109,7 @@ def _plan(upstream: Upstream) -> UpstreamPlan:
             f"{quote(name, safe=_UNRESERVED)}={quote(value.value, safe=_UNRESERVED)}"
             for name, value in upstream.query
         ),
-        added_names=frozenset(name for name, _ in upstream.query),
+        added_names=frozenset(name.lower() for name, _ in upstream.query),
     )
 
 

@@ -57,6 +57,7 @@ from ..inbound.upload import MultipartHead, PartWatcher
 from ..observe import EXCHANGE, Exchange, request_id_for
 from ..outbound.forward import Answered
 from ..outbound.relay import relay
+from ..runtime.query import query_param_name
 from ..runtime.runtime import Runtime
 from .keys import FORWARDER, LIMITER, OBSERVER, REALTIME, RUNTIME, STARTED_AT
 
@@ -226,7 +227,7 @@ def vet_query(query_string: str) -> tuple[str, list[str]]:
     kept: list[str] = []
     dropped = False
     for part in parts:
-        name = unquote(part.split("=", 1)[0].replace("+", " ")).lower()
+        name = query_param_name(part)
         if name in _KEY_PARAMS:
             dropped = True
             continue

@@ -94,6 +94,19 @@ async def test_the_query_reaches_the_upstream_and_replaces_the_clients(
     assert fake.last.query_string == "a=1&a=2"
 
 
+async def test_a_client_name_in_another_case_is_replaced_not_sent_twice(
+    make_proxy: MakeProxy, fake: FakeUpstream, upstream_url: str
+) -> None:
+    """Names compare as the inbound vetting reads them: percent-decoded and in
+    any case, so the upstream never gets two api-versions to choose from."""
+    settings = config(upstream_url)
+    settings["upstreams"]["azure"]["query"] = {"Api-Version": API_VERSION}
+    client = await make_proxy(settings)
+    resp = await client.get("/v1/files?API-Version=old&limit=2&api%2dVERSION=older")
+    assert resp.status == 200
+    assert sent_query(fake) == [("limit", "2"), ("Api-Version", API_VERSION)]
+
+
 async def test_model_discovery_sends_the_query_too(
     make_proxy: MakeProxy, fake: FakeUpstream, upstream_url: str
 ) -> None:
