@@ -1,4 +1,5 @@
-"""Requests refused before any view runs, answered in OpenAI's error shape.
+"""Requests refused before any view runs, answered in the error shape of their
+path's dialect (OpenAI's, or Anthropic's on its paths: errors.error_response).
 
 - A request head that did not arrive within ``server.header_timeout`` of the
   connection opening gets a 408, written raw: no request object exists for a
@@ -41,7 +42,6 @@ from ..errors import (
     ProxyError,
     RequestTimeout,
     RequestTooLarge,
-    error_body,
     error_response,
 )
 from ..inbound.body import close_without_lingering
@@ -59,7 +59,6 @@ __all__ = [
 log = logging.getLogger("oaimux.connections")
 
 _HEAD_TIMEOUT = RequestTimeout("The request headers did not arrive in time.")
-_HEAD_TIMEOUT_BODY = error_body(_HEAD_TIMEOUT.message, _HEAD_TIMEOUT.type, _HEAD_TIMEOUT.code)
 
 # How much of a head's start is kept to read its request line from: the
 # longest request line the parser accepts (server_options' max_line_size).
@@ -81,17 +80,24 @@ def _request_line(head_start: bytes) -> tuple[str, str] | None:
     return match[1].decode("ascii"), target.partition("?")[0][:512]
 
 
-def _head_timeout_response(request_id: str) -> bytes:
+def _head_timeout_body(path: str) -> bytes:
+    """The 408's body, in the dialect of ``path`` (its request line's, when it came)."""
+    body = error_response(_HEAD_TIMEOUT, path).body
+    assert isinstance(body, bytes)
+    return body
+
+
+def _head_timeout_response(request_id: str, body: bytes) -> bytes:
     """The 408 written raw: no request object exists when the head never completed."""
     return (
         f"HTTP/1.1 408 Request Timeout\r\n"
         f"Content-Type: application/json\r\n"
-        f"Content-Length: {len(_HEAD_TIMEOUT_BODY)}\r\n"
+        f"Content-Length: {len(body)}\r\n"
         f"Connection: close\r\n"
         f"Server: {SERVER}\r\n"
         f"{ERROR_HEADER}: {_HEAD_TIMEOUT.code}\r\n"
         f"{OUR_REQUEST_ID_HEADER}: {request_id}\r\n\r\n"
-    ).encode() + _HEAD_TIMEOUT_BODY
+    ).encode() + body
 
 
 def refuse_late_head(
@@ -100,17 +106,20 @@ def refuse_late_head(
     """Write the 408 of a head still incomplete ``waited`` seconds after its
     connection opened, and log and count it when part of a head (``head_start``)
     came: a connection that sent nothing made no request. The caller closes the
-    connection (once the 408 is flushed)."""
+    connection (once the 408 is flushed). Its body is in the dialect of the
+    request line's path, like every refusal here."""
     request_id = new_request_id()
-    transport.write(_head_timeout_response(request_id))
+    line = _request_line(head_start)
+    body = _head_timeout_body(line[1] if line is not None else "")
+    transport.write(_head_timeout_response(request_id, body))
     if head_start and observer is not None:
-        method, path = _request_line(head_start) or ("-", "-")
+        method, path = line or ("-", "-")
         peer = transport.get_extra_info("peername")
         ex = Exchange(request_id, method, path, peer[0] if peer else "-")
         # It arrived when the connection opened.
         ex.started -= waited
         ex.started_wall -= waited
-        observer.refused(ex, _HEAD_TIMEOUT, len(_HEAD_TIMEOUT_BODY))
+        observer.refused(ex, _HEAD_TIMEOUT, len(body))
 
 
 def refuse_malformed(

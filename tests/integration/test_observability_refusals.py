@@ -11,6 +11,7 @@ itself to bodies above 1 MB.
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -119,6 +120,26 @@ async def test_the_header_deadline_names_the_time_the_head_took(
         f = await one_line(logs)
     # Arrival is when the connection opened: the whole deadline is in the line.
     assert float(f["duration_ms"]) >= 500
+
+
+@pytest.mark.parametrize(
+    ("path", "anthropic"),
+    [("/v1/messages?beta=true", True), ("/messages", True), (CHAT, False)],
+)
+async def test_a_late_head_gets_its_408_in_the_dialect_of_its_path(
+    settings: Settings, logs: LogLines, path: str, anthropic: bool
+) -> None:
+    """Claude Code's path gets Anthropic's error shape, as every refusal there does."""
+    async with running_proxy(settings) as proxy:
+        answer = await exchange(proxy.port, post_head("x-api-key: k\r\n", path)[:-2], timeout=5)
+    status, headers, body = split_response(answer)
+    assert status == 408 and headers["x-oaimux-error"] == "request_timeout"
+    doc = json.loads(body)
+    if anthropic:
+        assert doc["type"] == "error" and doc["error"]["type"] == "timeout_error", doc
+    else:
+        assert doc["error"]["code"] == "request_timeout" and "type" not in doc, doc
+    assert int((await one_line(logs))["bytes_out"]) == len(body)
 
 
 @pytest.mark.parametrize(
