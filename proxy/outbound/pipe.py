@@ -138,8 +138,8 @@ class BodyPipe:
         # pieces than the last two (observe/stream_end.py).
         self.event_start = b""
         self.event_start_at = 0  # the count of bytes sent before it
-        # With keep_first (an event stream), its first event: where an
-        # Anthropic stream reports its input tokens.
+        # With keep_first (an Anthropic event stream), its first event: where
+        # it reports its input tokens.
         self._keep_first = keep_first
         self.first = b""
 

@@ -28,7 +28,7 @@ import aiohttp
 from aiohttp import web
 from multidict import istr
 
-from ..errors import UpstreamUnavailable
+from ..errors import UpstreamUnavailable, anthropic_path
 from ..observe import OUR_REQUEST_ID_HEADER, Exchange, Outcome
 from ..observe.observer import Observer
 from ..observe.stream_end import stream_ended
@@ -89,9 +89,10 @@ async def relay(
             upstream_resp.forget_head()
             if ex.streaming:
                 observer.stream_opened(ex)
-            pipe = BodyPipe(
-                upstream_resp, request, resp, keep_first=ex.content_type.startswith(_SSE)
-            )
+            # Only an Anthropic stream reports usage in its first event
+            # (observe/usage.py): any other keeps none of it while it is open.
+            keep_first = ex.content_type.startswith(_SSE) and anthropic_path(ex.path)
+            pipe = BodyPipe(upstream_resp, request, resp, keep_first=keep_first)
             try:
                 failure = await pipe.run()
             finally:
