@@ -27,13 +27,9 @@ from aiohttp.web_protocol import RequestHandler
 
 from ..config.settings import ServerSettings
 from ..errors import InvalidRequest, ProxyError, RequestTimeout, RequestTooLarge
-from .findmodel import (
-    FoundModel,
-    ModelAbsent,
-    find_json_model,
-    find_multipart_model,
-    multipart_boundary,
-)
+from .json_model import find_json_model
+from .model import FoundModel, ModelAbsent
+from .multipart_model import find_multipart_model, multipart_boundary
 from .upload import MultipartHead, PartWatcher, read_until_model
 
 T = TypeVar("T")

@@ -42,7 +42,8 @@ from ..inbound.body import (
     read_body,
     read_multipart_head,
 )
-from ..inbound.findmodel import ModelAbsent, multipart_boundary, rewrite_model
+from ..inbound.model import ModelAbsent, rewrite_model
+from ..inbound.multipart_model import multipart_boundary
 from ..inbound.route import (
     REALTIME_PATH,
     Outbound,
