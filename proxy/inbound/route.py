@@ -1,55 +1,133 @@
-"""A routed request, as handed to outbound/; and the routing of a realtime
-WebSocket handshake (``GET /v1/realtime?model=...``).
+"""Where a request goes: its route, chosen (:func:`choose_route`), and the
+routed request outbound/ takes (:func:`prepare`, an :class:`Outbound`).
 
-HTTP requests are routed in handlers.py, into an :class:`Outbound`. A realtime
-handshake is routed here, into a :class:`RealtimeTarget`:
+Three kinds of request, each routed its own way:
 
-- The request is routed by its ``model`` query parameter, like a body's
-  ``model``: unknown ids are refused with the OpenAI-shaped 404 *before* the
-  upgrade, an alias's ``rewrite_model`` (or a discovered id's prefix) is applied
-  to the query value, and every other byte of the query is forwarded as it
-  came. With no ``model`` the path routes apply (``- path: "realtime*"``).
-- Proxy keys and the rate limit apply as to any request (handlers.py charges
-  the handshake once it is routed); outbound/realtime.py then opens the
-  upstream leg and the tunnel.
+- a POST to one of :data:`MODEL_PATHS` is routed by the ``model`` its body
+  names (a JSON key or a form field; README, "Endpoints"), or by its path when
+  it names none: a :class:`ModelRoute`, holding the body as read;
+- a realtime WebSocket handshake (``GET /v1/realtime?model=...``) is routed by
+  its ``model`` query parameter, like a body's ``model``: unknown ids are
+  refused with the OpenAI-shaped 404 *before* the upgrade, an alias's
+  ``rewrite_model`` (or a discovered id's prefix) is applied to the query
+  value, and every other byte of the query is forwarded as it came. With no
+  ``model`` the path routes apply (``- path: "realtime*"``). A
+  :class:`RealtimeTarget`; outbound/realtime.py opens the upstream leg and
+  the tunnel;
+- any other request is routed by its path: a :class:`PathRoute`, its body read
+  (or streamed) only once the route is known.
+
+Proxy keys and the rate limit apply as to any request: server/views.py charges
+the request once it is routed, or on the error that ends it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 from urllib.parse import quote, unquote
 
 from aiohttp import web
-from multidict import CIMultiDictProxy
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from ..admission.admission import Caller
 from ..admission.proxy_keys import KeyTable
 from ..config.settings import Route
-from ..errors import InvalidRequest, ModelNotAllowed, check_model_id, clip, model_not_found
+from ..errors import (
+    InvalidRequest,
+    MethodNotAllowed,
+    ModelNotAllowed,
+    NotFound,
+    ProxyError,
+    check_model_id,
+    clip,
+    model_not_allowed,
+    model_not_found,
+)
+from ..observe import Exchange
 from ..runtime.runtime import Runtime
-from .body import BodyBytes, BodyStream
+from .body import (
+    BodyBytes,
+    BodyStream,
+    ModelBody,
+    read_model_body,
+    read_path_body,
+    stream_form_rest,
+)
+from .head import Target, vet_model
+from .model import ModelAbsent, rewrite_model
 
 __all__ = [
+    "MODEL_FORM_PATHS",
+    "MODEL_JSON_PATHS",
+    "MODEL_PATHS",
     "REALTIME_PATH",
+    "ModelRoute",
     "Outbound",
+    "PathRoute",
     "RealtimeTarget",
+    "choose_route",
     "client_authorization",
     "is_websocket_upgrade",
+    "prepare",
     "realtime_target",
 ]
 
+# The one table of model-routed paths (after /v1/): a POST to one of these is
+# routed by the body's top-level "model" (JSON) ...
+MODEL_JSON_PATHS = frozenset(
+    {
+        "chat/completions",
+        "completions",
+        "embeddings",
+        "audio/speech",
+        "images/generations",
+        "moderations",
+        "responses",
+    }
+)
+# ... or by the "model" form field (multipart/form-data; JSON is accepted too).
+MODEL_FORM_PATHS = frozenset(
+    {"audio/transcriptions", "audio/translations", "images/edits", "images/variations"}
+)
+MODEL_PATHS = MODEL_JSON_PATHS | MODEL_FORM_PATHS
+
 REALTIME_PATH = "realtime"
+
+
+class ModelRoute(NamedTuple):
+    """A request routed by the model its body names (or by path, naming none)."""
+
+    route: Route
+    upstream_model: str | None  # what the upstream is sent; None: the body names no model
+    read: ModelBody  # the body as read to route it
+
+
+class PathRoute(NamedTuple):
+    """A request routed by its path; its body is still unread."""
+
+    route: Route
+
+
+@dataclass(frozen=True, slots=True)
+class RealtimeTarget:
+    """Where a realtime handshake goes: the route, and the query to send upstream."""
+
+    route: Route
+    model: str | None
+    upstream_model: str | None
+    query: str
+    client_authorization: str | None  # see client_authorization()
 
 
 class Outbound(NamedTuple):
     """A routed request: all that outbound/forward.py needs to send it, so that
     nothing after routing reaches back into the client's request.
 
-    A named tuple, not a frozen dataclass: made once per request, and a frozen
-    dataclass's ``__init__`` sets each field through ``object.__setattr__``
-    (docs/decisions.md, "The upstream walk costs little per request").
+    Named tuples, not frozen dataclasses, here: each is made once per request,
+    and a frozen dataclass's ``__init__`` sets each field through
+    ``object.__setattr__`` (docs/decisions.md, "The upstream walk costs little
+    per request").
     """
 
     method: str
@@ -68,15 +146,118 @@ def client_authorization(request: web.BaseRequest, runtime: Runtime) -> str | No
     return request.headers.get("Authorization")
 
 
-@dataclass(frozen=True, slots=True)
-class RealtimeTarget:
-    """Where a realtime handshake goes: the route, and the query to send upstream."""
+async def choose_route(
+    request: web.Request, target: Target, caller: Caller, *, runtime: Runtime, ex: Exchange
+) -> ModelRoute | PathRoute | RealtimeTarget:
+    """The request's route, or the error to answer (no route is known then:
+    the request is charged to the caller's general bucket)."""
+    path = target.path
+    if path == REALTIME_PATH and is_websocket_upgrade(request):
+        # Routed by ?model= (README, "Realtime (WebSocket)").
+        realtime = realtime_target(request, target, caller, runtime=runtime)
+        ex.model, ex.upstream_model = realtime.model, realtime.upstream_model
+        ex.metric_model = realtime.route.model or realtime.model or ""
+        return realtime
+    if path in MODEL_PATHS and request.method == "POST":
+        return await _route_by_model(request, target, caller, runtime=runtime, ex=ex)
+    route = runtime.table.resolve_path(path)
+    if route is None:
+        raise _no_route(request.method, target)
+    return PathRoute(route)
 
-    route: Route
-    model: str | None
-    upstream_model: str | None
-    query: str
-    client_authorization: str | None  # see client_authorization()
+
+async def _route_by_model(
+    request: web.Request, target: Target, caller: Caller, *, runtime: Runtime, ex: Exchange
+) -> ModelRoute:
+    read = await read_model_body(request, runtime.settings.server)
+    ex.bytes_in = len(read.body)
+    found = read.found
+    if found is None:
+        # No model at all (a stored prompt names its own, and OpenAI makes
+        # it optional on moderations and images): routed by path.
+        return ModelRoute(_route_without_model(runtime, caller, target.path), None, read)
+    vet_model(found.model)
+    ex.model = found.model
+    match = runtime.table.resolve(found.model)
+    if match is None:
+        raise model_not_found(found.model)
+    # Metrics label: the table's entry (a glob, an exact or discovered id),
+    # never the client's string, so the label set stays bounded.
+    ex.metric_model = match.route.model or found.model
+    if not KeyTable.allows(caller.key, found.model):
+        raise model_not_allowed(found.model)
+    ex.upstream_model = match.upstream_model
+    return ModelRoute(match.route, match.upstream_model, read)
+
+
+def _route_without_model(runtime: Runtime, caller: Caller, path: str) -> Route:
+    """The route of a model-routed request whose body names no model: the path
+    routes, then the default route, as for a model-less path; else ``missing_model``."""
+    route = runtime.table.resolve_path(path)
+    if route is None:
+        raise ModelAbsent()
+    if caller.key is not None and caller.key.models is not None:
+        # The upstream would pick its own default model, which the key's list
+        # could not have allowed.
+        raise ModelNotAllowed("this key must name a model", param="model")
+    return route
+
+
+def _no_route(method: str, target: Target) -> ProxyError:
+    """The error for a request no route serves: 405 on a path that is served with
+    another method (a model path takes POST; the proxy answers GET on its model
+    list), else 404."""
+    path = target.path
+    if path in MODEL_PATHS:
+        return MethodNotAllowed(
+            f"{method} is not allowed on /v1/{path}; use POST.", headers={"Allow": "POST"}
+        )
+    if path == "models" or (path.startswith("models/") and len(path) > len("models/")):
+        return MethodNotAllowed(
+            f"{method} is not allowed on /v1/{clip(path)}; use GET.", headers={"Allow": "GET"}
+        )
+    return NotFound(f"Unknown request URL: {method} {clip(target.raw_path)}.")
+
+
+async def prepare(
+    request: web.Request,
+    chosen: ModelRoute | PathRoute,
+    target: Target,
+    *,
+    runtime: Runtime,
+    ex: Exchange,
+) -> Outbound:
+    """The routed request to send: a model-routed body rewritten for the
+    upstream's model, a large form's rest streamed on; a path-routed body read
+    or streamed (an error here is charged to the route's bucket)."""
+    headers = request.headers
+    if isinstance(chosen, PathRoute):
+        body = await read_path_body(request, runtime.settings.server)
+        if not isinstance(body, BodyStream):
+            ex.bytes_in = len(body)
+    else:
+        read = chosen.read
+        found = read.found
+        body = read.body
+        upstream_model = chosen.upstream_model
+        if found is not None and upstream_model is not None:
+            if upstream_model != found.model:
+                if read.routable is not read.body:
+                    # A compressed body is rewritten and sent uncompressed (see README).
+                    headers = _without(request, "Content-Encoding")
+                body = rewrite_model(read.routable, found, upstream_model)
+            if read.boundary is not None:
+                body = stream_form_rest(request, read, body)
+    authorization = client_authorization(request, runtime)
+    return Outbound(
+        request.method, chosen.route, target.path, target.query, headers, body, authorization
+    )
+
+
+def _without(request: web.Request, header: str) -> CIMultiDictProxy[str]:
+    kept = CIMultiDict(request.headers)
+    kept.popall(header, None)
+    return CIMultiDictProxy(kept)
 
 
 def is_websocket_upgrade(request: web.BaseRequest) -> bool:
@@ -87,24 +268,19 @@ def is_websocket_upgrade(request: web.BaseRequest) -> bool:
 
 
 def realtime_target(
-    request: web.BaseRequest,
-    runtime: Runtime,
-    caller: Caller,
-    *,
-    query: str,
-    query_models: Sequence[str],
+    request: web.BaseRequest, target: Target, caller: Caller, *, runtime: Runtime
 ) -> RealtimeTarget:
     """Resolve the handshake's route from ``?model=``, or raise the error to answer.
 
-    ``query`` is the vetted query (credential parameters removed) and
-    ``query_models`` the ``model`` values in it (handlers.vet_query); more
-    than one was already refused.
+    ``target`` holds the vetted query (credential parameters removed) and its
+    one ``model`` value (head.vet_target refused two).
     """
     if request.body_exists:
         # A body on an upgrade request is a smuggling attempt (CVE-2026-69243).
         raise InvalidRequest("A WebSocket handshake must not have a body.", code="body_not_allowed")
-    model = query_models[0] if query_models else ""
+    model = target.query_model or ""
     check_model_id(model)
+    query = target.query
     if not model:
         route = runtime.table.resolve_path(REALTIME_PATH)
         if route is None:
@@ -118,7 +294,7 @@ def realtime_target(
     if match is None:
         raise model_not_found(model)
     if not KeyTable.allows(caller.key, model):
-        raise ModelNotAllowed(f"Your key may not use the model '{clip(model)}'.", param="model")
+        raise model_not_allowed(model)
     upstream_model = match.upstream_model
     if upstream_model != model:
         query = _with_model(query, upstream_model)
@@ -132,7 +308,7 @@ def _with_model(query: str, model: str) -> str:
     parts = query.split("&")
     for i, part in enumerate(parts):
         name = part.partition("=")[0]
-        # The same reading of a name as handlers.vet_query's.
+        # The same reading of a name as head.vet_query's.
         if unquote(name.replace("+", " ")).lower() == "model":
             parts[i] = f"{name}={value}"
     return "&".join(parts)

@@ -42,7 +42,7 @@ class UpstreamPlan:
 
     def url_for(self, path: str, query_string: str) -> URL:
         """``<base url>/<path>?<query>``; both are raw (still percent-encoded) and
-        already vetted: no ``..`` segment, no encoded slash (see handlers.py)."""
+        already vetted: no ``..`` segment, no encoded slash (see inbound/head.py)."""
         text = f"{self.base}/{path}"
         if query_string:
             text = f"{text}?{query_string}"

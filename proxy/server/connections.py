@@ -66,7 +66,6 @@ from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
 
 from .. import SERVER
-from ..admission.admission import identify
 from ..client.timers import Ticker
 from ..config.settings import ServerSettings
 from ..errors import (
@@ -81,6 +80,7 @@ from ..errors import (
     error_response,
 )
 from ..inbound.body import close_without_lingering
+from ..inbound.head import identify
 from ..observe import OUR_REQUEST_ID_HEADER, Exchange, Outcome, new_request_id, request_id_for
 from ..observe.observer import Observer
 from .keys import OBSERVER, RUNTIME
