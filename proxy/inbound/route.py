@@ -70,6 +70,7 @@ __all__ = [
     "client_authorization",
     "is_websocket_upgrade",
     "prepare",
+    "prepare_path",
     "realtime_target",
 ]
 
@@ -150,44 +151,43 @@ async def choose_route(
     request: web.Request, target: Target, caller: Caller, *, runtime: Runtime, ex: Exchange
 ) -> ModelRoute | PathRoute | RealtimeTarget:
     """The request's route, or the error to answer (no route is known then:
-    the request is charged to the caller's general bucket)."""
+    the request is charged to the caller's general bucket).
+
+    One coroutine, the model's road inline: each layer would be one more
+    frame per request (docs/decisions.md, "The upstream walk costs little per
+    request").
+    """
     path = target.path
+    if path in MODEL_PATHS and request.method == "POST":
+        read = await read_model_body(request, runtime.settings.server)
+        ex.bytes_in = len(read.body)
+        found = read.found
+        if found is None:
+            # No model at all (a stored prompt names its own, and OpenAI makes
+            # it optional on moderations and images): routed by path.
+            return ModelRoute(_route_without_model(runtime, caller, path), None, read)
+        vet_model(found.model)
+        ex.model = found.model
+        match = runtime.table.resolve(found.model)
+        if match is None:
+            raise model_not_found(found.model)
+        # Metrics label: the table's entry (a glob, an exact or discovered id),
+        # never the client's string, so the label set stays bounded.
+        ex.metric_model = match.route.model or found.model
+        if not KeyTable.allows(caller.key, found.model):
+            raise model_not_allowed(found.model)
+        ex.upstream_model = match.upstream_model
+        return ModelRoute(match.route, match.upstream_model, read)
     if path == REALTIME_PATH and is_websocket_upgrade(request):
         # Routed by ?model= (README, "Realtime (WebSocket)").
         realtime = realtime_target(request, target, caller, runtime=runtime)
         ex.model, ex.upstream_model = realtime.model, realtime.upstream_model
         ex.metric_model = realtime.route.model or realtime.model or ""
         return realtime
-    if path in MODEL_PATHS and request.method == "POST":
-        return await _route_by_model(request, target, caller, runtime=runtime, ex=ex)
     route = runtime.table.resolve_path(path)
     if route is None:
         raise _no_route(request.method, target)
     return PathRoute(route)
-
-
-async def _route_by_model(
-    request: web.Request, target: Target, caller: Caller, *, runtime: Runtime, ex: Exchange
-) -> ModelRoute:
-    read = await read_model_body(request, runtime.settings.server)
-    ex.bytes_in = len(read.body)
-    found = read.found
-    if found is None:
-        # No model at all (a stored prompt names its own, and OpenAI makes
-        # it optional on moderations and images): routed by path.
-        return ModelRoute(_route_without_model(runtime, caller, target.path), None, read)
-    vet_model(found.model)
-    ex.model = found.model
-    match = runtime.table.resolve(found.model)
-    if match is None:
-        raise model_not_found(found.model)
-    # Metrics label: the table's entry (a glob, an exact or discovered id),
-    # never the client's string, so the label set stays bounded.
-    ex.metric_model = match.route.model or found.model
-    if not KeyTable.allows(caller.key, found.model):
-        raise model_not_allowed(found.model)
-    ex.upstream_model = match.upstream_model
-    return ModelRoute(match.route, match.upstream_model, read)
 
 
 def _route_without_model(runtime: Runtime, caller: Caller, path: str) -> Route:
@@ -219,38 +219,47 @@ def _no_route(method: str, target: Target) -> ProxyError:
     return NotFound(f"Unknown request URL: {method} {clip(target.raw_path)}.")
 
 
-async def prepare(
-    request: web.Request,
-    chosen: ModelRoute | PathRoute,
-    target: Target,
-    *,
-    runtime: Runtime,
-    ex: Exchange,
+def prepare(
+    request: web.Request, chosen: ModelRoute, target: Target, *, runtime: Runtime
 ) -> Outbound:
-    """The routed request to send: a model-routed body rewritten for the
-    upstream's model, a large form's rest streamed on; a path-routed body read
-    or streamed (an error here is charged to the route's bucket)."""
+    """The model-routed request to send: the body rewritten for the upstream's
+    model (a compressed one sent inflated), a large form's rest streamed on."""
+    read = chosen.read
+    found = read.found
     headers = request.headers
-    if isinstance(chosen, PathRoute):
-        body = await read_path_body(request, runtime.settings.server)
-        if not isinstance(body, BodyStream):
-            ex.bytes_in = len(body)
-    else:
-        read = chosen.read
-        found = read.found
-        body = read.body
-        upstream_model = chosen.upstream_model
-        if found is not None and upstream_model is not None:
-            if upstream_model != found.model:
-                if read.routable is not read.body:
-                    # A compressed body is rewritten and sent uncompressed (see README).
-                    headers = _without(request, "Content-Encoding")
-                body = rewrite_model(read.routable, found, upstream_model)
-            if read.boundary is not None:
-                body = stream_form_rest(request, read, body)
+    head = read.body
+    upstream_model = chosen.upstream_model
+    if found is not None and upstream_model is not None and upstream_model != found.model:
+        if read.routable is not read.body:
+            # A compressed body is rewritten and sent uncompressed (see README).
+            headers = _without(request, "Content-Encoding")
+        head = rewrite_model(read.routable, found, upstream_model)
+    body: BodyBytes | BodyStream = head
+    if found is not None and read.boundary is not None:
+        body = stream_form_rest(request, read, head)  # a large form: its rest still to come
     authorization = client_authorization(request, runtime)
     return Outbound(
         request.method, chosen.route, target.path, target.query, headers, body, authorization
+    )
+
+
+async def prepare_path(
+    request: web.Request, chosen: PathRoute, target: Target, *, runtime: Runtime, ex: Exchange
+) -> Outbound:
+    """The path-routed request to send, its body read whole or streamed (an
+    error here is charged to the route's bucket)."""
+    body = await read_path_body(request, runtime.settings.server)
+    if not isinstance(body, BodyStream):
+        ex.bytes_in = len(body)
+    authorization = client_authorization(request, runtime)
+    return Outbound(
+        request.method,
+        chosen.route,
+        target.path,
+        target.query,
+        request.headers,
+        body,
+        authorization,
     )
 
 

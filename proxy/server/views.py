@@ -22,7 +22,14 @@ from ..config.settings import Route
 from ..errors import ProxyError, model_not_found
 from ..inbound.body import BodyStream
 from ..inbound.head import identify, vet_head, vet_target
-from ..inbound.route import RealtimeTarget, choose_route, prepare
+from ..inbound.route import (
+    ModelRoute,
+    PathRoute,
+    RealtimeTarget,
+    choose_route,
+    prepare,
+    prepare_path,
+)
 from ..observe import EXCHANGE, Exchange, request_id_for
 from ..outbound.forward import Answered
 from ..outbound.relay import relay
@@ -88,8 +95,8 @@ async def _route_and_send(
     The stages, each a call into inbound/ or outbound/: the head vetted
     (:class:`~proxy.inbound.head.Target`), the route chosen (a model-, path-
     or realtime route), the routed request prepared
-    (:class:`~proxy.inbound.route.Outbound`), then sent. Everything read for
-    routing lives in this frame only, gone once the answer is relayed.
+    (:class:`~proxy.inbound.route.Outbound`), then sent. What routing read
+    lives in this frame only, gone once the answer is relayed.
     """
     app = request.app
     admission = app[LIMITER]
@@ -112,10 +119,12 @@ async def _route_and_send(
         target = vet_target(raw_path, raw_query)
         chosen = await choose_route(request, target, caller, runtime=runtime, ex=ex)
         route = chosen.route  # from here, an error is charged to the route's bucket
-        if isinstance(chosen, RealtimeTarget):
-            outbound = None
+        if isinstance(chosen, ModelRoute):
+            outbound = prepare(request, chosen, target, runtime=runtime)
+        elif isinstance(chosen, PathRoute):
+            outbound = await prepare_path(request, chosen, target, runtime=runtime, ex=ex)
         else:
-            outbound = await prepare(request, chosen, target, runtime=runtime, ex=ex)
+            outbound = None
         ex.route = route.describe()
     except ProxyError:
         if not charged:
