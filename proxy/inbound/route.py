@@ -50,9 +50,12 @@ from .body import (
     BodyBytes,
     BodyStream,
     ModelBody,
-    read_model_body,
+    model_body,
+    read_body,
+    read_form_head,
     read_path_body,
     stream_form_rest,
+    streamable_form,
 )
 from .head import Target, vet_model
 from .model import ModelAbsent, rewrite_model
@@ -153,13 +156,18 @@ async def choose_route(
     """The request's route, or the error to answer (no route is known then:
     the request is charged to the caller's general bucket).
 
-    One coroutine, the model's road inline: each layer would be one more
-    frame per request (docs/decisions.md, "The upstream walk costs little per
-    request").
+    One coroutine, the model's road inline, the body's read awaited here:
+    each layer would be one more frame per request (docs/decisions.md, "The
+    upstream walk costs little per request").
     """
     path = target.path
     if path in MODEL_PATHS and request.method == "POST":
-        read = await read_model_body(request, runtime.settings.server)
+        server = runtime.settings.server
+        boundary = streamable_form(request)
+        if boundary is None:
+            read = model_body(request, await read_body(request, server), server)
+        else:
+            read = await read_form_head(request, boundary, server)
         ex.bytes_in = len(read.body)
         found = read.found
         if found is None:

@@ -89,12 +89,10 @@ async def _route_and_send(
     raw_path: str,
     raw_query: str,
 ) -> web.StreamResponse | Answered:
-    """Admit, vet, route and send the request: the upstream's answer to relay,
-    or a response of the proxy's own (realtime).
-
-    The stages, each a call into inbound/ or outbound/: the head vetted
-    (:class:`~proxy.inbound.head.Target`), the route chosen (a model-, path-
-    or realtime route), the routed request prepared
+    """Admit, vet, route and send: the upstream's answer to relay, or a
+    response of the proxy's own (realtime). The stages are calls into inbound/
+    and outbound/: the head vetted (:class:`~proxy.inbound.head.Target`), the
+    route chosen, the routed request prepared
     (:class:`~proxy.inbound.route.Outbound`), then sent. What routing read
     lives in this frame only, gone once the answer is relayed.
     """
