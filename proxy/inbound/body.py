@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Coroutine
 from dataclasses import dataclass
-from typing import Final, NamedTuple, TypeVar
+from typing import Final, TypeVar
 
 import aiohttp
 from aiohttp import StreamReader, web
@@ -318,9 +318,11 @@ def close_without_lingering(request: web.BaseRequest) -> None:
         protocol._keepalive = False
 
 
-class ModelBody(NamedTuple):
+@dataclass(slots=True)
+class ModelBody:
     """A model-routed request's body as read to route it (:func:`model_body`,
-    :func:`read_form_head`)."""
+    :func:`read_form_head`); never changed after. Slotted, not frozen, as
+    :class:`~proxy.inbound.head.Target` is."""
 
     body: BodyBytes  # as read: the whole body, or a large form's head
     routable: BodyBytes  # decoded for routing (differs when compressed)

@@ -99,15 +99,21 @@ MODEL_PATHS = MODEL_JSON_PATHS | MODEL_FORM_PATHS
 REALTIME_PATH = "realtime"
 
 
-class ModelRoute(NamedTuple):
-    """A request routed by the model its body names (or by path, naming none)."""
+@dataclass(slots=True)
+class ModelRoute:
+    """A request routed by the model its body names (or by path, naming none).
+
+    This and :class:`PathRoute` are slotted, not frozen, as
+    :class:`~proxy.inbound.head.Target` is; never changed after.
+    """
 
     route: Route
     upstream_model: str | None  # what the upstream is sent; None: the body names no model
     read: ModelBody  # the body as read to route it
 
 
-class PathRoute(NamedTuple):
+@dataclass(slots=True)
+class PathRoute:
     """A request routed by its path; its body is still unread."""
 
     route: Route
