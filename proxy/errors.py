@@ -65,6 +65,8 @@ __all__ = [
     "error_body",
     "error_response",
     "from_http_exception",
+    "model_not_allowed",
+    "model_not_found",
 ]
 
 ERROR_HEADER = "x-oaimux-error"
@@ -217,6 +219,11 @@ def model_not_found(model: str) -> NotFound:
         code="model_not_found",
         param="model",
     )
+
+
+def model_not_allowed(model: str) -> ModelNotAllowed:
+    """The 403 for a model the caller's proxy key may not use."""
+    return ModelNotAllowed(f"Your key may not use the model '{clip(model)}'.", param="model")
 
 
 def error_body(message: str, type_: str, code: str | None, param: str | None = None) -> bytes:

@@ -9,10 +9,11 @@ and takes exactly one token from exactly one bucket (:func:`choose_limit`):
 - otherwise the key's own ``rate_limit`` when the caller's proxy key has one;
 - otherwise the global ``rate_limit`` (no limit at all when there is none).
 
-The client is the proxy key's name when proxy keys are configured and the
-caller presented a valid one; otherwise the client address (see clientip.py),
-IPv6 per /64. A failed key check is charged to the caller's address under the
-global limit, so guessing keys is rate limited too.
+The client (a :class:`Caller`, made by inbound/head.py's ``identify``) is the
+proxy key's name when proxy keys are configured and the caller presented a
+valid one; otherwise the client address (see clientip.py), IPv6 per /64. A
+failed key check is charged to the caller's address under the global limit,
+so guessing keys is rate limited too.
 
 :class:`Admission` owns the bucket storage and what happens when the storage
 cannot be reached (``rate_limit.on_storage_error``: let requests through with
@@ -26,24 +27,17 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
-
-from aiohttp import web
 
 from ..config.settings import AuthKey, RateLimitSettings, Route, Settings
 from ..errors import RateLimited, ServiceUnavailable, Unauthorized
 from ..observe.failurelog import TEN_MINUTES, FailureLog
-from ..runtime.runtime import Runtime
 from .buckets import Decision, RateLimiter, StorageUnavailable
-from .clientip import client_address, limit_key
-from .proxy_keys import presented_key
+from .clientip import limit_key
 
 __all__ = [
     "Admission",
     "Caller",
-    "charge",
     "choose_limit",
-    "identify",
     "openai_duration",
     "rate_limited",
     "unauthorized",
@@ -63,28 +57,6 @@ class Caller:
         if self.key is not None:
             return f"key:{self.key.name}"
         return f"ip:{limit_key(self.address)}"
-
-
-def identify(request: web.BaseRequest, runtime: Runtime) -> Caller:
-    # aiohttp reads the peer address once per connection (request.remote);
-    # asking the transport would be a getpeername() system call per request.
-    host = request.remote
-    if runtime.trusts_proxies:
-        forwarded = request.headers.getall("X-Forwarded-For", ())
-        address = client_address(host, forwarded, runtime.trusted)
-    else:
-        address = client_address(host, (), runtime.trusted)
-    if not runtime.keyed:
-        return _anonymous(address)
-    key = runtime.keys.authenticate(presented_key(request.headers))
-    return Caller(address, key, key is not None)
-
-
-@lru_cache(maxsize=8192)
-def _anonymous(address: str) -> Caller:
-    """The caller of an open proxy (no keys): one per address, made once
-    (bounded: a flood of addresses only evicts)."""
-    return Caller(address, None, True)
 
 
 def choose_limit(
@@ -173,17 +145,17 @@ class Admission:
     async def close(self) -> None:
         await self.storage.close()
 
-    async def charge(self, runtime: Runtime, caller: Caller, route: Route | None) -> None:
+    async def charge(self, settings: Settings, caller: Caller, route: Route | None) -> None:
         """Take one token for this request, or raise :class:`RateLimited`
         (or :class:`ServiceUnavailable` when the storage is down and policy is closed)."""
-        chosen = choose_limit(runtime.settings, caller, route)
+        chosen = choose_limit(settings, caller, route)
         if chosen is None:
             return
         limit, key = chosen
         try:
             decision = await self.storage.acquire(key, limit)
         except StorageUnavailable as exc:
-            fail_open = runtime.settings.rate_limit_fail_open
+            fail_open = settings.rate_limit_fail_open
             self._storage_failed(exc, fail_open)
             if fail_open:
                 return
@@ -203,13 +175,6 @@ class Admission:
             f"unavailable ({exc}); failing "
             + ("open: requests pass unlimited" if fail_open else "closed: requests get 503")
         )
-
-
-async def charge(
-    admission: Admission, runtime: Runtime, caller: Caller, route: Route | None
-) -> None:
-    """Take one token for this request (see :meth:`Admission.charge`)."""
-    await admission.charge(runtime, caller, route)
 
 
 def unauthorized() -> Unauthorized:

@@ -63,12 +63,8 @@ from ..admission.admission import Admission, Caller
 from ..client import Origin
 from ..client.failures import DISCONNECTED, connect_failure, reset
 from ..errors import InvalidRequest, ProxyError, RateLimited, UpstreamUnavailable
-from ..inbound.route import (
-    RealtimeTarget,
-    ResponsesTurns,
-    client_authorization,
-    responses_target,
-)
+from ..inbound.responses_route import ResponsesTurns, responses_target
+from ..inbound.route import RealtimeTarget, client_authorization
 from ..observe import Exchange
 from ..observe.observer import Observer
 from ..runtime.runtime import Runtime, UpstreamPlan
@@ -192,7 +188,7 @@ class RealtimeProxy:
             _describe(ex, target)
             if target.route.rate_limit is not None:
                 # The handshake was charged before the route was known.
-                await self._admission.charge(runtime, caller, target.route)
+                await self._admission.charge(runtime.settings, caller, target.route)
             upstream = await self._open_responses(request, target, first, runtime, ex)
         except ProxyError as err:
             await refuse_session(client, err, ex)
@@ -209,7 +205,7 @@ class RealtimeProxy:
             checked = turns.check(message)
             if checked is None:
                 return message
-            await admission.charge(runtime, caller, target.route)
+            await admission.charge(runtime.settings, caller, target.route)
             return checked
 
         await Tunnel(client, upstream, ex, vet).run(None, self._sessions)

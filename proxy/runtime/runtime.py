@@ -51,7 +51,7 @@ class UpstreamPlan:
 
     def url_for(self, path: str, query_string: str) -> URL:
         """``<base url>/<path>?<query>``; both are raw (still percent-encoded) and
-        already vetted: no ``..`` segment, no encoded slash (see handlers.py).
+        already vetted: no ``..`` segment, no encoded slash (see inbound/head.py).
         The upstream's own query parameters are added (:meth:`query_for`)."""
         text = f"{self.base}/{path}"
         query_string = self.query_for(query_string)

@@ -7,14 +7,9 @@ import json
 import pytest
 
 from proxy.errors import InvalidRequest
-from proxy.inbound.findmodel import (
-    ModelAbsent,
-    _find_exact,
-    _find_in_one_scan,
-    find_json_model,
-    find_multipart_model,
-    rewrite_model,
-)
+from proxy.inbound.json_model import _find_exact, _find_in_one_scan, find_json_model
+from proxy.inbound.model import ModelAbsent, rewrite_model
+from proxy.inbound.multipart_model import find_multipart_model
 
 
 @pytest.mark.parametrize(

@@ -71,25 +71,19 @@ DECLARATIVE: Mapping[str, str] = {}
 PENDING: Mapping[str, frozenset[str]] = {
     "imports": frozenset(
         {
-            # identify() moves to inbound/ (architecture: admission no longer imports Runtime)
-            "proxy.admission.admission -> proxy.runtime.runtime",
         }
     ),
     "modules": frozenset(
         {
-            "proxy/inbound/findmodel.py",  # split into the model finders
-            "proxy/server/views.py",  # _proxy's stages move to inbound/
             "proxy/outbound/realtime.py",  # the Responses WebSocket's leg moves out
         }
     ),
     "function lines": frozenset(
         {
-            "proxy/inbound/findmodel.py::_find_exact",
-            "proxy/server/views.py::_proxy",
             "proxy/outbound/relay.py::relay",  # the client-left outcome moves out
         }
     ),
-    "parameters": frozenset({"proxy/server/views.py::_proxy"}),
+    "parameters": frozenset(),
 }
 
 
