@@ -26,6 +26,7 @@ __all__ = [
     "CorsSettings",
     "EnvSubstitution",
     "HeaderRewrite",
+    "Limits",
     "LogSettings",
     "MetricsSettings",
     "RateLimitSettings",
@@ -35,6 +36,7 @@ __all__ = [
     "ServerSettings",
     "Settings",
     "Timeouts",
+    "TokenBudget",
     "Upstream",
 ]
 
@@ -71,6 +73,32 @@ class RateLimitSettings:
     @property
     def refill_per_second(self) -> float:
         return self.requests_per_minute / 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class TokenBudget:
+    """Token buckets: ``per_minute`` tokens refilled continuously over a minute,
+    ``per_day`` over 24 hours (``None``: that window is not limited).
+
+    A request reserves an estimate before it is sent (README: Token budgets):
+    its output part is the request's own output cap, else
+    ``default_output_tokens``, and never more than ``max_output_reservation``
+    (``None``: no cap). ``enforce`` false counts without ever refusing.
+    """
+
+    per_minute: int | None
+    per_day: int | None
+    default_output_tokens: int = 1024
+    max_output_reservation: int | None = 4096
+    enforce: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """One ``rate_limit`` block: a request bucket, token buckets, or both."""
+
+    requests: RateLimitSettings | None
+    tokens: TokenBudget | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,7 +227,7 @@ class Route:
     default: bool = False
     balance: Balance | None = None
     rewrite_model: str | None = None
-    rate_limit: RateLimitSettings | None = None
+    rate_limit: Limits | None = None
     # Move on to the next upstream after a response timeout (it may bill twice).
     fallback_on_timeout: bool = False
     discover: bool = False  # models: discover
@@ -226,7 +254,7 @@ class AuthKey:
     name: str
     sha256: bytes = field(repr=False)
     models: tuple[str, ...] | None = None  # globs; None means every model
-    rate_limit: RateLimitSettings | None = None
+    rate_limit: Limits | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,7 +277,7 @@ class Settings:
     server: ServerSettings
     log: LogSettings
     metrics: MetricsSettings
-    rate_limit: RateLimitSettings | None
+    rate_limit: Limits | None
     rate_limit_storage: str | None  # None: in memory; else a redis:// URL
     rate_limit_fail_open: bool
     upstreams: Mapping[str, Upstream]

@@ -265,14 +265,17 @@ def decoded_for_routing(body: BodyBytes, content_encoding: str | None, limit: in
     return out
 
 
-def find_model(body: BodyBytes, content_type_header: str) -> FoundModel | None:
-    """The model of a model-routed request: multipart form field or JSON key;
+def find_model(
+    body: BodyBytes, content_type_header: str, output_cap: bool = False
+) -> FoundModel | None:
+    """The model of a model-routed request: multipart form field or JSON key
+    (with ``output_cap``, a JSON body's output cap too; see findmodel.py);
     None when the body names none at all (it may be routed by path)."""
     mime = parse_mimetype(content_type_header)
     try:
         if mime.type == "multipart" and mime.subtype == "form-data":
             return find_multipart_model(body, multipart_boundary(dict(mime.parameters)))
-        return find_json_model(body)
+        return find_json_model(body, None, output_cap)
     except ModelAbsent:
         return None
 

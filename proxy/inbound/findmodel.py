@@ -9,6 +9,11 @@ the top-level keys. Two top-level ``model`` keys are refused as ambiguous: a
 parser that keeps the first and one that keeps the last would disagree about
 where the request goes (README, "One parse decides").
 
+Asked to (a token budget applies, README: Token budgets), the same walk also
+reads the request's output cap: the largest whole-number top-level
+``max_tokens``, ``max_completion_tokens`` or ``max_output_tokens``. Never a
+second parse: the cap's values are among the top-level pairs already in hand.
+
 Most bodies take a shorter road to the same answer (:func:`_find_in_one_scan`):
 one C scan of the whole body yields its top-level pairs, and the model's
 offsets are then found by stepping over the few top-level values beside it.
@@ -27,9 +32,8 @@ from __future__ import annotations
 import json
 import json.decoder
 import re
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, NamedTuple
 
 from ..errors import InvalidRequest
 
@@ -57,9 +61,11 @@ _scan_pairs: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder(
 ).scan_once  # type: ignore[attr-defined]
 
 
-@dataclass(frozen=True, slots=True)
-class FoundModel:
-    """The model's value and where its encoded form sits in the body (byte offsets)."""
+class FoundModel(NamedTuple):
+    """The model's value and where its encoded form sits in the body (byte offsets).
+
+    A tuple, made once per request: a frozen dataclass costs twice as much
+    to build."""
 
     model: str
     start: int  # first byte of the value as it is encoded in the body
@@ -67,6 +73,28 @@ class FoundModel:
     # For JSON the value is replaced by a JSON string; for multipart by raw bytes.
     json_value: bool
     codec: str = "utf-8"  # how a replacement value is encoded (the body's own encoding)
+    # The request's output cap, when asked for and present (JSON bodies only).
+    output_cap: int | None = None
+
+
+# A request's own bound on its output, by API: Chat Completions (max_tokens,
+# and max_completion_tokens for reasoning models), Responses (max_output_tokens).
+_CAP_KEYS = frozenset(("max_tokens", "max_completion_tokens", "max_output_tokens"))
+
+
+def _output_cap(pairs: Iterable[tuple[str, Any]]) -> int | None:
+    """The largest whole-number cap among ``pairs`` (key, decoded value).
+
+    The largest, so a body naming two caps (or one twice, which parsers read
+    differently) is never reserved for less than the upstream may produce.
+    Anything else (null, a float, a string) is no cap.
+    """
+    cap: int | None = None
+    for key, value in pairs:
+        if key in _CAP_KEYS and type(value) is int and value >= 0:
+            if cap is None or value > cap:
+                cap = value
+    return cap
 
 
 _MISSING_MESSAGE = "you must provide a model parameter"
@@ -97,8 +125,11 @@ def _invalid_json(detail: str) -> InvalidRequest:
     )
 
 
-def find_json_model(body: bytes | bytearray, exact_limit: int | None = None) -> FoundModel:
-    """Return the top-level ``model`` of a JSON object body.
+def find_json_model(
+    body: bytes | bytearray, exact_limit: int | None = None, output_cap: bool = False
+) -> FoundModel:
+    """Return the top-level ``model`` of a JSON object body (with ``output_cap``,
+    also the request's output cap, see the module docstring).
 
     Raises :class:`InvalidRequest` with code ``invalid_json`` when ``json.loads``
     would reject the body, :class:`ModelAbsent` (``missing_model``) when the
@@ -114,16 +145,16 @@ def find_json_model(body: bytes | bytearray, exact_limit: int | None = None) -> 
         encoding = json.detect_encoding(body)
         if encoding == "utf-8":
             try:
-                return _find_structural(body)
+                return _find_structural(body, output_cap)
             except _TooManySteps:
                 pass  # many small values: the C scanner below is faster
     elif len(body) > 1 and body[0] in _OBJECT_OPENING and body[1]:
         # Two non-NUL bytes, the first "{" or whitespace: what
         # json.detect_encoding calls UTF-8 (BOMs and UTF-16/32 start otherwise).
-        found = _find_in_one_scan(body)
+        found = _find_in_one_scan(body, output_cap)
         if found is not None:
             return found
-    return _find_exact(body)
+    return _find_exact(body, output_cap)
 
 
 _OBJECT_OPENING = b"{ \t\n\r"
@@ -137,7 +168,7 @@ _MAX_CANDIDATES = 4
 _SEARCH_LIMIT = 4096
 
 
-def _find_in_one_scan(body: bytes | bytearray) -> FoundModel | None:
+def _find_in_one_scan(body: bytes | bytearray, output_cap: bool = False) -> FoundModel | None:
     """:func:`find_json_model` for a UTF-8 body, or None: take the long way.
 
     :func:`_scan_pairs` validates the body exactly as ``json.loads`` does and
@@ -190,6 +221,8 @@ def _find_in_one_scan(body: bytes | bytearray) -> FoundModel | None:
         else:
             stop = len(body) - len(text[stop:].encode("utf-8", "surrogatepass"))
             start = stop - width
+    if output_cap:
+        return FoundModel(model, start, stop, True, output_cap=_output_cap(pairs))
     return FoundModel(model, start, stop, True)
 
 
@@ -319,8 +352,9 @@ def _ambiguous() -> InvalidRequest:
     )
 
 
-def _find_exact(body: bytes | bytearray) -> FoundModel:
+def _find_exact(body: bytes | bytearray, output_cap: bool = False) -> FoundModel:
     """The walk over the top-level object described in the module docstring."""
+    caps: list[tuple[str, Any]] = []  # the cap pairs met, when output_cap
     try:
         encoding = json.detect_encoding(body)
         text = body.decode(encoding, "surrogatepass")
@@ -365,6 +399,8 @@ def _find_exact(body: bytes | bytearray) -> FoundModel:
                         param="model",
                     )
                 found = (value, value_start, pos) if isinstance(value, str) else ("", -1, -1)
+            elif output_cap and key in _CAP_KEYS:
+                caps.append((key, value))
             pos = _skip_ws(text, pos).end()
             if pos < n and text[pos] == ",":
                 pos = _skip_ws(text, pos + 1).end()
@@ -383,15 +419,17 @@ def _find_exact(body: bytes | bytearray) -> FoundModel:
     if encoding != "utf-8":
         # Rare (UTF-16/32, or a UTF-8 BOM): offsets in code units must be mapped
         # to bytes by encoding the prefix in the body's own encoding.
-        return _with_byte_offsets(body, text, encoding, model, start, end)
-    if text.isascii():
-        return FoundModel(model, start, end, True)
-    return FoundModel(
-        model,
-        len(text[:start].encode("utf-8", "surrogatepass")),
-        len(text[:end].encode("utf-8", "surrogatepass")),
-        True,
-    )
+        result = _with_byte_offsets(body, text, encoding, model, start, end)
+    elif text.isascii():
+        result = FoundModel(model, start, end, True)
+    else:
+        result = FoundModel(
+            model,
+            len(text[:start].encode("utf-8", "surrogatepass")),
+            len(text[:end].encode("utf-8", "surrogatepass")),
+            True,
+        )
+    return result._replace(output_cap=_output_cap(caps)) if caps else result
 
 
 def _with_byte_offsets(
@@ -512,7 +550,7 @@ def _decode_string(body: bytes | bytearray, start: int, end: int) -> str:
     return value
 
 
-def _find_structural(body: bytes | bytearray) -> FoundModel:
+def _find_structural(body: bytes | bytearray, output_cap: bool = False) -> FoundModel:
     """The top-level walk of :func:`find_json_model` on UTF-8 bytes, for large bodies.
 
     Top-level keys and the model's value are decoded exactly as json.loads
@@ -528,6 +566,7 @@ def _find_structural(body: bytes | bytearray) -> FoundModel:
     pos = _ws_end(body, pos + 1)
     found: FoundModel | None = None
     missing = False
+    caps: list[tuple[str, Any]] = []  # the cap pairs met, when output_cap
     if pos < n and body[pos] == 0x7D:
         pos += 1
     else:
@@ -555,6 +594,8 @@ def _find_structural(body: bytes | bytearray) -> FoundModel:
                     )
                 else:
                     missing = True
+            elif output_cap and key in _CAP_KEYS:
+                caps.append((key, _whole_number(body, value_start, pos)))
             pos = _ws_end(body, pos)
             if pos < n and body[pos] == 0x2C:
                 pos = _ws_end(body, pos + 1)
@@ -569,7 +610,18 @@ def _find_structural(body: bytes | bytearray) -> FoundModel:
         raise _missing()
     if found is None:
         raise ModelAbsent()
-    return found
+    return found._replace(output_cap=_output_cap(caps)) if caps else found
+
+
+_B_INTEGER = re.compile(rb"-?(?:0|[1-9][0-9]*)")
+
+
+def _whole_number(body: bytes | bytearray, start: int, end: int) -> int | None:
+    """The value between ``start`` and ``end`` as json.loads would give it, if it
+    is an integer (the structural scan does not decode values)."""
+    if _B_INTEGER.fullmatch(body, start, end) is None:
+        return None
+    return int(body[start:end])
 
 
 def multipart_boundary(content_type_params: dict[str, str]) -> bytes:

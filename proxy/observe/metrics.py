@@ -14,8 +14,10 @@ The metrics themselves (names, help texts, labels) are declared in
 metric_families.py. Label values are bounded by the configuration: ``model``
 is a routing-table entry (an exact id, a glob pattern, or a discovered id),
 never the string a client sent; ``upstream`` is a configured upstream name;
-``kind``, ``status_class`` and the error ``status`` and ``code`` come from
-fixed sets.
+``key`` is a proxy key's configured name (never the key; ``""`` without proxy
+keys, and a failed key check never reaches a token count); ``kind``,
+``status_class``, ``type``, ``window``, ``reason`` and the error ``status``
+and ``code`` come from fixed sets.
 """
 
 from __future__ import annotations
@@ -124,11 +126,15 @@ class Metrics:
         self.breaker_state = _gauge(families.BREAKER_STATE, own)
         self.errors = _counter(families.ERRORS, own)
         self.tokens = _counter(families.TOKENS, own)
+        self.key_tokens = _counter(families.KEY_TOKENS, own)
+        self.token_limited = _counter(families.TOKEN_LIMITED, own)
+        self.token_limit_not_enforced = _counter(families.TOKEN_LIMIT_NOT_ENFORCED, own)
+        self.tokens_unreconciled = _counter(families.TOKENS_UNRECONCILED, own)
         # Pending since the last sync; the hot path touches only these.
         self.in_flight_now = 0
         self.open_streams_now = 0
         self._pending_requests: dict[tuple[str, str, int], int] = {}
-        self._pending_tokens: dict[tuple[str, str], list[int]] = {}
+        self._pending_tokens: dict[tuple[str, str, str], list[int]] = {}
         self._pending_errors: dict[tuple[int, str], int] = {}
         self._sync_scheduled = False
         self._pending_latency: dict[str, _Observations] = {}
@@ -160,14 +166,22 @@ class Metrics:
         pending[key] = pending.get(key, 0) + 1
 
     def count_tokens(
-        self, model: str, upstream: str, prompt: int | None, completion: int | None
+        self,
+        model: str,
+        upstream: str,
+        key_name: str,
+        prompt: int | None,
+        completion: int | None,
+        cached: int = 0,
     ) -> None:
-        key = (model, upstream)
-        pair = self._pending_tokens.get(key)
-        if pair is None:
-            pair = self._pending_tokens[key] = [0, 0]
-        pair[0] += prompt or 0
-        pair[1] += completion or 0
+        """One answer's usage (``cached`` is part of ``prompt``)."""
+        key = (model, upstream, key_name)
+        counts = self._pending_tokens.get(key)
+        if counts is None:
+            counts = self._pending_tokens[key] = [0, 0, 0]
+        counts[0] += prompt or 0
+        counts[1] += completion or 0
+        counts[2] += cached
 
     def sync(self) -> None:
         """Publish what the hot path counted since the last sync."""
@@ -183,11 +197,17 @@ class Metrics:
         if self._pending_tokens:
             tokens, self._pending_tokens = self._pending_tokens, {}
             labels = self.tokens.labels
-            for (model, upstream), (prompt, completion) in tokens.items():
+            by_key = self.key_tokens.labels
+            for (model, upstream, key_name), (prompt, completion, cached) in tokens.items():
                 if prompt:
                     labels(model, upstream, "prompt").inc(prompt)
+                    if prompt > cached:
+                        by_key(key_name, model, "input").inc(prompt - cached)
+                if cached:
+                    by_key(key_name, model, "cached").inc(cached)
                 if completion:
                     labels(model, upstream, "completion").inc(completion)
+                    by_key(key_name, model, "output").inc(completion)
         if self._pending_latency:
             latency, self._pending_latency = self._pending_latency, {}
             for upstream, seen in latency.items():

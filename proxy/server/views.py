@@ -19,7 +19,7 @@ from aiohttp.http import HttpVersion10, HttpVersion11
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from .. import __version__
-from ..admission.admission import Caller, charge, identify, unauthorized
+from ..admission.admission import Caller, RequestCost, charge, identify, unauthorized
 from ..admission.proxy_keys import KeyTable
 from ..config.settings import Route
 from ..errors import (
@@ -94,6 +94,8 @@ MODEL_PATHS = MODEL_JSON_PATHS | MODEL_FORM_PATHS
 _KEY_PARAMS = frozenset({"key", "api-key", "api_key", "apikey", "access_token", "token"})
 _BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _HTTP_VERSIONS = frozenset({HttpVersion10, HttpVersion11})
+
+
 # Longer than any real model id (Azure deployments: 64, Hugging Face: 96 + org).
 def vet_head(request: web.BaseRequest) -> None:
     """Refuse a request head that another server could read differently.
@@ -276,7 +278,7 @@ async def _proxy(
     limiter = app[LIMITER]
     settings = runtime.settings
     if not caller.authenticated:
-        await charge(limiter, runtime, caller, None)
+        ex.budget = await charge(limiter, runtime, caller, None)
         # A suspect head is refused as such (and its connection closed) even
         # without a key: bytes after it must not be read as another request.
         vet_head(request)
@@ -285,10 +287,12 @@ async def _proxy(
     inbound: CIMultiDictProxy[str] = request.headers
     # When no route has a limit of its own, the bucket does not depend on the
     # route: charge before the body is read, so a client over its limit costs
-    # no body read and no parse (README, "Rate limiting").
-    charged = not runtime.route_limited
+    # no body read and no parse (README, "Rate limiting"). A token budget needs
+    # the body (README, "Token budgets").
+    charged = not (runtime.route_limited or runtime.token_limited)
     if charged and runtime.limited:  # with no limit configured, nothing to charge
-        await charge(limiter, runtime, caller, None)
+        ex.budget = await charge(limiter, runtime, caller, None)
+    cost: RequestCost | None = None  # a model request's, for a token budget
     try:
         vet_head(request)
         path = vet_path(raw_path)
@@ -326,8 +330,9 @@ async def _proxy(
             else:
                 body = await read_body(request, settings.server)
                 routable = decoded_for_routing(body, encoding, limit)
-                found = find_model(routable, content_type)
+                found = find_model(routable, content_type, runtime.token_limited)
             ex.bytes_in = len(body)
+            cost = RequestCost.of(found, len(routable))
             if found is None:
                 # No model at all (a stored prompt names its own, and OpenAI makes
                 # it optional on moderations and images): routed by path.
@@ -376,10 +381,10 @@ async def _proxy(
         ex.route = route.describe()
     except ProxyError:
         if not charged:
-            await charge(limiter, runtime, caller, route)
+            ex.budget = await charge(limiter, runtime, caller, route)
         raise
     if not charged:
-        await charge(limiter, runtime, caller, route)
+        ex.budget = await charge(limiter, runtime, caller, route, cost)
     if realtime is not None:
         return await app[REALTIME].serve(request, realtime, runtime, ex=ex)
     outbound = Outbound(
@@ -421,9 +426,7 @@ def _no_route(method: str, path: str, raw_path: str) -> ProxyError:
     return NotFound(f"Unknown request URL: {method} {clip(raw_path)}.")
 
 
-def _streamable_form(
-    request: web.Request, content_type: str, encoding: str | None
-) -> bytes | None:
+def _streamable_form(request: web.Request, content_type: str, encoding: str | None) -> bytes | None:
     """The boundary of a multipart body worth streaming (over STREAM_ABOVE bytes, or
     chunked, and not compressed), else None: small forms are read whole, so
     retries and fallback keep working for them."""
@@ -450,7 +453,9 @@ async def _admit(request: web.Request) -> Caller:
     if ex is not None:
         ex.client = caller.address
         ex.key_name = caller.key.name if caller.key is not None else None
-    await charge(request.app[LIMITER], runtime, caller, None)
+    charged = await charge(request.app[LIMITER], runtime, caller, None)
+    if ex is not None:
+        ex.budget = charged
     if not caller.authenticated:
         raise unauthorized()
     return caller

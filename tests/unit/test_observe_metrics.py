@@ -29,7 +29,9 @@ def test_two_instances_do_not_share_values() -> None:
     assert sample(b, "oaimux_requests_total", model="m", upstream="u", status_class="2xx") is None
 
 
-@pytest.mark.parametrize(("status", "klass"), [(200, "2xx"), (304, "3xx"), (404, "4xx"), (499, "4xx"), (502, "5xx")])
+@pytest.mark.parametrize(
+    ("status", "klass"), [(200, "2xx"), (304, "3xx"), (404, "4xx"), (499, "4xx"), (502, "5xx")]
+)
 def test_status_classes(status: int, klass: str) -> None:
     m = single()
     m.request_finished("", "", status, 0.01, None)
@@ -49,10 +51,16 @@ def test_latency_buckets_reach_long_streams() -> None:
 
 def test_tokens_by_type() -> None:
     m = single()
-    m.count_tokens("m", "u", 10, None)
-    m.count_tokens("m", "u", 5, 7)
+    m.count_tokens("m", "u", "alice", 10, None)
+    m.count_tokens("m", "u", "bob", 5, 7, cached=4)
     assert sample(m, "oaimux_tokens_total", model="m", upstream="u", type="prompt") == 15
     assert sample(m, "oaimux_tokens_total", model="m", upstream="u", type="completion") == 7
+    # Per key name: input without the cached part, cached, output.
+    assert sample(m, "oaimux_key_tokens_total", key="alice", model="m", type="input") == 10
+    assert sample(m, "oaimux_key_tokens_total", key="bob", model="m", type="input") == 1
+    assert sample(m, "oaimux_key_tokens_total", key="bob", model="m", type="cached") == 4
+    assert sample(m, "oaimux_key_tokens_total", key="bob", model="m", type="output") == 7
+    assert sample(m, "oaimux_key_tokens_total", key="alice", model="m", type="output") is None
 
 
 def test_breaker_states_through_the_observer_hook() -> None:
@@ -118,18 +126,26 @@ def test_batched_latency_equals_the_librarys_observe() -> None:
 
     values = [0.0, 0.004, 0.005, 0.0050001, 0.1, 0.7, 29.9, 30.0, 600.0, 600.5, 7200.0, 0.02] * 3
     m = single()
-    reference = Histogram("ref", "reference", ("upstream",), buckets=_BUCKETS, registry=CollectorRegistry())
+    reference = Histogram(
+        "ref", "reference", ("upstream",), buckets=_BUCKETS, registry=CollectorRegistry()
+    )
     for v in values:
         m.request_finished("m", "u", 200, v, v / 2)
         reference.labels("u").observe(v)
     bounds = [*(repr(float(b)) for b in _BUCKETS[:-1]), "+Inf"]
     for le in bounds:
         expected = reference.collect()[0]
-        want = next(s.value for s in expected.samples if s.name == "ref_bucket" and s.labels["le"] == le)
+        want = next(
+            s.value for s in expected.samples if s.name == "ref_bucket" and s.labels["le"] == le
+        )
         assert sample(m, "oaimux_request_duration_seconds_bucket", upstream="u", le=le) == want, le
     assert sample(m, "oaimux_request_duration_seconds_count", upstream="u") == len(values)
-    assert sample(m, "oaimux_request_duration_seconds_sum", upstream="u") == pytest.approx(sum(values))
-    assert sample(m, "oaimux_time_to_first_byte_seconds_sum", upstream="u") == pytest.approx(sum(values) / 2)
+    assert sample(m, "oaimux_request_duration_seconds_sum", upstream="u") == pytest.approx(
+        sum(values)
+    )
+    assert sample(m, "oaimux_time_to_first_byte_seconds_sum", upstream="u") == pytest.approx(
+        sum(values) / 2
+    )
     # A second batch adds to the first.
     m.request_finished("m", "u", 200, 0.001, None)
     assert sample(m, "oaimux_request_duration_seconds_count", upstream="u") == len(values) + 1
