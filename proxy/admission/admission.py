@@ -48,6 +48,7 @@ from .buckets import (
     RateLimiter,
     StorageUnavailable,
     TokenDecision,
+    token_decision,
 )
 from .budget import REMAINING_TOKENS, RESET_TOKENS, Charged, openai_duration
 from .clientip import client_address, limit_key
@@ -143,10 +144,8 @@ def estimate_tokens(cost: RequestCost, budget: TokenBudget) -> int:
     tokenizer on the hot path) and its output cap, else the default, the output
     part never above ``max_output_reservation``."""
     output = budget.default_output_tokens if cost.output_cap is None else cost.output_cap
-    most = budget.max_output_reservation
-    if most is not None and output > most:
-        output = most
-    return -(-cost.prompt_bytes // 4) + output
+    ceiling = budget.output_ceiling
+    return -(-cost.prompt_bytes // 4) + (output if output < ceiling else ceiling)
 
 
 _WINDOW_NAMES = {"minute": "tokens per min (TPM)", "day": "tokens per day (TPD)"}
@@ -256,7 +255,6 @@ class Admission:
             return None
         limits, key = chosen
         requests, budget = limits.requests, limits.tokens
-        tokens: TokenDecision | None = None
         try:
             if budget is None or cost is None:
                 if requests is None:
@@ -267,12 +265,17 @@ class Admission:
                 # A window is charged at most its capacity: an estimate larger
                 # than a whole budget passes when the budget is full, and what
                 # the answer uses beyond is charged when it ends.
-                costs = (min(estimate, budget.per_minute or 0), min(estimate, budget.per_day or 0))
+                cap_m, cap_d = budget.cap_minute, budget.cap_day
+                costs = (
+                    estimate if estimate < cap_m else cap_m,
+                    estimate if estimate < cap_d else cap_d,
+                )
                 storage = self.storage
                 if type(storage) is MemoryRateLimiter:  # answers at once: no coroutine
-                    decision, tokens = storage.reserve_now(key, requests, budget, costs)
+                    reserved = storage.reserve_now(key, requests, budget, costs)
                 else:
-                    decision, tokens = await storage.reserve(key, requests, budget, costs)
+                    reserved = await storage.reserve(key, requests, budget, costs)
+                decision, before_m, before_d, after_m, after_d, fits = reserved
         except StorageUnavailable as exc:
             fail_open = runtime.settings.rate_limit_fail_open
             self._storage_failed(exc, fail_open)
@@ -289,13 +292,19 @@ class Admission:
         if decision is not None and not decision.allowed:
             assert requests is not None  # a request decision comes from a request bucket
             raise rate_limited(decision, requests, route)
-        if tokens is None or budget is None:
+        if budget is None or cost is None:
             return Charged(decision)
-        if not tokens.allowed:
+        shadowed = None
+        if not fits:
+            tokens = token_decision(budget, (before_m, before_d), (after_m, after_d), costs, False)
             if budget.enforce:
                 raise tokens_limited(tokens, estimate, route)
             self._would_refuse(caller, tokens)
-        return Charged(decision, tokens, self.storage, key, budget, estimate, costs)
+            shadowed = tokens.window
+        return Charged(
+            decision, budget, self.storage, key, estimate, costs[0], costs[1], after_m, after_d,
+            shadowed,
+        )  # fmt: skip
 
     def _would_refuse(self, caller: Caller, tokens: TokenDecision) -> None:
         """``enforce: false``: a request a token budget would have refused passed.

@@ -77,6 +77,7 @@ __all__ = [
     "MemoryRateLimiter",
     "RateLimiter",
     "StorageUnavailable",
+    "Reserved",
     "TokenDecision",
     "interval_ns",
     "settle_tokens",
@@ -244,6 +245,14 @@ def token_decision(
     )
 
 
+# A reservation's answer (:meth:`RateLimiter.reserve`): the request bucket's
+# decision (None: no request limit), the tokens owed per minute and per day
+# before the reservation and after it (after is before when nothing was
+# charged), and whether every window had room. Flat: one is made per model
+# request; :func:`token_decision` makes the figures of a refusal from it.
+Reserved = tuple[Decision | None, float, float, float, float, bool]
+
+
 class StorageUnavailable(Exception):
     """The shared bucket storage could not be reached; the caller decides open/closed."""
 
@@ -261,13 +270,13 @@ class RateLimiter(Protocol):
         limit: RateLimitSettings | None,
         budget: TokenBudget,
         costs: tuple[int, int],
-    ) -> tuple[Decision | None, TokenDecision]:
+    ) -> Reserved:
         """In one atomic step: take one token from the request bucket ``key``
         (when ``limit`` is set) and reserve ``costs`` (minute, day) from the
         client's token buckets of the same key. Nothing is taken unless both
         have room, except that with ``budget.enforce`` false the tokens are
-        taken anyway. When the request bucket refuses, the token decision
-        reports the token buckets untouched."""
+        taken anyway (see :data:`Reserved` for the answer; when the request
+        bucket refuses, the token buckets are reported untouched)."""
         ...
 
     def settle(self, key: str, budget: TokenBudget, deltas: tuple[int, int]) -> None:
@@ -368,14 +377,12 @@ class _TokenShard:
         owed_minute: float,
         owed_day: float,
         now: int,
-        capacities: tuple[int, int],
+        budget: TokenBudget,
     ) -> None:
         """Store what is owed as of ``now`` (``state``: the bucket's list, if it has one)."""
-        cap_m, cap_d = capacities
-        drained = owed_minute * (MINUTE * NS) / cap_m if cap_m else 0.0
-        if cap_d:
-            drained = max(drained, owed_day * (DAY * NS) / cap_d)
-        full_at = now + math.ceil(drained)
+        drained_m = owed_minute * budget.ns_minute  # 0.0 for a window not limited
+        drained_d = owed_day * budget.ns_day
+        full_at = now + (drained_m if drained_m > drained_d else drained_d)
         if state is None:
             self.buckets[key] = [owed_minute, owed_day, now, full_at]
             heapq.heappush(self.heap, (full_at, key))
@@ -457,7 +464,7 @@ class MemoryRateLimiter:
         limit: RateLimitSettings | None,
         budget: TokenBudget,
         costs: tuple[int, int],
-    ) -> tuple[Decision | None, TokenDecision]:
+    ) -> Reserved:
         return self.reserve_now(key, limit, budget, costs)
 
     def reserve_now(
@@ -466,35 +473,46 @@ class MemoryRateLimiter:
         limit: RateLimitSettings | None,
         budget: TokenBudget,
         costs: tuple[int, int],
-    ) -> tuple[Decision | None, TokenDecision]:
+    ) -> Reserved:
         """:meth:`reserve` without the coroutine (atomic: nothing here awaits).
-        The token buckets are kept under the same key, in dicts of their own."""
+
+        The token buckets are kept under the same key, in dicts of their own.
+        :func:`take_tokens` written out with the budget's derived constants
+        (one call per model request): a window not limited has capacity,
+        drain and cost 0, so it owes 0 and always fits, with no test of its own.
+        """
         now = self._clock()
-        shard = hash(key) & self._mask
+        index = hash(key) & self._mask
         decision: Decision | None = None
         if limit is not None:
-            full_at = self._shards[shard].buckets.get(key)
+            full_at = self._shards[index].buckets.get(key)
             decision, new_full_at = take_token(
                 now if full_at is None else full_at, now, limit.burst, interval_ns(limit)
             )
-        tokens = self._token_shards[shard]
+        tokens = self._token_shards[index]
         state = tokens.buckets.get(key)
-        capacities = (budget.per_minute or 0, budget.per_day or 0)
+        cap_m, cap_d = budget.cap_minute, budget.cap_day
         if state is None:
-            owed, elapsed = (0.0, 0.0), 0.0
+            m = d = 0.0
         else:
-            owed, elapsed = (state[0], state[1]), now - state[2]
-        force = not budget.enforce
+            elapsed = now - state[2]
+            m = state[0] - elapsed * budget.drain_minute
+            m = 0.0 if m <= 0.0 else (m if m <= 2.0 * cap_m else 2.0 * cap_m)
+            d = state[1] - elapsed * budget.drain_day
+            d = 0.0 if d <= 0.0 else (d if d <= 2.0 * cap_d else 2.0 * cap_d)
         if decision is not None and not decision.allowed:
-            costs, force = (0, 0), False  # refused: the tokens are only looked at
-        m, d, after_m, after_d, fits = take_tokens(owed, elapsed, NS, capacities, costs, force)
-        if decision is not None and not decision.allowed:
-            return decision, token_decision(budget, (m, d), (m, d), costs, False)
-        if fits or force:
-            tokens.write(key, state, after_m, after_d, now, capacities)
+            return decision, m, d, m, d, False  # refused: the tokens are only looked at
+        after_m, after_d = m + costs[0], d + costs[1]
+        fits = after_m <= cap_m and after_d <= cap_d
+        if fits or not budget.enforce:
+            if not fits:
+                after_m = after_m if after_m <= 2.0 * cap_m else 2.0 * cap_m
+                after_d = after_d if after_d <= 2.0 * cap_d else 2.0 * cap_d
+            tokens.write(key, state, after_m, after_d, now, budget)
             if decision is not None:
                 self._store(key, full_at, new_full_at, now)
-        return decision, token_decision(budget, (m, d), (after_m, after_d), costs, fits)
+            return decision, m, d, after_m, after_d, fits
+        return decision, m, d, m, d, False
 
     def _store(self, key: str, full_at: int | None, new_full_at: int, now: int) -> None:
         """Write a request bucket's new ``full_at`` (as :meth:`acquire_now` does)."""
@@ -506,19 +524,25 @@ class MemoryRateLimiter:
             shard.evict(now, self.EVICT_PER_ACQUIRE)
 
     def settle(self, key: str, budget: TokenBudget, deltas: tuple[int, int]) -> None:
-        # Drained buckets are retired by the sweeper (reservations and settles
-        # never evict): one settle per answer, kept short.
+        """:func:`settle_tokens` written out, as in :meth:`reserve_now`. Drained
+        buckets are retired by the sweeper (reservations and settles never
+        evict): one settle per answer, kept short."""
         now = self._clock()
         tokens = self._token_shards[hash(key) & self._mask]
         state = tokens.buckets.get(key)
-        capacities = (budget.per_minute or 0, budget.per_day or 0)
-        if state is None:
-            after = settle_tokens((0.0, 0.0), 0, NS, capacities, deltas)
-            if after[0] or after[1]:  # an overrun charged after the bucket drained
-                tokens.write(key, None, after[0], after[1], now, capacities)
-            return
-        m, d = settle_tokens((state[0], state[1]), now - state[2], NS, capacities, deltas)
-        tokens.write(key, state, m, d, now, capacities)
+        cap_m, cap_d = budget.cap_minute, budget.cap_day
+        if state is None:  # drained and retired since the reservation
+            m, d = float(deltas[0]), float(deltas[1])
+        else:
+            elapsed = now - state[2]
+            m = state[0] - elapsed * budget.drain_minute
+            m = (0.0 if m <= 0.0 else (m if m <= 2.0 * cap_m else 2.0 * cap_m)) + deltas[0]
+            d = state[1] - elapsed * budget.drain_day
+            d = (0.0 if d <= 0.0 else (d if d <= 2.0 * cap_d else 2.0 * cap_d)) + deltas[1]
+        m = 0.0 if m <= 0.0 else (m if m <= 2.0 * cap_m else 2.0 * cap_m)
+        d = 0.0 if d <= 0.0 else (d if d <= 2.0 * cap_d else 2.0 * cap_d)
+        if state is not None or m or d:  # (an overrun charged after the bucket drained)
+            tokens.write(key, state, m, d, now, budget)
 
     def evict(self, now: int, budget: int) -> int:
         """Retire up to ``budget`` heap entries due by ``now``; return buckets dropped."""

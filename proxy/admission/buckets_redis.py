@@ -55,7 +55,7 @@ from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..config.settings import RateLimitSettings, TokenBudget
-from .buckets import Decision, StorageUnavailable, TokenDecision, token_decision
+from .buckets import Decision, Reserved, StorageUnavailable
 
 __all__ = ["KEY_PREFIX", "SCRIPT", "TOKENS_SCRIPT", "TOKENS_SUFFIX", "RedisRateLimiter"]
 
@@ -291,28 +291,33 @@ class RedisRateLimiter:
         limit: RateLimitSettings | None,
         budget: TokenBudget,
         costs: tuple[int, int],
-    ) -> tuple[Decision | None, TokenDecision]:
+    ) -> Reserved:
         burst, interval = (0, 1) if limit is None else (limit.burst, interval_us(limit))
         reply = await self._call(
             TOKENS_SHA,
             TOKENS_SCRIPT,
             (KEY_PREFIX + key, KEY_PREFIX + key + TOKENS_SUFFIX),
-            ("reserve", burst, interval, budget.per_minute or 0, budget.per_day or 0, *costs,
+            ("reserve", burst, interval, budget.cap_minute, budget.cap_day, *costs,
              0 if budget.enforce else 1),
         )  # fmt: skip
         allowed, remaining, retry_us, reset_us, fits = (int(v) for v in reply[:5])
-        before = (float(reply[5]), float(reply[6]))
-        after = (float(reply[7]), float(reply[8]))
         decision = None
         if limit is not None:
             decision = Decision(bool(allowed), remaining, retry_us / US, reset_us / US)
-        return decision, token_decision(budget, before, after, costs, bool(fits) and bool(allowed))
+        return (
+            decision,
+            float(reply[5]),
+            float(reply[6]),
+            float(reply[7]),
+            float(reply[8]),
+            bool(fits) and bool(allowed),
+        )
 
     def settle(self, key: str, budget: TokenBudget, deltas: tuple[int, int]) -> None:
         if self._down_until and time.monotonic() < self._down_until:
             self.settles_lost += 1
             return
-        args = ("settle", budget.per_minute or 0, budget.per_day or 0, *deltas)
+        args = ("settle", budget.cap_minute, budget.cap_day, *deltas)
         self._enqueue((TOKENS_SHA, TOKENS_SCRIPT, (KEY_PREFIX + key + TOKENS_SUFFIX,), args, None))
 
     async def _call(

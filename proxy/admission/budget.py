@@ -26,7 +26,7 @@ from multidict import istr
 
 from ..config.settings import TokenBudget
 from ..observe.usage import Usage, billable_tokens
-from .buckets import Decision, RateLimiter, TokenDecision
+from .buckets import Decision, RateLimiter
 
 __all__ = [
     "REMAINING_REQUESTS",
@@ -63,55 +63,70 @@ def openai_duration(seconds: float) -> str:
 
 
 class Charged:
-    """What one request was charged: the request bucket's decision and the token
-    buckets' decision (each ``None`` when no such limit applies) and, with a
-    token budget, the reservation to reconcile: ``estimate`` tokens (as logged),
-    of which each window (minute, day) was charged ``costs`` (the estimate, cut
-    to the window's capacity), in the token buckets ``key`` of ``storage``.
+    """What one request was charged: the request bucket's decision (``None``
+    when no request limit applies) and, with a token budget, the reservation
+    to reconcile: ``estimate`` tokens (as logged), of which the minute and the
+    day window were charged ``cost_minute`` and ``cost_day`` (the estimate,
+    cut to the window's capacity; 0 for a window not limited), in the token
+    buckets ``key`` of ``storage``, which then owed ``owed_minute`` and
+    ``owed_day``. ``shadowed``: the window that would have refused the
+    request had ``budget.enforce`` been true (``None``: it fitted).
 
     ``charged_tokens`` is ``None`` until :meth:`reconcile` ran, then the tokens
     the buckets were finally charged for the request. One object per request,
-    slotted and plain: it is made on the hot path.
+    slotted and plain, built with positional arguments: it is made on the hot
+    path, and the figures of the headers are worked out only when they are
+    written.
     """
 
     __slots__ = (
-        "budget", "charged_tokens", "costs", "estimate", "key", "request", "storage", "tokens",
+        "budget", "charged_tokens", "cost_day", "cost_minute", "estimate", "key", "owed_day",
+        "owed_minute", "request", "shadowed", "storage",
     )  # fmt: skip
 
     def __init__(
         self,
         request: Decision | None,
-        tokens: TokenDecision | None = None,
+        budget: TokenBudget | None = None,
         storage: RateLimiter | None = None,
         key: str = "",
-        budget: TokenBudget | None = None,
         estimate: int | None = None,
-        costs: tuple[int, int] = (0, 0),
+        cost_minute: int = 0,
+        cost_day: int = 0,
+        owed_minute: float = 0.0,
+        owed_day: float = 0.0,
+        shadowed: str | None = None,
     ) -> None:
         self.request = request
-        self.tokens = tokens
+        self.budget = budget
         self.storage = storage
         self.key = key
-        self.budget = budget
         self.estimate = estimate
-        self.costs = costs
+        self.cost_minute = cost_minute
+        self.cost_day = cost_day
+        self.owed_minute = owed_minute
+        self.owed_day = owed_day
+        self.shadowed = shadowed
         self.charged_tokens: int | None = None
-
-    @property
-    def reserves_tokens(self) -> bool:
-        return self.estimate is not None
 
     def add_headers(self, headers: MutableMapping[str, str]) -> None:
         """The ``x-oaimux-ratelimit-*`` headers: what is left in the buckets
-        this request was charged to, and when they are full again."""
+        this request was charged to, and when they are full again (for the
+        token windows, the one with the fewest tokens left)."""
         request = self.request
         if request is not None:
             headers[REMAINING_REQUESTS] = str(request.remaining)
             headers[RESET_REQUESTS] = openai_duration(request.reset_after)
-        tokens = self.tokens
-        if tokens is not None:
-            headers[REMAINING_TOKENS] = str(tokens.remaining)
-            headers[RESET_TOKENS] = openai_duration(tokens.reset_after)
+        budget = self.budget
+        if budget is not None:
+            cap_m, cap_d = budget.cap_minute, budget.cap_day
+            owed_m, owed_d = self.owed_minute, self.owed_day
+            if cap_m and not (cap_d and cap_d - owed_d < cap_m - owed_m):
+                left, reset = cap_m - owed_m, owed_m * budget.ns_minute
+            else:
+                left, reset = cap_d - owed_d, owed_d * budget.ns_day
+            headers[REMAINING_TOKENS] = str(int(left)) if left > 0.0 else "0"
+            headers[RESET_TOKENS] = openai_duration(reset / 1e9)
 
     def reconcile(self, usage: Usage | None, produced: bool) -> bool:
         """Settle the reservation as the module docstring says.
@@ -125,12 +140,13 @@ class Charged:
         if estimate is None or self.charged_tokens is not None:
             return False
         billable = None if usage is None else billable_tokens(usage)
-        if billable is None and produced:
-            self.charged_tokens = estimate
-            return True
-        charged = self.charged_tokens = billable or 0
-        costs = self.costs
-        deltas = (charged - costs[0], charged - costs[1])
-        if deltas != (0, 0) and self.storage is not None and self.budget is not None:
-            self.storage.settle(self.key, self.budget, deltas)
+        if billable is None:
+            if produced:
+                self.charged_tokens = estimate
+                return True
+            billable = 0
+        self.charged_tokens = billable
+        delta_m, delta_d = billable - self.cost_minute, billable - self.cost_day
+        if (delta_m or delta_d) and self.storage is not None and self.budget is not None:
+            self.storage.settle(self.key, self.budget, (delta_m, delta_d))
         return False

@@ -91,6 +91,33 @@ class TokenBudget:
     default_output_tokens: int = 1024
     max_output_reservation: int | None = 4096
     enforce: bool = True
+    # Derived once, for the request path (admission/buckets.py), which reads
+    # only these: each window's capacity (0: not limited), the tokens it
+    # drains a nanosecond, the nanoseconds one token takes to drain and the
+    # seconds (0.0 when not limited), and the output reservation's ceiling.
+    cap_minute: int = field(init=False, repr=False, compare=False)
+    cap_day: int = field(init=False, repr=False, compare=False)
+    drain_minute: float = field(init=False, repr=False, compare=False)
+    drain_day: float = field(init=False, repr=False, compare=False)
+    ns_minute: float = field(init=False, repr=False, compare=False)
+    ns_day: float = field(init=False, repr=False, compare=False)
+    output_ceiling: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        minute_ns, day_ns = 60 * 10**9, 86_400 * 10**9
+        derived = {
+            "cap_minute": self.per_minute or 0,
+            "cap_day": self.per_day or 0,
+            "drain_minute": self.per_minute / minute_ns if self.per_minute else 0.0,
+            "drain_day": self.per_day / day_ns if self.per_day else 0.0,
+            "ns_minute": minute_ns / self.per_minute if self.per_minute else 0.0,
+            "ns_day": day_ns / self.per_day if self.per_day else 0.0,
+            "output_ceiling": (
+                self.max_output_reservation if self.max_output_reservation is not None else 1 << 62
+            ),
+        }
+        for name, value in derived.items():
+            object.__setattr__(self, name, value)
 
 
 @dataclass(frozen=True, slots=True)

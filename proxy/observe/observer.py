@@ -145,9 +145,8 @@ class Observer:
         if kept:
             reason = "no_usage" if outcome == "complete" else "cut_short"
             metrics.tokens_unreconciled.labels(key, ex.metric_model, reason).inc()
-        tokens = budget.tokens
-        if tokens is not None and not tokens.allowed:  # passed only as enforce is false
-            metrics.token_limit_not_enforced.labels(key, ex.metric_model, tokens.window).inc()
+        if budget.shadowed is not None:  # passed only as enforce is false
+            metrics.token_limit_not_enforced.labels(key, ex.metric_model, budget.shadowed).inc()
 
     def refused(self, ex: Exchange, err: ProxyError, bytes_out: int) -> None:
         """A request the server refused before any view ran (the HTTP parser,

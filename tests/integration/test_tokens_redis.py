@@ -26,9 +26,10 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
+from proxy.admission.buckets import Decision, TokenDecision, token_decision
 from proxy.admission.buckets_redis import KEY_PREFIX, RedisRateLimiter
 from proxy.config import parse_settings
-from proxy.config.settings import TokenBudget
+from proxy.config.settings import RateLimitSettings, TokenBudget
 from proxy.server.app import create_app, server_options
 from tests.fakes.usage_upstream import UsageUpstream, usage
 from tests.redis_server import RedisServer
@@ -81,6 +82,21 @@ async def redis_client(redis_server: RedisServer) -> AsyncIterator[aioredis.Redi
     client = aioredis.Redis.from_url(redis_server.url)
     yield client
     await client.aclose()
+
+
+async def reserve(
+    limiter: RedisRateLimiter,
+    key: str,
+    limit: RateLimitSettings | None,
+    budget: TokenBudget,
+    costs: tuple[int, int],
+) -> tuple[Decision | None, TokenDecision]:
+    """One reservation, and its figures as a refusal's message would give them."""
+    decision, before_m, before_d, after_m, after_d, fits = await limiter.reserve(
+        key, limit, budget, costs
+    )
+    tokens = token_decision(budget, (before_m, before_d), (after_m, after_d), costs, fits)
+    return decision, tokens
 
 
 async def burst_of(urls: list[str], n: int, raw: bytes = RAW) -> list[int]:
@@ -161,10 +177,10 @@ async def test_a_raised_token_limit_is_felt_at_once_and_a_debt_is_cut_to_the_cei
     before = RedisRateLimiter(redis_server.url)
     small = TokenBudget(per_minute=1000, per_day=None)
     try:
-        _, decision = await before.reserve("k", None, small, (1000, 0))
+        _, decision = await reserve(before, "k", None, small, (1000, 0))
         assert decision.allowed
         before.settle("k", small, (99000, 0))  # an answer of 100,000 tokens
-        _, refused = await before.reserve("k", None, small, (10, 0))
+        _, refused = await reserve(before, "k", None, small, (10, 0))
     finally:
         await before.close()
     assert not refused.allowed
@@ -174,7 +190,7 @@ async def test_a_raised_token_limit_is_felt_at_once_and_a_debt_is_cut_to_the_cei
     after = RedisRateLimiter(redis_server.url)  # a proxy started with a raised limit
     raised = TokenBudget(per_minute=100000, per_day=None)
     try:
-        _, decision = await after.reserve("k", None, raised, (5000, 0))
+        _, decision = await reserve(after, "k", None, raised, (5000, 0))
         # The 2000 tokens owed are 2000 of the new budget: room at once.
         assert decision.allowed
         assert 93000 <= decision.remaining <= 93500  # plus a few ms of the new refill

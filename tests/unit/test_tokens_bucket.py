@@ -9,7 +9,9 @@ import pytest
 from proxy.admission.admission import RequestCost, estimate_tokens
 from proxy.admission.buckets import (
     NS,
+    Decision,
     MemoryRateLimiter,
+    TokenDecision,
     settle_tokens,
     take_tokens,
     token_decision,
@@ -21,6 +23,21 @@ MINUTE_NS = 60 * NS
 DAY_NS = 86400 * NS
 PER_MINUTE = TokenBudget(per_minute=1000, per_day=None)
 BOTH = TokenBudget(per_minute=1000, per_day=5000)
+
+
+def reserve(
+    limiter: MemoryRateLimiter,
+    key: str,
+    limit: RateLimitSettings | None,
+    budget: TokenBudget,
+    costs: tuple[int, int],
+) -> tuple[Decision | None, TokenDecision]:
+    """One reservation, and its figures as a refusal's message would give them."""
+    decision, before_m, before_d, after_m, after_d, fits = limiter.reserve_now(
+        key, limit, budget, costs
+    )
+    tokens = token_decision(budget, (before_m, before_d), (after_m, after_d), costs, fits)
+    return decision, tokens
 
 
 class Clock:
@@ -76,32 +93,32 @@ def test_reservation_and_request_bucket_are_all_or_nothing() -> None:
     limiter = MemoryRateLimiter(clock)
     requests = RateLimitSettings(requests_per_minute=1, burst=5)
     for _ in range(2):
-        decision, tokens = limiter.reserve_now("c", requests, PER_MINUTE, (500, 0))
+        decision, tokens = reserve(limiter, "c", requests, PER_MINUTE, (500, 0))
         assert decision is not None and decision.allowed and tokens.allowed
-    decision, tokens = limiter.reserve_now("c", requests, PER_MINUTE, (1, 0))
+    decision, tokens = reserve(limiter, "c", requests, PER_MINUTE, (1, 0))
     assert decision is not None and decision.allowed and not tokens.allowed
     # The refused reservation took no request token: 3 of 5 are left.
     assert limiter.acquire_now("c", requests).remaining == 2
     # A request bucket that refuses leaves the tokens alone.
     for _ in range(2):
         limiter.acquire_now("c", requests)
-    decision, tokens = limiter.reserve_now("c", requests, PER_MINUTE, (0, 0))
+    decision, tokens = reserve(limiter, "c", requests, PER_MINUTE, (0, 0))
     assert decision is not None and not decision.allowed
     limiter.settle("c", PER_MINUTE, (-1000, 0))
-    assert limiter.reserve_now("c", None, PER_MINUTE, (1000, 0))[1].allowed
+    assert reserve(limiter, "c", None, PER_MINUTE, (1000, 0))[1].allowed
 
 
 def test_a_raised_limit_gives_room_at_once_and_a_lowered_one_refills_no_one() -> None:
     clock = Clock()
     limiter = MemoryRateLimiter(clock)
-    assert limiter.reserve_now("t", None, PER_MINUTE, (1000, 0))[1].allowed
+    assert reserve(limiter, "t", None, PER_MINUTE, (1000, 0))[1].allowed
     raised = TokenBudget(per_minute=100000, per_day=None)
-    _, tokens = limiter.reserve_now("t", None, raised, (5000, 0))
+    _, tokens = reserve(limiter, "t", None, raised, (5000, 0))
     # The 1000 owed are 1000 of the new budget (kept as a time, they would be
     # a whole minute of it, and this would wait).
     assert tokens.allowed and tokens.remaining == 100000 - 1000 - 5000
     lowered = TokenBudget(per_minute=100, per_day=None)
-    _, tokens = limiter.reserve_now("t", None, lowered, (10, 0))
+    _, tokens = reserve(limiter, "t", None, lowered, (10, 0))
     # 6000 owed, cut to twice the new budget: 200; 110 over it at 100 a minute.
     assert not tokens.allowed and tokens.used == 200
     assert tokens.retry_after == pytest.approx(110 * 60 / 100)
@@ -111,20 +128,20 @@ def test_the_day_window_refills_over_24_hours() -> None:
     clock = Clock()
     limiter = MemoryRateLimiter(clock)
     day = TokenBudget(per_minute=None, per_day=2400)
-    assert limiter.reserve_now("t", None, day, (0, 2400))[1].window == "day"
+    assert reserve(limiter, "t", None, day, (0, 2400))[1].window == "day"
     clock.now += 3600 * NS  # an hour: 100 tokens back
-    _, tokens = limiter.reserve_now("t", None, day, (0, 101))
+    _, tokens = reserve(limiter, "t", None, day, (0, 101))
     assert not tokens.allowed
     assert tokens.retry_after == pytest.approx(86400 / 2400)  # the one token missing
-    assert limiter.reserve_now("t", None, day, (0, 100))[1].allowed
+    assert reserve(limiter, "t", None, day, (0, 100))[1].allowed
 
 
 async def test_drained_token_buckets_are_swept() -> None:
     clock = Clock()
     limiter = MemoryRateLimiter(clock)
     for i in range(100):
-        limiter.reserve_now(f"c{i}", None, BOTH, (100, 100))
-    limiter.reserve_now("busy", None, BOTH, (100, 1000))
+        reserve(limiter, f"c{i}", None, BOTH, (100, 100))
+    reserve(limiter, "busy", None, BOTH, (100, 1000))
     assert len(limiter) == 101
     # The minute window is full after 6 s; the day owes 100 of 5000: 28.8 minutes.
     clock.now += 29 * 60 * NS
@@ -141,7 +158,7 @@ def test_a_settled_refund_of_an_evicted_bucket_stores_nothing() -> None:
     limiter.settle("t", PER_MINUTE, (-500, 0))
     assert len(limiter) == 0
     limiter.settle("t", PER_MINUTE, (700, 0))  # an overrun after the bucket was gone
-    assert limiter.reserve_now("t", None, PER_MINUTE, (301, 0))[1].allowed is False
+    assert reserve(limiter, "t", None, PER_MINUTE, (301, 0))[1].allowed is False
 
 
 # ---------------------------------------------------------------------------
