@@ -125,27 +125,28 @@ def choose_limit(
 
 class RequestCost(NamedTuple):
     """What a model request may cost in tokens, known once its body is read:
-    the bytes of its JSON body (0 for a form: its files are not text), and its
-    own output cap (``None``: it sets none). A tuple: one is made per request."""
+    its body's length, and what the model finder found in it (``None``: the
+    body names no model and was routed by path). A tuple of what is at hand:
+    one is made per request, and the estimate is worked out only under a
+    token budget (:func:`estimate_tokens`)."""
 
-    prompt_bytes: int
-    output_cap: int | None
-
-    @classmethod
-    def of(cls, found: FoundModel | None, body_length: int) -> RequestCost:
-        """``found`` is ``None`` for a body that names no model (routed by path)."""
-        if found is None:
-            return cls(body_length, None)
-        return cls(body_length if found.json_value else 0, found.output_cap)
+    body_length: int
+    found: FoundModel | None
 
 
 def estimate_tokens(cost: RequestCost, budget: TokenBudget) -> int:
-    """The tokens reserved for a request: its prompt as ``ceil(bytes / 4)`` (no
-    tokenizer on the hot path) and its output cap, else the default, the output
-    part never above ``max_output_reservation``."""
-    output = budget.default_output_tokens if cost.output_cap is None else cost.output_cap
+    """The tokens reserved for a request: its prompt as ``ceil(bytes / 4)`` of
+    its JSON body (no tokenizer on the hot path; a form's files are not text,
+    so 0) and its output cap, else the default, the output part never above
+    ``max_output_reservation``."""
+    found = cost.found
+    if found is None:
+        prompt, cap = cost.body_length, None
+    else:
+        prompt, cap = (cost.body_length if found.json_value else 0), found.output_cap
+    output = budget.default_output_tokens if cap is None else cap
     ceiling = budget.output_ceiling
-    return -(-cost.prompt_bytes // 4) + (output if output < ceiling else ceiling)
+    return -(-prompt // 4) + (output if output < ceiling else ceiling)
 
 
 _WINDOW_NAMES = {"minute": "tokens per min (TPM)", "day": "tokens per day (TPD)"}
@@ -275,7 +276,7 @@ class Admission:
                     reserved = storage.reserve_now(key, requests, budget, costs)
                 else:
                     reserved = await storage.reserve(key, requests, budget, costs)
-                decision, before_m, before_d, after_m, after_d, fits = reserved
+                decision, before_m, before_d, after_m, after_d, fits, state = reserved
         except StorageUnavailable as exc:
             fail_open = runtime.settings.rate_limit_fail_open
             self._storage_failed(exc, fail_open)
@@ -303,7 +304,7 @@ class Admission:
             shadowed = tokens.window
         return Charged(
             decision, budget, self.storage, key, estimate, costs[0], costs[1], after_m, after_d,
-            shadowed,
+            shadowed, state,
         )  # fmt: skip
 
     def _would_refuse(self, caller: Caller, tokens: TokenDecision) -> None:

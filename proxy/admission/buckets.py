@@ -248,9 +248,11 @@ def token_decision(
 # A reservation's answer (:meth:`RateLimiter.reserve`): the request bucket's
 # decision (None: no request limit), the tokens owed per minute and per day
 # before the reservation and after it (after is before when nothing was
-# charged), and whether every window had room. Flat: one is made per model
-# request; :func:`token_decision` makes the figures of a refusal from it.
-Reserved = tuple[Decision | None, float, float, float, float, bool]
+# charged), whether every window had room, and, in memory, the token
+# buckets' state as charged (see :meth:`MemoryRateLimiter.refund`; None from
+# Redis). Flat: one is made per model request; :func:`token_decision` makes
+# the figures of a refusal from it.
+Reserved = tuple[Decision | None, float, float, float, float, bool, "list[float] | None"]
 
 
 class StorageUnavailable(Exception):
@@ -501,18 +503,41 @@ class MemoryRateLimiter:
             d = state[1] - elapsed * budget.drain_day
             d = 0.0 if d <= 0.0 else (d if d <= 2.0 * cap_d else 2.0 * cap_d)
         if decision is not None and not decision.allowed:
-            return decision, m, d, m, d, False  # refused: the tokens are only looked at
+            return decision, m, d, m, d, False, None  # refused: the tokens are only looked at
         after_m, after_d = m + costs[0], d + costs[1]
         fits = after_m <= cap_m and after_d <= cap_d
-        if fits or not budget.enforce:
-            if not fits:
-                after_m = after_m if after_m <= 2.0 * cap_m else 2.0 * cap_m
-                after_d = after_d if after_d <= 2.0 * cap_d else 2.0 * cap_d
-            tokens.write(key, state, after_m, after_d, now, budget)
-            if decision is not None:
-                self._store(key, full_at, new_full_at, now)
-            return decision, m, d, after_m, after_d, fits
-        return decision, m, d, m, d, False
+        if not (fits or not budget.enforce):
+            return decision, m, d, m, d, False, None
+        if not fits:
+            after_m = after_m if after_m <= 2.0 * cap_m else 2.0 * cap_m
+            after_d = after_d if after_d <= 2.0 * cap_d else 2.0 * cap_d
+        drained_m = after_m * budget.ns_minute  # (_TokenShard.write, written out)
+        drained_d = after_d * budget.ns_day
+        drained_at = now + (drained_m if drained_m > drained_d else drained_d)
+        if state is None:
+            state = tokens.buckets[key] = [after_m, after_d, now, drained_at]
+            heapq.heappush(tokens.heap, (drained_at, key))
+        else:
+            state[0], state[1], state[2], state[3] = after_m, after_d, now, drained_at
+        if decision is not None:
+            self._store(key, full_at, new_full_at, now)
+        return decision, m, d, after_m, after_d, fits, state
+
+    @staticmethod
+    def refund(state: list[float], minute: int, day: int) -> None:
+        """Give back ``minute`` and ``day`` tokens (each <= 0) of a reservation
+        whose buckets' state :meth:`reserve_now` returned: no clock, no lookup.
+
+        Exact: a bucket that owes ``S`` as of ``at`` owes ``max(0, S - drain)``
+        now, and ``max(0, max(0, S - drain) + refund)`` equals
+        ``max(0, S + refund - drain)`` for any refund <= 0, so the refund can
+        go into ``S`` itself, at any time. Its ``full_at`` stays as late as
+        it was (the sweeper then retires the bucket a little later). A state
+        the sweeper already retired is full: the refund changes nothing, as
+        :meth:`settle` would.
+        """
+        state[0] += minute
+        state[1] += day
 
     def _store(self, key: str, full_at: int | None, new_full_at: int, now: int) -> None:
         """Write a request bucket's new ``full_at`` (as :meth:`acquire_now` does)."""

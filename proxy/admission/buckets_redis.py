@@ -311,6 +311,7 @@ class RedisRateLimiter:
             float(reply[7]),
             float(reply[8]),
             bool(fits) and bool(allowed),
+            None,
         )
 
     def settle(self, key: str, budget: TokenBudget, deltas: tuple[int, int]) -> None:

@@ -26,7 +26,7 @@ from multidict import istr
 
 from ..config.settings import TokenBudget
 from ..observe.usage import Usage, billable_tokens
-from .buckets import Decision, RateLimiter
+from .buckets import Decision, MemoryRateLimiter, RateLimiter
 
 __all__ = [
     "REMAINING_REQUESTS",
@@ -48,18 +48,27 @@ RESET_TOKENS = istr("x-oaimux-ratelimit-reset-tokens")
 def openai_duration(seconds: float) -> str:
     """OpenAI's reset format (Go's duration): ``250ms``, ``1s``, ``6m0s``, ``1h2m3s``.
 
-    Rounded up, to whole milliseconds below one second and to whole seconds above.
+    Rounded up, to whole milliseconds below one second and to whole seconds
+    above. Written on every answer of a limited request, so each text is made
+    once: below a second from a table, above from a bounded memo.
     """
     if seconds < 1:
-        return f"{max(1, math.ceil(seconds * 1000))}ms"
+        ms = math.ceil(seconds * 1000)
+        return _MILLISECONDS[ms] if ms > 0 else "1ms"
     total = math.ceil(seconds)
-    h, rest = divmod(total, 3600)
-    m, s = divmod(rest, 60)
-    if h:
-        return f"{h}h{m}m{s}s"
-    if m:
-        return f"{m}m{s}s"
-    return f"{s}s"
+    text = _SECONDS.get(total)
+    if text is None:
+        h, rest = divmod(total, 3600)
+        m, s = divmod(rest, 60)
+        text = f"{h}h{m}m{s}s" if h else f"{m}m{s}s" if m else f"{s}s"
+        if len(_SECONDS) < _SECONDS_KEPT:
+            _SECONDS[total] = text
+    return text
+
+
+_MILLISECONDS = tuple(f"{ms}ms" for ms in range(1001))
+_SECONDS: dict[int, str] = {}
+_SECONDS_KEPT = 4096
 
 
 class Charged:
@@ -71,6 +80,8 @@ class Charged:
     buckets ``key`` of ``storage``, which then owed ``owed_minute`` and
     ``owed_day``. ``shadowed``: the window that would have refused the
     request had ``budget.enforce`` been true (``None``: it fitted).
+    ``state``: the token buckets' state in memory as charged, for a refund
+    without a lookup (``None`` in Redis).
 
     ``charged_tokens`` is ``None`` until :meth:`reconcile` ran, then the tokens
     the buckets were finally charged for the request. One object per request,
@@ -81,7 +92,7 @@ class Charged:
 
     __slots__ = (
         "budget", "charged_tokens", "cost_day", "cost_minute", "estimate", "key", "owed_day",
-        "owed_minute", "request", "shadowed", "storage",
+        "owed_minute", "request", "shadowed", "state", "storage",
     )  # fmt: skip
 
     def __init__(
@@ -96,6 +107,7 @@ class Charged:
         owed_minute: float = 0.0,
         owed_day: float = 0.0,
         shadowed: str | None = None,
+        state: list[float] | None = None,
     ) -> None:
         self.request = request
         self.budget = budget
@@ -107,6 +119,7 @@ class Charged:
         self.owed_minute = owed_minute
         self.owed_day = owed_day
         self.shadowed = shadowed
+        self.state = state
         self.charged_tokens: int | None = None
 
     def add_headers(self, headers: MutableMapping[str, str]) -> None:
@@ -146,7 +159,16 @@ class Charged:
                 return True
             billable = 0
         self.charged_tokens = billable
-        delta_m, delta_d = billable - self.cost_minute, billable - self.cost_day
-        if (delta_m or delta_d) and self.storage is not None and self.budget is not None:
-            self.storage.settle(self.key, self.budget, (delta_m, delta_d))
+        budget = self.budget
+        if budget is None or self.storage is None:
+            return False
+        delta_m = billable - self.cost_minute if budget.cap_minute else 0
+        delta_d = billable - self.cost_day if budget.cap_day else 0
+        if delta_m <= 0 and delta_d <= 0:  # the usual case: the estimate was generous
+            if self.state is not None:
+                MemoryRateLimiter.refund(self.state, delta_m, delta_d)
+                return False
+            if not (delta_m or delta_d):
+                return False
+        self.storage.settle(self.key, budget, (delta_m, delta_d))
         return False

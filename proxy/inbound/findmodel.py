@@ -222,7 +222,7 @@ def _find_in_one_scan(body: bytes | bytearray, output_cap: bool = False) -> Foun
             stop = len(body) - len(text[stop:].encode("utf-8", "surrogatepass"))
             start = stop - width
     if output_cap:
-        return FoundModel(model, start, stop, True, output_cap=_output_cap(pairs))
+        return FoundModel(model, start, stop, True, "utf-8", _output_cap(pairs))
     return FoundModel(model, start, stop, True)
 
 

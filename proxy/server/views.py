@@ -332,7 +332,7 @@ async def _proxy(
                 routable = decoded_for_routing(body, encoding, limit)
                 found = find_model(routable, content_type, runtime.token_limited)
             ex.bytes_in = len(body)
-            cost = RequestCost.of(found, len(routable))
+            cost = RequestCost(len(routable), found)
             if found is None:
                 # No model at all (a stored prompt names its own, and OpenAI makes
                 # it optional on moderations and images): routed by path.

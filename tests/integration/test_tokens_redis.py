@@ -92,7 +92,7 @@ async def reserve(
     costs: tuple[int, int],
 ) -> tuple[Decision | None, TokenDecision]:
     """One reservation, and its figures as a refusal's message would give them."""
-    decision, before_m, before_d, after_m, after_d, fits = await limiter.reserve(
+    decision, before_m, before_d, after_m, after_d, fits, _ = await limiter.reserve(
         key, limit, budget, costs
     )
     tokens = token_decision(budget, (before_m, before_d), (after_m, after_d), costs, fits)

@@ -18,6 +18,7 @@ from proxy.admission.buckets import (
 )
 from proxy.config import ConfigError, parse_settings
 from proxy.config.settings import Limits, RateLimitSettings, TokenBudget
+from proxy.inbound.findmodel import FoundModel
 
 MINUTE_NS = 60 * NS
 DAY_NS = 86400 * NS
@@ -33,7 +34,7 @@ def reserve(
     costs: tuple[int, int],
 ) -> tuple[Decision | None, TokenDecision]:
     """One reservation, and its figures as a refusal's message would give them."""
-    decision, before_m, before_d, after_m, after_d, fits = limiter.reserve_now(
+    decision, before_m, before_d, after_m, after_d, fits, _ = limiter.reserve_now(
         key, limit, budget, costs
     )
     tokens = token_decision(budget, (before_m, before_d), (after_m, after_d), costs, fits)
@@ -178,7 +179,8 @@ def test_a_settled_refund_of_an_evicted_bucket_stores_nothing() -> None:
 def test_the_estimate(
     prompt_bytes: int, cap: int | None, budget: TokenBudget, expected: int
 ) -> None:
-    assert estimate_tokens(RequestCost(prompt_bytes, cap), budget) == expected
+    found = FoundModel("m", 0, 0, True, "utf-8", cap)
+    assert estimate_tokens(RequestCost(prompt_bytes, found), budget) == expected
 
 
 def settings_with(rate: Any) -> Any:
@@ -246,3 +248,25 @@ def test_a_window_of_refill_repays_a_whole_budget() -> None:
     assert take_tokens(owed, DAY_NS, NS, (1000, 2400), (0, 0), False)[:2] == (0.0, 0.0)
     half_day = take_tokens(owed, DAY_NS // 2, NS, (1000, 2400), (0, 0), False)[:2]
     assert half_day == (0.0, 1200.0)
+
+
+@pytest.mark.parametrize("later_ns", [0, 3 * NS, 30 * NS, 120 * NS])
+def test_a_refund_into_the_state_equals_a_settle(later_ns: int) -> None:
+    # Two clients, the same reservations on the same clock; the answer's
+    # refund goes into the returned state for one and through settle for the
+    # other, some time later: the next reservation sees the same buckets.
+    clock = Clock()
+    limiter = MemoryRateLimiter(clock)
+    for key in ("refunded", "settled"):
+        reserve(limiter, key, None, BOTH, (300, 300))
+    clock.now += NS
+    state = limiter.reserve_now("refunded", None, BOTH, (600, 600))[6]
+    limiter.reserve_now("settled", None, BOTH, (600, 600))
+    clock.now += later_ns
+    assert state is not None
+    MemoryRateLimiter.refund(state, -550, -550)
+    limiter.settle("settled", BOTH, (-550, -550))
+    clock.now += NS
+    refunded = limiter.reserve_now("refunded", None, BOTH, (10, 10))
+    settled = limiter.reserve_now("settled", None, BOTH, (10, 10))
+    assert refunded[1:6] == pytest.approx(settled[1:6])
