@@ -119,8 +119,18 @@ def choose_limit(
     if caller.key is not None and caller.key.rate_limit is not None:
         return caller.key.rate_limit, f"{caller.bucket}|key"
     if settings.rate_limit is not None:
+        if caller.key is None:
+            return settings.rate_limit, _global_key(caller.address)
         return settings.rate_limit, f"{caller.bucket}|global"
     return None
+
+
+@lru_cache(maxsize=8192)
+def _global_key(address: str) -> str:
+    """The global bucket's key of a caller without a proxy key, made once per
+    address (bounded, as :func:`_anonymous`: an IPv6 address is parsed for
+    its /64)."""
+    return f"ip:{limit_key(address)}|global"
 
 
 class RequestCost(NamedTuple):
