@@ -13,6 +13,7 @@
     ├── RequestTooLarge              413    invalid_request_error  request_too_large
     ├── ExpectationFailed            417    invalid_request_error  expectation_failed
     ├── RateLimited                  429    requests               rate_limit_exceeded
+    │   └── TokensLimited            429    tokens                 rate_limit_exceeded
     ├── HeadersTooLarge              431    invalid_request_error  request_header_fields_too_large
     ├── UpstreamUnavailable          502    api_error              upstream_unavailable
     ├── UpstreamAuthFailed           502    api_error              upstream_auth_failed
@@ -56,6 +57,7 @@ __all__ = [
     "RequestTooLarge",
     "ServiceUnavailable",
     "Unauthorized",
+    "TokensLimited",
     "UpstreamAuthFailed",
     "UpstreamTimeout",
     "UpstreamUnavailable",
@@ -163,6 +165,16 @@ class RateLimited(ProxyError):
     status = 429
     type = "requests"
     code = "rate_limit_exceeded"
+
+
+class TokensLimited(RateLimited):
+    """Refused by a token budget; ``window`` is ``"minute"`` or ``"day"``."""
+
+    type = "tokens"
+
+    def __init__(self, message: str, *, window: str, headers: Mapping[str, str]) -> None:
+        super().__init__(message, headers=headers)
+        self.window = window
 
 
 class UpstreamUnavailable(ProxyError):

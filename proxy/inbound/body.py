@@ -344,14 +344,17 @@ def streamable_form(request: web.Request) -> bytes | None:
     return multipart_boundary(dict(mime.parameters))
 
 
-def model_body(request: web.Request, body: BodyBytes, server: ServerSettings) -> ModelBody:
+def model_body(
+    request: web.Request, body: BodyBytes, server: ServerSettings, with_cap: bool = False
+) -> ModelBody:
     """A model-routed body read whole (:func:`read_body`), and the model it names
-    (JSON key or form field). Not a coroutine: the caller awaits the read, so
-    the hot path has one layer fewer."""
+    (JSON key or form field; ``with_cap``: and its output cap). Not a coroutine:
+    the caller awaits the read, so the hot path has one layer fewer."""
     content_type = request.headers.get("Content-Type", "application/json")
     encoding = request.headers.get("Content-Encoding")
     routable = decoded_for_routing(body, encoding, server.max_body_bytes)
-    return ModelBody(body, routable, find_model(routable, content_type), None, None)
+    found = find_model(routable, content_type, with_cap)
+    return ModelBody(body, routable, found, None, None)
 
 
 async def read_form_head(

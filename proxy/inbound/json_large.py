@@ -11,8 +11,17 @@ from __future__ import annotations
 import json.decoder
 import re
 from collections.abc import Callable
+from typing import Any
 
-from .model import FoundModel, ModelAbsent, ambiguous_model, invalid_json, missing_model
+from .model import (
+    CAP_KEYS,
+    FoundModel,
+    ModelAbsent,
+    ambiguous_model,
+    invalid_json,
+    missing_model,
+    output_cap,
+)
 
 __all__ = ["EXACT_LIMIT", "TooManySteps", "find_structural"]
 
@@ -105,7 +114,7 @@ def _decode_string(body: bytes | bytearray, start: int, end: int) -> str:
     return value
 
 
-def find_structural(body: bytes | bytearray) -> FoundModel:
+def find_structural(body: bytes | bytearray, with_cap: bool = False) -> FoundModel:
     """The top-level walk of :func:`find_json_model` on UTF-8 bytes, for large bodies.
 
     Top-level keys and the model's value are decoded exactly as json.loads
@@ -121,6 +130,7 @@ def find_structural(body: bytes | bytearray) -> FoundModel:
     pos = _ws_end(body, pos + 1)
     found: FoundModel | None = None
     missing = False
+    caps: list[tuple[str, Any]] = []  # the cap pairs met, when with_cap
     if pos < n and body[pos] == 0x7D:
         pos += 1
     else:
@@ -144,6 +154,8 @@ def find_structural(body: bytes | bytearray) -> FoundModel:
                     )
                 else:
                     missing = True
+            elif with_cap and key in CAP_KEYS:
+                caps.append((key, _whole_number(body, value_start, pos)))
             pos = _ws_end(body, pos)
             if pos < n and body[pos] == 0x2C:
                 pos = _ws_end(body, pos + 1)
@@ -158,4 +170,15 @@ def find_structural(body: bytes | bytearray) -> FoundModel:
         raise missing_model()
     if found is None:
         raise ModelAbsent()
-    return found
+    return found._replace(output_cap=output_cap(caps)) if caps else found
+
+
+_B_INTEGER = re.compile(rb"-?(?:0|[1-9][0-9]*)")
+
+
+def _whole_number(body: bytes | bytearray, start: int, end: int) -> int | None:
+    """The value between ``start`` and ``end`` as json.loads would give it, if it
+    is an integer (the structural scan does not decode values)."""
+    if _B_INTEGER.fullmatch(body, start, end) is None:
+        return None
+    return int(body[start:end])

@@ -26,7 +26,15 @@ from collections.abc import Callable
 from typing import Any
 
 from .json_large import EXACT_LIMIT, TooManySteps, find_structural
-from .model import FoundModel, ModelAbsent, ambiguous_model, invalid_json, missing_model
+from .model import (
+    CAP_KEYS,
+    FoundModel,
+    ModelAbsent,
+    ambiguous_model,
+    invalid_json,
+    missing_model,
+    output_cap,
+)
 
 __all__ = ["find_json_model"]
 
@@ -43,8 +51,12 @@ _scan_pairs: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder(
 ).scan_once  # type: ignore[attr-defined]
 
 
-def find_json_model(body: bytes | bytearray, exact_limit: int | None = None) -> FoundModel:
-    """Return the top-level ``model`` of a JSON object body.
+def find_json_model(
+    body: bytes | bytearray, exact_limit: int | None = None, with_cap: bool = False
+) -> FoundModel:
+    """Return the top-level ``model`` of a JSON object body (``with_cap``: and
+    the request's output cap, read from the same walk's top-level pairs, never
+    a second parse; README, "Token budgets").
 
     Raises :class:`InvalidRequest` with code ``invalid_json`` when ``json.loads``
     would reject the body, :class:`ModelAbsent` (``missing_model``) when the
@@ -60,16 +72,16 @@ def find_json_model(body: bytes | bytearray, exact_limit: int | None = None) -> 
         encoding = json.detect_encoding(body)
         if encoding == "utf-8":
             try:
-                return find_structural(body)
+                return find_structural(body, with_cap)
             except TooManySteps:
                 pass  # many small values: the C scanner below is faster
     elif len(body) > 1 and body[0] in _OBJECT_OPENING and body[1]:
         # Two non-NUL bytes, the first "{" or whitespace: what
         # json.detect_encoding calls UTF-8 (BOMs and UTF-16/32 start otherwise).
-        found = _find_in_one_scan(body)
+        found = _find_in_one_scan(body, with_cap)
         if found is not None:
             return found
-    return _find_exact(body)
+    return _find_exact(body, with_cap)
 
 
 _OBJECT_OPENING = b"{ \t\n\r"
@@ -83,7 +95,7 @@ _MAX_CANDIDATES = 4
 _SEARCH_LIMIT = 4096
 
 
-def _find_in_one_scan(body: bytes | bytearray) -> FoundModel | None:
+def _find_in_one_scan(body: bytes | bytearray, with_cap: bool = False) -> FoundModel | None:
     """:func:`find_json_model` for a UTF-8 body, or None: take the long way.
 
     :func:`_scan_pairs` validates the body exactly as ``json.loads`` does and
@@ -136,6 +148,8 @@ def _find_in_one_scan(body: bytes | bytearray) -> FoundModel | None:
         else:
             stop = len(body) - len(text[stop:].encode("utf-8", "surrogatepass"))
             start = stop - width
+    if with_cap:
+        return FoundModel(model, start, stop, True, "utf-8", output_cap(pairs))
     return FoundModel(model, start, stop, True)
 
 
@@ -259,7 +273,7 @@ def _pairs_then_brace(text: str, pos: int, following: int, end: int) -> bool:
     return pos == end - 1
 
 
-def _find_exact(body: bytes | bytearray) -> FoundModel:
+def _find_exact(body: bytes | bytearray, with_cap: bool = False) -> FoundModel:
     """The walk over the top-level object described in the module docstring."""
     try:
         encoding = json.detect_encoding(body)
@@ -276,31 +290,18 @@ def _find_exact(body: bytes | bytearray) -> FoundModel:
         raise missing_model()
     pos = _skip_ws(text, pos + 1).end()
     found: tuple[str, int, int] | None = None
+    caps: list[tuple[str, Any]] = []  # the cap pairs met, when with_cap
     if pos < n and text[pos] == "}":
         pos += 1
     else:
         while True:
-            if pos >= n or text[pos] != '"':
-                raise invalid_json(f"expected a property name at character {pos}")
-            try:
-                key, pos = _scan_string(text, pos + 1, True)
-            except ValueError as exc:
-                raise invalid_json(str(exc)) from None
-            pos = _skip_ws(text, pos).end()
-            if pos >= n or text[pos] != ":":
-                raise invalid_json(f"expected ':' at character {pos}")
-            pos = _skip_ws(text, pos + 1).end()
-            value_start = pos
-            try:
-                value, pos = _scan_value(text, pos)
-            except StopIteration:
-                raise invalid_json(f"expected a value at character {pos}") from None
-            except (ValueError, RecursionError) as exc:
-                raise invalid_json(str(exc)) from None
+            key, value, value_start, pos = _member(text, pos)
             if key == "model":
                 if found is not None:
                     raise ambiguous_model()
                 found = (value, value_start, pos) if isinstance(value, str) else ("", -1, -1)
+            elif with_cap and key in CAP_KEYS:
+                caps.append((key, value))
             pos = _skip_ws(text, pos).end()
             if pos < n and text[pos] == ",":
                 pos = _skip_ws(text, pos + 1).end()
@@ -315,7 +316,32 @@ def _find_exact(body: bytes | bytearray) -> FoundModel:
         raise ModelAbsent()
     if found[1] < 0:
         raise missing_model()
-    return _in_bytes(body, text, encoding, found)
+    result = _in_bytes(body, text, encoding, found)
+    return result._replace(output_cap=output_cap(caps)) if caps else result
+
+
+def _member(text: str, pos: int) -> tuple[str, Any, int, int]:
+    """The object member at ``pos``: its key, its value, where the value starts
+    and the position after it; or the ``invalid_json`` error."""
+    n = len(text)
+    if pos >= n or text[pos] != '"':
+        raise invalid_json(f"expected a property name at character {pos}")
+    try:
+        key, pos = _scan_string(text, pos + 1, True)
+    except ValueError as exc:
+        raise invalid_json(str(exc)) from None
+    pos = _skip_ws(text, pos).end()
+    if pos >= n or text[pos] != ":":
+        raise invalid_json(f"expected ':' at character {pos}")
+    pos = _skip_ws(text, pos + 1).end()
+    value_start = pos
+    try:
+        value, pos = _scan_value(text, pos)
+    except StopIteration:
+        raise invalid_json(f"expected a value at character {pos}") from None
+    except (ValueError, RecursionError) as exc:
+        raise invalid_json(str(exc)) from None
+    return key, value, value_start, pos
 
 
 def _in_bytes(

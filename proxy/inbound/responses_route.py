@@ -153,7 +153,7 @@ def _responses_model(message: bytes) -> FoundModel:
         raise ModelAbsent()
     start, end = span
     inner = find_json_model(message[start:end])
-    return dataclasses.replace(inner, start=inner.start + start, end=inner.end + start)
+    return inner._replace(start=inner.start + start, end=inner.end + start)
 
 
 _DECODER = json.JSONDecoder()

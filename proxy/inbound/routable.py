@@ -69,13 +69,16 @@ def decoded_for_routing(body: BodyBytes, content_encoding: str | None, limit: in
     return out
 
 
-def find_model(body: BodyBytes, content_type_header: str) -> FoundModel | None:
-    """The model of a model-routed request: multipart form field or JSON key;
-    None when the body names none at all (it may be routed by path)."""
+def find_model(
+    body: BodyBytes, content_type_header: str, with_cap: bool = False
+) -> FoundModel | None:
+    """The model of a model-routed request: multipart form field or JSON key
+    (``with_cap``: a JSON body's output cap too, json_model.py); None when the
+    body names none at all (it may be routed by path)."""
     mime = parse_mimetype(content_type_header)
     try:
         if mime.type == "multipart" and mime.subtype == "form-data":
             return find_multipart_model(body, multipart_boundary(dict(mime.parameters)))
-        return find_json_model(body)
+        return find_json_model(body, None, with_cap)
     except ModelAbsent:
         return None

@@ -30,7 +30,7 @@ from urllib.parse import quote, unquote
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from ..admission.admission import Caller
+from ..admission.admission import Caller, RequestCost
 from ..admission.proxy_keys import KeyTable
 from ..config.settings import Route
 from ..errors import (
@@ -117,6 +117,15 @@ class ModelRoute:
     upstream_model: str | None  # what the upstream is sent; None: the body names no model
     read: ModelBody  # the body as read to route it
 
+    def cost(self) -> RequestCost:
+        """What this request may cost a token budget: its prompt's bytes (a
+        form's files are not text: none) and its output cap."""
+        read = self.read
+        found = read.found
+        if found is None:
+            return RequestCost(len(read.routable), None)
+        return RequestCost(len(read.routable) if found.json_value else 0, found.output_cap)
+
 
 @dataclass(slots=True)
 class PathRoute:
@@ -179,7 +188,8 @@ async def choose_route(
         server = runtime.settings.server
         boundary = streamable_form(request)
         if boundary is None:
-            read = model_body(request, await read_body(request, server), server)
+            body = await read_body(request, server)
+            read = model_body(request, body, server, runtime.token_limited)
         else:
             read = await read_form_head(request, boundary, server)
         ex.bytes_in = len(read.body)

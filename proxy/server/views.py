@@ -97,16 +97,16 @@ async def _route_and_send(
     admission = app[LIMITER]
     settings = runtime.settings
     if not caller.authenticated:
-        await admission.charge(settings, caller, None)
+        ex.budget = await admission.charge(settings, caller, None)
         # A suspect head is refused as such (and its connection closed) even
         # without a key: bytes after it must not be read as another request.
         vet_head(request)
         raise unauthorized()
-    # No route with a limit of its own: the bucket does not depend on the route, so
-    # charge first: a client over its limit costs no body read (README, "Rate limiting").
-    charged = not runtime.route_limited
+    # No route limit and no token budget: the bucket and the cost do not depend on the
+    # body, so charge first: one over its limit costs no body read (README, "Rate limiting").
+    charged = not (runtime.route_limited or runtime.token_limited)
     if charged and runtime.limited:  # with no limit configured, nothing to charge
-        await admission.charge(settings, caller, None)
+        ex.budget = await admission.charge(settings, caller, None)
     route: Route | None = None
     try:
         vet_head(request)
@@ -128,10 +128,11 @@ async def _route_and_send(
         ex.route = route.describe()
     except ProxyError:
         if not charged:
-            await admission.charge(settings, caller, route)
+            ex.budget = await admission.charge(settings, caller, route)
         raise
-    if not charged:
-        await admission.charge(settings, caller, route)
+    if not charged:  # a model request's tokens too, under a budget (README, "Token budgets")
+        cost = chosen.cost() if isinstance(chosen, ModelRoute) else None
+        ex.budget = await admission.charge(settings, caller, route, cost)
     if outbound is None:
         assert isinstance(chosen, RealtimeTarget)
         return await app[REALTIME].serve(request, chosen, runtime, ex=ex)
@@ -162,7 +163,9 @@ async def _admit(request: web.Request) -> Caller:
     if ex is not None:
         ex.client = caller.address
         ex.key_name = caller.key.name if caller.key is not None else None
-    await request.app[LIMITER].charge(runtime.settings, caller, None)
+    charged = await request.app[LIMITER].charge(runtime.settings, caller, None)
+    if ex is not None:
+        ex.budget = charged
     if not caller.authenticated:
         raise unauthorized()
     return caller

@@ -237,7 +237,12 @@ def test_multipart_refusals(body: bytes, code: str) -> None:
         (_form(("file", b"x"), ("prompt", b"p")), True),
         (_form(("Model", b"a"), ("models", b"b")), True),
         (_form(("model", b""), ("prompt", b"p")), False),
-        (_form(("model", b"\xff"),), False),
+        (
+            _form(
+                ("model", b"\xff"),
+            ),
+            False,
+        ),
     ],
 )
 def test_multipart_model_not_there_is_told_from_one_not_usable(body: bytes, absent: bool) -> None:

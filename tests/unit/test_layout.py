@@ -71,19 +71,25 @@ DECLARATIVE: Mapping[str, str] = {}
 PENDING: Mapping[str, frozenset[str]] = {
     "imports": frozenset(
         {
+            # token budgets: observe/ reconciles through a protocol of its own
+            "proxy.observe.exchange -> proxy.admission.budget",
+            "proxy.observe.observer -> proxy.admission.budget",
         }
     ),
     "modules": frozenset(
         {
             "proxy/outbound/realtime.py",  # the Responses WebSocket's leg moves out
+            "proxy/admission/buckets.py",  # the token buckets move to a module of their own
+            "proxy/admission/buckets_redis.py",
         }
     ),
     "function lines": frozenset(
         {
             "proxy/outbound/relay.py::relay",  # the client-left outcome moves out
+            "proxy/admission/admission.py::Admission.charge",  # the reservation step moves out
         }
     ),
-    "parameters": frozenset(),
+    "parameters": frozenset({"proxy/admission/budget.py::Charged.__init__"}),
 }
 
 
