@@ -1,7 +1,7 @@
 """The tunnel of one WebSocket session (realtime, or the Responses API's):
 both legs, frame by frame.
 
-Contract (the handshake before it: realtime.py):
+Contract (the handshake before it: upstream_leg.py, client_leg.py):
 
 - Messages pass both ways as they come: text (not decoded, so byte for byte),
   binary, ping and pong (neither leg answers pings itself), in order. A
@@ -19,7 +19,7 @@ Contract (the handshake before it: realtime.py):
 - A message over ``server.max_body_bytes`` closes that leg with 1009 and the
   other with the same code (both legs are opened with that limit).
 - A Responses WebSocket has its client's messages vetted before they
-  are sent on (``vet``, realtime.py): a refused one ends the session with one
+  are sent on (``vet``, responses_socket.py): a refused one ends the session with one
   ``error`` event and 1008 to the client (:func:`refuse_session`), and the
   upstream leg closed with 1001. The upstream's messages are never read.
 """

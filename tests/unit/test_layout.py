@@ -79,7 +79,6 @@ PENDING: Mapping[str, frozenset[str]] = {
         {
             "proxy/inbound/findmodel.py",  # split into the model finders
             "proxy/server/views.py",  # _proxy's stages move to inbound/
-            "proxy/outbound/realtime.py",  # the Responses WebSocket's leg moves out
         }
     ),
     "function lines": frozenset(
