@@ -85,7 +85,6 @@ PENDING: Mapping[str, frozenset[str]] = {
         {
             "proxy/inbound/findmodel.py::_find_exact",
             "proxy/server/views.py::_proxy",
-            "proxy/outbound/relay.py::relay",  # the client-left outcome moves out
         }
     ),
     "parameters": frozenset({"proxy/server/views.py::_proxy"}),
