@@ -585,3 +585,22 @@ async def test_a_browser_key_subprotocol_is_never_forwarded_nor_logged(
     assert upstream.ws_request is not None
     assert "sec-websocket-protocol" not in upstream.ws_request.headers
     assert "sk-browser-secret" not in caplog.text
+
+
+async def test_a_browser_key_subprotocol_reaches_an_upstream_that_takes_the_clients_key(
+    aiohttp_client: Any, upstream_server: TestServer, upstream: OpenAILike
+) -> None:
+    """With no proxy keys and ``pass_client_auth``, the client's own key is the
+    upstream's credential: its subprotocol is offered upstream as it came."""
+    cfg = config(upstream_server)
+    cfg["upstreams"]["rt"] = {"url": cfg["upstreams"]["rt"]["url"], "pass_client_auth": True}
+    proxy = await serve_proxy(aiohttp_client, cfg)
+    ws = await connect(proxy, protocols=("realtime", "openai-insecure-api-key.sk-own-key"))
+    assert ws.protocol == "realtime"
+    await ws.close()
+    assert upstream.ws_request is not None
+    offered = upstream.ws_request.headers["sec-websocket-protocol"]
+    assert [p.strip() for p in offered.split(",")] == [
+        "realtime",
+        "openai-insecure-api-key.sk-own-key",
+    ]
