@@ -83,11 +83,7 @@ async def relay(
             finally:
                 _answer_ended(ex, len(whole), whole)
         else:
-            # From here on, bound the silence between two body chunks.
-            upstream_resp.arm_idle_timeout(plan.upstream.timeouts.idle)
-            upstream_resp.forget_head()
-            if ex.streaming:
-                observer.stream_opened(ex)
+            _body_follows(answered, ex, observer)
             pipe = BodyPipe(
                 upstream_resp, request, resp, keep_first=ex.content_type.startswith(_SSE)
             )
@@ -163,6 +159,16 @@ def response_head(answered: Answered, ex: Exchange) -> tuple[web.StreamResponse,
         resp.headers[_X_ACCEL_BUFFERING] = "no"
     ex.status = status
     return resp, whole
+
+
+def _body_follows(answered: Answered, ex: Exchange, observer: Observer) -> None:
+    """The head is out and the body is to be piped: from here on, bound the
+    silence between two body chunks, and count an open stream."""
+    upstream_resp = answered.response
+    upstream_resp.arm_idle_timeout(answered.plan.upstream.timeouts.idle)
+    upstream_resp.forget_head()
+    if ex.streaming:
+        observer.stream_opened(ex)
 
 
 def _client_left(request: web.BaseRequest, ex: Exchange) -> Outcome:

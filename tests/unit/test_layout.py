@@ -78,14 +78,12 @@ PENDING: Mapping[str, frozenset[str]] = {
     ),
     "modules": frozenset(
         {
-            "proxy/outbound/realtime.py",  # the Responses WebSocket's leg moves out
             "proxy/admission/buckets.py",  # the token buckets move to a module of their own
             "proxy/admission/buckets_redis.py",
         }
     ),
     "function lines": frozenset(
         {
-            "proxy/outbound/relay.py::relay",  # the client-left outcome moves out
             "proxy/admission/admission.py::Admission.charge",  # the reservation step moves out
         }
     ),
