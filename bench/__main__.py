@@ -148,6 +148,10 @@ class Bench:
                 self.multi.append(Oaimux(self.workdir, self.multi_cpus, self.mock,
                                          self.a.workers, self.a.observability,
                                          self.a.oaimux_cmd))
+            if self.a.token_limit:  # on the same core as oaimux, measured beside it
+                self.multi.append(Oaimux(self.workdir, self.proxy_cpus, self.mock, 1,
+                                         self.a.observability, self.a.oaimux_cmd,
+                                         token_limit=True))
         for peer in candidates + self.multi:
             self.spawned.append(peer)  # before start(): an interrupt mid-start still stops it
             try:
@@ -540,6 +544,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--workers", type=int, default=None,
                     help="also run oaimux with N workers (non-stream phase) to see scaling "
                          "from 1 to N (default 2; 1 in --quick)")
+    ap.add_argument("--token-limit", action="store_true",
+                    help="also run oaimux with a token budget (non-stream phase), to price it")
     ap.add_argument("--observability", action="store_true",
                     help="run oaimux with the JSON access log and metrics on")
     ap.add_argument("--oaimux-cmd", default=DEFAULT_OAIMUX_CMD,

@@ -23,6 +23,12 @@ next to the one-pass sweep the limiter used before (one list comprehension
 over a million buckets).
 
 Keys are made exactly as the proxy makes them (``ip:203.0.113.7|global``).
+
+``--tokens`` adds a token budget (``tokens_per_minute: 2000, tokens_per_day:
+1000000``; README: Token budgets) and each request reserves 1,000 tokens with
+its request token, as a model request does: every client then holds a request
+bucket and its token state, and the idle step waits for the day window to
+drain (86.4 s) before sweeping.
 """
 
 from __future__ import annotations
@@ -67,15 +73,29 @@ class FakeClock:
         return self.now
 
 
-def _settings() -> Settings:
+TOKENS = {"tokens_per_minute": 2000, "tokens_per_day": 1_000_000}
+RESERVED = (1000, 1000)  # tokens reserved per request, in each window
+
+
+def _settings(tokens: bool = False) -> Settings:
     return parse_settings(
         {
             "upstreams": {"u": {"url": "http://127.0.0.1:9/v1"}},
             "routes": [{"default": True, "upstream": "u"}],
-            "rate_limit": {"requests_per_minute": 1, "burst": 100},
+            "rate_limit": {"requests_per_minute": 1, "burst": 100, **(TOKENS if tokens else {})},
         },
         environ={},
     )
+
+
+def _request(limiter: MemoryRateLimiter, settings: Settings, key: str) -> None:
+    """One request of the flood: a request token, and tokens when a budget is set."""
+    limits = settings.rate_limit
+    assert limits is not None and limits.requests is not None
+    if limits.tokens is None:
+        limiter.acquire_now(key, limits.requests)
+    else:
+        limiter.reserve_now(key, limits.requests, limits.tokens, RESERVED)
 
 
 def _key(settings: Settings, i: int) -> str:
@@ -119,11 +139,13 @@ def _old_sweep(buckets: dict[str, int], now: int) -> int:
     return len(expired)
 
 
-async def run(clients: int) -> dict[str, Any]:
-    settings = _settings()
-    limit = settings.rate_limit
-    assert limit is not None
+async def run(clients: int, tokens: bool = False) -> dict[str, Any]:
+    settings = _settings(tokens)
     figures: dict[str, Any] = {"clients": clients, "limit": "1/min, burst 100"}
+    idle = 61 * NS  # every request bucket is full again
+    if tokens:
+        figures["limit"] += f", {TOKENS}, {RESERVED[0]} tokens a request"
+        idle = 100 * NS  # and every token state has drained
 
     # Phase 1: Python heap, with tracemalloc on. Keys are made on the fly, as
     # requests make them, so their strings count.
@@ -133,14 +155,14 @@ async def run(clients: int) -> dict[str, Any]:
     tracemalloc.start()
     heap_before = tracemalloc.get_traced_memory()[0]
     for i in range(clients):
-        limiter.acquire_now(_key(settings, i), limit)
+        _request(limiter, settings, _key(settings, i))
         clock.now += STEP_NS
     gc.collect()
     heap_peak = tracemalloc.get_traced_memory()[0]
     figures["buckets_at_peak"] = len(limiter)
-    figures["heap_bytes_per_bucket"] = round((heap_peak - heap_before) / clients, 1)
+    figures["heap_bytes_per_client"] = round((heap_peak - heap_before) / clients, 1)
     figures["heap_mib_at_peak"] = round((heap_peak - heap_before) / 2**20, 1)
-    clock.now += 61 * NS  # every bucket is full again
+    clock.now += idle
     figures["buckets_swept"] = await limiter.sweep()
     gc.collect()
     figures["buckets_after_idle"] = len(limiter)
@@ -160,7 +182,7 @@ async def run(clients: int) -> dict[str, Any]:
     for i in range(clients):
         key = _key(settings, i)
         t0 = time.perf_counter_ns()
-        limiter.acquire_now(key, limit)
+        _request(limiter, settings, key)
         took.append(time.perf_counter_ns() - t0)
         clock.now += STEP_NS
     rss_peak = _rss_bytes()
@@ -170,7 +192,7 @@ async def run(clients: int) -> dict[str, Any]:
     figures["acquire_p99_9_us"] = round(took[int(clients * 0.999)] / 1000, 1)
     figures["acquire_max_us"] = round(took[-1] / 1000, 1)
     del took
-    clock.now += 61 * NS
+    clock.now += idle
     stall, stall_cpu, _ = await _longest_stall(limiter.sweep)
     figures["sweep_longest_loop_stall_ms"] = round(stall * 1000, 2)
     figures["sweep_longest_loop_stall_cpu_ms"] = round(stall_cpu * 1000, 2)
@@ -194,8 +216,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.limiter_memory", description=__doc__)
     parser.add_argument("--clients", type=int, default=1_000_000)
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    parser.add_argument("--tokens", action="store_true", help="with a token budget too")
     args = parser.parse_args(argv)
-    figures = asyncio.run(run(args.clients))
+    figures = asyncio.run(run(args.clients, args.tokens))
     if args.json:
         print(json.dumps(figures, indent=2))
         return

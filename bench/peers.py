@@ -275,13 +275,17 @@ class Nginx(_ProcessPeer):
         return "nginx, 1 worker, keepalive pool, buffering off"
 
 
-def oaimux_config(mock_port: int, port: int, observability: bool = False) -> dict[str, object]:
+def oaimux_config(
+    mock_port: int, port: int, observability: bool = False, token_limit: bool = False
+) -> dict[str, object]:
     """The routes.yaml the bench gives oaimux: every model to the mock, no rate limit.
 
     ``observability`` turns on the JSON access log and metrics (off for the plain figures);
-    ``python -m bench --observability`` runs with it, to price them.
+    ``python -m bench --observability`` runs with it, to price them. ``token_limit``
+    adds a token budget (both windows) too large to ever refuse, to price reserving
+    and reconciling every request (README, "Token budgets").
     """
-    return {
+    config: dict[str, object] = {
         "server": {"host": "127.0.0.1", "port": port, "max_body_bytes": MAX_BODY_BYTES},
         "log": {"access": True, "format": "json"} if observability else {"access": False},
         "metrics": {"enabled": bool(observability)},
@@ -290,6 +294,9 @@ def oaimux_config(mock_port: int, port: int, observability: bool = False) -> dic
         "upstreams": {"mock": {"url": f"http://127.0.0.1:{mock_port}/v1"}},
         "routes": [{"model": "*", "upstream": "mock"}],
     }
+    if token_limit:
+        config["rate_limit"] = {"tokens_per_minute": 10**12, "tokens_per_day": 10**12}
+    return config
 
 
 def to_yaml(value: object, indent: int = 0) -> str:
@@ -321,8 +328,12 @@ class Oaimux(_ProcessPeer):
     """oaimux itself, started with the bench's generated config."""
 
     def __init__(self, workdir: Path, cpus: set[int] | None, mock: Mock, workers: int = 1,
-                 observability: bool = False, cmd_template: str = DEFAULT_OAIMUX_CMD) -> None:
+                 observability: bool = False, cmd_template: str = DEFAULT_OAIMUX_CMD,
+                 token_limit: bool = False) -> None:
         self.name = "oaimux" if workers == 1 else f"oaimux-w{workers}"
+        if token_limit:
+            self.name = "oaimux-tokens"
+        self.token_limit = token_limit
         super().__init__(workdir / self.name, cpus)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.log = self.workdir / "oaimux.log"
@@ -334,7 +345,7 @@ class Oaimux(_ProcessPeer):
     def command(self) -> list[str]:
         config = self.workdir / "routes.yaml"
         config.write_text(to_yaml(oaimux_config(self.mock.port, self.port,
-                                                self.observability)) + "\n")
+                                                self.observability, self.token_limit)) + "\n")
         cmd = shlex.split(self.cmd_template.format(python=shlex.quote(sys.executable),
                                                    config=shlex.quote(str(config)),
                                                    port=self.port, workers=self.workers))
@@ -347,4 +358,6 @@ class Oaimux(_ProcessPeer):
 
     def describe(self) -> str:
         obs = ", access log + metrics on" if self.observability else ""
+        if self.token_limit:
+            obs += ", token budget"
         return f"oaimux, {self.workers} worker(s){obs}"

@@ -99,6 +99,18 @@ def summarize(results: dict[str, Any]) -> list[Row]:
             # which says more about the VM than the proxy; the goal is about work per request.
             row.goal, row.met = "≤ 4× nginx", _le(ratio, 4.0)
         rows.append(row)
+    if any(r["peer"] == f"{SUBJECT}-tokens" for r in ns):
+        for c in conns_levels:
+            cpu = _pick(ns, "cpu_us_per_req", conns=c)
+            with_budget = cpu.get(f"{SUBJECT}-tokens")
+            row = Row(f"proxy CPU µs/request with a token budget, {c} conn{_s(c)}",
+                      {SUBJECT: with_budget},
+                      vs_nginx=f"{_ratio(with_budget, cpu.get(SUBJECT))} of without",
+                      fmt="{:.0f}")
+            if c > 1:
+                row.goal = "≤ 1.05× without"
+                row.met = _le(_div(with_budget, cpu.get(SUBJECT)), 1.05)
+            rows.append(row)
     for name in sorted({r["peer"] for r in ns if r["peer"].startswith(f"{SUBJECT}-w")}):
         for c in conns_levels:
             rps = _pick(ns, "rps", conns=c)

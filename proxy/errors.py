@@ -13,6 +13,7 @@
     ├── RequestTooLarge              413    invalid_request_error  request_too_large
     ├── ExpectationFailed            417    invalid_request_error  expectation_failed
     ├── RateLimited                  429    requests               rate_limit_exceeded
+    │   └── TokensLimited            429    tokens                 rate_limit_exceeded
     ├── HeadersTooLarge              431    invalid_request_error  request_header_fields_too_large
     ├── UpstreamUnavailable          502    api_error              upstream_unavailable
     ├── UpstreamAuthFailed           502    api_error              upstream_auth_failed
@@ -56,6 +57,7 @@ __all__ = [
     "RequestTooLarge",
     "ServiceUnavailable",
     "Unauthorized",
+    "TokensLimited",
     "UpstreamAuthFailed",
     "UpstreamTimeout",
     "UpstreamUnavailable",
@@ -65,6 +67,8 @@ __all__ = [
     "error_body",
     "error_response",
     "from_http_exception",
+    "model_not_allowed",
+    "model_not_found",
 ]
 
 ERROR_HEADER = "x-oaimux-error"
@@ -163,6 +167,16 @@ class RateLimited(ProxyError):
     code = "rate_limit_exceeded"
 
 
+class TokensLimited(RateLimited):
+    """Refused by a token budget; ``window`` is ``"minute"`` or ``"day"``."""
+
+    type = "tokens"
+
+    def __init__(self, message: str, *, window: str, headers: Mapping[str, str]) -> None:
+        super().__init__(message, headers=headers)
+        self.window = window
+
+
 class UpstreamUnavailable(ProxyError):
     status = 502
     type = "api_error"
@@ -217,6 +231,11 @@ def model_not_found(model: str) -> NotFound:
         code="model_not_found",
         param="model",
     )
+
+
+def model_not_allowed(model: str) -> ModelNotAllowed:
+    """The 403 for a model the caller's proxy key may not use."""
+    return ModelNotAllowed(f"Your key may not use the model '{clip(model)}'.", param="model")
 
 
 def error_body(message: str, type_: str, code: str | None, param: str | None = None) -> bytes:

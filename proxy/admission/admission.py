@@ -1,18 +1,25 @@
 """Who is asking, and may they: client identity, proxy keys, the rate limit.
 
 Every request except ``GET /healthz`` and ``GET /metrics`` passes here once,
-and takes exactly one token from exactly one bucket (:func:`choose_limit`):
+and is charged to exactly one ``rate_limit`` block (:func:`choose_limit`):
 
 - the route's own ``rate_limit`` when the request matched a route that has
-  one: a bucket per client *and* route, separate from the client's general
-  bucket (an expensive model gets its own, usually smaller, budget);
+  one: buckets per client *and* route, separate from the client's general
+  ones (an expensive model gets its own, usually smaller, budget);
 - otherwise the key's own ``rate_limit`` when the caller's proxy key has one;
 - otherwise the global ``rate_limit`` (no limit at all when there is none).
 
-The client is the proxy key's name when proxy keys are configured and the
-caller presented a valid one; otherwise the client address (see clientip.py),
-IPv6 per /64. A failed key check is charged to the caller's address under the
-global limit, so guessing keys is rate limited too.
+The block's request bucket gives one token. When the block has a token budget
+and the request is one that produces tokens (a model request, whose body was
+read), its estimated tokens are reserved in the same atomic step
+(:func:`estimate_tokens`; README: Token budgets), and reconciled when its
+answer ends (budget.py).
+
+The client (a :class:`Caller`, made by inbound/head.py's ``identify``) is the
+proxy key's name when proxy keys are configured and the caller presented a
+valid one; otherwise the client address (see clientip.py), IPv6 per /64. A
+failed key check is charged to the caller's address under the global limit,
+so guessing keys is rate limited too.
 
 :class:`Admission` owns the bucket storage and what happens when the storage
 cannot be reached (``rate_limit.on_storage_error``: let requests through with
@@ -27,25 +34,31 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import NamedTuple
 
-from aiohttp import web
-
-from ..config.settings import AuthKey, RateLimitSettings, Route, Settings
-from ..errors import RateLimited, ServiceUnavailable, Unauthorized
+from ..config.settings import AuthKey, Limits, RateLimitSettings, Route, Settings, TokenBudget
+from ..errors import RateLimited, ServiceUnavailable, TokensLimited, Unauthorized
 from ..observe.failurelog import TEN_MINUTES, FailureLog
-from ..runtime.runtime import Runtime
-from .buckets import Decision, RateLimiter, StorageUnavailable
-from .clientip import client_address, limit_key
-from .proxy_keys import presented_key
+from .buckets import (
+    Decision,
+    MemoryRateLimiter,
+    RateLimiter,
+    StorageUnavailable,
+    TokenDecision,
+    token_decision,
+)
+from .budget import REMAINING_TOKENS, RESET_TOKENS, Charged, openai_duration
+from .clientip import limit_key
 
 __all__ = [
     "Admission",
     "Caller",
-    "charge",
+    "RequestCost",
     "choose_limit",
-    "identify",
+    "estimate_tokens",
     "openai_duration",
     "rate_limited",
+    "tokens_limited",
     "unauthorized",
 ]
 
@@ -65,32 +78,10 @@ class Caller:
         return f"ip:{limit_key(self.address)}"
 
 
-def identify(request: web.BaseRequest, runtime: Runtime) -> Caller:
-    # aiohttp reads the peer address once per connection (request.remote);
-    # asking the transport would be a getpeername() system call per request.
-    host = request.remote
-    if runtime.trusts_proxies:
-        forwarded = request.headers.getall("X-Forwarded-For", ())
-        address = client_address(host, forwarded, runtime.trusted)
-    else:
-        address = client_address(host, (), runtime.trusted)
-    if not runtime.keyed:
-        return _anonymous(address)
-    key = runtime.keys.authenticate(presented_key(request.headers))
-    return Caller(address, key, key is not None)
-
-
-@lru_cache(maxsize=8192)
-def _anonymous(address: str) -> Caller:
-    """The caller of an open proxy (no keys): one per address, made once
-    (bounded: a flood of addresses only evicts)."""
-    return Caller(address, None, True)
-
-
 def choose_limit(
     settings: Settings, caller: Caller, route: Route | None
-) -> tuple[RateLimitSettings, str] | None:
-    """The one limit this request is charged to, and the bucket's full key.
+) -> tuple[Limits, str] | None:
+    """The one block this request is charged to, and its buckets' key.
 
     ``None`` when no limit applies. The route's bucket is named by the route's
     selector (``model gpt-4*``), which survives a reload that reorders routes.
@@ -100,25 +91,74 @@ def choose_limit(
     if caller.key is not None and caller.key.rate_limit is not None:
         return caller.key.rate_limit, f"{caller.bucket}|key"
     if settings.rate_limit is not None:
+        if caller.key is None:
+            return settings.rate_limit, _global_key(caller.address)
         return settings.rate_limit, f"{caller.bucket}|global"
     return None
 
 
-def openai_duration(seconds: float) -> str:
-    """OpenAI's reset format (Go's duration): ``250ms``, ``1s``, ``6m0s``, ``1h2m3s``.
+@lru_cache(maxsize=8192)
+def _global_key(address: str) -> str:
+    """The global bucket's key of a caller without a proxy key, made once per
+    address (bounded, as inbound/head.py's anonymous callers: an IPv6
+    address is parsed for its /64)."""
+    return f"ip:{limit_key(address)}|global"
 
-    Rounded up, to whole milliseconds below one second and to whole seconds above.
-    """
-    if seconds < 1:
-        return f"{max(1, math.ceil(seconds * 1000))}ms"
-    total = math.ceil(seconds)
-    h, rest = divmod(total, 3600)
-    m, s = divmod(rest, 60)
-    if h:
-        return f"{h}h{m}m{s}s"
-    if m:
-        return f"{m}m{s}s"
-    return f"{s}s"
+
+class RequestCost(NamedTuple):
+    """What a model request may cost in tokens, known once its body is read:
+    the bytes of its prompt (a JSON body's length; a form's files are not
+    text, so 0) and its output cap (``max_tokens`` and the like, read by the
+    model finder; ``None``: none given). A tuple of what is at hand: one is
+    made per request, and the estimate is worked out only under a token
+    budget (:func:`estimate_tokens`)."""
+
+    prompt_bytes: int
+    output_cap: int | None
+
+
+def estimate_tokens(cost: RequestCost, budget: TokenBudget) -> int:
+    """The tokens reserved for a request: its prompt as ``ceil(bytes / 4)`` (no
+    tokenizer on the hot path) and its output cap, else the default, the
+    output part never above ``max_output_reservation``."""
+    cap = cost.output_cap
+    output = budget.default_output_tokens if cap is None else cap
+    ceiling = budget.output_ceiling
+    return -(-cost.prompt_bytes // 4) + (output if output < ceiling else ceiling)
+
+
+_WINDOW_NAMES = {"minute": "tokens per min (TPM)", "day": "tokens per day (TPD)"}
+
+
+def tokens_limited(decision: TokenDecision, estimate: int, route: Route | None) -> TokensLimited:
+    """The 429 for a reservation a token bucket had no room for, with the
+    headers OpenAI's SDKs read (``Retry-After`` as in :func:`rate_limited`:
+    until the estimate fits in every window)."""
+    wait = max(decision.retry_after, 0.001)
+    seconds = max(1, math.ceil(wait))
+    remaining = str(decision.remaining)
+    reset = openai_duration(decision.reset_after)
+    return TokensLimited(
+        f"Rate limit reached for {_WINDOW_NAMES[decision.window]}{_where(route)}: "
+        f"Limit {decision.limit}, Used {decision.used}, Requested {estimate}. "
+        f"Please try again in {seconds}s.",
+        window=decision.window,
+        headers={
+            "Retry-After": str(seconds),
+            "retry-after-ms": str(math.ceil(wait * 1000)),
+            "x-ratelimit-limit-tokens": str(decision.limit),
+            "x-ratelimit-remaining-tokens": remaining,
+            "x-ratelimit-reset-tokens": reset,
+            REMAINING_TOKENS: remaining,
+            RESET_TOKENS: reset,
+        },
+    )
+
+
+def _where(route: Route | None) -> str:
+    if route is not None and route.rate_limit is not None:
+        return " to this model" if route.model is not None else " to this endpoint"
+    return ""
 
 
 def rate_limited(decision: Decision, limit: RateLimitSettings, route: Route | None) -> RateLimited:
@@ -130,11 +170,9 @@ def rate_limited(decision: Decision, limit: RateLimitSettings, route: Route | No
     """
     wait = max(decision.retry_after, 0.001)
     seconds = max(1, math.ceil(wait))
-    where = ""
-    if route is not None and route.rate_limit is not None:
-        where = " to this model" if route.model is not None else " to this endpoint"
     return RateLimited(
-        f"Rate limit reached for requests{where}: limit {limit.burst} requests, refilled at "
+        f"Rate limit reached for requests{_where(route)}: limit {limit.burst} requests, "
+        "refilled at "
         f"{limit.requests_per_minute:g} per minute. Please try again in {seconds}s.",
         headers={
             "Retry-After": str(seconds),
@@ -166,6 +204,10 @@ class Admission:
     ) -> None:
         self.storage = storage
         self._outage = FailureLog(log, "rate-limit storage", every=warn_every, clock=clock)
+        self._warn_every = warn_every
+        self._clock = clock
+        self._shadowed = 0  # requests let through by enforce: false, since the last line
+        self._next_shadow_line = 0.0
 
     def start(self) -> None:
         self.storage.start()
@@ -173,20 +215,51 @@ class Admission:
     async def close(self) -> None:
         await self.storage.close()
 
-    async def charge(self, runtime: Runtime, caller: Caller, route: Route | None) -> None:
-        """Take one token for this request, or raise :class:`RateLimited`
-        (or :class:`ServiceUnavailable` when the storage is down and policy is closed)."""
-        chosen = choose_limit(runtime.settings, caller, route)
+    async def charge(
+        self,
+        settings: Settings,
+        caller: Caller,
+        route: Route | None,
+        cost: RequestCost | None = None,
+    ) -> Charged | None:
+        """Charge this request: one token of its block's request bucket, and, for
+        a model request (``cost``) under a token budget, its estimated tokens.
+
+        Returns what was charged (``None``: no limit applies, or the storage is
+        down and the policy is open), or raises :class:`RateLimited` /
+        :class:`TokensLimited` (or :class:`ServiceUnavailable` when the storage
+        is down and the policy is closed)."""
+        chosen = choose_limit(settings, caller, route)
         if chosen is None:
-            return
-        limit, key = chosen
+            return None
+        limits, key = chosen
+        requests, budget = limits.requests, limits.tokens
         try:
-            decision = await self.storage.acquire(key, limit)
+            if budget is None or cost is None:
+                if requests is None:
+                    return None
+                decision: Decision | None = await self.storage.acquire(key, requests)
+            else:
+                estimate = estimate_tokens(cost, budget)
+                # A window is charged at most its capacity: an estimate larger
+                # than a whole budget passes when the budget is full, and what
+                # the answer uses beyond is charged when it ends.
+                cap_m, cap_d = budget.cap_minute, budget.cap_day
+                costs = (
+                    estimate if estimate < cap_m else cap_m,
+                    estimate if estimate < cap_d else cap_d,
+                )
+                storage = self.storage
+                if type(storage) is MemoryRateLimiter:  # answers at once: no coroutine
+                    reserved = storage.reserve_now(key, requests, budget, costs)
+                else:
+                    reserved = await storage.reserve(key, requests, budget, costs)
+                decision, before_m, before_d, after_m, after_d, fits, state = reserved
         except StorageUnavailable as exc:
-            fail_open = runtime.settings.rate_limit_fail_open
+            fail_open = settings.rate_limit_fail_open
             self._storage_failed(exc, fail_open)
             if fail_open:
-                return
+                return None
             raise ServiceUnavailable(
                 "The rate limiter's storage is unreachable, so requests are refused; "
                 "try again shortly.",
@@ -195,21 +268,48 @@ class Admission:
             ) from None
         if self._outage.failing:
             self._outage.recovered()
-        if not decision.allowed:
-            raise rate_limited(decision, limit, route)
+        if decision is not None and not decision.allowed:
+            assert requests is not None  # a request decision comes from a request bucket
+            raise rate_limited(decision, requests, route)
+        if budget is None or cost is None:
+            return Charged(decision)
+        shadowed = None
+        if not fits:
+            tokens = token_decision(budget, (before_m, before_d), (after_m, after_d), costs, False)
+            if budget.enforce:
+                raise tokens_limited(tokens, estimate, route)
+            self._would_refuse(caller, tokens)
+            shadowed = tokens.window
+        return Charged(
+            decision, budget, self.storage, key, estimate, costs[0], costs[1], after_m, after_d,
+            shadowed, state,
+        )  # fmt: skip
+
+    def _would_refuse(self, caller: Caller, tokens: TokenDecision) -> None:
+        """``enforce: false``: a request a token budget would have refused passed.
+        Logged once per ``warn_every`` seconds with the count since the last line
+        (the metrics count each one; observe/observer.py)."""
+        self._shadowed += 1
+        now = self._clock()
+        if now < self._next_shadow_line:
+            return
+        self._next_shadow_line = now + self._warn_every
+        log.info(
+            "token budget not enforced (enforce: false): %d request(s) passed that it "
+            "would have refused since the last line; the latest: client %s, tokens per "
+            "%s, limit %d",
+            self._shadowed,
+            caller.bucket,
+            tokens.window,
+            tokens.limit,
+        )
+        self._shadowed = 0
 
     def _storage_failed(self, exc: StorageUnavailable, fail_open: bool) -> None:
         self._outage.failed(
             f"unavailable ({exc}); failing "
             + ("open: requests pass unlimited" if fail_open else "closed: requests get 503")
         )
-
-
-async def charge(
-    admission: Admission, runtime: Runtime, caller: Caller, route: Route | None
-) -> None:
-    """Take one token for this request (see :meth:`Admission.charge`)."""
-    await admission.charge(runtime, caller, route)
 
 
 def unauthorized() -> Unauthorized:

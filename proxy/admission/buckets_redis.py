@@ -7,8 +7,11 @@ One request is one ``EVALSHA`` of :data:`SCRIPT` (``EVAL`` when the server
 answers ``NOSCRIPT``, e.g. after a restart or ``SCRIPT FLUSH``). The script
 reads the bucket, decides and writes it back atomically, so concurrent
 requests from any number of proxies can never both spend the last token
-(no read-modify-write race). It is the same arithmetic as ratelimit.py's
-:func:`~proxy.admission.buckets.take_token`, in microseconds.
+(no read-modify-write race). It is the same arithmetic as buckets.py's
+:func:`~proxy.admission.buckets.take_token`, in microseconds. A request with a token
+budget is one :data:`TOKENS_SCRIPT` instead: the request bucket and the
+token buckets decided and charged together, all or nothing; the end of its
+answer is another call of it, queued without waiting.
 
 The clock is Redis's own ``TIME``, read inside the script: with several
 machines, each with its own clock, a bucket written by one and read by
@@ -51,12 +54,13 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from ..config.settings import RateLimitSettings
-from .buckets import Decision, StorageUnavailable
+from ..config.settings import RateLimitSettings, TokenBudget
+from .buckets import Decision, Reserved, StorageUnavailable
 
-__all__ = ["KEY_PREFIX", "SCRIPT", "RedisRateLimiter"]
+__all__ = ["KEY_PREFIX", "SCRIPT", "TOKENS_SCRIPT", "TOKENS_SUFFIX", "RedisRateLimiter"]
 
 KEY_PREFIX = "oaimux:rl:"
+TOKENS_SUFFIX = "|tokens"  # a client's token buckets: its request bucket's key and this
 US = 1_000_000
 
 # KEYS[1]: the bucket. ARGV[1]: burst. ARGV[2]: microseconds per token.
@@ -66,7 +70,7 @@ US = 1_000_000
 # ~2^51); string.format keeps every digit where tostring would round to 14.
 # A debt above this limit's ceiling (state written under an earlier config,
 # by this proxy before a reload or by another one) is cut to it, and written
-# back so the key expires when the cut bucket is full; see ratelimit.py.
+# back so the key expires when the cut bucket is full; see buckets.py.
 SCRIPT = """\
 if redis.replicate_commands then pcall(redis.replicate_commands) end
 local t = redis.call('TIME')
@@ -101,17 +105,133 @@ return {0, 0, debt - (ceiling - interval), debt}
 SCRIPT_SHA = hashlib.sha1(SCRIPT.encode()).hexdigest()  # noqa: S324 - Redis names scripts so
 
 
+# Token budgets (README: Token budgets; the arithmetic of buckets.py's
+# take_tokens and settle_tokens). A client's token buckets are one key holding
+# "<owed minute> <owed day> <at µs>"; it expires when both have drained.
+_TOKENS_LUA = """\
+local function fmt(x) return string.format('%.17g', x) end
+local function drain(owed, elapsed, cap, window)
+  if cap == 0 then return 0 end
+  owed = owed - elapsed * cap / window
+  if owed <= 0 then return 0 end
+  return math.min(owed, 2 * cap)
+end
+local function read_tokens(key, cap_m, cap_d)
+  local state = redis.call('GET', key)
+  if not state then return 0, 0 end
+  local m, d, at = string.match(state, '^(%S+) (%S+) (%S+)$')
+  if not at then return 0, 0 end
+  local elapsed = now - tonumber(at)
+  return drain(tonumber(m), elapsed, cap_m, 60000000),
+         drain(tonumber(d), elapsed, cap_d, 86400000000)
+end
+local function write_tokens(key, m, d, cap_m, cap_d)
+  local drained = 0
+  if cap_m > 0 then drained = m * 60000000 / cap_m end
+  if cap_d > 0 then drained = math.max(drained, d * 86400000000 / cap_d) end
+  if drained <= 0 then
+    redis.call('DEL', key)
+    return
+  end
+  redis.call('SET', key, fmt(m) .. ' ' .. fmt(d) .. ' ' .. string.format('%.0f', now),
+             'PX', math.max(1, math.ceil(drained / 1000)))
+end
+"""
+
+# The token buckets' one script, in two modes (one script, not two: Redis may
+# forget its scripts at any time (a restart, SCRIPT FLUSH), and a call it
+# answers NOSCRIPT is sent again after the rest of its pipeline; were the two
+# modes two scripts, a reconciliation could then land after a reservation
+# queued behind it).
+#
+# ARGV[1] 'reserve': one reservation, atomically: the request bucket (as
+# SCRIPT) and the token buckets. KEYS[1]: request bucket, KEYS[2]: token
+# buckets. ARGV[2..]: burst (0: no request limit), µs per request token,
+# capacity per minute, per day (0: that window is not limited), cost in each,
+# and 1 to charge the tokens even when they do not fit (enforce: false).
+# Nothing is written unless both pass. Returns {allowed, remaining,
+# retry_after_us, reset_after_us} of the request bucket, then tokens fit 0/1
+# and the tokens owed per minute and per day before and after, as strings (a
+# Lua number in a reply is cut to an integer).
+#
+# ARGV[1] 'settle': what an answer really used, once it ended. KEYS[1]: token
+# buckets; ARGV[2..]: capacity per minute, per day, tokens to add to each
+# (negative: a refund).
+TOKENS_SCRIPT = (
+    """\
+if redis.replicate_commands then pcall(redis.replicate_commands) end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+"""
+    + _TOKENS_LUA
+    + """\
+if ARGV[1] == 'settle' then
+  local cap_m, cap_d = tonumber(ARGV[2]), tonumber(ARGV[3])
+  local m, d = read_tokens(KEYS[1], cap_m, cap_d)
+  if cap_m > 0 then m = math.min(math.max(m + tonumber(ARGV[4]), 0), 2 * cap_m) end
+  if cap_d > 0 then d = math.min(math.max(d + tonumber(ARGV[5]), 0), 2 * cap_d) end
+  write_tokens(KEYS[1], m, d, cap_m, cap_d)
+  return 1
+end
+local burst = tonumber(ARGV[2])
+local interval = tonumber(ARGV[3])
+local cap_m, cap_d = tonumber(ARGV[4]), tonumber(ARGV[5])
+local cost_m, cost_d = tonumber(ARGV[6]), tonumber(ARGV[7])
+local m, d = read_tokens(KEYS[2], cap_m, cap_d)
+local req = {1, 0, 0, 0}
+local debt = nil
+local function store(owed)
+  redis.call('SET', KEYS[1], string.format('%.0f', now + owed),
+             'PX', math.max(1, math.ceil(owed / 1000)))
+end
+if burst > 0 then
+  local ceiling = burst * interval
+  local stored = redis.call('GET', KEYS[1])
+  local owed = 0
+  local cut = false
+  if stored then
+    owed = tonumber(stored) - now
+    if owed < 0 then
+      owed = 0
+    elseif owed > ceiling then
+      owed = ceiling
+      cut = true
+    end
+  end
+  if owed > ceiling - interval then
+    if cut then store(owed) end
+    return {0, 0, owed - (ceiling - interval), owed, 0, fmt(m), fmt(d), fmt(m), fmt(d)}
+  end
+  debt = owed + interval
+  req = {1, burst - math.ceil(debt / interval), 0, debt}
+end
+local fits = (cap_m == 0 or m + cost_m <= cap_m) and (cap_d == 0 or d + cost_d <= cap_d)
+local am, ad = m, d
+if fits or ARGV[8] == '1' then
+  if cap_m > 0 then am = math.min(m + cost_m, 2 * cap_m) end
+  if cap_d > 0 then ad = math.min(d + cost_d, 2 * cap_d) end
+  write_tokens(KEYS[2], am, ad, cap_m, cap_d)
+  if debt then store(debt) end
+end
+return {req[1], req[2], req[3], req[4], fits and 1 or 0, fmt(m), fmt(d), fmt(am), fmt(ad)}
+"""
+)
+TOKENS_SHA = hashlib.sha1(TOKENS_SCRIPT.encode()).hexdigest()  # noqa: S324
+
+
 def interval_us(limit: RateLimitSettings) -> int:
     """Microseconds one token takes to refill (at least 1)."""
     return max(1, round(60 * US / limit.requests_per_minute))
 
 
-_Pending = tuple[str, int, int, "asyncio.Future[Decision]"]
+# (script sha, script, keys, args, waiter for the reply; None: nobody waits)
+_Pending = tuple[str, str, tuple[str, ...], tuple[int | str, ...], "asyncio.Future[Any] | None"]
 
 
 def _fail(pending: list[_Pending], exc: StorageUnavailable) -> None:
-    for _, _, _, waiter in pending:
-        if not waiter.done():
+    for call in pending:
+        waiter = call[4]
+        if waiter is not None and not waiter.done():
             waiter.set_exception(exc)
 
 
@@ -120,6 +240,8 @@ class RedisRateLimiter:
 
     Requests are queued and one sender task pipelines them (see the module
     docstring), so it never needs more than a couple of connections.
+    Reconciliations (:meth:`settle`) join the same queue without waiting, so
+    they reach Redis before any reservation queued after them.
 
     Creating it does no I/O: the connection opens on first use, so a proxy
     starts (and fails open or closed) even while Redis is down.
@@ -152,31 +274,83 @@ class RedisRateLimiter:
         self._down_reason = ""
         self._queue: list[_Pending] = []
         self._sender: asyncio.Task[None] | None = None
+        self.settles_lost = 0  # reconciliations that never reached Redis
 
     def start(self) -> None:
         """Nothing to start: the connection opens on demand."""
 
     async def acquire(self, key: str, limit: RateLimitSettings) -> Decision:
+        allowed, remaining, retry_us, reset_us = await self._call(
+            SCRIPT_SHA, SCRIPT, (KEY_PREFIX + key,), (limit.burst, interval_us(limit))
+        )
+        return Decision(bool(allowed), int(remaining), retry_us / US, reset_us / US)
+
+    async def reserve(
+        self,
+        key: str,
+        limit: RateLimitSettings | None,
+        budget: TokenBudget,
+        costs: tuple[int, int],
+    ) -> Reserved:
+        burst, interval = (0, 1) if limit is None else (limit.burst, interval_us(limit))
+        reply = await self._call(
+            TOKENS_SHA,
+            TOKENS_SCRIPT,
+            (KEY_PREFIX + key, KEY_PREFIX + key + TOKENS_SUFFIX),
+            ("reserve", burst, interval, budget.cap_minute, budget.cap_day, *costs,
+             0 if budget.enforce else 1),
+        )  # fmt: skip
+        allowed, remaining, retry_us, reset_us, fits = (int(v) for v in reply[:5])
+        decision = None
+        if limit is not None:
+            decision = Decision(bool(allowed), remaining, retry_us / US, reset_us / US)
+        return (
+            decision,
+            float(reply[5]),
+            float(reply[6]),
+            float(reply[7]),
+            float(reply[8]),
+            bool(fits) and bool(allowed),
+            None,
+        )
+
+    def settle(self, key: str, budget: TokenBudget, deltas: tuple[int, int]) -> None:
+        if self._down_until and time.monotonic() < self._down_until:
+            self.settles_lost += 1
+            return
+        args = ("settle", budget.cap_minute, budget.cap_day, *deltas)
+        self._enqueue((TOKENS_SHA, TOKENS_SCRIPT, (KEY_PREFIX + key + TOKENS_SUFFIX,), args, None))
+
+    async def _call(
+        self, sha: str, script: str, keys: tuple[str, ...], args: tuple[int | str, ...]
+    ) -> Any:
+        """Run one script through the queue; its raw reply."""
         if self._down_until:
             if time.monotonic() < self._down_until:
                 raise StorageUnavailable(self._down_reason)
             self._down_until = 0.0
-        loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[Decision] = loop.create_future()
-        self._queue.append((KEY_PREFIX + key, limit.burst, interval_us(limit), waiter))
-        if self._sender is None:
-            self._sender = loop.create_task(self._send_queued(), name="oaimux-redis-limiter")
+        waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._enqueue((sha, script, keys, args, waiter))
         try:
             async with asyncio.timeout(self._deadline):
                 return await waiter
         except TimeoutError:
             raise StorageUnavailable(f"redis: no answer within {self._deadline:g}s") from None
 
+    def _enqueue(self, call: _Pending) -> None:
+        self._queue.append(call)
+        if self._sender is None:
+            self._sender = asyncio.get_running_loop().create_task(
+                self._send_queued(), name="oaimux-redis-limiter"
+            )
+
     async def _send_queued(self) -> None:
         """Pipeline whatever is queued, batch after batch, until the queue is empty."""
         try:
             while self._queue:
-                batch = [p for p in self._queue[: self.MAX_BATCH] if not p[3].done()]
+                batch = [
+                    p for p in self._queue[: self.MAX_BATCH] if p[4] is None or not p[4].done()
+                ]
                 del self._queue[: self.MAX_BATCH]
                 if not batch:
                     continue
@@ -190,38 +364,44 @@ class RedisRateLimiter:
                     # the outage reads as one state in the log (observe/failurelog.py).
                     self._down_until = time.monotonic() + self._cooldown
                     self._down_reason = reason
+                    self._lost(batch + self._queue)
                     _fail(batch, StorageUnavailable(reason))
                     _fail(self._queue, StorageUnavailable(reason))
                     self._queue.clear()
                     return
                 except RedisError as exc:
+                    self._lost(batch)
                     _fail(batch, StorageUnavailable(_describe(exc, self._deadline)))
                     continue
-                for (_, _, _, waiter), reply in zip(batch, replies, strict=True):
-                    if waiter.done():
+                for call, reply in zip(batch, replies, strict=True):
+                    waiter = call[4]
+                    if waiter is None:
+                        if isinstance(reply, BaseException):
+                            self.settles_lost += 1
+                    elif waiter.done():
                         continue
-                    if isinstance(reply, BaseException):  # e.g. OOM, a READONLY replica
+                    elif isinstance(reply, BaseException):  # e.g. OOM, a READONLY replica
                         waiter.set_exception(StorageUnavailable(_describe(reply, 0)))
                     else:
-                        allowed, remaining, retry_us, reset_us = reply
-                        waiter.set_result(
-                            Decision(bool(allowed), int(remaining), retry_us / US, reset_us / US)
-                        )
+                        waiter.set_result(reply)
         finally:
             self._sender = None
+
+    def _lost(self, calls: list[_Pending]) -> None:
+        self.settles_lost += sum(1 for call in calls if call[4] is None)
 
     async def _run(self, batch: list[_Pending]) -> list[Any]:
         """One pipeline of EVALSHA; the scripts Redis did not know go again as EVAL."""
         pipe = self._redis.pipeline(transaction=False)
-        for key, burst, interval, _ in batch:
-            pipe.evalsha(SCRIPT_SHA, 1, key, burst, interval)
+        for sha, _, keys, args, _ in batch:
+            pipe.evalsha(sha, len(keys), *keys, *args)
         replies: list[Any] = await pipe.execute(raise_on_error=False)
         unknown = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
         if unknown:
             pipe = self._redis.pipeline(transaction=False)
             for i in unknown:
-                key, burst, interval, _ = batch[i]
-                pipe.eval(SCRIPT, 1, key, burst, interval)
+                _, script, keys, args, _ = batch[i]
+                pipe.eval(script, len(keys), *keys, *args)
             for i, reply in zip(unknown, await pipe.execute(raise_on_error=False), strict=True):
                 replies[i] = reply
         return replies

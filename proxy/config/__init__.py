@@ -25,6 +25,7 @@ from .settings import (
     CorsSettings,
     EnvSubstitution,
     HeaderRewrite,
+    Limits,
     LogSettings,
     MetricsSettings,
     RateLimitSettings,
@@ -34,6 +35,7 @@ from .settings import (
     ServerSettings,
     Settings,
     Timeouts,
+    TokenBudget,
     Upstream,
 )
 
@@ -45,6 +47,7 @@ __all__ = [
     "CorsSettings",
     "EnvSubstitution",
     "HeaderRewrite",
+    "Limits",
     "LogSettings",
     "MetricsSettings",
     "RateLimitSettings",
@@ -54,6 +57,7 @@ __all__ = [
     "ServerSettings",
     "Settings",
     "Timeouts",
+    "TokenBudget",
     "Upstream",
     "load_settings",
     "parse_settings",

@@ -26,6 +26,7 @@ __all__ = [
     "CorsSettings",
     "EnvSubstitution",
     "HeaderRewrite",
+    "Limits",
     "LogSettings",
     "MetricsSettings",
     "RateLimitSettings",
@@ -35,6 +36,7 @@ __all__ = [
     "ServerSettings",
     "Settings",
     "Timeouts",
+    "TokenBudget",
     "Upstream",
 ]
 
@@ -71,6 +73,59 @@ class RateLimitSettings:
     @property
     def refill_per_second(self) -> float:
         return self.requests_per_minute / 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class TokenBudget:
+    """Token buckets: ``per_minute`` tokens refilled continuously over a minute,
+    ``per_day`` over 24 hours (``None``: that window is not limited).
+
+    A request reserves an estimate before it is sent (README: Token budgets):
+    its output part is the request's own output cap, else
+    ``default_output_tokens``, and never more than ``max_output_reservation``
+    (``None``: no cap). ``enforce`` false counts without ever refusing.
+    """
+
+    per_minute: int | None
+    per_day: int | None
+    default_output_tokens: int = 1024
+    max_output_reservation: int | None = 4096
+    enforce: bool = True
+    # Derived once, for the request path (admission/buckets.py), which reads
+    # only these: each window's capacity (0: not limited), the tokens it
+    # drains a nanosecond, the nanoseconds one token takes to drain and the
+    # seconds (0.0 when not limited), and the output reservation's ceiling.
+    cap_minute: int = field(init=False, repr=False, compare=False)
+    cap_day: int = field(init=False, repr=False, compare=False)
+    drain_minute: float = field(init=False, repr=False, compare=False)
+    drain_day: float = field(init=False, repr=False, compare=False)
+    ns_minute: float = field(init=False, repr=False, compare=False)
+    ns_day: float = field(init=False, repr=False, compare=False)
+    output_ceiling: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        minute_ns, day_ns = 60 * 10**9, 86_400 * 10**9
+        derived = {
+            "cap_minute": self.per_minute or 0,
+            "cap_day": self.per_day or 0,
+            "drain_minute": self.per_minute / minute_ns if self.per_minute else 0.0,
+            "drain_day": self.per_day / day_ns if self.per_day else 0.0,
+            "ns_minute": minute_ns / self.per_minute if self.per_minute else 0.0,
+            "ns_day": day_ns / self.per_day if self.per_day else 0.0,
+            "output_ceiling": (
+                self.max_output_reservation if self.max_output_reservation is not None else 1 << 62
+            ),
+        }
+        for name, value in derived.items():
+            object.__setattr__(self, name, value)
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """One ``rate_limit`` block: a request bucket, token buckets, or both."""
+
+    requests: RateLimitSettings | None
+    tokens: TokenBudget | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,7 +260,7 @@ class Route:
     default: bool = False
     balance: Balance | None = None
     rewrite_model: str | None = None
-    rate_limit: RateLimitSettings | None = None
+    rate_limit: Limits | None = None
     # Move on to the next upstream after a response timeout (it may bill twice).
     fallback_on_timeout: bool = False
     discover: bool = False  # models: discover
@@ -232,7 +287,7 @@ class AuthKey:
     name: str
     sha256: bytes = field(repr=False)
     models: tuple[str, ...] | None = None  # globs; None means every model
-    rate_limit: RateLimitSettings | None = None
+    rate_limit: Limits | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,7 +310,7 @@ class Settings:
     server: ServerSettings
     log: LogSettings
     metrics: MetricsSettings
-    rate_limit: RateLimitSettings | None
+    rate_limit: Limits | None
     rate_limit_storage: str | None  # None: in memory; else a redis:// URL
     rate_limit_fail_open: bool
     upstreams: Mapping[str, Upstream]

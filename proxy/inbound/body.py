@@ -9,12 +9,19 @@ longest the whole body may take, so a client sending a byte now and then,
 never silent for long, still cannot hold a connection forever). aiohttp's
 own decompression of request bodies is off (``auto_decompress=False``); the
 bytes read are the bytes that came.
+
+What is read depends on the route (inbound/route.py):
+
+- a model-routed body is read whole (:func:`model_body`), except a large form
+  (:func:`streamable_form`), read only up to its ``model`` field
+  (:func:`read_form_head`); the rest of it streams on (:func:`stream_form_rest`);
+- a path-routed body (:func:`read_path_body`) is read whole when small, else
+  streamed through as it arrives (:class:`BodyStream`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import zlib
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Final, TypeVar
@@ -26,14 +33,10 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
 
 from ..config.settings import ServerSettings
-from ..errors import InvalidRequest, ProxyError, RequestTimeout, RequestTooLarge
-from .findmodel import (
-    FoundModel,
-    ModelAbsent,
-    find_json_model,
-    find_multipart_model,
-    multipart_boundary,
-)
+from ..errors import InvalidRequest, ProxyError, RequestTimeout
+from .model import FoundModel
+from .multipart_model import multipart_boundary
+from .routable import BodyBytes, decoded_for_routing, find_model, too_large
 from .upload import MultipartHead, PartWatcher, read_until_model
 
 T = TypeVar("T")
@@ -43,24 +46,16 @@ __all__ = [
     "BodyBounds",
     "BodyBytes",
     "BodyStream",
+    "ModelBody",
     "close_without_lingering",
-    "decoded_for_routing",
-    "find_model",
     "read_body",
+    "model_body",
+    "read_form_head",
     "read_multipart_head",
+    "read_path_body",
+    "stream_form_rest",
+    "streamable_form",
 ]
-
-
-# A body read whole (read_body): bytes, or a bytearray filled as it arrived
-# (never changed after). Both are bytes-like: slice, find, write, send.
-BodyBytes = bytes | bytearray
-
-
-def _too_large(limit: int) -> RequestTooLarge:
-    return RequestTooLarge(
-        f"The request body is larger than this proxy accepts ({limit} bytes).",
-        param=None,
-    )
 
 
 # A timer may fire this much before its time: asyncio by its clock's
@@ -126,7 +121,7 @@ async def read_multipart_head(
     within ``bounds`` (the rest of the body, streamed on, keeps them)."""
     length = request.content_length
     if length is not None and length > bounds.limit:
-        raise _too_large(bounds.limit)
+        raise too_large(bounds.limit)
     return await _as_client_fault(_read_multipart_head(request, boundary, bounds), request)
 
 
@@ -162,7 +157,7 @@ async def _read_body(request: web.Request, server: ServerSettings) -> BodyBytes:
     length = request.content_length
     limit = server.max_body_bytes
     if length is not None and length > limit:
-        raise _too_large(limit)
+        raise too_large(limit)
     content = request.content
     if length is None:
         return await _read_unsized(content, BodyBounds.start(server))
@@ -212,7 +207,7 @@ async def _read_unsized(content: StreamReader, bounds: BodyBounds) -> bytearray:
         async with asyncio.timeout_at(bounds.due(loop.time())) as wait:
             while chunk := await content.readany():
                 if len(body) + len(chunk) > limit:
-                    raise _too_large(limit)
+                    raise too_large(limit)
                 body += chunk
                 wait.reschedule(bounds.due(loop.time()))
     except TimeoutError:
@@ -224,57 +219,6 @@ def _cut_short() -> InvalidRequest:
     err = InvalidRequest("The request body was cut short.", code="incomplete_body")
     err.close_connection = True
     return err
-
-
-def decoded_for_routing(body: BodyBytes, content_encoding: str | None, limit: int) -> BodyBytes:
-    """The body as the upstream will understand it, for finding the model only.
-
-    A compressed body is inflated with a hard output bound (``limit``), so a
-    gzip bomb costs at most that much memory; the compressed bytes are what is
-    forwarded.
-    """
-    if not content_encoding or content_encoding.strip().lower() == "identity":
-        return body
-    encoding = content_encoding.strip().lower()
-    if encoding in ("gzip", "x-gzip"):
-        wbits = 16 + zlib.MAX_WBITS
-    elif encoding == "deflate":
-        wbits = zlib.MAX_WBITS
-    else:
-        raise InvalidRequest(
-            f"Content-Encoding {encoding!r} is not supported on this endpoint "
-            "(gzip, deflate or none).",
-            code="unsupported_content_encoding",
-        )
-    inflater = zlib.decompressobj(wbits)
-    try:
-        out = inflater.decompress(body, limit + 1)
-    except zlib.error:
-        raise InvalidRequest(
-            "The request body is not valid compressed data.", code="invalid_body_encoding"
-        ) from None
-    if len(out) > limit or inflater.unconsumed_tail:
-        raise _too_large(limit)
-    if not inflater.eof or inflater.unused_data:
-        # A truncated stream, or bytes after the first gzip member: the upstream's
-        # decoder could see a body we did not route by (one parse decides).
-        raise InvalidRequest(
-            "The request body is not one complete compressed stream.",
-            code="invalid_body_encoding",
-        )
-    return out
-
-
-def find_model(body: BodyBytes, content_type_header: str) -> FoundModel | None:
-    """The model of a model-routed request: multipart form field or JSON key;
-    None when the body names none at all (it may be routed by path)."""
-    mime = parse_mimetype(content_type_header)
-    try:
-        if mime.type == "multipart" and mime.subtype == "form-data":
-            return find_multipart_model(body, multipart_boundary(dict(mime.parameters)))
-        return find_json_model(body)
-    except ModelAbsent:
-        return None
 
 
 # Path-routed bodies above this size are streamed to the upstream as they
@@ -314,7 +258,7 @@ class BodyStream:
     ) -> None:
         client_length = request.content_length
         if client_length is not None and client_length > bounds.limit:
-            raise _too_large(bounds.limit)
+            raise too_large(bounds.limit)
         self.length = None if client_length is None else client_length - received + len(head)
         self._head = head
         self._watcher = watcher
@@ -349,7 +293,7 @@ class BodyStream:
             raise StopAsyncIteration
         self.size += len(chunk)
         if self.size > bounds.limit:
-            self.failure = _too_large(bounds.limit)
+            self.failure = too_large(bounds.limit)
             raise _BodyFailed
         if self._watcher is not None:
             try:
@@ -372,3 +316,77 @@ def close_without_lingering(request: web.BaseRequest) -> None:
     if isinstance(protocol, RequestHandler):
         protocol._lingering_time = 0.0
         protocol._keepalive = False
+
+
+@dataclass(slots=True)
+class ModelBody:
+    """A model-routed request's body as read to route it (:func:`model_body`,
+    :func:`read_form_head`); never changed after. Slotted, not frozen, as
+    :class:`~proxy.inbound.head.Target` is."""
+
+    body: BodyBytes  # as read: the whole body, or a large form's head
+    routable: BodyBytes  # decoded for routing (differs when compressed)
+    found: FoundModel | None  # None: the body names no model
+    boundary: bytes | None  # a large form's, whose rest is still unread; else None
+    bounds: BodyBounds | None  # the bounds that rest streams within
+
+
+def streamable_form(request: web.Request) -> bytes | None:
+    """The boundary of a multipart body worth streaming (over STREAM_ABOVE bytes, or
+    chunked, and not compressed), else None: small forms are read whole, so
+    retries and fallback keep working for them."""
+    length = request.content_length
+    if (length is not None and length <= STREAM_ABOVE) or request.headers.get("Content-Encoding"):
+        return None
+    mime = parse_mimetype(request.headers.get("Content-Type", "application/json"))
+    if mime.type != "multipart" or mime.subtype != "form-data":
+        return None
+    return multipart_boundary(dict(mime.parameters))
+
+
+def model_body(
+    request: web.Request, body: BodyBytes, server: ServerSettings, with_cap: bool = False
+) -> ModelBody:
+    """A model-routed body read whole (:func:`read_body`), and the model it names
+    (JSON key or form field; ``with_cap``: and its output cap). Not a coroutine:
+    the caller awaits the read, so the hot path has one layer fewer."""
+    content_type = request.headers.get("Content-Type", "application/json")
+    encoding = request.headers.get("Content-Encoding")
+    routable = decoded_for_routing(body, encoding, server.max_body_bytes)
+    found = find_model(routable, content_type, with_cap)
+    return ModelBody(body, routable, found, None, None)
+
+
+async def read_form_head(
+    request: web.Request, boundary: bytes, server: ServerSettings
+) -> ModelBody:
+    """A large form (:func:`streamable_form`) read only up to its model field
+    (docs/decisions.md, "Large forms stream once their model field is in")."""
+    bounds = BodyBounds.start(server)
+    head = await read_multipart_head(request, boundary, bounds)
+    if head.complete:
+        return ModelBody(head.head, head.head, head.found, None, None)
+    return ModelBody(head.head, head.head, head.found, boundary, bounds)
+
+
+def stream_form_rest(request: web.Request, read: ModelBody, head: BodyBytes) -> BodyStream:
+    """A large form's body to send: ``head`` (its head as read, or rewritten)
+    first, then the rest as it arrives, every later part header checked for a
+    second ``model`` field (:class:`PartWatcher`)."""
+    # Set together by read_form_head for a form whose head held the model.
+    assert read.boundary is not None and read.bounds is not None and read.found is not None
+    assert isinstance(head, bytes)  # a head read while the body goes on is bytes
+    watcher = PartWatcher(read.boundary)
+    watcher.feed(read.body[read.found.end :])  # the rest of the head, after the model
+    return BodyStream(request, read.bounds, head=head, received=len(read.body), watcher=watcher)
+
+
+async def read_path_body(request: web.Request, server: ServerSettings) -> BodyBytes | BodyStream:
+    """A path-routed body: streamed through when large or chunked (README,
+    "Uploads are streamed"), else read whole, so retries and fallback apply."""
+    length = request.content_length
+    if request.body_exists and (length is None or length > STREAM_ABOVE):
+        return BodyStream(request, BodyBounds.start(server))
+    if request.method not in ("GET", "HEAD", "DELETE", "OPTIONS") or request.body_exists:
+        return await read_body(request, server)
+    return b""

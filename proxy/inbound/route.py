@@ -1,83 +1,161 @@
-"""A routed request, as handed to outbound/; and the routing of the two
-WebSocket sessions: realtime (``GET /v1/realtime?model=...``) and the
-Responses API's (``GET /v1/responses``).
+"""Where a request goes: its route, chosen (:func:`choose_route`), and the
+routed request outbound/ takes (:func:`prepare`, an :class:`Outbound`).
 
-HTTP requests are routed in handlers.py, into an :class:`Outbound`. A
-WebSocket session is routed here, into a :class:`RealtimeTarget`, in one of
-two ways; outbound/realtime.py then relays both alike.
+Three kinds of request, each routed its own way:
 
-A realtime handshake, before the upgrade:
+- a POST to one of :data:`MODEL_PATHS` is routed by the ``model`` its body
+  names (a JSON key or a form field; README, "Endpoints"), or by its path when
+  it names none: a :class:`ModelRoute`, holding the body as read;
+- a realtime WebSocket handshake (``GET /v1/realtime?model=...``) is routed by
+  its ``model`` query parameter, like a body's ``model``: unknown ids are
+  refused with the OpenAI-shaped 404 *before* the upgrade, an alias's
+  ``rewrite_model`` (or a discovered id's prefix) is applied to the query
+  value, and every other byte of the query is forwarded as it came. With no
+  ``model`` the path routes apply (``- path: "realtime*"``). A
+  :class:`RealtimeTarget`; outbound/realtime.py opens the upstream leg and
+  the tunnel;
+- any other request is routed by its path: a :class:`PathRoute`, its body read
+  (or streamed) only once the route is known.
 
-- The request is routed by its ``model`` query parameter, like a body's
-  ``model``: unknown ids are refused with the OpenAI-shaped 404 *before* the
-  upgrade, an alias's ``rewrite_model`` (or a discovered id's prefix) is applied
-  to the query value, and every other byte of the query is forwarded as it
-  came. With no ``model`` the path routes apply (``- path: "realtime*"``).
-- Proxy keys and the rate limit apply as to any request (handlers.py charges
-  the handshake once it is routed); outbound/realtime.py then opens the
-  upstream leg and the tunnel.
-
-A Responses WebSocket, after the upgrade (README, "Codex CLI"):
-
-- The upgrade is answered ``426 Upgrade Required`` at once when no upstream
-  has ``responses_websocket: true``: Codex then falls back to HTTP.
-- Otherwise the session is routed by the ``model`` of the client's first
-  message (a ``response.create`` event: the model at its top level, else
-  under ``response``), like a body's ``model``, over the route's upstreams
-  that take the Responses WebSocket. An alias's ``rewrite_model`` changes
-  only the value's bytes. Later messages go to the same upstream connection;
-  each that may be a ``response.create`` is checked (:class:`ResponsesTurns`):
-  its model, if it names one, must be allowed to the key and route to the
-  same route (an alias is rewritten as in the first); the others pass as
-  they came.
+Proxy keys and the rate limit apply as to any request: server/views.py charges
+the request once it is routed, or on the error that ends it.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
-from urllib.parse import quote, unquote
+from urllib.parse import quote
 
 from aiohttp import web
-from multidict import CIMultiDictProxy
+from multidict import CIMultiDict, CIMultiDictProxy
 
-from ..admission.admission import Caller
+from ..admission.admission import Caller, RequestCost
 from ..admission.proxy_keys import KeyTable
-from ..config.settings import Balance, Route
-from ..errors import InvalidRequest, ModelNotAllowed, check_model_id, clip, model_not_found
+from ..config.settings import Route
+from ..errors import (
+    InvalidRequest,
+    MethodNotAllowed,
+    ModelNotAllowed,
+    NotFound,
+    ProxyError,
+    check_model_id,
+    clip,
+    model_not_allowed,
+    model_not_found,
+)
+from ..observe import Exchange
+from ..runtime.query import query_param_name
 from ..runtime.route_table import Match
 from ..runtime.runtime import Runtime
-from .body import BodyBytes, BodyStream
-from .findmodel import FoundModel, ModelAbsent, find_json_model, rewrite_model
+from .body import (
+    BodyBytes,
+    BodyStream,
+    ModelBody,
+    model_body,
+    read_body,
+    read_form_head,
+    read_path_body,
+    stream_form_rest,
+    streamable_form,
+)
+from .head import Target, vet_model
+from .model import ModelAbsent, rewrite_model
 
 __all__ = [
+    "MODEL_FORM_PATHS",
+    "MODEL_JSON_PATHS",
+    "MODEL_PATHS",
     "REALTIME_PATH",
-    "RESPONSES_PATH",
+    "ModelRoute",
     "Outbound",
+    "PathRoute",
     "RealtimeTarget",
-    "ResponsesTurns",
-    "check_responses_upgrade",
+    "allowed_match",
+    "choose_route",
     "client_authorization",
     "is_websocket_upgrade",
-    "may_create_response",
+    "prepare",
+    "prepare_path",
     "realtime_target",
-    "responses_target",
+    "refuse_body",
 ]
 
+# The one table of model-routed paths (after /v1/): a POST to one of these is
+# routed by the body's top-level "model" (JSON) ...
+MODEL_JSON_PATHS = frozenset(
+    {
+        "chat/completions",
+        "completions",
+        "embeddings",
+        "audio/speech",
+        "images/generations",
+        "moderations",
+        "responses",
+        # Anthropic's Messages API (README, "Coding agents"): the same routing.
+        "messages",
+        "messages/count_tokens",
+    }
+)
+# ... or by the "model" form field (multipart/form-data; JSON is accepted too).
+MODEL_FORM_PATHS = frozenset(
+    {"audio/transcriptions", "audio/translations", "images/edits", "images/variations"}
+)
+MODEL_PATHS = MODEL_JSON_PATHS | MODEL_FORM_PATHS
+
 REALTIME_PATH = "realtime"
-RESPONSES_PATH = "responses"
+
+
+@dataclass(slots=True)
+class ModelRoute:
+    """A request routed by the model its body names (or by path, naming none).
+
+    This and :class:`PathRoute` are slotted, not frozen, as
+    :class:`~proxy.inbound.head.Target` is; never changed after.
+    """
+
+    route: Route
+    upstream_model: str | None  # what the upstream is sent; None: the body names no model
+    read: ModelBody  # the body as read to route it
+
+    def cost(self) -> RequestCost:
+        """What this request may cost a token budget: its prompt's bytes (a
+        form's files are not text: none) and its output cap."""
+        read = self.read
+        found = read.found
+        if found is None:
+            return RequestCost(len(read.routable), None)
+        return RequestCost(len(read.routable) if found.json_value else 0, found.output_cap)
+
+
+@dataclass(slots=True)
+class PathRoute:
+    """A request routed by its path; its body is still unread."""
+
+    route: Route
+
+
+@dataclass(frozen=True, slots=True)
+class RealtimeTarget:
+    """Where a WebSocket session goes: the route, and the path and query to
+    send upstream (realtime, or the Responses API's: responses_route.py)."""
+
+    route: Route
+    model: str | None
+    upstream_model: str | None
+    query: str
+    client_authorization: str | None  # see client_authorization()
+    path: str = REALTIME_PATH
 
 
 class Outbound(NamedTuple):
     """A routed request: all that outbound/forward.py needs to send it, so that
     nothing after routing reaches back into the client's request.
 
-    A named tuple, not a frozen dataclass: made once per request, and a frozen
-    dataclass's ``__init__`` sets each field through ``object.__setattr__``
-    (docs/decisions.md, "The upstream walk costs little per request").
+    Named tuples, not frozen dataclasses, here: each is made once per request,
+    and a frozen dataclass's ``__init__`` sets each field through
+    ``object.__setattr__`` (docs/decisions.md, "The upstream walk costs little
+    per request").
     """
 
     method: str
@@ -96,17 +174,132 @@ def client_authorization(request: web.BaseRequest, runtime: Runtime) -> str | No
     return request.headers.get("Authorization")
 
 
-@dataclass(frozen=True, slots=True)
-class RealtimeTarget:
-    """Where a WebSocket session goes: the route, and the path and query to
-    send upstream (realtime, or the Responses API's)."""
+async def choose_route(
+    request: web.Request, target: Target, caller: Caller, *, runtime: Runtime, ex: Exchange
+) -> ModelRoute | PathRoute | RealtimeTarget:
+    """The request's route, or the error to answer (no route is known then:
+    the request is charged to the caller's general bucket).
 
-    route: Route
-    model: str | None
-    upstream_model: str | None
-    query: str
-    client_authorization: str | None  # see client_authorization()
-    path: str = REALTIME_PATH
+    One coroutine, the model's road inline, the body's read awaited here:
+    each layer would be one more frame per request (docs/decisions.md, "The
+    upstream walk costs little per request").
+    """
+    path = target.path
+    if path in MODEL_PATHS and request.method == "POST":
+        server = runtime.settings.server
+        boundary = streamable_form(request)
+        if boundary is None:
+            body = await read_body(request, server)
+            read = model_body(request, body, server, runtime.token_limited)
+        else:
+            read = await read_form_head(request, boundary, server)
+        ex.bytes_in = len(read.body)
+        found = read.found
+        if found is None:
+            # No model at all (a stored prompt names its own, and OpenAI makes
+            # it optional on moderations and images): routed by path.
+            return ModelRoute(_route_without_model(runtime, caller, path), None, read)
+        vet_model(found.model)
+        ex.model = found.model
+        match = runtime.table.resolve(found.model)
+        if match is None:
+            raise model_not_found(found.model)
+        # Metrics label: the table's entry (a glob, an exact or discovered id),
+        # never the client's string, so the label set stays bounded.
+        ex.metric_model = match.route.model or found.model
+        if not KeyTable.allows(caller.key, found.model):
+            raise model_not_allowed(found.model)
+        ex.upstream_model = match.upstream_model
+        return ModelRoute(match.route, match.upstream_model, read)
+    if path == REALTIME_PATH and is_websocket_upgrade(request):
+        # Routed by ?model= (README, "Realtime (WebSocket)").
+        realtime = realtime_target(request, target, caller, runtime=runtime)
+        ex.model, ex.upstream_model = realtime.model, realtime.upstream_model
+        ex.metric_model = realtime.route.model or realtime.model or ""
+        return realtime
+    route = runtime.table.resolve_path(path)
+    if route is None:
+        raise _no_route(request.method, target)
+    return PathRoute(route)
+
+
+def _route_without_model(runtime: Runtime, caller: Caller, path: str) -> Route:
+    """The route of a model-routed request whose body names no model: the path
+    routes, then the default route, as for a model-less path; else ``missing_model``."""
+    route = runtime.table.resolve_path(path)
+    if route is None:
+        raise ModelAbsent()
+    if caller.key is not None and caller.key.models is not None:
+        # The upstream would pick its own default model, which the key's list
+        # could not have allowed.
+        raise ModelNotAllowed("this key must name a model", param="model")
+    return route
+
+
+def _no_route(method: str, target: Target) -> ProxyError:
+    """The error for a request no route serves: 405 on a path that is served with
+    another method (a model path takes POST; the proxy answers GET on its model
+    list), else 404."""
+    path = target.path
+    if path in MODEL_PATHS:
+        return MethodNotAllowed(
+            f"{method} is not allowed on /v1/{path}; use POST.", headers={"Allow": "POST"}
+        )
+    if path == "models" or (path.startswith("models/") and len(path) > len("models/")):
+        return MethodNotAllowed(
+            f"{method} is not allowed on /v1/{clip(path)}; use GET.", headers={"Allow": "GET"}
+        )
+    return NotFound(f"Unknown request URL: {method} {clip(target.raw_path)}.")
+
+
+def prepare(
+    request: web.Request, chosen: ModelRoute, target: Target, *, runtime: Runtime
+) -> Outbound:
+    """The model-routed request to send: the body rewritten for the upstream's
+    model (a compressed one sent inflated), a large form's rest streamed on."""
+    read = chosen.read
+    found = read.found
+    headers = request.headers
+    head = read.body
+    upstream_model = chosen.upstream_model
+    if found is not None and upstream_model is not None and upstream_model != found.model:
+        if read.routable is not read.body:
+            # A compressed body is rewritten and sent uncompressed (see README).
+            headers = _without(request, "Content-Encoding")
+        head = rewrite_model(read.routable, found, upstream_model)
+    body: BodyBytes | BodyStream = head
+    if found is not None and read.boundary is not None:
+        body = stream_form_rest(request, read, head)  # a large form: its rest still to come
+    authorization = client_authorization(request, runtime)
+    return Outbound(
+        request.method, chosen.route, target.path, target.query, headers, body, authorization
+    )
+
+
+async def prepare_path(
+    request: web.Request, chosen: PathRoute, target: Target, *, runtime: Runtime, ex: Exchange
+) -> Outbound:
+    """The path-routed request to send, its body read whole or streamed (an
+    error here is charged to the route's bucket)."""
+    body = await read_path_body(request, runtime.settings.server)
+    if not isinstance(body, BodyStream):
+        ex.bytes_in = len(body)
+    authorization = client_authorization(request, runtime)
+    return Outbound(
+        request.method,
+        chosen.route,
+        target.path,
+        target.query,
+        request.headers,
+        body,
+        authorization,
+    )
+
+
+def _without(request: web.Request, header: str) -> CIMultiDictProxy[str]:
+    kept = CIMultiDict(request.headers)
+    kept.popall(header, None)
+    return CIMultiDictProxy(kept)
 
 
 def is_websocket_upgrade(request: web.BaseRequest) -> bool:
@@ -117,22 +310,17 @@ def is_websocket_upgrade(request: web.BaseRequest) -> bool:
 
 
 def realtime_target(
-    request: web.BaseRequest,
-    runtime: Runtime,
-    caller: Caller,
-    *,
-    query: str,
-    query_models: Sequence[str],
+    request: web.BaseRequest, target: Target, caller: Caller, *, runtime: Runtime
 ) -> RealtimeTarget:
     """Resolve the handshake's route from ``?model=``, or raise the error to answer.
 
-    ``query`` is the vetted query (credential parameters removed) and
-    ``query_models`` the ``model`` values in it (handlers.vet_query); more
-    than one was already refused.
+    ``target`` holds the vetted query (credential parameters removed) and its
+    one ``model`` value (head.vet_target refused two).
     """
-    _refuse_body(request)
-    model = query_models[0] if query_models else ""
+    refuse_body(request)
+    model = target.query_model or ""
     check_model_id(model)
+    query = target.query
     if not model:
         route = runtime.table.resolve_path(REALTIME_PATH)
         if route is None:
@@ -142,11 +330,7 @@ def realtime_target(
                 param="model",
             )
         return RealtimeTarget(route, None, None, query, client_authorization(request, runtime))
-    match = runtime.table.resolve(model)
-    if match is None:
-        raise model_not_found(model)
-    if not KeyTable.allows(caller.key, model):
-        raise ModelNotAllowed(f"Your key may not use the model '{clip(model)}'.", param="model")
+    match = allowed_match(model, runtime, caller)
     upstream_model = match.upstream_model
     if upstream_model != model:
         query = _with_model(query, upstream_model)
@@ -154,178 +338,24 @@ def realtime_target(
     return RealtimeTarget(match.route, model, upstream_model, query, authorization)
 
 
-def _refuse_body(request: web.BaseRequest) -> None:
-    if request.body_exists:
-        # A body on an upgrade request is a smuggling attempt (CVE-2026-69243).
-        raise InvalidRequest("A WebSocket handshake must not have a body.", code="body_not_allowed")
-
-
-def check_responses_upgrade(request: web.BaseRequest, runtime: Runtime) -> None:
-    """Refuse a Responses WebSocket upgrade before it is accepted: ``426`` when no
-    upstream takes it (Codex then falls back to HTTP at once; any other refusal
-    it retries for seconds)."""
-    _refuse_body(request)
-    if not any(u.responses_websocket for u in runtime.settings.upstreams.values()):
-        err = InvalidRequest(
-            "No upstream of this proxy takes the Responses API over a WebSocket; "
-            "use POST /v1/responses.",
-            code="websocket_not_supported",
-        )
-        err.status = 426
-        raise err
-
-
-def responses_target(
-    message: bytes,
-    runtime: Runtime,
-    caller: Caller,
-    *,
-    query: str,
-    authorization: str | None,
-) -> tuple[RealtimeTarget, bytes]:
-    """Route a Responses WebSocket by its first ``message``; the target, and the
-    message to send upstream (the model's value rewritten for an alias). Raises
-    the error to answer (as an ``error`` event)."""
-    found = _responses_model(message)
-    match = _allowed_match(found.model, runtime, caller)
-    route = _websocket_route(match.route, runtime)
-    model = found.model
-    upstream_model = match.upstream_model
-    if upstream_model != model:
-        message = rewrite_model(message, found, upstream_model)
-    target = RealtimeTarget(route, model, upstream_model, query, authorization, RESPONSES_PATH)
-    return target, message
-
-
-def _allowed_match(model: str, runtime: Runtime, caller: Caller) -> Match:
-    """``model``'s match in the table, or the error to answer: no model, an
-    unknown one, or one the caller's key may not use."""
-    if not model:
-        raise ModelAbsent()
-    check_model_id(model)
+def allowed_match(model: str, runtime: Runtime, caller: Caller) -> Match:
+    """``model``'s match in the table, or the error to answer: an unknown
+    model, or one the caller's key may not use (a WebSocket's model; the
+    body's is judged in :func:`choose_route`, where the metrics label is set
+    between the two)."""
     match = runtime.table.resolve(model)
     if match is None:
         raise model_not_found(model)
     if not KeyTable.allows(caller.key, model):
-        raise ModelNotAllowed(f"Your key may not use the model '{clip(model)}'.", param="model")
+        raise model_not_allowed(model)
     return match
 
 
-# Bytes a ``response.create`` event cannot lack: its type's value spelled
-# out, or an escape (``\u0065``) or a UTF-16/32 encoding hiding it.
-_CREATE_MARKS = (b"response.create", b"\\u", b"\x00")
-
-
-def may_create_response(message: bytes) -> bool:
-    """Whether ``message`` may be a ``response.create`` event: its top-level
-    ``type`` cannot be that without these bytes (a substring search, not a
-    parse; the Responses WebSocket has no other client event)."""
-    return any(mark in message for mark in _CREATE_MARKS)
-
-
-@dataclass(frozen=True, slots=True)
-class ResponsesTurns:
-    """The check of a Responses WebSocket's later messages (README, "Codex
-    CLI"): each ``response.create`` must name a model the key may use that
-    routes to the route of the first message, or no model."""
-
-    runtime: Runtime
-    caller: Caller
-    route: Route  # the first message's
-
-    def check(self, message: bytes) -> bytes | None:
-        """None for a message that is no ``response.create`` (it passes as it
-        came); else the message to send, the model's value rewritten for an
-        alias. Raises the error to answer."""
-        if not may_create_response(message):
-            return None
-        try:
-            found = _responses_model(message)
-        except ModelAbsent:
-            return message  # the connection's model applies
-        match = _allowed_match(found.model, self.runtime, self.caller)
-        if match.route.index != self.route.index:
-            raise InvalidRequest(
-                f"This connection is routed by its first message ({self.route.describe()}); "
-                f"the model '{clip(found.model)}' is routed elsewhere. Open another "
-                "connection for it.",
-                code="model_changes_route",
-                param="model",
-            )
-        if match.upstream_model != found.model:
-            return rewrite_model(message, found, match.upstream_model)
-        return message
-
-
-def _responses_model(message: bytes) -> FoundModel:
-    """The ``model`` of a ``response.create`` event: at its top level, else under
-    ``response``, with its byte offsets in ``message``."""
-    try:
-        return find_json_model(message)
-    except ModelAbsent:
-        pass
-    span = _member_span(message, "response")
-    if span is None:
-        raise ModelAbsent()
-    start, end = span
-    inner = find_json_model(message[start:end])
-    return dataclasses.replace(inner, start=inner.start + start, end=inner.end + start)
-
-
-_DECODER = json.JSONDecoder()
-
-
-def _member_span(message: bytes, key: str) -> tuple[int, int] | None:
-    """The byte span of the value of the top-level member ``key`` of a JSON
-    object when that value is an object, else None. Runs once per session."""
-    try:
-        text = message.decode("utf-8")
-        doc = json.loads(text)
-    except ValueError:  # not UTF-8 (find_json_model took other encodings)
-        return None
-    if not isinstance(doc, dict) or not isinstance(doc.get(key), dict):
-        return None
-    # Step over the members in order (the last of a repeated key is json.loads's).
-    pos = text.index("{") + 1
-    span: tuple[int, int] | None = None
-    while True:
-        pos = _past_ws(text, pos)
-        name, pos = json.decoder.scanstring(text, pos + 1)  # type: ignore[attr-defined]
-        pos = _past_ws(text, pos) + 1  # the colon
-        pos = _past_ws(text, pos)
-        _, end = _DECODER.raw_decode(text, pos)
-        if name == key:
-            span = (len(text[:pos].encode()), len(text[:end].encode()))
-        pos = _past_ws(text, end)
-        if text[pos] == "}":
-            return span
-        pos += 1  # the comma
-
-
-def _past_ws(text: str, pos: int) -> int:
-    while text[pos] in " \t\r\n":
-        pos += 1
-    return pos
-
-
-def _websocket_route(route: Route, runtime: Runtime) -> Route:
-    """``route`` over its upstreams that take the Responses WebSocket (the
-    others are left out of the walk), or the error to answer."""
-    plans = runtime.plans
-    kept = tuple(n for n in route.upstreams if plans[n].upstream.responses_websocket)
-    if kept == route.upstreams:
-        return route
-    if not kept:
-        raise InvalidRequest(
-            f"No upstream of the route for this model takes the Responses API over a "
-            f"WebSocket ({route.describe()}); use POST /v1/responses.",
-            code="websocket_not_supported",
-        )
-    balance = route.balance
-    if balance is not None:
-        weights = tuple((n, w) for n, w in balance.weights if n in kept)
-        balance = Balance(weights) if len(weights) > 1 else None
-    return dataclasses.replace(route, upstreams=kept, balance=balance)
+def refuse_body(request: web.BaseRequest) -> None:
+    """Refuse a WebSocket handshake that has a body."""
+    if request.body_exists:
+        # A body on an upgrade request is a smuggling attempt (CVE-2026-69243).
+        raise InvalidRequest("A WebSocket handshake must not have a body.", code="body_not_allowed")
 
 
 def _with_model(query: str, model: str) -> str:
@@ -333,8 +363,6 @@ def _with_model(query: str, model: str) -> str:
     value = quote(model, safe="/:@-._~")  # ';' and '&' encoded: no second reading
     parts = query.split("&")
     for i, part in enumerate(parts):
-        name = part.partition("=")[0]
-        # The same reading of a name as handlers.vet_query's.
-        if unquote(name.replace("+", " ")).lower() == "model":
-            parts[i] = f"{name}={value}"
+        if query_param_name(part) == "model":  # read as head.vet_query reads it
+            parts[i] = f"{part.partition('=')[0]}={value}"
     return "&".join(parts)

@@ -20,13 +20,8 @@ from dataclasses import dataclass
 from aiohttp import StreamReader
 
 from ..errors import InvalidRequest, RequestTooLarge
-from .findmodel import (
-    FoundModel,
-    ModelAbsent,
-    MultipartModelScan,
-    find_multipart_model,
-    part_name,
-)
+from .model import FoundModel, ModelAbsent
+from .multipart_model import MultipartModelScan, find_multipart_model, part_name
 
 __all__ = ["MultipartHead", "PartWatcher", "read_until_model"]
 

@@ -206,6 +206,7 @@ class AccessLines:
         """One ``key=value`` line (logfmt); client-chosen strings are quoted when needed."""
         ttfb = "-" if ex.ttfb is None else f"{ex.ttfb * 1000:.2f}"
         duration = "-" if ex.duration is None else f"{ex.duration * 1000:.2f}"
+        reserved, charged = _tokens_charged(ex)
         return (
             f"time={self._time(ex.started_wall)} request_id={ex.request_id}"
             f" {self._who(ex, False)} tried={','.join(ex.tried) or '-'}"
@@ -216,6 +217,7 @@ class AccessLines:
             f" completion_tokens={_num(ex.completion_tokens)}"
             f" cache_read_tokens={_num(ex.cache_read_tokens)}"
             f" cache_creation_tokens={_num(ex.cache_creation_tokens)}"
+            f" reserved_tokens={_num(reserved)} charged_tokens={_num(charged)}"
         )
 
     def format_json(self, ex: Exchange) -> str:
@@ -228,6 +230,7 @@ class AccessLines:
         ttfb = "null" if ex.ttfb is None else f"{ex.ttfb * 1000:.2f}"
         duration = "null" if ex.duration is None else f"{ex.duration * 1000:.2f}"
         tried = ",".join(_json(name) for name in ex.tried)
+        reserved, charged = _tokens_charged(ex)
         return (
             # request_id (vetted), method (an HTTP token) and outcome never need escaping.
             f'{{"time":"{self._time(ex.started_wall)}","request_id":"{ex.request_id}"'
@@ -237,7 +240,8 @@ class AccessLines:
             f',"error":{_json(ex.error_code)},"prompt_tokens":{_json_int(ex.prompt_tokens)}'
             f',"completion_tokens":{_json_int(ex.completion_tokens)}'
             f',"cache_read_tokens":{_json_int(ex.cache_read_tokens)}'
-            f',"cache_creation_tokens":{_json_int(ex.cache_creation_tokens)}}}'
+            f',"cache_creation_tokens":{_json_int(ex.cache_creation_tokens)}'
+            f',"reserved_tokens":{_json_int(reserved)},"charged_tokens":{_json_int(charged)}}}'
         )
 
 
@@ -255,6 +259,14 @@ def _json(value: str | None) -> str:
         return "null"
     # The json module's own C string encoder: quotes, escapes, ASCII only.
     return _encode_string(clip(value, _MAX_LOGGED))
+
+
+def _tokens_charged(ex: Exchange) -> tuple[int | None, int | None]:
+    """The reserved and charged tokens (``None``: no token budget; README: Token budgets)."""
+    budget = ex.budget
+    if budget is None:
+        return None, None
+    return budget.estimate, budget.charged_tokens
 
 
 def _json_int(value: int | None) -> str:

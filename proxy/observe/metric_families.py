@@ -18,10 +18,14 @@ __all__ = [
     "ERRORS",
     "FALLBACKS",
     "IN_FLIGHT",
+    "KEY_TOKENS",
     "OPEN_STREAMS",
     "RATE_LIMITED",
     "REQUESTS",
     "TOKENS",
+    "TOKENS_UNRECONCILED",
+    "TOKEN_LIMITED",
+    "TOKEN_LIMIT_NOT_ENFORCED",
     "TTFB",
     "UPSTREAM_FAILURES",
     "Family",
@@ -79,6 +83,34 @@ TOKENS = Family(
     "Tokens reported in the upstream's usage object, by routing-table model, "
     "upstream and type (prompt, completion, cache_read, cache_creation).",
     ("model", "upstream", "type"),
+)
+# Token budgets (README, "Token budgets"): ``key`` is a proxy key's configured
+# name, never the key ("" without proxy keys; a failed key check never
+# reaches these).
+KEY_TOKENS = Family(
+    "oaimux_key_tokens",
+    "Tokens reported in the upstream's usage object, by proxy key name, "
+    "routing-table model and type (input: uncached input, cached: input read "
+    "from the provider's cache, output).",
+    ("key", "model", "type"),
+)
+TOKEN_LIMITED = Family(
+    "oaimux_token_limited",
+    "Requests refused by a token budget, by proxy key name, routing-table model "
+    "and window (minute, day).",
+    ("key", "model", "window"),
+)
+TOKEN_LIMIT_NOT_ENFORCED = Family(
+    "oaimux_token_limit_not_enforced",
+    "Requests a token budget with enforce: false let through that it would have "
+    "refused, by proxy key name, routing-table model and window (minute, day).",
+    ("key", "model", "window"),
+)
+TOKENS_UNRECONCILED = Family(
+    "oaimux_tokens_unreconciled",
+    "Answers whose token reservation was kept because they reported no usage, "
+    "by proxy key name, routing-table model and reason (no_usage, cut_short).",
+    ("key", "model", "reason"),
 )
 
 # Histograms (seconds; the buckets are in metrics.py).

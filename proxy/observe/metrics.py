@@ -14,8 +14,10 @@ The metrics themselves (names, help texts, labels) are declared in
 metric_families.py. Label values are bounded by the configuration: ``model``
 is a routing-table entry (an exact id, a glob pattern, or a discovered id),
 never the string a client sent; ``upstream`` is a configured upstream name;
-``kind``, ``status_class`` and the error ``status`` and ``code`` come from
-fixed sets.
+``key`` is a proxy key's configured name (never the key; ``""`` without proxy
+keys, and a failed key check never reaches a token count); ``kind``,
+``status_class``, ``type``, ``window``, ``reason`` and the error ``status``
+and ``code`` come from fixed sets.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from prometheus_client.registry import Collector
 from .. import SERVER
 from . import metric_families as families
 from .metric_families import Family
+from .usage import Usage
 
 __all__ = [
     "BREAKER_STATES",
@@ -128,11 +131,15 @@ class Metrics:
         self.breaker_state = _gauge(families.BREAKER_STATE, own)
         self.errors = _counter(families.ERRORS, own)
         self.tokens = _counter(families.TOKENS, own)
+        self.key_tokens = _counter(families.KEY_TOKENS, own)
+        self.token_limited = _counter(families.TOKEN_LIMITED, own)
+        self.token_limit_not_enforced = _counter(families.TOKEN_LIMIT_NOT_ENFORCED, own)
+        self.tokens_unreconciled = _counter(families.TOKENS_UNRECONCILED, own)
         # Pending since the last sync; the hot path touches only these.
         self.in_flight_now = 0
         self.open_streams_now = 0
         self._pending_requests: dict[tuple[str, str, int], int] = {}
-        self._pending_tokens: dict[tuple[str, str], list[int]] = {}
+        self._pending_tokens: dict[tuple[str, str, str], list[int]] = {}
         self._pending_errors: dict[tuple[int, str], int] = {}
         self._sync_scheduled = False
         self._pending_latency: dict[str, _Observations] = {}
@@ -167,19 +174,19 @@ class Metrics:
         self,
         model: str,
         upstream: str,
-        prompt: int | None,
-        completion: int | None,
-        cache_read: int | None = None,
-        cache_creation: int | None = None,
+        key_name: str,
+        usage: Usage,
     ) -> None:
-        key = (model, upstream)
+        """One answer's usage, counted at the next sync."""
+        key = (model, upstream, key_name)
         counts = self._pending_tokens.get(key)
         if counts is None:
-            counts = self._pending_tokens[key] = [0, 0, 0, 0]
-        counts[0] += prompt or 0
-        counts[1] += completion or 0
-        counts[2] += cache_read or 0
-        counts[3] += cache_creation or 0
+            counts = self._pending_tokens[key] = [0, 0, 0, 0, 0]
+        counts[0] += usage.prompt_tokens or 0
+        counts[1] += usage.completion_tokens or 0
+        counts[2] += usage.cache_read_tokens or 0
+        counts[3] += usage.cache_creation_tokens or 0
+        counts[4] += usage.cached_tokens
 
     def sync(self) -> None:
         """Publish what the hot path counted since the last sync."""
@@ -195,10 +202,21 @@ class Metrics:
         if self._pending_tokens:
             tokens, self._pending_tokens = self._pending_tokens, {}
             labels = self.tokens.labels
-            for (model, upstream), counts in tokens.items():
-                for kind, count in zip(_TOKEN_TYPES, counts, strict=True):
+            by_key = self.key_tokens.labels
+            for (model, upstream, key_name), counts in tokens.items():
+                for kind, count in zip(_TOKEN_TYPES, counts, strict=False):
                     if count:
                         labels(model, upstream, kind).inc(count)
+                prompt, completion, cache_read, cache_creation, cached = counts
+                # Per key: input not read from a cache (OpenAI's prompt counts
+                # its cached part, Anthropic's leaves its cache reads out),
+                # cached input, output.
+                if prompt - cached + cache_creation > 0:
+                    by_key(key_name, model, "input").inc(prompt - cached + cache_creation)
+                if cached + cache_read:
+                    by_key(key_name, model, "cached").inc(cached + cache_read)
+                if completion:
+                    by_key(key_name, model, "output").inc(completion)
         if self._pending_latency:
             latency, self._pending_latency = self._pending_latency, {}
             for upstream, seen in latency.items():

@@ -18,8 +18,9 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from ..admission.budget import Charged
 from ..config.settings import LogSettings, Settings
-from ..errors import ProxyError, error_response
+from ..errors import ProxyError, TokensLimited, error_response
 from .access_log import AccessLines, AccessRecord, access_logger, direct_sink
 from .exchange import EXCHANGE, OUR_REQUEST_ID_HEADER, Exchange, Outcome, request_id_for
 from .metrics import Metrics
@@ -75,8 +76,13 @@ class Observer:
         ex.duration = time.perf_counter() - ex.started
         metrics = self.metrics
         logging_on = self.log.access and access_logger.isEnabledFor(logging.INFO)
-        if ex.tail and (metrics is not None or logging_on):
+        budget = ex.budget
+        reserved = budget is not None and budget.estimate is not None
+        if ex.tail and (metrics is not None or logging_on or reserved):
             self._read_usage(ex)
+        if reserved:
+            assert budget is not None
+            self._reconcile(ex, budget)
         if metrics is not None:
             if ex.in_flight:
                 metrics.in_flight_now -= 1
@@ -93,15 +99,8 @@ class Observer:
                 metrics.upstream_failures.labels(upstream, outcome).inc()
             elif outcome == "client_stalled":
                 metrics.client_stalls.labels(upstream).inc()
-            if ex.prompt_tokens is not None or ex.completion_tokens is not None:
-                metrics.count_tokens(
-                    ex.metric_model,
-                    upstream,
-                    ex.prompt_tokens,
-                    ex.completion_tokens,
-                    ex.cache_read_tokens,
-                    ex.cache_creation_tokens,
-                )
+            if ex.usage is not None:
+                metrics.count_tokens(ex.metric_model, upstream, ex.key_name or "", ex.usage)
         if logging_on:
             line = self.format_line(ex)
             if self.sink is not None:
@@ -121,10 +120,33 @@ class Observer:
             usage = usage_from_tail(ex.tail_previous, ex.tail)
         ex.tail = ex.tail_previous = ex.head = b""  # the chunks are no longer needed
         if usage is not None:
+            ex.usage = usage
             ex.prompt_tokens = usage.prompt_tokens
             ex.completion_tokens = usage.completion_tokens
             ex.cache_read_tokens = usage.cache_read_tokens
             ex.cache_creation_tokens = usage.cache_creation_tokens
+            ex.cached_tokens = usage.cached_tokens
+
+    def _reconcile(self, ex: Exchange, budget: Charged) -> None:
+        """The answer has ended: settle its token reservation (admission/budget.py)."""
+        outcome = ex.outcome
+        # Nothing was generated when the proxy answered with an error of its
+        # own (but a response timeout: the upstream may be generating still),
+        # or when the upstream answered whole with an error status.
+        produced = not (
+            (outcome == "error" and ex.error_code != "upstream_timeout")
+            or (outcome == "complete" and ex.status >= 400)
+        )
+        kept = budget.reconcile(ex.usage, produced)
+        metrics = self.metrics
+        if metrics is None:
+            return
+        key = ex.key_name or ""
+        if kept:
+            reason = "no_usage" if outcome == "complete" else "cut_short"
+            metrics.tokens_unreconciled.labels(key, ex.metric_model, reason).inc()
+        if budget.shadowed is not None:  # passed only as enforce is false
+            metrics.token_limit_not_enforced.labels(key, ex.metric_model, budget.shadowed).inc()
 
     def refused(self, ex: Exchange, err: ProxyError, bytes_out: int) -> None:
         """A request the server refused before any view ran (the HTTP parser,
@@ -137,10 +159,14 @@ class Observer:
 
     # -- hooks called from admission, forward and health
 
-    def rate_limited(self, ex: Exchange) -> None:
-        """A request refused by the limiter."""
+    def rate_limited(self, ex: Exchange, err: ProxyError | None = None) -> None:
+        """A request refused by the limiter (``err``: the refusal, when at hand)."""
         if self.metrics is not None:
             self.metrics.rate_limited_total.labels(ex.metric_model).inc()
+            if isinstance(err, TokensLimited):
+                self.metrics.token_limited.labels(
+                    ex.key_name or "", ex.metric_model, err.window
+                ).inc()
 
     def upstream_failure(self, upstream: str, kind: str) -> None:
         """An attempt at ``upstream`` failed before any response byte."""
@@ -170,8 +196,10 @@ class Observer:
         body = resp.body
         if isinstance(body, bytes):
             ex.bytes_out = len(body)
+        if ex.budget is not None:  # the proxy's own budgets (README: Token budgets)
+            ex.budget.add_headers(resp.headers)
         if err.status == 429:
-            self.rate_limited(ex)
+            self.rate_limited(ex, err)
         return resp
 
     # -- the proxy's own endpoints
@@ -202,6 +230,8 @@ class Observer:
                     ex.bytes_out = len(body)
                 resp.headers[OUR_REQUEST_ID_HEADER] = ex.request_id
                 resp.headers.setdefault("x-request-id", ex.request_id)
+                if ex.budget is not None:
+                    ex.budget.add_headers(resp.headers)
                 return resp
             except BaseException as exc:
                 ex.failed_before_response(exc)

@@ -21,6 +21,12 @@ the start of its first chunk, and :func:`usage_from_stream` takes each count
 from the end when the end reports it, else from that first event. Anthropic's
 ``cache_read_input_tokens`` and ``cache_creation_input_tokens`` are counts of
 their own: its ``input_tokens`` leaves them out.
+
+:class:`Usage` is what every reader hands on (to the metrics, the access log
+and the token budgets' reconciliation, admission/budget.py). OpenAI's
+``cached_tokens`` (in ``prompt_tokens_details`` or ``input_tokens_details``)
+is the part of ``prompt_tokens`` read from the provider's cache: counted in
+the prompt, and apart.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from __future__ import annotations
 import re
 from typing import NamedTuple
 
-__all__ = ["Usage", "usage_from_stream", "usage_from_tail"]
+__all__ = ["Usage", "billable_tokens", "usage_from_stream", "usage_from_tail"]
 
 _KEY = b'"usage"'
 # JSON whitespace, the colon, whitespace: what follows a key.
@@ -41,9 +47,11 @@ _OPENAI_LAYOUT = re.compile(
     rb'\{[ \t\r\n]*"prompt_tokens"[ \t\r\n]*:[ \t\r\n]*(\d+)[ \t\r\n]*,'
     rb'[ \t\r\n]*"completion_tokens"[ \t\r\n]*:[ \t\r\n]*(\d+)(?=[ \t\r\n,}])'
 )
+# The same, from the key on: the usual answer's usage in one match.
+_KEYED_LAYOUT = re.compile(rb'"usage"[ \t\r\n]*:[ \t\r\n]*' + _OPENAI_LAYOUT.pattern)
 # A count: its key, then a whole number (followed by what ends a JSON number in an object).
 _COUNT = re.compile(
-    rb'"(prompt_tokens|input_tokens|completion_tokens|output_tokens'
+    rb'"(prompt_tokens|input_tokens|completion_tokens|output_tokens|cached_tokens'
     rb'|cache_read_input_tokens|cache_creation_input_tokens)"[ \t\r\n]*:[ \t\r\n]*'
     rb"(\d+)(?=[ \t\r\n,}])"
 )
@@ -55,17 +63,35 @@ _FIELD = {
     b"output_tokens": 1,
     b"cache_read_input_tokens": 2,
     b"cache_creation_input_tokens": 3,
+    b"cached_tokens": 4,
 }
+# OpenAI's cached input tokens: inside the usage object's *_details.
+_CACHED = b'"cached_tokens"'
 
 
 class Usage(NamedTuple):
     """Prompt (input) and completion (output) tokens, and Anthropic's cache
-    reads and writes; ``None`` where not reported."""
+    reads and writes; ``None`` where not reported. ``cached_tokens``: the part
+    of an OpenAI prompt read from the provider's cache (0 when not reported)."""
 
     prompt_tokens: int | None
     completion_tokens: int | None
     cache_read_tokens: int | None = None
     cache_creation_tokens: int | None = None
+    cached_tokens: int = 0
+
+
+def billable_tokens(usage: Usage) -> int | None:
+    """The tokens a token budget is charged for an answer: input and output,
+    without input read from a prompt cache (providers do not count it against
+    their own rate limits): OpenAI's prompt less its cached part, Anthropic's
+    input (cache reads already left out) plus its cache writes. ``None`` when
+    the usage reports neither count."""
+    prompt, completion = usage.prompt_tokens, usage.completion_tokens
+    if prompt is None and completion is None:
+        return None
+    written = usage.cache_creation_tokens or 0
+    return max(0, (prompt or 0) - usage.cached_tokens) + written + (completion or 0)
 
 
 def usage_from_tail(previous: bytes, last: bytes) -> Usage | None:
@@ -76,6 +102,11 @@ def usage_from_tail(previous: bytes, last: bytes) -> Usage | None:
     ``completion_tokens``) and the Responses API names (``input_tokens``,
     ``output_tokens``) are read. ``"usage": null`` counts as no usage.
     """
+    at = last.rfind(_KEY)
+    if at >= 0:  # the usual case first, in one match (this runs once per answer)
+        common = _KEYED_LAYOUT.match(last, at)
+        if common is not None and last.find(_CACHED, common.end(), at + _WINDOW) < 0:
+            return Usage(int(common.group(1)), int(common.group(2)))
     found = _find(last)
     if found is None and previous:
         # The usage event may sit in the chunk before (a lone "data: [DONE]" last),
@@ -96,7 +127,15 @@ def usage_from_stream(first: bytes, previous: bytes, last: bytes) -> Usage | Non
         return end
     if end is None:
         return start
-    return Usage(*(e if e is not None else s for e, s in zip(end, start, strict=True)))
+    return Usage(
+        start.prompt_tokens if end.prompt_tokens is None else end.prompt_tokens,
+        start.completion_tokens if end.completion_tokens is None else end.completion_tokens,
+        start.cache_read_tokens if end.cache_read_tokens is None else end.cache_read_tokens,
+        start.cache_creation_tokens
+        if end.cache_creation_tokens is None
+        else end.cache_creation_tokens,
+        end.cached_tokens or start.cached_tokens,
+    )
 
 
 def _find_first(data: bytes) -> Usage | None:
@@ -134,8 +173,8 @@ def _read(data: bytes, start: int) -> Usage | None:
     per response.
     """
     common = _OPENAI_LAYOUT.match(data, start)
-    if common is not None:  # the usual case: both counts first, whole
-        return Usage(int(common.group(1)), int(common.group(2)))
+    if common is not None and data.find(_CACHED, start, start + _WINDOW) < 0:
+        return Usage(int(common.group(1)), int(common.group(2)))  # both first, whole, no cache
     depth = 0
     for brace in _BRACES.finditer(data, start, start + _WINDOW):
         depth += 1 if brace.group() == b"{" else -1
@@ -144,11 +183,12 @@ def _read(data: bytes, start: int) -> Usage | None:
             break
     else:
         return None  # cut off (or not a usage object we understand)
-    counts: list[int | None] = [None, None, None, None]
+    counts: list[int | None] = [None, None, None, None, None]
     for match in _COUNT.finditer(data, start, stop):
         field = _FIELD[match.group(1)]
         if counts[field] is None:
             counts[field] = int(match.group(2))
-    if counts == [None, None, None, None]:
+    prompt, completion, cache_read, cache_creation, cached = counts
+    if prompt is None and completion is None and cache_read is None and cache_creation is None:
         return None
-    return Usage(*counts)
+    return Usage(prompt, completion, cache_read, cache_creation, cached or 0)

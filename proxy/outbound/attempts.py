@@ -2,7 +2,7 @@
 operator can act on.
 
 :class:`Attempts` is the one fallback walk: the HTTP forward (forward.py) and
-the realtime handshake (realtime.py) both go through it. It notes every
+the WebSocket handshake (upstream_leg.py) both go through it. It notes every
 attempt that did not end in an answer, in order, as
 ``<upstream>: <what happened>``::
 

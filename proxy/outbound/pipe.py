@@ -230,22 +230,17 @@ class BodyPipe:
                     else:
                         out.write(data)
                     if not self.sent:
-                        self.event_start = data
-                        if self._keep_first:
-                            self.first = _first_event(data)
+                        self._first_piece(data)
                     elif self.tail.endswith(_EVENT_ENDS):
-                        self.event_start = data
-                        self.event_start_at = self.sent
+                        self.event_start, self.event_start_at = data, self.sent
                     self.sent += len(data)
                     self.previous = self.tail
                     self.tail = data
-                    # A transport's writing can only be paused with bytes
-                    # waiting in its buffer: the C call first spares the
-                    # property's Python call for every chunk that went out whole.
+                    # Writing is paused only with bytes in the buffer: the C call
+                    # spares the property's Python call for each chunk sent whole.
                     if out.get_write_buffer_size() and self._client.writing_paused:
-                        # The client reads slower than the upstream sends: stop
-                        # reading the upstream until the client has drained
-                        # (back-pressure).
+                        # The client reads slower than the upstream sends: hold the
+                        # upstream until the client has drained (back-pressure).
                         self._held = True
                         self._response.hold()
                         self._wake()
@@ -256,6 +251,13 @@ class BodyPipe:
                 again = self._again
         finally:
             self._busy = False
+
+    def _first_piece(self, data: bytes) -> None:
+        """Note the body's first piece: it starts an event, and with keep_first
+        its first event is kept."""
+        self.event_start = data
+        if self._keep_first:
+            self.first = _first_event(data)
 
 
 def _first_event(data: bytes) -> bytes:

@@ -84,11 +84,7 @@ async def relay(
             finally:
                 _answer_ended(ex, len(whole), whole)
         else:
-            # From here on, bound the silence between two body chunks.
-            upstream_resp.arm_idle_timeout(plan.upstream.timeouts.idle)
-            upstream_resp.forget_head()
-            if ex.streaming:
-                observer.stream_opened(ex)
+            _body_follows(answered, ex, observer)
             # Only an Anthropic stream reports usage in its first event
             # (observe/usage.py): any other keeps none of it while it is open.
             keep_first = ex.content_type.startswith(_SSE) and anthropic_path(ex.path)
@@ -137,6 +133,8 @@ def response_head(answered: Answered, ex: Exchange) -> tuple[web.StreamResponse,
     headers[OUR_REQUEST_ID_HEADER] = ex.request_id
     if _X_REQUEST_ID not in headers:
         headers[_X_REQUEST_ID] = ex.request_id
+    if ex.budget is not None:  # the proxy's own budgets (README, "Token budgets")
+        ex.budget.add_headers(headers)
     length = upstream_resp.content_length
     content_type = upstream_resp.headers.get("Content-Type", "")
     ex.streaming = length is None or content_type.startswith(_SSE)
@@ -163,6 +161,16 @@ def response_head(answered: Answered, ex: Exchange) -> tuple[web.StreamResponse,
         resp.headers[_X_ACCEL_BUFFERING] = "no"
     ex.status = status
     return resp, whole
+
+
+def _body_follows(answered: Answered, ex: Exchange, observer: Observer) -> None:
+    """The head is out and the body is to be piped: from here on, bound the
+    silence between two body chunks, and count an open stream."""
+    upstream_resp = answered.response
+    upstream_resp.arm_idle_timeout(answered.plan.upstream.timeouts.idle)
+    upstream_resp.forget_head()
+    if ex.streaming:
+        observer.stream_opened(ex)
 
 
 def _client_left(request: web.BaseRequest, ex: Exchange, pipe: BodyPipe | None) -> Outcome:

@@ -1,7 +1,7 @@
 """The tunnel of one WebSocket session (realtime, or the Responses API's):
 both legs, frame by frame.
 
-Contract (the handshake before it: realtime.py):
+Contract (the handshake before it: upstream_leg.py, client_leg.py):
 
 - Messages pass both ways as they come: text (not decoded, so byte for byte),
   binary, ping and pong (neither leg answers pings itself), in order. A
@@ -19,7 +19,7 @@ Contract (the handshake before it: realtime.py):
 - A message over ``server.max_body_bytes`` closes that leg with 1009 and the
   other with the same code (both legs are opened with that limit).
 - A Responses WebSocket has its client's messages vetted before they
-  are sent on (``vet``, realtime.py): a refused one ends the session with one
+  are sent on (``vet``, responses_socket.py): a refused one ends the session with one
   ``error`` event and 1008 to the client (:func:`refuse_session`), and the
   upstream leg closed with 1001. The upstream's messages are never read.
 """
@@ -170,37 +170,69 @@ class Tunnel:
                     elif kind is WSMsgType.PONG:
                         await dst.pong(msg.data)
                     elif kind is WSMsgType.CLOSE:
-                        code = msg.data or WSCloseCode.OK  # 0: a close frame with no code
-                        if _valid_close_code(code):
-                            await self._pass_close(src, dst, code, reason=msg.extra)
-                        else:
-                            await self._protocol_error(src, dst, src_is_client)
+                        await self._close_frame(
+                            src, dst, src_is_client, code=msg.data, reason=msg.extra
+                        )
                         return
                     elif kind is WSMsgType.CLOSING or self.closing:
                         return  # the other direction is closing both legs
                     else:
-                        # CLOSED (gone without a close frame) or ERROR (aiohttp
-                        # already closed src with the reason, e.g. 1002 or 1009).
-                        reason_code = getattr(msg.data, "code", None)  # WebSocketError
-                        if kind is WSMsgType.ERROR and isinstance(reason_code, int):
-                            code = reason_code
-                        else:
-                            code = _GONE_CODE[src_is_client]
-                        await self._end(dst, src_is_client, code)
+                        await self._src_gone(dst, src_is_client, kind=kind, error=msg.data)
                         return
                 except (ConnectionError, aiohttp.ClientError):
-                    # dst went away while we wrote to it.
-                    if not self.closing:
-                        self.closing = True
-                        ex.outcome = "upstream_reset" if src_is_client else "client_gone"
-                        code = _GONE_CODE[not src_is_client]
-                        await src.close(code=code, message=b"")
+                    await self._dst_gone(src, src_is_client)
                     return
         finally:
             if src_is_client:
                 ex.bytes_in += sent
             else:
                 ex.bytes_out += sent
+
+    async def _close_frame(
+        self,
+        src: web.WebSocketResponse[bool] | aiohttp.ClientWebSocketResponse[bool],
+        dst: web.WebSocketResponse[bool] | aiohttp.ClientWebSocketResponse[bool],
+        src_is_client: bool,
+        *,
+        code: int,
+        reason: str | None,
+    ) -> None:
+        """src's close frame (``code`` 0: it had no code): passed on to dst, or
+        answered 1002 when no endpoint may send it."""
+        code = code or WSCloseCode.OK
+        if _valid_close_code(code):
+            await self._pass_close(src, dst, code, reason=reason)
+        else:
+            await self._protocol_error(src, dst, src_is_client)
+
+    async def _src_gone(
+        self,
+        dst: web.WebSocketResponse[bool] | aiohttp.ClientWebSocketResponse[bool],
+        src_is_client: bool,
+        *,
+        kind: WSMsgType,
+        error: object,
+    ) -> None:
+        """src is CLOSED (gone without a close frame) or ERROR (aiohttp already
+        closed src with the reason, e.g. 1002 or 1009): close dst to match."""
+        reason_code = getattr(error, "code", None)  # WebSocketError
+        if kind is WSMsgType.ERROR and isinstance(reason_code, int):
+            code = reason_code
+        else:
+            code = _GONE_CODE[src_is_client]
+        await self._end(dst, src_is_client, code)
+
+    async def _dst_gone(
+        self,
+        src: web.WebSocketResponse[bool] | aiohttp.ClientWebSocketResponse[bool],
+        src_is_client: bool,
+    ) -> None:
+        """dst went away while we wrote to it: close src (unless closing already)."""
+        if not self.closing:
+            self.closing = True
+            self.ex.outcome = "upstream_reset" if src_is_client else "client_gone"
+            code = _GONE_CODE[not src_is_client]
+            await src.close(code=code, message=b"")
 
     async def _end(
         self,

@@ -1,10 +1,11 @@
 """Query parameter names, compared one way wherever the proxy reads them.
 
-The inbound vetting (server/views.py) drops key-bearing parameters and reads
-``model``; an upstream's ``query`` replaces a client parameter of the same
-name (runtime.py). Both compare a name percent-decoded (``+`` as a space, as
-HTML forms encode it) and without regard to case, so ``API-Version`` and
-``api%2Dversion`` name the same parameter for both (README, "Azure OpenAI").
+The inbound vetting (inbound/head.py) drops key-bearing parameters and reads
+``model``, which the routing may rewrite (inbound/route.py); an upstream's
+``query`` replaces a client parameter of the same name (runtime.py). All
+compare a name percent-decoded (``+`` as a space, as HTML forms encode it)
+and without regard to case, so ``API-Version`` and ``api%2Dversion`` name the
+same parameter for each (README, "Azure OpenAI").
 """
 
 from __future__ import annotations

@@ -53,7 +53,7 @@ class UpstreamPlan:
 
     def url_for(self, path: str, query_string: str) -> URL:
         """``<base url>/<path>?<query>``; both are raw (still percent-encoded) and
-        already vetted: no ``..`` segment, no encoded slash (see handlers.py).
+        already vetted: no ``..`` segment, no encoded slash (see inbound/head.py).
         The upstream's own query parameters are added (:meth:`query_for`)."""
         text = f"{self.base}/{path}"
         query_string = self.query_for(query_string)
@@ -122,6 +122,10 @@ class Runtime:
     trusted: TrustedNetworks
     # Does any route carry its own rate_limit (so the bucket depends on the route)?
     route_limited: bool
+    # Does any rate_limit block (global, key, route) set a token budget? Then a
+    # request is charged once its body is read (its estimate needs the body),
+    # and the model finder also reads the output cap.
+    token_limited: bool
     # Plain flags for the hot path (a bool test, not a __bool__ call per request):
     # is any rate limit configured at all (global, per key or per route)?
     limited: bool
@@ -140,6 +144,8 @@ def build_runtime(
     settings: Settings, discovered: Mapping[int, tuple[str, ...]] | None = None
 ) -> Runtime:
     route_limited = any(r.rate_limit is not None for r in settings.routes)
+    blocks = [settings.rate_limit, *(r.rate_limit for r in settings.routes)]
+    blocks += [k.rate_limit for k in settings.auth_keys]
     return Runtime(
         settings=settings,
         table=RouteTable(settings.routes, discovered),
@@ -147,6 +153,7 @@ def build_runtime(
         keys=KeyTable(settings.auth_keys),
         trusted=trusted_networks(settings.server.trusted_proxies),
         route_limited=route_limited,
+        token_limited=any(b is not None and b.tokens is not None for b in blocks),
         limited=route_limited
         or settings.rate_limit is not None
         or any(k.rate_limit is not None for k in settings.auth_keys),

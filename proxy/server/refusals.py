@@ -33,7 +33,6 @@ from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError, LineTooLong
 
 from .. import SERVER
-from ..admission.admission import identify
 from ..errors import (
     ERROR_HEADER,
     ExpectationFailed,
@@ -45,6 +44,7 @@ from ..errors import (
     error_response,
 )
 from ..inbound.body import close_without_lingering
+from ..inbound.head import identify
 from ..observe import OUR_REQUEST_ID_HEADER, Exchange, new_request_id, request_id_for
 from ..observe.observer import Observer
 from .keys import OBSERVER, RUNTIME

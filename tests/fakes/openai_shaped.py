@@ -40,7 +40,12 @@ def chat_completion_body(model: str, content: str = "The image shows a wooden bo
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": content, "refusal": None, "annotations": []},
+                "message": {
+                    "role": "assistant",
+                    "content": content,
+                    "refusal": None,
+                    "annotations": [],
+                },
                 "logprobs": None,
                 "finish_reason": "stop",
             }
@@ -63,7 +68,9 @@ def chat_completion_body(model: str, content: str = "The image shows a wooden bo
     return json.dumps(body, indent=2, ensure_ascii=False).encode()
 
 
-def chat_stream_events(model: str, include_usage: bool, words: tuple[str, ...] = ("Hello", "!")) -> list[bytes]:
+def chat_stream_events(
+    model: str, include_usage: bool, words: tuple[str, ...] = ("Hello", "!")
+) -> list[bytes]:
     """The SSE events of a streamed chat completion, each ``data: ...\\n\\n``."""
     base: dict[str, Any] = {
         "id": "chatcmpl-123",
@@ -78,7 +85,11 @@ def chat_stream_events(model: str, include_usage: bool, words: tuple[str, ...] =
         data = dict(base, choices=choices)
         if include_usage:
             data["usage"] = usage if usage != "absent" else None
-        return b"data: " + json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
+        return (
+            b"data: "
+            + json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode()
+            + b"\n\n"
+        )
 
     events = [
         chunk(
@@ -93,7 +104,11 @@ def chat_stream_events(model: str, include_usage: bool, words: tuple[str, ...] =
         )
     ]
     for word in words:
-        events.append(chunk([{"index": 0, "delta": {"content": word}, "logprobs": None, "finish_reason": None}]))
+        events.append(
+            chunk(
+                [{"index": 0, "delta": {"content": word}, "logprobs": None, "finish_reason": None}]
+            )
+        )
     events.append(chunk([{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}]))
     if include_usage:
         events.append(
@@ -134,7 +149,9 @@ def responses_body(model: str) -> bytes:
                 "id": "msg_67ccd2bf17f0819081ff3bb2cf6508e60bb6a6b452d3795b",
                 "status": "completed",
                 "role": "assistant",
-                "content": [{"type": "output_text", "text": "In a peaceful grove...", "annotations": []}],
+                "content": [
+                    {"type": "output_text", "text": "In a peaceful grove...", "annotations": []}
+                ],
             }
         ],
         "parallel_tool_calls": True,
@@ -183,9 +200,13 @@ class OpenAIShaped:
         headers = self._headers(request)
         model = str(data.get("model"))
         if not data.get("stream"):
-            return web.Response(body=chat_completion_body(model), content_type="application/json", headers=headers)
+            return web.Response(
+                body=chat_completion_body(model), content_type="application/json", headers=headers
+            )
         include = bool((data.get("stream_options") or {}).get("include_usage"))
-        resp = web.StreamResponse(headers={**headers, "Content-Type": "text/event-stream; charset=utf-8"})
+        resp = web.StreamResponse(
+            headers={**headers, "Content-Type": "text/event-stream; charset=utf-8"}
+        )
         await resp.prepare(request)
         for event in chat_stream_events(model, include):
             await resp.write(event)
@@ -195,5 +216,7 @@ class OpenAIShaped:
     async def responses(self, request: web.Request) -> web.Response:
         data = await request.json()
         return web.Response(
-            body=responses_body(str(data.get("model"))), content_type="application/json", headers=self._headers(request)
+            body=responses_body(str(data.get("model"))),
+            content_type="application/json",
+            headers=self._headers(request),
         )

@@ -111,9 +111,7 @@ class RecordingUpstream:
             return web.Response(body=b"data: [DONE]\n\n", content_type="text/event-stream")
         return web.Response(body=endpoint.body, content_type="application/json")
 
-    def _find(
-        self, method: str, path: str, query: frozenset[tuple[str, str]]
-    ) -> _Endpoint | None:
+    def _find(self, method: str, path: str, query: frozenset[tuple[str, str]]) -> _Endpoint | None:
         for endpoint in self._endpoints:
             if (
                 endpoint.method == method

@@ -36,13 +36,24 @@ def pool() -> Iterator[ClientPool]:
 
 
 async def _run(pool: ClientPool, port: int, pids: list[int], mock: Mock) -> TokenRun:
-    return await run_tokens(pool, port, pids, K, "ramp", CHUNKS, INTERVAL_MS, ramp_ms=50.0,
-                            grace_s=10.0, load_pids=lambda: pool.pids() + mock.pids(),
-                            load_cores=None)
+    return await run_tokens(
+        pool,
+        port,
+        pids,
+        K,
+        "ramp",
+        CHUNKS,
+        INTERVAL_MS,
+        ramp_ms=50.0,
+        grace_s=10.0,
+        load_pids=lambda: pool.pids() + mock.pids(),
+        load_cores=None,
+    )
 
 
 async def test_direct_run_reads_every_chunk_and_the_mock_reports_its_lateness(
-        mock: Mock, pool: ClientPool) -> None:
+    mock: Mock, pool: ClientPool
+) -> None:
     await fetch(mock.port, "GET", "/_lateness")
     run = await _run(pool, Direct(mock).port, [], mock)
     assert run.errors == {}
@@ -57,7 +68,8 @@ async def test_direct_run_reads_every_chunk_and_the_mock_reports_its_lateness(
 
 
 async def test_run_through_oaimux_splits_its_cpu_into_steady_chunks_and_set_up(
-        tmp_path: Path, mock: Mock, pool: ClientPool) -> None:
+    tmp_path: Path, mock: Mock, pool: ClientPool
+) -> None:
     oaimux = Oaimux(tmp_path, None, mock)
     try:
         await oaimux.start()

@@ -44,7 +44,9 @@ async def test_throttled_client_gets_429_while_its_body_is_still_unsent(
     assert line.startswith(b"HTTP/1.1 429"), line
 
 
-async def test_with_route_limits_the_route_bucket_is_charged(make_proxy: Any, upstream_url: str) -> None:
+async def test_with_route_limits_the_route_bucket_is_charged(
+    make_proxy: Any, upstream_url: str
+) -> None:
     config = basic_config(upstream_url)
     config["routes"][0]["rate_limit"] = {"requests_per_minute": 1, "burst": 1}
     client = await make_proxy(config)

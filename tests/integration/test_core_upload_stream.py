@@ -71,7 +71,9 @@ async def test_upload_streams_after_the_model_field(aiohttp_server: Any, make_pr
     assert recorder.body == expected
 
 
-async def test_second_model_in_the_streamed_rest_is_refused(aiohttp_server: Any, make_proxy: Any) -> None:
+async def test_second_model_in_the_streamed_rest_is_refused(
+    aiohttp_server: Any, make_proxy: Any
+) -> None:
     recorder, url = await upstream(aiohttp_server)
     client = await make_proxy(basic_config(url))
     payload = (

@@ -26,6 +26,7 @@ FIELDS = [
     "time", "request_id", "client", "key", "method", "path", "model", "target", "upstream",
     "tried", "status", "bytes_in", "bytes_out", "ttfb_ms", "duration_ms", "outcome", "error",
     "prompt_tokens", "completion_tokens", "cache_read_tokens", "cache_creation_tokens",
+    "reserved_tokens", "charged_tokens",
 ]  # fmt: skip
 
 
@@ -36,7 +37,12 @@ def logs() -> Iterator[LogLines]:
 
 
 def chat(model: str, stream: bool = False, **extra: Any) -> dict[str, Any]:
-    return {"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": stream, **extra}
+    return {
+        "model": model,
+        "messages": [{"role": "user", "content": "hi"}],
+        "stream": stream,
+        **extra,
+    }
 
 
 async def test_normal_request_line(make_proxy: MakeProxy, logs: LogLines) -> None:
@@ -53,7 +59,12 @@ async def test_normal_request_line(make_proxy: MakeProxy, logs: LogLines) -> Non
     assert f["client"] == "127.0.0.1"
     assert f["key"] == "-"
     assert (f["method"], f["path"]) == ("POST", CHAT)
-    assert (f["model"], f["target"], f["upstream"], f["tried"]) == ("fast", "llama3.2:3b", "fake", "-")
+    assert (f["model"], f["target"], f["upstream"], f["tried"]) == (
+        "fast",
+        "llama3.2:3b",
+        "fake",
+        "-",
+    )
     assert f["status"] == "200"
     assert int(f["bytes_in"]) == len(body)
     assert int(f["bytes_out"]) == len(answer)
@@ -120,11 +131,18 @@ async def test_client_gone_before_the_response_started(
     (line,) = await logs.wait_for(1)
     f = parse_text_line(line)
     # Nothing was sent: logged with nginx's 499, "client closed request".
-    assert (f["status"], f["outcome"], f["upstream"], f["ttfb_ms"]) == ("499", "client_gone", "-", "-")
+    assert (f["status"], f["outcome"], f["upstream"], f["ttfb_ms"]) == (
+        "499",
+        "client_gone",
+        "-",
+        "-",
+    )
     assert f["tried"] == "fake"
 
 
-async def test_failed_requests(make_proxy: MakeProxy, fake: FakeUpstream, upstream_url: str, logs: LogLines) -> None:
+async def test_failed_requests(
+    make_proxy: MakeProxy, fake: FakeUpstream, upstream_url: str, logs: LogLines
+) -> None:
     config = basic_config(upstream_url)
     config["upstreams"]["down"] = {"url": "http://127.0.0.1:9/v1"}  # discard port: refused
     config["routes"].append({"model": "broken", "upstream": "down"})
@@ -142,12 +160,24 @@ async def test_failed_requests(make_proxy: MakeProxy, fake: FakeUpstream, upstre
 
     lines = [parse_text_line(line) for line in await logs.wait_for(4)]
     unknown, unreachable, upstream_503, bad_json = lines
-    assert (unknown["status"], unknown["outcome"], unknown["error"]) == ("404", "error", "model_not_found")
+    assert (unknown["status"], unknown["outcome"], unknown["error"]) == (
+        "404",
+        "error",
+        "model_not_found",
+    )
     assert (unknown["model"], unknown["upstream"], unknown["target"]) == ("no-such-model", "-", "-")
     assert (unreachable["status"], unreachable["outcome"]) == ("502", "error")
-    assert (unreachable["error"], unreachable["tried"], unreachable["upstream"]) == ("upstream_unavailable", "down", "-")
+    assert (unreachable["error"], unreachable["tried"], unreachable["upstream"]) == (
+        "upstream_unavailable",
+        "down",
+        "-",
+    )
     # The upstream's own error is relayed as it came: the exchange itself completed.
-    assert (upstream_503["status"], upstream_503["outcome"], upstream_503["upstream"]) == ("503", "complete", "fake")
+    assert (upstream_503["status"], upstream_503["outcome"], upstream_503["upstream"]) == (
+        "503",
+        "complete",
+        "fake",
+    )
     assert (bad_json["status"], bad_json["outcome"], bad_json["model"]) == ("400", "error", "-")
     for f in lines:
         assert int(f["bytes_out"]) > 0 and f["duration_ms"] != "-"
@@ -165,7 +195,9 @@ async def _mid_body_failure(request: web.Request) -> web.StreamResponse:
     return resp
 
 
-@pytest.mark.parametrize(("path", "outcome"), [("reset", "upstream_reset"), ("silent", "idle_timeout")])
+@pytest.mark.parametrize(
+    ("path", "outcome"), [("reset", "upstream_reset"), ("silent", "idle_timeout")]
+)
 async def test_upstream_failing_mid_body(
     make_proxy: MakeProxy, aiohttp_server: Any, logs: LogLines, path: str, outcome: str
 ) -> None:
@@ -187,9 +219,18 @@ async def test_upstream_failing_mid_body(
     assert int(f["bytes_out"]) == len(b'data: {"choices":[]}\n\n')
 
 
-async def test_own_endpoints_are_logged_probes_and_scrapes_are_not(make_proxy: MakeProxy, logs: LogLines) -> None:
+async def test_own_endpoints_are_logged_probes_and_scrapes_are_not(
+    make_proxy: MakeProxy, logs: LogLines
+) -> None:
     client = await make_proxy()
-    for path in ("/v1/models", "/about", "/v1/models/gpt-4o-mini", "/healthz", "/metrics", "/v1/models/nope"):
+    for path in (
+        "/v1/models",
+        "/about",
+        "/v1/models/gpt-4o-mini",
+        "/healthz",
+        "/metrics",
+        "/v1/models/nope",
+    ):
         resp = await client.get(path)
         await resp.read()
     resp = await client.post(CHAT, json=chat("gpt-4o-mini"))
@@ -206,7 +247,9 @@ async def test_own_endpoints_are_logged_probes_and_scrapes_are_not(make_proxy: M
     assert lines[3]["outcome"] == "error" and lines[3]["error"] == "model_not_found"
 
 
-async def test_exactly_one_line_per_request(make_proxy: MakeProxy, fake: FakeUpstream, logs: LogLines) -> None:
+async def test_exactly_one_line_per_request(
+    make_proxy: MakeProxy, fake: FakeUpstream, logs: LogLines
+) -> None:
     client = await make_proxy()
     requests = [
         ("POST", CHAT, chat("gpt-4o-mini")),
@@ -239,8 +282,18 @@ async def test_json_format(make_proxy: MakeProxy, logs: LogLines) -> None:
     ok, failed = (json.loads(line) for line in await logs.wait_for(2))
     assert list(ok) == FIELDS
     assert ok["status"] == 200 and ok["bytes_out"] > 0 and isinstance(ok["duration_ms"], float)
-    assert (ok["model"], ok["target"], ok["upstream"], ok["tried"]) == ("fast", "llama3.2:3b", "fake", [])
-    assert (ok["prompt_tokens"], ok["completion_tokens"], ok["key"], ok["error"]) == (5, 1, None, None)
+    assert (ok["model"], ok["target"], ok["upstream"], ok["tried"]) == (
+        "fast",
+        "llama3.2:3b",
+        "fake",
+        [],
+    )
+    assert (ok["prompt_tokens"], ok["completion_tokens"], ok["key"], ok["error"]) == (
+        5,
+        1,
+        None,
+        None,
+    )
     assert (failed["status"], failed["model"], failed["upstream"]) == (404, 'nope "x=1" \\', None)
 
 
@@ -261,10 +314,18 @@ async def test_client_strings_cannot_forge_fields(make_proxy: MakeProxy, logs: L
     assert parse_text_line(control_line)["model"] in ("-", "two\nlines")
 
 
-async def test_proxy_key_name_is_logged_never_the_key(make_proxy: MakeProxy, upstream_url: str, logs: LogLines) -> None:
-    config = basic_config(upstream_url, auth={"keys": [{"name": "team-a", "key": "sk-proxy-team-a-0123456789"}]})
+async def test_proxy_key_name_is_logged_never_the_key(
+    make_proxy: MakeProxy, upstream_url: str, logs: LogLines
+) -> None:
+    config = basic_config(
+        upstream_url, auth={"keys": [{"name": "team-a", "key": "sk-proxy-team-a-0123456789"}]}
+    )
     client = await make_proxy(config)
-    resp = await client.post(CHAT, json=chat("gpt-4o-mini"), headers={"Authorization": "Bearer sk-proxy-team-a-0123456789"})
+    resp = await client.post(
+        CHAT,
+        json=chat("gpt-4o-mini"),
+        headers={"Authorization": "Bearer sk-proxy-team-a-0123456789"},
+    )
     assert resp.status == 200
     (line,) = await logs.wait_for(1)
     assert parse_text_line(line)["key"] == "team-a"
@@ -274,9 +335,13 @@ async def test_proxy_key_name_is_logged_never_the_key(make_proxy: MakeProxy, ups
 # -- request ids -----------------------------------------------------------------
 
 
-async def test_sane_client_request_id_is_used_everywhere(make_proxy: MakeProxy, fake: FakeUpstream, logs: LogLines) -> None:
+async def test_sane_client_request_id_is_used_everywhere(
+    make_proxy: MakeProxy, fake: FakeUpstream, logs: LogLines
+) -> None:
     client = await make_proxy()
-    resp = await client.post(CHAT, json=chat("gpt-4o-mini"), headers={"X-Request-Id": "client-id.42"})
+    resp = await client.post(
+        CHAT, json=chat("gpt-4o-mini"), headers={"X-Request-Id": "client-id.42"}
+    )
     await resp.read()
     assert fake.last.headers["x-request-id"] == "client-id.42"
     # The fake upstream sends no id of its own: ours is in both headers.
@@ -287,7 +352,9 @@ async def test_sane_client_request_id_is_used_everywhere(make_proxy: MakeProxy, 
 
 
 @pytest.mark.parametrize("given", ["has space", "x" * 129, "new\\line", "", "ünï"])
-async def test_unsafe_client_request_id_is_replaced(make_proxy: MakeProxy, fake: FakeUpstream, given: str) -> None:
+async def test_unsafe_client_request_id_is_replaced(
+    make_proxy: MakeProxy, fake: FakeUpstream, given: str
+) -> None:
     client = await make_proxy()
     resp = await client.post(CHAT, json=chat("gpt-4o-mini"), headers={"X-Request-Id": given})
     await resp.read()
@@ -302,7 +369,10 @@ async def test_upstream_request_id_reaches_the_client_unchanged(
     shaped = OpenAIShaped()
     upstream: TestServer = await aiohttp_server(shaped.app())
     client = await make_proxy(
-        {"upstreams": {"openai": {"url": str(upstream.make_url("/v1"))}}, "routes": [{"model": "gpt-*", "upstream": "openai"}]}
+        {
+            "upstreams": {"openai": {"url": str(upstream.make_url("/v1"))}},
+            "routes": [{"model": "gpt-*", "upstream": "openai"}],
+        }
     )
     resp = await client.post(CHAT, json=chat("gpt-4o"), headers={"X-Request-Id": "mine-1"})
     await resp.read()
@@ -328,25 +398,37 @@ async def test_error_answers_carry_our_request_id(make_proxy: MakeProxy) -> None
     assert resp.headers["x-oaimux-request-id"] == resp.headers["x-request-id"] == "own-9"
 
 
-async def test_stream_usage_from_the_official_sdk(make_proxy: MakeProxy, aiohttp_server: Any, logs: LogLines) -> None:
+async def test_stream_usage_from_the_official_sdk(
+    make_proxy: MakeProxy, aiohttp_server: Any, logs: LogLines
+) -> None:
     openai = pytest.importorskip("openai")
     shaped = OpenAIShaped()
     upstream: TestServer = await aiohttp_server(shaped.app())
     client = await make_proxy(
-        {"upstreams": {"openai": {"url": str(upstream.make_url("/v1"))}}, "routes": [{"model": "gpt-*", "upstream": "openai"}]}
+        {
+            "upstreams": {"openai": {"url": str(upstream.make_url("/v1"))}},
+            "routes": [{"model": "gpt-*", "upstream": "openai"}],
+        }
     )
     sdk = openai.AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key="unused", max_retries=0)
     try:
         stream = await sdk.chat.completions.create(
-            model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], stream=True, stream_options={"include_usage": True}
+            model="gpt-4o-mini",
+            messages=[{"role": "user", "content": "hi"}],
+            stream=True,
+            stream_options={"include_usage": True},
         )
         chunks = [chunk async for chunk in stream]
         assert chunks[-1].usage is not None and chunks[-1].usage.prompt_tokens == STREAM_USAGE[0]
-        stream = await sdk.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], stream=True)
+        stream = await sdk.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], stream=True
+        )
         assert all(chunk.usage is None for chunk in [c async for c in stream])
     finally:
         await sdk.close()
     with_usage, without = (parse_text_line(line) for line in await logs.wait_for(2))
-    assert (with_usage["prompt_tokens"], with_usage["completion_tokens"]) == tuple(map(str, STREAM_USAGE))
+    assert (with_usage["prompt_tokens"], with_usage["completion_tokens"]) == tuple(
+        map(str, STREAM_USAGE)
+    )
     assert (without["prompt_tokens"], without["completion_tokens"]) == ("-", "-")
     assert with_usage["outcome"] == without["outcome"] == "complete"

@@ -35,7 +35,9 @@ def parse(text: str) -> Samples:
     return samples
 
 
-async def scrape(client: TestClient[web.Request, web.Application], path: str = "/metrics") -> Samples:
+async def scrape(
+    client: TestClient[web.Request, web.Application], path: str = "/metrics"
+) -> Samples:
     resp = await client.get(path)
     assert resp.status == 200, await resp.text()
     assert resp.headers["Content-Type"].startswith("text/plain")
@@ -51,7 +53,12 @@ def label_values(samples: Samples, name: str, label: str) -> set[str]:
 
 
 def chat(model: str, stream: bool = False, **extra: Any) -> dict[str, Any]:
-    return {"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": stream, **extra}
+    return {
+        "model": model,
+        "messages": [{"role": "user", "content": "hi"}],
+        "stream": stream,
+        **extra,
+    }
 
 
 @pytest.fixture
@@ -124,10 +131,15 @@ async def test_in_flight_and_open_streams(make_proxy: MakeProxy, fake: FakeUpstr
     s = await scrape(client)
     assert value(s, "oaimux_requests_in_flight") == 0
     assert value(s, "oaimux_open_streams") == 0
-    assert value(s, "oaimux_requests_total", model="gpt-4o-mini", upstream="fake", status_class="2xx") == 1
+    assert (
+        value(s, "oaimux_requests_total", model="gpt-4o-mini", upstream="fake", status_class="2xx")
+        == 1
+    )
 
 
-async def test_client_gone_mid_stream_closes_the_gauges(make_proxy: MakeProxy, fake: FakeUpstream, logs: LogLines) -> None:
+async def test_client_gone_mid_stream_closes_the_gauges(
+    make_proxy: MakeProxy, fake: FakeUpstream, logs: LogLines
+) -> None:
     fake.gated = True
     client = await make_proxy()
     resp = await client.post(CHAT, json=chat("gpt-4o-mini", stream=True))
@@ -140,7 +152,9 @@ async def test_client_gone_mid_stream_closes_the_gauges(make_proxy: MakeProxy, f
     assert value(s, "oaimux_open_streams") == 0
 
 
-async def test_fallbacks_failures_and_breaker_state(make_proxy: MakeProxy, upstream_url: str, logs: LogLines) -> None:
+async def test_fallbacks_failures_and_breaker_state(
+    make_proxy: MakeProxy, upstream_url: str, logs: LogLines
+) -> None:
     config = basic_config(upstream_url)
     config["upstreams"]["down"] = {
         "url": "http://127.0.0.1:9/v1",  # discard port: connection refused
@@ -149,7 +163,9 @@ async def test_fallbacks_failures_and_breaker_state(make_proxy: MakeProxy, upstr
     config["routes"] = [{"model": "gpt-4o-mini", "upstream": ["down", "fake"]}]
     client = await make_proxy(config)
     s = await scrape(client)
-    assert value(s, "oaimux_circuit_breaker_state", upstream="down") == 0  # known before any request
+    assert (
+        value(s, "oaimux_circuit_breaker_state", upstream="down") == 0
+    )  # known before any request
     assert [await post(client, "gpt-4o-mini") for _ in range(3)] == [200] * 3
 
     s = await scrape(client)
@@ -158,13 +174,20 @@ async def test_fallbacks_failures_and_breaker_state(make_proxy: MakeProxy, upstr
     assert value(s, "oaimux_fallbacks_total", from_upstream="down", to_upstream="fake") == 2
     assert value(s, "oaimux_circuit_breaker_state", upstream="down") == 2
     assert value(s, "oaimux_circuit_breaker_state", upstream="fake") == 0
-    assert value(s, "oaimux_requests_total", model="gpt-4o-mini", upstream="fake", status_class="2xx") == 3
+    assert (
+        value(s, "oaimux_requests_total", model="gpt-4o-mini", upstream="fake", status_class="2xx")
+        == 3
+    )
     tried = [parse_text_line(line)["tried"] for line in await logs.wait_for(3)]
     assert tried == ["down", "down", "-"]
 
 
-async def test_rate_limit_rejections_and_metrics_not_limited(make_proxy: MakeProxy, upstream_url: str) -> None:
-    client = await make_proxy(basic_config(upstream_url, rate_limit={"requests_per_minute": 1, "burst": 2}))
+async def test_rate_limit_rejections_and_metrics_not_limited(
+    make_proxy: MakeProxy, upstream_url: str
+) -> None:
+    client = await make_proxy(
+        basic_config(upstream_url, rate_limit={"requests_per_minute": 1, "burst": 2})
+    )
     assert [await post(client, "gpt-4o-mini") for _ in range(3)] == [200, 200, 429]
     assert await post(client, "unknown") == 429
     for _ in range(5):  # the bucket is empty, yet every scrape gets through
@@ -184,7 +207,9 @@ async def test_rate_limit_rejections_of_a_limited_route_carry_its_model(
     assert [await post(client, "gpt-4o-mini") for _ in range(3)] == [200, 200, 429]
     s = await scrape(client)
     assert value(s, "oaimux_rate_limited_total", model="gpt-4o-mini") == 1
-    assert value(s, "oaimux_requests_total", model="gpt-4o-mini", upstream="", status_class="4xx") == 1
+    assert (
+        value(s, "oaimux_requests_total", model="gpt-4o-mini", upstream="", status_class="4xx") == 1
+    )
 
 
 async def _fail_mid_body(request: web.Request) -> web.StreamResponse:
@@ -196,12 +221,17 @@ async def _fail_mid_body(request: web.Request) -> web.StreamResponse:
     return resp
 
 
-async def test_mid_body_reset_counts_as_upstream_failure(make_proxy: MakeProxy, aiohttp_server: Any) -> None:
+async def test_mid_body_reset_counts_as_upstream_failure(
+    make_proxy: MakeProxy, aiohttp_server: Any
+) -> None:
     app = web.Application()
     app.router.add_get("/v1/{tail:.*}", _fail_mid_body)
     upstream: TestServer = await aiohttp_server(app)
     client = await make_proxy(
-        {"upstreams": {"u": {"url": str(upstream.make_url("/v1"))}}, "routes": [{"path": "*", "upstream": "u"}]}
+        {
+            "upstreams": {"u": {"url": str(upstream.make_url("/v1"))}},
+            "routes": [{"path": "*", "upstream": "u"}],
+        }
     )
     resp = await client.get("/v1/anything")
     with pytest.raises(aiohttp.ClientPayloadError):
@@ -211,13 +241,18 @@ async def test_mid_body_reset_counts_as_upstream_failure(make_proxy: MakeProxy, 
     assert value(s, "oaimux_requests_total", model="", upstream="u", status_class="2xx") == 1
 
 
-async def test_token_counters_from_openai_shaped_answers(make_proxy: MakeProxy, aiohttp_server: Any) -> None:
+async def test_token_counters_from_openai_shaped_answers(
+    make_proxy: MakeProxy, aiohttp_server: Any
+) -> None:
     shaped = OpenAIShaped()
     upstream: TestServer = await aiohttp_server(shaped.app())
     client = await make_proxy(
         {
             "upstreams": {"openai": {"url": str(upstream.make_url("/v1"))}},
-            "routes": [{"model": "gpt-4o", "upstream": "openai"}, {"model": "gpt-4.1*", "upstream": "openai"}],
+            "routes": [
+                {"model": "gpt-4o", "upstream": "openai"},
+                {"model": "gpt-4.1*", "upstream": "openai"},
+            ],
         }
     )
     assert await post(client, "gpt-4o") == 200
@@ -227,15 +262,28 @@ async def test_token_counters_from_openai_shaped_answers(make_proxy: MakeProxy, 
     await resp.read()
     s = await scrape(client)
     tokens = "oaimux_tokens_total"
-    assert value(s, tokens, model="gpt-4o", upstream="openai", type="prompt") == CHAT_USAGE[0] + STREAM_USAGE[0]
-    assert value(s, tokens, model="gpt-4o", upstream="openai", type="completion") == CHAT_USAGE[1] + STREAM_USAGE[1]
-    assert value(s, tokens, model="gpt-4.1*", upstream="openai", type="prompt") == RESPONSES_USAGE[0]
-    assert value(s, tokens, model="gpt-4.1*", upstream="openai", type="completion") == RESPONSES_USAGE[1]
+    assert (
+        value(s, tokens, model="gpt-4o", upstream="openai", type="prompt")
+        == CHAT_USAGE[0] + STREAM_USAGE[0]
+    )
+    assert (
+        value(s, tokens, model="gpt-4o", upstream="openai", type="completion")
+        == CHAT_USAGE[1] + STREAM_USAGE[1]
+    )
+    assert (
+        value(s, tokens, model="gpt-4.1*", upstream="openai", type="prompt") == RESPONSES_USAGE[0]
+    )
+    assert (
+        value(s, tokens, model="gpt-4.1*", upstream="openai", type="completion")
+        == RESPONSES_USAGE[1]
+    )
 
 
 async def test_openmetrics_on_request(make_proxy: MakeProxy) -> None:
     client = await make_proxy()
-    resp = await client.get("/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"})
+    resp = await client.get(
+        "/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"}
+    )
     assert resp.headers["Content-Type"].startswith("application/openmetrics-text")
     assert (await resp.text()).endswith("# EOF\n")
 
@@ -266,9 +314,17 @@ async def test_metrics_on_their_own_listener(make_proxy: MakeProxy, upstream_url
     runner = await serve_metrics(metrics, "/metrics", "127.0.0.1", 0)
     try:
         host, port = runner.addresses[0][:2]
-        async with aiohttp.ClientSession() as session, session.get(f"http://{host}:{port}/metrics") as resp:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"http://{host}:{port}/metrics") as resp,
+        ):
             s = parse(await resp.text())
-        assert value(s, "oaimux_requests_total", model="gpt-4o-mini", upstream="fake", status_class="2xx") == 1
+        assert (
+            value(
+                s, "oaimux_requests_total", model="gpt-4o-mini", upstream="fake", status_class="2xx"
+            )
+            == 1
+        )
     finally:
         await runner.cleanup()
 

@@ -27,7 +27,12 @@ def config(upstream_url: str) -> dict[str, Any]:
         "upstreams": {
             "fake": {
                 "url": upstream_url,
-                "headers": {"set": {"Authorization": f"Bearer {UPSTREAM_KEY}", "OpenAI-Organization": HEADER_VALUE}},
+                "headers": {
+                    "set": {
+                        "Authorization": f"Bearer {UPSTREAM_KEY}",
+                        "OpenAI-Organization": HEADER_VALUE,
+                    }
+                },
             },
             "down": {"url": "http://127.0.0.1:9/v1", "headers": {"set": {"api-key": UPSTREAM_KEY}}},
         },
@@ -42,7 +47,9 @@ def config(upstream_url: str) -> dict[str, Any]:
     }
 
 
-async def test_no_secret_in_any_log_line_or_metric(make_proxy: MakeProxy, fake: FakeUpstream, upstream_url: str) -> None:
+async def test_no_secret_in_any_log_line_or_metric(
+    make_proxy: MakeProxy, fake: FakeUpstream, upstream_url: str
+) -> None:
     with capture_logs() as logs:
         client = await make_proxy(config(upstream_url))
         auth = {"Authorization": f"Bearer {PROXY_KEY}"}
@@ -53,7 +60,12 @@ async def test_no_secret_in_any_log_line_or_metric(make_proxy: MakeProxy, fake: 
             ("POST", "/v1/chat/completions", auth, {**body, "model": "fallback"}),
             ("POST", "/v1/chat/completions", auth, {**body, "model": "dead"}),
             ("POST", "/v1/chat/completions", auth, {**body, "model": "unknown-model"}),
-            ("POST", "/v1/chat/completions", {"Authorization": f"Bearer {CLIENT_KEY}"}, body),  # 401
+            (
+                "POST",
+                "/v1/chat/completions",
+                {"Authorization": f"Bearer {CLIENT_KEY}"},
+                body,
+            ),  # 401
             ("POST", "/v1/chat/completions", {"api-key": AZURE_KEY}, body),  # 401
             ("GET", f"/v1/files?api-key={AZURE_KEY}", auth, None),
             ("GET", "/v1/models", {"Authorization": f"Bearer {CLIENT_KEY}"}, None),
@@ -69,7 +81,9 @@ async def test_no_secret_in_any_log_line_or_metric(make_proxy: MakeProxy, fake: 
         await logs.wait_for(len(calls) + 1)
         metrics_page = await (await client.get("/metrics")).text()
 
-    assert UPSTREAM_KEY in fake.received[0].headers["authorization"]  # the secrets were really in play
+    assert (
+        UPSTREAM_KEY in fake.received[0].headers["authorization"]
+    )  # the secrets were really in play
     assert any("upstream_auth_failed" in line for line in logs.access)
     assert any("to the proxy's own credential" in line for line in logs.everything)
     assert "team-b" in "".join(logs.access)

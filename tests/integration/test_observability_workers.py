@@ -65,7 +65,9 @@ async def test_two_workers_one_scrape(upstream_url: str, tmp_path: Path) -> None
         f"upstreams: {{fake: {{url: '{upstream_url}'}}}}\n"
         "routes: [{model: gpt-4o-mini, upstream: fake}]\n"
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OAIMUX_", "PORT", "PROMETHEUS_"))}
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("OAIMUX_", "PORT", "PROMETHEUS_"))
+    }
     env["TMPDIR"] = str(temp)
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "proxy", "serve", "--config", str(config), "--port", str(port), "--workers", "2",
@@ -77,9 +79,13 @@ async def test_two_workers_one_scrape(upstream_url: str, tmp_path: Path) -> None
         await wait_healthy(f"http://127.0.0.1:{port}/healthz", proc)
         body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
         # A new connection per request: the kernel picks a worker for each.
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
+        async with aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(force_close=True)
+        ) as session:
             for _ in range(REQUESTS):
-                async with session.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body) as resp:
+                async with session.post(
+                    f"http://127.0.0.1:{port}/v1/chat/completions", json=body
+                ) as resp:
                     assert resp.status == 200
                     await resp.read()
             (shared,) = temp.glob("oaimux-metrics-*")
@@ -90,7 +96,11 @@ async def test_two_workers_one_scrape(upstream_url: str, tmp_path: Path) -> None
                         if requests_total(await resp.text()) == REQUESTS:
                             break
                     await asyncio.sleep(0.1)  # bounded polling for the workers' next sync
-            pids = {m.group(1) for f in shared.iterdir() if (m := re.fullmatch(r"counter_(\d+)\.db", f.name))}
+            pids = {
+                m.group(1)
+                for f in shared.iterdir()
+                if (m := re.fullmatch(r"counter_(\d+)\.db", f.name))
+            }
             assert len(pids) == 2, f"expected both workers to have counted, got files for {pids}"
             for _ in range(10):  # whichever worker answers, it reports all of them
                 async with session.get(f"http://127.0.0.1:{metrics_port}/metrics") as resp:

@@ -53,7 +53,9 @@ def sh_blocks(text: str) -> list[list[str]]:
 
 def setup_commands() -> tuple[str, str]:
     """The Quickstart's install and serve commands."""
-    (block,) = [b for b in sh_blocks(quickstart()) if any(c.startswith("python3 -m venv") for c in b)]
+    (block,) = [
+        b for b in sh_blocks(quickstart()) if any(c.startswith("python3 -m venv") for c in b)
+    ]
     install, serve = block
     return install, serve
 

@@ -53,8 +53,6 @@ def config(upstream_server: TestServer, **extra: Any) -> dict[str, Any]:
     return cfg
 
 
-
-
 @pytest.fixture
 async def proxy(aiohttp_client: Any, upstream_server: TestServer) -> TestClient[Any, Any]:
     return await serve_proxy(aiohttp_client, config(upstream_server))
@@ -253,6 +251,25 @@ async def test_a_client_bad_close_frame_is_answered_and_reported_as_a_protocol_e
         await upstream.ws_closed.wait()
     assert upstream.ws_events[-1].kind == "close"
     assert upstream.ws_events[-1].data == str(expected).encode()
+    await ws.close()
+
+
+async def test_an_empty_close_frame_is_passed_on_as_1000(
+    proxy: TestClient[Any, Any], upstream: OpenAILike
+) -> None:
+    """A close frame with no code (RFC 6455 §5.5.1: the body is optional) is a
+    normal closure, not a protocol error."""
+    ws = await connect(proxy)
+    await ws.send_str("before")
+    await upstream.wait_events(1)
+    await ws.send_frame(b"", WSMsgType.CLOSE)
+    msg = await ws.receive(timeout=5)
+    while msg.type is not WSMsgType.CLOSE:
+        msg = await ws.receive(timeout=5)
+    assert msg.data == 1000
+    async with asyncio.timeout(5):
+        await upstream.ws_closed.wait()
+    assert upstream.ws_events[-1] == WsEvent("close", b"1000", "")
     await ws.close()
 
 
@@ -566,3 +583,22 @@ async def test_a_browser_key_subprotocol_is_never_forwarded_nor_logged(
     assert upstream.ws_request is not None
     assert "sec-websocket-protocol" not in upstream.ws_request.headers
     assert "sk-browser-secret" not in caplog.text
+
+
+async def test_a_browser_key_subprotocol_reaches_an_upstream_that_takes_the_clients_key(
+    aiohttp_client: Any, upstream_server: TestServer, upstream: OpenAILike
+) -> None:
+    """With no proxy keys and ``pass_client_auth``, the client's own key is the
+    upstream's credential: its subprotocol is offered upstream as it came."""
+    cfg = config(upstream_server)
+    cfg["upstreams"]["rt"] = {"url": cfg["upstreams"]["rt"]["url"], "pass_client_auth": True}
+    proxy = await serve_proxy(aiohttp_client, cfg)
+    ws = await connect(proxy, protocols=("realtime", "openai-insecure-api-key.sk-own-key"))
+    assert ws.protocol == "realtime"
+    await ws.close()
+    assert upstream.ws_request is not None
+    offered = upstream.ws_request.headers["sec-websocket-protocol"]
+    assert [p.strip() for p in offered.split(",")] == [
+        "realtime",
+        "openai-insecure-api-key.sk-own-key",
+    ]

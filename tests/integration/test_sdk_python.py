@@ -56,8 +56,6 @@ def config(upstream_server: TestServer, **extra: Any) -> dict[str, Any]:
     return cfg
 
 
-
-
 @pytest.fixture
 async def proxy(aiohttp_client: Any, upstream_server: TestServer) -> TestClient[Any, Any]:
     return await serve_proxy(aiohttp_client, config(upstream_server))

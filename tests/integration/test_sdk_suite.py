@@ -184,9 +184,7 @@ def answered_by_the_proxy(request: Recorded) -> bool:
     return request.method in ("GET", "HEAD") and _PROXY_OWN.fullmatch(request.path) is not None
 
 
-def differences(
-    direct: dict[str, list[Recorded]], proxied: dict[str, list[Recorded]]
-) -> list[str]:
+def differences(direct: dict[str, list[Recorded]], proxied: dict[str, list[Recorded]]) -> list[str]:
     found = []
     for test in sorted(direct.keys() | proxied.keys()):
         want = sorted(comparable(r) for r in direct.get(test, []) if not answered_by_the_proxy(r))

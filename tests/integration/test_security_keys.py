@@ -146,6 +146,7 @@ async def test_model_outside_the_keys_list_is_403_before_any_upstream(
         assert resp.headers["x-oaimux-error"] == "model_not_allowed"
         error = error_of(await resp.read())
         assert error["code"] == "model_not_allowed" and error["param"] == "model"
+        assert error["message"] == f"Your key may not use the model '{model}'."
     assert fake.received == []
     resp = await client.post("/v1/chat/completions", json=CHAT, headers=auth)
     assert resp.status == 200

@@ -6,7 +6,9 @@ from tests.fakes.upstream import FakeUpstream
 async def test_json_roundtrip(make_proxy, fake: FakeUpstream) -> None:
     client = await make_proxy()
     body = b'{"model":  "gpt-4o-mini", "messages": [{"role":"user","content":"hi"}]}'
-    resp = await client.post("/v1/chat/completions", data=body, headers={"Content-Type": "application/json"})
+    resp = await client.post(
+        "/v1/chat/completions", data=body, headers={"Content-Type": "application/json"}
+    )
     assert resp.status == 200, await resp.text()
     data = await resp.json()
     assert data["model"] == "gpt-4o-mini"

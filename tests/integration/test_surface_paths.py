@@ -67,8 +67,6 @@ def config(servers: tuple[TestServer, TestServer], **extra: Any) -> dict[str, An
     return cfg
 
 
-
-
 @pytest.fixture
 async def proxy(
     aiohttp_client: Any, servers: tuple[TestServer, TestServer]

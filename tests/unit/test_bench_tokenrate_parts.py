@@ -36,7 +36,7 @@ def test_delta_events_span_60_to_120_bytes_and_parse_as_chunks() -> None:
         event = delta_event(TS, seq)
         sizes.add(len(event))
         assert event.startswith(b"data: ") and event.endswith(b"\n\n")
-        chunk = json.loads(event[len(b"data: "):])
+        chunk = json.loads(event[len(b"data: ") :])
         assert chunk["choices"][0]["delta"]["content"].startswith(f"ts={TS}")
     # The shortest event a 13-digit stamp allows, then every size up to the largest.
     assert min(sizes) >= DELTA_MIN_BYTES and max(sizes) == DELTA_MAX_BYTES
@@ -45,7 +45,9 @@ def test_delta_events_span_60_to_120_bytes_and_parse_as_chunks() -> None:
 
 def _response(stamps: list[int]) -> bytes:
     """A chunked SSE response as the mock sends it, then [DONE] and the last chunk."""
-    out = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+    out = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
     for i, ts in enumerate(stamps):
         event = delta_event(ts, i)
         out += b"%x\r\n%s\r\n" % (len(event), event)
@@ -99,8 +101,9 @@ def test_reader_reports_a_non_200_status_and_counts_the_stream_as_failed() -> No
 
 
 def _run(k: int, chunks: int) -> TokenRun:
-    return TokenRun(k=k, mode="burst", chunks=chunks, interval_ms=20.0, ramp_ms=0.0,
-                    chunks_received=k * chunks)
+    return TokenRun(
+        k=k, mode="burst", chunks=chunks, interval_ms=20.0, ramp_ms=0.0, chunks_received=k * chunks
+    )
 
 
 def test_cpu_split_charges_the_steady_window_per_chunk_and_the_rest_per_stream() -> None:
@@ -108,9 +111,11 @@ def test_cpu_split_charges_the_steady_window_per_chunk_and_the_rest_per_stream()
     recv = array("q", [5, 5] + [100 + i for i in range(16)] + [950, 960])
     res = ClientResult(recv_ns=recv)
     start = Boundary(t_ns=0, cpu_ns=0, rss=0)
-    at = {FIRST: Boundary(t_ns=10, cpu_ns=1_000_000, rss=0),        # 1 ms: set-up + 2 chunks
-          COMPLETED: Boundary(t_ns=900, cpu_ns=1_320_000, rss=0),   # 16 chunks x 20 us
-          ENDED: Boundary(t_ns=1000, cpu_ns=1_540_000, rss=0)}      # 2 chunks + teardown
+    at = {
+        FIRST: Boundary(t_ns=10, cpu_ns=1_000_000, rss=0),  # 1 ms: set-up + 2 chunks
+        COMPLETED: Boundary(t_ns=900, cpu_ns=1_320_000, rss=0),  # 16 chunks x 20 us
+        ENDED: Boundary(t_ns=1000, cpu_ns=1_540_000, rss=0),
+    }  # 2 chunks + teardown
     run = _run(2, 10)
     _fill_cpu(run, [res], start, at, at[ENDED])
     assert run.cpu_window == "steady"
@@ -134,8 +139,13 @@ def test_cpu_without_a_steady_window_is_over_the_whole_run() -> None:
 
 
 def _row(k: int, p99: float, completed: int | None = None, late: float = 1.0) -> dict[str, Any]:
-    return {"k": k, "completed": k if completed is None else completed, "delay_p99_ms": p99,
-            "mock_late_p99_ms": late, "cpu_us_per_chunk": 30.0}
+    return {
+        "k": k,
+        "completed": k if completed is None else completed,
+        "delay_p99_ms": p99,
+        "mock_late_p99_ms": late,
+        "cpu_us_per_chunk": 30.0,
+    }
 
 
 def test_judge_compares_with_direct_at_the_same_k() -> None:
@@ -150,16 +160,20 @@ def _tried(**verdicts: bool) -> dict[int, dict[str, Any]]:
     return {int(k[1:]): {"ok": ok, "runs": 2, "load_bound": False} for k, ok in verdicts.items()}
 
 
-@pytest.mark.parametrize(("tried", "want"), [
-    ({}, 100),
-    (_tried(k100=True), 200),                      # no failure yet: double
-    (_tried(k100=True, k1000=False), 320),         # geometric middle, to 10
-    (_tried(k100=False), 33),                      # no success yet: a third
-    (_tried(k100=True, k115=False), None),         # known within 1.2x: done
-    (_tried(k3000=True), None),                    # at the limit already
-])
-def test_next_k_bisects_geometrically_and_stops(tried: dict[int, dict[str, Any]],
-                                                want: int | None) -> None:
+@pytest.mark.parametrize(
+    ("tried", "want"),
+    [
+        ({}, 100),
+        (_tried(k100=True), 200),  # no failure yet: double
+        (_tried(k100=True, k1000=False), 320),  # geometric middle, to 10
+        (_tried(k100=False), 33),  # no success yet: a third
+        (_tried(k100=True, k115=False), None),  # known within 1.2x: done
+        (_tried(k3000=True), None),  # at the limit already
+    ],
+)
+def test_next_k_bisects_geometrically_and_stops(
+    tried: dict[int, dict[str, Any]], want: int | None
+) -> None:
     assert next_k(tried, limit_k=3000) == want
 
 

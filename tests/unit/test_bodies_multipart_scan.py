@@ -20,13 +20,9 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from proxy.errors import InvalidRequest
-from proxy.inbound.findmodel import (
-    FoundModel,
-    MultipartModelScan,
-    find_json_model,
-    find_multipart_model,
-    rewrite_model,
-)
+from proxy.inbound.json_model import find_json_model
+from proxy.inbound.model import FoundModel, rewrite_model
+from proxy.inbound.multipart_model import MultipartModelScan, find_multipart_model
 from proxy.inbound.upload import read_until_model
 
 FUZZ = settings(

@@ -7,14 +7,9 @@ import json
 import pytest
 
 from proxy.errors import InvalidRequest
-from proxy.inbound.findmodel import (
-    ModelAbsent,
-    _find_exact,
-    _find_in_one_scan,
-    find_json_model,
-    find_multipart_model,
-    rewrite_model,
-)
+from proxy.inbound.json_model import _find_exact, _find_in_one_scan, find_json_model
+from proxy.inbound.model import ModelAbsent, rewrite_model
+from proxy.inbound.multipart_model import find_multipart_model
 
 
 @pytest.mark.parametrize(
@@ -242,7 +237,12 @@ def test_multipart_refusals(body: bytes, code: str) -> None:
         (_form(("file", b"x"), ("prompt", b"p")), True),
         (_form(("Model", b"a"), ("models", b"b")), True),
         (_form(("model", b""), ("prompt", b"p")), False),
-        (_form(("model", b"\xff"),), False),
+        (
+            _form(
+                ("model", b"\xff"),
+            ),
+            False,
+        ),
     ],
 )
 def test_multipart_model_not_there_is_told_from_one_not_usable(body: bytes, absent: bool) -> None:

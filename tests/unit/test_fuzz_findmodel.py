@@ -20,14 +20,9 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from proxy.errors import InvalidRequest
-from proxy.inbound.findmodel import (
-    FoundModel,
-    ModelAbsent,
-    _find_exact,
-    find_json_model,
-    find_multipart_model,
-    rewrite_model,
-)
+from proxy.inbound.json_model import _find_exact, find_json_model
+from proxy.inbound.model import FoundModel, ModelAbsent, rewrite_model
+from proxy.inbound.multipart_model import find_multipart_model
 
 MODES = pytest.mark.parametrize("exact_limit", [None, 0], ids=["exact", "structural"])
 # OAIMUX_FUZZ_EXAMPLES=5000 for a long run; the suite's default keeps it quick.

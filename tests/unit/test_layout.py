@@ -71,25 +71,23 @@ DECLARATIVE: Mapping[str, str] = {}
 PENDING: Mapping[str, frozenset[str]] = {
     "imports": frozenset(
         {
-            # identify() moves to inbound/ (architecture: admission no longer imports Runtime)
-            "proxy.admission.admission -> proxy.runtime.runtime",
+            # token budgets: observe/ reconciles through a protocol of its own
+            "proxy.observe.exchange -> proxy.admission.budget",
+            "proxy.observe.observer -> proxy.admission.budget",
         }
     ),
     "modules": frozenset(
         {
-            "proxy/inbound/findmodel.py",  # split into the model finders
-            "proxy/server/views.py",  # _proxy's stages move to inbound/
-            "proxy/outbound/realtime.py",  # the Responses WebSocket's leg moves out
+            "proxy/admission/buckets.py",  # the token buckets move to a module of their own
+            "proxy/admission/buckets_redis.py",
         }
     ),
     "function lines": frozenset(
         {
-            "proxy/inbound/findmodel.py::_find_exact",
-            "proxy/server/views.py::_proxy",
-            "proxy/outbound/relay.py::relay",  # the client-left outcome moves out
+            "proxy/admission/admission.py::Admission.charge",  # the reservation step moves out
         }
     ),
-    "parameters": frozenset({"proxy/server/views.py::_proxy"}),
+    "parameters": frozenset({"proxy/admission/budget.py::Charged.__init__"}),
 }
 
 

@@ -37,7 +37,7 @@ def exchange(**fields: object) -> Exchange:
         ("", False),
         ("with space", False),
         ("tab\there", False),
-        ("quote\"d", False),
+        ('quote"d', False),
         ("ünïcode", False),
     ],
 )
@@ -62,14 +62,28 @@ def test_text_line_fields_and_values() -> None:
     )  # fmt: skip
     f = parse_text_line(AccessLines().format_text(ex))
     assert f["request_id"] == "rid-1" and f["client"] == "10.0.0.7" and f["key"] == "team-a"
-    assert (f["model"], f["target"], f["upstream"], f["tried"]) == ("fast", "llama3.2:3b", "ollama", "a,b")
+    assert (f["model"], f["target"], f["upstream"], f["tried"]) == (
+        "fast",
+        "llama3.2:3b",
+        "ollama",
+        "a,b",
+    )
     assert (f["ttfb_ms"], f["duration_ms"]) == ("12.30", "1500.00")
     assert (f["prompt_tokens"], f["completion_tokens"], f["error"]) == ("7", "9", "-")
 
 
 @pytest.mark.parametrize(
     "model",
-    ['has space', 'quote"inside', "back\\slash", "tab\tand\nnewline", "é-unicode", "k=v", "x" * 300, ""],
+    [
+        "has space",
+        'quote"inside',
+        "back\\slash",
+        "tab\tand\nnewline",
+        "é-unicode",
+        "k=v",
+        "x" * 300,
+        "",
+    ],
 )
 def test_text_line_quotes_what_could_forge_a_field(model: str) -> None:
     line = AccessLines().format_text(exchange(model=model, path="/v1/a b"))
@@ -204,7 +218,10 @@ async def test_server_access_log_skips_log_records() -> None:
         send_access_log_to(stream)
         access_logger.setLevel(logging.INFO)
         settings = parse_settings(
-            {"upstreams": {"u": {"url": "http://127.0.0.1:9/v1"}}, "routes": [{"model": "m", "upstream": "u"}]},
+            {
+                "upstreams": {"u": {"url": "http://127.0.0.1:9/v1"}},
+                "routes": [{"model": "m", "upstream": "u"}],
+            },
             environ={},
         )
         observer = make_observer(settings)

@@ -12,6 +12,7 @@ import pytest
 from proxy.config import LogSettings
 from proxy.observe.metrics import Metrics
 from proxy.observe.observer import Observer
+from proxy.observe.usage import Usage
 
 
 def single() -> Metrics:
@@ -29,7 +30,9 @@ def test_two_instances_do_not_share_values() -> None:
     assert sample(b, "oaimux_requests_total", model="m", upstream="u", status_class="2xx") is None
 
 
-@pytest.mark.parametrize(("status", "klass"), [(200, "2xx"), (304, "3xx"), (404, "4xx"), (499, "4xx"), (502, "5xx")])
+@pytest.mark.parametrize(
+    ("status", "klass"), [(200, "2xx"), (304, "3xx"), (404, "4xx"), (499, "4xx"), (502, "5xx")]
+)
 def test_status_classes(status: int, klass: str) -> None:
     m = single()
     m.request_finished("", "", status, 0.01, None)
@@ -49,10 +52,22 @@ def test_latency_buckets_reach_long_streams() -> None:
 
 def test_tokens_by_type() -> None:
     m = single()
-    m.count_tokens("m", "u", 10, None)
-    m.count_tokens("m", "u", 5, 7)
-    assert sample(m, "oaimux_tokens_total", model="m", upstream="u", type="prompt") == 15
-    assert sample(m, "oaimux_tokens_total", model="m", upstream="u", type="completion") == 7
+    m.count_tokens("m", "u", "alice", Usage(10, None))
+    m.count_tokens("m", "u", "bob", Usage(5, 7, cached_tokens=4))
+    # Anthropic: cache reads and writes come apart from the (uncached) input.
+    m.count_tokens("m", "u", "carol", Usage(3, 2, 40, 6))
+    assert sample(m, "oaimux_tokens_total", model="m", upstream="u", type="prompt") == 18
+    assert sample(m, "oaimux_tokens_total", model="m", upstream="u", type="completion") == 9
+    # Per key name: input without the cached part, cached, output.
+    assert sample(m, "oaimux_key_tokens_total", key="alice", model="m", type="input") == 10
+    assert sample(m, "oaimux_key_tokens_total", key="bob", model="m", type="input") == 1
+    assert sample(m, "oaimux_key_tokens_total", key="bob", model="m", type="cached") == 4
+    assert sample(m, "oaimux_key_tokens_total", key="bob", model="m", type="output") == 7
+    assert sample(m, "oaimux_key_tokens_total", key="alice", model="m", type="output") is None
+    assert sample(m, "oaimux_tokens_total", model="m", upstream="u", type="cache_read") == 40
+    assert sample(m, "oaimux_tokens_total", model="m", upstream="u", type="cache_creation") == 6
+    assert sample(m, "oaimux_key_tokens_total", key="carol", model="m", type="input") == 9
+    assert sample(m, "oaimux_key_tokens_total", key="carol", model="m", type="cached") == 40
 
 
 def test_breaker_states_through_the_observer_hook() -> None:
@@ -101,6 +116,7 @@ def test_counts_kept_on_the_hot_path_are_published_at_collection() -> None:
     assert sample(m, "oaimux_requests_in_flight") == 1
     assert sample(m, "oaimux_open_streams") == 1
     ex.status, ex.upstream, ex.metric_model = 200, "u", "m"
+    ex.usage = Usage(3, 4)  # as the usage reader leaves it
     ex.prompt_tokens, ex.completion_tokens = 3, 4
     observer.finished(ex)
     assert sample(m, "oaimux_requests_in_flight") == 0
@@ -118,18 +134,26 @@ def test_batched_latency_equals_the_librarys_observe() -> None:
 
     values = [0.0, 0.004, 0.005, 0.0050001, 0.1, 0.7, 29.9, 30.0, 600.0, 600.5, 7200.0, 0.02] * 3
     m = single()
-    reference = Histogram("ref", "reference", ("upstream",), buckets=_BUCKETS, registry=CollectorRegistry())
+    reference = Histogram(
+        "ref", "reference", ("upstream",), buckets=_BUCKETS, registry=CollectorRegistry()
+    )
     for v in values:
         m.request_finished("m", "u", 200, v, v / 2)
         reference.labels("u").observe(v)
     bounds = [*(repr(float(b)) for b in _BUCKETS[:-1]), "+Inf"]
     for le in bounds:
         expected = reference.collect()[0]
-        want = next(s.value for s in expected.samples if s.name == "ref_bucket" and s.labels["le"] == le)
+        want = next(
+            s.value for s in expected.samples if s.name == "ref_bucket" and s.labels["le"] == le
+        )
         assert sample(m, "oaimux_request_duration_seconds_bucket", upstream="u", le=le) == want, le
     assert sample(m, "oaimux_request_duration_seconds_count", upstream="u") == len(values)
-    assert sample(m, "oaimux_request_duration_seconds_sum", upstream="u") == pytest.approx(sum(values))
-    assert sample(m, "oaimux_time_to_first_byte_seconds_sum", upstream="u") == pytest.approx(sum(values) / 2)
+    assert sample(m, "oaimux_request_duration_seconds_sum", upstream="u") == pytest.approx(
+        sum(values)
+    )
+    assert sample(m, "oaimux_time_to_first_byte_seconds_sum", upstream="u") == pytest.approx(
+        sum(values) / 2
+    )
     # A second batch adds to the first.
     m.request_finished("m", "u", 200, 0.001, None)
     assert sample(m, "oaimux_request_duration_seconds_count", upstream="u") == len(values) + 1

@@ -188,24 +188,24 @@ async def test_fail_open_lets_requests_through_and_warns_once_per_ten_minutes(
     caplog.set_level(logging.INFO, logger="oaimux.ratelimit")
     storage.down = True
     for _ in range(50):
-        await admission.charge(rt, caller, None)  # no exception: open
+        await admission.charge(rt.settings, caller, None)  # no exception: open
         clock.now += 10  # 50 requests over 8m20s
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
     assert "failing open" in warnings[0].getMessage()
     clock.now += 100  # ten minutes after the first warning
-    await admission.charge(rt, caller, None)
+    await admission.charge(rt.settings, caller, None)
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 2
     assert "still failing: 50 more times in 10m00s" in warnings[1].getMessage()
     storage.down = False
-    await admission.charge(rt, caller, None)
-    await admission.charge(rt, caller, None)
+    await admission.charge(rt.settings, caller, None)
+    await admission.charge(rt.settings, caller, None)
     recoveries = [r.getMessage() for r in caplog.records if "recovered" in r.getMessage()]
     assert recoveries == ["rate-limit storage: recovered after 10m00s (51 failures)"]
     # The next outage warns at once.
     storage.down = True
-    await admission.charge(rt, caller, None)
+    await admission.charge(rt.settings, caller, None)
     assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 3
 
 
@@ -214,10 +214,10 @@ async def test_fail_closed_refuses_with_503() -> None:
     storage = SwitchableStorage()
     admission = Admission(storage)
     caller = Caller("203.0.113.7", None, True)
-    await admission.charge(rt, caller, None)
+    await admission.charge(rt.settings, caller, None)
     storage.down = True
     with pytest.raises(ServiceUnavailable) as info:
-        await admission.charge(rt, caller, None)
+        await admission.charge(rt.settings, caller, None)
     assert info.value.code == "rate_limiter_unavailable"
     assert info.value.status == 503
     assert "redis" not in info.value.message  # no internals in the client's error
@@ -227,5 +227,5 @@ async def test_no_applicable_limit_never_touches_the_storage() -> None:
     rt = runtime()
     storage = SwitchableStorage()
     admission = Admission(storage)
-    await admission.charge(rt, Caller("203.0.113.7", None, True), rt.settings.routes[0])
+    await admission.charge(rt.settings, Caller("203.0.113.7", None, True), rt.settings.routes[0])
     assert storage.calls == 0

@@ -16,7 +16,13 @@ B = b"bnd"
 
 
 def part(name: str, value: bytes) -> bytes:
-    return b"--bnd\r\nContent-Disposition: form-data; name=\"" + name.encode() + b"\"\r\n\r\n" + value + b"\r\n"
+    return (
+        b'--bnd\r\nContent-Disposition: form-data; name="'
+        + name.encode()
+        + b'"\r\n\r\n'
+        + value
+        + b"\r\n"
+    )
 
 
 def form(*parts: bytes) -> bytes:
@@ -67,7 +73,9 @@ async def drain(stream: BodyStream) -> bytes:
 
 
 async def test_head_stops_after_model_part_and_stream_restores_body() -> None:
-    body = form(part("model", b"whisper-1"), part("file", b"\x00" * 100_000), part("language", b"en"))
+    body = form(
+        part("model", b"whisper-1"), part("file", b"\x00" * 100_000), part("language", b"en")
+    )
     chunks = split(body, 1000)
     content = reader(chunks)
     head = await read_until_model(content, B, 10**9, 5)
@@ -118,4 +126,4 @@ async def test_limit_applies_to_the_streamed_rest() -> None:
 def test_watcher_ignores_model_bytes_inside_file_content() -> None:
     watcher = PartWatcher(B)
     watcher.feed(b'name="model" inside a file, and --bnd without CRLF before it')
-    watcher.feed(b"\r\n--bnd\r\nContent-Disposition: form-data; name=\"file2\"\r\n\r\ndata")
+    watcher.feed(b'\r\n--bnd\r\nContent-Disposition: form-data; name="file2"\r\n\r\ndata')

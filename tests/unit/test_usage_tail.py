@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from proxy.observe.usage import Usage, usage_from_stream, usage_from_tail
+from proxy.observe.usage import Usage, billable_tokens, usage_from_stream, usage_from_tail
 from tests.fakes.openai_shaped import (
     CHAT_USAGE,
     RESPONSES_USAGE,
@@ -88,7 +88,9 @@ def test_the_word_usage_inside_generated_text_is_not_a_key() -> None:
 
 
 def test_usage_as_a_value_is_skipped_for_the_key_before_it() -> None:
-    body = json.dumps({"usage": {"prompt_tokens": 3, "completion_tokens": 4}, "purpose": "usage"}).encode()
+    body = json.dumps(
+        {"usage": {"prompt_tokens": 3, "completion_tokens": 4}, "purpose": "usage"}
+    ).encode()
     assert usage_from_tail(b"", body) == Usage(3, 4)
 
 
@@ -121,7 +123,9 @@ def test_usage_objects_with_more_than_counts() -> None:
     body = b'data: {"id":"gen-1","choices":[],"usage":{"prompt_tokens":10,"completion_tokens":5,"total_tokens":15,"cost":0.00012,"is_byok":false,"prompt_tokens_details":{"cached_tokens":0},"cost_details":{"upstream_inference_cost":null}}}\n\ndata: [DONE]\n\n'
     assert usage_from_tail(b"", body) == Usage(10, 5)
     # Whitespace as a pretty-printer writes it.
-    assert usage_from_tail(b"", b'{"usage" :\n {\n  "input_tokens" : 7 ,\n  "output_tokens":\t8\n }\n}') == Usage(7, 8)
+    assert usage_from_tail(
+        b"", b'{"usage" :\n {\n  "input_tokens" : 7 ,\n  "output_tokens":\t8\n }\n}'
+    ) == Usage(7, 8)
 
 
 def test_a_count_cut_at_the_end_is_not_read() -> None:
@@ -131,7 +135,49 @@ def test_a_count_cut_at_the_end_is_not_read() -> None:
 
 def test_openai_layout_cut_inside_the_object_is_not_read() -> None:
     assert usage_from_tail(b"", b'{"usage":{"prompt_tokens":5,"completion_tokens":1') is None
-    assert usage_from_tail(b"", b'{"usage":{"prompt_tokens":5,"completion_tokens":1,"total_tokens":6}}') == Usage(5, 1)
+    assert usage_from_tail(
+        b"", b'{"usage":{"prompt_tokens":5,"completion_tokens":1,"total_tokens":6}}'
+    ) == Usage(5, 1)
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        # Chat Completions: cached input in prompt_tokens_details, after both counts.
+        (b'{"usage":{"prompt_tokens":2006,"completion_tokens":300,"total_tokens":2306,'
+         b'"prompt_tokens_details":{"cached_tokens":1920,"audio_tokens":0},'
+         b'"completion_tokens_details":{"reasoning_tokens":0}},"service_tier":"default"}',
+         Usage(2006, 300, cached_tokens=1920)),
+        # The Responses API: input_tokens_details, between the counts.
+        (b'data: {"type":"response.completed","response":{"usage":{"input_tokens":36,'
+         b'"input_tokens_details":{"cached_tokens":12},"output_tokens":87,'
+         b'"output_tokens_details":{"reasoning_tokens":0},"total_tokens":123}}}\n\n',
+         Usage(36, 87, cached_tokens=12)),
+        # A "cached_tokens" after the usage object is not its own.
+        (b'{"usage":{"prompt_tokens":5,"completion_tokens":1},"meta":{"cached_tokens":4}}',
+         Usage(5, 1)),
+    ],
+)  # fmt: skip
+def test_cached_input_tokens_are_read(body: bytes, expected: Usage) -> None:
+    assert usage_from_tail(b"", body) == expected
+
+
+@pytest.mark.parametrize(
+    ("usage", "billable"),
+    [
+        (Usage(2006, 300, cached_tokens=1920), 386),  # cached input is not charged
+        (Usage(8, None), 8),  # embeddings: input only
+        (Usage(None, 12), 12),
+        (Usage(None, None), None),
+        (Usage(5, 1, cached_tokens=9), 1),  # a cached count above the input charges no input
+        # Anthropic: input leaves cache reads out already; cache writes are charged.
+        (Usage(9, 4, 2048, 100), 113),
+    ],
+)
+def test_billable_tokens(usage: Usage, billable: int | None) -> None:
+    assert billable_tokens(usage) == billable
+
+
 
 
 # -- Anthropic's Messages API: a JSON answer, and a stream that splits its usage.

@@ -1,0 +1,174 @@
+"""What one request was charged, shown on its answer and reconciled when it ends.
+
+admission.py charges a request and hands back a :class:`Charged`: the request
+bucket's and the token buckets' answers, and, when a token budget applies,
+the reservation made for it. The exchange keeps it until the answer has
+ended; then :meth:`Charged.reconcile` replaces the reservation with what the
+answer really used (README: Token budgets):
+
+- usage in the answer (any reader's :class:`~proxy.observe.usage.Usage`): the buckets
+  are charged its billable tokens instead of the estimate, so a smaller answer
+  gives the difference back at once and a larger one takes the overrun (a
+  bucket may then owe more than it holds, and the next request waits);
+- no upstream produced anything (the proxy answered with an error of its own,
+  or the upstream answered with an error status): refunded in full;
+- otherwise (no usage reported, a compressed body, a stream cut short, a
+  client that left, a response timeout): the reservation is kept, and the
+  answer counts as unreconciled.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import MutableMapping
+
+from multidict import istr
+
+from ..config.settings import TokenBudget
+from ..observe.usage import Usage, billable_tokens
+from .buckets import Decision, MemoryRateLimiter, RateLimiter
+
+__all__ = [
+    "REMAINING_REQUESTS",
+    "REMAINING_TOKENS",
+    "RESET_REQUESTS",
+    "RESET_TOKENS",
+    "Charged",
+    "openai_duration",
+]
+
+# The proxy's own budget, on every answer of a charged request; the upstream's
+# x-ratelimit-* headers (its limits on the proxy's account) pass untouched.
+REMAINING_REQUESTS = istr("x-oaimux-ratelimit-remaining-requests")
+RESET_REQUESTS = istr("x-oaimux-ratelimit-reset-requests")
+REMAINING_TOKENS = istr("x-oaimux-ratelimit-remaining-tokens")
+RESET_TOKENS = istr("x-oaimux-ratelimit-reset-tokens")
+
+
+def openai_duration(seconds: float) -> str:
+    """OpenAI's reset format (Go's duration): ``250ms``, ``1s``, ``6m0s``, ``1h2m3s``.
+
+    Rounded up, to whole milliseconds below one second and to whole seconds
+    above. Written on every answer of a limited request, so each text is made
+    once: below a second from a table, above from a bounded memo.
+    """
+    if seconds < 1:
+        ms = math.ceil(seconds * 1000)
+        return _MILLISECONDS[ms] if ms > 0 else "1ms"
+    total = math.ceil(seconds)
+    text = _SECONDS.get(total)
+    if text is None:
+        h, rest = divmod(total, 3600)
+        m, s = divmod(rest, 60)
+        text = f"{h}h{m}m{s}s" if h else f"{m}m{s}s" if m else f"{s}s"
+        if len(_SECONDS) < _SECONDS_KEPT:
+            _SECONDS[total] = text
+    return text
+
+
+_MILLISECONDS = tuple(f"{ms}ms" for ms in range(1001))
+_SECONDS: dict[int, str] = {}
+_SECONDS_KEPT = 4096
+
+
+class Charged:
+    """What one request was charged: the request bucket's decision (``None``
+    when no request limit applies) and, with a token budget, the reservation
+    to reconcile: ``estimate`` tokens (as logged), of which the minute and the
+    day window were charged ``cost_minute`` and ``cost_day`` (the estimate,
+    cut to the window's capacity; 0 for a window not limited), in the token
+    buckets ``key`` of ``storage``, which then owed ``owed_minute`` and
+    ``owed_day``. ``shadowed``: the window that would have refused the
+    request had ``budget.enforce`` been true (``None``: it fitted).
+    ``state``: the token buckets' state in memory as charged, for a refund
+    without a lookup (``None`` in Redis).
+
+    ``charged_tokens`` is ``None`` until :meth:`reconcile` ran, then the tokens
+    the buckets were finally charged for the request. One object per request,
+    slotted and plain, built with positional arguments: it is made on the hot
+    path, and the figures of the headers are worked out only when they are
+    written.
+    """
+
+    __slots__ = (
+        "budget", "charged_tokens", "cost_day", "cost_minute", "estimate", "key", "owed_day",
+        "owed_minute", "request", "shadowed", "state", "storage",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        request: Decision | None,
+        budget: TokenBudget | None = None,
+        storage: RateLimiter | None = None,
+        key: str = "",
+        estimate: int | None = None,
+        cost_minute: int = 0,
+        cost_day: int = 0,
+        owed_minute: float = 0.0,
+        owed_day: float = 0.0,
+        shadowed: str | None = None,
+        state: list[float] | None = None,
+    ) -> None:
+        self.request = request
+        self.budget = budget
+        self.storage = storage
+        self.key = key
+        self.estimate = estimate
+        self.cost_minute = cost_minute
+        self.cost_day = cost_day
+        self.owed_minute = owed_minute
+        self.owed_day = owed_day
+        self.shadowed = shadowed
+        self.state = state
+        self.charged_tokens: int | None = None
+
+    def add_headers(self, headers: MutableMapping[str, str]) -> None:
+        """The ``x-oaimux-ratelimit-*`` headers: what is left in the buckets
+        this request was charged to, and when they are full again (for the
+        token windows, the one with the fewest tokens left)."""
+        request = self.request
+        if request is not None:
+            headers[REMAINING_REQUESTS] = str(request.remaining)
+            headers[RESET_REQUESTS] = openai_duration(request.reset_after)
+        budget = self.budget
+        if budget is not None:
+            cap_m, cap_d = budget.cap_minute, budget.cap_day
+            owed_m, owed_d = self.owed_minute, self.owed_day
+            if cap_m and not (cap_d and cap_d - owed_d < cap_m - owed_m):
+                left, reset = cap_m - owed_m, owed_m * budget.ns_minute
+            else:
+                left, reset = cap_d - owed_d, owed_d * budget.ns_day
+            headers[REMAINING_TOKENS] = str(int(left)) if left > 0.0 else "0"
+            headers[RESET_TOKENS] = openai_duration(reset / 1e9)
+
+    def reconcile(self, usage: Usage | None, produced: bool) -> bool:
+        """Settle the reservation as the module docstring says.
+
+        ``usage``: what the answer reported, if anything (from any reader);
+        ``produced``: whether an upstream may have produced tokens for it
+        (false: refund in full). Returns True when the reservation was kept
+        without a count (an unreconciled answer).
+        """
+        estimate = self.estimate
+        if estimate is None or self.charged_tokens is not None:
+            return False
+        billable = None if usage is None else billable_tokens(usage)
+        if billable is None:
+            if produced:
+                self.charged_tokens = estimate
+                return True
+            billable = 0
+        self.charged_tokens = billable
+        budget = self.budget
+        if budget is None or self.storage is None:
+            return False
+        delta_m = billable - self.cost_minute if budget.cap_minute else 0
+        delta_d = billable - self.cost_day if budget.cap_day else 0
+        if delta_m <= 0 and delta_d <= 0:  # the usual case: the estimate was generous
+            if self.state is not None:
+                MemoryRateLimiter.refund(self.state, delta_m, delta_d)
+                return False
+            if not (delta_m or delta_d):
+                return False
+        self.storage.settle(self.key, budget, (delta_m, delta_d))
+        return False

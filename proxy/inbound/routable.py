@@ -1,0 +1,84 @@
+"""The body as the router reads it: inflated (within a bound) when it came
+compressed, and the model found in it, as a JSON key or a form field.
+
+What is forwarded is the body as it came; this copy is for routing only.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+from aiohttp.helpers import parse_mimetype
+
+from ..errors import InvalidRequest, RequestTooLarge
+from .json_model import find_json_model
+from .model import FoundModel, ModelAbsent
+from .multipart_model import find_multipart_model, multipart_boundary
+
+__all__ = ["BodyBytes", "decoded_for_routing", "find_model", "too_large"]
+
+# A body read whole (body.read_body): bytes, or a bytearray filled as it arrived
+# (never changed after). Both are bytes-like: slice, find, write, send.
+BodyBytes = bytes | bytearray
+
+
+def too_large(limit: int) -> RequestTooLarge:
+    """The 413 for a body over ``limit`` bytes (read, announced or inflated)."""
+    return RequestTooLarge(
+        f"The request body is larger than this proxy accepts ({limit} bytes).",
+        param=None,
+    )
+
+
+def decoded_for_routing(body: BodyBytes, content_encoding: str | None, limit: int) -> BodyBytes:
+    """The body as the upstream will understand it, for finding the model only.
+
+    A compressed body is inflated with a hard output bound (``limit``), so a
+    gzip bomb costs at most that much memory; the compressed bytes are what is
+    forwarded.
+    """
+    if not content_encoding or content_encoding.strip().lower() == "identity":
+        return body
+    encoding = content_encoding.strip().lower()
+    if encoding in ("gzip", "x-gzip"):
+        wbits = 16 + zlib.MAX_WBITS
+    elif encoding == "deflate":
+        wbits = zlib.MAX_WBITS
+    else:
+        raise InvalidRequest(
+            f"Content-Encoding {encoding!r} is not supported on this endpoint "
+            "(gzip, deflate or none).",
+            code="unsupported_content_encoding",
+        )
+    inflater = zlib.decompressobj(wbits)
+    try:
+        out = inflater.decompress(body, limit + 1)
+    except zlib.error:
+        raise InvalidRequest(
+            "The request body is not valid compressed data.", code="invalid_body_encoding"
+        ) from None
+    if len(out) > limit or inflater.unconsumed_tail:
+        raise too_large(limit)
+    if not inflater.eof or inflater.unused_data:
+        # A truncated stream, or bytes after the first gzip member: the upstream's
+        # decoder could see a body we did not route by (one parse decides).
+        raise InvalidRequest(
+            "The request body is not one complete compressed stream.",
+            code="invalid_body_encoding",
+        )
+    return out
+
+
+def find_model(
+    body: BodyBytes, content_type_header: str, with_cap: bool = False
+) -> FoundModel | None:
+    """The model of a model-routed request: multipart form field or JSON key
+    (``with_cap``: a JSON body's output cap too, json_model.py); None when the
+    body names none at all (it may be routed by path)."""
+    mime = parse_mimetype(content_type_header)
+    try:
+        if mime.type == "multipart" and mime.subtype == "form-data":
+            return find_multipart_model(body, multipart_boundary(dict(mime.parameters)))
+        return find_json_model(body, None, with_cap)
+    except ModelAbsent:
+        return None

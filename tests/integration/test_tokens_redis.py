@@ -1,0 +1,324 @@
+"""Token budgets in a real Redis: exact across proxies, processes and workers;
+reconciled through the same queue; expiring; felt at once after a change.
+
+Each test gets its own ``redis-server`` (tests/redis_server.py). Missing
+redis-server: skipped locally, a failure when CI is set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import re
+import signal
+import socket
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import redis.asyncio as aioredis
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from proxy.admission.buckets import Decision, TokenDecision, token_decision
+from proxy.admission.buckets_redis import KEY_PREFIX, RedisRateLimiter
+from proxy.config import parse_settings
+from proxy.config.settings import RateLimitSettings, TokenBudget
+from proxy.server.app import create_app, server_options
+from tests.fakes.usage_upstream import UsageUpstream, usage
+from tests.redis_server import RedisServer
+
+pytestmark = pytest.mark.redis
+
+Client = TestClient[web.Request, web.Application]
+JSON = {"Content-Type": "application/json"}
+REPO = Path(__file__).resolve().parents[2]
+CHAT = "/v1/chat/completions"
+MESSAGES = [{"role": "user", "content": "hi"}]
+RAW = json.dumps({"model": "m", "messages": MESSAGES, "max_tokens": 115}).encode()
+COST = math.ceil(len(RAW) / 4) + 115
+TOKEN_KEY = KEY_PREFIX + "ip:127.0.0.1|global|tokens"
+
+
+@pytest.fixture
+def upstream() -> UsageUpstream:
+    return UsageUpstream(usage=None)  # answers keep their reservations unless a test says
+
+
+@pytest.fixture
+async def upstream_url(aiohttp_server: Any, upstream: UsageUpstream) -> str:
+    server: TestServer = await aiohttp_server(upstream.app())
+    return str(server.make_url("/v1"))
+
+
+def config(upstream_url: str, storage: str, **rate: Any) -> dict[str, Any]:
+    return {
+        "log": {"access": False},
+        "upstreams": {"up": {"url": upstream_url}},
+        "routes": [{"model": "m", "upstream": "up"}],
+        "rate_limit": {"storage": storage, **rate},
+    }
+
+
+@pytest.fixture
+def proxy(aiohttp_client: Any) -> Any:
+    async def make(cfg: dict[str, Any]) -> Client:
+        client: Client = await aiohttp_client(
+            create_app(parse_settings(cfg, environ={})), server_kwargs=server_options()
+        )
+        return client
+
+    return make
+
+
+@pytest.fixture
+async def redis_client(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_server.url)
+    yield client
+    await client.aclose()
+
+
+async def reserve(
+    limiter: RedisRateLimiter,
+    key: str,
+    limit: RateLimitSettings | None,
+    budget: TokenBudget,
+    costs: tuple[int, int],
+) -> tuple[Decision | None, TokenDecision]:
+    """One reservation, and its figures as a refusal's message would give them."""
+    decision, before_m, before_d, after_m, after_d, fits, _ = await limiter.reserve(
+        key, limit, budget, costs
+    )
+    tokens = token_decision(budget, (before_m, before_d), (after_m, after_d), costs, fits)
+    return decision, tokens
+
+
+async def burst_of(urls: list[str], n: int, raw: bytes = RAW) -> list[int]:
+    """``n`` simultaneous requests spread over ``urls``, each on a new connection."""
+    start = asyncio.Event()
+    connector = aiohttp.TCPConnector(limit=0, force_close=True)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def one(i: int) -> int:
+            await start.wait()
+            async with session.post(urls[i % len(urls)], data=raw, headers=JSON) as resp:
+                await resp.read()
+                return resp.status
+
+        tasks = [asyncio.create_task(one(i)) for i in range(n)]
+        await asyncio.sleep(0)
+        start.set()
+        return await asyncio.gather(*tasks)
+
+
+async def test_two_proxies_sharing_redis_admit_exactly_the_reservations_that_fit(
+    proxy: Any, upstream: UsageUpstream, upstream_url: str, redis_server: RedisServer
+) -> None:
+    cfg = config(upstream_url, redis_server.url, tokens_per_day=100 * COST)
+    one, two = await proxy(cfg), await proxy(cfg)
+    urls = [str(one.make_url(CHAT)), str(two.make_url(CHAT))]
+    statuses = await burst_of(urls, 500)
+    assert (statuses.count(200), statuses.count(429)) == (100, 400)
+    assert upstream.requests == 100
+
+
+async def test_the_request_bucket_is_charged_in_the_same_step(
+    proxy: Any, upstream: UsageUpstream, upstream_url: str, redis_server: RedisServer
+) -> None:
+    # 3 requests a minute and room for 2 reservations: 2 pass; the third is
+    # refused by tokens and must not have spent a request token.
+    cfg = config(
+        upstream_url, redis_server.url, requests_per_minute=1, burst=3, tokens_per_day=2 * COST
+    )
+    client = await proxy(cfg)
+    statuses = [(await client.post(CHAT, data=RAW, headers=JSON)).status for _ in range(3)]
+    assert statuses == [200, 200, 429]
+    # The model list takes a request token only: one is left, the refused
+    # request took none.
+    models = await client.get("/v1/models")
+    assert models.status == 200
+    assert models.headers["x-oaimux-ratelimit-remaining-requests"] == "0"
+    assert (await client.get("/v1/models")).status == 429
+
+
+async def test_reconciliation_goes_through_redis_down_and_up(
+    proxy: Any, upstream: UsageUpstream, upstream_url: str, redis_server: RedisServer,
+    redis_client: aioredis.Redis,
+) -> None:  # fmt: skip
+    cfg = config(upstream_url, redis_server.url, tokens_per_minute=10000,
+                 max_output_reservation=None)  # fmt: skip
+    client = await proxy(cfg)
+    big = json.dumps({"model": "m", "messages": MESSAGES, "max_tokens": 9000}).encode()
+    upstream.usage = usage(10, 5)
+    for _ in range(3):  # each fits only because the one before was charged 15
+        assert (await client.post(CHAT, data=big, headers=JSON)).status == 200
+    upstream.usage = usage(14000, 1000)  # owes more than the bucket holds
+    assert (await client.post(CHAT, data=RAW, headers=JSON)).status == 200
+    resp = await client.post(CHAT, data=RAW, headers=JSON)
+    assert resp.status == 429
+    wait = float(resp.headers["retry-after-ms"]) / 1000
+    assert 30 < wait <= (15000 + 45 + COST - 10000) * 60 / 10000 + 0.01
+    # The state: tokens owed per minute, per day (not limited: 0), as of when.
+    owed_minute, owed_day, _ = (await redis_client.get(TOKEN_KEY)).split()
+    assert 14990 < float(owed_minute) <= 15000 + 45 and float(owed_day) == 0
+    # It expires when the minute bucket has drained: ~1.5 minutes.
+    assert 80_000 < await redis_client.pttl(TOKEN_KEY) <= 91_000
+
+
+async def test_a_raised_token_limit_is_felt_at_once_and_a_debt_is_cut_to_the_ceiling(
+    redis_server: RedisServer, redis_client: aioredis.Redis
+) -> None:
+    before = RedisRateLimiter(redis_server.url)
+    small = TokenBudget(per_minute=1000, per_day=None)
+    try:
+        _, decision = await reserve(before, "k", None, small, (1000, 0))
+        assert decision.allowed
+        before.settle("k", small, (99000, 0))  # an answer of 100,000 tokens
+        _, refused = await reserve(before, "k", None, small, (10, 0))
+    finally:
+        await before.close()
+    assert not refused.allowed
+    # Cut to the ceiling, twice the budget: 2000 owed, so 1010 tokens of waiting.
+    assert refused.used == 2000
+    assert refused.retry_after == pytest.approx(1010 * 60 / 1000, abs=0.2)
+    after = RedisRateLimiter(redis_server.url)  # a proxy started with a raised limit
+    raised = TokenBudget(per_minute=100000, per_day=None)
+    try:
+        _, decision = await reserve(after, "k", None, raised, (5000, 0))
+        # The 2000 tokens owed are 2000 of the new budget: room at once.
+        assert decision.allowed
+        assert 93000 <= decision.remaining <= 93500  # plus a few ms of the new refill
+    finally:
+        await after.close()
+
+
+async def test_shadow_mode_charges_without_refusing_in_redis(
+    proxy: Any, upstream: UsageUpstream, upstream_url: str, redis_server: RedisServer,
+    redis_client: aioredis.Redis,
+) -> None:  # fmt: skip
+    cfg = config(upstream_url, redis_server.url, tokens_per_day=2 * COST, enforce=False)
+    client = await proxy(cfg)
+    statuses = [(await client.post(CHAT, data=RAW, headers=JSON)).status for _ in range(5)]
+    assert statuses == [200] * 5
+    _, owed_day, _ = (await redis_client.get(TOKEN_KEY)).split()
+    assert float(owed_day) == pytest.approx(4 * COST, abs=1)  # cut at twice the budget
+
+
+async def test_fail_closed_refuses_reservations_while_redis_is_down(
+    proxy: Any, upstream: UsageUpstream, upstream_url: str, redis_server: RedisServer
+) -> None:
+    cfg = config(upstream_url, redis_server.url, tokens_per_day=10 * COST,
+                 on_storage_error="closed")  # fmt: skip
+    client = await proxy(cfg)
+    assert (await client.post(CHAT, data=RAW, headers=JSON)).status == 200
+    redis_server.stop()
+    resp = await client.post(CHAT, data=RAW, headers=JSON)
+    assert resp.status == 503
+    assert resp.headers["x-oaimux-error"] == "rate_limiter_unavailable"
+    assert upstream.requests == 1
+
+
+# ---------------------------------------------------------------------------
+# Real processes
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+async def _wait_until_up(base: str, proc: asyncio.subprocess.Process) -> None:
+    deadline = time.monotonic() + 30
+    async with aiohttp.ClientSession() as session:
+        while True:
+            try:
+                async with session.get(f"{base}/healthz") as resp:
+                    if resp.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            if proc.returncode is not None or time.monotonic() > deadline:
+                pytest.fail(f"proxy at {base} did not start (exit {proc.returncode})")
+            await asyncio.sleep(0.05)  # bounded polling for a process start
+
+
+async def _serve(
+    cfg: dict[str, Any], tmp_path: Path, name: str, *extra: str
+) -> tuple[str, asyncio.subprocess.Process, Path]:
+    port = _free_port()
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(json.dumps(cfg))  # JSON is YAML
+    temp = tmp_path / f"{name}-tmp"
+    temp.mkdir()
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("OAIMUX_", "PORT", "PROMETHEUS_"))
+    }
+    env.update(PYTHONUNBUFFERED="1", TMPDIR=str(temp))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "serve", "--config", str(path), "--host", "127.0.0.1",
+        "--port", str(port), *extra, cwd=REPO, env=env,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    await _wait_until_up(base, proc)
+    return base, proc, temp
+
+
+async def _stop(procs: list[asyncio.subprocess.Process]) -> None:
+    for proc in procs:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            async with asyncio.timeout(30):
+                await proc.wait()
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_two_serve_processes_sharing_redis_admit_exactly_the_reservations_that_fit(
+    upstream: UsageUpstream, upstream_url: str, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    cfg = config(upstream_url, redis_server.url, tokens_per_day=100 * COST)
+    procs: list[asyncio.subprocess.Process] = []
+    try:
+        bases = []
+        for name in ("a", "b"):
+            base, proc, _ = await _serve(cfg, tmp_path, name)
+            bases.append(base)
+            procs.append(proc)
+        statuses = await burst_of([f"{base}{CHAT}" for base in bases], 500)
+    finally:
+        await _stop(procs)
+    assert (statuses.count(200), statuses.count(429)) == (100, 400)
+    assert upstream.requests == 100
+
+
+async def test_two_workers_sharing_redis_admit_exactly_the_reservations_that_fit(
+    upstream: UsageUpstream, upstream_url: str, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    cfg = config(upstream_url, redis_server.url, tokens_per_day=100 * COST)
+    base, proc, temp = await _serve(cfg, tmp_path, "workers", "--workers", "2")
+    try:
+        statuses = await burst_of([f"{base}{CHAT}"], 500)
+        # Both workers took part: each counted requests in its own metrics file.
+        (shared,) = temp.glob("oaimux-metrics-*")
+        pattern = re.compile(r"counter_(\d+)\.db")
+        async with asyncio.timeout(10):
+            while (
+                len({m.group(1) for f in shared.iterdir() if (m := pattern.fullmatch(f.name))}) < 2
+            ):
+                await asyncio.sleep(0.1)  # bounded polling for the workers' next sync
+    finally:
+        await _stop([proc])
+    assert (statuses.count(200), statuses.count(429)) == (100, 400)
+    assert upstream.requests == 100
