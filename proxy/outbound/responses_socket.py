@@ -5,6 +5,8 @@ Contract (the upstream leg: upstream_leg.py; the tunnel: tunnel.py):
 
 - The first message is awaited for ``server.body_idle_timeout`` seconds
   (pings are answered meanwhile), and is at most ``server.max_body_bytes``.
+  Shutdown closes a session still waiting for it, or for its upstream's
+  handshake, with 1001 at once (tunnel.py, ``RealtimeSessions``).
 - Then the upstream leg is opened through the same walk, with the same
   header rewrites, at ``<upstream url>/responses``; no subprotocol is offered
   upstream nor chosen for the client (the upstream's choice is not known
@@ -80,14 +82,24 @@ class ResponsesSockets:
         client = client_leg(None, runtime.settings.server.max_body_bytes)
         if not await _accept(client, handshake_request(request, offered, None), ex):
             return client
+        # A task of its own, so shutdown can give it up (RealtimeSessions).
+        routing = asyncio.ensure_future(
+            self._route(client, request, runtime, caller, query=query, ex=ex)
+        )
+        self._sessions.routing(client, routing)
         try:
-            routed = await self._route(client, request, runtime, caller, query=query, ex=ex)
+            routed = await routing
         except ProxyError as err:
             await refuse_session(client, err, ex)
             return client
         except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is None or not task.cancelling():
+                return client  # given up at shutdown, which closes the client's leg
             ex.outcome = "client_gone"
             raise
+        finally:
+            self._sessions.routed(client)
         if routed is None:
             ex.outcome = "client_gone"
             return client

@@ -13,7 +13,9 @@ Contract (the handshake before it: upstream_leg.py, client_leg.py):
   1006 or 5000, a one-byte payload, a reason over 123 bytes) is answered 1002
   and the other side is closed with 1002 (1007 for a reason that is not
   UTF-8). A side that vanishes without a close frame closes the other with
-  1001 (client gone) or 1011 (upstream gone). On shutdown both legs get 1001.
+  1001 (client gone) or 1011 (upstream gone). On shutdown both legs get 1001
+  (a Responses WebSocket still choosing its upstream: its client leg, the
+  choice given up).
   A client that vanishes right after a terminal event (``response.completed``)
   with nothing asked since is logged ``complete``.
 - A message over ``server.max_body_bytes`` closes that leg with 1009 and the
@@ -30,6 +32,7 @@ import asyncio
 import json
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import aiohttp
 from aiohttp import WSCloseCode, WSMsgType, web
@@ -43,6 +46,9 @@ __all__ = ["CLOSE_TIMEOUT", "RealtimeSessions", "Tunnel", "Vet", "refuse_session
 # What a client's message becomes before it is sent upstream (the same
 # bytes, or a rewrite), or the ProxyError that ends the session.
 Vet = Callable[[bytes], Awaitable[bytes]]
+
+# The reason of the 1001 every leg gets at shutdown.
+_SHUTDOWN = b"server shutdown"
 
 # Seconds to wait for the other side's close frame once ours is sent.
 CLOSE_TIMEOUT = 5.0
@@ -331,11 +337,16 @@ def _valid_close_code(code: int) -> bool:
 
 
 class RealtimeSessions:
-    """The open tunnels of one app, so shutdown can close them (aiohttp's
-    graceful shutdown leaves WebSockets to the application)."""
+    """The open tunnels of one app, and the Responses WebSockets still choosing
+    their upstream (waiting for their first message or their upstream's
+    handshake), so shutdown can close them (aiohttp's graceful shutdown leaves
+    WebSockets to the application)."""
 
     def __init__(self) -> None:
         self._open: set[Tunnel] = set()
+        # A client leg answered 101 before its upstream leg exists, and the
+        # task choosing that leg.
+        self._routing: dict[web.WebSocketResponse[bool], asyncio.Future[Any]] = {}
 
     def __len__(self) -> int:
         return len(self._open)
@@ -346,11 +357,24 @@ class RealtimeSessions:
     def discard(self, tunnel: Tunnel) -> None:
         self._open.discard(tunnel)
 
+    def routing(self, client: web.WebSocketResponse[bool], task: asyncio.Future[Any]) -> None:
+        """Note a client leg whose upstream leg ``task`` is choosing: shutdown
+        cancels the task and closes the leg with 1001."""
+        self._routing[client] = task
+
+    def routed(self, client: web.WebSocketResponse[bool]) -> None:
+        self._routing.pop(client, None)
+
     async def close_all(self) -> None:
-        """Close every open tunnel with 1001 (an ``on_shutdown`` hook, see app.py)."""
+        """Close every open tunnel, and every client leg still choosing its
+        upstream, with 1001 (an ``on_shutdown`` hook, see app.py)."""
         tunnels = list(self._open)
-        if tunnels:
+        routing = list(self._routing.items())
+        for _, task in routing:
+            task.cancel()  # the first-message wait, or the upstream handshake
+        if tunnels or routing:
             await asyncio.gather(
-                *(t.shutdown(WSCloseCode.GOING_AWAY, b"server shutdown") for t in tunnels),
+                *(t.shutdown(WSCloseCode.GOING_AWAY, _SHUTDOWN) for t in tunnels),
+                *(c.close(code=WSCloseCode.GOING_AWAY, message=_SHUTDOWN) for c, _ in routing),
                 return_exceptions=True,
             )

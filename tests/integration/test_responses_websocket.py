@@ -547,3 +547,62 @@ def test_responses_websocket_must_be_true_or_false() -> None:
         ConfigError, match=r"upstreams\.a\.responses_websocket: expected true or false, got 'yes'"
     ):
         parse_settings(cfg, environ={})
+
+
+async def test_shutdown_closes_a_session_waiting_for_its_first_message_with_1001(
+    proxy: TestClient[Any, Any],
+) -> None:
+    """A session with no upstream leg yet is closed at shutdown like an open
+    one, not left to its first-message wait (server.body_idle_timeout)."""
+    with capture_logs() as logs:
+        ws = await connect(proxy)
+        closing = asyncio.create_task(proxy.server.close())
+        msg = await ws.receive(timeout=5)
+        assert msg.type is WSMsgType.CLOSE and msg.data == 1001
+        await ws.close()
+        async with asyncio.timeout(5):
+            await closing
+        (line,) = await logs.wait_for(1)
+    assert parse_text_line(line)["status"] == "101"
+    assert not any("Traceback" in entry for entry in logs.everything)
+
+
+async def test_shutdown_closes_a_session_waiting_for_its_upstream_handshake_with_1001(
+    aiohttp_client: Any, a_url: str, b_url: str
+) -> None:
+    """The upstream takes the connection and never answers the upgrade: the
+    client still gets 1001 at shutdown, and the handshake is given up."""
+    arrived = asyncio.Event()
+    gone = asyncio.Event()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        arrived.set()
+        try:
+            async with asyncio.timeout(30):
+                while await reader.read(65536):
+                    pass
+        finally:
+            gone.set()
+            writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    cfg = config(a_url, b_url)
+    cfg["upstreams"]["silent"] = {"url": f"http://127.0.0.1:{port}/v1", "responses_websocket": True}
+    cfg["routes"].insert(0, {"model": "gpt-silent", "upstream": "silent"})
+    try:
+        proxy = await serve_proxy(aiohttp_client, cfg)
+        ws = await connect(proxy)
+        await ws.send_str(json.dumps(create("gpt-silent")))
+        async with asyncio.timeout(5):
+            await arrived.wait()
+        closing = asyncio.create_task(proxy.server.close())
+        msg = await ws.receive(timeout=5)
+        assert msg.type is WSMsgType.CLOSE and msg.data == 1001
+        await ws.close()
+        async with asyncio.timeout(5):
+            await closing
+            await gone.wait()  # the upstream connection was dropped
+    finally:
+        server.close()
+        await server.wait_closed()
