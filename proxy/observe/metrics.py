@@ -314,7 +314,7 @@ def metrics_app(metrics: Metrics, path: str) -> web.Application:
 
 async def _name_server(request: web.Request, response: web.StreamResponse) -> None:
     # Every answer of this listener, its 404s included (the main app names
-    # its own in middlewares.error_boundary).
+    # its own in middlewares.error_middleware).
     response.headers["Server"] = SERVER
 
 

@@ -40,7 +40,7 @@ from .keys import (
     STARTED_AT,
     UPSTREAMS,
 )
-from .middlewares import Cors, error_boundary
+from .middlewares import Cors, error_middleware
 from .refusals import expect_continue
 from .views import about_view, healthz_view, model_view, models_view, proxy_view
 
@@ -60,6 +60,11 @@ def server_options() -> dict[str, Any]:
 
     - ``auto_decompress=False``: request bodies are forwarded exactly as they came.
     - ``access_log=None``: our own access log is written when a response *ends*.
+    - ``tcp_keepalive=False``: ``oaimux serve`` sets SO_KEEPALIVE once on its
+      listening sockets, and Linux copies it to every accepted connection
+      (process.py, ``_listen``); aiohttp would set it again per connection,
+      through a socket object and two system calls (docs/decisions.md,
+      "An accepted connection costs no socket-option calls").
     """
     return {
         "auto_decompress": False,
@@ -67,6 +72,7 @@ def server_options() -> dict[str, Any]:
         "max_line_size": 8190,
         "max_field_size": 8190,
         "max_headers": 100,
+        "tcp_keepalive": False,
     }
 
 
@@ -154,10 +160,10 @@ async def _limiter_ctx(app: web.Application) -> AsyncIterator[None]:
 
 def create_app(settings: Settings, observer: Observer | None = None) -> web.Application:
     """Build the application for ``settings``. Does no I/O."""
+    middlewares = [error_middleware]
     cors = Cors(settings.server.cors) if settings.server.cors is not None else None
-    # The error boundary wraps each view (middlewares.py): with no CORS the
-    # application has no middleware at all.
-    middlewares = [cors.middleware] if cors is not None else []
+    if cors is not None:
+        middlewares.insert(0, cors.middleware)
     app = web.Application(middlewares=middlewares, client_max_size=settings.server.max_body_bytes)
     app[RUNTIME] = RuntimeHolder(build_runtime(settings))
     app[STARTED_AT] = time.time()
@@ -177,15 +183,14 @@ def create_app(settings: Settings, observer: Observer | None = None) -> web.Appl
     app.cleanup_ctx.append(_limiter_ctx)
 
     router = app.router
-    router.add_get("/healthz", error_boundary(healthz_view), allow_head=True)
-    router.add_get("/about", error_boundary(observer.observed(about_view)))
+    router.add_get("/healthz", healthz_view, allow_head=True)
+    router.add_get("/about", observer.observed(about_view))
     for prefix in ("/v1", ""):
-        router.add_get(f"{prefix}/models", error_boundary(observer.observed(models_view)))
-        router.add_get(prefix + "/models/{model:.+}", error_boundary(observer.observed(model_view)))
+        router.add_get(f"{prefix}/models", observer.observed(models_view))
+        router.add_get(prefix + "/models/{model:.+}", observer.observed(model_view))
     if observer.metrics is not None and settings.metrics.listen is None:
         # Not rate limited, not logged; with metrics.listen it moves to its own
         # listener (process.py), off the port that faces clients.
-        router.add_get(settings.metrics.path, error_boundary(observer.metrics.handle))
-    # Every other path and method: the router never answers 404 or 405 itself.
-    router.add_route("*", "/{tail:.*}", error_boundary(proxy_view), expect_handler=expect_continue)
+        router.add_get(settings.metrics.path, observer.metrics.handle)
+    router.add_route("*", "/{tail:.*}", proxy_view, expect_handler=expect_continue)
     return app

@@ -34,9 +34,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
+from aiohttp.base_protocol import BaseProtocol
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
@@ -51,7 +52,21 @@ __all__ = ["GuardedRequestHandler"]
 log = logging.getLogger("oaimux.connections")
 
 
-class GuardedRequestHandler(RequestHandler):
+class _NagleOffAlready(BaseProtocol):
+    """Sits between aiohttp's ``RequestHandler`` and ``BaseProtocol`` (method
+    resolution order) to take the transport without ``BaseProtocol``'s
+    ``TCP_NODELAY`` call: asyncio's and uvloop's TCP transports set it when
+    they are made, and aiohttp's second call makes a socket object and two
+    system calls per connection (docs/decisions.md, "An accepted connection
+    costs no socket-option calls")."""
+
+    __slots__ = ()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+
+class GuardedRequestHandler(RequestHandler, _NagleOffAlready):
     """aiohttp's connection protocol with a deadline for the first request head,
     a bound on writes a client does not take, and parser refusals answered as
     OpenAI JSON, logged and counted."""

@@ -1,16 +1,12 @@
 """The error boundary and CORS, ordered in one place (app.py).
 
-``error_boundary`` wraps every view: a :class:`ProxyError`, an aiohttp
-``HTTPException`` (413) or any unexpected exception becomes our error JSON
-(errors.error_response: Anthropic's shape on its paths), unless the response
-has already started, in which case nothing can be added to it (the connection
-is aborted instead). Unexpected exceptions are logged once, server-side, and
-never shown to the client. The answers of the proxy's own endpoints get its
-``Server`` header here. It wraps each view rather than being a middleware: an
-application with no middleware calls its handler directly, one coroutine and
-aiohttp's own ``current_app`` middleware fewer per request (docs/decisions.md,
-"The error boundary wraps the views"). The router never answers by itself:
-the catch-all route takes every path and method.
+``error_middleware`` is outermost: a :class:`ProxyError`, an aiohttp
+``HTTPException`` (router 404/405, 413) or any unexpected exception becomes
+our error JSON (errors.error_response: Anthropic's shape on its paths), unless
+the response has already started, in which case nothing can be added to it
+(the connection is aborted instead). Unexpected
+exceptions are logged once, server-side, and never shown to the client. The
+answers of the proxy's own endpoints get its ``Server`` header here.
 """
 
 from __future__ import annotations
@@ -24,26 +20,22 @@ from .. import SERVER
 from ..config.settings import CorsSettings
 from ..errors import OriginNotAllowed, ProxyError, error_response, from_http_exception
 
-__all__ = ["Cors", "error_boundary"]
+__all__ = ["Cors", "error_middleware"]
 
 log = logging.getLogger("oaimux")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def error_boundary(view: Handler) -> Handler:
-    """``view`` with the error boundary around it (see the module docstring)."""
-
-    async def bounded(request: web.Request) -> web.StreamResponse:
-        try:
-            resp = await view(request)
-        except Exception as exc:  # noqa: BLE001 - the boundary; see _answer
-            return _answer(request, exc)
-        if not resp.prepared:  # a relayed answer went out named by its header policy
-            resp.headers["Server"] = SERVER
-        return resp
-
-    return bounded
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        resp = await handler(request)
+    except Exception as exc:  # noqa: BLE001 - the boundary; see _answer
+        return _answer(request, exc)
+    if not resp.prepared:  # a relayed answer went out named by its header policy
+        resp.headers["Server"] = SERVER
+    return resp
 
 
 def _answer(request: web.Request, exc: Exception) -> web.StreamResponse:
