@@ -83,6 +83,11 @@ async def relay(
             finally:
                 _answer_ended(ex, len(whole), whole)
         else:
+            # A body relayed for a while: the client connection's idle timer
+            # cannot act until it ends (server/connections.py).
+            drop_keepalive_timer = getattr(request.protocol, "drop_keepalive_timer", None)
+            if drop_keepalive_timer is not None:
+                drop_keepalive_timer()
             # From here on, bound the silence between two body chunks.
             upstream_resp.arm_idle_timeout(plan.upstream.timeouts.idle)
             upstream_resp.forget_head()
