@@ -28,6 +28,8 @@ import tracemalloc
 from pathlib import Path
 from tempfile import TemporaryDirectory
 
+from bench.http1 import build_request
+from bench.loadgen import CHAT_BODY
 from bench.peers import REPO_ROOT, free_port, oaimux_config, to_yaml
 from bench.tokenrate import token_request
 
@@ -87,6 +89,20 @@ async def streams(
     await asyncio.wait_for(asyncio.gather(*ends), 60 + held)
 
 
+async def requests(port: int, n: int) -> None:
+    """``n`` non-stream chat requests one after another on one keep-alive connection."""
+    request = build_request("POST", "/v1/chat/completions", CHAT_BODY)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        for _ in range(n):
+            writer.write(request)
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+            length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+            await asyncio.wait_for(reader.readexactly(length), 30)
+    finally:
+        writer.close()
+
+
 async def _wait_port(port: int, seconds: float) -> None:
     deadline = time.monotonic() + seconds
     while True:
@@ -100,8 +116,9 @@ async def _wait_port(port: int, seconds: float) -> None:
             await asyncio.sleep(0.2)
 
 
-def _callgrind(pid: int, what: str, out: Path) -> int:
-    """Zero (``-z``) or dump (``-d``) the counters; after a dump, its total."""
+def _callgrind(pid: int, what: str, out: Path, keep: Path | None = None, name: str = "") -> int:
+    """Zero (``-z``) or dump (``-d``) the counters; after a dump, its total (and, with
+    ``keep``, the dump copied there as ``name``, for ``callgrind_annotate``)."""
     subprocess.run(["callgrind_control", what, str(pid)], check=True, capture_output=True)
     if what == "-z":
         return 0
@@ -109,12 +126,16 @@ def _callgrind(pid: int, what: str, out: Path) -> int:
         dumps = sorted(out.glob(f"cg.{pid}.*"), key=os.path.getmtime)
         if dumps and "totals:" in dumps[-1].read_text():
             text = dumps[-1].read_text()
+            if keep is not None:
+                (keep / name).write_text(text)
             return int(text.split("totals:")[1].split()[0])
         time.sleep(0.1)
     raise RuntimeError("callgrind wrote no dump")
 
 
-async def run(mode: str, k: int, chunks: int, tmp: Path) -> dict[str, float]:
+async def run(
+    mode: str, k: int, chunks: int, tmp: Path, keep: Path | None = None, n: int = 1000
+) -> dict[str, float]:
     mock_port, port = free_port(), free_port()
     config = tmp / "routes.yaml"
     config.write_text(to_yaml(oaimux_config(mock_port, port)))
@@ -131,6 +152,10 @@ async def run(mode: str, k: int, chunks: int, tmp: Path) -> dict[str, float]:
         else []
     )
     env = dict(os.environ, BENCH_COUNTS_HEAP=str(tmp / "heap") if mode == "heap" else "")
+    if mode == "instructions":
+        # Fixed string hashes: dict and set probing then runs the same
+        # instructions in every run (random seeds moved the counts by ~2%).
+        env["PYTHONHASHSEED"] = "0"
     proxy = subprocess.Popen(
         [*wrap, python, "-m", "bench.counts", "serve", str(config), str(port)],
         cwd=REPO_ROOT,
@@ -143,14 +168,19 @@ async def run(mode: str, k: int, chunks: int, tmp: Path) -> dict[str, float]:
         await _wait_port(port, 300)
         await streams(port, 5, 3, 50, 0.05)  # warm: imports, pooled connections
         if mode == "instructions":
+            await requests(port, 20)
             _callgrind(proxy.pid, "-z", tmp)
             await streams(port, k, 1, 50, 0.03)
-            setup = _callgrind(proxy.pid, "-d", tmp)
+            setup = _callgrind(proxy.pid, "-d", tmp, keep, "setup.cg")
+            _callgrind(proxy.pid, "-z", tmp)
+            await requests(port, n)
+            plain = _callgrind(proxy.pid, "-d", tmp, keep, "requests.cg")
             _callgrind(proxy.pid, "-z", tmp)
             await streams(port, k, chunks, 150, 0.0)
-            both = _callgrind(proxy.pid, "-d", tmp)
+            both = _callgrind(proxy.pid, "-d", tmp, keep, "chunks.cg")
             return {
                 "instructions_per_setup": setup / k,
+                "instructions_per_request": plain / n,
                 "instructions_per_chunk": (both - setup) / (k * (chunks - 1)),
             }
         if mode == "heap":
@@ -226,10 +256,18 @@ def main(argv: list[str] | None = None) -> int:
         "--streams", type=int, help="streams (default 40; 300 for heap; 100 for syscalls)"
     )
     ap.add_argument("--chunks", type=int, default=41, help="chunks per stream (instructions)")
+    ap.add_argument(
+        "--requests",
+        type=int,
+        default=1000,
+        help="non-stream requests on one keep-alive connection (instructions)",
+    )
+    ap.add_argument("--keep", type=Path, help="copy the callgrind dumps into this folder")
     a = ap.parse_args(args)
     k = a.streams or {"instructions": 40, "heap": 300, "syscalls": 100}[a.mode]
     with TemporaryDirectory() as tmp:
-        print(json.dumps(asyncio.run(run(a.mode, k, a.chunks, Path(tmp)))))
+        result = asyncio.run(run(a.mode, k, a.chunks, Path(tmp), a.keep, a.requests))
+        print(json.dumps(result))
     return 0
 
 

@@ -148,6 +148,11 @@ class UpstreamPool:
         self._deadlines = Deadlines()
         self._idle_watch = IdleWatch()
         self._closed = False
+        # The loop the pool serves, taken at its first request: on CPython 3.11
+        # each asyncio.get_running_loop() makes a getpid system call (a fork
+        # check, Modules/_asynciomodule.c), two per request here
+        # (docs/decisions.md, "The pool keeps its event loop").
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def request(
         self,
@@ -176,7 +181,9 @@ class UpstreamPool:
         """
         origin = destination.origin
         response_timeout = destination.response_timeout
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
         now = loop.time()
         deadline = now + response_timeout
         conn = self._take(origin, now)
@@ -238,7 +245,9 @@ class UpstreamPool:
                 conn.close()
                 return
             idle = self._idle[origin.key] = []
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None:  # (a connection is put back only after a request)
+            loop = self._loop = asyncio.get_running_loop()
         conn.idle_since = loop.time()
         idle.append(conn)
         if self._sweeper is None:

@@ -84,7 +84,7 @@ async def relay(
             finally:
                 _answer_ended(ex, len(whole), whole)
         else:
-            _body_follows(answered, ex, observer)
+            _body_follows(answered, ex, request, observer)
             # Only an Anthropic stream reports usage in its first event
             # (observe/usage.py): any other keeps none of it while it is open.
             keep_first = ex.content_type.startswith(_SSE) and anthropic_path(ex.path)
@@ -163,9 +163,15 @@ def response_head(answered: Answered, ex: Exchange) -> tuple[web.StreamResponse,
     return resp, whole
 
 
-def _body_follows(answered: Answered, ex: Exchange, observer: Observer) -> None:
-    """The head is out and the body is to be piped: from here on, bound the
-    silence between two body chunks, and count an open stream."""
+def _body_follows(
+    answered: Answered, ex: Exchange, request: web.BaseRequest, observer: Observer
+) -> None:
+    """The head is out and the body is to be piped: the client connection's idle
+    timer cannot act until it ends (server/connections.py); from here on, bound
+    the silence between two body chunks, and count an open stream."""
+    drop_keepalive_timer = getattr(request.protocol, "drop_keepalive_timer", None)
+    if drop_keepalive_timer is not None:
+        drop_keepalive_timer()
     upstream_resp = answered.response
     upstream_resp.arm_idle_timeout(answered.plan.upstream.timeouts.idle)
     upstream_resp.forget_head()

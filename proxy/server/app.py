@@ -60,6 +60,11 @@ def server_options() -> dict[str, Any]:
 
     - ``auto_decompress=False``: request bodies are forwarded exactly as they came.
     - ``access_log=None``: our own access log is written when a response *ends*.
+    - ``tcp_keepalive=False``: ``oaimux serve`` sets SO_KEEPALIVE once on its
+      listening sockets, and Linux copies it to every accepted connection
+      (process.py, ``_listen``); aiohttp would set it again per connection,
+      through a socket object and two system calls (docs/decisions.md,
+      "An accepted connection costs no socket-option calls").
     """
     return {
         "auto_decompress": False,
@@ -67,6 +72,7 @@ def server_options() -> dict[str, Any]:
         "max_line_size": 8190,
         "max_field_size": 8190,
         "max_headers": 100,
+        "tcp_keepalive": False,
     }
 
 

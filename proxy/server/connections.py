@@ -34,9 +34,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
+from aiohttp.base_protocol import BaseProtocol
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
@@ -51,7 +52,21 @@ __all__ = ["GuardedRequestHandler"]
 log = logging.getLogger("oaimux.connections")
 
 
-class GuardedRequestHandler(RequestHandler):
+class _NagleOffAlready(BaseProtocol):
+    """Sits between aiohttp's ``RequestHandler`` and ``BaseProtocol`` (method
+    resolution order) to take the transport without ``BaseProtocol``'s
+    ``TCP_NODELAY`` call: asyncio's and uvloop's TCP transports set it when
+    they are made, and aiohttp's second call makes a socket object and two
+    system calls per connection (docs/decisions.md, "An accepted connection
+    costs no socket-option calls")."""
+
+    __slots__ = ()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+
+class GuardedRequestHandler(RequestHandler, _NagleOffAlready):
     """aiohttp's connection protocol with a deadline for the first request head,
     a bound on writes a client does not take, and parser refusals answered as
     OpenAI JSON, logged and counted."""
@@ -103,27 +118,34 @@ class GuardedRequestHandler(RequestHandler):
         super().data_received(data)
         messages = self._messages
         if messages:
-            self._drop_head_timers()
+            deadline = self._head_deadline
+            if deadline is not None:
+                # Met (only the first head has one). It cannot act while the
+                # request runs, yet would hold a timer handle for the life of a
+                # stream (docs/decisions.md, "Memory per open stream is a budget").
+                deadline.cancel()
+                self._head_deadline = None
             message, payload = messages[-1]
-            if type(message) is not _ErrInfo:  # a refusal keeps them for handle_error
+            if not isinstance(message, _ErrInfo):  # a refusal keeps them for handle_error
                 self._head_start = b""
                 self._body = payload
+                if message.upgrade:  # a WebSocket can stay open as long as a stream
+                    self.drop_keepalive_timer()
 
-    def _drop_head_timers(self) -> None:
-        """A request head is in: drop the timers that only bound its arrival.
+    def drop_keepalive_timer(self) -> None:
+        """A response will be relayed for a while (a stream's body, a
+        WebSocket): drop aiohttp's keep-alive timer, which would hold a timer
+        handle for its whole life.
 
-        Neither can act while the request runs, yet each holds a timer handle
-        for the life of a stream (docs/decisions.md, "Memory per open stream is
-        a budget").
-        The head deadline only concerns the first head. aiohttp's keep-alive
-        timer only closes a connection waiting for a head; firing during a
-        request it merely drops itself, and aiohttp arms it anew once the
+        That timer only closes a connection waiting for a head; firing during
+        a request it merely drops itself, and aiohttp arms it anew once the
         response is written (``RequestHandler.start``, aiohttp 3.14), so the
-        time allowed for the next head is unchanged.
+        time allowed for the next head is unchanged. It is not dropped for
+        every request: between the requests of a keep-alive connection
+        aiohttp keeps one timer and only moves its deadline, where dropping it
+        would cost a timer made and cancelled per request (docs/decisions.md,
+        "The keep-alive timer outlives a short request").
         """
-        if self._head_deadline is not None:
-            self._head_deadline.cancel()
-            self._head_deadline = None
         if self._keepalive_handle is not None:
             self._keepalive_handle.cancel()
             self._keepalive_handle = None

@@ -33,6 +33,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -240,11 +241,23 @@ async def _listen(
     site = web.TCPSite(runner, host, port, reuse_port=shared or None, backlog=1024)
     try:
         await site.start()
+        _probe_idle_peers(site)
         return await _start_metrics_listener(runner.app, settings, shared)
     except OSError as exc:
         # Address in use, not ours to bind...: one clear line, resources closed.
         await runner.cleanup()
         raise CannotListen(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
+def _probe_idle_peers(site: web.TCPSite) -> None:
+    """SO_KEEPALIVE on ``site``'s listening sockets, for every connection they
+    accept: Linux copies a listener's socket options to the sockets accept()
+    makes, so aiohttp does not set it per connection (app.py, ``server_options``)."""
+    # asyncio's and uvloop's servers both list their sockets; the abstract
+    # type aiohttp declares does not say so.
+    sockets: Iterable[socket.socket] = getattr(site._server, "sockets", None) or ()
+    for sock in sockets:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
 
 
 async def _drain(

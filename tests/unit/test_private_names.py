@@ -55,6 +55,8 @@ RELIED_ON: dict[str, tuple[str, ...]] = {
     ),
     "aiohttp.web_server.Server": ("_connections", "_kwargs", "_loop"),
     "aiohttp.web_runner.AppRunner": ("_app", "_cleanup_server", "_make_server"),
+    # SO_KEEPALIVE set once on the listening sockets (server/process.py).
+    "aiohttp.web_runner.TCPSite": ("_server",),
     "aiohttp.client_proto.ResponseHandler": (
         "_buffer_paused",
         "_drain_helper",
@@ -99,6 +101,7 @@ def holders() -> dict[str, object]:
         "aiohttp.web_protocol.RequestHandler": web_protocol.RequestHandler(server, loop=loop),
         "aiohttp.web_server.Server": server,
         "aiohttp.web_runner.AppRunner": web.AppRunner(web.Application()),
+        "aiohttp.web_runner.TCPSite": web.TCPSite,  # a slot: the class holds it
         "aiohttp.client_proto.ResponseHandler": ResponseHandler(loop),
         "aiohttp.streams.StreamReader": StreamReader(ResponseHandler(loop), 2**16, loop=loop),
         "aiohttp.web_response.StreamResponse": web.StreamResponse(),
