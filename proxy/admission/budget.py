@@ -3,7 +3,8 @@
 admission.py charges a request and hands back a :class:`Charged`: the request
 bucket's and the token buckets' answers, and, when a token budget applies,
 the reservation made for it. The exchange keeps it until the answer has
-ended; then :meth:`Charged.reconcile` replaces the reservation with what the
+ended (it knows it as observe/charge.py's ``Charge``, a protocol that
+:class:`Charged` satisfies); then :meth:`Charged.reconcile` replaces the reservation with what the
 answer really used (README: Token budgets):
 
 - usage in the answer (any reader's :class:`~proxy.observe.usage.Usage`): the buckets

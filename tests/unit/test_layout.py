@@ -69,13 +69,7 @@ DECLARATIVE: Mapping[str, str] = {}
 
 # Being fixed on other branches of the same refactor; remove on merge.
 PENDING: Mapping[str, frozenset[str]] = {
-    "imports": frozenset(
-        {
-            # token budgets: observe/ reconciles through a protocol of its own
-            "proxy.observe.exchange -> proxy.admission.budget",
-            "proxy.observe.observer -> proxy.admission.budget",
-        }
-    ),
+    "imports": frozenset(),
     "modules": frozenset(
         {
             "proxy/admission/buckets.py",  # the token buckets move to a module of their own
