@@ -39,16 +39,11 @@ from typing import NamedTuple
 from ..config.settings import AuthKey, Limits, RateLimitSettings, Route, Settings, TokenBudget
 from ..errors import RateLimited, ServiceUnavailable, TokensLimited, Unauthorized
 from ..observe.failurelog import TEN_MINUTES, FailureLog
-from .buckets import (
-    Decision,
-    MemoryRateLimiter,
-    RateLimiter,
-    StorageUnavailable,
-    TokenDecision,
-    token_decision,
-)
+from .buckets import Decision, RateLimiter, StorageUnavailable
+from .buckets_memory import MemoryRateLimiter
 from .budget import REMAINING_TOKENS, RESET_TOKENS, Charged, openai_duration
 from .clientip import limit_key
+from .token_buckets import TokenDecision, token_decision
 
 __all__ = [
     "Admission",

@@ -27,7 +27,8 @@ from multidict import istr
 
 from ..config.settings import TokenBudget
 from ..observe.usage import Usage, billable_tokens
-from .buckets import Decision, MemoryRateLimiter, RateLimiter
+from .buckets import Decision, RateLimiter
+from .buckets_memory import MemoryRateLimiter
 
 __all__ = [
     "REMAINING_REQUESTS",
