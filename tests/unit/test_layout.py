@@ -71,12 +71,8 @@ DECLARATIVE: Mapping[str, str] = {}
 PENDING: Mapping[str, frozenset[str]] = {
     "imports": frozenset(),
     "modules": frozenset(),
-    "function lines": frozenset(
-        {
-            "proxy/admission/admission.py::Admission.charge",  # the reservation step moves out
-        }
-    ),
-    "parameters": frozenset({"proxy/admission/budget.py::Charged.__init__"}),
+    "function lines": frozenset(),
+    "parameters": frozenset(),
 }
 
 
