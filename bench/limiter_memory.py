@@ -45,7 +45,8 @@ from collections.abc import Callable
 from typing import Any
 
 from proxy.admission.admission import Caller, choose_limit
-from proxy.admission.buckets import NS, MemoryRateLimiter
+from proxy.admission.buckets import NS
+from proxy.admission.buckets_memory import MemoryRateLimiter
 from proxy.config import Settings, parse_settings
 
 __all__ = ["main", "run"]

@@ -39,16 +39,11 @@ from typing import NamedTuple
 from ..config.settings import AuthKey, Limits, RateLimitSettings, Route, Settings, TokenBudget
 from ..errors import RateLimited, ServiceUnavailable, TokensLimited, Unauthorized
 from ..observe.failurelog import TEN_MINUTES, FailureLog
-from .buckets import (
-    Decision,
-    MemoryRateLimiter,
-    RateLimiter,
-    StorageUnavailable,
-    TokenDecision,
-    token_decision,
-)
+from .buckets import Decision, RateLimiter, StorageUnavailable
+from .buckets_memory import MemoryRateLimiter
 from .budget import REMAINING_TOKENS, RESET_TOKENS, Charged, openai_duration
 from .clientip import limit_key
+from .token_buckets import TokenDecision, token_decision
 
 __all__ = [
     "Admission",
@@ -254,18 +249,10 @@ class Admission:
                     reserved = storage.reserve_now(key, requests, budget, costs)
                 else:
                     reserved = await storage.reserve(key, requests, budget, costs)
-                decision, before_m, before_d, after_m, after_d, fits, state = reserved
+                decision = reserved[0]
         except StorageUnavailable as exc:
-            fail_open = settings.rate_limit_fail_open
-            self._storage_failed(exc, fail_open)
-            if fail_open:
-                return None
-            raise ServiceUnavailable(
-                "The rate limiter's storage is unreachable, so requests are refused; "
-                "try again shortly.",
-                code="rate_limiter_unavailable",
-                headers={"Retry-After": "1"},
-            ) from None
+            self._storage_failed(exc, settings.rate_limit_fail_open)  # raises when closed
+            return None
         if self._outage.failing:
             self._outage.recovered()
         if decision is not None and not decision.allowed:
@@ -273,17 +260,22 @@ class Admission:
             raise rate_limited(decision, requests, route)
         if budget is None or cost is None:
             return Charged(decision)
-        shadowed = None
-        if not fits:
-            tokens = token_decision(budget, (before_m, before_d), (after_m, after_d), costs, False)
-            if budget.enforce:
-                raise tokens_limited(tokens, estimate, route)
-            self._would_refuse(caller, tokens)
-            shadowed = tokens.window
-        return Charged(
-            decision, budget, self.storage, key, estimate, costs[0], costs[1], after_m, after_d,
-            shadowed, state,
-        )  # fmt: skip
+        charged = Charged(decision, budget, self.storage, key, estimate, (costs, reserved))
+        if not reserved[5]:  # a token window had no room for the estimate
+            self._over_budget(charged, caller, route)
+        return charged
+
+    def _over_budget(self, charged: Charged, caller: Caller, route: Route | None) -> None:
+        """A reservation a token window had no room for: refused (429), or, with
+        ``enforce: false``, let through and noted as shadowed."""
+        budget, reservation = charged.budget, charged.reservation
+        assert budget is not None and reservation is not None and charged.estimate is not None
+        costs, (_, before_m, before_d, after_m, after_d, _, _) = reservation
+        tokens = token_decision(budget, (before_m, before_d), (after_m, after_d), costs, False)
+        if budget.enforce:
+            raise tokens_limited(tokens, charged.estimate, route)
+        self._would_refuse(caller, tokens)
+        charged.shadowed = tokens.window
 
     def _would_refuse(self, caller: Caller, tokens: TokenDecision) -> None:
         """``enforce: false``: a request a token budget would have refused passed.
@@ -306,10 +298,19 @@ class Admission:
         self._shadowed = 0
 
     def _storage_failed(self, exc: StorageUnavailable, fail_open: bool) -> None:
+        """The storage is down: logged (see the class docstring); with
+        ``on_storage_error: closed``, the request is refused with 503."""
         self._outage.failed(
             f"unavailable ({exc}); failing "
             + ("open: requests pass unlimited" if fail_open else "closed: requests get 503")
         )
+        if not fail_open:
+            raise ServiceUnavailable(
+                "The rate limiter's storage is unreachable, so requests are refused; "
+                "try again shortly.",
+                code="rate_limiter_unavailable",
+                headers={"Retry-After": "1"},
+            ) from None
 
 
 def unauthorized() -> Unauthorized:

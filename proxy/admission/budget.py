@@ -3,7 +3,8 @@
 admission.py charges a request and hands back a :class:`Charged`: the request
 bucket's and the token buckets' answers, and, when a token budget applies,
 the reservation made for it. The exchange keeps it until the answer has
-ended; then :meth:`Charged.reconcile` replaces the reservation with what the
+ended (it knows it as observe/charge.py's ``Charge``, a protocol that
+:class:`Charged` satisfies); then :meth:`Charged.reconcile` replaces the reservation with what the
 answer really used (README: Token budgets):
 
 - usage in the answer (any reader's :class:`~proxy.observe.usage.Usage`): the buckets
@@ -26,7 +27,8 @@ from multidict import istr
 
 from ..config.settings import TokenBudget
 from ..observe.usage import Usage, billable_tokens
-from .buckets import Decision, MemoryRateLimiter, RateLimiter
+from .buckets import Decision, RateLimiter, Reserved
+from .buckets_memory import MemoryRateLimiter
 
 __all__ = [
     "REMAINING_REQUESTS",
@@ -34,6 +36,7 @@ __all__ = [
     "RESET_REQUESTS",
     "RESET_TOKENS",
     "Charged",
+    "Reservation",
     "openai_duration",
 ]
 
@@ -71,28 +74,33 @@ _SECONDS: dict[int, str] = {}
 _SECONDS_KEPT = 4096
 
 
+# What a token reservation charged, as admission.py has it at hand: the tokens
+# charged per minute and per day (the estimate, cut to each window's capacity;
+# 0 for a window not limited), and the store's answer (:data:`Reserved`: what
+# the windows owed before and after, and in memory the buckets' state). One
+# tuple of two made per model request, read only where used.
+Reservation = tuple[tuple[int, int], Reserved]
+
+
 class Charged:
     """What one request was charged: the request bucket's decision (``None``
     when no request limit applies) and, with a token budget, the reservation
-    to reconcile: ``estimate`` tokens (as logged), of which the minute and the
-    day window were charged ``cost_minute`` and ``cost_day`` (the estimate,
-    cut to the window's capacity; 0 for a window not limited), in the token
-    buckets ``key`` of ``storage``, which then owed ``owed_minute`` and
-    ``owed_day``. ``shadowed``: the window that would have refused the
-    request had ``budget.enforce`` been true (``None``: it fitted).
-    ``state``: the token buckets' state in memory as charged, for a refund
-    without a lookup (``None`` in Redis).
+    to reconcile: ``estimate`` tokens (as logged), charged to the token
+    buckets ``key`` of ``storage`` as ``reservation`` says. ``shadowed``: the
+    window that would have refused the request had ``budget.enforce`` been
+    true (``None``: it fitted; set by admission.py after construction, as it
+    is rare).
 
     ``charged_tokens`` is ``None`` until :meth:`reconcile` ran, then the tokens
     the buckets were finally charged for the request. One object per request,
     slotted and plain, built with positional arguments: it is made on the hot
     path, and the figures of the headers are worked out only when they are
-    written.
+    written. observe/charge.py's ``Charge`` is what the exchange knows of it.
     """
 
     __slots__ = (
-        "budget", "charged_tokens", "cost_day", "cost_minute", "estimate", "key", "owed_day",
-        "owed_minute", "request", "shadowed", "state", "storage",
+        "budget", "charged_tokens", "estimate", "key", "request", "reservation", "shadowed",
+        "storage",
     )  # fmt: skip
 
     def __init__(
@@ -102,24 +110,15 @@ class Charged:
         storage: RateLimiter | None = None,
         key: str = "",
         estimate: int | None = None,
-        cost_minute: int = 0,
-        cost_day: int = 0,
-        owed_minute: float = 0.0,
-        owed_day: float = 0.0,
-        shadowed: str | None = None,
-        state: list[float] | None = None,
+        reservation: Reservation | None = None,
     ) -> None:
         self.request = request
         self.budget = budget
         self.storage = storage
         self.key = key
         self.estimate = estimate
-        self.cost_minute = cost_minute
-        self.cost_day = cost_day
-        self.owed_minute = owed_minute
-        self.owed_day = owed_day
-        self.shadowed = shadowed
-        self.state = state
+        self.reservation = reservation
+        self.shadowed: str | None = None
         self.charged_tokens: int | None = None
 
     def add_headers(self, headers: MutableMapping[str, str]) -> None:
@@ -131,9 +130,11 @@ class Charged:
             headers[REMAINING_REQUESTS] = str(request.remaining)
             headers[RESET_REQUESTS] = openai_duration(request.reset_after)
         budget = self.budget
-        if budget is not None:
+        reservation = self.reservation
+        if budget is not None and reservation is not None:
             cap_m, cap_d = budget.cap_minute, budget.cap_day
-            owed_m, owed_d = self.owed_minute, self.owed_day
+            reserved = reservation[1]
+            owed_m, owed_d = reserved[3], reserved[4]  # what the windows owed after it
             if cap_m and not (cap_d and cap_d - owed_d < cap_m - owed_m):
                 left, reset = cap_m - owed_m, owed_m * budget.ns_minute
             else:
@@ -160,13 +161,16 @@ class Charged:
             billable = 0
         self.charged_tokens = billable
         budget = self.budget
-        if budget is None or self.storage is None:
+        reservation = self.reservation
+        if budget is None or self.storage is None or reservation is None:
             return False
-        delta_m = billable - self.cost_minute if budget.cap_minute else 0
-        delta_d = billable - self.cost_day if budget.cap_day else 0
+        (cost_m, cost_d), reserved = reservation
+        delta_m = billable - cost_m if budget.cap_minute else 0
+        delta_d = billable - cost_d if budget.cap_day else 0
         if delta_m <= 0 and delta_d <= 0:  # the usual case: the estimate was generous
-            if self.state is not None:
-                MemoryRateLimiter.refund(self.state, delta_m, delta_d)
+            state = reserved[6]  # the buckets' state in memory as charged (None in Redis)
+            if state is not None:
+                MemoryRateLimiter.refund(state, delta_m, delta_d)
                 return False
             if not (delta_m or delta_d):
                 return False

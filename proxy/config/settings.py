@@ -91,7 +91,7 @@ class TokenBudget:
     default_output_tokens: int = 1024
     max_output_reservation: int | None = 4096
     enforce: bool = True
-    # Derived once, for the request path (admission/buckets.py), which reads
+    # Derived once, for the request path (admission/buckets_memory.py), which reads
     # only these: each window's capacity (0: not limited), the tokens it
     # drains a nanosecond, the nanoseconds one token takes to drain and the
     # seconds (0.0 when not limited), and the output reservation's ceiling.

@@ -20,16 +20,14 @@ import re
 import time
 from dataclasses import dataclass, field
 from random import getrandbits as _random_bits
-from typing import TYPE_CHECKING, Literal, get_args
+from typing import Literal, get_args
 
 from aiohttp import web
 from multidict import istr
 
 from ..errors import ProxyError
+from .charge import Charge
 from .usage import Usage
-
-if TYPE_CHECKING:  # admission imports this package
-    from ..admission.budget import Charged
 
 __all__ = [
     "CLIENT_CLOSED",
@@ -117,9 +115,9 @@ class Exchange:
     cache_creation_tokens: int | None = None
     cached_tokens: int = 0
     usage: Usage | None = None  # as read, for the token budget's reconciliation
-    # What admission charged (admission/budget.py): headers for the answer, and
-    # the token reservation reconciled when the answer has ended.
-    budget: Charged | None = None
+    # What admission charged (charge.py): headers for the answer, and the
+    # token reservation reconciled when the answer has ended.
+    budget: Charge | None = None
     # The last two response chunks, for the usage object; set after the body ended.
     tail: bytes = b""
     tail_previous: bytes = b""

@@ -18,10 +18,10 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from ..admission.budget import Charged
 from ..config.settings import LogSettings, Settings
 from ..errors import ProxyError, TokensLimited, error_response
 from .access_log import AccessLines, AccessRecord, access_logger, direct_sink
+from .charge import Charge
 from .exchange import EXCHANGE, OUR_REQUEST_ID_HEADER, Exchange, Outcome, request_id_for
 from .metrics import Metrics
 from .usage import usage_from_stream, usage_from_tail
@@ -127,8 +127,8 @@ class Observer:
             ex.cache_creation_tokens = usage.cache_creation_tokens
             ex.cached_tokens = usage.cached_tokens
 
-    def _reconcile(self, ex: Exchange, budget: Charged) -> None:
-        """The answer has ended: settle its token reservation (admission/budget.py)."""
+    def _reconcile(self, ex: Exchange, budget: Charge) -> None:
+        """The answer has ended: settle its token reservation (charge.py)."""
         outcome = ex.outcome
         # Nothing was generated when the proxy answered with an error of its
         # own (but a response timeout: the upstream may be generating still),

@@ -15,7 +15,8 @@ import aiohttp
 from aiohttp import web
 
 from ..admission.admission import Admission
-from ..admission.buckets import MemoryRateLimiter, RateLimiter
+from ..admission.buckets import RateLimiter
+from ..admission.buckets_memory import MemoryRateLimiter
 from ..client import UpstreamPool
 from ..config.settings import Settings
 from ..observe.observer import Observer, make_observer

@@ -22,7 +22,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from proxy.admission.buckets import NS, MemoryRateLimiter
+from proxy.admission.buckets import NS
+from proxy.admission.buckets_memory import MemoryRateLimiter
 from proxy.config import parse_settings
 from proxy.server.app import create_app, server_options
 from proxy.server.keys import LIMITER, OBSERVER

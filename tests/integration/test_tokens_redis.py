@@ -26,8 +26,9 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from proxy.admission.buckets import Decision, TokenDecision, token_decision
+from proxy.admission.buckets import Decision
 from proxy.admission.buckets_redis import KEY_PREFIX, RedisRateLimiter
+from proxy.admission.token_buckets import TokenDecision, token_decision
 from proxy.config import parse_settings
 from proxy.config.settings import RateLimitSettings, TokenBudget
 from proxy.server.app import create_app, server_options

@@ -69,25 +69,10 @@ DECLARATIVE: Mapping[str, str] = {}
 
 # Being fixed on other branches of the same refactor; remove on merge.
 PENDING: Mapping[str, frozenset[str]] = {
-    "imports": frozenset(
-        {
-            # token budgets: observe/ reconciles through a protocol of its own
-            "proxy.observe.exchange -> proxy.admission.budget",
-            "proxy.observe.observer -> proxy.admission.budget",
-        }
-    ),
-    "modules": frozenset(
-        {
-            "proxy/admission/buckets.py",  # the token buckets move to a module of their own
-            "proxy/admission/buckets_redis.py",
-        }
-    ),
-    "function lines": frozenset(
-        {
-            "proxy/admission/admission.py::Admission.charge",  # the reservation step moves out
-        }
-    ),
-    "parameters": frozenset({"proxy/admission/budget.py::Charged.__init__"}),
+    "imports": frozenset(),
+    "modules": frozenset(),
+    "function lines": frozenset(),
+    "parameters": frozenset(),
 }
 
 

@@ -10,7 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.admission.buckets import NS, MemoryRateLimiter, interval_ns, take_token
+from proxy.admission.buckets import NS, interval_ns, take_token
+from proxy.admission.buckets_memory import MemoryRateLimiter
 from proxy.config import RateLimitSettings
 
 MINUTE = 60 * NS

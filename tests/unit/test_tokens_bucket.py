@@ -7,10 +7,9 @@ from typing import Any
 import pytest
 
 from proxy.admission.admission import RequestCost, estimate_tokens
-from proxy.admission.buckets import (
-    NS,
-    Decision,
-    MemoryRateLimiter,
+from proxy.admission.buckets import NS, Decision
+from proxy.admission.buckets_memory import MemoryRateLimiter
+from proxy.admission.token_buckets import (
     TokenDecision,
     settle_tokens,
     take_tokens,
