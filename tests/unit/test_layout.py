@@ -24,10 +24,6 @@ Three rules, each checked on every module of ``proxy/``:
     last line, nested functions included) and takes at most 6 parameters
     (``self`` and ``cls`` not counted; ``*args`` and ``**kwargs`` count one
     each). Declarative tables are exempt only when named in ``DECLARATIVE``.
-
-``PENDING`` lists the offenders that other branches of the same refactor are
-fixing in parallel; an entry that no longer offends fails the test, so each
-is removed with the merge that fixes it.
 """
 
 from __future__ import annotations
@@ -66,14 +62,6 @@ RANK: Mapping[str, int] = {
 # Functions over the length bound because they are a table, not logic:
 # "path::qualified name" -> why. None today.
 DECLARATIVE: Mapping[str, str] = {}
-
-# Being fixed on other branches of the same refactor; remove on merge.
-PENDING: Mapping[str, frozenset[str]] = {
-    "imports": frozenset(),
-    "modules": frozenset(),
-    "function lines": frozenset(),
-    "parameters": frozenset(),
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,22 +217,14 @@ def many_parameters(modules: Mapping[str, str]) -> dict[str, int]:
     return {where: count for where, _, count in functions(modules) if count > MAX_PARAMETERS}
 
 
-def _judged(kind: str, offenders: set[str]) -> tuple[list[str], list[str]]:
-    """(offenders not pending, pending entries that no longer offend)."""
-    pending = PENDING.get(kind, frozenset())
-    return sorted(offenders - pending), sorted(pending - offenders)
-
-
-def _assert_kept(kind: str, offenders: Mapping[str, object] | set[str], rule: str) -> None:
-    new, fixed = _judged(kind, set(offenders))
+def _assert_kept(offenders: Mapping[str, object] | set[str], rule: str) -> None:
+    found = sorted(offenders)
     details = (
-        [f"{where}: {offenders[where]}" for where in new] if isinstance(offenders, dict) else new
+        [f"{where}: {offenders[where]}" for where in found]
+        if isinstance(offenders, dict)
+        else found
     )
-    assert not new, f"{rule}:\n  " + "\n  ".join(details)
-    assert not fixed, (
-        f"no longer offending, remove from PENDING[{kind!r}] in tests/unit/test_layout.py:\n  "
-        + "\n  ".join(fixed)
-    )
+    assert not found, f"{rule}:\n  " + "\n  ".join(details)
 
 
 # The rules on the package as it is.
@@ -252,7 +232,6 @@ def _assert_kept(kind: str, offenders: Mapping[str, object] | set[str], rule: st
 
 def test_imports_run_downward_only() -> None:
     _assert_kept(
-        "imports",
         set(upward(imports(sources()))),
         "imports that run upward or sideways (see this file's docstring for the layers)",
     )
@@ -280,19 +259,15 @@ def test_every_layer_is_known() -> None:
 
 
 def test_modules_are_at_most_400_lines() -> None:
-    _assert_kept("modules", long_modules(sources()), f"modules over {MAX_MODULE_LINES} lines")
+    _assert_kept(long_modules(sources()), f"modules over {MAX_MODULE_LINES} lines")
 
 
 def test_functions_are_at_most_60_lines() -> None:
-    _assert_kept(
-        "function lines", long_functions(sources()), f"functions over {MAX_FUNCTION_LINES} lines"
-    )
+    _assert_kept(long_functions(sources()), f"functions over {MAX_FUNCTION_LINES} lines")
 
 
 def test_functions_take_at_most_6_parameters() -> None:
-    _assert_kept(
-        "parameters", many_parameters(sources()), f"functions over {MAX_PARAMETERS} parameters"
-    )
+    _assert_kept(many_parameters(sources()), f"functions over {MAX_PARAMETERS} parameters")
 
 
 def test_each_declarative_exemption_still_names_a_long_function() -> None:
