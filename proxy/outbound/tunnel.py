@@ -235,7 +235,7 @@ class Tunnel:
         """dst went away while we wrote to it: close src (unless closing already)."""
         if not self.closing:
             self.closing = True
-            self.ex.outcome = "upstream_reset" if src_is_client else "client_gone"
+            self.ex.outcome = "upstream_reset" if src_is_client else self._client_gone_outcome()
             code = _GONE_CODE[not src_is_client]
             await src.close(code=code, message=b"")
 
