@@ -65,6 +65,7 @@ __all__ = [
     "check_model_id",
     "clip",
     "error_body",
+    "error_event",
     "error_response",
     "from_http_exception",
     "model_not_allowed",
@@ -238,11 +239,23 @@ def model_not_allowed(model: str) -> ModelNotAllowed:
     return ModelNotAllowed(f"Your key may not use the model '{clip(model)}'.", param="model")
 
 
-def error_body(message: str, type_: str, code: str | None, param: str | None = None) -> bytes:
+def _error_object(
+    message: str, type_: str, code: str | None, param: str | None
+) -> dict[str, str | None]:
     """OpenAI's error object: exactly four keys, ``null`` where empty."""
-    return json.dumps(
-        {"error": {"message": message, "type": type_, "param": param, "code": code}}
-    ).encode()
+    return {"message": message, "type": type_, "param": param, "code": code}
+
+
+def error_body(message: str, type_: str, code: str | None, param: str | None = None) -> bytes:
+    """OpenAI's error body: the error object under ``error``."""
+    return json.dumps({"error": _error_object(message, type_, code, param)}).encode()
+
+
+def error_event(err: ProxyError) -> str:
+    """The ``error`` event that ends a Responses WebSocket (README, "Codex CLI"):
+    the error object of :func:`error_body` with the status it would have had."""
+    error = _error_object(err.message, err.type, err.code, err.param)
+    return json.dumps({"type": "error", "status": err.status, "error": error})
 
 
 # Anthropic's error type for each status the proxy answers with: every code of

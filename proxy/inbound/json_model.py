@@ -36,7 +36,7 @@ from .model import (
     output_cap,
 )
 
-__all__ = ["find_json_model"]
+__all__ = ["find_json_model", "scan_member", "skip_whitespace"]
 
 # The standard library's own scanner and string decoder (C-accelerated), so the
 # model finder accepts and rejects exactly what json.loads does.
@@ -44,6 +44,7 @@ _DECODER = json.JSONDecoder()
 _scan_value: Callable[[str, int], tuple[Any, int]] = _DECODER.scan_once  # type: ignore[attr-defined]
 _scan_string: Callable[[str, int, bool], tuple[str, int]] = json.decoder.scanstring  # type: ignore[attr-defined]
 _skip_ws: Callable[[str, int], re.Match[str]] = json.decoder.WHITESPACE.match  # type: ignore[attr-defined]
+skip_whitespace = _skip_ws
 # The same scanner, but objects come out as tuples of (key, value) pairs, in
 # body order with repeated keys kept: the top level's duplicates stay visible.
 _scan_pairs: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder(
@@ -295,7 +296,7 @@ def _find_exact(body: bytes | bytearray, with_cap: bool = False) -> FoundModel:
         pos += 1
     else:
         while True:
-            key, value, value_start, pos = _member(text, pos)
+            key, value, value_start, pos = scan_member(text, pos)
             if key == "model":
                 if found is not None:
                     raise ambiguous_model()
@@ -320,7 +321,7 @@ def _find_exact(body: bytes | bytearray, with_cap: bool = False) -> FoundModel:
     return result._replace(output_cap=output_cap(caps)) if caps else result
 
 
-def _member(text: str, pos: int) -> tuple[str, Any, int, int]:
+def scan_member(text: str, pos: int) -> tuple[str, Any, int, int]:
     """The object member at ``pos``: its key, its value, where the value starts
     and the position after it; or the ``invalid_json`` error."""
     n = len(text)

@@ -21,7 +21,6 @@ realtime session (route.py).
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -31,7 +30,7 @@ from ..config.settings import Balance, Route
 from ..errors import InvalidRequest, check_model_id, clip
 from ..runtime.route_table import Match
 from ..runtime.runtime import Runtime
-from .json_model import find_json_model
+from .json_model import find_json_model, scan_member, skip_whitespace
 from .model import FoundModel, ModelAbsent, rewrite_model
 from .route import RealtimeTarget, allowed_match, refuse_body
 
@@ -156,40 +155,36 @@ def _responses_model(message: bytes) -> FoundModel:
     return inner._replace(start=inner.start + start, end=inner.end + start)
 
 
-_DECODER = json.JSONDecoder()
-
-
 def _member_span(message: bytes, key: str) -> tuple[int, int] | None:
-    """The byte span of the value of the top-level member ``key`` of a JSON
-    object when that value is an object, else None. Runs once per session."""
+    """The byte span of the value of the top-level member ``key`` of a UTF-8
+    JSON object when that value is an object, else None (also for invalid
+    JSON; the last of a repeated key, as json.loads). One walk over the
+    top-level members with the model finder's own scanner; runs once per
+    session."""
     try:
         text = message.decode("utf-8")
-        doc = json.loads(text)
-    except ValueError:  # not UTF-8 (find_json_model took other encodings)
+    except UnicodeDecodeError:  # find_json_model took other encodings
         return None
-    if not isinstance(doc, dict) or not isinstance(doc.get(key), dict):
+    pos = skip_whitespace(text, 0).end()
+    if text[pos : pos + 1] != "{":
         return None
-    # Step over the members in order (the last of a repeated key is json.loads's).
-    pos = text.index("{") + 1
+    pos = skip_whitespace(text, pos + 1).end()
     span: tuple[int, int] | None = None
-    while True:
-        pos = _past_ws(text, pos)
-        name, pos = json.decoder.scanstring(text, pos + 1)  # type: ignore[attr-defined]
-        pos = _past_ws(text, pos) + 1  # the colon
-        pos = _past_ws(text, pos)
-        _, end = _DECODER.raw_decode(text, pos)
-        if name == key:
-            span = (len(text[:pos].encode()), len(text[:end].encode()))
-        pos = _past_ws(text, end)
-        if text[pos] == "}":
-            return span
-        pos += 1  # the comma
-
-
-def _past_ws(text: str, pos: int) -> int:
-    while text[pos] in " \t\r\n":
-        pos += 1
-    return pos
+    try:
+        while text[pos : pos + 1] == '"':
+            name, value, start, pos = scan_member(text, pos)
+            if name == key:
+                span = (start, pos) if isinstance(value, dict) else None
+            pos = skip_whitespace(text, pos).end()
+            if text[pos : pos + 1] != ",":
+                break
+            pos = skip_whitespace(text, pos + 1).end()
+    except InvalidRequest:  # invalid below the top level (json_large.py's scan)
+        return None
+    if span is None or text.isascii():
+        return span
+    start = len(text[: span[0]].encode())  # code points to bytes
+    return start, start + len(text[span[0] : span[1]].encode())
 
 
 def _websocket_route(route: Route, runtime: Runtime) -> Route:

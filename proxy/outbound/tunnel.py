@@ -29,7 +29,6 @@ Contract (the handshake before it: upstream_leg.py, client_leg.py):
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -37,7 +36,7 @@ from typing import Any
 import aiohttp
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from ..errors import ProxyError
+from ..errors import ProxyError, error_event
 from ..observe import Exchange, Outcome
 from ..observe.stream_end import message_ended
 
@@ -236,7 +235,7 @@ class Tunnel:
         """dst went away while we wrote to it: close src (unless closing already)."""
         if not self.closing:
             self.closing = True
-            self.ex.outcome = "upstream_reset" if src_is_client else "client_gone"
+            self.ex.outcome = "upstream_reset" if src_is_client else self._client_gone_outcome()
             code = _GONE_CODE[not src_is_client]
             await src.close(code=code, message=b"")
 
@@ -317,13 +316,8 @@ async def refuse_session(
     ex.error_code = err.code
     upstream_failed = err.status >= 500 or err.code.startswith("upstream_")
     code = WSCloseCode.INTERNAL_ERROR if upstream_failed else WSCloseCode.POLICY_VIOLATION
-    event = {
-        "type": "error",
-        "status": err.status,
-        "error": {"type": err.type, "code": err.code, "message": err.message, "param": err.param},
-    }
     try:
-        await client.send_str(json.dumps(event))
+        await client.send_str(error_event(err))
         await client.close(code=code, message=err.code.encode()[:123])
     except (ConnectionError, aiohttp.ClientError):
         pass  # the client is gone already

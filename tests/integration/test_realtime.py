@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 import struct
 from typing import Any
 from urllib.parse import unquote
@@ -20,6 +21,7 @@ from aiohttp import WSMsgType, web
 from aiohttp.test_utils import TestClient, TestServer
 
 from tests.conftest import serve_proxy
+from tests.fakes.access_lines import capture_logs, parse_text_line
 from tests.fakes.openai_like import OpenAILike, WsEvent
 
 UPSTREAM_KEY = "sk-upstream-realtime-secret"
@@ -517,6 +519,71 @@ async def test_upstream_vanishing_closes_the_client_with_1011(
     assert first.type is WSMsgType.TEXT
     closing = await ws.receive(timeout=5)
     assert closing.type is WSMsgType.CLOSE and closing.data == 1011
+
+
+async def stalled_client(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A client that takes its 101 and then reads only what it is asked to: a
+    tiny receive window, so a large message holds the proxy in its write."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: the window
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    writer.write(
+        b"GET /v1/realtime?model=gpt-4o-realtime-preview HTTP/1.1\r\n"
+        b"Host: 127.0.0.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+        b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 101")
+    return reader, writer
+
+
+@pytest.mark.parametrize(
+    ("before", "outcome"),
+    [
+        (b'{"type":"response.output_text.delta"}', "client_gone"),
+        (b'{"type":"response.completed"}', "complete"),
+    ],
+)
+async def test_client_vanishing_under_a_write_closes_the_upstream_and_is_logged(
+    aiohttp_client: Any,
+    upstream_server: TestServer,
+    upstream: OpenAILike,
+    before: bytes,
+    outcome: str,
+) -> None:
+    """The proxy is writing a message the client does not read when the client
+    resets the connection: the write fails (Tunnel._dst_gone), the upstream leg
+    is closed 1001, and the outcome follows the rule of a client gone at any
+    other time (after a terminal event: complete)."""
+    proxy = await serve_proxy(aiohttp_client, config(upstream_server))
+    big = 16 * 1024 * 1024  # far over what the kernel buffers of both ends hold
+
+    async def script(ws: web.WebSocketResponse, request: web.Request) -> None:
+        await ws.send_frame(before, WSMsgType.TEXT)
+        await ws.send_bytes(b"x" * big)
+        await upstream._echo(ws)  # records the close the proxy sends
+
+    upstream.ws_script = script
+    assert proxy.server.port is not None
+    with capture_logs() as logs:
+        reader, writer = await stalled_client(proxy.server.port)
+        first = await asyncio.wait_for(reader.readexactly(2 + len(before)), 5)
+        assert first[2:] == before
+        # The next frame's head: the proxy has written the large message to its
+        # socket and waits for the client to take it (nothing yields in between).
+        assert await asyncio.wait_for(reader.readexactly(2), 5) == b"\x82\x7f"
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()  # RST, unread bytes left behind
+        (line,) = await logs.wait_for(1)
+        async with asyncio.timeout(5):
+            await upstream.ws_closed.wait()
+    close = upstream.ws_events[-1]
+    assert close.kind == "close" and close.data == b"1001"
+    f = parse_text_line(line)
+    assert (f["status"], f["outcome"]) == ("101", outcome)
 
 
 async def test_oversized_message_closes_both_legs_with_1009(
