@@ -1,6 +1,6 @@
 """Counts of oaimux's work on the token-rate load that other jobs on the machine cannot move.
 
-``python -m bench.counts instructions|heap|syscalls``: oaimux against the bench's mock, each
+``python -m bench.counts instructions|heap|memory|syscalls``: oaimux against the bench's mock, each
 count printed as one JSON line. Method and figures: bench/README.md, "Counting instead of
 timing".
 
@@ -10,6 +10,12 @@ timing".
   per chunk = ((b) - (a)) / (streams x (chunks - 1)): user-space instructions only.
 - ``heap``: Python heap (tracemalloc) with ``--streams`` streams held open, each past its
   first chunk, minus the heap before, per stream.
+- ``memory`` (glibc): the same streams, read from the C allocator and the kernel instead: the
+  bytes malloc hands out (``mallinfo2``: Python's objects over 512 bytes and every C library's
+  allocations, which tracemalloc does not see) and the resident set, per stream. Before the
+  first reading the proxy gives its free heap pages back (``malloc_trim(0)``), so the holes
+  start-up left in the heap do not absorb the first streams' growth (docs/decisions.md,
+  "Idle heap holes move the bench's KB per stream").
 - ``syscalls``: write and read system calls of the proxy (``/proc/<pid>/io``) per stream,
   for ``--streams`` streams of 3 chunks started together.
 """
@@ -25,6 +31,7 @@ import subprocess
 import sys
 import time
 import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
 from tempfile import TemporaryDirectory
 
@@ -152,6 +159,7 @@ async def run(
         else []
     )
     env = dict(os.environ, BENCH_COUNTS_HEAP=str(tmp / "heap") if mode == "heap" else "")
+    env["BENCH_COUNTS_MEMORY"] = str(tmp / "heap") if mode == "memory" else ""
     if mode == "instructions":
         # Fixed string hashes: dict and set probing then runs the same
         # instructions in every run (random seeds moved the counts by ~2%).
@@ -183,7 +191,7 @@ async def run(
                 "instructions_per_request": plain / n,
                 "instructions_per_chunk": (both - setup) / (k * (chunks - 1)),
             }
-        if mode == "heap":
+        if mode in ("heap", "memory"):
             heap = tmp / "heap"
 
             async def look() -> None:
@@ -198,6 +206,14 @@ async def run(
             await look()
             looks = 1
             await streams(port, k, 3, 2500, 0.0, held=5, at_first=look)
+            if mode == "memory":
+                (used0, rss0), (used1, rss1) = (
+                    map(int, line.split()) for line in heap.read_text().splitlines()
+                )
+                return {
+                    "malloc_bytes_per_open_stream": (used1 - used0) / k,
+                    "rss_bytes_per_open_stream": (rss1 - rss0) / k,
+                }
             before, during = map(int, heap.read_text().split())
             return {"heap_bytes_per_open_stream": (during - before) / k}
         io = Path(f"/proc/{proxy.pid}/io")
@@ -238,6 +254,9 @@ def serve(config: str, port: str) -> int:
                 f.write(f"{tracemalloc.get_traced_memory()[0]}\n")
 
         signal.signal(signal.SIGUSR2, note)
+    memory = os.environ.get("BENCH_COUNTS_MEMORY")
+    if memory:
+        signal.signal(signal.SIGUSR2, _memory_note(memory))
     from proxy import early_signals
 
     early_signals.hold()
@@ -246,14 +265,48 @@ def serve(config: str, port: str) -> int:
     return main(["serve", "--config", config, "--port", port, "--host", "127.0.0.1"])
 
 
+def _memory_note(out: str) -> Callable[..., None]:
+    """A SIGUSR2 handler appending ``malloc in-use bytes, resident bytes`` to ``out``; the
+    first call gives the free heap pages back to the kernel before it reads."""
+    import ctypes
+    import gc
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [
+            (name, ctypes.c_size_t)
+            for name in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks "
+            "keepcost".split()
+        ]
+
+    libc = ctypes.CDLL(None)
+    libc.mallinfo2.restype = MallInfo2
+    page = os.sysconf("SC_PAGE_SIZE")
+    notes = [0]
+
+    def note(*_: object) -> None:
+        gc.collect()
+        if not notes[0]:
+            libc.malloc_trim(0)
+        notes[0] += 1
+        info = libc.mallinfo2()
+        with open("/proc/self/statm") as f:
+            resident = int(f.read().split()[1]) * page
+        with open(out, "a") as f:
+            f.write(f"{info.uordblks + info.hblkhd} {resident}\n")
+
+    return note
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if args[:1] == ["serve"]:
         return serve(args[1], args[2])
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("mode", choices=["instructions", "heap", "syscalls"])
+    ap.add_argument("mode", choices=["instructions", "heap", "memory", "syscalls"])
     ap.add_argument(
-        "--streams", type=int, help="streams (default 40; 300 for heap; 100 for syscalls)"
+        "--streams",
+        type=int,
+        help="streams (default 40; 300 for heap and memory; 100 for syscalls)",
     )
     ap.add_argument("--chunks", type=int, default=41, help="chunks per stream (instructions)")
     ap.add_argument(
@@ -264,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--keep", type=Path, help="copy the callgrind dumps into this folder")
     a = ap.parse_args(args)
-    k = a.streams or {"instructions": 40, "heap": 300, "syscalls": 100}[a.mode]
+    k = a.streams or {"instructions": 40, "heap": 300, "memory": 300, "syscalls": 100}[a.mode]
     with TemporaryDirectory() as tmp:
         result = asyncio.run(run(a.mode, k, a.chunks, Path(tmp), a.keep, a.requests))
         print(json.dumps(result))

@@ -37,3 +37,11 @@ def test_heap_per_open_stream_is_what_a_stream_holds() -> None:
     # Each open stream holds its two connections, parsers, request and response:
     # kilobytes, not bytes (nothing counted) nor megabytes (something leaked per stream).
     assert 5_000 < found["heap_bytes_per_open_stream"] < 60_000
+
+
+def test_memory_per_open_stream_counts_the_c_heap_and_the_resident_set() -> None:
+    found = counts("memory", "--streams", "50")
+    # What malloc hands out per stream (~5 KB: Python's larger objects and the C
+    # libraries' own) and the resident set (~20 KB): kilobytes, below megabytes.
+    assert 1_000 < found["malloc_bytes_per_open_stream"] < 40_000
+    assert found["malloc_bytes_per_open_stream"] < found["rss_bytes_per_open_stream"] < 100_000
