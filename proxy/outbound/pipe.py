@@ -87,6 +87,7 @@ class BodyPipe:
         "_client_gone",
         "_head",
         "_held",
+        "_events",
         "_keep_first",
         "_out",
         "_response",
@@ -107,6 +108,7 @@ class BodyPipe:
         request: web.BaseRequest,
         prepared: web.StreamResponse,
         *,
+        events: bool = False,
         keep_first: bool = False,
     ) -> None:
         self._response = response
@@ -136,8 +138,11 @@ class BodyPipe:
         # start of the last event, which a large one (a Responses stream's
         # response.completed carries the whole response) can spread over more
         # pieces than the last two (observe/stream_end.py).
+        # Tracked for event streams only (``events``): no other body is read
+        # for its last event, and a binary piece would be kept alive for nothing.
         self.event_start = b""
         self.event_start_at = 0  # the count of bytes sent before it
+        self._events = events
         # With keep_first (an Anthropic event stream), its first event: where
         # it reports its input tokens.
         self._keep_first = keep_first
@@ -231,7 +236,7 @@ class BodyPipe:
                         out.write(data)
                     if not self.sent:
                         self._first_piece(data)
-                    elif self.tail.endswith(_EVENT_ENDS):
+                    elif self._events and self.tail.endswith(_EVENT_ENDS):
                         self.event_start, self.event_start_at = data, self.sent
                     self.sent += len(data)
                     self.previous = self.tail
@@ -255,7 +260,8 @@ class BodyPipe:
     def _first_piece(self, data: bytes) -> None:
         """Note the body's first piece: it starts an event, and with keep_first
         its first event is kept."""
-        self.event_start = data
+        if self._events:
+            self.event_start = data
         if self._keep_first:
             self.first = _first_event(data)
 

@@ -84,11 +84,7 @@ async def relay(
             finally:
                 _answer_ended(ex, len(whole), whole)
         else:
-            _body_follows(answered, ex, request, observer)
-            # Only an Anthropic stream reports usage in its first event
-            # (observe/usage.py): any other keeps none of it while it is open.
-            keep_first = ex.content_type.startswith(_SSE) and anthropic_path(ex.path)
-            pipe = BodyPipe(upstream_resp, request, resp, keep_first=keep_first)
+            pipe = _body_follows(answered, ex, request, resp, observer)
             try:
                 failure = await pipe.run()
             finally:
@@ -164,11 +160,17 @@ def response_head(answered: Answered, ex: Exchange) -> tuple[web.StreamResponse,
 
 
 def _body_follows(
-    answered: Answered, ex: Exchange, request: web.BaseRequest, observer: Observer
-) -> None:
+    answered: Answered,
+    ex: Exchange,
+    request: web.BaseRequest,
+    resp: web.StreamResponse,
+    observer: Observer,
+) -> BodyPipe:
     """The head is out and the body is to be piped: the client connection's idle
     timer cannot act until it ends (server/connections.py); from here on, bound
-    the silence between two body chunks, and count an open stream."""
+    the silence between two body chunks, and count an open stream. The pipe
+    tracks events only in an event stream, and keeps the first one only in an
+    Anthropic stream, the one that reports usage there (observe/usage.py)."""
     drop_keepalive_timer = getattr(request.protocol, "drop_keepalive_timer", None)
     if drop_keepalive_timer is not None:
         drop_keepalive_timer()
@@ -177,6 +179,9 @@ def _body_follows(
     upstream_resp.forget_head()
     if ex.streaming:
         observer.stream_opened(ex)
+    events = ex.content_type.startswith(_SSE)
+    keep_first = events and anthropic_path(ex.path)
+    return BodyPipe(upstream_resp, request, resp, events=events, keep_first=keep_first)
 
 
 def _client_left(request: web.BaseRequest, ex: Exchange, pipe: BodyPipe | None) -> Outcome:
