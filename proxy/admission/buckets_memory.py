@@ -307,7 +307,14 @@ class MemoryRateLimiter:
         """Drop every bucket that is full, a slice at a time; return how many."""
         total = 0
         spent = 0  # heap entries handled since the last yield
+        min_peak = self.COMPACT_MIN_PEAK
         for shard in self._all_shards:
+            if not shard.heap and shard.peak < min_peak:
+                # No bucket (each has one heap entry) and no table to give back:
+                # nothing to do, so no call. Most shards on most sweeps, and all
+                # of them with no limit configured (docs/decisions.md, "The
+                # rate-limit sweep passes over empty shards").
+                continue
             while True:
                 dropped, left = shard.evict(self._clock(), self.SWEEP_SLICE - spent)
                 total += dropped

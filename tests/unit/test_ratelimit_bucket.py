@@ -177,6 +177,25 @@ async def test_sweep_gives_back_the_table_of_a_shrunken_dict() -> None:
     assert sys.getsizeof(limiter._shards[0].buckets) < big // 10
 
 
+async def test_a_sweep_passes_over_shards_that_hold_nothing() -> None:
+    """The sweeper runs every second, limits configured or not: shards with no
+    bucket and no table to give back cost it no call (not even the clock)."""
+    reads = 0
+
+    def clock() -> int:
+        nonlocal reads
+        reads += 1
+        return 10**15
+
+    limiter = MemoryRateLimiter(clock, shards=256)
+    assert await limiter.sweep() == 0
+    assert reads == 0
+    limiter.acquire_now("one", LIMIT)  # one shard of 512 holds a bucket now
+    reads = 0
+    await limiter.sweep()
+    assert reads == 1
+
+
 async def test_the_started_sweeper_evicts_without_any_request() -> None:
     clock = FakeClock()
     limiter = MemoryRateLimiter(clock)
