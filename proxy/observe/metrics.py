@@ -250,7 +250,7 @@ class Metrics:
     async def handle(self, request: web.Request) -> web.Response:
         """``GET /metrics``. Neither rate limited nor access-logged (scrapes would drown it)."""
         body, content_type = self.render(request.headers.get("Accept"))
-        resp = web.Response(body=body)
+        resp = web.Response(body=body, headers={"Server": SERVER})
         # Set whole: the type carries parameters (version, escaping) aiohttp must not re-split.
         resp.headers["Content-Type"] = content_type
         return resp
@@ -331,8 +331,8 @@ def metrics_app(metrics: Metrics, path: str) -> web.Application:
 
 
 async def _name_server(request: web.Request, response: web.StreamResponse) -> None:
-    # Every answer of this listener, its 404s included (the main app names
-    # its own in middlewares.error_middleware).
+    # Every answer of this listener, its 404s included (the main app's views
+    # name their own answers).
     response.headers["Server"] = SERVER
 
 

@@ -18,8 +18,9 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from .. import SERVER
 from ..config.settings import LogSettings, Settings
-from ..errors import ProxyError, TokensLimited, error_response
+from ..errors import ProxyError, TokensLimited, error_response, from_http_exception
 from .access_log import AccessLines, AccessRecord, access_logger, direct_sink
 from .charge import Charge
 from .exchange import EXCHANGE, OUR_REQUEST_ID_HEADER, Exchange, Outcome, request_id_for
@@ -33,6 +34,8 @@ __all__ = ["Observer", "View", "make_observer"]
 _UPSTREAM_CUT: tuple[Outcome, ...] = ("upstream_reset", "idle_timeout")
 
 View = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+log = logging.getLogger("oaimux")
 
 
 class Observer:
@@ -202,12 +205,38 @@ class Observer:
             self.rate_limited(ex, err)
         return resp
 
+    def render_failure(self, exc: Exception, ex: Exchange) -> web.Response:
+        """The error boundary: the answer to ``exc``, which is not a
+        :class:`ProxyError` (those go to :meth:`render_error`) and which a view
+        raised before it answered, noted on ``ex``. An aiohttp ``HTTPException``
+        of 400 or more becomes our error JSON (in the dialect of the request's
+        path); any other exception is logged once, with its traceback, and
+        answered 500, never shown to the client. What is not an error to
+        answer is raised again: an ``HTTPException`` below 400 (aiohttp sends
+        it as the response), a client that went away, a timeout.
+
+        Call it from the view's ``except`` block (the log line takes the
+        traceback from there). Each view holds the boundary, not a middleware,
+        so that aiohttp runs no middleware chain per request (docs/decisions.md,
+        "The error boundary is in the views").
+        """
+        ex.failed_before_response(exc)
+        if isinstance(exc, web.HTTPException):
+            if exc.status < 400:
+                raise exc
+            return error_response(from_http_exception(exc), ex.path)
+        if isinstance(exc, ConnectionError | TimeoutError):
+            raise exc
+        log.exception("unexpected error handling %s %s", ex.method, ex.path[:200])
+        return error_response(ProxyError("The proxy failed to handle the request."), ex.path)
+
     # -- the proxy's own endpoints
 
     def observed(self, view: View) -> View:
         """Wrap one of the proxy's own views (``/v1/models``, ``/about``) so it is
-        logged and counted like a proxied request. The view may fill in the
-        caller through ``request[EXCHANGE]``."""
+        logged and counted like a proxied request, its errors answered as ours
+        (:meth:`render_failure`) and its answer named ``Server: oaimux``. The
+        view may fill in the caller through ``request[EXCHANGE]``."""
 
         async def observed_view(request: web.Request) -> web.StreamResponse:
             ex = Exchange(
@@ -224,7 +253,10 @@ class Observer:
                     resp = await view(request)
                 except ProxyError as err:
                     return self.render_error(err, ex)
+                except Exception as exc:  # noqa: BLE001 - the boundary; see render_failure
+                    return self.render_failure(exc, ex)
                 ex.status = resp.status
+                resp.headers["Server"] = SERVER
                 body = resp.body if isinstance(resp, web.Response) else None
                 if isinstance(body, bytes):
                     ex.bytes_out = len(body)
@@ -233,7 +265,7 @@ class Observer:
                 if ex.budget is not None:
                     ex.budget.add_headers(resp.headers)
                 return resp
-            except BaseException as exc:
+            except BaseException as exc:  # cancelled: the client went away
                 ex.failed_before_response(exc)
                 raise
             finally:

@@ -41,7 +41,7 @@ from .keys import (
     STARTED_AT,
     UPSTREAMS,
 )
-from .middlewares import Cors, error_middleware
+from .middlewares import Cors
 from .refusals import expect_continue
 from .views import about_view, healthz_view, model_view, models_view, proxy_view
 
@@ -165,10 +165,11 @@ async def _limiter_ctx(app: web.Application) -> AsyncIterator[None]:
 
 def create_app(settings: Settings, observer: Observer | None = None) -> web.Application:
     """Build the application for ``settings``. Does no I/O."""
-    middlewares = [error_middleware]
+    # No middleware but CORS's: each view is its own error boundary, and with
+    # none aiohttp runs no middleware chain per request (docs/decisions.md,
+    # "The error boundary is in the views").
     cors = Cors(settings.server.cors) if settings.server.cors is not None else None
-    if cors is not None:
-        middlewares.insert(0, cors.middleware)
+    middlewares = [cors.middleware] if cors is not None else []
     app = web.Application(middlewares=middlewares, client_max_size=settings.server.max_body_bytes)
     app[RUNTIME] = RuntimeHolder(build_runtime(settings))
     app[STARTED_AT] = time.time()
@@ -199,5 +200,8 @@ def create_app(settings: Settings, observer: Observer | None = None) -> web.Appl
         # Not rate limited, not logged; with metrics.listen it moves to its own
         # listener (process.py), off the port that faces clients.
         router.add_get(settings.metrics.path, observer.metrics.handle)
-    router.add_route("*", "/{tail:.*}", proxy_view, expect_handler=expect_continue)
+    # Every origin-form target, a line feed in it too (``(?s)``): the router
+    # never answers by itself, in aiohttp's plain text. Other target forms are
+    # refused by the connection (connections.py).
+    router.add_route("*", "/{tail:(?s:.*)}", proxy_view, expect_handler=expect_continue)
     return app

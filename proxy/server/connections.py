@@ -34,17 +34,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from typing import Any, cast
 
 from aiohttp import web
 from aiohttp.base_protocol import BaseProtocol
 from aiohttp.http_exceptions import HttpProcessingError
-from aiohttp.streams import StreamReader
+from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
 
 from .. import SERVER
 from ..observe.observer import Observer
-from .refusals import HEAD_START_LIMIT, refuse_late_head, refuse_malformed
+from .refusals import HEAD_START_LIMIT, OtherTargetForm, refuse_late_head, refuse_malformed
 from .send_watch import SendWatch
 
 __all__ = ["GuardedRequestHandler"]
@@ -127,6 +128,8 @@ class GuardedRequestHandler(RequestHandler, _NagleOffAlready):
                 self._head_deadline = None
             message, payload = messages[-1]
             if not isinstance(message, _ErrInfo):  # a refusal keeps them for handle_error
+                if (message.path[:1] != "/" or len(messages) > 1) and _refuse_other_forms(messages):
+                    return
                 self._head_start = b""
                 self._body = payload
                 if message.upgrade:  # a WebSocket can stay open as long as a stream
@@ -238,6 +241,21 @@ class GuardedRequestHandler(RequestHandler, _NagleOffAlready):
             return resp
         head_start, self._head_start = self._head_start, b""
         return refuse_malformed(request, exc, head_start, self._observer)
+
+
+def _refuse_other_forms(messages: deque[Any]) -> bool:
+    """Turn each parsed head whose target is not in origin form into a refusal
+    (:class:`OtherTargetForm`, answered by ``handle_error``); return whether the
+    last one was. The router then never meets such a target: its own answer
+    would be aiohttp's plain text (docs/decisions.md, "The error boundary is in
+    the views")."""
+    refused = False
+    for i, (message, _) in enumerate(messages):
+        refused = not isinstance(message, _ErrInfo) and message.path[:1] != "/"
+        if refused:
+            exc = OtherTargetForm()
+            messages[i] = (_ErrInfo(status=400, exc=exc, message=exc.message), EMPTY_PAYLOAD)
+    return refused
 
 
 def _resolve_after(ended: asyncio.Future[None], handler: asyncio.Task[None] | None) -> None:

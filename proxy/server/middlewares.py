@@ -1,62 +1,26 @@
-"""The error boundary and CORS, ordered in one place (app.py).
+"""CORS, the app's one middleware, and only when ``server.cors`` is set (app.py).
 
-``error_middleware`` is outermost: a :class:`ProxyError`, an aiohttp
-``HTTPException`` (router 404/405, 413) or any unexpected exception becomes
-our error JSON (errors.error_response: Anthropic's shape on its paths), unless
-the response has already started, in which case nothing can be added to it
-(the connection is aborted instead). Unexpected
-exceptions are logged once, server-side, and never shown to the client. The
-answers of the proxy's own endpoints get its ``Server`` header here.
+There is no error middleware: each view is its own error boundary
+(observe/observer.py, ``Observer.render_error`` and ``render_failure``), the
+router answers every origin-form target (app.py) and the connection refuses
+the other target forms (connections.py), so aiohttp runs no middleware chain
+for a request unless CORS is on (docs/decisions.md, "The error boundary is in
+the views").
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
 from .. import SERVER
 from ..config.settings import CorsSettings
-from ..errors import OriginNotAllowed, ProxyError, error_response, from_http_exception
+from ..errors import OriginNotAllowed, error_response
 
-__all__ = ["Cors", "error_middleware"]
-
-log = logging.getLogger("oaimux")
+__all__ = ["Cors"]
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    try:
-        resp = await handler(request)
-    except Exception as exc:  # noqa: BLE001 - the boundary; see _answer
-        return _answer(request, exc)
-    if not resp.prepared:  # a relayed answer went out named by its header policy
-        resp.headers["Server"] = SERVER
-    return resp
-
-
-def _answer(request: web.Request, exc: Exception) -> web.StreamResponse:
-    """The error JSON for ``exc`` (OpenAI's, or Anthropic's on its paths), raised by a
-    view before it answered.
-
-    Call it only from an ``except`` block (the log line takes the traceback
-    from there). What is not an error to answer is raised again: an
-    ``HTTPException`` below 400 (aiohttp sends it as the response), a client
-    that went away, a timeout.
-    """
-    if isinstance(exc, ProxyError):
-        return error_response(exc, _path_of(request))
-    if isinstance(exc, web.HTTPException):
-        if exc.status < 400:
-            raise exc
-        return error_response(from_http_exception(exc), _path_of(request))
-    if isinstance(exc, ConnectionError | TimeoutError):
-        raise exc
-    log.exception("unexpected error handling %s %s", request.method, request.path[:200])
-    return error_response(ProxyError("The proxy failed to handle the request."), _path_of(request))
 
 
 def _path_of(request: web.BaseRequest) -> str:

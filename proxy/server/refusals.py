@@ -5,7 +5,8 @@ path's dialect (OpenAI's, or Anthropic's on its paths: errors.error_response).
   connection opening gets a 408, written raw: no request object exists for a
   head that never completed.
 - A request head the HTTP parser refuses (CL/TE conflicts, bad framing,
-  control characters, oversized lines, too many headers) is answered as JSON
+  control characters, oversized lines, too many headers), or whose target is
+  not in origin form (:class:`OtherTargetForm`), is answered as JSON
   and the connection closed; the refusal is logged as one line that never
   quotes the offending bytes (they can hold a client's key).
 - :func:`expect_continue` answers ``Expect: 100-continue`` for the proxy's
@@ -30,7 +31,7 @@ import logging
 import re
 
 from aiohttp import web
-from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError, LineTooLong
+from aiohttp.http_exceptions import BadHttpMessage, BadHttpMethod, HttpProcessingError, LineTooLong
 
 from .. import SERVER
 from ..errors import (
@@ -51,6 +52,7 @@ from .keys import OBSERVER, RUNTIME
 
 __all__ = [
     "HEAD_START_LIMIT",
+    "OtherTargetForm",
     "expect_continue",
     "refuse_late_head",
     "refuse_malformed",
@@ -68,6 +70,16 @@ HEAD_START_LIMIT = 8192
 _REQUEST_LINE = re.compile(
     rb"(?:\r?\n)*([!#$%&'*+.^_`|~0-9A-Za-z-]{1,32}) ([!-~]{1,8190}) HTTP/[0-9]\.[0-9]\r?\n"
 )
+
+
+class OtherTargetForm(BadHttpMessage):
+    """A request target not in origin form (``/path?query``): an absolute URL,
+    ``CONNECT``'s ``host:port`` or ``OPTIONS *``, as if the proxy were a forward
+    proxy (docs/faults.md, "Absolute-form targets and CONNECT"). Refused by the
+    connection (connections.py) before any view, like a head the parser refuses."""
+
+    def __init__(self) -> None:
+        super().__init__("Only origin-form request targets are accepted.")
 
 
 def _request_line(head_start: bytes) -> tuple[str, str] | None:
@@ -136,6 +148,8 @@ def refuse_malformed(
     err: ProxyError
     if isinstance(exc, LineTooLong) or "Too many headers" in str(exc.message):
         err = HeadersTooLarge("The request line or headers are too large.")
+    elif isinstance(exc, OtherTargetForm):
+        err = InvalidRequest(exc.message, code="invalid_path")
     else:
         err = InvalidRequest(
             "The request is not valid HTTP/1.1 and was refused.", code="malformed_request"

@@ -5,7 +5,10 @@ the head and target → choose the route (read the body and find the model, or
 match a path route; check the key may use that model) → take a rate-limit
 token → prepare the routed request → forward → relay the answer. The stages
 live in inbound/ and outbound/; :func:`_route_and_send` calls each once, in
-order. Errors before forwarding are rendered by errors.error_response.
+order. Errors before forwarding are rendered by errors.error_response; each
+view is its own error boundary (Observer.render_error, render_failure): the app
+has no middleware but CORS's (docs/decisions.md, "The error boundary is in the
+views").
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import time
 
 from aiohttp import web
 
-from .. import __version__
+from .. import SERVER, __version__
 from ..admission.admission import Caller, unauthorized
 from ..admission.proxy_keys import KeyTable
 from ..config.settings import Route
@@ -75,7 +78,9 @@ async def proxy_view(request: web.Request) -> web.StreamResponse:
                 ex.bytes_in = answer.upload.size
     except ProxyError as err:
         return observer.render_error(err, ex)
-    except BaseException as exc:  # client gone (cancelled), or a bug: still logged
+    except Exception as exc:  # noqa: BLE001 - the error boundary; see render_failure
+        return observer.render_failure(exc, ex)
+    except BaseException as exc:  # the client went away (cancelled): still logged
         ex.failed_before_response(exc)
         raise
     finally:
@@ -222,4 +227,8 @@ async def about_view(request: web.Request) -> web.Response:
 
 async def healthz_view(request: web.Request) -> web.Response:
     """``GET /healthz``: the process is up and serving. Not rate limited."""
-    return web.json_response({"status": "ok"})
+    return web.json_response({"status": "ok"}, headers=_NAMED)
+
+
+# aiohttp's own Server header names its version (README, "What never comes back").
+_NAMED = {"Server": SERVER}

@@ -147,6 +147,22 @@ async def test_every_response_is_named_oaimux_without_a_version(upstream_url: st
             assert [line.split(b":", 1)[1].strip() for line in named] == [b"oaimux"], (name, head)
 
 
+async def test_every_answer_is_named_without_cors_too(upstream_url: str) -> None:
+    """With ``server.cors`` the app has a middleware; without it none, and each
+    view names its own answers (docs/decisions.md, "The error boundary is in the
+    views")."""
+    plain = config(upstream_url)
+    del plain["server"]["cors"]
+    settings = parse_settings(plain, environ={})
+    async with running_proxy(settings) as proxy, aiohttp.ClientSession() as session:
+        for name, (call, status) in CALLS.items():
+            if name.startswith("preflight"):
+                continue
+            resp = await call(session, proxy.url)
+            assert resp.status == status, (name, resp.status)
+            assert_named(name, resp.headers)
+
+
 async def test_the_metrics_listener_is_named_oaimux_too() -> None:
     runner = await serve_metrics(Metrics(), "/metrics", "127.0.0.1", 0)
     try:

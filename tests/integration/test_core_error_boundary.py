@@ -1,0 +1,159 @@
+"""The error boundary without a middleware (docs/decisions.md, "The error
+boundary is in the views"): whatever a view raises, and whatever target a
+client sends, the answer is the proxy's error JSON named ``Server: oaimux``,
+never aiohttp's plain text and version.
+
+The proxy is served as ``oaimux serve`` serves it (``running_proxy``: the
+guarded connections). An unexpected exception has no real trigger (it is a
+bug), so those tests put one in a stage of the request path with
+``monkeypatch``: the only fault injected into our own code here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from proxy.config import parse_settings
+from proxy.server import views
+from tests.conftest import basic_config
+from tests.fakes.security import error_of, exchange, running_proxy, split_response
+from tests.fakes.upstream import FakeUpstream
+
+CHAT = b'{"model": "gpt-4o-mini", "messages": []}'
+
+
+def post(path: str, body: bytes = CHAT) -> bytes:
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+
+
+def assert_ours(raw: bytes, status: int, code: str) -> dict[str, Any]:
+    got, headers, body = split_response(raw)
+    assert got == status, raw[:300]
+    assert headers["server"] == "oaimux", raw[:300]
+    assert headers["content-type"].startswith("application/json"), raw[:300]
+    assert headers["x-oaimux-error"] == code, raw[:300]
+    return error_of(body)
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\n\r\n",
+        b"OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n",
+        # The proxy's own endpoint too, not only the proxied paths.
+        b"GET http://evil.example/v1/models HTTP/1.1\r\nHost: evil.example\r\n\r\n",
+    ],
+)
+async def test_targets_not_in_origin_form_are_refused_by_the_connection(
+    upstream_url: str, fake: FakeUpstream, head: bytes
+) -> None:
+    settings = parse_settings(basic_config(upstream_url), environ={})
+    async with running_proxy(settings) as proxy:
+        # The connection closes after the refusal: no settle needed.
+        raw = await exchange(proxy.port, head + b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
+    err = assert_ours(raw, 400, "invalid_path")
+    assert err["message"] == "Only origin-form request targets are accepted."
+    assert raw.count(b"HTTP/1.") == 1, "a request after the refused head was read"
+    assert fake.received == []
+
+
+async def test_a_pipelined_head_not_in_origin_form_is_refused_too(
+    upstream_url: str, fake: FakeUpstream
+) -> None:
+    """Two heads parsed from one read: the second is checked as well as the last."""
+    settings = parse_settings(basic_config(upstream_url), environ={})
+    async with running_proxy(settings) as proxy:
+        raw = await exchange(
+            proxy.port,
+            b"OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\nGET /healthz HTTP/1.1\r\nHost: a\r\n\r\n",
+        )
+    assert_ours(raw, 400, "invalid_path")
+    assert raw.count(b"HTTP/1.") == 1
+
+
+async def test_a_line_feed_in_the_path_is_routed_like_any_path(upstream_url: str) -> None:
+    """aiohttp's router matched ``.*``, which stops at a line feed: with no
+    middleware its own plain-text 404 would go out. The catch-all route takes it."""
+    settings = parse_settings(basic_config(upstream_url), environ={})
+    async with running_proxy(settings) as proxy:
+        for path in ("/v1/a%0Ab", "/v1/messages%0A", "/v1/models/a%0Ab"):
+            raw = await exchange(
+                proxy.port, f"GET {path} HTTP/1.1\r\nHost: a\r\n\r\n".encode(), settle=0.2
+            )
+            got, headers, body = split_response(raw)
+            # No such route (405 for a GET to a model path): the proxy's answer.
+            assert got in (404, 405), raw[:300]
+            assert headers["server"] == "oaimux"
+            assert headers["x-oaimux-error"] in ("unknown_url", "method_not_allowed")
+            assert json.loads(body)["error"]  # the OpenAI or the Anthropic shape
+
+
+async def test_an_unexpected_error_is_answered_500_in_the_dialect_and_logged(
+    upstream_url: str, fake: FakeUpstream, monkeypatch: Any, caplog: Any
+) -> None:
+    def broken(raw_path: str, raw_query: str) -> Any:
+        raise RuntimeError("secret detail sk-never-shown")
+
+    monkeypatch.setattr(views, "vet_target", broken)
+    settings = parse_settings(basic_config(upstream_url), environ={})
+    caplog.set_level(logging.ERROR, logger="oaimux")
+    async with running_proxy(settings) as proxy:
+        raw = await exchange(proxy.port, post("/v1/chat/completions"), settle=0.2)
+        anthropic = await exchange(proxy.port, post("/v1/messages"), settle=0.2)
+    err = assert_ours(raw, 500, "internal_error")
+    assert err["message"] == "The proxy failed to handle the request."
+    assert b"sk-never-shown" not in raw
+    status, headers, body = split_response(anthropic)
+    assert status == 500 and headers["server"] == "oaimux"
+    assert json.loads(body) == {
+        "type": "error",
+        "error": {"type": "api_error", "message": "The proxy failed to handle the request."},
+    }
+    logged = [r for r in caplog.records if "unexpected error handling" in r.getMessage()]
+    assert [r.getMessage() for r in logged] == [
+        "unexpected error handling POST /v1/chat/completions",
+        "unexpected error handling POST /v1/messages",
+    ]
+    assert all(r.exc_info is not None for r in logged)  # with the traceback, server-side
+    assert fake.received == []
+
+
+async def test_an_aiohttp_http_error_raised_in_a_view_is_our_json(
+    upstream_url: str, monkeypatch: Any
+) -> None:
+    def too_large(raw_path: str, raw_query: str) -> Any:
+        raise web.HTTPRequestEntityTooLarge(max_size=1, actual_size=2)
+
+    monkeypatch.setattr(views, "vet_target", too_large)
+    settings = parse_settings(basic_config(upstream_url), environ={})
+    async with running_proxy(settings) as proxy:
+        raw = await exchange(proxy.port, post("/v1/chat/completions"), settle=0.2)
+    assert_ours(raw, 413, "request_too_large")
+
+
+async def test_the_own_endpoints_have_the_same_boundary(
+    upstream_url: str, monkeypatch: Any, caplog: Any
+) -> None:
+    def broken(model_id: str, created: int) -> Any:
+        raise RuntimeError("broken")
+
+    monkeypatch.setattr(views, "_model_object", broken)
+    settings = parse_settings(basic_config(upstream_url), environ={})
+    caplog.set_level(logging.ERROR, logger="oaimux")
+    async with running_proxy(settings) as proxy:
+        raw = await exchange(
+            proxy.port, b"GET /v1/models/gpt-4o-mini HTTP/1.1\r\nHost: a\r\n\r\n", settle=0.2
+        )
+        # Still serving after it.
+        ok = await exchange(proxy.port, b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n", settle=0.2)
+    assert_ours(raw, 500, "internal_error")
+    assert any("unexpected error handling GET" in r.getMessage() for r in caplog.records)
+    assert split_response(ok)[0] == 200
