@@ -36,7 +36,14 @@ from ..config.settings import ServerSettings
 from ..errors import InvalidRequest, ProxyError, RequestTimeout
 from .model import FoundModel
 from .multipart_model import multipart_boundary
-from .routable import BodyBytes, decoded_for_routing, find_model, too_large
+from .routable import (
+    BodyBytes,
+    body_if_whole,
+    cut_short,
+    decoded_for_routing,
+    find_model,
+    too_large,
+)
 from .upload import MultipartHead, PartWatcher, read_until_model
 
 T = TypeVar("T")
@@ -111,6 +118,9 @@ async def read_body(request: web.Request, server: ServerSettings) -> BodyBytes:
     that arrived in pieces (or chunked) is a ``bytearray`` they were appended
     to. Nothing changes it once returned.
     """
+    whole = body_if_whole(request, server)
+    if whole is not None:
+        return whole
     return await _as_client_fault(_read_body(request, server), request)
 
 
@@ -163,8 +173,7 @@ async def _read_body(request: web.Request, server: ServerSettings) -> BodyBytes:
         return await _read_unsized(content, BodyBounds.start(server))
     if length == 0:
         return b""
-    # Small bodies usually arrived with the headers: take what aiohttp has
-    # buffered without arming a timer (nobody else waits on this reader).
+    # What aiohttp has buffered, without arming a timer (nobody else waits on it).
     buffered = content.read_nowait(-1)
     if len(buffered) >= length:
         return buffered
@@ -188,7 +197,7 @@ async def _read_body(request: web.Request, server: ServerSettings) -> BodyBytes:
                 if not chunk:
                     # aiohttp's parser raises on a short body; never hand one on
                     # should that change.
-                    raise _cut_short()
+                    raise cut_short()
                 body += chunk
                 wait.reschedule(bounds.due(loop.time()))
     except TimeoutError:
@@ -213,12 +222,6 @@ async def _read_unsized(content: StreamReader, bounds: BodyBounds) -> bytearray:
     except TimeoutError:
         raise bounds.timed_out() from None
     return body
-
-
-def _cut_short() -> InvalidRequest:
-    err = InvalidRequest("The request body was cut short.", code="incomplete_body")
-    err.close_connection = True
-    return err
 
 
 # Path-routed bodies above this size are streamed to the upstream as they

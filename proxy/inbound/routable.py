@@ -1,5 +1,6 @@
-"""The body as the router reads it: inflated (within a bound) when it came
-compressed, and the model found in it, as a JSON key or a form field.
+"""The body as the router reads it: taken whole when it came with its head
+(:func:`body_if_whole`), inflated (within a bound) when it came compressed,
+and the model found in it, as a JSON key or a form field.
 
 What is forwarded is the body as it came; this copy is for routing only.
 """
@@ -8,14 +9,23 @@ from __future__ import annotations
 
 import zlib
 
+from aiohttp import web
 from aiohttp.helpers import parse_mimetype
 
+from ..config.settings import ServerSettings
 from ..errors import InvalidRequest, RequestTooLarge
 from .json_model import find_json_model
 from .model import FoundModel, ModelAbsent
 from .multipart_model import find_multipart_model, multipart_boundary
 
-__all__ = ["BodyBytes", "decoded_for_routing", "find_model", "too_large"]
+__all__ = [
+    "BodyBytes",
+    "body_if_whole",
+    "cut_short",
+    "decoded_for_routing",
+    "find_model",
+    "too_large",
+]
 
 # A body read whole (body.read_body): bytes, or a bytearray filled as it arrived
 # (never changed after). Both are bytes-like: slice, find, write, send.
@@ -28,6 +38,29 @@ def too_large(limit: int) -> RequestTooLarge:
         f"The request body is larger than this proxy accepts ({limit} bytes).",
         param=None,
     )
+
+
+def body_if_whole(request: web.BaseRequest, server: ServerSettings) -> bytes | None:
+    """The body if all of it is in (a small one comes with its head) and sound:
+    read with no coroutine (docs/decisions.md, "A body that came with its head
+    is read without a coroutine"). Else None: body.py's ``read_body`` reads or refuses it."""
+    length = request.content_length
+    if length is None or length > server.max_body_bytes:
+        return None
+    content = request.content
+    if not content.is_eof() or content.exception() is not None:
+        return None
+    buffered = content.read_nowait(-1)
+    if len(buffered) != length:  # aiohttp's parser raises on a short body first
+        raise cut_short()
+    return buffered
+
+
+def cut_short() -> InvalidRequest:
+    """A body that ended before its ``Content-Length``: its connection closes."""
+    err = InvalidRequest("The request body was cut short.", code="incomplete_body")
+    err.close_connection = True
+    return err
 
 
 def decoded_for_routing(body: BodyBytes, content_encoding: str | None, limit: int) -> BodyBytes:

@@ -61,6 +61,7 @@ from .body import (
 )
 from .head import Target, vet_model
 from .model import ModelAbsent, rewrite_model
+from .routable import body_if_whole
 
 __all__ = [
     "MODEL_FORM_PATHS",
@@ -189,7 +190,8 @@ async def choose_route(
         server = runtime.settings.server
         boundary = streamable_form(request)
         if boundary is None:
-            body = await read_body(request, server)
+            whole = body_if_whole(request, server)  # no coroutine, most of the time
+            body = whole if whole is not None else await read_body(request, server)
             read = model_body(request, body, server, runtime.token_limited)
         else:
             read = await read_form_head(request, boundary, server)

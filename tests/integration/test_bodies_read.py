@@ -224,3 +224,39 @@ async def test_a_large_body_is_rewritten_in_place_of_the_model_only(
     assert split_response(raw)[0] == 200
     assert fake.last.body == body.replace(b'"model":"fast"', b'"model":"llama3.2:3b"')
     assert fake.last.headers["content-length"] == str(len(body) + len("llama3.2:3b") - 4)
+
+
+SMALL_LIMIT = 256
+
+
+@pytest.mark.parametrize("size", [2, SMALL_LIMIT, SMALL_LIMIT + 1])
+async def test_a_body_that_came_with_its_head_is_taken_whole_within_the_limit(
+    make_settings: Any, upstream_url: str, fake: FakeUpstream, size: int
+) -> None:
+    """Head and body in one write: the body is in before the view runs, and read
+    without waiting (inbound/routable.py, body_if_whole); the limit still applies,
+    and the next request on the connection is read as one."""
+    settings = make_settings(basic_config(upstream_url, server={"max_body_bytes": SMALL_LIMIT}))
+    body = b"{}" if size == 2 else chat_body(size)
+    assert len(body) == size
+    head = request_head(f"Content-Length: {len(body)}\r\n")
+    async with running_proxy(settings) as proxy:
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        try:
+            writer.write(head + body + head + body)
+            raw = b""
+            async with asyncio.timeout(10):
+                while len(responses_in(raw)) < 2 and (chunk := await reader.read(1 << 16)):
+                    raw += chunk
+        finally:
+            writer.close()
+    answers = responses_in(raw)
+    if size > SMALL_LIMIT:  # refused (the body was in: the connection goes on)
+        assert [status for status, _ in answers] == [413, 413]
+        assert error_of(answers[0][1])["code"] == "request_too_large"
+        assert fake.received == []
+    elif size == 2:  # no model
+        assert [status for status, _ in answers] == [400, 400]
+    else:
+        assert [status for status, _ in answers] == [200, 200]
+        assert [r.body for r in fake.received] == [body, body]
