@@ -5,6 +5,9 @@
 - A body that arrived whole with its head (most non-stream answers) goes out in
   one write together with the head; any other body is moved by the pipe
   (pipe.py) as it is parsed.
+- Before a body is piped, the view's ``piping`` hook is called: the server's
+  connection drops what only an idle connection needs (server/connections.py,
+  ``body_piped``); outbound/ never reaches up into the server's connection.
 - After the response is prepared, the response is the client's. A failure
   can only abort the client's connection, so no terminating chunk is written
   and the client library raises instead of taking a truncated body as whole
@@ -23,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 import aiohttp
 from aiohttp import web
@@ -60,10 +64,16 @@ def abort_client(request: web.BaseRequest) -> None:
 
 
 async def relay(
-    request: web.Request, answered: Answered, ex: Exchange, *, observer: Observer
+    request: web.Request,
+    answered: Answered,
+    ex: Exchange,
+    *,
+    observer: Observer,
+    piping: Callable[[web.BaseRequest], None] | None = None,
 ) -> web.StreamResponse:
     """Send the upstream's answer to the client: a body that came whole with its
-    head in one write with the head, any other chunk by chunk as it arrives."""
+    head in one write with the head, any other chunk by chunk as it arrives
+    (``piping`` told first: the server's, passed down; see the module docstring)."""
     upstream_resp, plan = answered.response, answered.plan
     completed = False
     resp: web.StreamResponse | None = None
@@ -84,6 +94,8 @@ async def relay(
             finally:
                 _answer_ended(ex, len(whole), whole)
         else:
+            if piping is not None:
+                piping(request)
             pipe = _body_follows(answered, ex, request, resp, observer)
             try:
                 failure = await pipe.run()
@@ -166,14 +178,10 @@ def _body_follows(
     resp: web.StreamResponse,
     observer: Observer,
 ) -> BodyPipe:
-    """The head is out and the body is to be piped: the client connection's idle
-    timer cannot act until it ends (server/connections.py); from here on, bound
-    the silence between two body chunks, and count an open stream. The pipe
-    tracks events only in an event stream, and keeps the first one only in an
+    """The head is out and the body is to be piped: from here on, bound the
+    silence between two body chunks, and count an open stream. The pipe tracks
+    events only in an event stream, and keeps the first one only in an
     Anthropic stream, the one that reports usage there (observe/usage.py)."""
-    drop_keepalive_timer = getattr(request.protocol, "drop_keepalive_timer", None)
-    if drop_keepalive_timer is not None:
-        drop_keepalive_timer()
     upstream_resp = answered.response
     upstream_resp.arm_idle_timeout(answered.plan.upstream.timeouts.idle)
     upstream_resp.forget_head()

@@ -48,7 +48,7 @@ from ..observe.observer import Observer
 from .refusals import HEAD_START_LIMIT, OtherTargetForm, refuse_late_head, refuse_malformed
 from .send_watch import SendWatch
 
-__all__ = ["GuardedRequestHandler"]
+__all__ = ["GuardedRequestHandler", "body_piped"]
 
 log = logging.getLogger("oaimux.connections")
 
@@ -241,6 +241,15 @@ class GuardedRequestHandler(RequestHandler, _NagleOffAlready):
             return resp
         head_start, self._head_start = self._head_start, b""
         return refuse_malformed(request, exc, head_start, self._observer)
+
+
+def body_piped(request: web.BaseRequest) -> None:
+    """A response body will be piped for a while (outbound/relay.py calls this,
+    passed down by the view, once the head is out): the connection drops its
+    keep-alive timer (:meth:`GuardedRequestHandler.drop_keepalive_timer`)."""
+    protocol = request.protocol
+    if isinstance(protocol, GuardedRequestHandler):
+        protocol.drop_keepalive_timer()
 
 
 def _refuse_other_forms(messages: deque[Any]) -> bool:

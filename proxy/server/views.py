@@ -39,6 +39,7 @@ from ..observe import EXCHANGE, Exchange, request_id_for
 from ..outbound.forward import Answered
 from ..outbound.relay import relay
 from ..runtime.runtime import Runtime
+from .connections import body_piped
 from .keys import FORWARDER, LIMITER, OBSERVER, REALTIME, RUNTIME, STARTED_AT
 
 __all__ = [
@@ -72,7 +73,7 @@ async def proxy_view(request: web.Request) -> web.StreamResponse:
         # state) is gone: a stream can run for minutes (docs/decisions.md,
         # "A stream holds neither the request body nor the retry state").
         try:
-            return await relay(request, answer, ex, observer=observer)
+            return await relay(request, answer, ex, observer=observer, piping=body_piped)
         finally:
             if answer.upload is not None:
                 ex.bytes_in = answer.upload.size
