@@ -51,6 +51,10 @@ _X_REQUEST_ID = istr("x-request-id")
 _X_ACCEL_BUFFERING = istr("X-Accel-Buffering")
 
 
+# Told that a body will be piped (see the module docstring).
+Piping = Callable[[web.BaseRequest], None]
+
+
 def abort_client(request: web.BaseRequest) -> None:
     """Close the client's connection without ending the response cleanly.
 
@@ -64,12 +68,7 @@ def abort_client(request: web.BaseRequest) -> None:
 
 
 async def relay(
-    request: web.Request,
-    answered: Answered,
-    ex: Exchange,
-    *,
-    observer: Observer,
-    piping: Callable[[web.BaseRequest], None] | None = None,
+    request: web.Request, answered: Answered, ex: Exchange, *, observer: Observer, piping: Piping
 ) -> web.StreamResponse:
     """Send the upstream's answer to the client: a body that came whole with its
     head in one write with the head, any other chunk by chunk as it arrives
@@ -94,8 +93,7 @@ async def relay(
             finally:
                 _answer_ended(ex, len(whole), whole)
         else:
-            if piping is not None:
-                piping(request)
+            piping(request)
             pipe = _body_follows(answered, ex, request, resp, observer)
             try:
                 failure = await pipe.run()
