@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 from aiohttp import web
 
-from proxy.config import parse_settings
+from proxy.config import Settings, parse_settings
 from proxy.server import views
 from tests.conftest import basic_config
 from tests.fakes.security import error_of, exchange, running_proxy, split_response
@@ -32,6 +33,20 @@ def post(path: str, body: bytes = CHAT) -> bytes:
         f"POST {path} HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\n\r\n"
     ).encode() + body
+
+
+def raises(exc: BaseException) -> Callable[..., Any]:
+    """A stand-in for a stage of the request path that fails with ``exc``."""
+
+    def stage(*args: Any) -> Any:
+        raise exc
+
+    return stage
+
+
+@pytest.fixture
+def settings(upstream_url: str) -> Settings:
+    return parse_settings(basic_config(upstream_url), environ={})
 
 
 def assert_ours(raw: bytes, status: int, code: str) -> dict[str, Any]:
@@ -53,9 +68,8 @@ def assert_ours(raw: bytes, status: int, code: str) -> dict[str, Any]:
     ],
 )
 async def test_targets_not_in_origin_form_are_refused_by_the_connection(
-    upstream_url: str, fake: FakeUpstream, head: bytes
+    settings: Settings, fake: FakeUpstream, head: bytes
 ) -> None:
-    settings = parse_settings(basic_config(upstream_url), environ={})
     async with running_proxy(settings) as proxy:
         # The connection closes after the refusal: no settle needed.
         raw = await exchange(proxy.port, head + b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
@@ -66,10 +80,9 @@ async def test_targets_not_in_origin_form_are_refused_by_the_connection(
 
 
 async def test_a_pipelined_head_not_in_origin_form_is_refused_too(
-    upstream_url: str, fake: FakeUpstream
+    settings: Settings, fake: FakeUpstream
 ) -> None:
-    """Two heads parsed from one read: the second is checked as well as the last."""
-    settings = parse_settings(basic_config(upstream_url), environ={})
+    """Two heads parsed from one read: the first is checked as well as the last."""
     async with running_proxy(settings) as proxy:
         raw = await exchange(
             proxy.port,
@@ -79,10 +92,9 @@ async def test_a_pipelined_head_not_in_origin_form_is_refused_too(
     assert raw.count(b"HTTP/1.") == 1
 
 
-async def test_a_line_feed_in_the_path_is_routed_like_any_path(upstream_url: str) -> None:
+async def test_a_line_feed_in_the_path_is_routed_like_any_path(settings: Settings) -> None:
     """aiohttp's router matched ``.*``, which stops at a line feed: with no
     middleware its own plain-text 404 would go out. The catch-all route takes it."""
-    settings = parse_settings(basic_config(upstream_url), environ={})
     async with running_proxy(settings) as proxy:
         for path in ("/v1/a%0Ab", "/v1/messages%0A", "/v1/models/a%0Ab"):
             raw = await exchange(
@@ -97,13 +109,9 @@ async def test_a_line_feed_in_the_path_is_routed_like_any_path(upstream_url: str
 
 
 async def test_an_unexpected_error_is_answered_500_in_the_dialect_and_logged(
-    upstream_url: str, fake: FakeUpstream, monkeypatch: Any, caplog: Any
+    settings: Settings, fake: FakeUpstream, monkeypatch: Any, caplog: Any
 ) -> None:
-    def broken(raw_path: str, raw_query: str) -> Any:
-        raise RuntimeError("secret detail sk-never-shown")
-
-    monkeypatch.setattr(views, "vet_target", broken)
-    settings = parse_settings(basic_config(upstream_url), environ={})
+    monkeypatch.setattr(views, "vet_target", raises(RuntimeError("detail sk-never-shown")))
     caplog.set_level(logging.ERROR, logger="oaimux")
     async with running_proxy(settings) as proxy:
         raw = await exchange(proxy.port, post("/v1/chat/completions"), settle=0.2)
@@ -127,26 +135,19 @@ async def test_an_unexpected_error_is_answered_500_in_the_dialect_and_logged(
 
 
 async def test_an_aiohttp_http_error_raised_in_a_view_is_our_json(
-    upstream_url: str, monkeypatch: Any
+    settings: Settings, monkeypatch: Any
 ) -> None:
-    def too_large(raw_path: str, raw_query: str) -> Any:
-        raise web.HTTPRequestEntityTooLarge(max_size=1, actual_size=2)
-
-    monkeypatch.setattr(views, "vet_target", too_large)
-    settings = parse_settings(basic_config(upstream_url), environ={})
+    too_large = web.HTTPRequestEntityTooLarge(max_size=1, actual_size=2)
+    monkeypatch.setattr(views, "vet_target", raises(too_large))
     async with running_proxy(settings) as proxy:
         raw = await exchange(proxy.port, post("/v1/chat/completions"), settle=0.2)
     assert_ours(raw, 413, "request_too_large")
 
 
 async def test_the_own_endpoints_have_the_same_boundary(
-    upstream_url: str, monkeypatch: Any, caplog: Any
+    settings: Settings, monkeypatch: Any, caplog: Any
 ) -> None:
-    def broken(model_id: str, created: int) -> Any:
-        raise RuntimeError("broken")
-
-    monkeypatch.setattr(views, "_model_object", broken)
-    settings = parse_settings(basic_config(upstream_url), environ={})
+    monkeypatch.setattr(views, "_model_object", raises(RuntimeError("broken")))
     caplog.set_level(logging.ERROR, logger="oaimux")
     async with running_proxy(settings) as proxy:
         raw = await exchange(
