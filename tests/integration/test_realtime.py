@@ -448,6 +448,60 @@ async def test_rate_limit_and_proxy_keys_apply_to_the_handshake(
     assert upstream.ws_request.headers["authorization"] == f"Bearer {UPSTREAM_KEY}"
 
 
+async def test_a_model_outside_the_keys_list_is_refused_before_the_upgrade_as_in_a_body(
+    aiohttp_client: Any, upstream_server: TestServer, upstream: OpenAILike
+) -> None:
+    """The same judge, and the same words, as for a model in a request body; a
+    body's refusal is counted under its route's model, a handshake's under none."""
+    proxy = await serve_proxy(
+        aiohttp_client,
+        config(
+            upstream_server,
+            auth={"keys": [{"name": "team", "key": "sk-proxy-team-key", "models": ["voice"]}]},
+        ),
+    )
+    auth = {"Authorization": "Bearer sk-proxy-team-key"}
+    resp = await proxy.get(
+        "/v1/realtime?model=gpt-4o-realtime-preview",
+        headers={
+            **auth,
+            "Connection": "Upgrade",
+            "Upgrade": "websocket",
+            "Sec-WebSocket-Version": "13",
+            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+        },
+    )
+    assert resp.status == 403
+    assert resp.headers["x-oaimux-error"] == "model_not_allowed"
+    error = (await resp.json())["error"]
+    assert error == {
+        "message": "Your key may not use the model 'gpt-4o-realtime-preview'.",
+        "type": "invalid_request_error",
+        "param": "model",
+        "code": "model_not_allowed",
+    }
+    as_body = await proxy.post(
+        "/v1/chat/completions",
+        json={"model": "gpt-4o-realtime-preview", "messages": []},
+        headers=auth,
+    )
+    assert as_body.status == 403
+    assert (await as_body.json())["error"] == error
+    assert upstream.received == []
+    ws = await connect(proxy, "model=voice", headers=auth)  # the one it may use
+    await ws.close()
+    metrics = await proxy.get("/metrics")
+    refused = [
+        line
+        for line in (await metrics.text()).splitlines()
+        if line.startswith("oaimux_requests_total{") and 'status_class="4xx"' in line
+    ]
+    assert sorted(refused) == [
+        'oaimux_requests_total{model="",status_class="4xx",upstream=""} 1.0',
+        'oaimux_requests_total{model="gpt-4o-realtime-preview",status_class="4xx",upstream=""} 1.0',
+    ]
+
+
 @pytest.mark.parametrize(
     ("refusal", "status", "code"),
     [
