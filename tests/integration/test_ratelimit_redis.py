@@ -27,8 +27,8 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from proxy.admission.buckets import StorageUnavailable
 from proxy.admission.buckets_redis import KEY_PREFIX, RedisRateLimiter
-from proxy.config import RateLimitSettings, parse_settings
-from proxy.server.app import create_app, server_options
+from proxy.config import RateLimitSettings
+from tests.conftest import ServeConfig
 from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.redis
@@ -62,23 +62,6 @@ def config(upstream_url: str, storage: str, **rate: Any) -> dict[str, Any]:
     }
 
 
-@pytest.fixture
-async def proxy(aiohttp_client: Any) -> Any:
-    async def make(cfg: dict[str, Any]) -> Client:
-        app = create_app(parse_settings(cfg, environ={}))
-        client: Client = await aiohttp_client(app, server_kwargs=server_options())
-        return client
-
-    return make
-
-
-@pytest.fixture
-async def redis_client(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_server.url)
-    yield client
-    await client.aclose()
-
-
 async def post(client: Client | aiohttp.ClientSession, url: Any = "/v1/chat/completions") -> int:
     async with client.post(url, data=CHAT, headers=JSON) as resp:
         await resp.read()
@@ -86,12 +69,12 @@ async def post(client: Client | aiohttp.ClientSession, url: Any = "/v1/chat/comp
 
 
 async def test_buckets_live_in_redis_with_a_ttl_of_their_time_to_full(
-    proxy: Any,
+    serve_config: ServeConfig,
     upstream: tuple[str, list[int]],
     redis_server: RedisServer,
     redis_client: aioredis.Redis,
 ) -> None:
-    client = await proxy(config(upstream[0], redis_server.url))
+    client = await serve_config(config(upstream[0], redis_server.url))
     assert [await post(client) for _ in range(4)] == [200, 200, 200, 429]
     keys = await redis_client.keys(KEY_PREFIX + "*")
     assert keys == [f"{KEY_PREFIX}ip:127.0.0.1|global".encode()]
@@ -106,13 +89,13 @@ async def test_buckets_live_in_redis_with_a_ttl_of_their_time_to_full(
 
 
 async def test_idle_buckets_vanish_from_redis(
-    proxy: Any,
+    serve_config: ServeConfig,
     upstream: tuple[str, list[int]],
     redis_server: RedisServer,
     redis_client: aioredis.Redis,
 ) -> None:
     # 60000 a minute: a token refills in 1 ms, so the key expires at once.
-    client = await proxy(config(upstream[0], redis_server.url, requests_per_minute=60000))
+    client = await serve_config(config(upstream[0], redis_server.url, requests_per_minute=60000))
     assert await post(client) == 200
     async with asyncio.timeout(5):
         while await redis_client.keys(KEY_PREFIX + "*"):
@@ -120,12 +103,12 @@ async def test_idle_buckets_vanish_from_redis(
 
 
 async def test_a_flushed_script_is_sent_again(
-    proxy: Any,
+    serve_config: ServeConfig,
     upstream: tuple[str, list[int]],
     redis_server: RedisServer,
     redis_client: aioredis.Redis,
 ) -> None:
-    client = await proxy(config(upstream[0], redis_server.url))
+    client = await serve_config(config(upstream[0], redis_server.url))
     assert await post(client) == 200
     await redis_client.script_flush()  # the next EVALSHA answers NOSCRIPT
     assert await post(client) == 200
@@ -150,9 +133,9 @@ async def burst_of(urls: list[Any], n: int) -> list[int]:
 
 
 async def test_500_concurrent_requests_against_burst_100_admit_exactly_100(
-    proxy: Any, upstream: tuple[str, list[int]], redis_server: RedisServer
+    serve_config: ServeConfig, upstream: tuple[str, list[int]], redis_server: RedisServer
 ) -> None:
-    client = await proxy(config(upstream[0], redis_server.url, burst=100))
+    client = await serve_config(config(upstream[0], redis_server.url, burst=100))
     statuses = await burst_of([client.make_url("/v1/chat/completions")], 500)
     assert statuses.count(200) == 100
     assert statuses.count(429) == 400
@@ -160,10 +143,10 @@ async def test_500_concurrent_requests_against_burst_100_admit_exactly_100(
 
 
 async def test_two_proxies_sharing_redis_admit_one_budget(
-    proxy: Any, upstream: tuple[str, list[int]], redis_server: RedisServer
+    serve_config: ServeConfig, upstream: tuple[str, list[int]], redis_server: RedisServer
 ) -> None:
     cfg = config(upstream[0], redis_server.url, burst=100)
-    one, two = await proxy(cfg), await proxy(cfg)
+    one, two = await serve_config(cfg), await serve_config(cfg)
     urls = [one.make_url("/v1/chat/completions"), two.make_url("/v1/chat/completions")]
     statuses = await burst_of(urls, 500)
     # Each proxy got 250 requests: with a budget each they would admit 200.
@@ -273,13 +256,13 @@ async def test_two_proxy_processes_sharing_redis_admit_one_budget(
 
 
 async def test_fail_open_keeps_serving_warns_once_and_recovers(
-    proxy: Any,
+    serve_config: ServeConfig,
     upstream: tuple[str, list[int]],
     redis_server: RedisServer,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, logger="oaimux.ratelimit")
-    client = await proxy(config(upstream[0], redis_server.url, burst=2))
+    client = await serve_config(config(upstream[0], redis_server.url, burst=2))
     assert [await post(client) for _ in range(3)] == [200, 200, 429]
     redis_server.stop()
     # Redis is gone: requests pass (fail open), the limit cannot be enforced.
@@ -299,9 +282,9 @@ async def test_fail_open_keeps_serving_warns_once_and_recovers(
 
 
 async def test_fail_closed_answers_503(
-    proxy: Any, upstream: tuple[str, list[int]], redis_server: RedisServer
+    serve_config: ServeConfig, upstream: tuple[str, list[int]], redis_server: RedisServer
 ) -> None:
-    client = await proxy(config(upstream[0], redis_server.url, on_storage_error="closed"))
+    client = await serve_config(config(upstream[0], redis_server.url, on_storage_error="closed"))
     assert await post(client) == 200
     redis_server.stop()
     for _ in range(3):
@@ -334,9 +317,9 @@ async def silent_server() -> AsyncIterator[str]:
 
 
 async def test_a_hung_redis_does_not_stall_requests(
-    proxy: Any, upstream: tuple[str, list[int]], silent_server: str
+    serve_config: ServeConfig, upstream: tuple[str, list[int]], silent_server: str
 ) -> None:
-    client = await proxy(config(upstream[0], silent_server))
+    client = await serve_config(config(upstream[0], silent_server))
     # Without socket timeouts this would wait forever; the bound here is
     # generous, the limiter gives up after 0.25 s.
     async with asyncio.timeout(5):

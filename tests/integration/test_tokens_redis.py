@@ -16,7 +16,6 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +28,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from proxy.admission.buckets import Decision
 from proxy.admission.buckets_redis import KEY_PREFIX, RedisRateLimiter
 from proxy.admission.token_buckets import TokenDecision, token_decision
-from proxy.config import parse_settings
 from proxy.config.settings import RateLimitSettings, TokenBudget
-from proxy.server.app import create_app, server_options
+from tests.conftest import ServeConfig
 from tests.fakes.usage_upstream import UsageUpstream, usage
 from tests.redis_server import RedisServer
 
@@ -65,24 +63,6 @@ def config(upstream_url: str, storage: str, **rate: Any) -> dict[str, Any]:
         "routes": [{"model": "m", "upstream": "up"}],
         "rate_limit": {"storage": storage, **rate},
     }
-
-
-@pytest.fixture
-def proxy(aiohttp_client: Any) -> Any:
-    async def make(cfg: dict[str, Any]) -> Client:
-        client: Client = await aiohttp_client(
-            create_app(parse_settings(cfg, environ={})), server_kwargs=server_options()
-        )
-        return client
-
-    return make
-
-
-@pytest.fixture
-async def redis_client(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_server.url)
-    yield client
-    await client.aclose()
 
 
 async def reserve(
@@ -119,10 +99,10 @@ async def burst_of(urls: list[str], n: int, raw: bytes = RAW) -> list[int]:
 
 
 async def test_two_proxies_sharing_redis_admit_exactly_the_reservations_that_fit(
-    proxy: Any, upstream: UsageUpstream, upstream_url: str, redis_server: RedisServer
+    serve_config: ServeConfig, upstream: UsageUpstream, upstream_url: str, redis_server: RedisServer
 ) -> None:
     cfg = config(upstream_url, redis_server.url, tokens_per_day=100 * COST)
-    one, two = await proxy(cfg), await proxy(cfg)
+    one, two = await serve_config(cfg), await serve_config(cfg)
     urls = [str(one.make_url(CHAT)), str(two.make_url(CHAT))]
     statuses = await burst_of(urls, 500)
     assert (statuses.count(200), statuses.count(429)) == (100, 400)
@@ -130,14 +110,14 @@ async def test_two_proxies_sharing_redis_admit_exactly_the_reservations_that_fit
 
 
 async def test_the_request_bucket_is_charged_in_the_same_step(
-    proxy: Any, upstream: UsageUpstream, upstream_url: str, redis_server: RedisServer
+    serve_config: ServeConfig, upstream: UsageUpstream, upstream_url: str, redis_server: RedisServer
 ) -> None:
     # 3 requests a minute and room for 2 reservations: 2 pass; the third is
     # refused by tokens and must not have spent a request token.
     cfg = config(
         upstream_url, redis_server.url, requests_per_minute=1, burst=3, tokens_per_day=2 * COST
     )
-    client = await proxy(cfg)
+    client = await serve_config(cfg)
     statuses = [(await client.post(CHAT, data=RAW, headers=JSON)).status for _ in range(3)]
     assert statuses == [200, 200, 429]
     # The model list takes a request token only: one is left, the refused
@@ -149,12 +129,12 @@ async def test_the_request_bucket_is_charged_in_the_same_step(
 
 
 async def test_reconciliation_goes_through_redis_down_and_up(
-    proxy: Any, upstream: UsageUpstream, upstream_url: str, redis_server: RedisServer,
+    serve_config: ServeConfig, upstream: UsageUpstream, upstream_url: str, redis_server: RedisServer,
     redis_client: aioredis.Redis,
 ) -> None:  # fmt: skip
     cfg = config(upstream_url, redis_server.url, tokens_per_minute=10000,
                  max_output_reservation=None)  # fmt: skip
-    client = await proxy(cfg)
+    client = await serve_config(cfg)
     big = json.dumps({"model": "m", "messages": MESSAGES, "max_tokens": 9000}).encode()
     upstream.usage = usage(10, 5)
     for _ in range(3):  # each fits only because the one before was charged 15
@@ -200,11 +180,11 @@ async def test_a_raised_token_limit_is_felt_at_once_and_a_debt_is_cut_to_the_cei
 
 
 async def test_shadow_mode_charges_without_refusing_in_redis(
-    proxy: Any, upstream: UsageUpstream, upstream_url: str, redis_server: RedisServer,
+    serve_config: ServeConfig, upstream: UsageUpstream, upstream_url: str, redis_server: RedisServer,
     redis_client: aioredis.Redis,
 ) -> None:  # fmt: skip
     cfg = config(upstream_url, redis_server.url, tokens_per_day=2 * COST, enforce=False)
-    client = await proxy(cfg)
+    client = await serve_config(cfg)
     statuses = [(await client.post(CHAT, data=RAW, headers=JSON)).status for _ in range(5)]
     assert statuses == [200] * 5
     _, owed_day, _ = (await redis_client.get(TOKEN_KEY)).split()
@@ -212,11 +192,11 @@ async def test_shadow_mode_charges_without_refusing_in_redis(
 
 
 async def test_fail_closed_refuses_reservations_while_redis_is_down(
-    proxy: Any, upstream: UsageUpstream, upstream_url: str, redis_server: RedisServer
+    serve_config: ServeConfig, upstream: UsageUpstream, upstream_url: str, redis_server: RedisServer
 ) -> None:
     cfg = config(upstream_url, redis_server.url, tokens_per_day=10 * COST,
                  on_storage_error="closed")  # fmt: skip
-    client = await proxy(cfg)
+    client = await serve_config(cfg)
     assert (await client.post(CHAT, data=RAW, headers=JSON)).status == 200
     redis_server.stop()
     resp = await client.post(CHAT, data=RAW, headers=JSON)
