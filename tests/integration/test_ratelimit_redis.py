@@ -10,12 +10,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import socket
-import subprocess
-import sys
-import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +25,7 @@ from proxy.admission.buckets import StorageUnavailable
 from proxy.admission.buckets_redis import KEY_PREFIX, RedisRateLimiter
 from proxy.config import RateLimitSettings
 from tests.conftest import ServeConfig
+from tests.faults.process import running_proxy, write_config
 from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.redis
@@ -180,72 +177,17 @@ async def test_state_left_by_an_earlier_config_is_cut_to_the_new_limit(
         await after.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-@pytest.fixture
-def serve_process(tmp_path: Path) -> Iterator[Any]:
-    """``start(config) -> base_url``: a real ``python -m proxy serve`` process."""
-    procs: list[subprocess.Popen[bytes]] = []
-
-    def start(cfg: dict[str, Any], name: str) -> tuple[str, Path]:
-        port = _free_port()
-        path = tmp_path / f"{name}.yaml"
-        path.write_text(json.dumps(cfg))  # JSON is YAML
-        log = tmp_path / f"{name}.log"
-        with open(log, "wb") as out:
-            procs.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "proxy", "serve", "--config", str(path)]
-                    + ["--host", "127.0.0.1", "--port", str(port)],
-                    cwd=REPO,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                )
-            )
-        return f"http://127.0.0.1:{port}", log
-
-    yield start
-    for p in procs:
-        p.terminate()
-    for p in procs:
-        try:
-            p.wait(10)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(10)
-
-
-async def _wait_until_up(base: str, log: Path) -> None:
-    deadline = time.monotonic() + 30
-    async with aiohttp.ClientSession() as session:
-        while True:
-            try:
-                async with session.get(f"{base}/healthz") as resp:
-                    if resp.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"proxy at {base} did not start:\n{log.read_text()[-2000:]}")
-            await asyncio.sleep(0.05)  # bounded polling for a process start
-
-
 async def test_two_proxy_processes_sharing_redis_admit_one_budget(
-    upstream: tuple[str, list[int]], redis_server: RedisServer, serve_process: Any
+    upstream: tuple[str, list[int]], redis_server: RedisServer, tmp_path: Path
 ) -> None:
     cfg = config(upstream[0], redis_server.url, burst=100)
     cfg["log"] = {"access": False}
-    started = [serve_process(cfg, "a"), serve_process(cfg, "b")]
-    for base, log in started:
-        await _wait_until_up(base, log)
-    urls = [f"{base}/v1/chat/completions" for base, _ in started]
-    statuses = await burst_of(urls, 500)
+    async with (
+        running_proxy(write_config(tmp_path / "a.yaml", cfg)) as a,
+        running_proxy(write_config(tmp_path / "b.yaml", cfg)) as b,
+    ):
+        urls = [f"{proxy.url}/v1/chat/completions" for proxy in (a, b)]
+        statuses = await burst_of(urls, 500)
     assert statuses.count(200) == 100
     assert statuses.count(429) == 400
     assert upstream[1][0] == 100
