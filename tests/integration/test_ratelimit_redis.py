@@ -21,9 +21,9 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from proxy.admission.buckets import StorageUnavailable
+from proxy.admission.buckets import Decision, StorageUnavailable
 from proxy.admission.buckets_redis import KEY_PREFIX, RedisRateLimiter
-from proxy.config import RateLimitSettings
+from proxy.config import RateLimitSettings, TokenBudget
 from tests.conftest import ServeConfig
 from tests.faults.process import running_proxy, write_config
 from tests.redis_server import RedisServer
@@ -151,8 +151,22 @@ async def test_two_proxies_sharing_redis_admit_one_budget(
     assert statuses.count(429) == 400
 
 
+async def take_token(
+    limiter: RedisRateLimiter, key: str, limit: RateLimitSettings, script: str
+) -> Decision:
+    """One request token from ``key``'s bucket, by the request script
+    (``acquire``) or within a token reservation (``reserve``, of no tokens)."""
+    if script == "acquire":
+        return await limiter.acquire(key, limit)
+    budget = TokenBudget(per_minute=1000, per_day=None)
+    decision, *_ = await limiter.reserve(key, limit, budget, (0, 0))
+    assert decision is not None
+    return decision
+
+
+@pytest.mark.parametrize("script", ["acquire", "reserve"])
 async def test_state_left_by_an_earlier_config_is_cut_to_the_new_limit(
-    redis_server: RedisServer, redis_client: aioredis.Redis
+    redis_server: RedisServer, redis_client: aioredis.Redis, script: str
 ) -> None:
     old_limit = RateLimitSettings(requests_per_minute=1, burst=20)
     new_limit = RateLimitSettings(requests_per_minute=6000, burst=100)  # 10 ms a token
@@ -160,19 +174,19 @@ async def test_state_left_by_an_earlier_config_is_cut_to_the_new_limit(
     before = RedisRateLimiter(redis_server.url)  # a proxy under the old config
     try:
         for _ in range(20):
-            assert (await before.acquire("ip:192.0.2.1|global", old_limit)).allowed
+            assert (await take_token(before, "ip:192.0.2.1|global", old_limit, script)).allowed
     finally:
         await before.close()
     assert 1_190_000 < await redis_client.pttl(key) <= 1_200_000  # owes 20 minutes
     after = RedisRateLimiter(redis_server.url)  # one started with the new config
     try:
-        first = await after.acquire("ip:192.0.2.1|global", new_limit)
+        first = await take_token(after, "ip:192.0.2.1|global", new_limit, script)
         assert not first.allowed
         # One token of the new limit, not 1,199 s; the bucket is full again in 1 s.
         assert (first.retry_after, first.reset_after) == (0.01, 1.0)
         assert await redis_client.pttl(key) <= 1000  # the cut was written back
         await asyncio.sleep(first.retry_after + 0.005)  # the wait the 429 names
-        assert (await after.acquire("ip:192.0.2.1|global", new_limit)).allowed
+        assert (await take_token(after, "ip:192.0.2.1|global", new_limit, script)).allowed
     finally:
         await after.close()
 
