@@ -180,9 +180,10 @@ async def choose_route(
     """The request's route, or the error to answer (no route is known then:
     the request is charged to the caller's general bucket).
 
-    One coroutine, the model's road inline, the body's read awaited here:
-    each layer would be one more frame per request (docs/decisions.md, "The
-    upstream walk costs little per request").
+    One coroutine, the body's read awaited here: each coroutine layer would
+    be one more frame per request (docs/decisions.md, "The upstream walk costs
+    little per request"); the model is judged by :func:`allowed_match`, a
+    plain call.
     """
     path = target.path
     if path in MODEL_PATHS and request.method == "POST":
