@@ -7,6 +7,7 @@ fake upstream's base URL (``http://127.0.0.1:PORT/v1``).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -19,8 +20,10 @@ from proxy.server.app import create_app, server_options
 from tests.fakes.upstream import FakeUpstream
 
 MakeProxy = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
+ServeConfig = Callable[[dict[str, Any]], Awaitable[TestClient[web.Request, web.Application]]]
 
-pytest_plugins = ["tests.redis_server"]  # redis_server fixture: a real redis-server
+# redis_server and redis_client fixtures: a real redis-server, and a client of it.
+pytest_plugins = ["tests.redis_server"]
 
 
 async def serve_proxy(
@@ -33,6 +36,13 @@ async def serve_proxy(
         app, server_kwargs=server_options()
     )
     return client
+
+
+@pytest.fixture
+def serve_config(aiohttp_client: Any) -> ServeConfig:
+    """``await serve_config(config)``: :func:`serve_proxy` for a whole config,
+    with no fake upstream of this file started for it."""
+    return functools.partial(serve_proxy, aiohttp_client)
 
 
 @pytest.fixture

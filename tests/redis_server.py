@@ -5,6 +5,8 @@ Registered from tests/conftest.py (``pytest_plugins``). Fixtures:
 - ``redis_server``: a :class:`RedisServer` started for one test and stopped
   after it; the test may ``stop()`` and ``start()`` it (same port) to play an
   outage.
+- ``redis_client``: a ``redis.asyncio`` client of that server, to look at
+  what the proxy wrote there.
 - ``redis_binary``: the path of ``redis-server``.
 
 The server runs with no persistence (``--save "" --appendonly no``) in the
@@ -21,12 +23,13 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+import redis.asyncio as aioredis
 
-__all__ = ["RedisServer", "find_redis_server", "redis_binary", "redis_server"]
+__all__ = ["RedisServer", "find_redis_server", "redis_binary", "redis_client", "redis_server"]
 
 START_DEADLINE = 10.0  # seconds for redis-server to answer PING
 STOP_DEADLINE = 10.0
@@ -152,3 +155,10 @@ def redis_server(redis_binary: str, tmp_path: Path) -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+async def redis_client(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_server.url)
+    yield client
+    await client.aclose()

@@ -12,36 +12,45 @@ import asyncio
 import heapq
 import time
 from collections.abc import Callable
+from typing import Generic, TypeVar
 
 from ..config.settings import RateLimitSettings, TokenBudget
 from .buckets import Decision, Reserved, interval_ns, take_token
 
 __all__ = ["MemoryRateLimiter"]
 
+_Bucket = TypeVar("_Bucket")
 
-class _Shard:
-    """One slice of the buckets: a dict and the eviction heap over its keys."""
+
+class _Slice(Generic[_Bucket]):
+    """One slice of a store's buckets: a dict and the eviction heap over its
+    keys (one entry per bucket, see :class:`MemoryRateLimiter`)."""
 
     __slots__ = ("buckets", "heap", "peak")
 
     def __init__(self) -> None:
-        self.buckets: dict[str, int] = {}  # key -> full_at
-        self.heap: list[tuple[int, str]] = []  # (full_at when pushed, key)
+        self.buckets: dict[str, _Bucket] = {}
+        self.heap: list[tuple[float, str]] = []  # (full_at when pushed, key)
         self.peak = 0  # largest size since the last compaction
+
+    @staticmethod
+    def full_at(bucket: _Bucket) -> float:
+        """When ``bucket`` is full again (ns)."""
+        raise NotImplementedError
 
     def evict(self, now: int, budget: int) -> tuple[int, int]:
         """Retire up to ``budget`` heap entries due by ``now``.
 
         Returns (buckets dropped, budget left); budget left > 0 means nothing
         more is due."""
-        heap, buckets = self.heap, self.buckets
+        heap, buckets, full_at_of = self.heap, self.buckets, self.full_at
         if len(buckets) > self.peak:
             self.peak = len(buckets)
         dropped = 0
         while budget > 0 and heap and heap[0][0] <= now:
             budget -= 1
             key = heap[0][1]
-            full_at = buckets[key]
+            full_at = full_at_of(buckets[key])
             if full_at <= now:
                 heapq.heappop(heap)
                 del buckets[key]
@@ -59,41 +68,26 @@ class _Shard:
             self.peak = size
 
 
-class _TokenShard:
+class _Shard(_Slice[int]):
+    """One slice of the request buckets: ``key -> full_at`` (ns)."""
+
+    __slots__ = ()
+
+    @staticmethod
+    def full_at(bucket: int) -> float:
+        return bucket
+
+
+class _TokenShard(_Slice[list[float]]):
     """One slice of the token buckets: ``key -> [owed_minute, owed_day, at,
-    full_at]`` (tokens, tokens, ns, ns) and an eviction heap as in :class:`_Shard`
-    (one entry per bucket; ``full_at`` is when both windows drained, at the
-    rates of the last write)."""
+    full_at]`` (tokens, tokens, ns, ns); ``full_at`` is when both windows
+    drained, at the rates of the last write."""
 
-    __slots__ = ("buckets", "heap", "peak")
+    __slots__ = ()
 
-    def __init__(self) -> None:
-        self.buckets: dict[str, list[float]] = {}
-        self.heap: list[tuple[float, str]] = []
-        self.peak = 0
-
-    def evict(self, now: int, budget: int) -> tuple[int, int]:
-        heap, buckets = self.heap, self.buckets
-        if len(buckets) > self.peak:
-            self.peak = len(buckets)
-        dropped = 0
-        while budget > 0 and heap and heap[0][0] <= now:
-            budget -= 1
-            key = heap[0][1]
-            full_at = buckets[key][3]
-            if full_at <= now:
-                heapq.heappop(heap)
-                del buckets[key]
-                dropped += 1
-            else:
-                heapq.heapreplace(heap, (full_at, key))
-        return dropped, budget
-
-    def compact(self, min_peak: int) -> None:
-        size = len(self.buckets)
-        if self.peak >= min_peak and size <= self.peak // 16:
-            self.buckets = dict(self.buckets)
-            self.peak = size
+    @staticmethod
+    def full_at(bucket: list[float]) -> float:
+        return bucket[3]
 
     def write(
         self,

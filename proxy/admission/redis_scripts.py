@@ -15,45 +15,54 @@ import hashlib
 
 __all__ = ["SCRIPT", "SCRIPT_SHA", "TOKENS_SCRIPT", "TOKENS_SHA"]
 
-# KEYS[1]: the bucket. ARGV[1]: burst. ARGV[2]: microseconds per token.
-# Stored value: the time (µs, Redis clock) at which the bucket is full again.
-# Returns {allowed 0/1, remaining, retry_after_us, reset_after_us}.
-# Numbers are Lua doubles: exact for integers below 2^53 (µs since 1970 are
-# ~2^51); string.format keeps every digit where tostring would round to 14.
-# A debt above this limit's ceiling (state written under an earlier config,
-# by this proxy before a reload or by another one) is cut to it, and written
-# back so the key expires when the cut bucket is full; see buckets.py.
-SCRIPT = """\
+# Both scripts start here: the clock, in µs.
+_NOW_LUA = """\
 if redis.replicate_commands then pcall(redis.replicate_commands) end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+"""
+
+# A request bucket: its key's value is the time (µs, Redis clock) at which the
+# bucket is full again. Numbers are Lua doubles: exact for integers below 2^53
+# (µs since 1970 are ~2^51); string.format keeps every digit where tostring
+# would round to 14. A debt above this limit's ceiling (state written under an
+# earlier config, by this proxy before a reload or by another one) is cut to
+# it, and written back so the key expires when the cut bucket is full; see
+# buckets.py.
+_REQUEST_BUCKET_LUA = """\
+local function store_debt(key, debt)
+  redis.call('SET', key, string.format('%.0f', now + debt),
+             'PX', math.max(1, math.ceil(debt / 1000)))
+end
+local function read_debt(key, ceiling)
+  local stored = redis.call('GET', key)
+  if not stored then return 0, false end
+  local debt = tonumber(stored) - now
+  if debt < 0 then return 0, false end
+  if debt > ceiling then return ceiling, true end
+  return debt, false
+end
+"""
+
+# KEYS[1]: the bucket. ARGV[1]: burst. ARGV[2]: microseconds per token.
+# Returns {allowed 0/1, remaining, retry_after_us, reset_after_us}.
+SCRIPT = (
+    _NOW_LUA
+    + _REQUEST_BUCKET_LUA
+    + """\
 local burst = tonumber(ARGV[1])
 local interval = tonumber(ARGV[2])
 local ceiling = burst * interval
-local function store(debt)
-  redis.call('SET', KEYS[1], string.format('%.0f', now + debt),
-             'PX', math.max(1, math.ceil(debt / 1000)))
-end
-local stored = redis.call('GET', KEYS[1])
-local debt = 0
-local cut = false
-if stored then
-  debt = tonumber(stored) - now
-  if debt < 0 then
-    debt = 0
-  elseif debt > ceiling then
-    debt = ceiling
-    cut = true
-  end
-end
+local debt, cut = read_debt(KEYS[1], ceiling)
 if debt <= ceiling - interval then
   debt = debt + interval
-  store(debt)
+  store_debt(KEYS[1], debt)
   return {1, burst - math.ceil(debt / interval), 0, debt}
 end
-if cut then store(debt) end
+if cut then store_debt(KEYS[1], debt) end
 return {0, 0, debt - (ceiling - interval), debt}
 """
+)
 SCRIPT_SHA = hashlib.sha1(SCRIPT.encode()).hexdigest()  # noqa: S324 - Redis names scripts so
 
 
@@ -110,11 +119,8 @@ end
 # buckets; ARGV[2..]: capacity per minute, per day, tokens to add to each
 # (negative: a refund).
 TOKENS_SCRIPT = (
-    """\
-if redis.replicate_commands then pcall(redis.replicate_commands) end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-"""
+    _NOW_LUA
+    + _REQUEST_BUCKET_LUA
     + _TOKENS_LUA
     + """\
 if ARGV[1] == 'settle' then
@@ -132,26 +138,11 @@ local cost_m, cost_d = tonumber(ARGV[6]), tonumber(ARGV[7])
 local m, d = read_tokens(KEYS[2], cap_m, cap_d)
 local req = {1, 0, 0, 0}
 local debt = nil
-local function store(owed)
-  redis.call('SET', KEYS[1], string.format('%.0f', now + owed),
-             'PX', math.max(1, math.ceil(owed / 1000)))
-end
 if burst > 0 then
   local ceiling = burst * interval
-  local stored = redis.call('GET', KEYS[1])
-  local owed = 0
-  local cut = false
-  if stored then
-    owed = tonumber(stored) - now
-    if owed < 0 then
-      owed = 0
-    elseif owed > ceiling then
-      owed = ceiling
-      cut = true
-    end
-  end
+  local owed, cut = read_debt(KEYS[1], ceiling)
   if owed > ceiling - interval then
-    if cut then store(owed) end
+    if cut then store_debt(KEYS[1], owed) end
     return {0, 0, owed - (ceiling - interval), owed, 0, fmt(m), fmt(d), fmt(m), fmt(d)}
   end
   debt = owed + interval
@@ -163,7 +154,7 @@ if fits or ARGV[8] == '1' then
   if cap_m > 0 then am = math.min(m + cost_m, 2 * cap_m) end
   if cap_d > 0 then ad = math.min(d + cost_d, 2 * cap_d) end
   write_tokens(KEYS[2], am, ad, cap_m, cap_d)
-  if debt then store(debt) end
+  if debt then store_debt(KEYS[1], debt) end
 end
 return {req[1], req[2], req[3], req[4], fits and 1 or 0, fmt(m), fmt(d), fmt(am), fmt(ad)}
 """

@@ -52,12 +52,7 @@ def find_multipart_model(body: bytes | bytearray, boundary: bytes) -> FoundModel
         line_end = body.find(b"\r\n", pos)
         if line_end < 0:
             raise _bad_multipart("unterminated boundary line")
-        headers_end = body.find(b"\r\n\r\n", line_end)
-        if headers_end < 0:
-            if body.startswith(b"\r\n", line_end + 2):
-                headers_end = line_end
-            else:
-                raise _bad_multipart("part headers never end")
+        headers_end = _headers_end(body, line_end, len(body))
         content_start = headers_end + 4
         next_delim = body.find(marker, content_start)
         if next_delim < 0:
@@ -81,6 +76,18 @@ def find_multipart_model(body: bytes | bytearray, boundary: bytes) -> FoundModel
     if not found.model:
         raise missing_model()
     return found
+
+
+def _headers_end(body: bytes | bytearray, line_end: int, stop: int) -> int:
+    """Where the header block of the part whose boundary line ends at
+    ``line_end`` ends (its CRLF CRLF found before ``stop``), or ``line_end``
+    for a part with no headers; else the framing is broken."""
+    headers_end = body.find(b"\r\n\r\n", line_end, stop)
+    if headers_end >= 0:
+        return headers_end
+    if body.startswith(b"\r\n", line_end + 2):
+        return line_end
+    raise _bad_multipart("part headers never end")
 
 
 class MultipartModelScan:
@@ -135,12 +142,7 @@ class MultipartModelScan:
             self._done = True  # the close delimiter: the whole-body parse decides
             return
         line_end = buf.find(b"\r\n", pos)  # at most ``end``: the delimiter opens with CRLF
-        headers_end = buf.find(b"\r\n\r\n", line_end, end + 2)
-        if headers_end < 0:
-            if buf.startswith(b"\r\n", line_end + 2):
-                headers_end = line_end
-            else:
-                raise _bad_multipart("part headers never end")
+        headers_end = _headers_end(buf, line_end, end + 2)
         content_start = headers_end + 4
         if content_start > end:
             raise _bad_multipart("no closing boundary")

@@ -181,9 +181,10 @@ async def choose_route(
     """The request's route, or the error to answer (no route is known then:
     the request is charged to the caller's general bucket).
 
-    One coroutine, the model's road inline, the body's read awaited here:
-    each layer would be one more frame per request (docs/decisions.md, "The
-    upstream walk costs little per request").
+    One coroutine, the body's read awaited here: each coroutine layer would
+    be one more frame per request (docs/decisions.md, "The upstream walk costs
+    little per request"); the model is judged by :func:`allowed_match`, a
+    plain call.
     """
     path = target.path
     if path in MODEL_PATHS and request.method == "POST":
@@ -203,14 +204,7 @@ async def choose_route(
             return ModelRoute(_route_without_model(runtime, caller, path), None, read)
         vet_model(found.model)
         ex.model = found.model
-        match = runtime.table.resolve(found.model)
-        if match is None:
-            raise model_not_found(found.model)
-        # Metrics label: the table's entry (a glob, an exact or discovered id),
-        # never the client's string, so the label set stays bounded.
-        ex.metric_model = match.route.model or found.model
-        if not KeyTable.allows(caller.key, found.model):
-            raise model_not_allowed(found.model)
+        match = allowed_match(found.model, runtime, caller, ex)
         ex.upstream_model = match.upstream_model
         return ModelRoute(match.route, match.upstream_model, read)
     if path == REALTIME_PATH and is_websocket_upgrade(request):
@@ -340,14 +334,24 @@ def realtime_target(
     return RealtimeTarget(match.route, model, upstream_model, query, authorization)
 
 
-def allowed_match(model: str, runtime: Runtime, caller: Caller) -> Match:
+def allowed_match(
+    model: str, runtime: Runtime, caller: Caller, ex: Exchange | None = None
+) -> Match:
     """``model``'s match in the table, or the error to answer: an unknown
-    model, or one the caller's key may not use (a WebSocket's model; the
-    body's is judged in :func:`choose_route`, where the metrics label is set
-    between the two)."""
+    model (404), or one the caller's key may not use (403). The one judge of
+    a model a client names: in a body, in a realtime ``?model=``, in a
+    Responses WebSocket's message.
+
+    With ``ex`` (a body's model), the metrics label is set once the model is
+    known to route, before the key's check: a request the key refuses is
+    counted under that label too."""
     match = runtime.table.resolve(model)
     if match is None:
         raise model_not_found(model)
+    if ex is not None:
+        # Metrics label: the table's entry (a glob, an exact or discovered id),
+        # never the client's string, so the label set stays bounded.
+        ex.metric_model = match.route.model or model
     if not KeyTable.allows(caller.key, model):
         raise model_not_allowed(model)
     return match

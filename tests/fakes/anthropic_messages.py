@@ -26,7 +26,7 @@ from typing import Any
 
 from aiohttp import web
 
-from tests.fakes.recorded import Received, hold_until_client_leaves, record
+from tests.fakes.recorded import AgentUpstream, Received, hold_until_client_leaves
 
 __all__ = ["AnthropicMessages", "Received", "sse_frame"]
 
@@ -37,11 +37,8 @@ def sse_frame(name: str, data: dict[str, Any]) -> bytes:
 
 
 @dataclass
-class AnthropicMessages:
+class AnthropicMessages(AgentUpstream):
     name: str = "anthropic"
-    # When set, a request must carry it as ``x-api-key`` (or ``Authorization: Bearer``).
-    api_key: str | None = None
-    received: list[Received] = field(default_factory=list)
     # The bytes of the last streamed answer, as written, for byte-for-byte checks.
     sent_stream: bytes = b""
     input_tokens: int = 25
@@ -66,24 +63,12 @@ class AnthropicMessages:
         app.router.add_route("*", "/{tail:.*}", self.unknown)
         return app
 
-    def reply_text(self, model: str) -> str:
-        return f"Hello from {self.name} as {model}."
-
-    def reply_deltas(self, model: str) -> list[str]:
-        """The reply in the pieces streamed as ``text_delta`` (several, never one)."""
-        words = self.reply_text(model).split(" ")
-        return [w if i == 0 else " " + w for i, w in enumerate(words)]
-
     @property
     def messages_received(self) -> list[Received]:
         return [r for r in self.received if r.path == "/v1/messages"]
 
-    async def _record(self, request: web.Request) -> Received:
-        received = await record(request)
-        self.received.append(received)
-        return received
-
     def _authorized(self, received: Received) -> bool:
+        """``api_key``, when set, is required as ``x-api-key`` (or ``Authorization: Bearer``)."""
         if self.api_key is None:
             return True
         return self.api_key in (

@@ -34,7 +34,7 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
-from tests.fakes.recorded import Received, hold_until_client_leaves, record
+from tests.fakes.recorded import AgentUpstream, Received, hold_until_client_leaves
 
 __all__ = ["OpenAIResponses", "Received", "WsConnection"]
 
@@ -53,10 +53,8 @@ class WsConnection:
 
 
 @dataclass
-class OpenAIResponses:
+class OpenAIResponses(AgentUpstream):
     name: str = "openai"
-    api_key: str | None = None  # when set, required as ``Authorization: Bearer``
-    received: list[Received] = field(default_factory=list)
     connections: list[WsConnection] = field(default_factory=list)
     ws_refuse: int | None = None
     # Keep an SSE stream open after ``response.completed`` until the client
@@ -74,21 +72,8 @@ class OpenAIResponses:
         app.router.add_route("*", "/{tail:.*}", self.unknown)
         return app
 
-    def reply_text(self, model: str) -> str:
-        return f"Hello from {self.name} as {model}."
-
-    def reply_deltas(self, model: str) -> list[str]:
-        words = self.reply_text(model).split(" ")
-        return [w if i == 0 else " " + w for i, w in enumerate(words)]
-
-    # -- recording ---------------------------------------------------------
-
-    async def _record(self, request: web.Request) -> Received:
-        received = await record(request)
-        self.received.append(received)
-        return received
-
     def _authorized(self, received: Received) -> bool:
+        """``api_key``, when set, is required as ``Authorization: Bearer``."""
         if self.api_key is None:
             return True
         return received.headers.get("authorization") == f"Bearer {self.api_key}"

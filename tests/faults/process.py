@@ -105,12 +105,17 @@ class ProxyProcess:
 
 @contextlib.asynccontextmanager
 async def running_proxy(
-    config_path: Path, *extra_args: str, port: int | None = None
+    config_path: Path,
+    *extra_args: str,
+    port: int | None = None,
+    env: dict[str, str] | None = None,
 ) -> AsyncIterator[ProxyProcess]:
-    """Start ``python -m proxy serve`` on 127.0.0.1; kill it (only it) if the
-    test left it running."""
+    """Start ``python -m proxy serve`` on 127.0.0.1 and wait until it answers;
+    kill it (only it) if the test left it running. Its environment is this
+    one's without oaimux's and Prometheus's variables, plus ``env``."""
     port = port or free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OAIMUX_", "PORT"))}
+    prefixes = ("OAIMUX_", "PORT", "PROMETHEUS_")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)} | (env or {})
     env["PYTHONUNBUFFERED"] = "1"
     proc = await asyncio.create_subprocess_exec(
         sys.executable,

@@ -23,10 +23,13 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from tests.agents_cli import AgentRun, EgressTrap, claude_run, codex_run, egress_trap
@@ -60,19 +63,77 @@ def anthropic() -> AnthropicMessages:
 
 
 @pytest.fixture
-async def anthropic_url(aiohttp_server: Any, anthropic: AnthropicMessages) -> str:
-    server: TestServer = await aiohttp_server(anthropic.app())
-    return str(server.make_url("")).rstrip("/")
-
-
-@pytest.fixture
 def responses() -> OpenAIResponses:
     return OpenAIResponses(name="openai", api_key=OPENAI_UPSTREAM_KEY)
 
 
+@dataclass
+class Lab:
+    """What every test here runs in: a throwaway folder, the egress trap and the
+    two fakes, served; the agents run as this file runs them (with ``PROMPT``,
+    the home in the folder), and oaimux in front of the fakes."""
+
+    folder: Path
+    trap: EgressTrap
+    anthropic_url: str
+    responses_url: str
+
+    async def claude(
+        self, base_url: str, *, model: str | None = CLAUDE_MODEL, **key: str
+    ) -> AgentRun:
+        """Claude Code's turn at ``base_url`` (no ``/v1``); ``key``: its
+        ``api_key`` or ``auth_token`` (tests/agents_cli.py, ``claude_run``)."""
+        home = self.folder / "home"
+        return await claude_run(home, self.trap, base_url, PROMPT, model=model, **key)
+
+    async def codex(
+        self, base_url: str, *, key: str, websockets: bool, model: str = CODEX_MODEL
+    ) -> AgentRun:
+        """Codex's turn at ``base_url`` + ``/v1`` with ``key`` as its Bearer key."""
+        return await codex_run(
+            self.folder / "home",
+            self.trap,
+            f"{base_url}/v1",
+            PROMPT,
+            key=key,
+            model=model,
+            websockets=websockets,
+        )
+
+    def proxy(
+        self,
+        routes: list[dict[str, Any]],
+        *,
+        upstreams: dict[str, Any] | None = None,
+        responses_websocket: bool = False,
+    ) -> AbstractAsyncContextManager[ProxyProcess]:
+        """A real ``oaimux serve`` in front of both fakes (and ``upstreams``),
+        with the proxy keys of this file and ``routes``."""
+        config = proxy_config(self.anthropic_url, self.responses_url, routes)
+        if responses_websocket:
+            config["upstreams"]["openai"]["responses_websocket"] = True
+        config["upstreams"].update(upstreams or {})
+        return running_proxy(write_config(self.folder / "routes.yaml", config))
+
+
 @pytest.fixture
-async def responses_url(aiohttp_server: Any, responses: OpenAIResponses) -> str:
-    server: TestServer = await aiohttp_server(responses.app())
+async def lab(
+    tmp_path: Path,
+    aiohttp_server: Any,
+    trap: EgressTrap,
+    anthropic: AnthropicMessages,
+    responses: OpenAIResponses,
+) -> Lab:
+    return Lab(
+        tmp_path,
+        trap,
+        await served_url(aiohttp_server, anthropic.app()),
+        await served_url(aiohttp_server, responses.app()),
+    )
+
+
+async def served_url(aiohttp_server: Any, app: web.Application) -> str:
+    server: TestServer = await aiohttp_server(app)
     return str(server.make_url("")).rstrip("/")
 
 
@@ -84,7 +145,7 @@ def assert_turn(run: AgentRun, text: str) -> None:
 
 
 def proxy_config(
-    anthropic_url: str, responses_url: str, routes: list[dict[str, Any]], **upstream_extra: Any
+    anthropic_url: str, responses_url: str, routes: list[dict[str, Any]]
 ) -> dict[str, Any]:
     return {
         "upstreams": {
@@ -95,7 +156,6 @@ def proxy_config(
             "openai": {
                 "url": f"{responses_url}/v1",
                 "headers": {"set": {"Authorization": f"Bearer {OPENAI_UPSTREAM_KEY}"}},
-                **upstream_extra,
             },
         },
         "routes": routes,
@@ -109,36 +169,33 @@ def proxy_config(
     }
 
 
+def access_fields(line: str) -> dict[str, str]:
+    """An access-log line's fields (text format)."""
+    return dict(part.split("=", 1) for part in line.split(" ") if "=" in part)
+
+
 def access_lines(proxy: ProxyProcess, path: str) -> list[dict[str, str]]:
-    """The proxy's access-log lines for ``path``, as field dicts (text format)."""
-    lines = []
-    for line in proxy.lines:
-        fields = dict(part.split("=", 1) for part in line.split(" ") if "=" in part)
-        if fields.get("path") == path:
-            lines.append(fields)
-    return lines
+    """The proxy's access-log lines for ``path``, as field dicts."""
+    return [f for f in map(access_fields, proxy.lines) if f.get("path") == path]
+
+
+CLAUDE_ROUTE = {"model": "claude-*", "upstream": "anthropic"}
+CODEX_ROUTE = {"model": CODEX_MODEL, "upstream": "openai"}
 
 
 # -- Offline ---------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("agent", ["claude", "codex"])
-async def test_an_agent_pointed_outside_reaches_only_the_egress_trap(
-    tmp_path: Path, trap: EgressTrap, agent: str
-) -> None:
+async def test_an_agent_pointed_outside_reaches_only_the_egress_trap(lab: Lab, agent: str) -> None:
     """What every other test's ``egress == []`` rests on: a request for an outside
     host goes to the trap (and is refused there), never out. ``.invalid`` names no
     host anywhere (RFC 6761 §6.4)."""
     if agent == "claude":
-        run = await claude_run(
-            tmp_path, trap, "http://api.anthropic.invalid", PROMPT, api_key="sk-x-0001"
-        )
+        run = await lab.claude("http://api.anthropic.invalid", model=None, api_key="sk-x-0001")
         asked = "POST http://api.anthropic.invalid/v1/messages?beta=true HTTP/1.1"
     else:
-        run = await codex_run(
-            tmp_path, trap, "http://api.openai.invalid/v1", PROMPT,
-            key="sk-x-0001", model=CODEX_MODEL, websockets=False,
-        )  # fmt: skip
+        run = await lab.codex("http://api.openai.invalid", key="sk-x-0001", websockets=False)
         asked = "POST http://api.openai.invalid/v1/responses HTTP/1.1"
     assert run.returncode != 0, str(run)
     assert run.egress and set(run.egress) == {asked}, str(run)
@@ -148,16 +205,9 @@ async def test_an_agent_pointed_outside_reaches_only_the_egress_trap(
 
 
 async def test_claude_code_completes_a_streamed_turn_against_the_fake_directly(
-    tmp_path: Path, trap: EgressTrap, anthropic: AnthropicMessages, anthropic_url: str
+    lab: Lab, anthropic: AnthropicMessages
 ) -> None:
-    run = await claude_run(
-        tmp_path / "home",
-        trap,
-        anthropic_url,
-        PROMPT,
-        api_key=ANTHROPIC_UPSTREAM_KEY,
-        model=CLAUDE_MODEL,
-    )
+    run = await lab.claude(lab.anthropic_url, api_key=ANTHROPIC_UPSTREAM_KEY)
     assert_turn(run, anthropic.reply_text(CLAUDE_MODEL))
     [sent] = anthropic.messages_received
     assert sent.method == "POST" and sent.query_string == "beta=true"
@@ -169,27 +219,12 @@ async def test_claude_code_completes_a_streamed_turn_against_the_fake_directly(
     assert sent.headers["anthropic-beta"]
 
 
-@pytest.mark.parametrize("carrier", ["x-api-key", "bearer"])
+@pytest.mark.parametrize("carrier", ["api_key", "auth_token"], ids=["x-api-key", "bearer"])
 async def test_claude_code_through_oaimux_with_the_proxy_key_in_either_carrier(
-    tmp_path: Path,
-    trap: EgressTrap,
-    anthropic: AnthropicMessages,
-    anthropic_url: str,
-    responses_url: str,
-    carrier: str,
+    lab: Lab, anthropic: AnthropicMessages, carrier: str
 ) -> None:
-    config = proxy_config(
-        anthropic_url, responses_url, [{"model": "claude-*", "upstream": "anthropic"}]
-    )
-    key = (
-        {"api_key": CLAUDE_PROXY_KEY}
-        if carrier == "x-api-key"
-        else {"auth_token": CLAUDE_PROXY_KEY}
-    )
-    async with running_proxy(write_config(tmp_path / "routes.yaml", config)) as proxy:
-        run = await claude_run(
-            tmp_path / "home", trap, proxy.url, PROMPT, model=CLAUDE_MODEL, **key
-        )
+    async with lab.proxy([CLAUDE_ROUTE]) as proxy:
+        run = await lab.claude(proxy.url, **{carrier: CLAUDE_PROXY_KEY})
         [line] = await proxy.wait_line(r"path=/v1/messages ")
     assert_turn(run, anthropic.reply_text(CLAUDE_MODEL))
     [sent] = anthropic.messages_received
@@ -204,20 +239,11 @@ async def test_claude_code_through_oaimux_with_the_proxy_key_in_either_carrier(
 
 
 async def test_claude_code_turn_through_oaimux_logs_its_token_usage(
-    tmp_path: Path,
-    trap: EgressTrap,
-    anthropic: AnthropicMessages,
-    anthropic_url: str,
-    responses_url: str,
+    lab: Lab, anthropic: AnthropicMessages
 ) -> None:
     """``input_tokens`` from ``message_start``, ``output_tokens`` from the last ``message_delta``."""
-    config = proxy_config(
-        anthropic_url, responses_url, [{"model": "claude-*", "upstream": "anthropic"}]
-    )
-    async with running_proxy(write_config(tmp_path / "routes.yaml", config)) as proxy:
-        run = await claude_run(
-            tmp_path / "home", trap, proxy.url, PROMPT, api_key=CLAUDE_PROXY_KEY, model=CLAUDE_MODEL
-        )
+    async with lab.proxy([CLAUDE_ROUTE]) as proxy:
+        run = await lab.claude(proxy.url, api_key=CLAUDE_PROXY_KEY)
         [line] = await proxy.wait_line(r"path=/v1/messages ")
     assert_turn(run, anthropic.reply_text(CLAUDE_MODEL))
     output_tokens = len(anthropic.reply_deltas(CLAUDE_MODEL))
@@ -225,28 +251,16 @@ async def test_claude_code_turn_through_oaimux_logs_its_token_usage(
 
 
 async def test_claude_code_through_oaimux_routed_by_model(
-    tmp_path: Path,
-    aiohttp_server: Any,
-    trap: EgressTrap,
-    anthropic: AnthropicMessages,
-    anthropic_url: str,
-    responses_url: str,
+    lab: Lab, aiohttp_server: Any, anthropic: AnthropicMessages
 ) -> None:
     sonnet = AnthropicMessages(name="sonnet", api_key=ANTHROPIC_UPSTREAM_KEY)
-    sonnet_server: TestServer = await aiohttp_server(sonnet.app())
-    routes = [
-        {"model": "claude-sonnet-*", "upstream": "sonnet"},
-        {"model": "claude-*", "upstream": "anthropic"},
-    ]
-    config = proxy_config(anthropic_url, responses_url, routes)
-    config["upstreams"]["sonnet"] = {
-        "url": str(sonnet_server.make_url("/v1")),
+    sonnet_upstream = {
+        "url": f"{await served_url(aiohttp_server, sonnet.app())}/v1",
         "headers": {"set": {"x-api-key": ANTHROPIC_UPSTREAM_KEY}},
     }
-    async with running_proxy(write_config(tmp_path / "routes.yaml", config)) as proxy:
-        run = await claude_run(
-            tmp_path / "home", trap, proxy.url, PROMPT, api_key=CLAUDE_PROXY_KEY, model=CLAUDE_MODEL
-        )
+    routes = [{"model": "claude-sonnet-*", "upstream": "sonnet"}, CLAUDE_ROUTE]
+    async with lab.proxy(routes, upstreams={"sonnet": sonnet_upstream}) as proxy:
+        run = await lab.claude(proxy.url, api_key=CLAUDE_PROXY_KEY)
         lines = await proxy.wait_line(r"path=/v1/messages ")
     assert_turn(run, sonnet.reply_text(CLAUDE_MODEL))
     assert anthropic.received == []
@@ -257,28 +271,12 @@ async def test_claude_code_through_oaimux_routed_by_model(
 
 
 async def test_claude_code_with_a_key_allowed_only_gpt_models_is_refused(
-    tmp_path: Path,
-    trap: EgressTrap,
-    anthropic: AnthropicMessages,
-    anthropic_url: str,
-    responses_url: str,
+    lab: Lab, anthropic: AnthropicMessages
 ) -> None:
     # The path route stays, as a deployment of today has it: once /v1/messages
     # is routed by model, the model route and the key's allow-list decide.
-    routes = [
-        {"model": "claude-*", "upstream": "anthropic"},
-        {"path": "messages*", "upstream": "anthropic"},
-    ]
-    config = proxy_config(anthropic_url, responses_url, routes)
-    async with running_proxy(write_config(tmp_path / "routes.yaml", config)) as proxy:
-        run = await claude_run(
-            tmp_path / "home",
-            trap,
-            proxy.url,
-            PROMPT,
-            api_key=GPT_ONLY_PROXY_KEY,
-            model=CLAUDE_MODEL,
-        )
+    async with lab.proxy([CLAUDE_ROUTE, {"path": "messages*", "upstream": "anthropic"}]) as proxy:
+        run = await lab.claude(proxy.url, api_key=GPT_ONLY_PROXY_KEY)
         lines = await proxy.wait_line(r"path=/v1/messages ")
     assert run.returncode != 0, str(run)
     assert anthropic.received == []
@@ -289,12 +287,9 @@ async def test_claude_code_with_a_key_allowed_only_gpt_models_is_refused(
 
 
 async def test_codex_completes_a_turn_over_http_against_the_fake_directly(
-    tmp_path: Path, trap: EgressTrap, responses: OpenAIResponses, responses_url: str
+    lab: Lab, responses: OpenAIResponses
 ) -> None:
-    run = await codex_run(
-        tmp_path / "home", trap, f"{responses_url}/v1", PROMPT,
-        key=OPENAI_UPSTREAM_KEY, model=CODEX_MODEL, websockets=False,
-    )  # fmt: skip
+    run = await lab.codex(lab.responses_url, key=OPENAI_UPSTREAM_KEY, websockets=False)
     assert_turn(run, responses.reply_text(CODEX_MODEL))
     assert responses.connections == []
     [sent] = [r for r in responses.received if r.path == "/v1/responses"]
@@ -306,12 +301,9 @@ async def test_codex_completes_a_turn_over_http_against_the_fake_directly(
 
 
 async def test_codex_completes_a_turn_over_the_websocket_against_the_fake_directly(
-    tmp_path: Path, trap: EgressTrap, responses: OpenAIResponses, responses_url: str
+    lab: Lab, responses: OpenAIResponses
 ) -> None:
-    run = await codex_run(
-        tmp_path / "home", trap, f"{responses_url}/v1", PROMPT,
-        key=OPENAI_UPSTREAM_KEY, model=CODEX_MODEL, websockets=True,
-    )  # fmt: skip
+    run = await lab.codex(lab.responses_url, key=OPENAI_UPSTREAM_KEY, websockets=True)
     assert_turn(run, responses.reply_text(CODEX_MODEL))
     assert [r.method for r in responses.received] == ["GET"]  # no HTTP turn
     [conn] = responses.connections
@@ -327,39 +319,21 @@ async def test_codex_completes_a_turn_over_the_websocket_against_the_fake_direct
 
 @pytest.mark.parametrize(("status", "upgrades"), [(426, 1), (405, 3)])
 async def test_codex_refused_websocket_falls_back_to_http(
-    tmp_path: Path,
-    trap: EgressTrap,
-    responses: OpenAIResponses,
-    responses_url: str,
-    status: int,
-    upgrades: int,
+    lab: Lab, responses: OpenAIResponses, status: int, upgrades: int
 ) -> None:
     """426 makes Codex give up the WebSocket after one try; other refusals are retried
     (1 + 2 with stream_max_retries = 1; 7 and ~7 s with Codex's default of 5)."""
     responses.ws_refuse = status
-    run = await codex_run(
-        tmp_path / "home", trap, f"{responses_url}/v1", PROMPT,
-        key=OPENAI_UPSTREAM_KEY, model=CODEX_MODEL, websockets=True,
-    )  # fmt: skip
+    run = await lab.codex(lab.responses_url, key=OPENAI_UPSTREAM_KEY, websockets=True)
     assert_turn(run, responses.reply_text(CODEX_MODEL))
     assert [r.method for r in responses.received] == ["GET"] * upgrades + ["POST"]
 
 
 async def test_codex_over_http_through_oaimux_on_a_model_route(
-    tmp_path: Path,
-    trap: EgressTrap,
-    responses: OpenAIResponses,
-    anthropic_url: str,
-    responses_url: str,
+    lab: Lab, responses: OpenAIResponses
 ) -> None:
-    config = proxy_config(
-        anthropic_url, responses_url, [{"model": CODEX_MODEL, "upstream": "openai"}]
-    )
-    async with running_proxy(write_config(tmp_path / "routes.yaml", config)) as proxy:
-        run = await codex_run(
-            tmp_path / "home", trap, f"{proxy.url}/v1", PROMPT,
-            key=CODEX_PROXY_KEY, model=CODEX_MODEL, websockets=False,
-        )  # fmt: skip
+    async with lab.proxy([CODEX_ROUTE]) as proxy:
+        run = await lab.codex(proxy.url, key=CODEX_PROXY_KEY, websockets=False)
         [line] = await proxy.wait_line(r"path=/v1/responses ")
     assert_turn(run, responses.reply_text(CODEX_MODEL))
     [sent] = responses.received
@@ -371,24 +345,14 @@ async def test_codex_over_http_through_oaimux_on_a_model_route(
 
 
 async def test_a_finished_codex_turn_through_oaimux_is_logged_complete(
-    tmp_path: Path,
-    trap: EgressTrap,
-    responses: OpenAIResponses,
-    anthropic_url: str,
-    responses_url: str,
+    lab: Lab, responses: OpenAIResponses
 ) -> None:
     """The upstream keeps the stream open after ``response.completed``; Codex hangs
     up once it has it. The turn is complete, and the upstream request is closed.
     (Claude Code reads a stream to its end, after ``message_stop`` too.)"""
     responses.hold_after_completed = True
-    config = proxy_config(
-        anthropic_url, responses_url, [{"model": CODEX_MODEL, "upstream": "openai"}]
-    )
-    async with running_proxy(write_config(tmp_path / "routes.yaml", config)) as proxy:
-        run = await codex_run(
-            tmp_path / "home", trap, f"{proxy.url}/v1", PROMPT,
-            key=CODEX_PROXY_KEY, model=CODEX_MODEL, websockets=False,
-        )  # fmt: skip
+    async with lab.proxy([CODEX_ROUTE]) as proxy:
+        run = await lab.codex(proxy.url, key=CODEX_PROXY_KEY, websockets=False)
         [line] = await proxy.wait_line(r"path=/v1/responses ")
         async with asyncio.timeout(5):
             await responses.held_stream_left.wait()
@@ -397,28 +361,15 @@ async def test_a_finished_codex_turn_through_oaimux_is_logged_complete(
 
 
 async def test_codex_over_the_websocket_through_oaimux(
-    tmp_path: Path,
-    trap: EgressTrap,
-    responses: OpenAIResponses,
-    anthropic_url: str,
-    responses_url: str,
+    lab: Lab, responses: OpenAIResponses
 ) -> None:
-    config = proxy_config(
-        anthropic_url,
-        responses_url,
-        [{"model": CODEX_MODEL, "upstream": "openai"}],
-        responses_websocket=True,
-    )
-    async with running_proxy(write_config(tmp_path / "routes.yaml", config)) as proxy:
-        run = await codex_run(
-            tmp_path / "home", trap, f"{proxy.url}/v1", PROMPT,
-            key=CODEX_PROXY_KEY, model=CODEX_MODEL, websockets=True,
-        )  # fmt: skip
+    async with lab.proxy([CODEX_ROUTE], responses_websocket=True) as proxy:
+        run = await lab.codex(proxy.url, key=CODEX_PROXY_KEY, websockets=True)
         [line] = await proxy.wait_line(r"path=/v1/responses ")
     assert_turn(run, responses.reply_text(CODEX_MODEL))
     assert [r.method for r in responses.received] == ["GET"]  # no HTTP fallback
     # One session, routed by its first message (the prewarm's model).
-    fields = dict(part.split("=", 1) for part in line.split(" ") if "=" in part)
+    fields = access_fields(line)
     assert (fields["method"], fields["status"], fields["model"]) == ("GET", "101", CODEX_MODEL)
     assert (fields["upstream"], fields["key"]) == ("openai", "codex"), line
     # Codex drops the connection once it has response.completed: a finished turn.
@@ -432,22 +383,14 @@ async def test_codex_over_the_websocket_through_oaimux(
 
 
 async def test_codex_over_the_websocket_through_an_alias_has_every_turn_rewritten(
-    tmp_path: Path,
-    trap: EgressTrap,
-    responses: OpenAIResponses,
-    anthropic_url: str,
-    responses_url: str,
+    lab: Lab, responses: OpenAIResponses
 ) -> None:
     """Codex names its model in every message (prewarm, then the turn): each
     reaches the upstream with the alias's target (README, "Codex CLI")."""
     alias = "team-codex"
     route = {"model": alias, "upstream": "openai", "rewrite_model": CODEX_MODEL}
-    config = proxy_config(anthropic_url, responses_url, [route], responses_websocket=True)
-    async with running_proxy(write_config(tmp_path / "routes.yaml", config)) as proxy:
-        run = await codex_run(
-            tmp_path / "home", trap, f"{proxy.url}/v1", PROMPT,
-            key=CODEX_PROXY_KEY, model=alias, websockets=True,
-        )  # fmt: skip
+    async with lab.proxy([route], responses_websocket=True) as proxy:
+        run = await lab.codex(proxy.url, key=CODEX_PROXY_KEY, websockets=True, model=alias)
         [line] = await proxy.wait_line(r"path=/v1/responses ")
     assert_turn(run, responses.reply_text(CODEX_MODEL))
     assert "outcome=complete" in line, line
@@ -456,20 +399,10 @@ async def test_codex_over_the_websocket_through_an_alias_has_every_turn_rewritte
 
 
 async def test_codex_websocket_with_no_upstream_accepting_it_gets_426_and_falls_back(
-    tmp_path: Path,
-    trap: EgressTrap,
-    responses: OpenAIResponses,
-    anthropic_url: str,
-    responses_url: str,
+    lab: Lab, responses: OpenAIResponses
 ) -> None:
-    config = proxy_config(
-        anthropic_url, responses_url, [{"model": CODEX_MODEL, "upstream": "openai"}]
-    )
-    async with running_proxy(write_config(tmp_path / "routes.yaml", config)) as proxy:
-        run = await codex_run(
-            tmp_path / "home", trap, f"{proxy.url}/v1", PROMPT,
-            key=CODEX_PROXY_KEY, model=CODEX_MODEL, websockets=True,
-        )  # fmt: skip
+    async with lab.proxy([CODEX_ROUTE]) as proxy:
+        run = await lab.codex(proxy.url, key=CODEX_PROXY_KEY, websockets=True)
         await proxy.wait_line(r"method=POST path=/v1/responses ")
         upgrades = [f for f in access_lines(proxy, "/v1/responses") if f.get("method") == "GET"]
     assert_turn(run, responses.reply_text(CODEX_MODEL))

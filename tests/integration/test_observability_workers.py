@@ -10,39 +10,17 @@ public port would.
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import signal
-import socket
-import sys
 from pathlib import Path
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.fakes.access_lines import parse_text_line
+from tests.faults.process import free_port, running_proxy
 
-ROOT = Path(__file__).parents[2]
 REQUESTS = 40
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-async def wait_healthy(url: str, proc: asyncio.subprocess.Process) -> None:
-    async with asyncio.timeout(30), aiohttp.ClientSession() as session:
-        while True:
-            assert proc.returncode is None, "oaimux exited during start-up"
-            try:
-                async with session.get(url) as resp:
-                    if resp.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.05)  # polling a starting process, bounded by the timeout
 
 
 def requests_total(text: str) -> float:
@@ -65,18 +43,8 @@ async def test_two_workers_one_scrape(upstream_url: str, tmp_path: Path) -> None
         f"upstreams: {{fake: {{url: '{upstream_url}'}}}}\n"
         "routes: [{model: gpt-4o-mini, upstream: fake}]\n"
     )
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("OAIMUX_", "PORT", "PROMETHEUS_"))
-    }
-    env["TMPDIR"] = str(temp)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", "serve", "--config", str(config), "--port", str(port), "--workers", "2",
-        cwd=ROOT, env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    assert proc.stderr is not None
-    stderr = asyncio.ensure_future(proc.stderr.read())
-    try:
-        await wait_healthy(f"http://127.0.0.1:{port}/healthz", proc)
+    serving = running_proxy(config, "--workers", "2", port=port, env={"TMPDIR": str(temp)})
+    async with serving as proxy:
         body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
         # A new connection per request: the kernel picks a worker for each.
         async with aiohttp.ClientSession(
@@ -109,12 +77,9 @@ async def test_two_workers_one_scrape(upstream_url: str, tmp_path: Path) -> None
                 assert "oaimux_requests_in_flight 0.0" in text
             async with session.get(f"http://127.0.0.1:{port}/metrics") as resp:
                 assert resp.status == 404  # moved to metrics.listen: an unknown URL here
-    finally:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-        async with asyncio.timeout(30):
-            code = await proc.wait()
-            log = (await stderr).decode()
+        proxy.signal(signal.SIGTERM)
+        code = await proxy.wait_exit(30)
+    log = proxy.text()
     assert code == 0, log
     assert not list(temp.glob("oaimux-metrics-*")), "the shared metrics directory was left behind"
     access = [line for line in log.splitlines() if line.startswith("time=")]

@@ -22,8 +22,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from proxy.config import parse_settings
-from proxy.server.app import create_app, server_options
+from tests.conftest import ServeConfig
 
 JSON = {"Content-Type": "application/json"}
 UPSTREAM_LIMIT_HEADERS = {
@@ -96,16 +95,6 @@ def config(upstream: Upstream, **extra: Any) -> dict[str, Any]:
 Client = TestClient[web.Request, web.Application]
 
 
-@pytest.fixture
-async def proxy(aiohttp_client: Any) -> Any:
-    async def make(cfg: dict[str, Any]) -> Client:
-        app = create_app(parse_settings(cfg, environ={}))
-        client: Client = await aiohttp_client(app, server_kwargs=server_options())
-        return client
-
-    return make
-
-
 def chat(model: str = "cheap") -> bytes:
     return json.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}]}).encode()
 
@@ -151,8 +140,10 @@ async def post(
 # The 429
 
 
-async def test_the_429_has_openais_shape_and_headers(proxy: Any, upstream: Upstream) -> None:
-    client = await proxy(config(upstream, rate_limit={"requests_per_minute": 1, "burst": 2}))
+async def test_the_429_has_openais_shape_and_headers(
+    serve_config: ServeConfig, upstream: Upstream
+) -> None:
+    client = await serve_config(config(upstream, rate_limit={"requests_per_minute": 1, "burst": 2}))
     for _ in range(2):
         assert await post(client, "/v1/chat/completions") == 200
     resp = await client.post("/v1/chat/completions", data=chat(), headers=JSON)
@@ -177,9 +168,9 @@ async def test_the_429_has_openais_shape_and_headers(proxy: Any, upstream: Upstr
 
 
 async def test_successes_keep_the_upstreams_own_ratelimit_headers(
-    proxy: Any, upstream: Upstream
+    serve_config: ServeConfig, upstream: Upstream
 ) -> None:
-    client = await proxy(config(upstream, rate_limit={"requests_per_minute": 1, "burst": 5}))
+    client = await serve_config(config(upstream, rate_limit={"requests_per_minute": 1, "burst": 5}))
     resp = await client.post("/v1/chat/completions", data=chat(), headers=JSON)
     assert resp.status == 200
     for name, value in UPSTREAM_LIMIT_HEADERS.items():
@@ -187,8 +178,10 @@ async def test_successes_keep_the_upstreams_own_ratelimit_headers(
     assert "Retry-After" not in resp.headers
 
 
-async def test_every_request_counts_but_healthz_and_metrics(proxy: Any, upstream: Upstream) -> None:
-    client = await proxy(config(upstream, rate_limit={"requests_per_minute": 1, "burst": 4}))
+async def test_every_request_counts_but_healthz_and_metrics(
+    serve_config: ServeConfig, upstream: Upstream
+) -> None:
+    client = await serve_config(config(upstream, rate_limit={"requests_per_minute": 1, "burst": 4}))
     for _ in range(20):
         assert (await client.get("/healthz")).status == 200
         assert (await client.get("/metrics")).status == 200
@@ -211,9 +204,9 @@ async def test_every_request_counts_but_healthz_and_metrics(proxy: Any, upstream
 
 
 async def test_each_peer_address_has_its_own_bucket(
-    proxy: Any, upstream: Upstream, from_addr: Any
+    serve_config: ServeConfig, upstream: Upstream, from_addr: Any
 ) -> None:
-    client = await proxy(config(upstream, rate_limit={"requests_per_minute": 1, "burst": 1}))
+    client = await serve_config(config(upstream, rate_limit={"requests_per_minute": 1, "burst": 1}))
     url = client.make_url("/v1/chat/completions")
     a, b = from_addr("127.0.0.2"), from_addr("127.0.0.3")
     assert await post(a, url) == 200
@@ -225,9 +218,9 @@ async def test_each_peer_address_has_its_own_bucket(
 
 
 async def test_forwarded_for_is_believed_only_from_trusted_proxies(
-    proxy: Any, upstream: Upstream, from_addr: Any
+    serve_config: ServeConfig, upstream: Upstream, from_addr: Any
 ) -> None:
-    client = await proxy(
+    client = await serve_config(
         config(
             upstream,
             rate_limit={"requests_per_minute": 1, "burst": 1},
@@ -257,9 +250,9 @@ async def test_forwarded_for_is_believed_only_from_trusted_proxies(
 
 
 async def test_with_proxy_keys_the_key_is_the_client(
-    proxy: Any, upstream: Upstream, from_addr: Any
+    serve_config: ServeConfig, upstream: Upstream, from_addr: Any
 ) -> None:
-    client = await proxy(
+    client = await serve_config(
         config(
             upstream,
             rate_limit={"requests_per_minute": 1, "burst": 3},
@@ -306,8 +299,10 @@ async def test_with_proxy_keys_the_key_is_the_client(
 # Route overrides
 
 
-async def test_a_route_limit_is_its_own_bucket(proxy: Any, upstream: Upstream) -> None:
-    client = await proxy(config(upstream, rate_limit={"requests_per_minute": 1, "burst": 2}))
+async def test_a_route_limit_is_its_own_bucket(
+    serve_config: ServeConfig, upstream: Upstream
+) -> None:
+    client = await serve_config(config(upstream, rate_limit={"requests_per_minute": 1, "burst": 2}))
     assert await post(client, "/v1/chat/completions", "pricey") == 200
     resp = await client.post("/v1/chat/completions", data=chat("pricey"), headers=JSON)
     assert resp.status == 429
@@ -322,8 +317,10 @@ async def test_a_route_limit_is_its_own_bucket(proxy: Any, upstream: Upstream) -
     assert upstream.completions == 3
 
 
-async def test_a_route_limit_applies_without_a_global_one(proxy: Any, upstream: Upstream) -> None:
-    client = await proxy(config(upstream))
+async def test_a_route_limit_applies_without_a_global_one(
+    serve_config: ServeConfig, upstream: Upstream
+) -> None:
+    client = await serve_config(config(upstream))
     assert await post(client, "/v1/chat/completions", "pricey") == 200
     assert await post(client, "/v1/chat/completions", "pricey") == 429
     for _ in range(10):
@@ -351,10 +348,12 @@ async def burst_of(url: Any, n: int) -> list[int]:
 
 
 async def test_500_concurrent_requests_against_burst_100_admit_exactly_100(
-    proxy: Any, upstream: Upstream
+    serve_config: ServeConfig, upstream: Upstream
 ) -> None:
     # One token a minute: refill during the test is far below one token.
-    client = await proxy(config(upstream, rate_limit={"requests_per_minute": 1, "burst": 100}))
+    client = await serve_config(
+        config(upstream, rate_limit={"requests_per_minute": 1, "burst": 100})
+    )
     statuses = await burst_of(client.make_url("/v1/chat/completions"), 500)
     assert statuses.count(200) == 100
     assert statuses.count(429) == 400

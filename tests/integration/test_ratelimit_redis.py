@@ -10,12 +10,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import socket
-import subprocess
-import sys
-import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +21,11 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from proxy.admission.buckets import StorageUnavailable
+from proxy.admission.buckets import Decision, StorageUnavailable
 from proxy.admission.buckets_redis import KEY_PREFIX, RedisRateLimiter
-from proxy.config import RateLimitSettings, parse_settings
-from proxy.server.app import create_app, server_options
+from proxy.config import RateLimitSettings, TokenBudget
+from tests.conftest import ServeConfig
+from tests.faults.process import running_proxy, write_config
 from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.redis
@@ -62,23 +59,6 @@ def config(upstream_url: str, storage: str, **rate: Any) -> dict[str, Any]:
     }
 
 
-@pytest.fixture
-async def proxy(aiohttp_client: Any) -> Any:
-    async def make(cfg: dict[str, Any]) -> Client:
-        app = create_app(parse_settings(cfg, environ={}))
-        client: Client = await aiohttp_client(app, server_kwargs=server_options())
-        return client
-
-    return make
-
-
-@pytest.fixture
-async def redis_client(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_server.url)
-    yield client
-    await client.aclose()
-
-
 async def post(client: Client | aiohttp.ClientSession, url: Any = "/v1/chat/completions") -> int:
     async with client.post(url, data=CHAT, headers=JSON) as resp:
         await resp.read()
@@ -86,12 +66,12 @@ async def post(client: Client | aiohttp.ClientSession, url: Any = "/v1/chat/comp
 
 
 async def test_buckets_live_in_redis_with_a_ttl_of_their_time_to_full(
-    proxy: Any,
+    serve_config: ServeConfig,
     upstream: tuple[str, list[int]],
     redis_server: RedisServer,
     redis_client: aioredis.Redis,
 ) -> None:
-    client = await proxy(config(upstream[0], redis_server.url))
+    client = await serve_config(config(upstream[0], redis_server.url))
     assert [await post(client) for _ in range(4)] == [200, 200, 200, 429]
     keys = await redis_client.keys(KEY_PREFIX + "*")
     assert keys == [f"{KEY_PREFIX}ip:127.0.0.1|global".encode()]
@@ -106,13 +86,13 @@ async def test_buckets_live_in_redis_with_a_ttl_of_their_time_to_full(
 
 
 async def test_idle_buckets_vanish_from_redis(
-    proxy: Any,
+    serve_config: ServeConfig,
     upstream: tuple[str, list[int]],
     redis_server: RedisServer,
     redis_client: aioredis.Redis,
 ) -> None:
     # 60000 a minute: a token refills in 1 ms, so the key expires at once.
-    client = await proxy(config(upstream[0], redis_server.url, requests_per_minute=60000))
+    client = await serve_config(config(upstream[0], redis_server.url, requests_per_minute=60000))
     assert await post(client) == 200
     async with asyncio.timeout(5):
         while await redis_client.keys(KEY_PREFIX + "*"):
@@ -120,12 +100,12 @@ async def test_idle_buckets_vanish_from_redis(
 
 
 async def test_a_flushed_script_is_sent_again(
-    proxy: Any,
+    serve_config: ServeConfig,
     upstream: tuple[str, list[int]],
     redis_server: RedisServer,
     redis_client: aioredis.Redis,
 ) -> None:
-    client = await proxy(config(upstream[0], redis_server.url))
+    client = await serve_config(config(upstream[0], redis_server.url))
     assert await post(client) == 200
     await redis_client.script_flush()  # the next EVALSHA answers NOSCRIPT
     assert await post(client) == 200
@@ -150,9 +130,9 @@ async def burst_of(urls: list[Any], n: int) -> list[int]:
 
 
 async def test_500_concurrent_requests_against_burst_100_admit_exactly_100(
-    proxy: Any, upstream: tuple[str, list[int]], redis_server: RedisServer
+    serve_config: ServeConfig, upstream: tuple[str, list[int]], redis_server: RedisServer
 ) -> None:
-    client = await proxy(config(upstream[0], redis_server.url, burst=100))
+    client = await serve_config(config(upstream[0], redis_server.url, burst=100))
     statuses = await burst_of([client.make_url("/v1/chat/completions")], 500)
     assert statuses.count(200) == 100
     assert statuses.count(429) == 400
@@ -160,10 +140,10 @@ async def test_500_concurrent_requests_against_burst_100_admit_exactly_100(
 
 
 async def test_two_proxies_sharing_redis_admit_one_budget(
-    proxy: Any, upstream: tuple[str, list[int]], redis_server: RedisServer
+    serve_config: ServeConfig, upstream: tuple[str, list[int]], redis_server: RedisServer
 ) -> None:
     cfg = config(upstream[0], redis_server.url, burst=100)
-    one, two = await proxy(cfg), await proxy(cfg)
+    one, two = await serve_config(cfg), await serve_config(cfg)
     urls = [one.make_url("/v1/chat/completions"), two.make_url("/v1/chat/completions")]
     statuses = await burst_of(urls, 500)
     # Each proxy got 250 requests: with a budget each they would admit 200.
@@ -171,8 +151,22 @@ async def test_two_proxies_sharing_redis_admit_one_budget(
     assert statuses.count(429) == 400
 
 
+async def take_token(
+    limiter: RedisRateLimiter, key: str, limit: RateLimitSettings, script: str
+) -> Decision:
+    """One request token from ``key``'s bucket, by the request script
+    (``acquire``) or within a token reservation (``reserve``, of no tokens)."""
+    if script == "acquire":
+        return await limiter.acquire(key, limit)
+    budget = TokenBudget(per_minute=1000, per_day=None)
+    decision, *_ = await limiter.reserve(key, limit, budget, (0, 0))
+    assert decision is not None
+    return decision
+
+
+@pytest.mark.parametrize("script", ["acquire", "reserve"])
 async def test_state_left_by_an_earlier_config_is_cut_to_the_new_limit(
-    redis_server: RedisServer, redis_client: aioredis.Redis
+    redis_server: RedisServer, redis_client: aioredis.Redis, script: str
 ) -> None:
     old_limit = RateLimitSettings(requests_per_minute=1, burst=20)
     new_limit = RateLimitSettings(requests_per_minute=6000, burst=100)  # 10 ms a token
@@ -180,89 +174,34 @@ async def test_state_left_by_an_earlier_config_is_cut_to_the_new_limit(
     before = RedisRateLimiter(redis_server.url)  # a proxy under the old config
     try:
         for _ in range(20):
-            assert (await before.acquire("ip:192.0.2.1|global", old_limit)).allowed
+            assert (await take_token(before, "ip:192.0.2.1|global", old_limit, script)).allowed
     finally:
         await before.close()
     assert 1_190_000 < await redis_client.pttl(key) <= 1_200_000  # owes 20 minutes
     after = RedisRateLimiter(redis_server.url)  # one started with the new config
     try:
-        first = await after.acquire("ip:192.0.2.1|global", new_limit)
+        first = await take_token(after, "ip:192.0.2.1|global", new_limit, script)
         assert not first.allowed
         # One token of the new limit, not 1,199 s; the bucket is full again in 1 s.
         assert (first.retry_after, first.reset_after) == (0.01, 1.0)
         assert await redis_client.pttl(key) <= 1000  # the cut was written back
         await asyncio.sleep(first.retry_after + 0.005)  # the wait the 429 names
-        assert (await after.acquire("ip:192.0.2.1|global", new_limit)).allowed
+        assert (await take_token(after, "ip:192.0.2.1|global", new_limit, script)).allowed
     finally:
         await after.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-@pytest.fixture
-def serve_process(tmp_path: Path) -> Iterator[Any]:
-    """``start(config) -> base_url``: a real ``python -m proxy serve`` process."""
-    procs: list[subprocess.Popen[bytes]] = []
-
-    def start(cfg: dict[str, Any], name: str) -> tuple[str, Path]:
-        port = _free_port()
-        path = tmp_path / f"{name}.yaml"
-        path.write_text(json.dumps(cfg))  # JSON is YAML
-        log = tmp_path / f"{name}.log"
-        with open(log, "wb") as out:
-            procs.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "proxy", "serve", "--config", str(path)]
-                    + ["--host", "127.0.0.1", "--port", str(port)],
-                    cwd=REPO,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                )
-            )
-        return f"http://127.0.0.1:{port}", log
-
-    yield start
-    for p in procs:
-        p.terminate()
-    for p in procs:
-        try:
-            p.wait(10)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(10)
-
-
-async def _wait_until_up(base: str, log: Path) -> None:
-    deadline = time.monotonic() + 30
-    async with aiohttp.ClientSession() as session:
-        while True:
-            try:
-                async with session.get(f"{base}/healthz") as resp:
-                    if resp.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"proxy at {base} did not start:\n{log.read_text()[-2000:]}")
-            await asyncio.sleep(0.05)  # bounded polling for a process start
-
-
 async def test_two_proxy_processes_sharing_redis_admit_one_budget(
-    upstream: tuple[str, list[int]], redis_server: RedisServer, serve_process: Any
+    upstream: tuple[str, list[int]], redis_server: RedisServer, tmp_path: Path
 ) -> None:
     cfg = config(upstream[0], redis_server.url, burst=100)
     cfg["log"] = {"access": False}
-    started = [serve_process(cfg, "a"), serve_process(cfg, "b")]
-    for base, log in started:
-        await _wait_until_up(base, log)
-    urls = [f"{base}/v1/chat/completions" for base, _ in started]
-    statuses = await burst_of(urls, 500)
+    async with (
+        running_proxy(write_config(tmp_path / "a.yaml", cfg)) as a,
+        running_proxy(write_config(tmp_path / "b.yaml", cfg)) as b,
+    ):
+        urls = [f"{proxy.url}/v1/chat/completions" for proxy in (a, b)]
+        statuses = await burst_of(urls, 500)
     assert statuses.count(200) == 100
     assert statuses.count(429) == 400
     assert upstream[1][0] == 100
@@ -273,13 +212,13 @@ async def test_two_proxy_processes_sharing_redis_admit_one_budget(
 
 
 async def test_fail_open_keeps_serving_warns_once_and_recovers(
-    proxy: Any,
+    serve_config: ServeConfig,
     upstream: tuple[str, list[int]],
     redis_server: RedisServer,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, logger="oaimux.ratelimit")
-    client = await proxy(config(upstream[0], redis_server.url, burst=2))
+    client = await serve_config(config(upstream[0], redis_server.url, burst=2))
     assert [await post(client) for _ in range(3)] == [200, 200, 429]
     redis_server.stop()
     # Redis is gone: requests pass (fail open), the limit cannot be enforced.
@@ -299,9 +238,9 @@ async def test_fail_open_keeps_serving_warns_once_and_recovers(
 
 
 async def test_fail_closed_answers_503(
-    proxy: Any, upstream: tuple[str, list[int]], redis_server: RedisServer
+    serve_config: ServeConfig, upstream: tuple[str, list[int]], redis_server: RedisServer
 ) -> None:
-    client = await proxy(config(upstream[0], redis_server.url, on_storage_error="closed"))
+    client = await serve_config(config(upstream[0], redis_server.url, on_storage_error="closed"))
     assert await post(client) == 200
     redis_server.stop()
     for _ in range(3):
@@ -334,9 +273,9 @@ async def silent_server() -> AsyncIterator[str]:
 
 
 async def test_a_hung_redis_does_not_stall_requests(
-    proxy: Any, upstream: tuple[str, list[int]], silent_server: str
+    serve_config: ServeConfig, upstream: tuple[str, list[int]], silent_server: str
 ) -> None:
-    client = await proxy(config(upstream[0], silent_server))
+    client = await serve_config(config(upstream[0], silent_server))
     # Without socket timeouts this would wait forever; the bound here is
     # generous, the limiter gives up after 0.25 s.
     async with asyncio.timeout(5):

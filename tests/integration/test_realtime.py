@@ -71,6 +71,20 @@ async def connect(
     return ws
 
 
+async def handshake(
+    proxy: TestClient[Any, Any], url: str, headers: dict[str, str] | None = None
+) -> aiohttp.ClientResponse:
+    """A WebSocket handshake for ``url`` sent as a plain GET, so that a refusal's
+    status and body can be read (aiohttp's ws_connect raises on any but 101)."""
+    upgrade = {
+        "Connection": "Upgrade",
+        "Upgrade": "websocket",
+        "Sec-WebSocket-Version": "13",
+        "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+    }
+    return await proxy.get(url, headers={**(headers or {}), **upgrade})
+
+
 async def test_frames_pass_both_ways_byte_identical_and_in_order(
     proxy: TestClient[Any, Any], upstream: OpenAILike
 ) -> None:
@@ -332,15 +346,7 @@ async def test_unknown_model_is_refused_before_the_upgrade(
         await connect(proxy, "model=no-such-model")
     assert info.value.status == 404
     # The same handshake read as plain HTTP: OpenAI's error JSON, no 101.
-    resp = await proxy.get(
-        "/v1/realtime?model=no-such-model",
-        headers={
-            "Connection": "Upgrade",
-            "Upgrade": "websocket",
-            "Sec-WebSocket-Version": "13",
-            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
-        },
-    )
+    resp = await handshake(proxy, "/v1/realtime?model=no-such-model")
     assert resp.status == 404
     error = (await resp.json())["error"]
     assert error["code"] == "model_not_found" and error["param"] == "model"
@@ -352,15 +358,7 @@ async def test_a_long_unknown_model_is_clipped_in_the_message(
     proxy: TestClient[Any, Any], upstream: OpenAILike
 ) -> None:
     model = "m" * 250  # a valid id (up to 256), longer than what a message quotes
-    resp = await proxy.get(
-        f"/v1/realtime?model={model}",
-        headers={
-            "Connection": "Upgrade",
-            "Upgrade": "websocket",
-            "Sec-WebSocket-Version": "13",
-            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
-        },
-    )
+    resp = await handshake(proxy, f"/v1/realtime?model={model}")
     assert resp.status == 404
     assert (await resp.json())["error"]["message"] == (
         f"The model '{model[:200]}...' does not exist or you do not have access to it."
@@ -379,15 +377,7 @@ async def test_a_long_unknown_model_is_clipped_in_the_message(
 async def test_bad_model_query_is_refused_before_the_upgrade(
     proxy: TestClient[Any, Any], upstream: OpenAILike, query: str, status: int, code: str
 ) -> None:
-    resp = await proxy.get(
-        f"/v1/realtime?{query}",
-        headers={
-            "Connection": "Upgrade",
-            "Upgrade": "websocket",
-            "Sec-WebSocket-Version": "13",
-            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
-        },
-    )
+    resp = await handshake(proxy, f"/v1/realtime?{query}")
     assert resp.status == status
     assert (await resp.json())["error"]["code"] == code
     assert upstream.received == []
@@ -398,15 +388,7 @@ async def test_a_model_id_no_route_could_mean_is_refused_as_a_body_model_is(
     proxy: TestClient[Any, Any], upstream: OpenAILike, model: str
 ) -> None:
     """The same check, and the same words, as for a model in a request body."""
-    resp = await proxy.get(
-        f"/v1/realtime?model={model}",
-        headers={
-            "Connection": "Upgrade",
-            "Upgrade": "websocket",
-            "Sec-WebSocket-Version": "13",
-            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
-        },
-    )
+    resp = await handshake(proxy, f"/v1/realtime?model={model}")
     assert resp.status == 400
     error = (await resp.json())["error"]
     assert error == {
@@ -448,6 +430,51 @@ async def test_rate_limit_and_proxy_keys_apply_to_the_handshake(
     assert upstream.ws_request.headers["authorization"] == f"Bearer {UPSTREAM_KEY}"
 
 
+async def test_a_model_outside_the_keys_list_is_refused_before_the_upgrade_as_in_a_body(
+    aiohttp_client: Any, upstream_server: TestServer, upstream: OpenAILike
+) -> None:
+    """The same judge, and the same words, as for a model in a request body; a
+    body's refusal is counted under its route's model, a handshake's under none."""
+    proxy = await serve_proxy(
+        aiohttp_client,
+        config(
+            upstream_server,
+            auth={"keys": [{"name": "team", "key": "sk-proxy-team-key", "models": ["voice"]}]},
+        ),
+    )
+    auth = {"Authorization": "Bearer sk-proxy-team-key"}
+    resp = await handshake(proxy, "/v1/realtime?model=gpt-4o-realtime-preview", headers=auth)
+    assert resp.status == 403
+    assert resp.headers["x-oaimux-error"] == "model_not_allowed"
+    error = (await resp.json())["error"]
+    assert error == {
+        "message": "Your key may not use the model 'gpt-4o-realtime-preview'.",
+        "type": "invalid_request_error",
+        "param": "model",
+        "code": "model_not_allowed",
+    }
+    as_body = await proxy.post(
+        "/v1/chat/completions",
+        json={"model": "gpt-4o-realtime-preview", "messages": []},
+        headers=auth,
+    )
+    assert as_body.status == 403
+    assert (await as_body.json())["error"] == error
+    assert upstream.received == []
+    ws = await connect(proxy, "model=voice", headers=auth)  # the one it may use
+    await ws.close()
+    metrics = await proxy.get("/metrics")
+    refused = [
+        line
+        for line in (await metrics.text()).splitlines()
+        if line.startswith("oaimux_requests_total{") and 'status_class="4xx"' in line
+    ]
+    assert sorted(refused) == [
+        'oaimux_requests_total{model="",status_class="4xx",upstream=""} 1.0',
+        'oaimux_requests_total{model="gpt-4o-realtime-preview",status_class="4xx",upstream=""} 1.0',
+    ]
+
+
 @pytest.mark.parametrize(
     ("refusal", "status", "code"),
     [
@@ -460,15 +487,7 @@ async def test_upstream_refusing_the_handshake_is_an_http_error_never_a_101(
     proxy: TestClient[Any, Any], upstream: OpenAILike, refusal: int, status: int, code: str
 ) -> None:
     upstream.ws_refuse = refusal
-    resp = await proxy.get(
-        "/v1/realtime?model=gpt-4o-realtime-preview",
-        headers={
-            "Connection": "Upgrade",
-            "Upgrade": "websocket",
-            "Sec-WebSocket-Version": "13",
-            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
-        },
-    )
+    resp = await handshake(proxy, "/v1/realtime?model=gpt-4o-realtime-preview")
     assert resp.status == status
     assert (await resp.json())["error"]["code"] == code
 

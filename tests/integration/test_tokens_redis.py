@@ -10,13 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import os
 import re
-import signal
-import socket
-import sys
-import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +23,10 @@ from aiohttp.test_utils import TestClient, TestServer
 from proxy.admission.buckets import Decision
 from proxy.admission.buckets_redis import KEY_PREFIX, RedisRateLimiter
 from proxy.admission.token_buckets import TokenDecision, token_decision
-from proxy.config import parse_settings
 from proxy.config.settings import RateLimitSettings, TokenBudget
-from proxy.server.app import create_app, server_options
+from tests.conftest import ServeConfig
 from tests.fakes.usage_upstream import UsageUpstream, usage
+from tests.faults.process import running_proxy, write_config
 from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.redis
@@ -65,24 +59,6 @@ def config(upstream_url: str, storage: str, **rate: Any) -> dict[str, Any]:
         "routes": [{"model": "m", "upstream": "up"}],
         "rate_limit": {"storage": storage, **rate},
     }
-
-
-@pytest.fixture
-def proxy(aiohttp_client: Any) -> Any:
-    async def make(cfg: dict[str, Any]) -> Client:
-        client: Client = await aiohttp_client(
-            create_app(parse_settings(cfg, environ={})), server_kwargs=server_options()
-        )
-        return client
-
-    return make
-
-
-@pytest.fixture
-async def redis_client(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_server.url)
-    yield client
-    await client.aclose()
 
 
 async def reserve(
@@ -119,10 +95,10 @@ async def burst_of(urls: list[str], n: int, raw: bytes = RAW) -> list[int]:
 
 
 async def test_two_proxies_sharing_redis_admit_exactly_the_reservations_that_fit(
-    proxy: Any, upstream: UsageUpstream, upstream_url: str, redis_server: RedisServer
+    serve_config: ServeConfig, upstream: UsageUpstream, upstream_url: str, redis_server: RedisServer
 ) -> None:
     cfg = config(upstream_url, redis_server.url, tokens_per_day=100 * COST)
-    one, two = await proxy(cfg), await proxy(cfg)
+    one, two = await serve_config(cfg), await serve_config(cfg)
     urls = [str(one.make_url(CHAT)), str(two.make_url(CHAT))]
     statuses = await burst_of(urls, 500)
     assert (statuses.count(200), statuses.count(429)) == (100, 400)
@@ -130,14 +106,14 @@ async def test_two_proxies_sharing_redis_admit_exactly_the_reservations_that_fit
 
 
 async def test_the_request_bucket_is_charged_in_the_same_step(
-    proxy: Any, upstream: UsageUpstream, upstream_url: str, redis_server: RedisServer
+    serve_config: ServeConfig, upstream: UsageUpstream, upstream_url: str, redis_server: RedisServer
 ) -> None:
     # 3 requests a minute and room for 2 reservations: 2 pass; the third is
     # refused by tokens and must not have spent a request token.
     cfg = config(
         upstream_url, redis_server.url, requests_per_minute=1, burst=3, tokens_per_day=2 * COST
     )
-    client = await proxy(cfg)
+    client = await serve_config(cfg)
     statuses = [(await client.post(CHAT, data=RAW, headers=JSON)).status for _ in range(3)]
     assert statuses == [200, 200, 429]
     # The model list takes a request token only: one is left, the refused
@@ -149,12 +125,12 @@ async def test_the_request_bucket_is_charged_in_the_same_step(
 
 
 async def test_reconciliation_goes_through_redis_down_and_up(
-    proxy: Any, upstream: UsageUpstream, upstream_url: str, redis_server: RedisServer,
+    serve_config: ServeConfig, upstream: UsageUpstream, upstream_url: str, redis_server: RedisServer,
     redis_client: aioredis.Redis,
 ) -> None:  # fmt: skip
     cfg = config(upstream_url, redis_server.url, tokens_per_minute=10000,
                  max_output_reservation=None)  # fmt: skip
-    client = await proxy(cfg)
+    client = await serve_config(cfg)
     big = json.dumps({"model": "m", "messages": MESSAGES, "max_tokens": 9000}).encode()
     upstream.usage = usage(10, 5)
     for _ in range(3):  # each fits only because the one before was charged 15
@@ -200,11 +176,11 @@ async def test_a_raised_token_limit_is_felt_at_once_and_a_debt_is_cut_to_the_cei
 
 
 async def test_shadow_mode_charges_without_refusing_in_redis(
-    proxy: Any, upstream: UsageUpstream, upstream_url: str, redis_server: RedisServer,
+    serve_config: ServeConfig, upstream: UsageUpstream, upstream_url: str, redis_server: RedisServer,
     redis_client: aioredis.Redis,
 ) -> None:  # fmt: skip
     cfg = config(upstream_url, redis_server.url, tokens_per_day=2 * COST, enforce=False)
-    client = await proxy(cfg)
+    client = await serve_config(cfg)
     statuses = [(await client.post(CHAT, data=RAW, headers=JSON)).status for _ in range(5)]
     assert statuses == [200] * 5
     _, owed_day, _ = (await redis_client.get(TOKEN_KEY)).split()
@@ -212,11 +188,11 @@ async def test_shadow_mode_charges_without_refusing_in_redis(
 
 
 async def test_fail_closed_refuses_reservations_while_redis_is_down(
-    proxy: Any, upstream: UsageUpstream, upstream_url: str, redis_server: RedisServer
+    serve_config: ServeConfig, upstream: UsageUpstream, upstream_url: str, redis_server: RedisServer
 ) -> None:
     cfg = config(upstream_url, redis_server.url, tokens_per_day=10 * COST,
                  on_storage_error="closed")  # fmt: skip
-    client = await proxy(cfg)
+    client = await serve_config(cfg)
     assert (await client.post(CHAT, data=RAW, headers=JSON)).status == 200
     redis_server.stop()
     resp = await client.post(CHAT, data=RAW, headers=JSON)
@@ -229,77 +205,15 @@ async def test_fail_closed_refuses_reservations_while_redis_is_down(
 # Real processes
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-async def _wait_until_up(base: str, proc: asyncio.subprocess.Process) -> None:
-    deadline = time.monotonic() + 30
-    async with aiohttp.ClientSession() as session:
-        while True:
-            try:
-                async with session.get(f"{base}/healthz") as resp:
-                    if resp.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            if proc.returncode is not None or time.monotonic() > deadline:
-                pytest.fail(f"proxy at {base} did not start (exit {proc.returncode})")
-            await asyncio.sleep(0.05)  # bounded polling for a process start
-
-
-async def _serve(
-    cfg: dict[str, Any], tmp_path: Path, name: str, *extra: str
-) -> tuple[str, asyncio.subprocess.Process, Path]:
-    port = _free_port()
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(json.dumps(cfg))  # JSON is YAML
-    temp = tmp_path / f"{name}-tmp"
-    temp.mkdir()
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("OAIMUX_", "PORT", "PROMETHEUS_"))
-    }
-    env.update(PYTHONUNBUFFERED="1", TMPDIR=str(temp))
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", "serve", "--config", str(path), "--host", "127.0.0.1",
-        "--port", str(port), *extra, cwd=REPO, env=env,
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-    await _wait_until_up(base, proc)
-    return base, proc, temp
-
-
-async def _stop(procs: list[asyncio.subprocess.Process]) -> None:
-    for proc in procs:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-    for proc in procs:
-        try:
-            async with asyncio.timeout(30):
-                await proc.wait()
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
-
-
 async def test_two_serve_processes_sharing_redis_admit_exactly_the_reservations_that_fit(
     upstream: UsageUpstream, upstream_url: str, redis_server: RedisServer, tmp_path: Path
 ) -> None:
     cfg = config(upstream_url, redis_server.url, tokens_per_day=100 * COST)
-    procs: list[asyncio.subprocess.Process] = []
-    try:
-        bases = []
-        for name in ("a", "b"):
-            base, proc, _ = await _serve(cfg, tmp_path, name)
-            bases.append(base)
-            procs.append(proc)
-        statuses = await burst_of([f"{base}{CHAT}" for base in bases], 500)
-    finally:
-        await _stop(procs)
+    async with (
+        running_proxy(write_config(tmp_path / "a.yaml", cfg)) as a,
+        running_proxy(write_config(tmp_path / "b.yaml", cfg)) as b,
+    ):
+        statuses = await burst_of([f"{proxy.url}{CHAT}" for proxy in (a, b)], 500)
     assert (statuses.count(200), statuses.count(429)) == (100, 400)
     assert upstream.requests == 100
 
@@ -308,9 +222,11 @@ async def test_two_workers_sharing_redis_admit_exactly_the_reservations_that_fit
     upstream: UsageUpstream, upstream_url: str, redis_server: RedisServer, tmp_path: Path
 ) -> None:
     cfg = config(upstream_url, redis_server.url, tokens_per_day=100 * COST)
-    base, proc, temp = await _serve(cfg, tmp_path, "workers", "--workers", "2")
-    try:
-        statuses = await burst_of([f"{base}{CHAT}"], 500)
+    temp = tmp_path / "workers-tmp"
+    temp.mkdir()
+    config_path = write_config(tmp_path / "workers.yaml", cfg)
+    async with running_proxy(config_path, "--workers", "2", env={"TMPDIR": str(temp)}) as proxy:
+        statuses = await burst_of([f"{proxy.url}{CHAT}"], 500)
         # Both workers took part: each counted requests in its own metrics file.
         (shared,) = temp.glob("oaimux-metrics-*")
         pattern = re.compile(r"counter_(\d+)\.db")
@@ -319,7 +235,5 @@ async def test_two_workers_sharing_redis_admit_exactly_the_reservations_that_fit
                 len({m.group(1) for f in shared.iterdir() if (m := pattern.fullmatch(f.name))}) < 2
             ):
                 await asyncio.sleep(0.1)  # bounded polling for the workers' next sync
-    finally:
-        await _stop([proc])
     assert (statuses.count(200), statuses.count(429)) == (100, 400)
     assert upstream.requests == 100

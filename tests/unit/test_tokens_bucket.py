@@ -152,6 +152,23 @@ async def test_drained_token_buckets_are_swept() -> None:
     await limiter.close()
 
 
+async def test_a_token_bucket_used_again_is_swept_only_once_drained() -> None:
+    """Its heap entry comes due when the first reservation would have drained;
+    the bucket, owing more since, is kept until it has drained too."""
+    clock = Clock()
+    limiter = MemoryRateLimiter(clock)
+    reserve(limiter, "t", None, BOTH, (100, 100))  # the day drains in 28.8 minutes
+    clock.now += 20 * 60 * NS
+    reserve(limiter, "t", None, BOTH, (100, 100))  # owes 130.6 of its day: 37.6 minutes
+    clock.now += 10 * 60 * NS  # 30 minutes: the entry is due, the bucket is not
+    assert await limiter.sweep() == 0
+    assert len(limiter) == 1
+    clock.now += 28 * 60 * NS  # 58 minutes
+    assert await limiter.sweep() == 1
+    assert len(limiter) == 0
+    await limiter.close()
+
+
 def test_a_settled_refund_of_an_evicted_bucket_stores_nothing() -> None:
     limiter = MemoryRateLimiter(Clock())
     limiter.settle("t", PER_MINUTE, (-500, 0))

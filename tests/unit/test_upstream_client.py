@@ -14,12 +14,11 @@ import pytest
 from multidict import CIMultiDict
 from yarl import URL
 
-from proxy.client import Destination, Origin, UpstreamFailure, UpstreamPool, UpstreamResponse
-from tests.faults import fixtures
+from proxy.client import Origin, UpstreamFailure, UpstreamPool
+from tests.faults import fixtures, upstream_pool
 from tests.faults.fixtures import FaultFactory
 from tests.faults.server import (
     Connection,
-    FaultServer,
     RawRequest,
     blackhole,
     closed_port,
@@ -28,45 +27,10 @@ from tests.faults.server import (
     respond,
     sse,
 )
+from tests.faults.upstream_pool import origin_of, read_all, send
 
 faults = fixtures.faults
-
-
-@pytest.fixture
-async def pool() -> AsyncIterator[UpstreamPool]:
-    pool = UpstreamPool(keepalive=4.0)
-    yield pool
-    pool.close()
-
-
-def origin_of(server: FaultServer) -> Origin:
-    """A new Origin each time, as each reload's upstream plans have their own."""
-    return Origin.of(URL(server.url))
-
-
-async def send(
-    pool: UpstreamPool,
-    server: FaultServer,
-    method: str = "POST",
-    body: bytes = b'{"model":"m"}',
-    headers: CIMultiDict[str] | None = None,
-    target: str = "/v1/chat/completions",
-    origin: Origin | None = None,
-) -> UpstreamResponse:
-    return await pool.request(
-        Destination(origin or origin_of(server), 5.0, 5.0),
-        method,
-        target,
-        headers=headers or CIMultiDict(),
-        body=body,
-        body_length=None,
-    )
-
-
-async def read_all(resp: UpstreamResponse) -> bytes:
-    body = await resp.content.read()
-    resp.release()
-    return body
+pool = upstream_pool.pool
 
 
 def test_origin_names_the_host_as_rfc_9112_asks() -> None:
@@ -146,7 +110,7 @@ async def test_equal_origins_share_idle_connections(
     # Every reload builds new Origin objects for the same upstreams.
     server = await faults()
     for _ in range(3):
-        await read_all(await send(pool, server, origin=Origin.of(URL(server.url))))
+        await read_all(await send(pool, Origin.of(URL(server.url))))
     assert len(server.connections) == 1
 
 
@@ -255,14 +219,7 @@ async def test_a_streamed_body_of_unknown_length_goes_chunked(
     faults: FaultFactory, pool: UpstreamPool
 ) -> None:
     server = await faults()
-    resp = await pool.request(
-        Destination(origin_of(server), 5, 5),
-        "POST",
-        "/v1/files",
-        headers=CIMultiDict(),
-        body=chunks(b"ab", b"", b"cde"),
-        body_length=None,
-    )
+    resp = await send(pool, server, "POST", chunks(b"ab", b"", b"cde"), target="/v1/files")
     await read_all(resp)
     assert server.requests[0].headers["transfer-encoding"] == "chunked"
     assert server.requests[0].body == b"abcde"
@@ -272,13 +229,8 @@ async def test_a_streamed_body_of_known_length_says_it(
     faults: FaultFactory, pool: UpstreamPool
 ) -> None:
     server = await faults()
-    resp = await pool.request(
-        Destination(origin_of(server), 5, 5),
-        "POST",
-        "/v1/files",
-        headers=CIMultiDict(),
-        body=chunks(b"ab", b"cde"),
-        body_length=5,
+    resp = await send(
+        pool, server, "POST", chunks(b"ab", b"cde"), target="/v1/files", body_length=5
     )
     await read_all(resp)
     assert server.requests[0].headers["content-length"] == "5"
@@ -296,14 +248,7 @@ async def test_a_body_that_breaks_off_aborts_the_upstream_request(
         raise RuntimeError("the client went away")
 
     with pytest.raises(UpstreamFailure) as failed:
-        await pool.request(
-            Destination(origin_of(server), 5, 5),
-            "POST",
-            "/v1/files",
-            headers=CIMultiDict(),
-            body=broken(),
-            body_length=10,
-        )
+        await send(pool, server, "POST", broken(), target="/v1/files", body_length=10)
     assert failed.value.kind in {"disconnected", "reset"}
     await asyncio.wait_for(server.connections[0].peer_closed.wait(), 5)
 
@@ -329,14 +274,7 @@ async def test_failures_before_a_response_are_named(
 async def test_a_refused_connection_is_a_connect_failure(pool: UpstreamPool) -> None:
     origin = Origin.of(URL(f"http://127.0.0.1:{closed_port()}/v1"))
     with pytest.raises(UpstreamFailure) as failed:
-        await pool.request(
-            Destination(origin, 5, 5),
-            "GET",
-            "/v1/models",
-            headers=CIMultiDict(),
-            body=b"",
-            body_length=None,
-        )
+        await send(pool, origin, "GET", b"", target="/v1/models")
     assert failed.value.kind == "connect"
 
 
@@ -348,14 +286,7 @@ async def test_a_host_name_is_resolved_once_and_reused(
     assert not origin.literal
     try:
         for _ in range(2):
-            resp = await pool.request(
-                Destination(origin, 5, 5),
-                "GET",
-                "/v1/models",
-                headers=CIMultiDict(),
-                body=b"",
-                body_length=None,
-            )
+            resp = await send(pool, origin, "GET", b"", target="/v1/models")
             await resp.content.read()
             resp.close()  # never pooled: the second request must connect again
     except UpstreamFailure:
@@ -402,14 +333,7 @@ async def test_no_head_within_the_response_timeout_is_a_timeout(
     loop = asyncio.get_running_loop()
     started = loop.time()
     with pytest.raises(TimeoutError):
-        await pool.request(
-            Destination(origin_of(server), 5, 0.2),
-            "POST",
-            "/v1/chat/completions",
-            headers=CIMultiDict(),
-            body=b"{}",
-            body_length=None,
-        )
+        await send(pool, server, body=b"{}", timeouts=(5, 0.2))
     waited = loop.time() - started
     assert waited >= 0.2  # never before the deadline (at most an eighth after it)
     await asyncio.wait_for(server.connections[0].peer_closed.wait(), 5)
@@ -422,21 +346,7 @@ async def test_the_shorter_of_connect_and_response_timeout_decides_the_error(
     with blackhole() as port:
         origin = Origin.of(URL(f"http://127.0.0.1:{port}/v1"))
         with pytest.raises(UpstreamFailure) as failed:
-            await pool.request(
-                Destination(origin, 0.1, 5),
-                "GET",
-                "/v1/models",
-                headers=CIMultiDict(),
-                body=b"",
-                body_length=None,
-            )
+            await send(pool, origin, "GET", b"", target="/v1/models", timeouts=(0.1, 5))
         assert failed.value.kind == "connect_timeout"
         with pytest.raises(TimeoutError):
-            await pool.request(
-                Destination(origin, 5, 0.1),
-                "GET",
-                "/v1/models",
-                headers=CIMultiDict(),
-                body=b"",
-                body_length=None,
-            )
+            await send(pool, origin, "GET", b"", target="/v1/models", timeouts=(5, 0.1))

@@ -7,40 +7,26 @@ body is cut at its own limit, never at another's, and never before it.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import pytest
 from aiohttp.client_exceptions import SocketTimeoutError
-from multidict import CIMultiDict
 from yarl import URL
 
-from proxy.client import Destination, Origin, UpstreamPool, UpstreamResponse
-from tests.faults import fixtures
+from proxy.client import Origin, UpstreamPool, UpstreamResponse
+from tests.faults import fixtures, upstream_pool
 from tests.faults.fixtures import FaultFactory
 from tests.faults.server import sse, sse_event
+from tests.faults.upstream_pool import send
 
 faults = fixtures.faults
+pool = upstream_pool.pool
 
 _EVENTS = sse_event(0) + sse_event(1)
 
 
-@pytest.fixture
-async def pool() -> AsyncIterator[UpstreamPool]:
-    pool = UpstreamPool(keepalive=4.0)
-    yield pool
-    pool.close()
-
-
 async def open_stream(pool: UpstreamPool, origin: Origin) -> UpstreamResponse:
     """A stream whose upstream sends two events, then nothing."""
-    resp = await pool.request(
-        Destination(origin, 5.0, 5.0),
-        "POST",
-        "/v1/chat/completions",
-        headers=CIMultiDict(),
-        body=b"{}",
-        body_length=None,
-    )
+    resp = await send(pool, origin, body=b"{}")
     assert await resp.content.readexactly(len(_EVENTS)) == _EVENTS
     return resp
 
