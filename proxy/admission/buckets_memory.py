@@ -307,10 +307,7 @@ class MemoryRateLimiter:
         """Drop every bucket that is full, a slice at a time; return how many."""
         total = 0
         spent = 0  # heap entries handled since the last yield
-        min_peak = self.COMPACT_MIN_PEAK
         for shard in self._all_shards:
-            if not shard.heap and shard.peak < min_peak:
-                continue  # no bucket, and no table to give back: the usual shard at rest
             while True:
                 dropped, left = shard.evict(self._clock(), self.SWEEP_SLICE - spent)
                 total += dropped
@@ -319,7 +316,7 @@ class MemoryRateLimiter:
                     break  # this shard has nothing more due
                 await asyncio.sleep(0)  # let requests run between slices
                 spent = 0
-            shard.compact(min_peak)
+            shard.compact(self.COMPACT_MIN_PEAK)
         return total
 
     def start(self) -> None:
