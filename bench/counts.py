@@ -16,6 +16,8 @@ timing".
   first reading the proxy gives its free heap pages back (``malloc_trim(0)``), so the holes
   start-up left in the heap do not absorb the first streams' growth (docs/decisions.md,
   "Idle heap holes move the bench's KB per stream").
+- ``--token-limit``: oaimux runs with the token budget of ``python -m bench --token-limit``
+  (both windows, too large to refuse), to price reserving and reconciling each request.
 - ``syscalls``: write and read system calls of the proxy (``/proc/<pid>/io``) per stream,
   for ``--streams`` streams of 3 chunks started together.
 """
@@ -141,11 +143,17 @@ def _callgrind(pid: int, what: str, out: Path, keep: Path | None = None, name: s
 
 
 async def run(
-    mode: str, k: int, chunks: int, tmp: Path, keep: Path | None = None, n: int = 1000
+    mode: str,
+    k: int,
+    chunks: int,
+    tmp: Path,
+    keep: Path | None = None,
+    n: int = 1000,
+    token_limit: bool = False,
 ) -> dict[str, float]:
     mock_port, port = free_port(), free_port()
     config = tmp / "routes.yaml"
-    config.write_text(to_yaml(oaimux_config(mock_port, port)))
+    config.write_text(to_yaml(oaimux_config(mock_port, port, token_limit=token_limit)))
     python = sys.executable
     mock = subprocess.Popen(
         [python, "-m", "bench.mock_upstream", "--port", str(mock_port)],
@@ -316,10 +324,17 @@ def main(argv: list[str] | None = None) -> int:
         help="non-stream requests on one keep-alive connection (instructions)",
     )
     ap.add_argument("--keep", type=Path, help="copy the callgrind dumps into this folder")
+    ap.add_argument(
+        "--token-limit",
+        action="store_true",
+        help="with the token budget of the timed bench's --token-limit run (README: Token budgets)",
+    )
     a = ap.parse_args(args)
     k = a.streams or {"instructions": 40, "heap": 300, "memory": 300, "syscalls": 100}[a.mode]
+    if a.keep is not None:
+        a.keep.mkdir(parents=True, exist_ok=True)
     with TemporaryDirectory() as tmp:
-        result = asyncio.run(run(a.mode, k, a.chunks, Path(tmp), a.keep, a.requests))
+        result = asyncio.run(run(a.mode, k, a.chunks, Path(tmp), a.keep, a.requests, a.token_limit))
         print(json.dumps(result))
     return 0
 

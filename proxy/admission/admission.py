@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 from ..config.settings import AuthKey, Limits, RateLimitSettings, Route, Settings, TokenBudget
 from ..errors import RateLimited, ServiceUnavailable, TokensLimited, Unauthorized
@@ -48,8 +48,10 @@ from .token_buckets import TokenDecision, token_decision
 __all__ = [
     "Admission",
     "Caller",
+    "Priced",
     "RequestCost",
     "choose_limit",
+    "counts_tokens",
     "estimate_tokens",
     "openai_duration",
     "rate_limited",
@@ -100,6 +102,22 @@ def _global_key(address: str) -> str:
     return f"ip:{limit_key(address)}|global"
 
 
+class Priced(Protocol):
+    """A model request, which can say what it may cost (inbound/route.py's
+    ``ModelRoute``). Asked only when the request's block has a token budget."""
+
+    def cost(self) -> RequestCost: ...
+
+
+def counts_tokens(settings: Settings, caller: Caller) -> bool:
+    """Whether the block a request is charged to when no route has a limit of
+    its own (the caller's key's, else the global one) has a token budget: then
+    the request is charged once its body is read (its estimate needs the body)."""
+    key = caller.key
+    limits = settings.rate_limit if key is None or key.rate_limit is None else key.rate_limit
+    return limits is not None and limits.tokens is not None
+
+
 class RequestCost(NamedTuple):
     """What a model request may cost in tokens, known once its body is read:
     the bytes of its prompt (a JSON body's length; a form's files are not
@@ -116,10 +134,10 @@ def estimate_tokens(cost: RequestCost, budget: TokenBudget) -> int:
     """The tokens reserved for a request: its prompt as ``ceil(bytes / 4)`` (no
     tokenizer on the hot path) and its output cap, else the default, the
     output part never above ``max_output_reservation``."""
-    cap = cost.output_cap
+    prompt_bytes, cap = cost
     output = budget.default_output_tokens if cap is None else cap
     ceiling = budget.output_ceiling
-    return -(-cost.prompt_bytes // 4) + (output if output < ceiling else ceiling)
+    return -(-prompt_bytes // 4) + (output if output < ceiling else ceiling)
 
 
 _WINDOW_NAMES = {"minute": "tokens per min (TPM)", "day": "tokens per day (TPD)"}
@@ -215,10 +233,10 @@ class Admission:
         settings: Settings,
         caller: Caller,
         route: Route | None,
-        cost: RequestCost | None = None,
+        model: Priced | None = None,
     ) -> Charged | None:
         """Charge this request: one token of its block's request bucket, and, for
-        a model request (``cost``) under a token budget, its estimated tokens.
+        a model request (``model``) under a token budget, its estimated tokens.
 
         Returns what was charged (``None``: no limit applies, or the storage is
         down and the policy is open), or raises :class:`RateLimited` /
@@ -229,13 +247,14 @@ class Admission:
             return None
         limits, key = chosen
         requests, budget = limits.requests, limits.tokens
+        storage = self.storage
         try:
-            if budget is None or cost is None:
+            if budget is None or model is None:
                 if requests is None:
                     return None
-                decision: Decision | None = await self.storage.acquire(key, requests)
+                decision: Decision | None = await storage.acquire(key, requests)
             else:
-                estimate = estimate_tokens(cost, budget)
+                estimate = estimate_tokens(model.cost(), budget)
                 # A window is charged at most its capacity: an estimate larger
                 # than a whole budget passes when the budget is full, and what
                 # the answer uses beyond is charged when it ends.
@@ -244,7 +263,6 @@ class Admission:
                     estimate if estimate < cap_m else cap_m,
                     estimate if estimate < cap_d else cap_d,
                 )
-                storage = self.storage
                 if type(storage) is MemoryRateLimiter:  # answers at once: no coroutine
                     reserved = storage.reserve_now(key, requests, budget, costs)
                 else:
@@ -255,12 +273,12 @@ class Admission:
             return None
         if self._outage.failing:
             self._outage.recovered()
-        if decision is not None and not decision.allowed:
+        if decision is not None and not decision[0]:  # (Decision.allowed)
             assert requests is not None  # a request decision comes from a request bucket
             raise rate_limited(decision, requests, route)
-        if budget is None or cost is None:
+        if budget is None or model is None:
             return Charged(decision)
-        charged = Charged(decision, budget, self.storage, key, estimate, (costs, reserved))
+        charged = Charged(decision, budget, storage, key, estimate, (costs, reserved))
         if not reserved[5]:  # a token window had no room for the estimate
             self._over_budget(charged, caller, route)
         return charged

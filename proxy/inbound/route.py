@@ -125,8 +125,15 @@ class ModelRoute:
         read = self.read
         found = read.found
         if found is None:
-            return RequestCost(len(read.routable), None)
-        return RequestCost(len(read.routable) if found.json_value else 0, found.output_cap)
+            return _new_cost(RequestCost, (len(read.routable), None))
+        return _new_cost(
+            RequestCost, (len(read.routable) if found.json_value else 0, found.output_cap)
+        )
+
+
+# A RequestCost made from a tuple, without the generated __new__ (a Python frame
+# per model request).
+_new_cost = tuple.__new__
 
 
 @dataclass(slots=True)
@@ -176,10 +183,17 @@ def client_authorization(request: web.BaseRequest, runtime: Runtime) -> str | No
 
 
 async def choose_route(
-    request: web.Request, target: Target, caller: Caller, *, runtime: Runtime, ex: Exchange
+    request: web.Request,
+    target: Target,
+    caller: Caller,
+    *,
+    runtime: Runtime,
+    ex: Exchange,
+    cap: bool = False,
 ) -> ModelRoute | PathRoute | RealtimeTarget:
     """The request's route, or the error to answer (no route is known then:
-    the request is charged to the caller's general bucket).
+    the request is charged to the caller's general bucket). ``cap``: the
+    request may be charged tokens, so its output cap is read too.
 
     One coroutine, the body's read awaited here: each coroutine layer would
     be one more frame per request (docs/decisions.md, "The upstream walk costs
@@ -193,7 +207,7 @@ async def choose_route(
         if boundary is None:
             whole = body_if_whole(request, server)  # no coroutine, most of the time
             body = whole if whole is not None else await read_body(request, server)
-            read = model_body(request, body, server, runtime.token_limited)
+            read = model_body(request, body, server, cap)
         else:
             read = await read_form_head(request, boundary, server)
         ex.bytes_in = len(read.body)

@@ -60,10 +60,9 @@ class FailureLog:
         self._logged_at = 0.0  # when the last line was written
         self._failures = 0  # in this outage
         self._unlogged = 0  # failures since the last line
-
-    @property
-    def failing(self) -> bool:
-        return self._reason is not None
+        # Whether an outage is on: a plain attribute, read once per request by
+        # admission.py (a property is a call).
+        self.failing = False
 
     def failed(self, reason: str) -> bool:
         """Record one failure; return whether a line was written."""
@@ -86,6 +85,7 @@ class FailureLog:
         else:
             self._log.warning("%s: %s", self.subject, reason)
         self._reason = reason
+        self.failing = True
         self._logged_at = now
         self._unlogged = 0
         return True
@@ -101,6 +101,7 @@ class FailureLog:
             self._failures,
         )
         self._reason = None
+        self.failing = False
         self._failures = 0
         self._unlogged = 0
         return True

@@ -115,20 +115,22 @@ class Observer:
         if not 200 <= ex.status < 300 or ex.content_encoding not in (None, "identity"):
             return
         content_type = ex.content_type
-        if not (content_type.startswith("text/event-stream") or "json" in content_type):
-            return
         if content_type.startswith("text/event-stream"):
             usage = usage_from_stream(ex.head, ex.tail_previous, ex.tail)
-        else:
+        elif "json" in content_type:
             usage = usage_from_tail(ex.tail_previous, ex.tail)
+        else:
+            return
         ex.tail = ex.tail_previous = ex.head = b""  # the chunks are no longer needed
         if usage is not None:
             ex.usage = usage
-            ex.prompt_tokens = usage.prompt_tokens
-            ex.completion_tokens = usage.completion_tokens
-            ex.cache_read_tokens = usage.cache_read_tokens
-            ex.cache_creation_tokens = usage.cache_creation_tokens
-            ex.cached_tokens = usage.cached_tokens
+            (  # unpacked: a named field of a tuple is a descriptor call in CPython 3.11
+                ex.prompt_tokens,
+                ex.completion_tokens,
+                ex.cache_read_tokens,
+                ex.cache_creation_tokens,
+                ex.cached_tokens,
+            ) = usage
 
     def _reconcile(self, ex: Exchange, budget: Charge) -> None:
         """The answer has ended: settle its token reservation (charge.py)."""

@@ -19,7 +19,7 @@ import time
 from aiohttp import web
 
 from .. import SERVER, __version__
-from ..admission.admission import Caller, unauthorized
+from ..admission.admission import Caller, counts_tokens, unauthorized
 from ..admission.proxy_keys import KeyTable
 from ..config.settings import Route
 from ..errors import ProxyError, model_not_found
@@ -108,9 +108,9 @@ async def _route_and_send(
         # without a key: bytes after it must not be read as another request.
         vet_head(request)
         raise unauthorized()
-    # No route limit and no token budget: the bucket and the cost do not depend on the
-    # body, so charge first: one over its limit costs no body read (README, "Rate limiting").
-    charged = not (runtime.route_limited or runtime.token_limited)
+    # No route limit or tokens: charge first, no body read if refused (README, "Rate limiting").
+    tokens = runtime.token_limited and (runtime.route_limited or counts_tokens(settings, caller))
+    charged = not (runtime.route_limited or tokens)
     if charged and runtime.limited:  # with no limit configured, nothing to charge
         ex.budget = await admission.charge(settings, caller, None)
     route: Route | None = None
@@ -123,7 +123,7 @@ async def _route_and_send(
             return await app[REALTIME].serve_responses(
                 request, runtime, caller, query=target.query, ex=ex
             )
-        chosen = await choose_route(request, target, caller, runtime=runtime, ex=ex)
+        chosen = await choose_route(request, target, caller, runtime=runtime, ex=ex, cap=tokens)
         route = chosen.route  # from here, an error is charged to the route's bucket
         if isinstance(chosen, ModelRoute):
             outbound = prepare(request, chosen, target, runtime=runtime)
@@ -137,8 +137,8 @@ async def _route_and_send(
             ex.budget = await admission.charge(settings, caller, route)
         raise
     if not charged:  # a model request's tokens too, under a budget (README, "Token budgets")
-        cost = chosen.cost() if isinstance(chosen, ModelRoute) else None
-        ex.budget = await admission.charge(settings, caller, route, cost)
+        model = chosen if isinstance(chosen, ModelRoute) else None
+        ex.budget = await admission.charge(settings, caller, route, model)
     if outbound is None:
         assert isinstance(chosen, RealtimeTarget)
         return await app[REALTIME].serve(request, chosen, runtime, ex=ex)

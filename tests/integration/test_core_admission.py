@@ -56,3 +56,40 @@ async def test_with_route_limits_the_route_bucket_is_charged(
     # Another route, no limit of its own and no global one: still served.
     other = await client.post("/v1/embeddings", data=b'{"model": "fast"}')
     assert other.status == 200
+
+
+async def test_a_budget_on_another_key_does_not_make_this_one_wait_for_its_body(
+    make_proxy_server: Any, upstream_url: str
+) -> None:
+    """Only a request whose own block (its key's, else the global one) has a
+    token budget is charged after its body is read (README, "Token budgets")."""
+    keys = [
+        {"name": "metered", "key": "sk-metered", "rate_limit": {"tokens_per_minute": 10_000}},
+        {"name": "plain", "key": "sk-plain"},
+    ]
+    server = await make_proxy_server(
+        basic_config(
+            upstream_url,
+            auth={"keys": keys},
+            rate_limit={"requests_per_minute": 1, "burst": 1},
+        )
+    )
+    body = b'{"model": "gpt-4o-mini"}'
+    head = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Authorization: Bearer sk-plain\r\n"
+    )
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    writer.write(head + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    await writer.drain()
+    status = await asyncio.wait_for(reader.readline(), 10)
+    assert status.startswith(b"HTTP/1.1 200"), status
+    writer.close()
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    try:
+        writer.write(head + b"Content-Length: 5000000\r\n\r\n")
+        await writer.drain()
+        line = await asyncio.wait_for(reader.readline(), 10)
+    finally:
+        writer.close()
+    assert line.startswith(b"HTTP/1.1 429"), line
