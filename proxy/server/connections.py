@@ -43,6 +43,7 @@ from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
 
 from .. import SERVER
+from ..client.connection import ShortQueue
 from ..observe.observer import Observer
 from .refusals import HEAD_START_LIMIT, refuse_late_head, refuse_malformed
 from .send_watch import SendWatch
@@ -50,6 +51,10 @@ from .send_watch import SendWatch
 __all__ = ["GuardedRequestHandler"]
 
 log = logging.getLogger("oaimux.connections")
+
+# Stands for the buffer of a request body read to its end (an empty deque
+# holds a 64-slot block, ~760 bytes): GuardedRequestHandler.long_response_begins.
+_READ_TO_ITS_END: tuple[bytes, ...] = ()
 
 
 class _NagleOffAlready(BaseProtocol):
@@ -92,6 +97,9 @@ class GuardedRequestHandler(RequestHandler, _NagleOffAlready):
         **kwargs: Any,
     ) -> None:
         super().__init__(manager, **kwargs)
+        # Parsed request heads waiting for the handler: one at a time but for
+        # pipelined requests, which aiohttp stops reading at 32 (see ShortQueue).
+        self._messages = cast(Any, ShortQueue())
         self._head_timeout = head_timeout
         self._head_deadline: asyncio.TimerHandle | None = None
         self._ended: asyncio.Future[None] | None = None
@@ -131,6 +139,20 @@ class GuardedRequestHandler(RequestHandler, _NagleOffAlready):
                 self._body = payload
                 if message.upgrade:  # a WebSocket can stay open as long as a stream
                     self.drop_keepalive_timer()
+
+    def long_response_begins(self, request: web.BaseRequest) -> None:
+        """The body of ``request``'s response will be relayed for a while (a
+        stream): drop what this connection would hold for its whole life and no
+        longer needs, the keep-alive timer and the empty buffer of a request
+        body read to its end (docs/decisions.md, "Memory per open stream is a
+        budget")."""
+        self.drop_keepalive_timer()
+        body = request.content
+        if type(body) is StreamReader and body.is_eof() and not body._buffer:
+            # Nothing is fed after the end (aiohttp asserts it), and an empty
+            # tuple reads as the empty deque it replaces. (An upload still
+            # arriving is not at its end.)
+            body._buffer = cast(Any, _READ_TO_ITS_END)
 
     def drop_keepalive_timer(self) -> None:
         """A response will be relayed for a while (a stream's body, a
