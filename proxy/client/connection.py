@@ -56,8 +56,8 @@ class ShortQueue(list[_T]):
     pieces waiting for the pipe.
 
     An empty deque already holds a block of 64 slots, ~760 bytes, and an open
-    stream kept five of them (docs/decisions.md, "Memory per open stream is a
-    budget"); an empty list is 56 bytes. aiohttp appends with ``append`` (C on
+    stream kept five of them; an empty list is 56 bytes (docs/decisions.md,
+    "An open stream keeps no deque"). aiohttp appends with ``append`` (C on
     both) and takes with ``popleft``, here a Python call that moves the rest:
     so it is only put where few items wait and aiohttp takes them once per
     request, or where the proxy takes them itself (:func:`take_parsed`).
@@ -238,7 +238,7 @@ def lighten_body(body: StreamReader) -> None:
     """Have ``body``, from now on read by :func:`take_parsed` alone, hold its
     parsed pieces in a :class:`ShortQueue` and keep no record of where its HTTP
     chunks ended: each was a deque with a 64-slot block, ~760 bytes per open
-    stream (docs/decisions.md, "Memory per open stream is a budget").
+    stream (docs/decisions.md, "An open stream keeps no deque").
 
     The pipe takes whatever is parsed, never chunk by chunk. aiohttp appends
     each chunk's end to ``_http_chunk_splits`` and pauses reading when more

@@ -144,8 +144,8 @@ class GuardedRequestHandler(RequestHandler, _NagleOffAlready):
         """The body of ``request``'s response will be relayed for a while (a
         stream): drop what this connection would hold for its whole life and no
         longer needs, the keep-alive timer and the empty buffer of a request
-        body read to its end (docs/decisions.md, "Memory per open stream is a
-        budget")."""
+        body read to its end
+        (docs/decisions.md, "An open stream keeps no deque")."""
         self.drop_keepalive_timer()
         body = request.content
         if type(body) is StreamReader and body.is_eof() and not body._buffer:
