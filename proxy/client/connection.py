@@ -16,7 +16,7 @@ import ssl
 from collections import deque
 from collections.abc import AsyncIterable, Callable
 from dataclasses import dataclass
-from typing import Any, Final, TypeVar, cast
+from typing import Final, TypeVar, cast
 
 from aiohttp.client_proto import ResponseHandler
 from aiohttp.streams import StreamReader
@@ -125,7 +125,7 @@ class Connection(ResponseHandler):
         super().__init__(loop)
         # The parsed response heads waiting for the pool's read: one at a time
         # (see ShortQueue).
-        self._buffer = cast(Any, ShortQueue())
+        self._buffer = ShortQueue()  # type: ignore[assignment]
         self.idle_since = 0.0
         self.skips_payload: bool | None = None  # the parser's setting (HEAD or not)
         # Called after the parser has fed the body: new bytes, its end, or its
@@ -253,7 +253,7 @@ def lighten_body(body: StreamReader) -> None:
     freed and made again as it empties and fills)."""
     if type(body) is StreamReader:
         body._http_chunk_splits = _NO_CHUNK_ENDS
-        body._buffer = cast(Any, ShortQueue(body._buffer))
+        body._buffer = ShortQueue(body._buffer)  # type: ignore[assignment]
 
 
 def take_parsed(body: StreamReader) -> tuple[bytes, bool]:

@@ -99,7 +99,7 @@ class GuardedRequestHandler(RequestHandler, _NagleOffAlready):
         super().__init__(manager, **kwargs)
         # Parsed request heads waiting for the handler: one at a time but for
         # pipelined requests, which aiohttp stops reading at 32 (see ShortQueue).
-        self._messages = cast(Any, ShortQueue())
+        self._messages = ShortQueue()  # type: ignore[assignment]
         self._head_timeout = head_timeout
         self._head_deadline: asyncio.TimerHandle | None = None
         self._ended: asyncio.Future[None] | None = None
@@ -152,7 +152,7 @@ class GuardedRequestHandler(RequestHandler, _NagleOffAlready):
             # Nothing is fed after the end (aiohttp asserts it), and an empty
             # tuple reads as the empty deque it replaces. (An upload still
             # arriving is not at its end.)
-            body._buffer = cast(Any, _READ_TO_ITS_END)
+            body._buffer = _READ_TO_ITS_END  # type: ignore[assignment]
 
     def drop_keepalive_timer(self) -> None:
         """A response will be relayed for a while (a stream's body, a
