@@ -360,8 +360,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--keep", type=Path, help="copy the callgrind dumps into this folder")
     a = ap.parse_args(args)
-    defaults = {"instructions": 40, "heap": 300, "sites": 300, "memory": 300, "syscalls": 100}
-    k = a.streams or defaults[a.mode]
+    if a.mode == "sites" and a.streams is None:
+        a.streams = 300  # as heap
+    k = a.streams or {"instructions": 40, "heap": 300, "memory": 300, "syscalls": 100}[a.mode]
     with TemporaryDirectory() as tmp:
         result = asyncio.run(run(a.mode, k, a.chunks, Path(tmp), a.keep, a.requests))
         print(json.dumps(result))

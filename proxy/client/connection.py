@@ -30,6 +30,7 @@ __all__ = [
     "Origin",
     "ShortQueue",
     "abort",
+    "drop_spent_buffer",
     "lighten_body",
     "open_connection",
     "take_parsed",
@@ -47,6 +48,8 @@ _BUFFERS: Final = (bytes, bytearray)  # a body held whole
 _T = TypeVar("_T")
 # See lighten_body; it stays empty, so sharing it shares nothing.
 _NO_CHUNK_ENDS: Final[deque[int]] = deque(maxlen=0)
+# See drop_spent_buffer.
+_SPENT: Final[tuple[bytes, ...]] = ()
 
 
 class ShortQueue(list[_T]):
@@ -254,6 +257,17 @@ def lighten_body(body: StreamReader) -> None:
     if type(body) is StreamReader:
         body._http_chunk_splits = _NO_CHUNK_ENDS
         body._buffer = ShortQueue(body._buffer)  # type: ignore[assignment]
+
+
+def drop_spent_buffer(body: StreamReader) -> None:
+    """Have a request body read to its end give up its empty deque (a 64-slot
+    block, ~760 bytes) for an empty tuple: the pipe calls this for the request
+    whose answer it relays, which a stream keeps for its whole life
+    (docs/decisions.md, "An open stream keeps no deque"). Nothing is fed to a
+    body after its end (aiohttp asserts it), and an empty tuple reads as the
+    empty deque it replaces. An upload still arriving is not at its end."""
+    if type(body) is StreamReader and body.is_eof() and not body._buffer:
+        body._buffer = _SPENT  # type: ignore[assignment]
 
 
 def take_parsed(body: StreamReader) -> tuple[bytes, bool]:

@@ -171,9 +171,9 @@ def _body_follows(
     the silence between two body chunks, and count an open stream. The pipe
     tracks events only in an event stream, and keeps the first one only in an
     Anthropic stream, the one that reports usage there (observe/usage.py)."""
-    long_response_begins = getattr(request.protocol, "long_response_begins", None)
-    if long_response_begins is not None:
-        long_response_begins(request)
+    drop_keepalive_timer = getattr(request.protocol, "drop_keepalive_timer", None)
+    if drop_keepalive_timer is not None:
+        drop_keepalive_timer()
     upstream_resp = answered.response
     upstream_resp.arm_idle_timeout(answered.plan.upstream.timeouts.idle)
     upstream_resp.forget_head()

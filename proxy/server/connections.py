@@ -52,10 +52,6 @@ __all__ = ["GuardedRequestHandler"]
 
 log = logging.getLogger("oaimux.connections")
 
-# Stands for the buffer of a request body read to its end (an empty deque
-# holds a 64-slot block, ~760 bytes): GuardedRequestHandler.long_response_begins.
-_READ_TO_ITS_END: tuple[bytes, ...] = ()
-
 
 class _NagleOffAlready(BaseProtocol):
     """Sits between aiohttp's ``RequestHandler`` and ``BaseProtocol`` (method
@@ -139,20 +135,6 @@ class GuardedRequestHandler(RequestHandler, _NagleOffAlready):
                 self._body = payload
                 if message.upgrade:  # a WebSocket can stay open as long as a stream
                     self.drop_keepalive_timer()
-
-    def long_response_begins(self, request: web.BaseRequest) -> None:
-        """The body of ``request``'s response will be relayed for a while (a
-        stream): drop what this connection would hold for its whole life and no
-        longer needs, the keep-alive timer and the empty buffer of a request
-        body read to its end
-        (docs/decisions.md, "An open stream keeps no deque")."""
-        self.drop_keepalive_timer()
-        body = request.content
-        if type(body) is StreamReader and body.is_eof() and not body._buffer:
-            # Nothing is fed after the end (aiohttp asserts it), and an empty
-            # tuple reads as the empty deque it replaces. (An upload still
-            # arriving is not at its end.)
-            body._buffer = _READ_TO_ITS_END  # type: ignore[assignment]
 
     def drop_keepalive_timer(self) -> None:
         """A response will be relayed for a while (a stream's body, a
