@@ -1,7 +1,7 @@
 """Counts of oaimux's work on the token-rate load that other jobs on the machine cannot move.
 
-``python -m bench.counts instructions|heap|memory|syscalls``: oaimux against the bench's mock, each
-count printed as one JSON line. Method and figures: bench/README.md, "Counting instead of
+``python -m bench.counts instructions|heap|sites|memory|syscalls``: oaimux against the bench's
+mock, each count printed as one JSON line. Method and figures: bench/README.md, "Counting instead of
 timing".
 
 - ``instructions`` (needs valgrind): oaimux under callgrind; counters zeroed once it is warm,
@@ -10,6 +10,10 @@ timing".
   per chunk = ((b) - (a)) / (streams x (chunks - 1)): user-space instructions only.
 - ``heap``: Python heap (tracemalloc) with ``--streams`` streams held open, each past its
   first chunk, minus the heap before, per stream.
+- ``sites``: the same, with tracemalloc keeping 30 frames: what the open streams hold, per
+  stream, by allocating line and by traceback (snapshot diff), and the objects of each type
+  that appeared (``gc``), then the heap figure (read it from ``heap``: the deeper traces
+  change what is allocated at start-up, not per stream).
 - ``memory`` (glibc): the same streams, read from the C allocator and the kernel instead: the
   bytes malloc hands out (``mallinfo2``: Python's objects over 512 bytes and every C library's
   allocations, which tracemalloc does not see) and the resident set, per stream. Before the
@@ -166,7 +170,9 @@ async def run(
         if mode == "instructions"
         else []
     )
-    env = dict(os.environ, BENCH_COUNTS_HEAP=str(tmp / "heap") if mode == "heap" else "")
+    traced = mode in ("heap", "sites")
+    env = dict(os.environ, BENCH_COUNTS_HEAP=str(tmp / "heap") if traced else "")
+    env["BENCH_COUNTS_FRAMES"] = "30" if mode == "sites" else "1"
     env["BENCH_COUNTS_MEMORY"] = str(tmp / "heap") if mode == "memory" else ""
     if mode == "instructions":
         # Fixed string hashes: dict and set probing then runs the same
@@ -199,7 +205,7 @@ async def run(
                 "instructions_per_request": plain / n,
                 "instructions_per_chunk": (both - setup) / (k * (chunks - 1)),
             }
-        if mode in ("heap", "memory"):
+        if mode in ("heap", "memory", "sites"):
             heap = tmp / "heap"
 
             async def look() -> None:
@@ -223,6 +229,8 @@ async def run(
                     "rss_bytes_per_open_stream": (rss1 - rss0) / k,
                 }
             before, during = map(int, heap.read_text().split())
+            if mode == "sites":
+                _print_sites(heap, k)
             return {"heap_bytes_per_open_stream": (during - before) / k}
         io = Path(f"/proc/{proxy.pid}/io")
 
@@ -247,17 +255,52 @@ async def run(
                 proc.kill()
 
 
+def _print_sites(heap: Path, k: int, top: int = 40) -> None:
+    """What the open streams hold: the snapshot diff's largest allocation sites (innermost
+    line, then the whole traceback shortened to the frames outside the standard library)
+    and the objects of each type that appeared, each per stream."""
+    before = tracemalloc.Snapshot.load(f"{heap}.0")
+    during = tracemalloc.Snapshot.load(f"{heap}.1")
+    for group in ("lineno", "traceback"):
+        print(f"-- bytes per stream by {group}")
+        for stat in during.compare_to(before, group)[:top]:
+            if stat.size_diff / k < 8:
+                continue
+            frames = [str(f) for f in stat.traceback][-8:] if group == "traceback" else []
+            where = stat.traceback[-1] if group == "lineno" else ""
+            print(f"{stat.size_diff / k:8.1f} {stat.count_diff / k:6.2f} {where}")
+            for frame in frames:
+                print(f"{'':16}{frame}")
+    types0 = json.loads(Path(f"{heap}.0.types").read_text())
+    types1 = json.loads(Path(f"{heap}.1.types").read_text())
+    grown = {n: (c - types0.get(n, 0)) / k for n, c in types1.items()}
+    print("-- gc-tracked objects per stream by type")
+    for name, per in sorted(grown.items(), key=lambda kv: -kv[1])[:top]:
+        if per >= 0.5:
+            print(f"{per:6.2f} {name}")
+
+
 def serve(config: str, port: str) -> int:
     """oaimux itself; with BENCH_COUNTS_HEAP set, tracemalloc on and SIGUSR2 appending the
     traced heap to that file."""
     out = os.environ.get("BENCH_COUNTS_HEAP")
     if out:
-        tracemalloc.start()
+        frames = int(os.environ.get("BENCH_COUNTS_FRAMES") or 1)
+        tracemalloc.start(frames)
 
         def note(*_: object) -> None:
             import gc
 
             gc.collect()
+            if frames > 1:  # ``sites``: the whole snapshot, for the driver to compare
+                snapshot = tracemalloc.take_snapshot()
+                n = len(Path(out).read_text().split()) if os.path.exists(out) else 0
+                snapshot.dump(f"{out}.{n}")
+                census: dict[str, int] = {}
+                for obj in gc.get_objects():
+                    name = type(obj).__qualname__
+                    census[name] = census.get(name, 0) + 1
+                Path(f"{out}.{n}.types").write_text(json.dumps(census))
             with open(out, "a") as f:
                 f.write(f"{tracemalloc.get_traced_memory()[0]}\n")
 
@@ -310,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     if args[:1] == ["serve"]:
         return serve(args[1], args[2])
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("mode", choices=["instructions", "heap", "memory", "syscalls"])
+    ap.add_argument("mode", choices=["instructions", "heap", "sites", "memory", "syscalls"])
     ap.add_argument(
         "--streams",
         type=int,
@@ -330,6 +373,8 @@ def main(argv: list[str] | None = None) -> int:
         help="with the token budget of the timed bench's --token-limit run (README: Token budgets)",
     )
     a = ap.parse_args(args)
+    if a.mode == "sites" and a.streams is None:
+        a.streams = 300  # as heap
     k = a.streams or {"instructions": 40, "heap": 300, "memory": 300, "syscalls": 100}[a.mode]
     if a.keep is not None:
         a.keep.mkdir(parents=True, exist_ok=True)

@@ -35,7 +35,7 @@ from aiohttp.http_writer import StreamWriter
 from aiohttp.streams import StreamReader
 
 from ..client import UpstreamResponse
-from ..client.connection import take_parsed
+from ..client.connection import drop_spent_buffer, lighten_body, take_parsed
 
 __all__ = ["BodyPipe", "head_waits_for_body"]
 
@@ -113,6 +113,8 @@ class BodyPipe:
     ) -> None:
         self._response = response
         self._body: StreamReader = response.content
+        lighten_body(self._body)  # read by take_parsed alone from here
+        drop_spent_buffer(request.content)  # sent upstream long before
         self._out = request.transport
         self._client = request.protocol
         self._writer = request.writer

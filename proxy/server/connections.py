@@ -44,6 +44,7 @@ from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
 
 from .. import SERVER
+from ..client.connection import ShortQueue
 from ..observe.observer import Observer
 from .refusals import HEAD_START_LIMIT, OtherTargetForm, refuse_late_head, refuse_malformed
 from .send_watch import SendWatch
@@ -93,6 +94,9 @@ class GuardedRequestHandler(RequestHandler, _NagleOffAlready):
         **kwargs: Any,
     ) -> None:
         super().__init__(manager, **kwargs)
+        # Parsed request heads waiting for the handler: one at a time but for
+        # pipelined requests, which aiohttp stops reading at 32 (see ShortQueue).
+        self._messages = ShortQueue()  # type: ignore[assignment]
         self._head_timeout = head_timeout
         self._head_deadline: asyncio.TimerHandle | None = None
         self._ended: asyncio.Future[None] | None = None

@@ -45,3 +45,19 @@ def test_memory_per_open_stream_counts_the_c_heap_and_the_resident_set() -> None
     # libraries' own) and the resident set (~20 KB): kilobytes, below megabytes.
     assert 1_000 < found["malloc_bytes_per_open_stream"] < 40_000
     assert found["malloc_bytes_per_open_stream"] < found["rss_bytes_per_open_stream"] < 100_000
+
+
+def test_sites_says_what_the_open_streams_hold_and_the_heap_per_stream() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.counts", "sites", "--streams", "30"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    *sites, last = done.stdout.splitlines()
+    assert 5_000 < json.loads(last)["heap_bytes_per_open_stream"] < 60_000
+    assert "-- bytes per stream by traceback" in sites
+    # Each open stream's server connection, by type, among the objects that appeared.
+    assert any(line.split()[-1] == "GuardedRequestHandler" for line in sites if line[:1] == " ")

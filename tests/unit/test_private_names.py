@@ -58,6 +58,7 @@ RELIED_ON: dict[str, tuple[str, ...]] = {
     # SO_KEEPALIVE set once on the listening sockets (server/process.py).
     "aiohttp.web_runner.TCPSite": ("_server",),
     "aiohttp.client_proto.ResponseHandler": (
+        "_buffer",
         "_buffer_paused",
         "_drain_helper",
         "_pause_reading_for_buffer",
