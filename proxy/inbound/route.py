@@ -68,6 +68,7 @@ __all__ = [
     "MODEL_JSON_PATHS",
     "MODEL_PATHS",
     "REALTIME_PATH",
+    "TOKENLESS_PATHS",
     "ModelRoute",
     "Outbound",
     "PathRoute",
@@ -78,6 +79,7 @@ __all__ = [
     "is_websocket_upgrade",
     "prepare",
     "prepare_path",
+    "priced",
     "realtime_target",
     "refuse_body",
 ]
@@ -103,6 +105,9 @@ MODEL_FORM_PATHS = frozenset(
     {"audio/transcriptions", "audio/translations", "images/edits", "images/variations"}
 )
 MODEL_PATHS = MODEL_JSON_PATHS | MODEL_FORM_PATHS
+# Model-routed paths that generate no tokens: a token budget charges them only
+# a request (README, "Token budgets").
+TOKENLESS_PATHS = frozenset({"messages/count_tokens"})
 
 REALTIME_PATH = "realtime"
 
@@ -129,6 +134,13 @@ class ModelRoute:
         return _new_cost(
             RequestCost, (len(read.routable) if found.json_value else 0, found.output_cap)
         )
+
+
+def priced(chosen: ModelRoute | PathRoute | RealtimeTarget, target: Target) -> ModelRoute | None:
+    """A model request a token budget reserves for (none on ``TOKENLESS_PATHS``)."""
+    if isinstance(chosen, ModelRoute) and target.path not in TOKENLESS_PATHS:
+        return chosen
+    return None
 
 
 # A RequestCost made from a tuple, without the generated __new__ (a Python frame

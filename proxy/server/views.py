@@ -34,6 +34,7 @@ from ..inbound.route import (
     is_websocket_upgrade,
     prepare,
     prepare_path,
+    priced,
 )
 from ..observe import EXCHANGE, Exchange, request_id_for
 from ..outbound.forward import Answered
@@ -137,8 +138,7 @@ async def _route_and_send(
             ex.budget = await admission.charge(settings, caller, route)
         raise
     if not charged:  # a model request's tokens too, under a budget (README, "Token budgets")
-        model = chosen if isinstance(chosen, ModelRoute) else None
-        ex.budget = await admission.charge(settings, caller, route, model)
+        ex.budget = await admission.charge(settings, caller, route, priced(chosen, target))
     if outbound is None:
         assert isinstance(chosen, RealtimeTarget)
         return await app[REALTIME].serve(request, chosen, runtime, ex=ex)
