@@ -51,7 +51,9 @@ def body_if_whole(request: web.BaseRequest, server: ServerSettings) -> bytes | N
     if not content.is_eof() or content.exception() is not None:
         return None
     buffered = content.read_nowait(-1)
-    if len(buffered) != length:  # aiohttp's parser raises on a short body first
+    # The bytes as sent (server_options sets auto_decompress=False), so they
+    # match Content-Length; aiohttp's parser raises on a short body first.
+    if len(buffered) != length:
         raise cut_short()
     return buffered
 

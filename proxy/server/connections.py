@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
+from collections.abc import MutableSequence
 from typing import Any, cast
 
 from aiohttp import web
@@ -138,6 +138,17 @@ class GuardedRequestHandler(RequestHandler, _NagleOffAlready):
                 self._body = payload
                 if message.upgrade:  # a WebSocket can stay open as long as a stream
                     self.drop_keepalive_timer()
+
+    async def finish_response(
+        self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None
+    ) -> tuple[web.StreamResponse, bool]:
+        result = await super().finish_response(request, resp, start_time)
+        # A declined upgrade's tail is parsed in there, not in data_received:
+        # its heads are vetted here (docs/faults.md, "Absolute-form targets and
+        # CONNECT").
+        if self._messages:
+            _refuse_other_forms(self._messages)
+        return result
 
     def drop_keepalive_timer(self) -> None:
         """A response will be relayed for a while (a stream's body, a
@@ -256,7 +267,7 @@ def body_piped(request: web.BaseRequest) -> None:
         protocol.drop_keepalive_timer()
 
 
-def _refuse_other_forms(messages: deque[Any]) -> bool:
+def _refuse_other_forms(messages: MutableSequence[Any]) -> bool:
     """Turn each parsed head whose target is not in origin form into a refusal
     (:class:`OtherTargetForm`, answered by ``handle_error``); return whether the
     last one was. The router then never meets such a target: its own answer

@@ -88,8 +88,20 @@ def _request_line(head_start: bytes) -> tuple[str, str] | None:
     match = _REQUEST_LINE.match(head_start)
     if match is None:
         return None
-    target = match[2].decode("ascii")
-    return match[1].decode("ascii"), target.partition("?")[0][:512]
+    target = match[2].decode("ascii").partition("?")[0]
+    return match[1].decode("ascii"), _without_authority(target)[:512]
+
+
+def _without_authority(target: str) -> str:
+    """``target`` as logged and read for its dialect: an absolute form's path
+    (``http://user:key@host/v1/x`` gives ``/v1/x``), a ``host:port`` without
+    userinfo. A target's userinfo can be a credential (RFC 3986 §3.2.1)."""
+    if target[:1] == "/" or target == "*":
+        return target
+    _, scheme_ends, rest = target.partition("://")
+    if scheme_ends:
+        return "/" + rest.partition("/")[2]
+    return target.rpartition("@")[2]
 
 
 def _head_timeout_body(path: str) -> bytes:

@@ -92,6 +92,45 @@ async def test_a_pipelined_head_not_in_origin_form_is_refused_too(
     assert raw.count(b"HTTP/1.") == 1
 
 
+OTHER_FORMS = [
+    b"OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n",
+    b"CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\n\r\n",
+    b"GET http://evil.example/v1/models HTTP/1.1\r\nHost: evil.example\r\n\r\n",
+]
+
+
+@pytest.mark.parametrize("head", OTHER_FORMS, ids=["asterisk", "connect", "absolute"])
+async def test_a_head_behind_a_declined_upgrade_is_refused_too(
+    settings: Settings, fake: FakeUpstream, head: bytes
+) -> None:
+    """aiohttp parses the bytes behind an upgrade it declined after answering
+    it, past data_received: those heads are checked as well."""
+    declined = b"GET /healthz HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n"
+    async with running_proxy(settings) as proxy:
+        raw = await exchange(proxy.port, declined + head)
+    first, second = raw.split(b"HTTP/1.", 2)[1:]
+    assert first.startswith(b"1 200 "), raw[:300]
+    assert_ours(b"HTTP/1." + second, 400, "invalid_path")
+    assert fake.received == []
+
+
+async def test_the_userinfo_of_a_refused_target_is_never_logged(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    head = (
+        b"POST http://user:sk-userinfo-secret@evil.example/v1/messages HTTP/1.1\r\n"
+        b"Host: evil.example\r\nContent-Length: 0\r\n\r\n"
+    )
+    async with running_proxy(settings) as proxy:
+        raw = await exchange(proxy.port, head)
+    _, _, body = split_response(raw)
+    assert json.loads(body)["type"] == "error", "not in the dialect of the target's path"
+    access = [r.getMessage() for r in caplog.records if r.name == "oaimux.access"]
+    assert len(access) == 1 and "path=/v1/messages" in access[0], access
+    assert "sk-userinfo-secret" not in caplog.text
+
+
 async def test_a_line_feed_in_the_path_is_routed_like_any_path(settings: Settings) -> None:
     """aiohttp's router matched ``.*``, which stops at a line feed: with no
     middleware its own plain-text 404 would go out. The catch-all route takes it."""
