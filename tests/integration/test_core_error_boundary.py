@@ -30,9 +30,15 @@ CHAT = b'{"model": "gpt-4o-mini", "messages": []}'
 
 def post(path: str, body: bytes = CHAT) -> bytes:
     return (
-        f"POST {path} HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\n"
+        # Connection: close: the answer ends at EOF, no wait for more bytes.
+        f"POST {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n"
+        "Content-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\n\r\n"
     ).encode() + body
+
+
+def get(path: str) -> bytes:
+    return f"GET {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n".encode()
 
 
 def raises(exc: BaseException) -> Callable[..., Any]:
@@ -136,9 +142,7 @@ async def test_a_line_feed_in_the_path_is_routed_like_any_path(settings: Setting
     middleware its own plain-text 404 would go out. The catch-all route takes it."""
     async with running_proxy(settings) as proxy:
         for path in ("/v1/a%0Ab", "/v1/messages%0A", "/v1/models/a%0Ab"):
-            raw = await exchange(
-                proxy.port, f"GET {path} HTTP/1.1\r\nHost: a\r\n\r\n".encode(), settle=0.2
-            )
+            raw = await exchange(proxy.port, get(path))
             got, headers, body = split_response(raw)
             # No such route (405 for a GET to a model path): the proxy's answer.
             assert got in (404, 405), raw[:300]
@@ -153,8 +157,8 @@ async def test_an_unexpected_error_is_answered_500_in_the_dialect_and_logged(
     monkeypatch.setattr(views, "vet_target", raises(RuntimeError("detail sk-never-shown")))
     caplog.set_level(logging.ERROR, logger="oaimux")
     async with running_proxy(settings) as proxy:
-        raw = await exchange(proxy.port, post("/v1/chat/completions"), settle=0.2)
-        anthropic = await exchange(proxy.port, post("/v1/messages"), settle=0.2)
+        raw = await exchange(proxy.port, post("/v1/chat/completions"))
+        anthropic = await exchange(proxy.port, post("/v1/messages"))
     err = assert_ours(raw, 500, "internal_error")
     assert err["message"] == "The proxy failed to handle the request."
     assert b"sk-never-shown" not in raw
@@ -179,7 +183,7 @@ async def test_an_aiohttp_http_error_raised_in_a_view_is_our_json(
     too_large = web.HTTPRequestEntityTooLarge(max_size=1, actual_size=2)
     monkeypatch.setattr(views, "vet_target", raises(too_large))
     async with running_proxy(settings) as proxy:
-        raw = await exchange(proxy.port, post("/v1/chat/completions"), settle=0.2)
+        raw = await exchange(proxy.port, post("/v1/chat/completions"))
     assert_ours(raw, 413, "request_too_large")
 
 
@@ -189,11 +193,9 @@ async def test_the_own_endpoints_have_the_same_boundary(
     monkeypatch.setattr(views, "_model_object", raises(RuntimeError("broken")))
     caplog.set_level(logging.ERROR, logger="oaimux")
     async with running_proxy(settings) as proxy:
-        raw = await exchange(
-            proxy.port, b"GET /v1/models/gpt-4o-mini HTTP/1.1\r\nHost: a\r\n\r\n", settle=0.2
-        )
+        raw = await exchange(proxy.port, get("/v1/models/gpt-4o-mini"))
         # Still serving after it.
-        ok = await exchange(proxy.port, b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n", settle=0.2)
+        ok = await exchange(proxy.port, get("/healthz"))
     assert_ours(raw, 500, "internal_error")
     assert any("unexpected error handling GET" in r.getMessage() for r in caplog.records)
     assert split_response(ok)[0] == 200

@@ -57,8 +57,13 @@ async def test_a_stream_drops_the_keepalive_timer_and_it_is_armed_again_after(
                 for i in range(fake.sse_chunks + 1):
                     fake.gate(i).set()
                 await reader.readuntil(b"0\r\n\r\n")  # the stream's end
-                while conn._keepalive_handle is None:  # armed once aiohttp is done with it
-                    await asyncio.sleep(0.01)
+                # Armed once aiohttp's handler loop is past the response: a few
+                # turns of the event loop, no clock involved.
+                for _ in range(1000):
+                    if conn._keepalive_handle is not None:
+                        break
+                    await asyncio.sleep(0)
+                assert conn._keepalive_handle is not None, "not armed again after the stream"
             assert not conn._force_close  # kept alive for the next request
         finally:
             writer.close()
