@@ -120,8 +120,16 @@ class Bench:
         self.multi: list[Peer] = []  # oaimux with N workers: non-stream phase only
         self.spawned: list[Peer] = []  # everything ever started, so stop() misses nothing
         self.results: dict[str, Any] = {
-            "meta": {}, "peers": {}, "smoke": {}, "nonstream": [], "sse": [], "hold": {},
-            "large_body": {}, "binary": {}, "tokenrate": {}, "skipped": {},
+            "meta": {},
+            "peers": {},
+            "smoke": {},
+            "nonstream": [],
+            "sse": [],
+            "hold": {},
+            "large_body": {},
+            "binary": {},
+            "tokenrate": {},
+            "skipped": {},
         }
         self.profile_raw = ""  # py-spy's collapsed stacks, written next to the JSON
         self.proxy_core = min(self.proxy_cpus) if self.proxy_cpus else None
@@ -142,16 +150,39 @@ class Bench:
             else:
                 self.results["skipped"]["nginx"] = "nginx is not installed"
         if "oaimux" in wanted:
-            candidates.append(Oaimux(self.workdir, self.proxy_cpus, self.mock, 1,
-                                     self.a.observability, self.a.oaimux_cmd))
+            candidates.append(
+                Oaimux(
+                    self.workdir,
+                    self.proxy_cpus,
+                    self.mock,
+                    1,
+                    self.a.observability,
+                    self.a.oaimux_cmd,
+                )
+            )
             if self.a.workers > 1:
-                self.multi.append(Oaimux(self.workdir, self.multi_cpus, self.mock,
-                                         self.a.workers, self.a.observability,
-                                         self.a.oaimux_cmd))
+                self.multi.append(
+                    Oaimux(
+                        self.workdir,
+                        self.multi_cpus,
+                        self.mock,
+                        self.a.workers,
+                        self.a.observability,
+                        self.a.oaimux_cmd,
+                    )
+                )
             if self.a.token_limit:  # on the same core as oaimux, measured beside it
-                self.multi.append(Oaimux(self.workdir, self.proxy_cpus, self.mock, 1,
-                                         self.a.observability, self.a.oaimux_cmd,
-                                         token_limit=True))
+                self.multi.append(
+                    Oaimux(
+                        self.workdir,
+                        self.proxy_cpus,
+                        self.mock,
+                        1,
+                        self.a.observability,
+                        self.a.oaimux_cmd,
+                        token_limit=True,
+                    )
+                )
         for peer in candidates + self.multi:
             self.spawned.append(peer)  # before start(): an interrupt mid-start still stops it
             try:
@@ -166,8 +197,11 @@ class Bench:
             if peer in candidates:
                 self.peers.append(peer)
             self.results["peers"][peer.name] = {
-                "describe": peer.describe(), "port": peer.port, "startup_s": peer.startup_s,
-                "cpus": sorted(peer.cpus) if peer.cpus else None, "workers": peer.workers,
+                "describe": peer.describe(),
+                "port": peer.port,
+                "startup_s": peer.startup_s,
+                "cpus": sorted(peer.cpus) if peer.cpus else None,
+                "workers": peer.workers,
             }
             log(f"{peer.name} ready on :{peer.port} ({peer.describe()})")
 
@@ -180,23 +214,29 @@ class Bench:
     async def smoke(self) -> None:
         """Byte-for-byte checks; drops peers that cannot carry the rest of the bench."""
         direct_chat = await fetch(self.mock.port, "POST", "/v1/chat/completions", CHAT_BODY)
-        want_sse = _mask_ts((await fetch(self.mock.port, "POST", "/v1/chat/completions",
-                                         stream_body(3, 20))).body)
+        want_sse = _mask_ts(
+            (await fetch(self.mock.port, "POST", "/v1/chat/completions", stream_body(3, 20))).body
+        )
         speech_len = 1024 * 1024
         want_sha = _sha256(binary_payload(speech_len))
-        speech_body = json.dumps({"mock_bytes": speech_len, "model": MODEL,
-                                  "input": "hello"}).encode()
+        speech_body = json.dumps(
+            {"mock_bytes": speech_len, "model": MODEL, "input": "hello"}
+        ).encode()
         for peer in list(self.peers) + self.multi:
             chat = await fetch(peer.port, "POST", "/v1/chat/completions", CHAT_BODY)
             sse = await fetch(peer.port, "POST", "/v1/chat/completions", stream_body(3, 20))
-            speech = await fetch(peer.port, "POST", "/v1/audio/speech", speech_body,
-                                 keep_body=False)
+            speech = await fetch(
+                peer.port, "POST", "/v1/audio/speech", speech_body, keep_body=False
+            )
             models = await fetch(peer.port, "GET", "/v1/models?model=bench-model")
             res = {
-                "chat_status": chat.status, "chat_exact": chat.body == direct_chat.body,
-                "sse_status": sse.status, "sse_exact": _mask_ts(sse.body) == want_sse,
+                "chat_status": chat.status,
+                "chat_exact": chat.body == direct_chat.body,
+                "sse_status": sse.status,
+                "sse_exact": _mask_ts(sse.body) == want_sse,
                 "sse_content_type": sse.headers.get("content-type", ""),
-                "speech_status": speech.status, "speech_exact": speech.sha256 == want_sha,
+                "speech_status": speech.status,
+                "speech_exact": speech.sha256 == want_sha,
                 "models_status": models.status,
                 "errors": [r.error for r in (chat, sse, speech, models) if r.error],
             }
@@ -216,26 +256,41 @@ class Bench:
         a = self.a
         peers = self.peers + self.multi
         for peer in peers:  # warm-up: connection pools, JIT-less caches, page faults
-            await run_load(peer.port, "/v1/chat/completions", 16, a.warmup, self.workdir,
-                           use_wrk=not a.no_wrk)
+            await run_load(
+                peer.port, "/v1/chat/completions", 16, a.warmup, self.workdir, use_wrk=not a.no_wrk
+            )
         for rnd in range(a.rounds):
             for i, conns in enumerate(a.conns):
                 for peer in rotate(peers, rnd + i):
-                    row = await self._measure(peer, lambda p=peer, c=conns: run_load(
-                        p.port, "/v1/chat/completions", c, a.duration, self.workdir,
-                        use_wrk=not a.no_wrk))
+                    row = await self._measure(
+                        peer,
+                        lambda p=peer, c=conns: run_load(
+                            p.port,
+                            "/v1/chat/completions",
+                            c,
+                            a.duration,
+                            self.workdir,
+                            use_wrk=not a.no_wrk,
+                        ),
+                    )
                     res = row.pop("value")
                     row.update(res.as_dict())
                     row.update(peer=peer.name, round=rnd)
-                    row["cpu_us_per_req"] = (row["proxy_cpu_s"] / res.requests * 1e6
-                                             if peer.pids() and res.requests else None)
-                    row["mock_cpu_us_per_req"] = (row["mock_cpu_s"] / res.requests * 1e6
-                                                  if res.requests else None)
+                    row["cpu_us_per_req"] = (
+                        row["proxy_cpu_s"] / res.requests * 1e6
+                        if peer.pids() and res.requests
+                        else None
+                    )
+                    row["mock_cpu_us_per_req"] = (
+                        row["mock_cpu_s"] / res.requests * 1e6 if res.requests else None
+                    )
                     self.results["nonstream"].append(row)
-                    log(f"non-stream r{rnd} c{conns:<3} {peer.name:<10} {res.rps:9,.0f} req/s "
+                    log(
+                        f"non-stream r{rnd} c{conns:<3} {peer.name:<10} {res.rps:9,.0f} req/s "
                         f"p50 {res.p50_ms:.3f} p99 {res.p99_ms:.3f} ms  "
                         f"cpu/req {_fmt(row['cpu_us_per_req'])} us  err {res.errors}  "
-                        f"foreign {_fmt(row['foreign_pct'])}%")
+                        f"foreign {_fmt(row['foreign_pct'])}%"
+                    )
 
     async def _measure(self, peer: Peer, work: Callable[[], Awaitable[Any]]) -> dict[str, Any]:
         """Run ``work`` and record the CPU the proxy and the mock spent on it, and how busy
@@ -256,11 +311,13 @@ class Bench:
         # (not for direct, whose "proxy core" idles, nor for N workers spread over all cores).
         single = peer.cpus is not None and peer.cpus == self.proxy_cpus
         return {
-            "value": value, "proxy_cpu_s": c1 - c0, "mock_cpu_s": m1 - m0, "wall_s": wall,
+            "value": value,
+            "proxy_cpu_s": c1 - c0,
+            "mock_cpu_s": m1 - m0,
+            "wall_s": wall,
             "waited_for_quiet_s": waited,
             "proxy_core_busy_pct": None if busy is None else busy * 100,
-            "foreign_pct": (max(0.0, busy - own) * 100 if busy is not None and single
-                            else None),
+            "foreign_pct": (max(0.0, busy - own) * 100 if busy is not None and single else None),
         }
 
     async def _wait_quiet(self) -> float:
@@ -290,18 +347,27 @@ class Bench:
             for i, k in enumerate(a.streams):
                 reps = a.single_reps if k == 1 else 1
                 for peer in rotate(self.peers, rnd + i):
-                    row = await self._measure(peer, lambda p=peer, k=k, reps=reps: run_streams(
-                        p.port, k, a.chunks, a.interval_ms, reps=reps))
+                    row = await self._measure(
+                        peer,
+                        lambda p=peer, k=k, reps=reps: run_streams(
+                            p.port, k, a.chunks, a.interval_ms, reps=reps
+                        ),
+                    )
                     res = row.pop("value")
                     row.update(asdict(res))
                     row.update(peer=peer.name, round=rnd, failed=k * reps - res.ok)
-                    row["cpu_us_per_chunk"] = (row["proxy_cpu_s"] / res.events * 1e6
-                                               if peer.pids() and res.events else None)
+                    row["cpu_us_per_chunk"] = (
+                        row["proxy_cpu_s"] / res.events * 1e6
+                        if peer.pids() and res.events
+                        else None
+                    )
                     self.results["sse"].append(row)
-                    log(f"sse r{rnd} K={k:<5} {peer.name:<8} ok {res.ok}/{k * reps} "
+                    log(
+                        f"sse r{rnd} K={k:<5} {peer.name:<8} ok {res.ok}/{k * reps} "
                         f"ttfb p50 {res.ttfb_p50_ms:.2f} p99 {res.ttfb_p99_ms:.2f} ms  "
                         f"delay p50 {res.delay_p50_ms:.3f} p99 {res.delay_p99_ms:.2f} ms  "
-                        f"coalesced {res.coalesced}  {res.errors[:1]}")
+                        f"coalesced {res.coalesced}  {res.errors[:1]}"
+                    )
                     await asyncio.sleep(0.3)  # let closed sockets drain between runs
 
     # -- phase 2: held streams, memory, hang-up -------------------------------------------------
@@ -322,19 +388,25 @@ class Bench:
             after = await self._mock_stats()
             after_rss = procfs.rss_bytes(peer.pids())
             res = {
-                "streams_wanted": a.hold, "streams_open": n_open,
+                "streams_wanted": a.hold,
+                "streams_open": n_open,
                 "time_to_open_all_ms": held.t_all_first_ms or None,
                 "idle_rss_mb": idle_rss / 1e6 if pids else None,
                 "open_rss_mb": open_rss / 1e6 if pids else None,
                 "after_rss_mb": after_rss / 1e6 if pids else None,
-                "kb_per_stream": ((open_rss - idle_rss) / n_open / 1024
-                                  if pids and n_open else None),
-                "mock_active_streams": [before.get("active_streams"),
-                                        during.get("active_streams"),
-                                        after.get("active_streams")],
-                "mock_open_connections": [before.get("open_connections"),
-                                          during.get("open_connections"),
-                                          after.get("open_connections")],
+                "kb_per_stream": (
+                    (open_rss - idle_rss) / n_open / 1024 if pids and n_open else None
+                ),
+                "mock_active_streams": [
+                    before.get("active_streams"),
+                    during.get("active_streams"),
+                    after.get("active_streams"),
+                ],
+                "mock_open_connections": [
+                    before.get("open_connections"),
+                    during.get("open_connections"),
+                    after.get("open_connections"),
+                ],
                 # Streams the mock is still serving 2 s after every client left: each one is
                 # an upstream connection the proxy did not close.
                 "upstream_left_open": after.get("active_streams"),
@@ -366,8 +438,9 @@ class Bench:
         last = json.dumps({"messages": messages, "model": MODEL}).encode()
         del filler, messages
         bodies = {"model_first": first, "model_last": last}
-        times: dict[str, dict[str, list[float]]] = {p.name: {k: [] for k in bodies}
-                                                    for p in self.peers}
+        times: dict[str, dict[str, list[float]]] = {
+            p.name: {k: [] for k in bodies} for p in self.peers
+        }
         growth: dict[str, list[float]] = {p.name: [] for p in self.peers}
         errors: dict[str, list[str]] = {p.name: [] for p in self.peers}
         for rep in range(a.reps + 1):  # rep 0 is a warm-up, not recorded
@@ -376,13 +449,13 @@ class Bench:
                     pids = peer.pids()
                     procfs.reset_peak_rss(pids)
                     base = procfs.rss_bytes(pids)
-                    resp = await fetch(peer.port, "POST", "/v1/chat/completions", body,
-                                       timeout=60)
+                    resp = await fetch(peer.port, "POST", "/v1/chat/completions", body, timeout=60)
                     peak = procfs.peak_rss_bytes(peer.pids())
                     whole = b'"prompt_tokens":%d' % len(body) in resp.body
                     if not resp.ok or not whole:
-                        errors[peer.name].append(resp.error or f"status {resp.status}, "
-                                                 f"body arrived whole: {whole}")
+                        errors[peer.name].append(
+                            resp.error or f"status {resp.status}, body arrived whole: {whole}"
+                        )
                         continue
                     if rep == 0:
                         continue
@@ -393,8 +466,10 @@ class Bench:
             t = times[peer.name]
             self.results["large_body"][peer.name] = {
                 "body_mb": len(first) / 1e6,
-                "model_first_ms": _med(t["model_first"]), "model_last_ms": _med(t["model_last"]),
-                "all_ms": t, "peak_growth_mb": max(growth[peer.name], default=None),
+                "model_first_ms": _med(t["model_first"]),
+                "model_last_ms": _med(t["model_last"]),
+                "all_ms": t,
+                "peak_growth_mb": max(growth[peer.name], default=None),
                 "errors": errors[peer.name][:5],
             }
             log(f"large body {peer.name}: {self.results['large_body'][peer.name]}")
@@ -408,8 +483,9 @@ class Bench:
         bad: dict[str, int] = {p.name: 0 for p in self.peers}
         for rep in range(a.reps + 1):
             for peer in rotate(self.peers, rep):
-                resp = await fetch(peer.port, "POST", "/v1/audio/speech", req, keep_body=False,
-                                   timeout=60)
+                resp = await fetch(
+                    peer.port, "POST", "/v1/audio/speech", req, keep_body=False, timeout=60
+                )
                 if not resp.ok or resp.sha256 != want:
                     bad[peer.name] += 1
                 elif rep:
@@ -417,11 +493,13 @@ class Bench:
         for peer in self.peers:
             med = _med(ms[peer.name])
             self.results["binary"][peer.name] = {
-                "bytes": size, "median_ms": med, "all_ms": ms[peer.name],
-                "mb_per_s": size / 1e6 / (med / 1000) if med else None, "bad": bad[peer.name],
+                "bytes": size,
+                "median_ms": med,
+                "all_ms": ms[peer.name],
+                "mb_per_s": size / 1e6 / (med / 1000) if med else None,
+                "bad": bad[peer.name],
             }
             log(f"binary {peer.name}: {self.results['binary'][peer.name]}")
-
 
     # -- phase 6: token rate --------------------------------------------------------------------
     async def tokenrate(self) -> None:
@@ -430,19 +508,38 @@ class Bench:
         await self._restart_proxies()
         peers = self.peers + self.multi
         # auto: the proxies on one core of their own (nginx, oaimux with 1 worker).
-        search = ([p.name for p in self.peers if p.name != "direct"] if a.token_search == "auto"
-                  else [n for n in a.token_search.split(",") if n and n != "none"])
+        search = (
+            [p.name for p in self.peers if p.name != "direct"]
+            if a.token_search == "auto"
+            else [n for n in a.token_search.split(",") if n and n != "none"]
+        )
         plan = TokenPlan(
-            levels=tuple(a.token_streams), modes=tuple(a.token_modes), chunks=a.token_chunks,
-            rate=a.token_rate, ramp_ms=a.token_ramp_ms, grace_s=a.token_grace,
-            rounds=a.token_rounds, search=tuple(search), search_steps=a.token_search_steps,
-            search_limit_ms=a.token_search_ms, search_max_k=max(a.token_streams))
+            levels=tuple(a.token_streams),
+            modes=tuple(a.token_modes),
+            chunks=a.token_chunks,
+            rate=a.token_rate,
+            ramp_ms=a.token_ramp_ms,
+            grace_s=a.token_grace,
+            rounds=a.token_rounds,
+            search=tuple(search),
+            search_steps=a.token_search_steps,
+            search_limit_ms=a.token_search_ms,
+            search_max_k=max(a.token_streams),
+        )
         procs = a.client_procs or max(2, len(self.client_cpus or ()))
         pool = ClientPool(procs)
         try:
-            phase = TokenPhase(plan, peers, self.mock, pool, self.client_cpus, self.proxy_cpus,
-                               resource.getrlimit(resource.RLIMIT_NOFILE)[0], self._wait_quiet,
-                               log)
+            phase = TokenPhase(
+                plan,
+                peers,
+                self.mock,
+                pool,
+                self.client_cpus,
+                self.proxy_cpus,
+                resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+                self._wait_quiet,
+                log,
+            )
             out = await phase.run()
         finally:
             pool.close()
@@ -471,10 +568,13 @@ class Bench:
         out = self.workdir / "oaimux.pyspy.txt"
         proc = await asyncio.create_subprocess_exec(
             *pyspy.record_command(peer.pids(), seconds + 1, out),
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
         await asyncio.sleep(0.5)  # let py-spy attach before the load starts
-        load = await run_load(peer.port, "/v1/chat/completions", 16, seconds, self.workdir,
-                              use_wrk=not self.a.no_wrk)
+        load = await run_load(
+            peer.port, "/v1/chat/completions", 16, seconds, self.workdir, use_wrk=not self.a.no_wrk
+        )
         try:
             _, err = await asyncio.wait_for(proc.communicate(), seconds + 30)
         except TimeoutError:
@@ -528,8 +628,9 @@ def versions() -> dict[str, Any]:
     info["git"] = run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"])
     try:
         with open("/proc/cpuinfo") as f:
-            info["cpu"] = next((ln.split(":", 1)[1].strip() for ln in f
-                                if ln.startswith("model name")), "")
+            info["cpu"] = next(
+                (ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), ""
+            )
     except OSError:
         info["cpu"] = ""
     info["cores"] = os.cpu_count()
@@ -539,20 +640,39 @@ def versions() -> dict[str, Any]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="short run (under ~2 minutes)")
-    ap.add_argument("--peers", default="direct,nginx,oaimux",
-                    help="comma list of direct,nginx,oaimux (default: all)")
-    ap.add_argument("--workers", type=int, default=None,
-                    help="also run oaimux with N workers (non-stream phase) to see scaling "
-                         "from 1 to N (default 2; 1 in --quick)")
-    ap.add_argument("--token-limit", action="store_true",
-                    help="also run oaimux with a token budget (non-stream phase), to price it")
-    ap.add_argument("--observability", action="store_true",
-                    help="run oaimux with the JSON access log and metrics on")
-    ap.add_argument("--oaimux-cmd", default=DEFAULT_OAIMUX_CMD,
-                    help="command template for oaimux; placeholders {python} {config} {port} "
-                         "{workers} (default: %(default)s)")
-    ap.add_argument("--phases", default="smoke,hold,nonstream,sse,large,tokenrate",
-                    help="comma list of phases to run")
+    ap.add_argument(
+        "--peers",
+        default="direct,nginx,oaimux",
+        help="comma list of direct,nginx,oaimux (default: all)",
+    )
+    ap.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="also run oaimux with N workers (non-stream phase) to see scaling "
+        "from 1 to N (default 2; 1 in --quick)",
+    )
+    ap.add_argument(
+        "--token-limit",
+        action="store_true",
+        help="also run oaimux with a token budget (non-stream phase), to price it",
+    )
+    ap.add_argument(
+        "--observability",
+        action="store_true",
+        help="run oaimux with the JSON access log and metrics on",
+    )
+    ap.add_argument(
+        "--oaimux-cmd",
+        default=DEFAULT_OAIMUX_CMD,
+        help="command template for oaimux; placeholders {python} {config} {port} "
+        "{workers} (default: %(default)s)",
+    )
+    ap.add_argument(
+        "--phases",
+        default="smoke,hold,nonstream,sse,large,tokenrate",
+        help="comma list of phases to run",
+    )
     ap.add_argument("--rounds", type=int, help="interleaved rounds of the non-stream phase")
     ap.add_argument("--duration", type=float, help="seconds per non-stream measurement")
     ap.add_argument("--conns", default="1,16,64", help="connection counts (non-stream)")
@@ -561,61 +681,121 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--chunks", type=int, help="SSE chunks per stream")
     ap.add_argument("--interval-ms", type=float, help="gap between SSE chunks")
     ap.add_argument("--hold", type=int, default=1000, help="streams held open (memory test)")
-    ap.add_argument("--hold-timeout", type=float, default=30.0,
-                    help="max seconds to wait for all held streams to open")
+    ap.add_argument(
+        "--hold-timeout",
+        type=float,
+        default=30.0,
+        help="max seconds to wait for all held streams to open",
+    )
     ap.add_argument("--body-mb", type=float, default=10.0, help="size of the big JSON body")
     ap.add_argument("--binary-mb", type=float, default=10.0, help="size of the binary answer")
     ap.add_argument("--reps", type=int, help="repetitions of each big-body request")
-    ap.add_argument("--token-streams",
-                    help="concurrent stream counts K of the token-rate phase "
-                         "(default 100,1000,3000; 100 in --quick)")
-    ap.add_argument("--token-modes", default="burst,ramp",
-                    help="how the K streams start: all at once (burst), spread evenly over "
-                         "--token-ramp-ms (ramp), or both (default)")
-    ap.add_argument("--token-chunks", type=int, help="chunks per stream (default 200; 50 in "
-                                                        "--quick)")
-    ap.add_argument("--token-rate", type=float, default=50.0,
-                    help="chunks per second per stream (default %(default)s)")
-    ap.add_argument("--token-ramp-ms", type=float,
-                    help="ramp over which ramped starts spread (default 1000; 250 in --quick)")
-    ap.add_argument("--token-grace", type=float,
-                    help="seconds past a run's schedule before its streams are cut "
-                         "(default 3; 2 in --quick)")
-    ap.add_argument("--token-rounds", type=int, default=1,
-                    help="interleaved rounds of the token-rate levels (default %(default)s)")
-    ap.add_argument("--token-search", default=None,
-                    help="peers whose largest K (added chunk-delay p99 within "
-                         "--token-search-ms) is searched for: comma list (e.g. "
-                         "nginx,oaimux,oaimux-w2), 'auto' = nginx and 1-worker oaimux "
-                         "(default), 'none' (default in --quick)")
-    ap.add_argument("--token-search-steps", type=int, default=4,
-                    help="runs per peer the search may take (default %(default)s)")
-    ap.add_argument("--token-search-ms", type=float, default=10.0,
-                    help="added chunk-delay p99 a proxy may add and still carry K "
-                         "(default %(default)s)")
-    ap.add_argument("--client-procs", type=int, default=None,
-                    help="client processes reading the token-rate streams (default: the "
-                         "load side's cores, at least 2)")
-    ap.add_argument("--profile", action="store_true",
-                    help="after the run, sample oaimux with py-spy under load (needs py-spy)")
-    ap.add_argument("--quiet-wait", type=float, default=None,
-                    help="max seconds to wait for a quiet proxy core before each measurement "
-                         "(default 4; 1 in --quick; 0 = never wait)")
-    ap.add_argument("--nice", type=int, default=-10,
-                    help="nice value for everything the bench runs (needs root to go below "
-                         "0; 0 = leave as is; default %(default)s)")
+    ap.add_argument(
+        "--token-streams",
+        help="concurrent stream counts K of the token-rate phase "
+        "(default 100,1000,3000; 100 in --quick)",
+    )
+    ap.add_argument(
+        "--token-modes",
+        default="burst,ramp",
+        help="how the K streams start: all at once (burst), spread evenly over "
+        "--token-ramp-ms (ramp), or both (default)",
+    )
+    ap.add_argument(
+        "--token-chunks", type=int, help="chunks per stream (default 200; 50 in --quick)"
+    )
+    ap.add_argument(
+        "--token-rate",
+        type=float,
+        default=50.0,
+        help="chunks per second per stream (default %(default)s)",
+    )
+    ap.add_argument(
+        "--token-ramp-ms",
+        type=float,
+        help="ramp over which ramped starts spread (default 1000; 250 in --quick)",
+    )
+    ap.add_argument(
+        "--token-grace",
+        type=float,
+        help="seconds past a run's schedule before its streams are cut (default 3; 2 in --quick)",
+    )
+    ap.add_argument(
+        "--token-rounds",
+        type=int,
+        default=1,
+        help="interleaved rounds of the token-rate levels (default %(default)s)",
+    )
+    ap.add_argument(
+        "--token-search",
+        default=None,
+        help="peers whose largest K (added chunk-delay p99 within "
+        "--token-search-ms) is searched for: comma list (e.g. "
+        "nginx,oaimux,oaimux-w2), 'auto' = nginx and 1-worker oaimux "
+        "(default), 'none' (default in --quick)",
+    )
+    ap.add_argument(
+        "--token-search-steps",
+        type=int,
+        default=4,
+        help="runs per peer the search may take (default %(default)s)",
+    )
+    ap.add_argument(
+        "--token-search-ms",
+        type=float,
+        default=10.0,
+        help="added chunk-delay p99 a proxy may add and still carry K (default %(default)s)",
+    )
+    ap.add_argument(
+        "--client-procs",
+        type=int,
+        default=None,
+        help="client processes reading the token-rate streams (default: the "
+        "load side's cores, at least 2)",
+    )
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="after the run, sample oaimux with py-spy under load (needs py-spy)",
+    )
+    ap.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=None,
+        help="max seconds to wait for a quiet proxy core before each measurement "
+        "(default 4; 1 in --quick; 0 = never wait)",
+    )
+    ap.add_argument(
+        "--nice",
+        type=int,
+        default=-10,
+        help="nice value for everything the bench runs (needs root to go below "
+        "0; 0 = leave as is; default %(default)s)",
+    )
     ap.add_argument("--no-wrk", action="store_true", help="use the built-in load generator")
     ap.add_argument("--keep-tmp", action="store_true", help="keep configs and logs")
     ap.add_argument("--out", type=Path, default=RESULTS_DIR, help="directory for results JSON")
-    ap.add_argument("--report", type=Path, metavar="JSON",
-                    help="only print the table of an earlier results file")
+    ap.add_argument(
+        "--report",
+        type=Path,
+        metavar="JSON",
+        help="only print the table of an earlier results file",
+    )
     a = ap.parse_args(argv)
     quick = a.quick
     defaults = {  # (full, quick)
-        "rounds": (3, 1), "duration": (8.0, 2.0), "stream_rounds": (2, 1), "chunks": (20, 10),
-        "interval_ms": (100.0, 50.0), "reps": (5, 2), "workers": (2, 1),
-        "quiet_wait": (4.0, 1.0), "token_streams": ("100,1000,3000", "100"),
-        "token_chunks": (200, 50), "token_ramp_ms": (1000.0, 250.0), "token_grace": (3.0, 2.0),
+        "rounds": (3, 1),
+        "duration": (8.0, 2.0),
+        "stream_rounds": (2, 1),
+        "chunks": (20, 10),
+        "interval_ms": (100.0, 50.0),
+        "reps": (5, 2),
+        "workers": (2, 1),
+        "quiet_wait": (4.0, 1.0),
+        "token_streams": ("100,1000,3000", "100"),
+        "token_chunks": (200, 50),
+        "token_ramp_ms": (1000.0, 250.0),
+        "token_grace": (3.0, 2.0),
         "token_search": ("auto", "none"),
     }
     for key, (full, short) in defaults.items():
@@ -640,22 +820,32 @@ async def run(a: argparse.Namespace) -> dict[str, Any]:
     bench.results["meta"] = {
         "command": " ".join(["python -m bench", *sys.argv[1:]]),
         "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "args": {k: (sorted(v) if isinstance(v, set) else v) for k, v in vars(a).items()
-                 if k not in ("out", "report")},
-        "versions": versions(), "fd_limit": raise_fd_limit(),
+        "args": {
+            k: (sorted(v) if isinstance(v, set) else v)
+            for k, v in vars(a).items()
+            if k not in ("out", "report")
+        },
+        "versions": versions(),
+        "fd_limit": raise_fd_limit(),
         "priority": raise_priority(a.nice),
         "load_tool": "wrk" if have_wrk() and not a.no_wrk else "asyncio",
-        "cpus": {"client_and_mock": sorted(bench.client_cpus or []),
-                 "proxy": sorted(bench.proxy_cpus or []),
-                 "proxy_multi_worker": sorted(bench.multi_cpus or [])},
+        "cpus": {
+            "client_and_mock": sorted(bench.client_cpus or []),
+            "proxy": sorted(bench.proxy_cpus or []),
+            "proxy_multi_worker": sorted(bench.multi_cpus or []),
+        },
     }
     try:
         await bench.start()
         phases: list[tuple[str, Callable[[], Awaitable[None]]]] = [
             # hold runs first, on fresh processes: after 1,000-stream runs a Python proxy keeps
             # the memory it grew to, and "RSS with N open - idle RSS" would read near zero.
-            ("smoke", bench.smoke), ("hold", bench.hold), ("nonstream", bench.nonstream),
-            ("sse", bench.sse), ("large", bench.large), ("tokenrate", bench.tokenrate),
+            ("smoke", bench.smoke),
+            ("hold", bench.hold),
+            ("nonstream", bench.nonstream),
+            ("sse", bench.sse),
+            ("large", bench.large),
+            ("tokenrate", bench.tokenrate),
             ("profile", bench.profile),
         ]
         for name, phase in phases:
@@ -682,29 +872,36 @@ def print_report(results: dict[str, Any]) -> None:
     print(report.render(rows))
     print()
     print(report.goals_summary(rows))
-    foreign = [r["foreign_pct"] for r in results.get("nonstream", [])
-               if r.get("foreign_pct") is not None]
+    foreign = [
+        r["foreign_pct"] for r in results.get("nonstream", []) if r.get("foreign_pct") is not None
+    ]
     if foreign:
-        print(f"foreign load on the proxy core during non-stream runs: median "
-              f"{statistics.median(foreign):.0f}% (other work on this machine; high = noisy)")
+        print(
+            f"foreign load on the proxy core during non-stream runs: median "
+            f"{statistics.median(foreign):.0f}% (other work on this machine; high = noisy)"
+        )
     for name, why in results.get("skipped", {}).items():
         print(f"skipped {name}: {' '.join(why.splitlines()[:2])[:300]}")
     tokens = report.render_tokenrate(results)
     if tokens:
         tr = results["tokenrate"]
         plan = tr.get("plan", {})
-        print(f"\ntoken rate: K streams of {plan.get('chunks')} chunks at {plan.get('rate'):g}/s "
-              f"(60-120-byte deltas), {tr.get('client_procs')} client processes. Delay: "
-              f"direct's as measured, a proxy's as added over direct's; TTFB as measured.")
+        print(
+            f"\ntoken rate: K streams of {plan.get('chunks')} chunks at {plan.get('rate'):g}/s "
+            f"(60-120-byte deltas), {tr.get('client_procs')} client processes. Delay: "
+            f"direct's as measured, a proxy's as added over direct's; TTFB as measured."
+        )
         print(tokens)
         for k, why in (tr.get("skipped") or {}).items():
             print(f"skipped token-rate K={k}: {why}")
     prof = results.get("profile") or {}
     if prof.get("samples"):
         print(f"\nwhere oaimux spends CPU (py-spy, {prof['samples']} samples, 16 conns):")
-        for title, key in (("self time by package", "self_by_package"),
-                           ("self time by function", "self"),
-                           ("inclusive time of oaimux's own functions", "inclusive")):
+        for title, key in (
+            ("self time by package", "self_by_package"),
+            ("self time by function", "self"),
+            ("inclusive time of oaimux's own functions", "inclusive"),
+        ):
             print(f"  {title}:")
             for name, share in prof.get(key, [])[:12]:
                 print(f"    {share:5.1f}%  {name}")

@@ -186,8 +186,14 @@ class Response:
 class _FetchProtocol(asyncio.Protocol):
     """One request, one response; the body is kept, or only hashed when ``keep_body`` is off."""
 
-    def __init__(self, request: bytes, resp: Response, keep_body: bool, done: asyncio.Future[None],
-                 on_data: Callable[[int, bytes], None] | None = None) -> None:
+    def __init__(
+        self,
+        request: bytes,
+        resp: Response,
+        keep_body: bool,
+        done: asyncio.Future[None],
+        on_data: Callable[[int, bytes], None] | None = None,
+    ) -> None:
         self.request = request
         self.resp = resp
         self.keep_body = keep_body

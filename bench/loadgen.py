@@ -71,8 +71,9 @@ def have_wrk() -> bool:
     return shutil.which("wrk") is not None
 
 
-def run_wrk(port: int, path: str, conns: int, duration: float, workdir: Path,
-            body: bytes = CHAT_BODY) -> LoadResult:
+def run_wrk(
+    port: int, path: str, conns: int, duration: float, workdir: Path, body: bytes = CHAT_BODY
+) -> LoadResult:
     """Run ``wrk -t1 -cN`` for ``duration`` seconds and parse its result line.
 
     wrk inherits this process's CPU affinity (the driver pins itself to the client core).
@@ -80,26 +81,44 @@ def run_wrk(port: int, path: str, conns: int, duration: float, workdir: Path,
     script = workdir / "post.lua"
     if not script.exists():
         script.write_text(WRK_LUA)
-    cmd = ["wrk", "-t1", f"-c{conns}", f"-d{max(1, round(duration))}s", "--timeout", "10s",
-           "-s", str(script), f"http://127.0.0.1:{port}{path}"]
+    cmd = [
+        "wrk",
+        "-t1",
+        f"-c{conns}",
+        f"-d{max(1, round(duration))}s",
+        "--timeout",
+        "10s",
+        "-s",
+        str(script),
+        f"http://127.0.0.1:{port}{path}",
+    ]
     env = dict(os.environ, BENCH_BODY=body.decode())
 
     try:
-        out = subprocess.run(cmd, env=env, capture_output=True, text=True,
-                             timeout=duration + 30).stdout
+        out = subprocess.run(
+            cmd, env=env, capture_output=True, text=True, timeout=duration + 30
+        ).stdout
     except subprocess.TimeoutExpired:
         return LoadResult("wrk", conns, 0, duration, 0.0, 0.0, 1, "wrk timed out")
     for line in out.splitlines():
         if line.startswith("BENCHJSON "):
-            d = json.loads(line[len("BENCHJSON "):])
+            d = json.loads(line[len("BENCHJSON ") :])
             errors = sum(d[k] for k in d if k.startswith("err_"))
-            return LoadResult("wrk", conns, int(d["requests"]), d["duration_us"] / 1e6,
-                              d["p50_us"] / 1000, d["p99_us"] / 1000, int(errors))
+            return LoadResult(
+                "wrk",
+                conns,
+                int(d["requests"]),
+                d["duration_us"] / 1e6,
+                d["p50_us"] / 1000,
+                d["p99_us"] / 1000,
+                int(errors),
+            )
     return LoadResult("wrk", conns, 0, duration, 0.0, 0.0, 1, f"no result: {out[-300:]!r}")
 
 
-async def _conn_loop(port: int, request: bytes, deadline: float, lat_ns: list[int],
-                     errors: list[int]) -> None:
+async def _conn_loop(
+    port: int, request: bytes, deadline: float, lat_ns: list[int], errors: list[int]
+) -> None:
     """One closed-loop connection: send, read the whole answer, repeat until the deadline."""
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -128,8 +147,9 @@ async def _conn_loop(port: int, request: bytes, deadline: float, lat_ns: list[in
         writer.close()
 
 
-async def run_builtin(port: int, path: str, conns: int, duration: float,
-                      body: bytes = CHAT_BODY) -> LoadResult:
+async def run_builtin(
+    port: int, path: str, conns: int, duration: float, body: bytes = CHAT_BODY
+) -> LoadResult:
     """The fallback generator: ``conns`` asyncio connections for ``duration`` seconds.
 
     It is far slower than wrk (Python on the same core as the mock), so its req/s figures
@@ -141,18 +161,27 @@ async def run_builtin(port: int, path: str, conns: int, duration: float,
     t0 = time.monotonic()
     deadline = t0 + duration
     await asyncio.wait_for(
-        asyncio.gather(*(_conn_loop(port, request, deadline, lat_ns, errors)
-                         for _ in range(conns))),
+        asyncio.gather(
+            *(_conn_loop(port, request, deadline, lat_ns, errors) for _ in range(conns))
+        ),
         duration + 30,
     )
     seconds = time.monotonic() - t0
     lat_ms = [v / 1e6 for v in lat_ns]
-    return LoadResult("asyncio", conns, len(lat_ns), seconds, percentile(lat_ms, 50),
-                      percentile(lat_ms, 99), errors[0])
+    return LoadResult(
+        "asyncio",
+        conns,
+        len(lat_ns),
+        seconds,
+        percentile(lat_ms, 50),
+        percentile(lat_ms, 99),
+        errors[0],
+    )
 
 
-async def run_load(port: int, path: str, conns: int, duration: float, workdir: Path,
-                   use_wrk: bool = True) -> LoadResult:
+async def run_load(
+    port: int, path: str, conns: int, duration: float, workdir: Path, use_wrk: bool = True
+) -> LoadResult:
     """Run one load measurement with the best available generator (see module docstring)."""
     if use_wrk and have_wrk():
         # wrk blocks; run it in a thread so the event loop (and its timers) stay alive.

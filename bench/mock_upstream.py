@@ -100,6 +100,7 @@ def delta_event(ts: int, seq: int) -> bytes:
     pad = want - len(head) - len(DELTA_SUFFIX)
     return head + DELTA_FILLER[: max(0, pad)] + DELTA_SUFFIX
 
+
 _KNOB_RE = {
     "chunks": re.compile(rb'"mock_chunks"\s*:\s*(\d+)'),
     "interval_ms": re.compile(rb'"mock_interval_ms"\s*:\s*(\d+(?:\.\d+)?)'),
@@ -145,8 +146,14 @@ class Stats:
         def pct(q: float) -> float:
             return late[min(n - 1, max(0, -(-n * q // 100) - 1))] / 1000 if n else 0.0
 
-        return json.dumps({"count": n, "p50_us": pct(50), "p99_us": pct(99),
-                           "max_us": late[-1] / 1000 if n else 0.0}).encode()
+        return json.dumps(
+            {
+                "count": n,
+                "p50_us": pct(50),
+                "p99_us": pct(99),
+                "max_us": late[-1] / 1000 if n else 0.0,
+            }
+        ).encode()
 
 
 class Config:
@@ -334,10 +341,20 @@ class MockProtocol(asyncio.Protocol):
     def _reply(self, status: int, ctype: bytes, body: bytes, close: bool = False) -> None:
         if self.transport is None or self.transport.is_closing():
             return
-        reason = {200: b"OK", 400: b"Bad Request", 404: b"Not Found", 413: b"Too Large",
-                  431: b"Too Large"}.get(status, b"X")
+        reason = {
+            200: b"OK",
+            400: b"Bad Request",
+            404: b"Not Found",
+            413: b"Too Large",
+            431: b"Too Large",
+        }.get(status, b"X")
         head = b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n%s\r\n" % (
-            status, reason, ctype, len(body), b"Connection: close\r\n" if close else b"")
+            status,
+            reason,
+            ctype,
+            len(body),
+            b"Connection: close\r\n" if close else b"",
+        )
         if len(body) > 65536:
             self.transport.writelines((head, body))  # no 10 MiB concatenation copy
         else:

@@ -48,21 +48,35 @@ def cpu_list(cpus: set[int]) -> str:
     return ",".join(str(c) for c in sorted(cpus))
 
 
-def spawn(cmd: list[str], cpus: set[int] | None, log_path: Path,
-          env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.Popen[bytes]:
+def spawn(
+    cmd: list[str],
+    cpus: set[int] | None,
+    log_path: Path,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+) -> subprocess.Popen[bytes]:
     """Start ``cmd`` pinned to ``cpus`` (inherited by its threads and forked workers)."""
     preexec = None
     if cpus:
         if shutil.which("taskset"):
             cmd = ["taskset", "-c", cpu_list(cpus), *cmd]  # taskset execs: same pid
         else:
+
             def preexec() -> None:
                 os.sched_setaffinity(0, cpus)
+
     log = open(log_path, "ab")  # noqa: SIM115 - closed by the child owning the fd copy
     try:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=env, cwd=cwd,
-                                start_new_session=True, preexec_fn=preexec)
+        proc = subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=cwd,
+            start_new_session=True,
+            preexec_fn=preexec,
+        )
     finally:
         log.close()
     if NICE:
@@ -97,8 +111,9 @@ def log_tail(path: Path, limit: int = 1500) -> str:
         return ""
 
 
-async def wait_healthy(port: int, proc: subprocess.Popen[bytes] | None, log_path: Path | None,
-                       timeout: float) -> float:
+async def wait_healthy(
+    port: int, proc: subprocess.Popen[bytes] | None, log_path: Path | None, timeout: float
+) -> float:
     """Poll ``GET /healthz`` until it answers 200; return seconds taken.
 
     Raises RuntimeError if the process exits or ``timeout`` passes first.
@@ -265,11 +280,21 @@ class Nginx(_ProcessPeer):
 
     def command(self) -> list[str]:
         conf = self.workdir / "nginx.conf"
-        conf.write_text(NGINX_CONF.format(tmp=self.workdir, max_body=MAX_BODY_BYTES,
-                                          mock_port=self.mock.port, port=self.port))
+        conf.write_text(
+            NGINX_CONF.format(
+                tmp=self.workdir, max_body=MAX_BODY_BYTES, mock_port=self.mock.port, port=self.port
+            )
+        )
         # -e: the startup error log too goes to our dir, not the system's.
-        return ["nginx", "-p", str(self.workdir), "-c", str(conf),
-                "-e", str(self.workdir / "nginx-error.log")]
+        return [
+            "nginx",
+            "-p",
+            str(self.workdir),
+            "-c",
+            str(conf),
+            "-e",
+            str(self.workdir / "nginx-error.log"),
+        ]
 
     def describe(self) -> str:
         return "nginx, 1 worker, keepalive pool, buffering off"
@@ -327,9 +352,16 @@ def to_yaml(value: object, indent: int = 0) -> str:
 class Oaimux(_ProcessPeer):
     """oaimux itself, started with the bench's generated config."""
 
-    def __init__(self, workdir: Path, cpus: set[int] | None, mock: Mock, workers: int = 1,
-                 observability: bool = False, cmd_template: str = DEFAULT_OAIMUX_CMD,
-                 token_limit: bool = False) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        cpus: set[int] | None,
+        mock: Mock,
+        workers: int = 1,
+        observability: bool = False,
+        cmd_template: str = DEFAULT_OAIMUX_CMD,
+        token_limit: bool = False,
+    ) -> None:
         self.name = "oaimux" if workers == 1 else f"oaimux-w{workers}"
         if token_limit:
             self.name = "oaimux-tokens"
@@ -344,11 +376,18 @@ class Oaimux(_ProcessPeer):
 
     def command(self) -> list[str]:
         config = self.workdir / "routes.yaml"
-        config.write_text(to_yaml(oaimux_config(self.mock.port, self.port,
-                                                self.observability, self.token_limit)) + "\n")
-        cmd = shlex.split(self.cmd_template.format(python=shlex.quote(sys.executable),
-                                                   config=shlex.quote(str(config)),
-                                                   port=self.port, workers=self.workers))
+        config.write_text(
+            to_yaml(oaimux_config(self.mock.port, self.port, self.observability, self.token_limit))
+            + "\n"
+        )
+        cmd = shlex.split(
+            self.cmd_template.format(
+                python=shlex.quote(sys.executable),
+                config=shlex.quote(str(config)),
+                port=self.port,
+                workers=self.workers,
+            )
+        )
         if self.workers != 1 and "--workers" not in cmd:
             cmd += ["--workers", str(self.workers)]
         return cmd

@@ -26,9 +26,22 @@ def available() -> bool:
 
 def record_command(pids: list[int], seconds: float, out: Path, rate: int = 250) -> list[str]:
     """py-spy command sampling the first pid (and its children) without pausing it."""
-    return ["py-spy", "record", "--pid", str(pids[0]), "--duration", str(max(1, round(seconds))),
-            "--rate", str(rate), "--format", "raw", "--output", str(out), "--nonblocking",
-            "--subprocesses"]
+    return [
+        "py-spy",
+        "record",
+        "--pid",
+        str(pids[0]),
+        "--duration",
+        str(max(1, round(seconds))),
+        "--rate",
+        str(rate),
+        "--format",
+        "raw",
+        "--output",
+        str(out),
+        "--nonblocking",
+        "--subprocesses",
+    ]
 
 
 def _short(frame: str) -> str:
@@ -77,8 +90,12 @@ def summarize_collapsed(text: str, top: int = 15) -> dict[str, object]:
     def pct(c: Counter[str]) -> list[tuple[str, float]]:
         return [(name, round(100 * n / total, 1)) for name, n in c.most_common(top)]
 
-    return {"samples": total, "self": pct(self_c), "inclusive": pct(incl_c),
-            "self_by_package": pct(pkg_c)}
+    return {
+        "samples": total,
+        "self": pct(self_c),
+        "inclusive": pct(incl_c),
+        "self_by_package": pct(pkg_c),
+    }
 
 
 def _package(short: str) -> str:

@@ -73,27 +73,47 @@ def summarize(results: dict[str, Any]) -> list[Row]:
     # -- non-streaming throughput, latency and CPU ------------------------------------------
     for c in conns_levels:
         rps = _pick(ns, "rps", conns=c)
-        rows.append(Row(f"non-stream req/s, {c} conn{_s(c)}", rps,
-                        vs_direct=_ratio(rps.get(SUBJECT), rps.get("direct")),
-                        vs_nginx=_ratio(rps.get(SUBJECT), rps.get("nginx")), fmt="{:,.0f}"))
+        rows.append(
+            Row(
+                f"non-stream req/s, {c} conn{_s(c)}",
+                rps,
+                vs_direct=_ratio(rps.get(SUBJECT), rps.get("direct")),
+                vs_nginx=_ratio(rps.get(SUBJECT), rps.get("nginx")),
+                fmt="{:,.0f}",
+            )
+        )
     for c in conns_levels:
         p50 = _pick(ns, "p50_ms", conns=c)
         p99 = _pick(ns, "p99_ms", conns=c)
-        row = Row(f"latency p50 ms, {c} conn{_s(c)}", p50,
-                  vs_direct=_added(p50.get(SUBJECT), p50.get("direct")),
-                  vs_nginx=_ratio(p50.get(SUBJECT), p50.get("nginx")), fmt="{:.3f}")
+        row = Row(
+            f"latency p50 ms, {c} conn{_s(c)}",
+            p50,
+            vs_direct=_added(p50.get(SUBJECT), p50.get("direct")),
+            vs_nginx=_ratio(p50.get(SUBJECT), p50.get("nginx")),
+            fmt="{:.3f}",
+        )
         if c == 1:
             added = _sub(p50.get(SUBJECT), p50.get("direct"))
             row.goal, row.met = "added ≤ 0.3 ms", _le(added, 0.3)
         rows.append(row)
-        rows.append(Row(f"latency p99 ms, {c} conn{_s(c)}", p99,
-                        vs_direct=_added(p99.get(SUBJECT), p99.get("direct")),
-                        vs_nginx=_ratio(p99.get(SUBJECT), p99.get("nginx")), fmt="{:.3f}"))
+        rows.append(
+            Row(
+                f"latency p99 ms, {c} conn{_s(c)}",
+                p99,
+                vs_direct=_added(p99.get(SUBJECT), p99.get("direct")),
+                vs_nginx=_ratio(p99.get(SUBJECT), p99.get("nginx")),
+                fmt="{:.3f}",
+            )
+        )
     for c in conns_levels:
         cpu = _pick(ns, "cpu_us_per_req", conns=c)
         ratio = _div(cpu.get(SUBJECT), cpu.get("nginx"))
-        row = Row(f"proxy CPU µs/request, {c} conn{_s(c)}", cpu,
-                  vs_nginx=_ratio(cpu.get(SUBJECT), cpu.get("nginx")), fmt="{:.0f}")
+        row = Row(
+            f"proxy CPU µs/request, {c} conn{_s(c)}",
+            cpu,
+            vs_nginx=_ratio(cpu.get(SUBJECT), cpu.get("nginx")),
+            fmt="{:.0f}",
+        )
         if c > 1:
             # At 1 connection every request also pays an idle wake-up of the proxy's core,
             # which says more about the VM than the proxy; the goal is about work per request.
@@ -103,10 +123,12 @@ def summarize(results: dict[str, Any]) -> list[Row]:
         for c in conns_levels:
             cpu = _pick(ns, "cpu_us_per_req", conns=c)
             with_budget = cpu.get(f"{SUBJECT}-tokens")
-            row = Row(f"proxy CPU µs/request with a token budget, {c} conn{_s(c)}",
-                      {SUBJECT: with_budget},
-                      vs_nginx=f"{_ratio(with_budget, cpu.get(SUBJECT))} of without",
-                      fmt="{:.0f}")
+            row = Row(
+                f"proxy CPU µs/request with a token budget, {c} conn{_s(c)}",
+                {SUBJECT: with_budget},
+                vs_nginx=f"{_ratio(with_budget, cpu.get(SUBJECT))} of without",
+                fmt="{:.0f}",
+            )
             if c > 1:
                 row.goal = "≤ 1.05× without"
                 row.met = _le(_div(with_budget, cpu.get(SUBJECT)), 1.05)
@@ -115,28 +137,40 @@ def summarize(results: dict[str, Any]) -> list[Row]:
         for c in conns_levels:
             rps = _pick(ns, "rps", conns=c)
             cell = {SUBJECT: rps.get(name)}
-            rows.append(Row(f"{name} req/s, {c} conn (scaling vs 1 worker)", cell,
-                            vs_direct=_ratio(rps.get(name), rps.get("direct")),
-                            vs_nginx=f"{_ratio(rps.get(name), rps.get(SUBJECT))} of 1 worker",
-                            fmt="{:,.0f}"))
+            rows.append(
+                Row(
+                    f"{name} req/s, {c} conn (scaling vs 1 worker)",
+                    cell,
+                    vs_direct=_ratio(rps.get(name), rps.get("direct")),
+                    vs_nginx=f"{_ratio(rps.get(name), rps.get(SUBJECT))} of 1 worker",
+                    fmt="{:,.0f}",
+                )
+            )
 
     # -- SSE --------------------------------------------------------------------------------
     sse: list[dict[str, Any]] = results.get("sse", [])
     ks = sorted({r["k"] for r in sse})
     for k in ks:
         ttfb = _pick(sse, "ttfb_p50_ms", k=k)
-        row = Row(f"SSE TTFB p50 ms, {k} stream{_s(k)}", ttfb,
-                  vs_direct=_added(ttfb.get(SUBJECT), ttfb.get("direct")),
-                  vs_nginx=_ratio(ttfb.get(SUBJECT), ttfb.get("nginx")))
+        row = Row(
+            f"SSE TTFB p50 ms, {k} stream{_s(k)}",
+            ttfb,
+            vs_direct=_added(ttfb.get(SUBJECT), ttfb.get("direct")),
+            vs_nginx=_ratio(ttfb.get(SUBJECT), ttfb.get("nginx")),
+        )
         if k == 100:
             row.goal = "added ≤ 2 ms"
             row.met = _le(_sub(ttfb.get(SUBJECT), ttfb.get("direct")), 2.0)
         rows.append(row)
     for k in ks:
         delay = _pick(sse, "delay_p50_ms", k=k)
-        row = Row(f"SSE chunk delay p50 ms, {k} stream{_s(k)}", delay,
-                  vs_direct=_added(delay.get(SUBJECT), delay.get("direct")),
-                  vs_nginx=_ratio(delay.get(SUBJECT), delay.get("nginx")), fmt="{:.3f}")
+        row = Row(
+            f"SSE chunk delay p50 ms, {k} stream{_s(k)}",
+            delay,
+            vs_direct=_added(delay.get(SUBJECT), delay.get("direct")),
+            vs_nginx=_ratio(delay.get(SUBJECT), delay.get("nginx")),
+            fmt="{:.3f}",
+        )
         if k == 1000:
             row.goal = "added ≤ 0.5 ms"
             row.met = _le(_sub(delay.get(SUBJECT), delay.get("direct")), 0.5)
@@ -144,55 +178,115 @@ def summarize(results: dict[str, Any]) -> list[Row]:
     if sse:
         coalesced = _sum_per_peer(sse, "coalesced")
         failed = {p: float(v) for p, v in _sum_per_peer(sse, "failed").items()}
-        rows.append(Row("SSE chunks coalesced (all runs)", coalesced, goal="0",
-                        met=_le(coalesced.get(SUBJECT), 0), fmt="{:.0f}"))
-        rows.append(Row("SSE streams failed (all runs)", failed, goal="0",
-                        met=_le(failed.get(SUBJECT), 0), fmt="{:.0f}"))
+        rows.append(
+            Row(
+                "SSE chunks coalesced (all runs)",
+                coalesced,
+                goal="0",
+                met=_le(coalesced.get(SUBJECT), 0),
+                fmt="{:.0f}",
+            )
+        )
+        rows.append(
+            Row(
+                "SSE streams failed (all runs)",
+                failed,
+                goal="0",
+                met=_le(failed.get(SUBJECT), 0),
+                fmt="{:.0f}",
+            )
+        )
 
     # -- memory and hang-up -----------------------------------------------------------------
     hold: dict[str, dict[str, Any]] = results.get("hold", {})
     if hold:
         n = max((h.get("streams_open") or 0) for h in hold.values())
         idle = {p: h.get("idle_rss_mb") for p, h in hold.items()}
-        rows.append(Row("proxy idle RSS MB", idle, vs_nginx=_ratio(idle.get(SUBJECT),
-                                                                   idle.get("nginx")),
-                        fmt="{:.1f}"))
+        rows.append(
+            Row(
+                "proxy idle RSS MB",
+                idle,
+                vs_nginx=_ratio(idle.get(SUBJECT), idle.get("nginx")),
+                fmt="{:.1f}",
+            )
+        )
         kb = {p: h.get("kb_per_stream") for p, h in hold.items()}
-        rows.append(Row(f"memory KB per open stream ({n} open)", kb,
-                        vs_nginx=_ratio(kb.get(SUBJECT), kb.get("nginx")), goal="≤ 20 KB",
-                        met=_le(kb.get(SUBJECT), 20.0), fmt="{:.1f}"))
+        rows.append(
+            Row(
+                f"memory KB per open stream ({n} open)",
+                kb,
+                vs_nginx=_ratio(kb.get(SUBJECT), kb.get("nginx")),
+                goal="≤ 20 KB",
+                met=_le(kb.get(SUBJECT), 20.0),
+                fmt="{:.1f}",
+            )
+        )
         left = {p: h.get("upstream_left_open") for p, h in hold.items()}
-        rows.append(Row(f"upstream conns open 2 s after {n} clients hung up", left, goal="0",
-                        met=_le(left.get(SUBJECT), 0), fmt="{:.0f}"))
+        rows.append(
+            Row(
+                f"upstream conns open 2 s after {n} clients hung up",
+                left,
+                goal="0",
+                met=_le(left.get(SUBJECT), 0),
+                fmt="{:.0f}",
+            )
+        )
 
     # -- big bodies ---------------------------------------------------------------------------
     big: dict[str, dict[str, Any]] = results.get("large_body", {})
     if big:
         mb = next(iter(big.values())).get("body_mb", 0)
         lat = {p: b.get("model_first_ms") for p, b in big.items()}
-        rows.append(Row(f"{mb:.0f} MB JSON request, latency ms", lat,
-                        vs_direct=_added(lat.get(SUBJECT), lat.get("direct")),
-                        vs_nginx=_ratio(lat.get(SUBJECT), lat.get("nginx")),
-                        goal="added ≤ 10 ms",
-                        met=_le(_sub(lat.get(SUBJECT), lat.get("direct")), 10.0), fmt="{:.1f}"))
+        rows.append(
+            Row(
+                f"{mb:.0f} MB JSON request, latency ms",
+                lat,
+                vs_direct=_added(lat.get(SUBJECT), lat.get("direct")),
+                vs_nginx=_ratio(lat.get(SUBJECT), lat.get("nginx")),
+                goal="added ≤ 10 ms",
+                met=_le(_sub(lat.get(SUBJECT), lat.get("direct")), 10.0),
+                fmt="{:.1f}",
+            )
+        )
         growth = {p: b.get("peak_growth_mb") for p, b in big.items()}
-        rows.append(Row(f"{mb:.0f} MB JSON request, peak RSS growth MB", growth,
-                        vs_direct=(f"{growth[SUBJECT] / mb:.2f}× body"
-                                   if growth.get(SUBJECT) is not None and mb else DASH),
-                        goal="≤ 2× body",
-                        met=_le(_div(growth.get(SUBJECT), mb), 2.0), fmt="{:.1f}"))
+        rows.append(
+            Row(
+                f"{mb:.0f} MB JSON request, peak RSS growth MB",
+                growth,
+                vs_direct=(
+                    f"{growth[SUBJECT] / mb:.2f}× body"
+                    if growth.get(SUBJECT) is not None and mb
+                    else DASH
+                ),
+                goal="≤ 2× body",
+                met=_le(_div(growth.get(SUBJECT), mb), 2.0),
+                fmt="{:.1f}",
+            )
+        )
         route = {p: _sub(b.get("model_last_ms"), b.get("model_first_ms")) for p, b in big.items()}
-        rows.append(Row(f"{mb:.0f} MB JSON, model last minus first, ms", route,
-                        vs_direct=_added(route.get(SUBJECT), route.get("direct")),
-                        fmt="{:+.1f}"))
+        rows.append(
+            Row(
+                f"{mb:.0f} MB JSON, model last minus first, ms",
+                route,
+                vs_direct=_added(route.get(SUBJECT), route.get("direct")),
+                fmt="{:+.1f}",
+            )
+        )
     binary: dict[str, dict[str, Any]] = results.get("binary", {})
     if binary:
         mbs = {p: b.get("mb_per_s") for p, b in binary.items()}
         ratio = _div(mbs.get(SUBJECT), mbs.get("nginx"))
-        rows.append(Row("10 MB binary response, MB/s", mbs,
-                        vs_direct=_ratio(mbs.get(SUBJECT), mbs.get("direct")),
-                        vs_nginx=_ratio(mbs.get(SUBJECT), mbs.get("nginx")),
-                        goal="≥ 0.95× nginx", met=_ge(ratio, 0.95), fmt="{:.0f}"))
+        rows.append(
+            Row(
+                "10 MB binary response, MB/s",
+                mbs,
+                vs_direct=_ratio(mbs.get(SUBJECT), mbs.get("direct")),
+                vs_nginx=_ratio(mbs.get(SUBJECT), mbs.get("nginx")),
+                goal="≥ 0.95× nginx",
+                met=_ge(ratio, 0.95),
+                fmt="{:.0f}",
+            )
+        )
     return rows
 
 
@@ -251,10 +345,23 @@ def goals_summary(rows: list[Row]) -> str:
 
 # -- token rate ---------------------------------------------------------------------------------
 
-_TOKEN_FIELDS = ("completed", "cpu_us_per_chunk", "setup_us_per_stream", "teardown_us_per_stream",
-                 "delay_p50_ms", "delay_p99_ms", "ttfb_p50_ms", "ttfb_p99_ms", "kb_per_stream",
-                 "mock_late_p99_ms", "load_cpu_pct", "foreign_pct", "coalesced", "chunks_received",
-                 "chunks_expected")
+_TOKEN_FIELDS = (
+    "completed",
+    "cpu_us_per_chunk",
+    "setup_us_per_stream",
+    "teardown_us_per_stream",
+    "delay_p50_ms",
+    "delay_p99_ms",
+    "ttfb_p50_ms",
+    "ttfb_p99_ms",
+    "kb_per_stream",
+    "mock_late_p99_ms",
+    "load_cpu_pct",
+    "foreign_pct",
+    "coalesced",
+    "chunks_received",
+    "chunks_expected",
+)
 
 
 def token_cells(results: dict[str, Any]) -> dict[tuple[int, str, str], dict[str, float | None]]:
@@ -269,8 +376,9 @@ def token_cells(results: dict[str, Any]) -> dict[tuple[int, str, str], dict[str,
         cell = {f: _median(r.get(f) for r in rows) for f in _TOKEN_FIELDS}
         # The largest growth over rounds: a Python process reuses memory an earlier run freed,
         # so later rounds read low.
-        cell["kb_per_stream"] = max((r["kb_per_stream"] for r in rows
-                                     if r.get("kb_per_stream") is not None), default=None)
+        cell["kb_per_stream"] = max(
+            (r["kb_per_stream"] for r in rows if r.get("kb_per_stream") is not None), default=None
+        )
         # 1.0 when some round had no steady window (CPU per chunk is then over the whole run)
         cell["whole_run"] = float(any(r.get("cpu_window") == "whole run" for r in rows))
         cells[key] = cell
@@ -281,9 +389,11 @@ def load_saturated(direct: dict[str, float | None], k: int, limit_ms: float) -> 
     """Direct's own run missed what a proxy is judged by (every stream complete, chunk-delay
     p99 and the mock's lateness p99 within the limit): the load side itself could not keep up,
     so that group's "added" figures say little about the proxies."""
-    return bool(direct) and ((direct.get("completed") or 0) < k
-                             or (direct.get("delay_p99_ms") or 0.0) > limit_ms
-                             or (direct.get("mock_late_p99_ms") or 0.0) > limit_ms)
+    return bool(direct) and (
+        (direct.get("completed") or 0) < k
+        or (direct.get("delay_p99_ms") or 0.0) > limit_ms
+        or (direct.get("mock_late_p99_ms") or 0.0) > limit_ms
+    )
 
 
 def render_tokenrate(results: dict[str, Any]) -> str:
@@ -293,13 +403,30 @@ def render_tokenrate(results: dict[str, Any]) -> str:
     if not cells:
         return ""
     plan = tr.get("plan", {})
-    peer_order = [p for p in (*PEER_COLUMNS, *sorted({k[2] for k in cells})) if
-                  any(k[2] == p for k in cells)]
+    peer_order = [
+        p for p in (*PEER_COLUMNS, *sorted({k[2] for k in cells})) if any(k[2] == p for k in cells)
+    ]
     peer_order = list(dict.fromkeys(peer_order))
-    header = ["K", "start", "peer", "streams done", "CPU µs/chunk", "vs nginx",
-              "set-up µs/stream", "teardown µs/stream", "delay p50 ms", "delay p99 ms",
-              "TTFB p50 ms", "TTFB p99 ms", "KB/stream", "chunks merged", "mock late p99 ms",
-              "load CPU %", "foreign %", "note"]
+    header = [
+        "K",
+        "start",
+        "peer",
+        "streams done",
+        "CPU µs/chunk",
+        "vs nginx",
+        "set-up µs/stream",
+        "teardown µs/stream",
+        "delay p50 ms",
+        "delay p99 ms",
+        "TTFB p50 ms",
+        "TTFB p99 ms",
+        "KB/stream",
+        "chunks merged",
+        "mock late p99 ms",
+        "load CPU %",
+        "foreign %",
+        "note",
+    ]
     table: list[list[str]] = [header]
     limit = plan.get("search_limit_ms", 10.0)
     any_whole = False
@@ -319,43 +446,70 @@ def render_tokenrate(results: dict[str, Any]) -> str:
                 burst = proxied and mode == "burst"
                 whole = "*" if c["whole_run"] else ""
                 any_whole = any_whole or bool(whole)
-                table.append([
-                    f"{k:,}", mode, peer,
-                    _pct(c["completed"], k),
-                    _f(c["cpu_us_per_chunk"], "{:.1f}") + whole if proxied else DASH,
-                    (_ratio(c["cpu_us_per_chunk"], nginx.get("cpu_us_per_chunk"))
-                     if proxied and peer != "nginx" else DASH),
-                    _f(c["setup_us_per_stream"], "{:.0f}") if burst else DASH,
-                    _f(c["teardown_us_per_stream"], "{:.0f}") if burst else DASH,
-                    _vs_floor(c["delay_p50_ms"], direct.get("delay_p50_ms"), proxied),
-                    _vs_floor(c["delay_p99_ms"], direct.get("delay_p99_ms"), proxied),
-                    _f(c["ttfb_p50_ms"], "{:.1f}"), _f(c["ttfb_p99_ms"], "{:.1f}"),
-                    _f(c["kb_per_stream"], "{:.1f}") if burst else DASH,
-                    _f(c["coalesced"], "{:,.0f}"),
-                    _f(c["mock_late_p99_ms"], "{:.1f}"), _f(c["load_cpu_pct"], "{:.0f}"),
-                    _f(c["foreign_pct"], "{:.0f}"), note,
-                ])
+                table.append(
+                    [
+                        f"{k:,}",
+                        mode,
+                        peer,
+                        _pct(c["completed"], k),
+                        _f(c["cpu_us_per_chunk"], "{:.1f}") + whole if proxied else DASH,
+                        (
+                            _ratio(c["cpu_us_per_chunk"], nginx.get("cpu_us_per_chunk"))
+                            if proxied and peer != "nginx"
+                            else DASH
+                        ),
+                        _f(c["setup_us_per_stream"], "{:.0f}") if burst else DASH,
+                        _f(c["teardown_us_per_stream"], "{:.0f}") if burst else DASH,
+                        _vs_floor(c["delay_p50_ms"], direct.get("delay_p50_ms"), proxied),
+                        _vs_floor(c["delay_p99_ms"], direct.get("delay_p99_ms"), proxied),
+                        _f(c["ttfb_p50_ms"], "{:.1f}"),
+                        _f(c["ttfb_p99_ms"], "{:.1f}"),
+                        _f(c["kb_per_stream"], "{:.1f}") if burst else DASH,
+                        _f(c["coalesced"], "{:,.0f}"),
+                        _f(c["mock_late_p99_ms"], "{:.1f}"),
+                        _f(c["load_cpu_pct"], "{:.0f}"),
+                        _f(c["foreign_pct"], "{:.0f}"),
+                        note,
+                    ]
+                )
     out = [_markdown(table)]
     if any_whole:
-        out.append("\n\\* no steady window (the first stream ended before the last one had its "
-                   "first chunk): CPU over the whole run, set-up included.")
+        out.append(
+            "\n\\* no steady window (the first stream ended before the last one had its "
+            "first chunk): CPU over the whole run, set-up included."
+        )
     search = tr.get("search") or {}
     if search:
         ng = (search.get("nginx") or {}).get("largest_k")
-        rows: list[list[str]] = [["peer", "largest K carried", "first K not carried",
-                                  "vs nginx", "CPU-bound K (1 core)", "note"]]
+        rows: list[list[str]] = [
+            [
+                "peer",
+                "largest K carried",
+                "first K not carried",
+                "vs nginx",
+                "CPU-bound K (1 core)",
+                "note",
+            ]
+        ]
         for peer, s in search.items():
             best = s.get("largest_k")
-            rows.append([
-                peer, _f(best, "{:,.0f}"), _f(s.get("first_failing_k"), "{:,.0f}"),
-                _ratio(best, ng) if peer != "nginx" else DASH,
-                _f(s.get("cpu_bound_k"), "{:,.0f}") if "-w" not in peer else DASH,
-                "load side saturated above it: a lower bound" if s.get("limited_by_load")
-                else "",
-            ])
-        out.append(f"\nLargest K carried at {plan.get('rate', 50):g} chunks/s with ramped "
-                   f"starts: every stream complete and chunk-delay p99 at most "
-                   f"{plan.get('search_limit_ms', 10):g} ms above direct's at the same K.\n")
+            rows.append(
+                [
+                    peer,
+                    _f(best, "{:,.0f}"),
+                    _f(s.get("first_failing_k"), "{:,.0f}"),
+                    _ratio(best, ng) if peer != "nginx" else DASH,
+                    _f(s.get("cpu_bound_k"), "{:,.0f}") if "-w" not in peer else DASH,
+                    "load side saturated above it: a lower bound"
+                    if s.get("limited_by_load")
+                    else "",
+                ]
+            )
+        out.append(
+            f"\nLargest K carried at {plan.get('rate', 50):g} chunks/s with ramped "
+            f"starts: every stream complete and chunk-delay p99 at most "
+            f"{plan.get('search_limit_ms', 10):g} ms above direct's at the same K.\n"
+        )
         out.append(_markdown(rows))
     return "\n".join(out)
 
@@ -381,10 +535,13 @@ def _markdown(cells: list[list[str]]) -> str:
     widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
 
     def line(row: list[str]) -> str:
-        parts = [c.ljust(w) if i < 3 else c.rjust(w)
-                 for i, (c, w) in enumerate(zip(row, widths, strict=True))]
+        parts = [
+            c.ljust(w) if i < 3 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        ]
         return "| " + " | ".join(parts) + " |"
 
-    sep = "|" + "|".join("-" * (w + 1) + (":" if i >= 3 else "-")
-                         for i, w in enumerate(widths)) + "|"
+    sep = (
+        "|" + "|".join("-" * (w + 1) + (":" if i >= 3 else "-") for i, w in enumerate(widths)) + "|"
+    )
     return "\n".join([line(cells[0]), sep, *(line(r) for r in cells[1:])])

@@ -65,8 +65,13 @@ class StreamStats:
 class SSEClient(asyncio.Protocol):
     """One streaming request; splits the decoded body into SSE events as reads arrive."""
 
-    def __init__(self, request: bytes, stats: StreamStats, finished: asyncio.Future[None],
-                 on_first: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        request: bytes,
+        stats: StreamStats,
+        finished: asyncio.Future[None],
+        on_first: Callable[[], None] | None = None,
+    ) -> None:
         self.request = request
         self.stats = stats
         self.finished = finished
@@ -172,8 +177,9 @@ class StreamRun:
     errors: list[str]
 
 
-async def _one_stream(port: int, request: bytes, st: StreamStats, delay_s: float,
-                      timeout: float) -> None:
+async def _one_stream(
+    port: int, request: bytes, st: StreamStats, delay_s: float, timeout: float
+) -> None:
     loop = asyncio.get_running_loop()
     await asyncio.sleep(delay_s)
     finished: asyncio.Future[None] = loop.create_future()
@@ -192,8 +198,14 @@ async def _one_stream(port: int, request: bytes, st: StreamStats, delay_s: float
             transport.close()
 
 
-async def run_streams(port: int, k: int, chunks: int, interval_ms: float, reps: int = 1,
-                      ramp_ms_per_stream: float = 1.0) -> StreamRun:
+async def run_streams(
+    port: int,
+    k: int,
+    chunks: int,
+    interval_ms: float,
+    reps: int = 1,
+    ramp_ms_per_stream: float = 1.0,
+) -> StreamRun:
     """Open ``k`` streams at once (starts spread ``ramp_ms_per_stream`` apart, so 1,000
     streams do not all SYN in the same millisecond), ``reps`` times in sequence.
 
@@ -206,21 +218,26 @@ async def run_streams(port: int, k: int, chunks: int, interval_ms: float, reps: 
     for _ in range(reps):
         batch = [StreamStats() for _ in range(k)]
         all_stats += batch
-        await asyncio.gather(*(
-            _one_stream(port, request, st, i * ramp_ms_per_stream / 1000, timeout)
-            for i, st in enumerate(batch)
-        ))
+        await asyncio.gather(
+            *(
+                _one_stream(port, request, st, i * ramp_ms_per_stream / 1000, timeout)
+                for i, st in enumerate(batch)
+            )
+        )
     ttfb = [(s.t_first_event - s.t_start) / 1e6 for s in all_stats if s.t_first_event]
     delays = [d / 1e6 for s in all_stats for d in s.delays]
     errors = sorted({s.error for s in all_stats if s.error})
     return StreamRun(
-        k=k, reps=reps,
+        k=k,
+        reps=reps,
         ok=sum(s.ok for s in all_stats),
         events=sum(s.events for s in all_stats),
         expected_events=k * reps * chunks,
         coalesced=sum(s.coalesced for s in all_stats),
-        ttfb_p50_ms=percentile(ttfb, 50), ttfb_p99_ms=percentile(ttfb, 99),
-        delay_p50_ms=percentile(delays, 50), delay_p99_ms=percentile(delays, 99),
+        ttfb_p50_ms=percentile(ttfb, 50),
+        ttfb_p99_ms=percentile(ttfb, 99),
+        delay_p50_ms=percentile(delays, 50),
+        delay_p99_ms=percentile(delays, 99),
         seconds=time.monotonic() - t0,
         errors=errors[:5],
     )
@@ -246,8 +263,13 @@ class HeldStreams:
             client.abort()
 
 
-async def hold_streams(port: int, n: int, first_timeout: float, hold_ms: float = 120_000,
-                       ramp_ms_per_stream: float = 1.0) -> HeldStreams:
+async def hold_streams(
+    port: int,
+    n: int,
+    first_timeout: float,
+    hold_ms: float = 120_000,
+    ramp_ms_per_stream: float = 1.0,
+) -> HeldStreams:
     """Open ``n`` streams and return once all have their first chunk or after
     ``first_timeout`` seconds (whichever is first). The caller must call ``hang_up()``.
 
@@ -273,7 +295,8 @@ async def hold_streams(port: int, n: int, first_timeout: float, hold_ms: float =
         client = SSEClient(request, st, finished, on_first)
         try:
             await asyncio.wait_for(
-                loop.create_connection(lambda: client, "127.0.0.1", port), first_timeout)
+                loop.create_connection(lambda: client, "127.0.0.1", port), first_timeout
+            )
             held.clients.append(client)
         except (OSError, TimeoutError) as exc:
             st.error = f"{type(exc).__name__}: {exc}"

@@ -184,11 +184,11 @@ class _Reader:
     async def _connect(self, st: _Stream) -> None:
         try:
             await asyncio.get_running_loop().create_connection(
-                lambda: st, "127.0.0.1", self.job.port)
+                lambda: st, "127.0.0.1", self.job.port
+            )
         except OSError as exc:  # refused, or out of file descriptors: a failed stream
             if not st.ended:
-                self.end(st, f"connect: {errno.errorcode.get(exc.errno or 0, exc)}",
-                         first=True)
+                self.end(st, f"connect: {errno.errorcode.get(exc.errno or 0, exc)}", first=True)
 
     def _cut(self, timers: list[asyncio.TimerHandle]) -> None:
         """The deadline: every stream still open, connecting or not yet started ends now."""
@@ -257,8 +257,11 @@ class _Reader:
     def _count_ended(self) -> None:
         self._bump(ENDED)
         self.ended += 1
-        if (self.ended >= len(self.job.starts_ns) and self.all_ended is not None
-                and not self.all_ended.done()):
+        if (
+            self.ended >= len(self.job.starts_ns)
+            and self.all_ended is not None
+            and not self.all_ended.done()
+        ):
             self.all_ended.set_result(None)
 
 
@@ -290,8 +293,12 @@ class ClientPool:
         self.procs: list[Any] = []
         for i in range(procs):
             ours, theirs = ctx.Pipe()
-            proc = ctx.Process(target=client_main, args=(theirs, self.counters, i * _COUNTERS),
-                               name=f"bench-client-{i}", daemon=True)
+            proc = ctx.Process(
+                target=client_main,
+                args=(theirs, self.counters, i * _COUNTERS),
+                name=f"bench-client-{i}",
+                daemon=True,
+            )
             proc.start()
             theirs.close()
             self.conns.append(ours)
@@ -303,8 +310,7 @@ class ClientPool:
     def count(self, which: int) -> int:
         return sum(self.counters[i] for i in range(which, len(self.counters), _COUNTERS))
 
-    def submit(self, port: int, request: bytes, starts_ns: Sequence[int],
-               deadline_ns: int) -> None:
+    def submit(self, port: int, request: bytes, starts_ns: Sequence[int], deadline_ns: int) -> None:
         """Hand stream i to process i mod procs (so every process gets the same share of a
         ramp), after zeroing the counters."""
         for i in range(len(self.counters)):
@@ -324,8 +330,9 @@ class ClientPool:
             result: ClientResult = conn.recv()
             return result
 
-        return list(await asyncio.gather(*(loop.run_in_executor(None, recv, c)
-                                           for c in self.conns)))
+        return list(
+            await asyncio.gather(*(loop.run_in_executor(None, recv, c) for c in self.conns))
+        )
 
     def close(self) -> None:
         for conn in self.conns:
@@ -407,18 +414,33 @@ def count_between(recv: Sequence[array[int]], lo: int, hi: int) -> int:
     return sum(bisect_left(r, hi) - bisect_left(r, lo) for r in recv)
 
 
-async def run_tokens(pool: ClientPool, port: int, pids: list[int], k: int, mode: str,
-                     chunks: int, interval_ms: float, ramp_ms: float, grace_s: float,
-                     load_pids: Callable[[], list[int]], load_cores: set[int] | None,
-                     proxy_core: int | None = None) -> TokenRun:
+async def run_tokens(
+    pool: ClientPool,
+    port: int,
+    pids: list[int],
+    k: int,
+    mode: str,
+    chunks: int,
+    interval_ms: float,
+    ramp_ms: float,
+    grace_s: float,
+    load_pids: Callable[[], list[int]],
+    load_cores: set[int] | None,
+    proxy_core: int | None = None,
+) -> TokenRun:
     """One run of ``k`` streams through ``port``; ``pids`` are the proxy's (empty for direct).
     ``proxy_core``: the one core the proxy has to itself, to measure other work on it.
 
     Boundaries are polled every 2 ms from the shared counters; the proxy's CPU and RSS are read
     at each. Bounded: the clients cut every stream at the deadline (schedule + ``grace_s``).
     """
-    run = TokenRun(k=k, mode=mode, chunks=chunks, interval_ms=interval_ms,
-                   ramp_ms=ramp_ms if mode == "ramp" else 0.0)
+    run = TokenRun(
+        k=k,
+        mode=mode,
+        chunks=chunks,
+        interval_ms=interval_ms,
+        ramp_ms=ramp_ms if mode == "ramp" else 0.0,
+    )
     ramp_ns = int(run.ramp_ms * 1e6)
     lead_ns = 300_000_000  # time for the jobs to reach the client processes
     t0 = time.monotonic_ns() + lead_ns
@@ -478,8 +500,9 @@ def _cores_busy(cores: set[int] | None) -> list[procfs.CoreTimes | None]:
 
 def _fill_streams(run: TokenRun, results: list[ClientResult]) -> None:
     """Per-stream and per-chunk figures, over every client process's streams."""
-    ttfb = sorted(f - s for r in results for s, f in zip(r.started_ns, r.first_ns, strict=True)
-                  if f)
+    ttfb = sorted(
+        f - s for r in results for s, f in zip(r.started_ns, r.first_ns, strict=True) if f
+    )
     delays = sorted(d for r in results for d in r.delay_ns)
     run.completed = sum(sum(r.completed) for r in results)
     run.chunks_received = len(delays)
@@ -493,8 +516,13 @@ def _fill_streams(run: TokenRun, results: list[ClientResult]) -> None:
             run.errors[error] = run.errors.get(error, 0) + n
 
 
-def _fill_cpu(run: TokenRun, results: list[ClientResult], start: Boundary,
-              at: dict[int, Boundary], end: Boundary) -> None:
+def _fill_cpu(
+    run: TokenRun,
+    results: list[ClientResult],
+    start: Boundary,
+    at: dict[int, Boundary],
+    end: Boundary,
+) -> None:
     """Steady-state CPU per chunk between "all first chunks in" and "first stream ended";
     set-up and teardown per stream are the CPU before and after that window minus what its
     chunks cost at the steady rate. No steady window (a saturated peer whose first stream
@@ -553,9 +581,18 @@ class TokenPhase:
     measures direct at each K it tries (once per K).
     """
 
-    def __init__(self, plan: TokenPlan, peers: Sequence[Any], mock: Any, pool: ClientPool,
-                 load_cores: set[int] | None, proxy_cores: set[int] | None, fd_limit: int,
-                 wait_quiet: Callable[[], Awaitable[float]], log: Callable[..., None]) -> None:
+    def __init__(
+        self,
+        plan: TokenPlan,
+        peers: Sequence[Any],
+        mock: Any,
+        pool: ClientPool,
+        load_cores: set[int] | None,
+        proxy_cores: set[int] | None,
+        fd_limit: int,
+        wait_quiet: Callable[[], Awaitable[float]],
+        log: Callable[..., None],
+    ) -> None:
         self.plan = plan
         self.proxy_cores = proxy_cores
         self.wait_quiet = wait_quiet
@@ -580,8 +617,9 @@ class TokenPhase:
         for rnd in range(plan.rounds):
             for i, k in enumerate(plan.levels):
                 if k > self._max_k():
-                    self.out["skipped"][str(k)] = (f"K={k} needs {2 * k + 64} fds in the proxy; "
-                                                   f"the limit is {self.fd_limit}")
+                    self.out["skipped"][str(k)] = (
+                        f"K={k} needs {2 * k + 64} fds in the proxy; the limit is {self.fd_limit}"
+                    )
                     continue
                 for j, mode in enumerate(plan.modes):
                     order = _rotate(self.peers, rnd + i + j)
@@ -596,8 +634,15 @@ class TokenPhase:
                 self.out["search"][name] = await self._search(peer)
         return self.out
 
-    async def _one(self, peer: Any, k: int, mode: str, record: bool = True,
-                   search: bool = False, chunks: int = 0) -> dict[str, Any]:
+    async def _one(
+        self,
+        peer: Any,
+        k: int,
+        mode: str,
+        record: bool = True,
+        search: bool = False,
+        chunks: int = 0,
+    ) -> dict[str, Any]:
         """One run of ``k`` streams through ``peer``, with the mock's lateness over it."""
         plan = self.plan
         await self._settle()
@@ -606,10 +651,19 @@ class TokenPhase:
         # Other work on the proxy's core only means something for a peer alone on one core.
         alone = self.proxy_cores is not None and peer.cpus == self.proxy_cores
         run = await run_tokens(
-            self.pool, peer.port, peer.pids(), k, mode, chunks or plan.chunks, plan.interval_ms,
-            plan.ramp_ms, plan.grace_s,
-            load_pids=lambda: self.pool.pids() + self.mock.pids(), load_cores=self.load_cores,
-            proxy_core=min(self.proxy_cores) if alone and self.proxy_cores else None)
+            self.pool,
+            peer.port,
+            peer.pids(),
+            k,
+            mode,
+            chunks or plan.chunks,
+            plan.interval_ms,
+            plan.ramp_ms,
+            plan.grace_s,
+            load_pids=lambda: self.pool.pids() + self.mock.pids(),
+            load_cores=self.load_cores,
+            proxy_core=min(self.proxy_cores) if alone and self.proxy_cores else None,
+        )
         late = await self._lateness()
         if late.get("count"):
             run.mock_late_p50_ms = late["p50_us"] / 1000
@@ -673,8 +727,7 @@ class TokenPhase:
         tried: dict[int, dict[str, Any]] = {}
         for row in self.out["runs"]:
             if row["peer"] == peer.name and row["mode"] == "ramp" and not row["search"]:
-                tried[row["k"]] = judge(row, self._direct_at.get(row["k"]),
-                                        plan.search_limit_ms)
+                tried[row["k"]] = judge(row, self._direct_at.get(row["k"]), plan.search_limit_ms)
         for _ in range(plan.search_steps):
             hi = first_failing(tried)
             if hi is not None and tried[hi]["runs"] < 2 and not tried[hi]["load_bound"]:
@@ -688,19 +741,23 @@ class TokenPhase:
                 k = found
                 verdict = await self._verdict(peer, k)
             tried[k] = verdict
-            self.log(f"token-rate search {peer.name}: K={k} "
-                     f"{'carried' if verdict['ok'] else 'not carried'} ({verdict['why']})")
+            self.log(
+                f"token-rate search {peer.name}: K={k} "
+                f"{'carried' if verdict['ok'] else 'not carried'} ({verdict['why']})"
+            )
         ok = [k for k, v in tried.items() if v["ok"]]
         best = max(ok, default=None)
         bad = first_failing(tried)
         best_row = tried[best] if best is not None else None
         cpu = best_row.get("cpu_us_per_chunk") if best_row else None
         return {
-            "largest_k": best, "first_failing_k": bad,
+            "largest_k": best,
+            "first_failing_k": bad,
             # Direct itself missed the bar at the first K not carried: the load side, not
             # the proxy, may be what failed there, so the largest K is a lower bound.
             "limited_by_load": bad is not None and tried[bad]["load_bound"],
-            "limit_ms": plan.search_limit_ms, "rate": plan.rate,
+            "limit_ms": plan.search_limit_ms,
+            "rate": plan.rate,
             # What one core would carry if CPU were the only limit (CPU per chunk at best K).
             "cpu_bound_k": 1e6 / (cpu * plan.rate) if cpu else None,
             "tried": {str(k): v for k, v in sorted(tried.items())},
@@ -718,20 +775,30 @@ def judge(row: dict[str, Any], base: dict[str, Any] | None, limit_ms: float) -> 
     load_bound = base is not None and (
         base.get("completed") != base.get("k")
         or (base.get("delay_p99_ms") or 0.0) > limit_ms
-        or (base.get("mock_late_p99_ms") or 0.0) > limit_ms)
+        or (base.get("mock_late_p99_ms") or 0.0) > limit_ms
+    )
     ok = complete and added is not None and added <= limit_ms
-    why = (f"added p99 {added:.1f} ms" if added is not None else "no chunks") + (
-        "" if complete else f", {row.get('completed')}/{row.get('k')} streams complete") + (
-        ", load side saturated" if load_bound else "")
-    return {"ok": ok, "added_p99_ms": added, "load_bound": load_bound, "why": why,
-            "cpu_us_per_chunk": row.get("cpu_us_per_chunk"), "runs": 1}
+    why = (
+        (f"added p99 {added:.1f} ms" if added is not None else "no chunks")
+        + ("" if complete else f", {row.get('completed')}/{row.get('k')} streams complete")
+        + (", load side saturated" if load_bound else "")
+    )
+    return {
+        "ok": ok,
+        "added_p99_ms": added,
+        "load_bound": load_bound,
+        "why": why,
+        "cpu_us_per_chunk": row.get("cpu_us_per_chunk"),
+        "runs": 1,
+    }
 
 
 def first_failing(tried: dict[int, dict[str, Any]]) -> int | None:
     """The smallest K not carried above the largest K carried (None: no such K tried)."""
     best = max((k for k, v in tried.items() if v["ok"]), default=None)
-    return min((k for k, v in tried.items() if not v["ok"] and (best is None or k > best)),
-               default=None)
+    return min(
+        (k for k, v in tried.items() if not v["ok"] and (best is None or k > best)), default=None
+    )
 
 
 def next_k(tried: dict[int, dict[str, Any]], limit_k: int, ratio: float = 1.2) -> int | None:
@@ -769,13 +836,15 @@ def _describe(row: dict[str, Any]) -> str:
     def f(v: float | None, spec: str = ".2f") -> str:
         return "-" if v is None else format(v, spec)
 
-    return (f"token-rate K={row['k']:<5} {row['mode']:<5} {row['peer']:<10} "
-            f"done {row['completed']}/{row['k']}  cpu/chunk {f(row['cpu_us_per_chunk'], '.1f')} us "
-            f"setup {f(row['setup_us_per_stream'], '.0f')} us  "
-            f"delay p50 {f(row['delay_p50_ms'])} p99 {f(row['delay_p99_ms'])} ms  "
-            f"ttfb p50 {f(row['ttfb_p50_ms'])} p99 {f(row['ttfb_p99_ms'])} ms  "
-            f"KB/stream {f(row['kb_per_stream'], '.1f')}  merged {row['coalesced']}  "
-            f"mock late p99 {f(row['mock_late_p99_ms'])} ms  "
-            f"load CPU {f(row['load_cpu_pct'], '.0f')}% (core busy "
-            f"{f(row['load_core_busy_pct'], '.0f')}%)  foreign {f(row['foreign_pct'], '.0f')}%  "
-            f"{dict(list(row['errors'].items())[:2])}")
+    return (
+        f"token-rate K={row['k']:<5} {row['mode']:<5} {row['peer']:<10} "
+        f"done {row['completed']}/{row['k']}  cpu/chunk {f(row['cpu_us_per_chunk'], '.1f')} us "
+        f"setup {f(row['setup_us_per_stream'], '.0f')} us  "
+        f"delay p50 {f(row['delay_p50_ms'])} p99 {f(row['delay_p99_ms'])} ms  "
+        f"ttfb p50 {f(row['ttfb_p50_ms'])} p99 {f(row['ttfb_p99_ms'])} ms  "
+        f"KB/stream {f(row['kb_per_stream'], '.1f')}  merged {row['coalesced']}  "
+        f"mock late p99 {f(row['mock_late_p99_ms'])} ms  "
+        f"load CPU {f(row['load_cpu_pct'], '.0f')}% (core busy "
+        f"{f(row['load_core_busy_pct'], '.0f')}%)  foreign {f(row['foreign_pct'], '.0f')}%  "
+        f"{dict(list(row['errors'].items())[:2])}"
+    )

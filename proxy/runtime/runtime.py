@@ -78,9 +78,7 @@ class UpstreamPlan:
             return query_string
         names = self.added_names
         kept = [
-            part
-            for part in query_string.split("&")
-            if part and query_param_name(part) not in names
+            part for part in query_string.split("&") if part and query_param_name(part) not in names
         ]
         kept.append(added)
         return "&".join(kept)

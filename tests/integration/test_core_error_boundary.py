@@ -111,7 +111,9 @@ async def test_a_head_behind_a_declined_upgrade_is_refused_too(
 ) -> None:
     """aiohttp parses the bytes behind an upgrade it declined after answering
     it, past data_received: those heads are checked as well."""
-    declined = b"GET /healthz HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n"
+    declined = (
+        b"GET /healthz HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n"
+    )
     async with running_proxy(settings) as proxy:
         raw = await exchange(proxy.port, declined + head)
     first, second = raw.split(b"HTTP/1.", 2)[1:]

@@ -178,8 +178,6 @@ def test_billable_tokens(usage: Usage, billable: int | None) -> None:
     assert billable_tokens(usage) == billable
 
 
-
-
 # -- Anthropic's Messages API: a JSON answer, and a stream that splits its usage.
 
 
