@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import MutableSequence
+from collections.abc import Coroutine, MutableSequence
 from typing import Any, cast
 
 from aiohttp import web
@@ -139,13 +139,21 @@ class GuardedRequestHandler(RequestHandler, _NagleOffAlready):
                 if message.upgrade:  # a WebSocket can stay open as long as a stream
                     self.drop_keepalive_timer()
 
-    async def finish_response(
+    def finish_response(
+        self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None
+    ) -> Coroutine[Any, Any, tuple[web.StreamResponse, bool]]:
+        # After a declined upgrade aiohttp parses the bytes behind it in there,
+        # not in data_received: those heads are vetted once it has run
+        # (docs/faults.md, "Absolute-form targets and CONNECT"). Any other
+        # request goes straight to aiohttp's, with no coroutine of ours.
+        if self._upgraded:
+            return self._finish_then_vet(request, resp, start_time)
+        return super().finish_response(request, resp, start_time)
+
+    async def _finish_then_vet(
         self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None
     ) -> tuple[web.StreamResponse, bool]:
         result = await super().finish_response(request, resp, start_time)
-        # A declined upgrade's tail is parsed in there, not in data_received:
-        # its heads are vetted here (docs/faults.md, "Absolute-form targets and
-        # CONNECT").
         if self._messages:
             _refuse_other_forms(self._messages)
         return result
