@@ -75,7 +75,7 @@ class FakeClock:
 
 
 TOKENS = {"tokens_per_minute": 2000, "tokens_per_day": 1_000_000}
-RESERVED = (1000, 1000)  # tokens reserved per request, in each window
+RESERVED = 1000  # tokens reserved per request, in each window
 
 
 def _settings(tokens: bool = False) -> Settings:
@@ -145,7 +145,7 @@ async def run(clients: int, tokens: bool = False) -> dict[str, Any]:
     figures: dict[str, Any] = {"clients": clients, "limit": "1/min, burst 100"}
     idle = 61 * NS  # every request bucket is full again
     if tokens:
-        figures["limit"] += f", {TOKENS}, {RESERVED[0]} tokens a request"
+        figures["limit"] += f", {TOKENS}, {RESERVED} tokens a request"
         idle = 100 * NS  # and every token state has drained
 
     # Phase 1: Python heap, with tracemalloc on. Keys are made on the fly, as

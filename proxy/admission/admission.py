@@ -34,22 +34,25 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import NamedTuple, Protocol
+from typing import Protocol
 
 from ..config.settings import AuthKey, Limits, RateLimitSettings, Route, Settings, TokenBudget
 from ..errors import RateLimited, ServiceUnavailable, TokensLimited, Unauthorized
 from ..observe.failurelog import TEN_MINUTES, FailureLog
-from .buckets import Decision, RateLimiter, StorageUnavailable
+from .buckets import Decision, RateLimiter, Reserved, StorageUnavailable
 from .buckets_memory import MemoryRateLimiter
 from .budget import REMAINING_TOKENS, RESET_TOKENS, Charged, openai_duration
 from .clientip import limit_key
-from .token_buckets import TokenDecision, token_decision
+from .token_buckets import TokenDecision, TokenState, token_decision
+
+# A Charged made from a tuple of its fields, without the NamedTuple's generated
+# __new__ (a Python frame per charged request).
+_new_charged = tuple.__new__
 
 __all__ = [
     "Admission",
     "Caller",
     "Priced",
-    "RequestCost",
     "choose_limit",
     "counts_tokens",
     "estimate_tokens",
@@ -103,10 +106,12 @@ def _global_key(address: str) -> str:
 
 
 class Priced(Protocol):
-    """A model request, which can say what it may cost (inbound/route.py's
+    """A model request, which can say what it may reserve (inbound/route.py's
     ``ModelRoute``). Asked only when the request's block has a token budget."""
 
-    def cost(self) -> RequestCost: ...
+    def estimate(self, budget: TokenBudget) -> int:
+        """The tokens to reserve for it under ``budget`` (:func:`estimate_tokens`)."""
+        ...
 
 
 def counts_tokens(settings: Settings, caller: Caller) -> bool:
@@ -118,24 +123,11 @@ def counts_tokens(settings: Settings, caller: Caller) -> bool:
     return limits is not None and limits.tokens is not None
 
 
-class RequestCost(NamedTuple):
-    """What a model request may cost in tokens, known once its body is read:
-    the bytes of its prompt (a JSON body's length; a form's files are not
-    text, so 0) and its output cap (``max_tokens`` and the like, read by the
-    model finder; ``None``: none given). A tuple of what is at hand: one is
-    made per request, and the estimate is worked out only under a token
-    budget (:func:`estimate_tokens`)."""
-
-    prompt_bytes: int
-    output_cap: int | None
-
-
-def estimate_tokens(cost: RequestCost, budget: TokenBudget) -> int:
+def estimate_tokens(prompt_bytes: int, output_cap: int | None, budget: TokenBudget) -> int:
     """The tokens reserved for a request: its prompt as ``ceil(bytes / 4)`` (no
-    tokenizer on the hot path) and its output cap, else the default, the
-    output part never above ``max_output_reservation``."""
-    prompt_bytes, cap = cost
-    output = budget.default_output_tokens if cap is None else cap
+    tokenizer on the hot path) and its output cap (``None``: none given), else
+    the default, the output part never above ``max_output_reservation``."""
+    output = budget.default_output_tokens if output_cap is None else output_cap
     ceiling = budget.output_ceiling
     return -(-prompt_bytes // 4) + (output if output < ceiling else ceiling)
 
@@ -206,7 +198,12 @@ class Admission:
     when it starts, when its reason changes and every ``warn_every`` seconds
     (10 minutes) while it lasts, with the number of requests affected; not once
     per request. Recovery is logged once (observe/failurelog.py).
+
+    ``memory``: the storage when it is this process's memory, which answers
+    at once (:meth:`charge_now`); else ``None``.
     """
+
+    memory: MemoryRateLimiter | None
 
     def __init__(
         self,
@@ -221,6 +218,17 @@ class Admission:
         self._clock = clock
         self._shadowed = 0  # requests let through by enforce: false, since the last line
         self._next_shadow_line = 0.0
+
+    @property
+    def storage(self) -> RateLimiter:
+        return self._storage
+
+    @storage.setter
+    def storage(self, storage: RateLimiter) -> None:
+        self._storage = storage
+        # A store in this process answers at once: requests are charged by
+        # charge_now, with no coroutine (one per request otherwise).
+        self.memory = storage if type(storage) is MemoryRateLimiter else None
 
     def start(self) -> None:
         self.storage.start()
@@ -241,59 +249,111 @@ class Admission:
         Returns what was charged (``None``: no limit applies, or the storage is
         down and the policy is open), or raises :class:`RateLimited` /
         :class:`TokensLimited` (or :class:`ServiceUnavailable` when the storage
-        is down and the policy is closed)."""
+        is down and the policy is closed). With the buckets in memory this is
+        :meth:`charge_now`, which callers on the request path call directly."""
+        if self.memory is not None:
+            return self.charge_now(settings, caller, route, model)
         chosen = choose_limit(settings, caller, route)
         if chosen is None:
             return None
         limits, key = chosen
         requests, budget = limits.requests, limits.tokens
-        storage = self.storage
         try:
             if budget is None or model is None:
                 if requests is None:
                     return None
-                decision: Decision | None = await storage.acquire(key, requests)
+                decision = await self.storage.acquire(key, requests)
+                reserved = None
             else:
-                estimate = estimate_tokens(model.cost(), budget)
-                # A window is charged at most its capacity: an estimate larger
-                # than a whole budget passes when the budget is full, and what
-                # the answer uses beyond is charged when it ends.
-                cap_m, cap_d = budget.cap_minute, budget.cap_day
-                costs = (
-                    estimate if estimate < cap_m else cap_m,
-                    estimate if estimate < cap_d else cap_d,
-                )
-                if type(storage) is MemoryRateLimiter:  # answers at once: no coroutine
-                    reserved = storage.reserve_now(key, requests, budget, costs)
-                else:
-                    reserved = await storage.reserve(key, requests, budget, costs)
-                decision = reserved[0]
+                estimate = model.estimate(budget)
+                reserved = await self.storage.reserve(key, requests, budget, estimate)
         except StorageUnavailable as exc:
             self._storage_failed(exc, settings.rate_limit_fail_open)  # raises when closed
             return None
         if self._outage.failing:
             self._outage.recovered()
-        if decision is not None and not decision[0]:  # (Decision.allowed)
-            assert requests is not None  # a request decision comes from a request bucket
-            raise rate_limited(decision, requests, route)
-        if budget is None or model is None:
-            return Charged(decision)
-        charged = Charged(decision, budget, storage, key, estimate, (costs, reserved))
-        if not reserved[5]:  # a token window had no room for the estimate
-            self._over_budget(charged, caller, route)
-        return charged
+        if reserved is None:
+            if not decision[0]:  # (Decision.allowed)
+                assert requests is not None  # a request decision comes from a request bucket
+                raise rate_limited(decision, requests, route)
+            return _new_charged(Charged, (decision, None, 0, None, None, key, None))
+        return self._reserved(reserved, limits, estimate, key, caller, route)
 
-    def _over_budget(self, charged: Charged, caller: Caller, route: Route | None) -> None:
+    def charge_now(
+        self,
+        settings: Settings,
+        caller: Caller,
+        route: Route | None,
+        model: Priced | None = None,
+    ) -> Charged | None:
+        """:meth:`charge` with the buckets in memory (:attr:`memory` is set):
+        nothing to await, nothing to fail."""
+        chosen = choose_limit(settings, caller, route)
+        if chosen is None:
+            return None
+        limits, key = chosen
+        requests, budget = limits.requests, limits.tokens
+        memory = self.memory
+        assert memory is not None
+        if budget is None or model is None:
+            if requests is None:
+                return None
+            decision = memory.acquire_now(key, requests)
+            if not decision[0]:  # (Decision.allowed)
+                raise rate_limited(decision, requests, route)
+            return _new_charged(Charged, (decision, None, 0, None, None, key, None))
+        estimate = model.estimate(budget)
+        if requests is None:  # tokens alone: the usual reservation in one call
+            state = memory.take_tokens_now(key, budget, estimate)
+            if state is not None:
+                return _new_charged(Charged, (None, budget, estimate, state, memory, key, None))
+        reserved = memory.reserve_now(key, requests, budget, estimate)
+        return self._reserved(reserved, limits, estimate, key, caller, route)
+
+    def _reserved(
+        self,
+        reserved: Reserved,
+        limits: Limits,
+        estimate: int,
+        key: str,
+        caller: Caller,
+        route: Route | None,
+    ) -> Charged:
+        """What a reservation under ``limits`` charged (the store's answer,
+        ``reserved``); raises when its request bucket or a token window had no
+        room (see :meth:`_over_budget`)."""
+        decision, _, _, owed_m, owed_d, fits, state = reserved
+        if decision is not None and not decision[0]:  # (Decision.allowed)
+            assert limits.requests is not None  # a request decision comes from a request bucket
+            raise rate_limited(decision, limits.requests, route)
+        budget = limits.tokens
+        assert budget is not None  # a reservation is made only under a token budget
+        shadowed = None if fits else self._over_budget(reserved, budget, estimate, caller, route)
+        if state is None:  # from Redis: its figures, in a state of their own
+            state = TokenState(owed_m, owed_d, 0, budget)
+        return _new_charged(
+            Charged, (decision, budget, estimate, state, self.storage, key, shadowed)
+        )
+
+    def _over_budget(
+        self,
+        reserved: Reserved,
+        budget: TokenBudget,
+        estimate: int,
+        caller: Caller,
+        route: Route | None,
+    ) -> str:
         """A reservation a token window had no room for: refused (429), or, with
-        ``enforce: false``, let through and noted as shadowed."""
-        budget, reservation = charged.budget, charged.reservation
-        assert budget is not None and reservation is not None and charged.estimate is not None
-        costs, (_, before_m, before_d, after_m, after_d, _, _) = reservation
+        ``enforce: false``, let through and noted as shadowed (the window that
+        would have refused it is returned)."""
+        _, before_m, before_d, after_m, after_d, _, _ = reserved
+        cap_m, cap_d = budget.cap_minute, budget.cap_day
+        costs = (estimate if estimate < cap_m else cap_m, estimate if estimate < cap_d else cap_d)
         tokens = token_decision(budget, (before_m, before_d), (after_m, after_d), costs, False)
         if budget.enforce:
-            raise tokens_limited(tokens, charged.estimate, route)
+            raise tokens_limited(tokens, estimate, route)
         self._would_refuse(caller, tokens)
-        charged.shadowed = tokens.window
+        return tokens.window
 
     def _would_refuse(self, caller: Caller, tokens: TokenDecision) -> None:
         """``enforce: false``: a request a token budget would have refused passed.

@@ -45,6 +45,7 @@ from __future__ import annotations
 from typing import NamedTuple, Protocol
 
 from ..config.settings import RateLimitSettings, TokenBudget
+from .token_buckets import TokenState
 
 __all__ = [
     "NS",
@@ -106,11 +107,12 @@ def take_token(full_at: int, now: int, burst: int, interval: int) -> tuple[Decis
 # A reservation's answer (:meth:`RateLimiter.reserve`): the request bucket's
 # decision (None: no request limit), the tokens owed per minute and per day
 # before the reservation and after it (after is before when nothing was
-# charged), whether every window had room, and, in memory, the token
-# buckets' state as charged (see buckets_memory.py's MemoryRateLimiter.refund;
-# None from Redis). Flat: one is made per model request; token_buckets.py's
-# token_decision makes the figures of a refusal from it.
-Reserved = tuple[Decision | None, float, float, float, float, bool, "list[float] | None"]
+# charged), whether the request bucket and every window had room, and, in
+# memory, the token buckets' state as charged (see buckets_memory.py's
+# MemoryRateLimiter.refund; None from Redis). Flat: one is made per model
+# request; token_buckets.py's token_decision makes the figures of a refusal
+# from it.
+Reserved = tuple[Decision | None, float, float, float, float, bool, TokenState | None]
 
 
 class StorageUnavailable(Exception):
@@ -129,14 +131,15 @@ class RateLimiter(Protocol):
         key: str,
         limit: RateLimitSettings | None,
         budget: TokenBudget,
-        costs: tuple[int, int],
+        estimate: int,
     ) -> Reserved:
         """In one atomic step: take one token from the request bucket ``key``
-        (when ``limit`` is set) and reserve ``costs`` (minute, day) from the
-        client's token buckets of the same key. Nothing is taken unless both
-        have room, except that with ``budget.enforce`` false the tokens are
-        taken anyway (see :data:`Reserved` for the answer; when the request
-        bucket refuses, the token buckets are reported untouched)."""
+        (when ``limit`` is set) and reserve ``estimate`` tokens from each of the
+        client's token buckets of the same key (at most a window's capacity).
+        Nothing is taken unless both have room, except that with
+        ``budget.enforce`` false the tokens are taken anyway (see
+        :data:`Reserved` for the answer; when the request bucket refuses, the
+        token buckets are reported untouched)."""
         ...
 
     def settle(self, key: str, budget: TokenBudget, deltas: tuple[int, int]) -> None:

@@ -16,6 +16,7 @@ from typing import Generic, TypeVar
 
 from ..config.settings import RateLimitSettings, TokenBudget
 from .buckets import Decision, Reserved, interval_ns, take_token
+from .token_buckets import TokenState
 
 __all__ = ["MemoryRateLimiter"]
 
@@ -78,35 +79,26 @@ class _Shard(_Slice[int]):
         return bucket
 
 
-class _TokenShard(_Slice[list[float]]):
-    """One slice of the token buckets: ``key -> [owed_minute, owed_day, at,
-    full_at]`` (tokens, tokens, ns, ns); ``full_at`` is when both windows
-    drained, at the rates of the last write."""
+class _TokenShard(_Slice[TokenState]):
+    """One slice of the token buckets: ``key -> TokenState``."""
 
     __slots__ = ()
 
     @staticmethod
-    def full_at(bucket: list[float]) -> float:
-        return bucket[3]
+    def full_at(bucket: TokenState) -> float:
+        return bucket.full_at
 
-    def write(
-        self,
-        key: str,
-        state: list[float] | None,
-        owed_minute: float,
-        owed_day: float,
-        now: int,
-        budget: TokenBudget,
-    ) -> None:
-        """Store what is owed as of ``now`` (``state``: the bucket's list, if it has one)."""
-        drained_m = owed_minute * budget.ns_minute  # 0.0 for a window not limited
-        drained_d = owed_day * budget.ns_day
-        full_at = now + (drained_m if drained_m > drained_d else drained_d)
-        if state is None:
-            self.buckets[key] = [owed_minute, owed_day, now, full_at]
-            heapq.heappush(self.heap, (full_at, key))
-        else:
-            state[0], state[1], state[2], state[3] = owed_minute, owed_day, now, full_at
+
+def _owed(state: TokenState, now: int, budget: TokenBudget) -> tuple[float, float]:
+    """What ``state``'s windows owe at ``now`` under ``budget``, each cut to
+    its ceiling (twice its capacity; see token_buckets.py)."""
+    elapsed = now - state.at
+    cap_m, cap_d = budget.cap_minute, budget.cap_day
+    m = state.minute - elapsed * budget.drain_minute
+    m = 0.0 if m <= 0.0 else (m if m <= 2.0 * cap_m else 2.0 * cap_m)
+    d = state.day - elapsed * budget.drain_day
+    d = 0.0 if d <= 0.0 else (d if d <= 2.0 * cap_d else 2.0 * cap_d)
+    return m, d
 
 
 class MemoryRateLimiter:
@@ -182,79 +174,132 @@ class MemoryRateLimiter:
         key: str,
         limit: RateLimitSettings | None,
         budget: TokenBudget,
-        costs: tuple[int, int],
+        estimate: int,
     ) -> Reserved:
-        return self.reserve_now(key, limit, budget, costs)
+        return self.reserve_now(key, limit, budget, estimate)
 
     def reserve_now(
         self,
         key: str,
         limit: RateLimitSettings | None,
         budget: TokenBudget,
-        costs: tuple[int, int],
+        estimate: int,
     ) -> Reserved:
         """:meth:`reserve` without the coroutine (atomic: nothing here awaits).
 
-        The token buckets are kept under the same key, in dicts of their own.
-        token_buckets.py's ``take_tokens`` written out with the budget's derived constants
-        (one call per model request): a window not limited has capacity,
-        drain and cost 0, so it owes 0 and always fits, with no test of its own.
+        The token buckets are kept under the same key, in dicts of their own;
+        :meth:`take_tokens_now` charges them when every window has room.
         """
         now = self._clock()
-        index = hash(key) & self._mask
         decision: Decision | None = None
         if limit is not None:
-            full_at = self._shards[index].buckets.get(key)
+            full_at = self._shards[hash(key) & self._mask].buckets.get(key)
             decision, new_full_at = take_token(
                 now if full_at is None else full_at, now, limit.burst, interval_ns(limit)
             )
-        tokens = self._token_shards[index]
-        state = tokens.buckets.get(key)
+            if not decision[0]:  # (Decision.allowed) refused: the tokens are only looked at
+                m, d = self._owed(key, budget, now)
+                return decision, m, d, m, d, False, None
         cap_m, cap_d = budget.cap_minute, budget.cap_day
-        if state is None:
-            m = d = 0.0
+        cost_m = estimate if estimate < cap_m else cap_m
+        cost_d = estimate if estimate < cap_d else cap_d
+        state = self.take_tokens_now(key, budget, estimate, now)
+        if state is not None:
+            after_m, after_d = state.minute, state.day
+            before_m, before_d, fits = after_m - cost_m, after_d - cost_d, True
         else:
-            elapsed = now - state[2]
-            m = state[0] - elapsed * budget.drain_minute
-            m = 0.0 if m <= 0.0 else (m if m <= 2.0 * cap_m else 2.0 * cap_m)
-            d = state[1] - elapsed * budget.drain_day
-            d = 0.0 if d <= 0.0 else (d if d <= 2.0 * cap_d else 2.0 * cap_d)
-        if decision is not None and not decision.allowed:
-            return decision, m, d, m, d, False, None  # refused: the tokens are only looked at
-        after_m, after_d = m + costs[0], d + costs[1]
-        fits = after_m <= cap_m and after_d <= cap_d
-        if not (fits or not budget.enforce):
-            return decision, m, d, m, d, False, None
-        if not fits:
+            before_m, before_d = self._owed(key, budget, now)
+            if budget.enforce:
+                return decision, before_m, before_d, before_m, before_d, False, None
+            # enforce: false charges it anyway, each window up to its ceiling.
+            after_m, after_d, fits = before_m + cost_m, before_d + cost_d, False
             after_m = after_m if after_m <= 2.0 * cap_m else 2.0 * cap_m
             after_d = after_d if after_d <= 2.0 * cap_d else 2.0 * cap_d
-        drained_m = after_m * budget.ns_minute  # (_TokenShard.write, written out)
-        drained_d = after_d * budget.ns_day
-        drained_at = now + (drained_m if drained_m > drained_d else drained_d)
-        if state is None:
-            state = tokens.buckets[key] = [after_m, after_d, now, drained_at]
-            heapq.heappush(tokens.heap, (drained_at, key))
-        else:
-            state[0], state[1], state[2], state[3] = after_m, after_d, now, drained_at
+            state = self._write(key, after_m, after_d, budget, now)
         if decision is not None:
             self._store(key, full_at, new_full_at, now)
-        return decision, m, d, after_m, after_d, fits, state
+        return decision, before_m, before_d, after_m, after_d, fits, state
+
+    def take_tokens_now(
+        self, key: str, budget: TokenBudget, estimate: int, now: int | None = None
+    ) -> TokenState | None:
+        """Reserve ``estimate`` tokens from each of ``key``'s token windows (at
+        most a window's capacity) when every window has room, and return their
+        state as charged; else charge nothing and return ``None``.
+
+        token_buckets.py's ``take_tokens`` written out with the budget's
+        derived constants: the whole reservation of a block with a token
+        budget and no request limit (admission.py's ``charge_now``), one call
+        per model request. A window not limited has capacity, drain and cost
+        0, so it owes 0 and always fits, with no test of its own. ``now``: the
+        clock's time, when the caller has read it.
+        """
+        if now is None:
+            now = self._clock()
+        tokens = self._token_shards[hash(key) & self._mask]
+        state = tokens.buckets.get(key)
+        if state is None:
+            m = d = 0.0
+        elif state.budget is budget:  # within its ceilings: no cut
+            elapsed = now - state.at
+            m = state.minute - elapsed * budget.drain_minute
+            if m < 0.0:
+                m = 0.0
+            d = state.day - elapsed * budget.drain_day
+            if d < 0.0:
+                d = 0.0
+        else:
+            m, d = _owed(state, now, budget)
+        # A window is charged at most its capacity: an estimate larger than a
+        # whole budget passes when the budget is full, and what the answer uses
+        # beyond is charged when it ends.
+        cap_m, cap_d = budget.cap_minute, budget.cap_day
+        m += estimate if estimate < cap_m else cap_m
+        d += estimate if estimate < cap_d else cap_d
+        if m > cap_m or d > cap_d:
+            return None
+        if state is None:
+            state = tokens.buckets[key] = TokenState(m, d, now, budget)
+            heapq.heappush(tokens.heap, (state.full_at, key))
+        else:
+            state.minute, state.day, state.at, state.budget = m, d, now, budget
+        return state
+
+    def _owed(self, key: str, budget: TokenBudget, now: int) -> tuple[float, float]:
+        """What ``key``'s token windows owe at ``now``, cut to their ceilings."""
+        state = self._token_shards[hash(key) & self._mask].buckets.get(key)
+        return (0.0, 0.0) if state is None else _owed(state, now, budget)
+
+    def _write(
+        self, key: str, minute: float, day: float, budget: TokenBudget, now: int
+    ) -> TokenState:
+        """Store what ``key``'s token windows owe as of ``now``; return their state."""
+        tokens = self._token_shards[hash(key) & self._mask]
+        state = tokens.buckets.get(key)
+        if state is None:
+            state = tokens.buckets[key] = TokenState(minute, day, now, budget)
+            heapq.heappush(tokens.heap, (state.full_at, key))
+        else:
+            state.minute, state.day, state.at, state.budget = minute, day, now, budget
+        return state
 
     @staticmethod
-    def refund(state: list[float], minute: int, day: int) -> None:
-        """Give back ``minute`` and ``day`` tokens (each <= 0) of a reservation
-        whose buckets' state :meth:`reserve_now` returned: no clock, no lookup.
+    def refund(state: TokenState, tokens: int) -> None:
+        """Give back ``tokens`` (<= 0) to both windows of a reservation whose
+        buckets' state :meth:`reserve_now` returned: no clock, no lookup
+        (admission/budget.py writes it out where one is made per answer).
 
         Exact: a bucket that owes ``S`` as of ``at`` owes ``max(0, S - drain)``
         now, and ``max(0, max(0, S - drain) + refund)`` equals
         ``max(0, S + refund - drain)`` for any refund <= 0, so the refund can
-        go into ``S`` itself, at any time. Its ``full_at`` stays as late as
-        it was (the sweeper then retires the bucket a little later). A state
-        the sweeper already retired is full: the refund changes nothing, as
-        :meth:`settle` would.
+        go into ``S`` itself, at any time (below zero too: a bucket is read as
+        owing at least nothing). A window not limited owes nothing whatever
+        its ``S``. The heap entry stays as late as it was (the sweeper then
+        retires the bucket a little later). A state the sweeper already
+        retired is full: the refund changes nothing, as :meth:`settle` would.
         """
-        state[0] += minute
-        state[1] += day
+        state.minute += tokens
+        state.day += tokens
 
     def _store(self, key: str, full_at: int | None, new_full_at: int, now: int) -> None:
         """Write a request bucket's new ``full_at`` (as :meth:`acquire_now` does)."""
@@ -267,25 +312,18 @@ class MemoryRateLimiter:
 
     def settle(self, key: str, budget: TokenBudget, deltas: tuple[int, int]) -> None:
         """token_buckets.py's ``settle_tokens`` written out, as in
-        :meth:`reserve_now`. Drained buckets are retired by the sweeper
-        (reservations and settles never evict): one settle per answer, kept
-        short."""
+        :meth:`take_tokens_now`. Drained buckets are retired by the sweeper
+        (reservations and settles never evict)."""
         now = self._clock()
-        tokens = self._token_shards[hash(key) & self._mask]
-        state = tokens.buckets.get(key)
+        m, d = self._owed(key, budget, now)
+        m += deltas[0]
+        d += deltas[1]
         cap_m, cap_d = budget.cap_minute, budget.cap_day
-        if state is None:  # drained and retired since the reservation
-            m, d = float(deltas[0]), float(deltas[1])
-        else:
-            elapsed = now - state[2]
-            m = state[0] - elapsed * budget.drain_minute
-            m = (0.0 if m <= 0.0 else (m if m <= 2.0 * cap_m else 2.0 * cap_m)) + deltas[0]
-            d = state[1] - elapsed * budget.drain_day
-            d = (0.0 if d <= 0.0 else (d if d <= 2.0 * cap_d else 2.0 * cap_d)) + deltas[1]
         m = 0.0 if m <= 0.0 else (m if m <= 2.0 * cap_m else 2.0 * cap_m)
         d = 0.0 if d <= 0.0 else (d if d <= 2.0 * cap_d else 2.0 * cap_d)
-        if state is not None or m or d:  # (an overrun charged after the bucket drained)
-            tokens.write(key, state, m, d, now, budget)
+        # (No bucket is made for one retired since that stays drained.)
+        if m or d or self._token_shards[hash(key) & self._mask].buckets.get(key) is not None:
+            self._write(key, m, d, budget, now)
 
     def evict(self, now: int, budget: int) -> int:
         """Retire up to ``budget`` heap entries due by ``now``; return buckets dropped."""

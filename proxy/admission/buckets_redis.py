@@ -136,15 +136,16 @@ class RedisRateLimiter:
         key: str,
         limit: RateLimitSettings | None,
         budget: TokenBudget,
-        costs: tuple[int, int],
+        estimate: int,
     ) -> Reserved:
         burst, interval = (0, 1) if limit is None else (limit.burst, interval_us(limit))
+        cap_m, cap_d = budget.cap_minute, budget.cap_day
         reply = await self._call(
             TOKENS_SHA,
             TOKENS_SCRIPT,
             (KEY_PREFIX + key, KEY_PREFIX + key + TOKENS_SUFFIX),
-            ("reserve", burst, interval, budget.cap_minute, budget.cap_day, *costs,
-             0 if budget.enforce else 1),
+            ("reserve", burst, interval, cap_m, cap_d, min(estimate, cap_m),
+             min(estimate, cap_d), 0 if budget.enforce else 1),
         )  # fmt: skip
         allowed, remaining, retry_us, reset_us, fits = (int(v) for v in reply[:5])
         decision = None

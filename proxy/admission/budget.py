@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import MutableMapping
+from typing import NamedTuple
 
 from multidict import istr
 
 from ..config.settings import TokenBudget
-from ..observe.usage import Usage, billable_tokens
-from .buckets import Decision, RateLimiter, Reserved
+from .buckets import Decision, RateLimiter
 from .buckets_memory import MemoryRateLimiter
+from .token_buckets import TokenState
 
 __all__ = [
     "REMAINING_REQUESTS",
@@ -36,7 +37,6 @@ __all__ = [
     "RESET_REQUESTS",
     "RESET_TOKENS",
     "Charged",
-    "Reservation",
     "openai_duration",
 ]
 
@@ -51,14 +51,15 @@ RESET_TOKENS = istr("x-oaimux-ratelimit-reset-tokens")
 def openai_duration(seconds: float) -> str:
     """OpenAI's reset format (Go's duration): ``250ms``, ``1s``, ``6m0s``, ``1h2m3s``.
 
-    Rounded up, to whole milliseconds below one second and to whole seconds
-    above. Written on every answer of a limited request, so each text is made
-    once: below a second from a table, above from a bounded memo.
+    Rounded up, to whole milliseconds below one second (at least ``1ms``) and
+    to whole seconds above. Written on every answer of a limited request, so
+    each text is made once: below a second from a table, above from a
+    bounded memo.
     """
     if seconds < 1:
-        ms = math.ceil(seconds * 1000)
+        ms = _ceil(seconds * 1000)
         return _MILLISECONDS[ms] if ms > 0 else "1ms"
-    total = math.ceil(seconds)
+    total = _ceil(seconds)
     text = _SECONDS.get(total)
     if text is None:
         h, rest = divmod(total, 3600)
@@ -69,110 +70,85 @@ def openai_duration(seconds: float) -> str:
     return text
 
 
-_MILLISECONDS = tuple(f"{ms}ms" for ms in range(1001))
+_ceil = math.ceil
+# Index 0 is "1ms" too: a bucket full again within the millisecond says so
+# (Charged.add_headers reads the table without openai_duration's test).
+_MILLISECONDS = ("1ms", *(f"{ms}ms" for ms in range(1, 1001)))
 _SECONDS: dict[int, str] = {}
 _SECONDS_KEPT = 4096
 
 
-# What a token reservation charged, as admission.py has it at hand: the tokens
-# charged per minute and per day (the estimate, cut to each window's capacity;
-# 0 for a window not limited), and the store's answer (:data:`Reserved`: what
-# the windows owed before and after, and in memory the buckets' state). One
-# tuple of two made per model request, read only where used.
-Reservation = tuple[tuple[int, int], Reserved]
+class Charged(NamedTuple):
+    """What one request was charged (admission.py makes it, with
+    ``tuple.__new__``: one is made per charged request, and a NamedTuple's own
+    ``__new__`` is a Python frame).
 
+    ``request``: the request bucket's decision (``None``: no request limit).
+    ``tokens``: the token budget a reservation was made under (``None``: none
+    was, and the fields after it are unused): ``estimate`` tokens, charged to
+    the token buckets ``key`` of ``storage``; ``state``: what those buckets
+    owe (in memory, the buckets' own state, refunded in place, see
+    buckets_memory.py's ``MemoryRateLimiter.refund``; from Redis, the figures
+    its answer gave). ``shadowed``: the window that would have refused the
+    request had ``tokens.enforce`` been true (``None``: it fitted).
 
-class Charged:
-    """What one request was charged: the request bucket's decision (``None``
-    when no request limit applies) and, with a token budget, the reservation
-    to reconcile: ``estimate`` tokens (as logged), charged to the token
-    buckets ``key`` of ``storage`` as ``reservation`` says. ``shadowed``: the
-    window that would have refused the request had ``budget.enforce`` been
-    true (``None``: it fitted; set by admission.py after construction, as it
-    is rare).
-
-    ``charged_tokens`` is ``None`` until :meth:`reconcile` ran, then the tokens
-    the buckets were finally charged for the request. One object per request,
-    slotted and plain, built with positional arguments: it is made on the hot
-    path, and the figures of the headers are worked out only when they are
-    written. observe/charge.py's ``Charge`` is what the exchange knows of it.
+    observe/charge.py's ``Charge`` is what the exchange knows of it.
     """
 
-    __slots__ = (
-        "budget", "charged_tokens", "estimate", "key", "request", "reservation", "shadowed",
-        "storage",
-    )  # fmt: skip
-
-    def __init__(
-        self,
-        request: Decision | None,
-        budget: TokenBudget | None = None,
-        storage: RateLimiter | None = None,
-        key: str = "",
-        estimate: int | None = None,
-        reservation: Reservation | None = None,
-    ) -> None:
-        self.request = request
-        self.budget = budget
-        self.storage = storage
-        self.key = key
-        self.estimate = estimate
-        self.reservation = reservation
-        self.shadowed: str | None = None
-        self.charged_tokens: int | None = None
+    request: Decision | None
+    tokens: TokenBudget | None
+    estimate: int
+    state: TokenState | None
+    storage: RateLimiter | None
+    key: str
+    shadowed: str | None
 
     def add_headers(self, headers: MutableMapping[str, str]) -> None:
         """The ``x-oaimux-ratelimit-*`` headers: what is left in the buckets
         this request was charged to, and when they are full again (for the
         token windows, the one with the fewest tokens left)."""
-        request = self.request
+        request, tokens, _, state, _, _, _ = self
         if request is not None:
-            headers[REMAINING_REQUESTS] = str(request.remaining)
-            headers[RESET_REQUESTS] = openai_duration(request.reset_after)
-        budget = self.budget
-        reservation = self.reservation
-        if budget is not None and reservation is not None:
-            cap_m, cap_d = budget.cap_minute, budget.cap_day
-            reserved = reservation[1]
-            owed_m, owed_d = reserved[3], reserved[4]  # what the windows owed after it
+            headers[REMAINING_REQUESTS] = str(request[1])  # (Decision.remaining)
+            headers[RESET_REQUESTS] = openai_duration(request[3])  # (.reset_after)
+        if state is not None:
+            assert tokens is not None  # a state is charged under a token budget
+            owed_m, owed_d = state.minute, state.day
+            cap_m, cap_d = tokens.cap_minute, tokens.cap_day
             if cap_m and not (cap_d and cap_d - owed_d < cap_m - owed_m):
-                left, reset = cap_m - owed_m, owed_m * budget.ns_minute
+                left, reset = cap_m - owed_m, owed_m * tokens.ns_minute
             else:
-                left, reset = cap_d - owed_d, owed_d * budget.ns_day
+                left, reset = cap_d - owed_d, owed_d * tokens.ns_day
             headers[REMAINING_TOKENS] = str(int(left)) if left > 0.0 else "0"
-            headers[RESET_TOKENS] = openai_duration(reset / 1e9)
+            ms = _ceil(reset * 1e-6)  # (openai_duration, below a second written out)
+            headers[RESET_TOKENS] = _MILLISECONDS[ms] if ms <= 1000 else openai_duration(ms / 1000)
 
-    def reconcile(self, usage: Usage | None, produced: bool) -> bool:
-        """Settle the reservation as the module docstring says.
-
-        ``usage``: what the answer reported, if anything (from any reader);
-        ``produced``: whether an upstream may have produced tokens for it
-        (false: refund in full). Returns True when the reservation was kept
-        without a count (an unreconciled answer).
+    def reconcile(self, billable: int) -> None:
+        """Charge the buckets ``billable`` tokens (what the answer's usage
+        bills; 0 when no upstream produced any) instead of the estimate: give
+        back the difference or charge the overrun (see the module docstring).
         """
-        estimate = self.estimate
-        if estimate is None or self.charged_tokens is not None:
-            return False
-        billable = None if usage is None else billable_tokens(usage)
-        if billable is None:
-            if produced:
-                self.charged_tokens = estimate
-                return True
-            billable = 0
-        self.charged_tokens = billable
-        budget = self.budget
-        reservation = self.reservation
-        if budget is None or self.storage is None or reservation is None:
-            return False
-        (cost_m, cost_d), reserved = reservation
-        delta_m = billable - cost_m if budget.cap_minute else 0
-        delta_d = billable - cost_d if budget.cap_day else 0
-        if delta_m <= 0 and delta_d <= 0:  # the usual case: the estimate was generous
-            state = reserved[6]  # the buckets' state in memory as charged (None in Redis)
-            if state is not None:
-                MemoryRateLimiter.refund(state, delta_m, delta_d)
-                return False
-            if not (delta_m or delta_d):
-                return False
-        self.storage.settle(self.key, budget, (delta_m, delta_d))
-        return False
+        _, tokens, estimate, state, storage, _, _ = self
+        refund = billable - estimate
+        if (
+            refund <= 0 and type(storage) is MemoryRateLimiter and estimate <= tokens.cap_smallest  # type: ignore[union-attr]
+        ):
+            # The usual case: an estimate charged whole to each window, and
+            # generous. Given back in place (MemoryRateLimiter.refund, written out).
+            state.minute += refund  # type: ignore[union-attr]
+            state.day += refund  # type: ignore[union-attr]
+        else:
+            self._settle(billable)
+
+    def _settle(self, billable: int) -> None:
+        """Charge each window ``billable`` instead of what the reservation charged it."""
+        _, tokens, estimate, state, storage, key, _ = self
+        assert tokens is not None and storage is not None  # reconciled under a token budget
+        cap_m, cap_d = tokens.cap_minute, tokens.cap_day
+        delta_m = billable - (estimate if estimate < cap_m else cap_m) if cap_m else 0
+        delta_d = billable - (estimate if estimate < cap_d else cap_d) if cap_d else 0
+        if type(storage) is MemoryRateLimiter and state is not None and delta_m <= 0 >= delta_d:
+            state.minute += delta_m
+            state.day += delta_d
+        elif delta_m or delta_d:
+            storage.settle(key, tokens, (delta_m, delta_d))

@@ -37,6 +37,7 @@ __all__ = [
     "DAY",
     "MINUTE",
     "TokenDecision",
+    "TokenState",
     "settle_tokens",
     "take_tokens",
     "token_decision",
@@ -44,6 +45,35 @@ __all__ = [
 
 MINUTE = 60.0  # seconds: the two token windows
 DAY = 86_400.0
+
+
+class TokenState:
+    """One client's token buckets in this process (buckets_memory.py): what the
+    minute's and the day's windows owed (``minute``, ``day``) as of ``at``
+    (ns), written under ``budget``. A state written under another budget (a
+    reload changed it) is cut to this one's ceiling when next read; one
+    written under the budget in force never exceeds it, so it is read with
+    no cut.
+
+    Slotted: one per client with a token budget (about 70 bytes; a list of
+    the same four is about 100).
+    """
+
+    __slots__ = ("at", "budget", "day", "minute")
+
+    def __init__(self, minute: float, day: float, at: int, budget: TokenBudget) -> None:
+        self.minute = minute
+        self.day = day
+        self.at = at
+        self.budget = budget
+
+    @property
+    def full_at(self) -> float:
+        """When both windows have drained (ns), at the rates of ``budget``."""
+        budget = self.budget
+        drained_m = self.minute * budget.ns_minute  # 0.0 for a window not limited
+        drained_d = self.day * budget.ns_day
+        return self.at + (drained_m if drained_m > drained_d else drained_d)
 
 
 class TokenDecision(NamedTuple):

@@ -92,11 +92,14 @@ class TokenBudget:
     max_output_reservation: int | None = 4096
     enforce: bool = True
     # Derived once, for the request path (admission/buckets_memory.py), which reads
-    # only these: each window's capacity (0: not limited), the tokens it
-    # drains a nanosecond, the nanoseconds one token takes to drain and the
-    # seconds (0.0 when not limited), and the output reservation's ceiling.
+    # only these: each window's capacity (0: not limited) and the smaller of
+    # the limited ones (an estimate up to it is charged whole to each
+    # window), the tokens a window drains a nanosecond, the nanoseconds one
+    # token takes to drain (0.0 when not limited), and the output
+    # reservation's ceiling.
     cap_minute: int = field(init=False, repr=False, compare=False)
     cap_day: int = field(init=False, repr=False, compare=False)
+    cap_smallest: int = field(init=False, repr=False, compare=False)
     drain_minute: float = field(init=False, repr=False, compare=False)
     drain_day: float = field(init=False, repr=False, compare=False)
     ns_minute: float = field(init=False, repr=False, compare=False)
@@ -108,6 +111,7 @@ class TokenBudget:
         derived = {
             "cap_minute": self.per_minute or 0,
             "cap_day": self.per_day or 0,
+            "cap_smallest": min(cap for cap in (self.per_minute, self.per_day, 1 << 62) if cap),
             "drain_minute": self.per_minute / minute_ns if self.per_minute else 0.0,
             "drain_day": self.per_day / day_ns if self.per_day else 0.0,
             "ns_minute": minute_ns / self.per_minute if self.per_minute else 0.0,

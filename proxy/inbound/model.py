@@ -10,7 +10,8 @@ kept as it came.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Sequence
+from operator import itemgetter
 from typing import Any, NamedTuple
 
 from ..errors import InvalidRequest
@@ -47,15 +48,18 @@ class FoundModel(NamedTuple):
 # and max_completion_tokens for reasoning models), Responses and Anthropic
 # Messages (max_output_tokens, max_tokens).
 CAP_KEYS = frozenset(("max_tokens", "max_completion_tokens", "max_output_tokens"))
+_key_of = itemgetter(0)
 
 
-def output_cap(pairs: Iterable[tuple[str, Any]]) -> int | None:
+def output_cap(pairs: Sequence[tuple[str, Any]]) -> int | None:
     """The largest whole-number cap among ``pairs`` (key, decoded value).
 
     The largest, so a body naming two caps (or one twice, which parsers read
     differently) is never reserved for less than the upstream may produce.
     Anything else (null, a float, a string) is no cap.
     """
+    if CAP_KEYS.isdisjoint(map(_key_of, pairs)):  # most bodies: no Python step per pair
+        return None
     cap: int | None = None
     for key, value in pairs:
         if key in CAP_KEYS and type(value) is int and value >= 0:

@@ -30,9 +30,9 @@ from urllib.parse import quote
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from ..admission.admission import Caller, RequestCost
+from ..admission.admission import Caller, estimate_tokens
 from ..admission.proxy_keys import KeyTable
-from ..config.settings import Route
+from ..config.settings import Route, TokenBudget
 from ..errors import (
     InvalidRequest,
     MethodNotAllowed,
@@ -124,16 +124,15 @@ class ModelRoute:
     upstream_model: str | None  # what the upstream is sent; None: the body names no model
     read: ModelBody  # the body as read to route it
 
-    def cost(self) -> RequestCost:
-        """What this request may cost a token budget: its prompt's bytes (a
-        form's files are not text: none) and its output cap."""
+    def estimate(self, budget: TokenBudget) -> int:
+        """The tokens a token budget reserves for this request: its prompt's
+        bytes (a form's files are not text: none) and its output cap."""
         read = self.read
         found = read.found
         if found is None:
-            return _new_cost(RequestCost, (len(read.routable), None))
-        return _new_cost(
-            RequestCost, (len(read.routable) if found.json_value else 0, found.output_cap)
-        )
+            return estimate_tokens(len(read.routable), None, budget)
+        prompt_bytes = len(read.routable) if found.json_value else 0
+        return estimate_tokens(prompt_bytes, found.output_cap, budget)
 
 
 def priced(chosen: ModelRoute | PathRoute | RealtimeTarget, target: Target) -> ModelRoute | None:
@@ -141,11 +140,6 @@ def priced(chosen: ModelRoute | PathRoute | RealtimeTarget, target: Target) -> M
     if isinstance(chosen, ModelRoute) and target.path not in TOKENLESS_PATHS:
         return chosen
     return None
-
-
-# A RequestCost made from a tuple, without the generated __new__ (a Python frame
-# per model request).
-_new_cost = tuple.__new__
 
 
 @dataclass(slots=True)

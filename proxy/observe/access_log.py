@@ -38,6 +38,7 @@ access_logger = logging.getLogger("oaimux.access")
 # Values written bare in the text format: printable ASCII without space, '"' or '\'.
 _BARE = re.compile(r"[!#-\[\]-~]+")
 _MAX_LOGGED = 200  # characters of a client-chosen string (path, model) in the log
+_NO_USAGE = (None, None, None, None, 0)  # the usage fields of an answer that reported none
 _SEGMENTS = 1024  # remembered (client, key, method, path, model, target, upstream) parts
 
 
@@ -207,16 +208,16 @@ class AccessLines:
         ttfb = "-" if ex.ttfb is None else f"{ex.ttfb * 1000:.2f}"
         duration = "-" if ex.duration is None else f"{ex.duration * 1000:.2f}"
         reserved, charged = _tokens_charged(ex)
+        prompt, completion, cache_read, cache_creation, _ = ex.usage or _NO_USAGE
         return (
             f"time={self._time(ex.started_wall)} request_id={ex.request_id}"
             f" {self._who(ex, False)} tried={','.join(ex.tried) or '-'}"
             f" status={ex.status} bytes_in={ex.bytes_in} bytes_out={ex.bytes_out}"
             f" ttfb_ms={ttfb} duration_ms={duration} outcome={ex.outcome}"
             f" error={ex.error_code or '-'}"
-            f" prompt_tokens={_num(ex.prompt_tokens)}"
-            f" completion_tokens={_num(ex.completion_tokens)}"
-            f" cache_read_tokens={_num(ex.cache_read_tokens)}"
-            f" cache_creation_tokens={_num(ex.cache_creation_tokens)}"
+            f" prompt_tokens={_num(prompt)} completion_tokens={_num(completion)}"
+            f" cache_read_tokens={_num(cache_read)}"
+            f" cache_creation_tokens={_num(cache_creation)}"
             f" reserved_tokens={_num(reserved)} charged_tokens={_num(charged)}"
         )
 
@@ -231,16 +232,17 @@ class AccessLines:
         duration = "null" if ex.duration is None else f"{ex.duration * 1000:.2f}"
         tried = ",".join(_json(name) for name in ex.tried)
         reserved, charged = _tokens_charged(ex)
+        prompt, completion, cache_read, cache_creation, _ = ex.usage or _NO_USAGE
         return (
             # request_id (vetted), method (an HTTP token) and outcome never need escaping.
             f'{{"time":"{self._time(ex.started_wall)}","request_id":"{ex.request_id}"'
             f',{self._who(ex, True)},"tried":[{tried}],"status":{ex.status}'
             f',"bytes_in":{ex.bytes_in},"bytes_out":{ex.bytes_out}'
             f',"ttfb_ms":{ttfb},"duration_ms":{duration},"outcome":"{ex.outcome}"'
-            f',"error":{_json(ex.error_code)},"prompt_tokens":{_json_int(ex.prompt_tokens)}'
-            f',"completion_tokens":{_json_int(ex.completion_tokens)}'
-            f',"cache_read_tokens":{_json_int(ex.cache_read_tokens)}'
-            f',"cache_creation_tokens":{_json_int(ex.cache_creation_tokens)}'
+            f',"error":{_json(ex.error_code)},"prompt_tokens":{_json_int(prompt)}'
+            f',"completion_tokens":{_json_int(completion)}'
+            f',"cache_read_tokens":{_json_int(cache_read)}'
+            f',"cache_creation_tokens":{_json_int(cache_creation)}'
             f',"reserved_tokens":{_json_int(reserved)},"charged_tokens":{_json_int(charged)}}}'
         )
 
@@ -264,9 +266,9 @@ def _json(value: str | None) -> str:
 def _tokens_charged(ex: Exchange) -> tuple[int | None, int | None]:
     """The reserved and charged tokens (``None``: no token budget; README: Token budgets)."""
     budget = ex.budget
-    if budget is None:
+    if budget is None or budget.tokens is None:
         return None, None
-    return budget.estimate, budget.charged_tokens
+    return budget.estimate, ex.charged_tokens
 
 
 def _json_int(value: int | None) -> str:

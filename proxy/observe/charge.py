@@ -14,23 +14,24 @@ from __future__ import annotations
 from collections.abc import MutableMapping
 from typing import Protocol
 
-from .usage import Usage
+from ..config.settings import TokenBudget
 
 __all__ = ["Charge"]
 
 
 class Charge(Protocol):
-    """A request's charge: what it reserved, what it was finally charged, and
-    whether a token budget that does not enforce would have refused it."""
+    """A request's charge: the token budget it reserved under, if any, what it
+    reserved, and whether a token budget that does not enforce would have
+    refused it."""
 
     @property
-    def estimate(self) -> int | None:
-        """Tokens reserved (``None``: no token budget applied)."""
+    def tokens(self) -> TokenBudget | None:
+        """The token budget a reservation was made under (``None``: none was)."""
         ...
 
     @property
-    def charged_tokens(self) -> int | None:
-        """Tokens finally charged (``None`` until :meth:`reconcile` ran)."""
+    def estimate(self) -> int:
+        """Tokens reserved (when :attr:`tokens` is set)."""
         ...
 
     @property
@@ -43,8 +44,7 @@ class Charge(Protocol):
         """Write the ``x-oaimux-ratelimit-*`` headers of the buckets charged."""
         ...
 
-    def reconcile(self, usage: Usage | None, produced: bool) -> bool:
-        """Settle the reservation once the answer has ended (``usage``: what it
-        reported; ``produced``: whether an upstream may have produced tokens).
-        True when the reservation was kept without a count."""
+    def reconcile(self, billable: int) -> None:
+        """Settle the reservation once the answer has ended: charge it
+        ``billable`` tokens instead of the estimate (README, "Token budgets")."""
         ...

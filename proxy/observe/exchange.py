@@ -109,15 +109,12 @@ class Exchange:
     streaming: bool = False
     stream_open: bool = False
     in_flight: bool = False
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    cache_read_tokens: int | None = None
-    cache_creation_tokens: int | None = None
-    cached_tokens: int = 0
-    usage: Usage | None = None  # as read, for the token budget's reconciliation
+    usage: Usage | None = None  # as read from the answer's end (usage.py)
     # What admission charged (charge.py): headers for the answer, and the
-    # token reservation reconciled when the answer has ended.
+    # token reservation reconciled when the answer has ended: the tokens
+    # finally charged (None: no reservation, or not reconciled yet).
     budget: Charge | None = None
+    charged_tokens: int | None = None
     # The last two response chunks, for the usage object; set after the body ended.
     tail: bytes = b""
     tail_previous: bytes = b""

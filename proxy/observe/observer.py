@@ -25,7 +25,7 @@ from .access_log import AccessLines, AccessRecord, access_logger, direct_sink
 from .charge import Charge
 from .exchange import EXCHANGE, OUR_REQUEST_ID_HEADER, Exchange, Outcome, request_id_for
 from .metrics import Metrics
-from .usage import usage_from_stream, usage_from_tail
+from .usage import billable_tokens, usage_from_stream, usage_from_tail
 
 __all__ = ["Observer", "View", "make_observer"]
 
@@ -36,6 +36,18 @@ _UPSTREAM_CUT: tuple[Outcome, ...] = ("upstream_reset", "idle_timeout")
 View = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 log = logging.getLogger("oaimux")
+
+
+def _produced(ex: Exchange) -> bool:
+    """Whether an upstream may have produced tokens for ``ex``'s answer: not
+    when the proxy answered with an error of its own (but a response timeout:
+    the upstream may be generating still), nor when the upstream answered
+    whole with an error status."""
+    outcome = ex.outcome
+    return not (
+        (outcome == "error" and ex.error_code != "upstream_timeout")
+        or (outcome == "complete" and ex.status >= 400)
+    )
 
 
 class Observer:
@@ -80,7 +92,7 @@ class Observer:
         metrics = self.metrics
         logging_on = self.log.access and access_logger.isEnabledFor(logging.INFO)
         budget = ex.budget
-        reserved = budget is not None and budget.estimate is not None
+        reserved = budget is not None and budget.tokens is not None
         if ex.tail and (metrics is not None or logging_on or reserved):
             self._read_usage(ex)
         if reserved:
@@ -115,43 +127,33 @@ class Observer:
         if not 200 <= ex.status < 300 or ex.content_encoding not in (None, "identity"):
             return
         content_type = ex.content_type
-        if content_type.startswith("text/event-stream"):
-            usage = usage_from_stream(ex.head, ex.tail_previous, ex.tail)
-        elif "json" in content_type:
-            usage = usage_from_tail(ex.tail_previous, ex.tail)
-        else:
-            return
-        ex.tail = ex.tail_previous = ex.head = b""  # the chunks are no longer needed
-        if usage is not None:
-            ex.usage = usage
-            (  # unpacked: a named field of a tuple is a descriptor call in CPython 3.11
-                ex.prompt_tokens,
-                ex.completion_tokens,
-                ex.cache_read_tokens,
-                ex.cache_creation_tokens,
-                ex.cached_tokens,
-            ) = usage
+        if "json" in content_type:
+            ex.usage = usage_from_tail(ex.tail_previous, ex.tail)
+        elif content_type.startswith("text/event-stream"):
+            ex.usage = usage_from_stream(ex.head, ex.tail_previous, ex.tail)
 
     def _reconcile(self, ex: Exchange, budget: Charge) -> None:
-        """The answer has ended: settle its token reservation (charge.py)."""
-        outcome = ex.outcome
-        # Nothing was generated when the proxy answered with an error of its
-        # own (but a response timeout: the upstream may be generating still),
-        # or when the upstream answered whole with an error status.
-        produced = not (
-            (outcome == "error" and ex.error_code != "upstream_timeout")
-            or (outcome == "complete" and ex.status >= 400)
-        )
-        kept = budget.reconcile(ex.usage, produced)
+        """The answer has ended: settle its token reservation (charge.py) to
+        the tokens its usage bills (README, "Token budgets"); with no usage,
+        keep it when an upstream may have produced tokens, else refund it."""
         metrics = self.metrics
-        if metrics is None:
-            return
-        key = ex.key_name or ""
-        if kept:
-            reason = "no_usage" if outcome == "complete" else "cut_short"
-            metrics.tokens_unreconciled.labels(key, ex.metric_model, reason).inc()
-        if budget.shadowed is not None:  # passed only as enforce is false
-            metrics.token_limit_not_enforced.labels(key, ex.metric_model, budget.shadowed).inc()
+        if metrics is not None and budget.shadowed is not None:  # passed as enforce is false
+            metrics.token_limit_not_enforced.labels(
+                ex.key_name or "", ex.metric_model, budget.shadowed
+            ).inc()
+        usage = ex.usage
+        billable = None if usage is None else billable_tokens(usage)
+        if billable is None:
+            if _produced(ex):  # kept, for want of a count
+                ex.charged_tokens = budget.estimate
+                if metrics is not None:
+                    reason = "no_usage" if ex.outcome == "complete" else "cut_short"
+                    labels = (ex.key_name or "", ex.metric_model, reason)
+                    metrics.tokens_unreconciled.labels(*labels).inc()
+                return
+            billable = 0
+        budget.reconcile(billable)
+        ex.charged_tokens = billable
 
     def refused(self, ex: Exchange, err: ProxyError, bytes_out: int) -> None:
         """A request the server refused before any view ran (the HTTP parser,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import time
+from typing import NoReturn
 
 from aiohttp import web
 
@@ -104,11 +105,7 @@ async def _route_and_send(
     admission = app[LIMITER]
     settings = runtime.settings
     if not caller.authenticated:
-        ex.budget = await admission.charge(settings, caller, None)
-        # A suspect head is refused as such (and its connection closed) even
-        # without a key: bytes after it must not be read as another request.
-        vet_head(request)
-        raise unauthorized()
+        await _refuse_unauthenticated(request, runtime, caller, ex)
     # No route limit or tokens: charge first, no body read if refused (README, "Rate limiting").
     tokens = runtime.token_limited and (runtime.route_limited or counts_tokens(settings, caller))
     charged = not (runtime.route_limited or tokens)
@@ -138,7 +135,10 @@ async def _route_and_send(
             ex.budget = await admission.charge(settings, caller, route)
         raise
     if not charged:  # a model request's tokens too, under a budget (README, "Token budgets")
-        ex.budget = await admission.charge(settings, caller, route, priced(chosen, target))
+        if admission.memory is not None:  # in memory, charged at once: no coroutine
+            ex.budget = admission.charge_now(settings, caller, route, priced(chosen, target))
+        else:
+            ex.budget = await admission.charge(settings, caller, route, priced(chosen, target))
     if outbound is None:
         assert isinstance(chosen, RealtimeTarget)
         return await app[REALTIME].serve(request, chosen, runtime, ex=ex)
@@ -148,6 +148,18 @@ async def _route_and_send(
         if isinstance(outbound.body, BodyStream):
             ex.bytes_in = outbound.body.size
         raise
+
+
+async def _refuse_unauthenticated(
+    request: web.Request, runtime: Runtime, caller: Caller, ex: Exchange
+) -> NoReturn:
+    """Charge a caller without a valid key (guessing keys is rate limited
+    too), then refuse it."""
+    ex.budget = await request.app[LIMITER].charge(runtime.settings, caller, None)
+    # A suspect head is refused as such (and its connection closed) even
+    # without a key: bytes after it must not be read as another request.
+    vet_head(request)
+    raise unauthorized()
 
 
 async def _admit_responses_socket(

@@ -159,7 +159,7 @@ async def take_token(
     if script == "acquire":
         return await limiter.acquire(key, limit)
     budget = TokenBudget(per_minute=1000, per_day=None)
-    decision, *_ = await limiter.reserve(key, limit, budget, (0, 0))
+    decision, *_ = await limiter.reserve(key, limit, budget, 0)
     assert decision is not None
     return decision
 

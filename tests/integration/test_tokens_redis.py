@@ -66,12 +66,13 @@ async def reserve(
     key: str,
     limit: RateLimitSettings | None,
     budget: TokenBudget,
-    costs: tuple[int, int],
+    estimate: int,
 ) -> tuple[Decision | None, TokenDecision]:
     """One reservation, and its figures as a refusal's message would give them."""
     decision, before_m, before_d, after_m, after_d, fits, _ = await limiter.reserve(
-        key, limit, budget, costs
+        key, limit, budget, estimate
     )
+    costs = (min(estimate, budget.cap_minute), min(estimate, budget.cap_day))
     tokens = token_decision(budget, (before_m, before_d), (after_m, after_d), costs, fits)
     return decision, tokens
 
@@ -154,10 +155,10 @@ async def test_a_raised_token_limit_is_felt_at_once_and_a_debt_is_cut_to_the_cei
     before = RedisRateLimiter(redis_server.url)
     small = TokenBudget(per_minute=1000, per_day=None)
     try:
-        _, decision = await reserve(before, "k", None, small, (1000, 0))
+        _, decision = await reserve(before, "k", None, small, 1000)
         assert decision.allowed
-        before.settle("k", small, (99000, 0))  # an answer of 100,000 tokens
-        _, refused = await reserve(before, "k", None, small, (10, 0))
+        before.settle("k", small, 99000)  # an answer of 100,000 tokens
+        _, refused = await reserve(before, "k", None, small, 10)
     finally:
         await before.close()
     assert not refused.allowed
@@ -167,7 +168,7 @@ async def test_a_raised_token_limit_is_felt_at_once_and_a_debt_is_cut_to_the_cei
     after = RedisRateLimiter(redis_server.url)  # a proxy started with a raised limit
     raised = TokenBudget(per_minute=100000, per_day=None)
     try:
-        _, decision = await reserve(after, "k", None, raised, (5000, 0))
+        _, decision = await reserve(after, "k", None, raised, 5000)
         # The 2000 tokens owed are 2000 of the new budget: room at once.
         assert decision.allowed
         assert 93000 <= decision.remaining <= 93500  # plus a few ms of the new refill

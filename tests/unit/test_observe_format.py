@@ -17,6 +17,7 @@ from proxy.observe import Exchange, request_id_for
 from proxy.observe.access_log import AccessLines, BufferedLineHandler
 from proxy.observe.metrics import Metrics
 from proxy.observe.observer import Observer
+from proxy.observe.usage import Usage
 from tests.fakes.access_lines import capture_logs, parse_text_line
 
 
@@ -57,7 +58,7 @@ def test_request_id_made_when_absent_and_unique() -> None:
 def test_text_line_fields_and_values() -> None:
     ex = exchange(
         model="fast", upstream_model="llama3.2:3b", upstream="ollama", tried=["a", "b"], status=200,
-        bytes_in=12, bytes_out=3456, ttfb=0.0123, duration=1.5, prompt_tokens=7, completion_tokens=9,
+        bytes_in=12, bytes_out=3456, ttfb=0.0123, duration=1.5, usage=Usage(7, 9),
         key_name="team-a",
     )  # fmt: skip
     f = parse_text_line(AccessLines().format_text(ex))
@@ -135,7 +136,7 @@ def test_finished_reads_usage_only_from_plain_json_or_sse() -> None:
     for fields, expected in cases:
         ex = exchange(**{"status": 200, "tail": body, **fields})
         observer.finished(ex)
-        assert (ex.prompt_tokens, ex.completion_tokens) == expected, fields
+        assert (ex.usage or Usage(None, None))[:2] == expected, fields
 
 
 def test_hooks_without_metrics_do_nothing() -> None:

@@ -117,7 +117,6 @@ def test_counts_kept_on_the_hot_path_are_published_at_collection() -> None:
     assert sample(m, "oaimux_open_streams") == 1
     ex.status, ex.upstream, ex.metric_model = 200, "u", "m"
     ex.usage = Usage(3, 4)  # as the usage reader leaves it
-    ex.prompt_tokens, ex.completion_tokens = 3, 4
     observer.finished(ex)
     assert sample(m, "oaimux_requests_in_flight") == 0
     assert sample(m, "oaimux_open_streams") == 0

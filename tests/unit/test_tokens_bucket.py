@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from proxy.admission.admission import RequestCost, estimate_tokens
+from proxy.admission.admission import estimate_tokens
 from proxy.admission.buckets import NS, Decision
 from proxy.admission.buckets_memory import MemoryRateLimiter
 from proxy.admission.token_buckets import (
@@ -29,12 +29,13 @@ def reserve(
     key: str,
     limit: RateLimitSettings | None,
     budget: TokenBudget,
-    costs: tuple[int, int],
+    estimate: int,
 ) -> tuple[Decision | None, TokenDecision]:
     """One reservation, and its figures as a refusal's message would give them."""
     decision, before_m, before_d, after_m, after_d, fits, _ = limiter.reserve_now(
-        key, limit, budget, costs
+        key, limit, budget, estimate
     )
+    costs = (min(estimate, budget.cap_minute), min(estimate, budget.cap_day))
     tokens = token_decision(budget, (before_m, before_d), (after_m, after_d), costs, fits)
     return decision, tokens
 
@@ -92,32 +93,32 @@ def test_reservation_and_request_bucket_are_all_or_nothing() -> None:
     limiter = MemoryRateLimiter(clock)
     requests = RateLimitSettings(requests_per_minute=1, burst=5)
     for _ in range(2):
-        decision, tokens = reserve(limiter, "c", requests, PER_MINUTE, (500, 0))
+        decision, tokens = reserve(limiter, "c", requests, PER_MINUTE, 500)
         assert decision is not None and decision.allowed and tokens.allowed
-    decision, tokens = reserve(limiter, "c", requests, PER_MINUTE, (1, 0))
+    decision, tokens = reserve(limiter, "c", requests, PER_MINUTE, 1)
     assert decision is not None and decision.allowed and not tokens.allowed
     # The refused reservation took no request token: 3 of 5 are left.
     assert limiter.acquire_now("c", requests).remaining == 2
     # A request bucket that refuses leaves the tokens alone.
     for _ in range(2):
         limiter.acquire_now("c", requests)
-    decision, tokens = reserve(limiter, "c", requests, PER_MINUTE, (0, 0))
+    decision, tokens = reserve(limiter, "c", requests, PER_MINUTE, 0)
     assert decision is not None and not decision.allowed
     limiter.settle("c", PER_MINUTE, (-1000, 0))
-    assert reserve(limiter, "c", None, PER_MINUTE, (1000, 0))[1].allowed
+    assert reserve(limiter, "c", None, PER_MINUTE, 1000)[1].allowed
 
 
 def test_a_raised_limit_gives_room_at_once_and_a_lowered_one_refills_no_one() -> None:
     clock = Clock()
     limiter = MemoryRateLimiter(clock)
-    assert reserve(limiter, "t", None, PER_MINUTE, (1000, 0))[1].allowed
+    assert reserve(limiter, "t", None, PER_MINUTE, 1000)[1].allowed
     raised = TokenBudget(per_minute=100000, per_day=None)
-    _, tokens = reserve(limiter, "t", None, raised, (5000, 0))
+    _, tokens = reserve(limiter, "t", None, raised, 5000)
     # The 1000 owed are 1000 of the new budget (kept as a time, they would be
     # a whole minute of it, and this would wait).
     assert tokens.allowed and tokens.remaining == 100000 - 1000 - 5000
     lowered = TokenBudget(per_minute=100, per_day=None)
-    _, tokens = reserve(limiter, "t", None, lowered, (10, 0))
+    _, tokens = reserve(limiter, "t", None, lowered, 10)
     # 6000 owed, cut to twice the new budget: 200; 110 over it at 100 a minute.
     assert not tokens.allowed and tokens.used == 200
     assert tokens.retry_after == pytest.approx(110 * 60 / 100)
@@ -127,25 +128,25 @@ def test_the_day_window_refills_over_24_hours() -> None:
     clock = Clock()
     limiter = MemoryRateLimiter(clock)
     day = TokenBudget(per_minute=None, per_day=2400)
-    assert reserve(limiter, "t", None, day, (0, 2400))[1].window == "day"
+    assert reserve(limiter, "t", None, day, 2400)[1].window == "day"
     clock.now += 3600 * NS  # an hour: 100 tokens back
-    _, tokens = reserve(limiter, "t", None, day, (0, 101))
+    _, tokens = reserve(limiter, "t", None, day, 101)
     assert not tokens.allowed
     assert tokens.retry_after == pytest.approx(86400 / 2400)  # the one token missing
-    assert reserve(limiter, "t", None, day, (0, 100))[1].allowed
+    assert reserve(limiter, "t", None, day, 100)[1].allowed
 
 
 async def test_drained_token_buckets_are_swept() -> None:
     clock = Clock()
     limiter = MemoryRateLimiter(clock)
     for i in range(100):
-        reserve(limiter, f"c{i}", None, BOTH, (100, 100))
-    reserve(limiter, "busy", None, BOTH, (100, 1000))
+        reserve(limiter, f"c{i}", None, BOTH, 100)
+    reserve(limiter, "busy", None, BOTH, 1000)
     assert len(limiter) == 101
-    # The minute window is full after 6 s; the day owes 100 of 5000: 28.8 minutes.
+    # The minutes are full after 6 s; the days owe 100 of 5000: 28.8 minutes.
     clock.now += 29 * 60 * NS
     assert await limiter.sweep() == 100
-    assert len(limiter) == 1  # "busy" owes its day 1000: 4.8 hours
+    assert len(limiter) == 1  # "busy" owes its day 1000: 4.8 hours (its minute: 1 minute)
     clock.now += 5 * 3600 * NS
     assert await limiter.sweep() == 1
     assert len(limiter) == 0
@@ -157,9 +158,9 @@ async def test_a_token_bucket_used_again_is_swept_only_once_drained() -> None:
     the bucket, owing more since, is kept until it has drained too."""
     clock = Clock()
     limiter = MemoryRateLimiter(clock)
-    reserve(limiter, "t", None, BOTH, (100, 100))  # the day drains in 28.8 minutes
+    reserve(limiter, "t", None, BOTH, 100)  # the day drains in 28.8 minutes
     clock.now += 20 * 60 * NS
-    reserve(limiter, "t", None, BOTH, (100, 100))  # owes 130.6 of its day: 37.6 minutes
+    reserve(limiter, "t", None, BOTH, 100)  # owes 130.6 of its day: 37.6 minutes
     clock.now += 10 * 60 * NS  # 30 minutes: the entry is due, the bucket is not
     assert await limiter.sweep() == 0
     assert len(limiter) == 1
@@ -174,7 +175,7 @@ def test_a_settled_refund_of_an_evicted_bucket_stores_nothing() -> None:
     limiter.settle("t", PER_MINUTE, (-500, 0))
     assert len(limiter) == 0
     limiter.settle("t", PER_MINUTE, (700, 0))  # an overrun after the bucket was gone
-    assert reserve(limiter, "t", None, PER_MINUTE, (301, 0))[1].allowed is False
+    assert reserve(limiter, "t", None, PER_MINUTE, 301)[1].allowed is False
 
 
 # ---------------------------------------------------------------------------
@@ -194,7 +195,7 @@ def test_a_settled_refund_of_an_evicted_bucket_stores_nothing() -> None:
 def test_the_estimate(
     prompt_bytes: int, cap: int | None, budget: TokenBudget, expected: int
 ) -> None:
-    assert estimate_tokens(RequestCost(prompt_bytes, cap), budget) == expected
+    assert estimate_tokens(prompt_bytes, cap, budget) == expected
 
 
 def settings_with(rate: Any) -> Any:
@@ -272,15 +273,15 @@ def test_a_refund_into_the_state_equals_a_settle(later_ns: int) -> None:
     clock = Clock()
     limiter = MemoryRateLimiter(clock)
     for key in ("refunded", "settled"):
-        reserve(limiter, key, None, BOTH, (300, 300))
+        reserve(limiter, key, None, BOTH, 300)
     clock.now += NS
-    state = limiter.reserve_now("refunded", None, BOTH, (600, 600))[6]
-    limiter.reserve_now("settled", None, BOTH, (600, 600))
+    state = limiter.reserve_now("refunded", None, BOTH, 600)[6]
+    limiter.reserve_now("settled", None, BOTH, 600)
     clock.now += later_ns
     assert state is not None
-    MemoryRateLimiter.refund(state, -550, -550)
+    MemoryRateLimiter.refund(state, -550)
     limiter.settle("settled", BOTH, (-550, -550))
     clock.now += NS
-    refunded = limiter.reserve_now("refunded", None, BOTH, (10, 10))
-    settled = limiter.reserve_now("settled", None, BOTH, (10, 10))
+    refunded = limiter.reserve_now("refunded", None, BOTH, 10)
+    settled = limiter.reserve_now("settled", None, BOTH, 10)
     assert refunded[1:6] == pytest.approx(settled[1:6])
