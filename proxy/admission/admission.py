@@ -29,25 +29,27 @@ a warning that does not repeat itself, or answer 503).
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Protocol
 
-from ..config.settings import AuthKey, Limits, RateLimitSettings, Route, Settings, TokenBudget
-from ..errors import RateLimited, ServiceUnavailable, TokensLimited, Unauthorized
+from ..config.settings import AuthKey, Limits, Route, Settings, TokenBudget
+from ..errors import ServiceUnavailable
 from ..observe.failurelog import TEN_MINUTES, FailureLog
-from .buckets import Decision, RateLimiter, Reserved, StorageUnavailable
+from .buckets import RateLimiter, Reserved, StorageUnavailable
 from .buckets_memory import MemoryRateLimiter
-from .budget import REMAINING_TOKENS, RESET_TOKENS, Charged, openai_duration
+from .budget import Charged, Reservation, reservation
 from .clientip import limit_key
+from .refusals import rate_limited, tokens_limited
 from .token_buckets import TokenDecision, TokenState, token_decision
 
 # A Charged made from a tuple of its fields, without the NamedTuple's generated
-# __new__ (a Python frame per charged request).
+# __new__ (a Python frame per charged request); a Reservation without a frame
+# at all (its slots filled in by charge_now).
 _new_charged = tuple.__new__
+_new_reservation = object.__new__
 
 __all__ = [
     "Admission",
@@ -56,10 +58,6 @@ __all__ = [
     "choose_limit",
     "counts_tokens",
     "estimate_tokens",
-    "openai_duration",
-    "rate_limited",
-    "tokens_limited",
-    "unauthorized",
 ]
 
 log = logging.getLogger("oaimux.ratelimit")
@@ -132,63 +130,6 @@ def estimate_tokens(prompt_bytes: int, output_cap: int | None, budget: TokenBudg
     return -(-prompt_bytes // 4) + (output if output < ceiling else ceiling)
 
 
-_WINDOW_NAMES = {"minute": "tokens per min (TPM)", "day": "tokens per day (TPD)"}
-
-
-def tokens_limited(decision: TokenDecision, estimate: int, route: Route | None) -> TokensLimited:
-    """The 429 for a reservation a token bucket had no room for, with the
-    headers OpenAI's SDKs read (``Retry-After`` as in :func:`rate_limited`:
-    until the estimate fits in every window)."""
-    wait = max(decision.retry_after, 0.001)
-    seconds = max(1, math.ceil(wait))
-    remaining = str(decision.remaining)
-    reset = openai_duration(decision.reset_after)
-    return TokensLimited(
-        f"Rate limit reached for {_WINDOW_NAMES[decision.window]}{_where(route)}: "
-        f"Limit {decision.limit}, Used {decision.used}, Requested {estimate}. "
-        f"Please try again in {seconds}s.",
-        window=decision.window,
-        headers={
-            "Retry-After": str(seconds),
-            "retry-after-ms": str(math.ceil(wait * 1000)),
-            "x-ratelimit-limit-tokens": str(decision.limit),
-            "x-ratelimit-remaining-tokens": remaining,
-            "x-ratelimit-reset-tokens": reset,
-            REMAINING_TOKENS: remaining,
-            RESET_TOKENS: reset,
-        },
-    )
-
-
-def _where(route: Route | None) -> str:
-    if route is not None and route.rate_limit is not None:
-        return " to this model" if route.model is not None else " to this endpoint"
-    return ""
-
-
-def rate_limited(decision: Decision, limit: RateLimitSettings, route: Route | None) -> RateLimited:
-    """The 429 for a refused request, with the headers OpenAI's SDKs read.
-
-    ``Retry-After`` is whole seconds (RFC 9110 §10.2.3), at least 1, rounded
-    up so a client that honours it is never refused again for waiting too
-    little; ``retry-after-ms`` is the precise wait, which the SDKs prefer.
-    """
-    wait = max(decision.retry_after, 0.001)
-    seconds = max(1, math.ceil(wait))
-    return RateLimited(
-        f"Rate limit reached for requests{_where(route)}: limit {limit.burst} requests, "
-        "refilled at "
-        f"{limit.requests_per_minute:g} per minute. Please try again in {seconds}s.",
-        headers={
-            "Retry-After": str(seconds),
-            "retry-after-ms": str(math.ceil(wait * 1000)),
-            "x-ratelimit-limit-requests": str(limit.burst),
-            "x-ratelimit-remaining-requests": "0",
-            "x-ratelimit-reset-requests": openai_duration(decision.reset_after),
-        },
-    )
-
-
 class Admission:
     """Charges requests to buckets in ``storage``; owns it and its failure policy.
 
@@ -242,7 +183,7 @@ class Admission:
         caller: Caller,
         route: Route | None,
         model: Priced | None = None,
-    ) -> Charged | None:
+    ) -> Charged | Reservation | None:
         """Charge this request: one token of its block's request bucket, and, for
         a model request (``model``) under a token budget, its estimated tokens.
 
@@ -276,7 +217,7 @@ class Admission:
             if not decision[0]:  # (Decision.allowed)
                 assert requests is not None  # a request decision comes from a request bucket
                 raise rate_limited(decision, requests, route)
-            return _new_charged(Charged, (decision, None, 0, None, None, key, None))
+            return _new_charged(Charged, (decision, None, 0, None, None))
         return self._reserved(reserved, limits, estimate, key, caller, route)
 
     def charge_now(
@@ -285,7 +226,7 @@ class Admission:
         caller: Caller,
         route: Route | None,
         model: Priced | None = None,
-    ) -> Charged | None:
+    ) -> Charged | Reservation | None:
         """:meth:`charge` with the buckets in memory (:attr:`memory` is set):
         nothing to await, nothing to fail."""
         chosen = choose_limit(settings, caller, route)
@@ -301,12 +242,18 @@ class Admission:
             decision = memory.acquire_now(key, requests)
             if not decision[0]:  # (Decision.allowed)
                 raise rate_limited(decision, requests, route)
-            return _new_charged(Charged, (decision, None, 0, None, None, key, None))
+            return _new_charged(Charged, (decision, None, 0, None, None))
         estimate = model.estimate(budget)
         if requests is None:  # tokens alone: the usual reservation in one call
             state = memory.take_tokens_now(key, budget, estimate)
-            if state is not None:
-                return _new_charged(Charged, (None, budget, estimate, state, memory, key, None))
+            if state is not None:  # (budget.reservation, its slots filled in here)
+                made = _new_reservation(Reservation)
+                made.budget = budget
+                made.estimate = estimate
+                made.state = state
+                made.storage = memory
+                made.key = key
+                return made
         reserved = memory.reserve_now(key, requests, budget, estimate)
         return self._reserved(reserved, limits, estimate, key, caller, route)
 
@@ -331,9 +278,8 @@ class Admission:
         shadowed = None if fits else self._over_budget(reserved, budget, estimate, caller, route)
         if state is None:  # from Redis: its figures, in a state of their own
             state = TokenState(owed_m, owed_d, 0, budget)
-        return _new_charged(
-            Charged, (decision, budget, estimate, state, self.storage, key, shadowed)
-        )
+        made = reservation(budget, estimate, state, self.storage, key)
+        return _new_charged(Charged, (decision, budget, estimate, made, shadowed))
 
     def _over_budget(
         self,
@@ -389,10 +335,3 @@ class Admission:
                 code="rate_limiter_unavailable",
                 headers={"Retry-After": "1"},
             ) from None
-
-
-def unauthorized() -> Unauthorized:
-    return Unauthorized(
-        "Incorrect API key provided. Send 'Authorization: Bearer <key>' with a key "
-        "this proxy knows."
-    )

@@ -240,7 +240,10 @@ class MemoryRateLimiter:
         state = tokens.buckets.get(key)
         if state is None:
             m = d = 0.0
-        elif state.budget is budget:  # within its ceilings: no cut
+        else:
+            if state.budget is not budget:  # written under another: cut to this one, as of now
+                state.minute, state.day = _owed(state, now, budget)
+                state.at, state.budget = now, budget
             elapsed = now - state.at
             m = state.minute - elapsed * budget.drain_minute
             if m < 0.0:
@@ -248,21 +251,21 @@ class MemoryRateLimiter:
             d = state.day - elapsed * budget.drain_day
             if d < 0.0:
                 d = 0.0
-        else:
-            m, d = _owed(state, now, budget)
         # A window is charged at most its capacity: an estimate larger than a
         # whole budget passes when the budget is full, and what the answer uses
         # beyond is charged when it ends.
-        cap_m, cap_d = budget.cap_minute, budget.cap_day
-        m += estimate if estimate < cap_m else cap_m
-        d += estimate if estimate < cap_d else cap_d
-        if m > cap_m or d > cap_d:
+        room_m, room_d = budget.room_minute, budget.room_day
+        m += estimate if estimate < room_m else room_m
+        d += estimate if estimate < room_d else room_d
+        if m > room_m or d > room_d:
             return None
         if state is None:
             state = tokens.buckets[key] = TokenState(m, d, now, budget)
             heapq.heappush(tokens.heap, (state.full_at, key))
         else:
-            state.minute, state.day, state.at, state.budget = m, d, now, budget
+            state.minute = m
+            state.day = d
+            state.at = now
         return state
 
     def _owed(self, key: str, budget: TokenBudget, now: int) -> tuple[float, float]:

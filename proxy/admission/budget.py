@@ -1,16 +1,19 @@
 """What one request was charged, shown on its answer and reconciled when it ends.
 
-admission.py charges a request and hands back a :class:`Charged`: the request
-bucket's and the token buckets' answers, and, when a token budget applies,
-the reservation made for it. The exchange keeps it until the answer has
-ended (it knows it as observe/charge.py's ``Charge``, a protocol that
-:class:`Charged` satisfies); then :meth:`Charged.reconcile` replaces the reservation with what the
-answer really used (README: Token budgets):
+admission.py charges a request and hands back what it charged: a
+:class:`Reservation` for a request charged tokens alone (the usual case of a
+token budget), else a :class:`Charged` (the request bucket's decision, and the
+reservation when one was made). The exchange keeps it until the answer has
+ended (it knows either as observe/charge.py's ``Charge``, a protocol both
+satisfy); then the observer works out what the answer's usage bills and
+:meth:`Reservation.reconcile` replaces the reservation with it (README: Token
+budgets):
 
-- usage in the answer (any reader's :class:`~proxy.observe.usage.Usage`): the buckets
-  are charged its billable tokens instead of the estimate, so a smaller answer
-  gives the difference back at once and a larger one takes the overrun (a
-  bucket may then owe more than it holds, and the next request waits);
+- usage in the answer (any reader's :class:`~proxy.observe.usage.Usage`): the
+  buckets are charged its billable tokens instead of the estimate, so a
+  smaller answer gives the difference back at once and a larger one takes the
+  overrun (a bucket may then owe more than it holds, and the next request
+  waits);
 - no upstream produced anything (the proxy answered with an error of its own,
   or the upstream answered with an error status): refunded in full;
 - otherwise (no usage reported, a compressed body, a stream cut short, a
@@ -22,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import MutableMapping
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 from multidict import istr
 
@@ -37,7 +40,9 @@ __all__ = [
     "RESET_REQUESTS",
     "RESET_TOKENS",
     "Charged",
+    "Reservation",
     "openai_duration",
+    "reservation",
 ]
 
 # The proxy's own budget, on every answer of a charged request; the upstream's
@@ -72,83 +77,123 @@ def openai_duration(seconds: float) -> str:
 
 _ceil = math.ceil
 # Index 0 is "1ms" too: a bucket full again within the millisecond says so
-# (Charged.add_headers reads the table without openai_duration's test).
+# (Reservation.add_headers reads the table without openai_duration's test).
 _MILLISECONDS = ("1ms", *(f"{ms}ms" for ms in range(1, 1001)))
 _SECONDS: dict[int, str] = {}
 _SECONDS_KEPT = 4096
 
 
-class Charged(NamedTuple):
-    """What one request was charged (admission.py makes it, with
-    ``tuple.__new__``: one is made per charged request, and a NamedTuple's own
-    ``__new__`` is a Python frame).
+class Reservation:
+    """The tokens reserved for one request: ``estimate`` tokens under
+    ``budget``, charged to the token buckets ``key`` of ``storage``.
+    ``state``: what those buckets owe (in memory, the buckets' own state,
+    refunded in place, see buckets_memory.py's ``MemoryRateLimiter.refund``;
+    from Redis, the figures its answer gave, in a state of their own).
 
-    ``request``: the request bucket's decision (``None``: no request limit).
-    ``tokens``: the token budget a reservation was made under (``None``: none
-    was, and the fields after it are unused): ``estimate`` tokens, charged to
-    the token buckets ``key`` of ``storage``; ``state``: what those buckets
-    owe (in memory, the buckets' own state, refunded in place, see
-    buckets_memory.py's ``MemoryRateLimiter.refund``; from Redis, the figures
-    its answer gave). ``shadowed``: the window that would have refused the
-    request had ``tokens.enforce`` been true (``None``: it fitted).
-
-    observe/charge.py's ``Charge`` is what the exchange knows of it.
+    What the exchange keeps of a request charged tokens alone (a block with
+    no request limit, the usual reservation in memory), so made without an
+    ``__init__`` (:func:`reservation`): one per model request.
+    observe/charge.py's ``Charge`` is what the exchange knows of it, as of
+    :class:`Charged`.
     """
 
-    request: Decision | None
-    tokens: TokenBudget | None
+    __slots__ = ("budget", "estimate", "key", "state", "storage")
+    budget: TokenBudget
     estimate: int
-    state: TokenState | None
-    storage: RateLimiter | None
     key: str
-    shadowed: str | None
+    state: TokenState
+    storage: RateLimiter
+    shadowed: ClassVar[str | None] = None  # it fitted (Charged says when it did not)
 
     def add_headers(self, headers: MutableMapping[str, str]) -> None:
-        """The ``x-oaimux-ratelimit-*`` headers: what is left in the buckets
-        this request was charged to, and when they are full again (for the
-        token windows, the one with the fewest tokens left)."""
-        request, tokens, _, state, _, _, _ = self
-        if request is not None:
-            headers[REMAINING_REQUESTS] = str(request[1])  # (Decision.remaining)
-            headers[RESET_REQUESTS] = openai_duration(request[3])  # (.reset_after)
-        if state is not None:
-            assert tokens is not None  # a state is charged under a token budget
-            owed_m, owed_d = state.minute, state.day
-            cap_m, cap_d = tokens.cap_minute, tokens.cap_day
-            if cap_m and not (cap_d and cap_d - owed_d < cap_m - owed_m):
-                left, reset = cap_m - owed_m, owed_m * tokens.ns_minute
-            else:
-                left, reset = cap_d - owed_d, owed_d * tokens.ns_day
-            headers[REMAINING_TOKENS] = str(int(left)) if left > 0.0 else "0"
-            ms = _ceil(reset * 1e-6)  # (openai_duration, below a second written out)
-            headers[RESET_TOKENS] = _MILLISECONDS[ms] if ms <= 1000 else openai_duration(ms / 1000)
+        """The ``x-oaimux-ratelimit-*-tokens`` headers: what is left in the
+        window with the fewest tokens left, and when it is full again."""
+        budget, state = self.budget, self.state
+        owed_m, owed_d = state.minute, state.day
+        cap_m, cap_d = budget.room_minute, budget.room_day
+        if cap_m and not (cap_d and cap_d - owed_d < cap_m - owed_m):
+            left, reset = cap_m - owed_m, owed_m * budget.ns_minute
+        else:
+            left, reset = cap_d - owed_d, owed_d * budget.ns_day
+        headers[REMAINING_TOKENS] = str(int(left)) if left > 0.0 else "0"
+        ms = _ceil(reset * 1e-6)  # (openai_duration, below a second written out)
+        headers[RESET_TOKENS] = _MILLISECONDS[ms] if ms <= 1000 else openai_duration(ms / 1000)
 
     def reconcile(self, billable: int) -> None:
         """Charge the buckets ``billable`` tokens (what the answer's usage
         bills; 0 when no upstream produced any) instead of the estimate: give
         back the difference or charge the overrun (see the module docstring).
         """
-        _, tokens, estimate, state, storage, _, _ = self
+        estimate = self.estimate
         refund = billable - estimate
         if (
-            refund <= 0 and type(storage) is MemoryRateLimiter and estimate <= tokens.cap_smallest  # type: ignore[union-attr]
+            refund <= 0
+            and estimate <= self.budget.cap_smallest
+            and type(self.storage) is MemoryRateLimiter
         ):
             # The usual case: an estimate charged whole to each window, and
             # generous. Given back in place (MemoryRateLimiter.refund, written out).
-            state.minute += refund  # type: ignore[union-attr]
-            state.day += refund  # type: ignore[union-attr]
+            state = self.state
+            state.minute += refund
+            state.day += refund
         else:
             self._settle(billable)
 
     def _settle(self, billable: int) -> None:
         """Charge each window ``billable`` instead of what the reservation charged it."""
-        _, tokens, estimate, state, storage, key, _ = self
-        assert tokens is not None and storage is not None  # reconciled under a token budget
-        cap_m, cap_d = tokens.cap_minute, tokens.cap_day
+        budget, estimate, state = self.budget, self.estimate, self.state
+        cap_m, cap_d = budget.cap_minute, budget.cap_day
         delta_m = billable - (estimate if estimate < cap_m else cap_m) if cap_m else 0
         delta_d = billable - (estimate if estimate < cap_d else cap_d) if cap_d else 0
-        if type(storage) is MemoryRateLimiter and state is not None and delta_m <= 0 >= delta_d:
+        if type(self.storage) is MemoryRateLimiter and delta_m <= 0 >= delta_d:
             state.minute += delta_m
             state.day += delta_d
         elif delta_m or delta_d:
-            storage.settle(key, tokens, (delta_m, delta_d))
+            self.storage.settle(self.key, budget, (delta_m, delta_d))
+
+
+def reservation(
+    budget: TokenBudget, estimate: int, state: TokenState, storage: RateLimiter, key: str
+) -> Reservation:
+    """A :class:`Reservation` (a function, for callers off the hot path)."""
+    made = _new_reservation(Reservation)
+    made.budget, made.estimate, made.state, made.storage, made.key = (
+        budget, estimate, state, storage, key
+    )  # fmt: skip
+    return made
+
+
+# A Reservation without its (absent) __init__: admission.py fills its slots in.
+_new_reservation = object.__new__
+
+
+class Charged(NamedTuple):
+    """What one request was charged, when not tokens alone: the request
+    bucket's decision (``None``: no request limit) and the token reservation
+    (``None``: none was made), whose ``budget`` and ``estimate`` are repeated
+    here (``None`` and 0 without one) as the exchange reads them.
+    ``shadowed``: the window that would have refused the request had
+    ``budget.enforce`` been true (``None``: it fitted). Made with
+    ``tuple.__new__`` (admission.py): a NamedTuple's own ``__new__`` is a
+    Python frame.
+    """
+
+    request: Decision | None
+    budget: TokenBudget | None
+    estimate: int
+    reserved: Reservation | None
+    shadowed: str | None
+
+    def add_headers(self, headers: MutableMapping[str, str]) -> None:
+        """The ``x-oaimux-ratelimit-*`` headers of the buckets charged."""
+        request, _, _, reserved, _ = self
+        if request is not None:
+            headers[REMAINING_REQUESTS] = str(request[1])  # (Decision.remaining)
+            headers[RESET_REQUESTS] = openai_duration(request[3])  # (.reset_after)
+        if reserved is not None:
+            reserved.add_headers(headers)
+
+    def reconcile(self, billable: int) -> None:
+        """:meth:`Reservation.reconcile` (called only when one was made)."""
+        assert self.reserved is not None
+        self.reserved.reconcile(billable)

@@ -100,6 +100,10 @@ class TokenBudget:
     cap_minute: int = field(init=False, repr=False, compare=False)
     cap_day: int = field(init=False, repr=False, compare=False)
     cap_smallest: int = field(init=False, repr=False, compare=False)
+    # The capacities as floats: what a window owes is one, and comparing a float
+    # with an int above 2**30 converts the int each time (CPython 3.11).
+    room_minute: float = field(init=False, repr=False, compare=False)
+    room_day: float = field(init=False, repr=False, compare=False)
     drain_minute: float = field(init=False, repr=False, compare=False)
     drain_day: float = field(init=False, repr=False, compare=False)
     ns_minute: float = field(init=False, repr=False, compare=False)
@@ -112,6 +116,8 @@ class TokenBudget:
             "cap_minute": self.per_minute or 0,
             "cap_day": self.per_day or 0,
             "cap_smallest": min(cap for cap in (self.per_minute, self.per_day, 1 << 62) if cap),
+            "room_minute": float(self.per_minute or 0),
+            "room_day": float(self.per_day or 0),
             "drain_minute": self.per_minute / minute_ns if self.per_minute else 0.0,
             "drain_day": self.per_day / day_ns if self.per_day else 0.0,
             "ns_minute": minute_ns / self.per_minute if self.per_minute else 0.0,

@@ -265,10 +265,10 @@ def _json(value: str | None) -> str:
 
 def _tokens_charged(ex: Exchange) -> tuple[int | None, int | None]:
     """The reserved and charged tokens (``None``: no token budget; README: Token budgets)."""
-    budget = ex.budget
-    if budget is None or budget.tokens is None:
+    charge = ex.charge
+    if charge is None or charge.budget is None:
         return None, None
-    return budget.estimate, ex.charged_tokens
+    return charge.estimate, ex.charged_tokens
 
 
 def _json_int(value: int | None) -> str:

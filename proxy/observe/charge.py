@@ -25,13 +25,13 @@ class Charge(Protocol):
     refused it."""
 
     @property
-    def tokens(self) -> TokenBudget | None:
+    def budget(self) -> TokenBudget | None:
         """The token budget a reservation was made under (``None``: none was)."""
         ...
 
     @property
     def estimate(self) -> int:
-        """Tokens reserved (when :attr:`tokens` is set)."""
+        """Tokens reserved (when :attr:`budget` is set)."""
         ...
 
     @property

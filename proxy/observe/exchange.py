@@ -113,7 +113,7 @@ class Exchange:
     # What admission charged (charge.py): headers for the answer, and the
     # token reservation reconciled when the answer has ended: the tokens
     # finally charged (None: no reservation, or not reconciled yet).
-    budget: Charge | None = None
+    charge: Charge | None = None
     charged_tokens: int | None = None
     # The last two response chunks, for the usage object; set after the body ended.
     tail: bytes = b""

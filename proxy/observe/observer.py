@@ -91,13 +91,13 @@ class Observer:
         ex.duration = time.perf_counter() - ex.started
         metrics = self.metrics
         logging_on = self.log.access and access_logger.isEnabledFor(logging.INFO)
-        budget = ex.budget
-        reserved = budget is not None and budget.tokens is not None
+        charge = ex.charge
+        reserved = charge is not None and charge.budget is not None
         if ex.tail and (metrics is not None or logging_on or reserved):
             self._read_usage(ex)
         if reserved:
-            assert budget is not None
-            self._reconcile(ex, budget)
+            assert charge is not None
+            self._reconcile(ex, charge)
         if metrics is not None:
             if ex.in_flight:
                 metrics.in_flight_now -= 1
@@ -132,27 +132,27 @@ class Observer:
         elif content_type.startswith("text/event-stream"):
             ex.usage = usage_from_stream(ex.head, ex.tail_previous, ex.tail)
 
-    def _reconcile(self, ex: Exchange, budget: Charge) -> None:
+    def _reconcile(self, ex: Exchange, charge: Charge) -> None:
         """The answer has ended: settle its token reservation (charge.py) to
         the tokens its usage bills (README, "Token budgets"); with no usage,
         keep it when an upstream may have produced tokens, else refund it."""
         metrics = self.metrics
-        if metrics is not None and budget.shadowed is not None:  # passed as enforce is false
+        if metrics is not None and charge.shadowed is not None:  # passed as enforce is false
             metrics.token_limit_not_enforced.labels(
-                ex.key_name or "", ex.metric_model, budget.shadowed
+                ex.key_name or "", ex.metric_model, charge.shadowed
             ).inc()
         usage = ex.usage
         billable = None if usage is None else billable_tokens(usage)
         if billable is None:
             if _produced(ex):  # kept, for want of a count
-                ex.charged_tokens = budget.estimate
+                ex.charged_tokens = charge.estimate
                 if metrics is not None:
                     reason = "no_usage" if ex.outcome == "complete" else "cut_short"
                     labels = (ex.key_name or "", ex.metric_model, reason)
                     metrics.tokens_unreconciled.labels(*labels).inc()
                 return
             billable = 0
-        budget.reconcile(billable)
+        charge.reconcile(billable)
         ex.charged_tokens = billable
 
     def refused(self, ex: Exchange, err: ProxyError, bytes_out: int) -> None:
@@ -203,8 +203,8 @@ class Observer:
         body = resp.body
         if isinstance(body, bytes):
             ex.bytes_out = len(body)
-        if ex.budget is not None:  # the proxy's own budgets (README: Token budgets)
-            ex.budget.add_headers(resp.headers)
+        if ex.charge is not None:  # the proxy's own budgets (README: Token budgets)
+            ex.charge.add_headers(resp.headers)
         if err.status == 429:
             self.rate_limited(ex, err)
         return resp
@@ -266,8 +266,8 @@ class Observer:
                     ex.bytes_out = len(body)
                 resp.headers[OUR_REQUEST_ID_HEADER] = ex.request_id
                 resp.headers.setdefault("x-request-id", ex.request_id)
-                if ex.budget is not None:
-                    ex.budget.add_headers(resp.headers)
+                if ex.charge is not None:
+                    ex.charge.add_headers(resp.headers)
                 return resp
             except BaseException as exc:  # cancelled: the client went away
                 ex.failed_before_response(exc)

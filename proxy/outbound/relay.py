@@ -139,8 +139,8 @@ def response_head(answered: Answered, ex: Exchange) -> tuple[web.StreamResponse,
     headers[OUR_REQUEST_ID_HEADER] = ex.request_id
     if _X_REQUEST_ID not in headers:
         headers[_X_REQUEST_ID] = ex.request_id
-    if ex.budget is not None:  # the proxy's own budgets (README, "Token budgets")
-        ex.budget.add_headers(headers)
+    if ex.charge is not None:  # the proxy's own budgets (README, "Token budgets")
+        ex.charge.add_headers(headers)
     length = upstream_resp.content_length
     content_type = upstream_resp.headers.get("Content-Type", "")
     ex.streaming = length is None or content_type.startswith(_SSE)

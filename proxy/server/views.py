@@ -20,8 +20,9 @@ from typing import NoReturn
 from aiohttp import web
 
 from .. import SERVER, __version__
-from ..admission.admission import Caller, counts_tokens, unauthorized
+from ..admission.admission import Caller, counts_tokens
 from ..admission.proxy_keys import KeyTable
+from ..admission.refusals import unauthorized
 from ..config.settings import Route
 from ..errors import ProxyError, model_not_found
 from ..inbound.body import BodyStream
@@ -110,7 +111,7 @@ async def _route_and_send(
     tokens = runtime.token_limited and (runtime.route_limited or counts_tokens(settings, caller))
     charged = not (runtime.route_limited or tokens)
     if charged and runtime.limited:  # with no limit configured, nothing to charge
-        ex.budget = await admission.charge(settings, caller, None)
+        ex.charge = await admission.charge(settings, caller, None)
     route: Route | None = None
     try:
         vet_head(request)
@@ -132,13 +133,13 @@ async def _route_and_send(
         ex.route = route.describe()
     except ProxyError:
         if not charged:
-            ex.budget = await admission.charge(settings, caller, route)
+            ex.charge = await admission.charge(settings, caller, route)
         raise
     if not charged:  # a model request's tokens too, under a budget (README, "Token budgets")
         if admission.memory is not None:  # in memory, charged at once: no coroutine
-            ex.budget = admission.charge_now(settings, caller, route, priced(chosen, target))
+            ex.charge = admission.charge_now(settings, caller, route, priced(chosen, target))
         else:
-            ex.budget = await admission.charge(settings, caller, route, priced(chosen, target))
+            ex.charge = await admission.charge(settings, caller, route, priced(chosen, target))
     if outbound is None:
         assert isinstance(chosen, RealtimeTarget)
         return await app[REALTIME].serve(request, chosen, runtime, ex=ex)
@@ -155,7 +156,7 @@ async def _refuse_unauthenticated(
 ) -> NoReturn:
     """Charge a caller without a valid key (guessing keys is rate limited
     too), then refuse it."""
-    ex.budget = await request.app[LIMITER].charge(runtime.settings, caller, None)
+    ex.charge = await request.app[LIMITER].charge(runtime.settings, caller, None)
     # A suspect head is refused as such (and its connection closed) even
     # without a key: bytes after it must not be read as another request.
     vet_head(request)
@@ -183,7 +184,7 @@ async def _admit(request: web.Request) -> Caller:
         ex.key_name = caller.key.name if caller.key is not None else None
     charged = await request.app[LIMITER].charge(runtime.settings, caller, None)
     if ex is not None:
-        ex.budget = charged
+        ex.charge = charged
     if not caller.authenticated:
         raise unauthorized()
     return caller

@@ -157,7 +157,7 @@ async def test_a_raised_token_limit_is_felt_at_once_and_a_debt_is_cut_to_the_cei
     try:
         _, decision = await reserve(before, "k", None, small, 1000)
         assert decision.allowed
-        before.settle("k", small, 99000)  # an answer of 100,000 tokens
+        before.settle("k", small, (99000, 0))  # an answer of 100,000 tokens
         _, refused = await reserve(before, "k", None, small, 10)
     finally:
         await before.close()

@@ -8,14 +8,10 @@ from typing import Any
 
 import pytest
 
-from proxy.admission.admission import (
-    Admission,
-    Caller,
-    choose_limit,
-    openai_duration,
-    rate_limited,
-)
+from proxy.admission.admission import Admission, Caller, choose_limit
 from proxy.admission.buckets import Decision, StorageUnavailable
+from proxy.admission.budget import openai_duration
+from proxy.admission.refusals import rate_limited
 from proxy.config import RateLimitSettings, parse_settings
 from proxy.errors import RateLimited, ServiceUnavailable, error_response
 from proxy.runtime.runtime import Runtime, build_runtime

@@ -122,6 +122,13 @@ def test_a_raised_limit_gives_room_at_once_and_a_lowered_one_refills_no_one() ->
     # 6000 owed, cut to twice the new budget: 200; 110 over it at 100 a minute.
     assert not tokens.allowed and tokens.used == 200
     assert tokens.retry_after == pytest.approx(110 * 60 / 100)
+    # The cut is kept (the state is now the lowered budget's): once the wait
+    # has passed, the 10 fit, and not a nanosecond before.
+    clock.now += 66 * NS - 1
+    assert not reserve(limiter, "t", None, lowered, 10)[1].allowed
+    clock.now += 1
+    _, tokens = reserve(limiter, "t", None, lowered, 10)
+    assert tokens.allowed and tokens.remaining == 0
 
 
 def test_the_day_window_refills_over_24_hours() -> None:
