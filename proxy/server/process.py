@@ -43,6 +43,7 @@ from ..config import ConfigError, Settings, load_settings
 from ..observe.access_log import send_access_log_to
 from ..runtime.runtime import build_runtime
 from .app import create_app, server_options
+from .collector import tune_collector
 from .drain import ProxyRunner
 from .keys import BUILTINS, DISCOVERY, OBSERVER, RUNTIME
 
@@ -163,6 +164,7 @@ async def _run(
     lifecycle.install(asyncio.get_running_loop())
     runner = ProxyRunner(app, settings.server, handler_cancellation=True, **server_options())
     await runner.setup()
+    tune_collector()  # everything made so far lives as long as the process
     if lifecycle.stop.is_set():  # stopped while setting up: never listen
         await runner.cleanup()
         log.info("stopped (pid %d) before listening", pid)
