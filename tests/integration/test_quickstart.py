@@ -93,6 +93,9 @@ def test_ci_runs_the_readme_commands() -> None:
     assert readme_test_command() in lines
     # Where python3 -m venv cannot work yet, .ci/run installs python3-venv first.
     assert "python3-venv" in CI_RUN.read_text()
+    # And after the tests, the README's Development checkers, strict tooling held by CI.
+    for checker in (".venv/bin/ruff check .", ".venv/bin/ruff format --check .", ".venv/bin/mypy"):
+        assert checker in lines, checker
 
 
 @pytest.mark.slow
