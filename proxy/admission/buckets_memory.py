@@ -315,17 +315,24 @@ class MemoryRateLimiter:
 
     def settle(self, key: str, budget: TokenBudget, deltas: tuple[int, int]) -> None:
         """token_buckets.py's ``settle_tokens`` written out, as in
-        :meth:`take_tokens_now`. Drained buckets are retired by the sweeper
-        (reservations and settles never evict)."""
+        :meth:`take_tokens_now`, under the budget the buckets are in force
+        under (``budget``, the reservation's, when they were retired: a reload
+        may have changed it since). Drained buckets are retired by the
+        sweeper (reservations and settles never evict)."""
         now = self._clock()
-        m, d = self._owed(key, budget, now)
-        m += deltas[0]
-        d += deltas[1]
+        state = self._token_shards[hash(key) & self._mask].buckets.get(key)
+        if state is None:
+            m, d = float(deltas[0]), float(deltas[1])
+        else:
+            budget = state.budget
+            m, d = _owed(state, now, budget)
+            m += deltas[0]
+            d += deltas[1]
         cap_m, cap_d = budget.cap_minute, budget.cap_day
         m = 0.0 if m <= 0.0 else (m if m <= 2.0 * cap_m else 2.0 * cap_m)
         d = 0.0 if d <= 0.0 else (d if d <= 2.0 * cap_d else 2.0 * cap_d)
         # (No bucket is made for one retired since that stays drained.)
-        if m or d or self._token_shards[hash(key) & self._mask].buckets.get(key) is not None:
+        if m or d or state is not None:
             self._write(key, m, d, budget, now)
 
     def evict(self, now: int, budget: int) -> int:

@@ -109,7 +109,13 @@ class Reservation:
         """The ``x-oaimux-ratelimit-*-tokens`` headers: what is left in the
         window with the fewest tokens left, and when it is full again."""
         budget, state = self.budget, self.state
+        # What the state owes may be below zero: a refund goes into it whole,
+        # and a bucket owes at least nothing (MemoryRateLimiter.refund).
         owed_m, owed_d = state.minute, state.day
+        if owed_m < 0.0:
+            owed_m = 0.0
+        if owed_d < 0.0:
+            owed_d = 0.0
         cap_m, cap_d = budget.room_minute, budget.room_day
         if cap_m and not (cap_d and cap_d - owed_d < cap_m - owed_m):
             left, reset = cap_m - owed_m, owed_m * budget.ns_minute
@@ -126,14 +132,16 @@ class Reservation:
         """
         estimate = self.estimate
         refund = billable - estimate
+        state = self.state
         if (
             refund <= 0
             and estimate <= self.budget.cap_smallest
+            and state.budget is self.budget
             and type(self.storage) is MemoryRateLimiter
         ):
-            # The usual case: an estimate charged whole to each window, and
-            # generous. Given back in place (MemoryRateLimiter.refund, written out).
-            state = self.state
+            # The usual case: an estimate charged whole to each window (of the
+            # budget the state is still under: a reload may have added one),
+            # and generous. Given back in place (MemoryRateLimiter.refund, written out).
             state.minute += refund
             state.day += refund
         else:
@@ -145,7 +153,8 @@ class Reservation:
         cap_m, cap_d = budget.cap_minute, budget.cap_day
         delta_m = billable - (estimate if estimate < cap_m else cap_m) if cap_m else 0
         delta_d = billable - (estimate if estimate < cap_d else cap_d) if cap_d else 0
-        if type(self.storage) is MemoryRateLimiter and delta_m <= 0 >= delta_d:
+        in_place = type(self.storage) is MemoryRateLimiter and state.budget is budget
+        if in_place and delta_m <= 0 >= delta_d:
             state.minute += delta_m
             state.day += delta_d
         elif delta_m or delta_d:

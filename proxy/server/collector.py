@@ -10,9 +10,11 @@ every full pass also walked everything start-up made (modules, the compiled
 configuration), which lives as long as the process anyway.
 
 :func:`tune_collector` runs once the app is built: one full pass, then
-``gc.freeze()`` (what exists now is never walked again, and a forked worker
-keeps sharing its pages), and a first threshold of :data:`YOUNG_THRESHOLD`.
-Garbage in reference cycles is still collected, a little later.
+``gc.freeze()`` (what exists now is never walked again; each worker of
+``--workers N`` does this for itself, once its app is built), and a first
+threshold of :data:`YOUNG_THRESHOLD`. Garbage in reference cycles made after
+start-up is still collected, a little later; what start-up left in cycles and
+a reload replaces (the first runtime) stays, once.
 """
 
 from __future__ import annotations

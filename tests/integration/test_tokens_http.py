@@ -527,3 +527,39 @@ async def test_a_client_that_leaves_mid_stream_is_charged_its_reservation(
     assert (await post(client, body_costing(600))).status == 429
     assert metric(client, "oaimux_tokens_unreconciled_total", key="", model="m",
                   reason="cut_short") == 1  # fmt: skip
+
+
+async def test_an_answer_whose_bucket_another_answer_refunded_keeps_sane_headers(
+    aiohttp_server: Any, proxy: Any
+) -> None:
+    # A reserves 4,000 and drains; B reserves 100; A's upstream fails, so A is
+    # refunded in full into the bucket B's answer then reads (it owes less than
+    # nothing as stored): B's answer still goes out, with the bucket full.
+    arrived = {"A": asyncio.Event(), "B": asyncio.Event()}
+    release = {"A": asyncio.Event(), "B": asyncio.Event()}
+
+    async def chat(request: web.Request) -> web.Response:
+        who = json.loads(await request.read())["messages"][0]["content"]
+        arrived[who].set()
+        await release[who].wait()
+        if who == "A":
+            return web.json_response({"error": {"message": "down"}}, status=500)
+        return web.json_response({"usage": {"prompt_tokens": 5, "completion_tokens": 1}})
+
+    gated = web.Application()
+    gated.router.add_post("/v1/chat/completions", chat)
+    server: TestServer = await aiohttp_server(gated)
+    clock = FakeClock()
+    client = await proxy(config(str(server.make_url("/v1")), tokens_per_minute=40000), clock)
+    first = asyncio.ensure_future(post(client, body(4000, messages=[{"content": "A"}])))
+    await arrived["A"].wait()
+    clock.advance(61)  # A's reservation has drained
+    second = asyncio.ensure_future(post(client, body(100, messages=[{"content": "B"}])))
+    await arrived["B"].wait()
+    release["A"].set()
+    assert (await first).status == 500
+    release["B"].set()
+    answer = await second
+    assert answer.status == 200
+    assert answer.headers["x-oaimux-ratelimit-remaining-tokens"] == "40000"
+    assert answer.headers["x-oaimux-ratelimit-reset-tokens"] == "1ms"

@@ -9,6 +9,7 @@ import pytest
 from proxy.admission.admission import estimate_tokens
 from proxy.admission.buckets import NS, Decision
 from proxy.admission.buckets_memory import MemoryRateLimiter
+from proxy.admission.budget import reservation
 from proxy.admission.token_buckets import (
     TokenDecision,
     settle_tokens,
@@ -292,3 +293,20 @@ def test_a_refund_into_the_state_equals_a_settle(later_ns: int) -> None:
     refunded = limiter.reserve_now("refunded", None, BOTH, 10)
     settled = limiter.reserve_now("settled", None, BOTH, 10)
     assert refunded[1:6] == pytest.approx(settled[1:6])
+
+
+def test_after_a_reload_adds_a_window_an_earlier_answer_settles_only_what_it_charged() -> None:
+    # A reserved under a budget with no day window; B under the reloaded one,
+    # which has one. A's refund (its upstream failed) and overrun go to the
+    # minute alone, and the day keeps what B owes it.
+    before = TokenBudget(per_minute=100_000, per_day=None)
+    after = TokenBudget(per_minute=100_000, per_day=1000)
+    for billable, minute in ((0, 900.0), (1000, 1900.0)):
+        clock = Clock()
+        limiter = MemoryRateLimiter(clock)
+        first = reservation(before, 800, limiter.take_tokens_now("k", before, 800), limiter, "k")
+        assert limiter.take_tokens_now("k", after, 900) is not None
+        first.reconcile(billable)
+        state = limiter.take_tokens_now("k", after, 0)
+        assert state is not None
+        assert (state.minute, state.day) == (minute, 900.0)
