@@ -54,9 +54,13 @@ def find_multipart_model(body: bytes | bytearray, boundary: bytes) -> FoundModel
             raise _bad_multipart("unterminated boundary line")
         headers_end = _headers_end(body, line_end, len(body))
         content_start = headers_end + 4
-        next_delim = body.find(marker, content_start)
+        # From the CRLF that ends the header block: a part may be empty, the
+        # next delimiter opening with that CRLF (RFC 2046 §5.1.1: a body-part's
+        # headers and its CRLF *OCTET are both optional).
+        next_delim = body.find(marker, content_start - 2)
         if next_delim < 0:
             raise _bad_multipart("no closing boundary")
+        content_start = min(content_start, next_delim)
         if part_name(body[line_end + 2 : headers_end]) == "model":
             if found is not None:
                 raise InvalidRequest(
@@ -144,7 +148,9 @@ class MultipartModelScan:
         line_end = buf.find(b"\r\n", pos)  # at most ``end``: the delimiter opens with CRLF
         headers_end = _headers_end(buf, line_end, end + 2)
         content_start = headers_end + 4
-        if content_start > end:
+        if content_start == end + 2:  # an empty part (see find_multipart_model)
+            content_start = end
+        elif content_start > end:
             raise _bad_multipart("no closing boundary")
         if part_name(buf[line_end + 2 : headers_end]) == "model":
             if self._found is not None:

@@ -16,6 +16,7 @@ import json
 import os
 from typing import Any
 
+from aiohttp import web
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -186,3 +187,36 @@ def test_json_model_of_a_bytearray_equals_that_of_bytes(
     """read_body hands on a bytearray when the body came in pieces: same answers."""
     want = outcome(find_json_model, body, exact_limit)
     assert outcome(find_json_model, bytearray(body), exact_limit) == want
+
+
+MODEL_PART = b'Content-Disposition: form-data; name="model"\r\n\r\nwhisper-1\r\n--bnd--\r\n'
+EMPTY_FIRST = [
+    # RFC 2046 §5.1.1: a body-part's headers and content are both optional, so
+    # the CRLF ending an empty part's header block is the next delimiter's.
+    b"--bnd\r\n\r\n--bnd\r\n" + MODEL_PART,
+    b'--bnd\r\nContent-Disposition: form-data; name="x"\r\n\r\n--bnd\r\n' + MODEL_PART,
+]
+
+
+def test_a_model_after_an_empty_part_is_found_by_both_finders() -> None:
+    for body in EMPTY_FIRST:
+        whole = find_multipart_model(body, B.encode())
+        assert whole.model == "whisper-1"
+        assert body[whole.start : whole.end] == b"whisper-1"
+        assert MultipartModelScan(B.encode()).feed(body) == whole
+
+
+async def test_a_model_after_an_empty_part_is_the_one_aiohttp_parses(aiohttp_client: Any) -> None:
+    # aiohttp's form parser, a real upstream's: it refuses a part with no
+    # name, and reads the empty named part and then the model.
+    async def fields(request: web.Request) -> web.Response:
+        return web.json_response(
+            {name: str(value) for name, value in (await request.post()).items()}
+        )
+
+    app = web.Application()
+    app.router.add_post("/", fields)
+    client = await aiohttp_client(app)
+    form = {"Content-Type": f"multipart/form-data; boundary={B}"}
+    resp = await client.post("/", data=EMPTY_FIRST[1], headers=form)
+    assert await resp.json() == {"x": "", "model": "whisper-1"}
