@@ -229,7 +229,7 @@ async def choose_route(
         return ModelRoute(match.route, match.upstream_model, read)
     if path == REALTIME_PATH and is_websocket_upgrade(request):
         # Routed by ?model= (README, "Realtime (WebSocket)").
-        realtime = realtime_target(request, target, caller, runtime=runtime)
+        realtime = realtime_target(request, target, caller, runtime=runtime, ex=ex)
         ex.model, ex.upstream_model = realtime.model, realtime.upstream_model
         ex.metric_model = realtime.route.model or realtime.model or ""
         return realtime
@@ -326,13 +326,18 @@ def is_websocket_upgrade(request: web.BaseRequest) -> bool:
 
 
 def realtime_target(
-    request: web.BaseRequest, target: Target, caller: Caller, *, runtime: Runtime
+    request: web.BaseRequest,
+    target: Target,
+    caller: Caller,
+    *,
+    runtime: Runtime,
+    ex: Exchange | None = None,
 ) -> RealtimeTarget:
     """Resolve the handshake's route from ``?model=``, or raise the error to answer.
 
     ``target`` holds the vetted query (credential parameters removed) and its
-    one ``model`` value (head.vet_target refused two).
-    """
+    one ``model`` value (head.vet_target refused two); ``ex`` takes the
+    metrics label, as a body's model does (:func:`allowed_match`)."""
     refuse_body(request)
     model = target.query_model or ""
     check_model_id(model)
@@ -346,7 +351,7 @@ def realtime_target(
                 param="model",
             )
         return RealtimeTarget(route, None, None, query, client_authorization(request, runtime))
-    match = allowed_match(model, runtime, caller)
+    match = allowed_match(model, runtime, caller, ex)
     upstream_model = match.upstream_model
     if upstream_model != model:
         query = _with_model(query, upstream_model)
@@ -362,9 +367,9 @@ def allowed_match(
     a model a client names: in a body, in a realtime ``?model=``, in a
     Responses WebSocket's message.
 
-    With ``ex`` (a body's model), the metrics label is set once the model is
-    known to route, before the key's check: a request the key refuses is
-    counted under that label too."""
+    With ``ex`` (a body's model, a realtime handshake's), the metrics label is
+    set once the model is known to route, before the key's check: a request
+    the key refuses is counted under that label too."""
     match = runtime.table.resolve(model)
     if match is None:
         raise model_not_found(model)
