@@ -150,39 +150,19 @@ class Bench:
             else:
                 self.results["skipped"]["nginx"] = "nginx is not installed"
         if "oaimux" in wanted:
-            candidates.append(
-                Oaimux(
-                    self.workdir,
-                    self.proxy_cpus,
-                    self.mock,
-                    1,
-                    self.a.observability,
-                    self.a.oaimux_cmd,
-                )
-            )
+
+            def oaimux(cpus: set[int] | None, workers: int, token_limit: bool = False) -> Oaimux:
+                a = self.a
+                return Oaimux(
+                    self.workdir, cpus, self.mock, workers, a.observability, a.oaimux_cmd,
+                    token_limit=token_limit,
+                )  # fmt: skip
+
+            candidates.append(oaimux(self.proxy_cpus, 1))
             if self.a.workers > 1:
-                self.multi.append(
-                    Oaimux(
-                        self.workdir,
-                        self.multi_cpus,
-                        self.mock,
-                        self.a.workers,
-                        self.a.observability,
-                        self.a.oaimux_cmd,
-                    )
-                )
+                self.multi.append(oaimux(self.multi_cpus, self.a.workers))
             if self.a.token_limit:  # on the same core as oaimux, measured beside it
-                self.multi.append(
-                    Oaimux(
-                        self.workdir,
-                        self.proxy_cpus,
-                        self.mock,
-                        1,
-                        self.a.observability,
-                        self.a.oaimux_cmd,
-                        token_limit=True,
-                    )
-                )
+                self.multi.append(oaimux(self.proxy_cpus, 1, token_limit=True))
         for peer in candidates + self.multi:
             self.spawned.append(peer)  # before start(): an interrupt mid-start still stops it
             try:

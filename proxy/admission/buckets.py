@@ -109,7 +109,7 @@ def take_token(full_at: int, now: int, burst: int, interval: int) -> tuple[Decis
 # before the reservation and after it (after is before when nothing was
 # charged), whether the request bucket and every window had room, and, in
 # memory, the token buckets' state as charged (see buckets_memory.py's
-# MemoryRateLimiter.refund; None from Redis). Flat: one is made per model
+# budget.py's Reservation.reconcile; None from Redis). Flat: one is made per model
 # request; token_buckets.py's token_decision makes the figures of a refusal
 # from it.
 Reserved = tuple[Decision | None, float, float, float, float, bool, TokenState | None]

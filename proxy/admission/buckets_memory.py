@@ -286,24 +286,6 @@ class MemoryRateLimiter:
             state.minute, state.day, state.at, state.budget = minute, day, now, budget
         return state
 
-    @staticmethod
-    def refund(state: TokenState, tokens: int) -> None:
-        """Give back ``tokens`` (<= 0) to both windows of a reservation whose
-        buckets' state :meth:`reserve_now` returned: no clock, no lookup
-        (admission/budget.py writes it out where one is made per answer).
-
-        Exact: a bucket that owes ``S`` as of ``at`` owes ``max(0, S - drain)``
-        now, and ``max(0, max(0, S - drain) + refund)`` equals
-        ``max(0, S + refund - drain)`` for any refund <= 0, so the refund can
-        go into ``S`` itself, at any time (below zero too: a bucket is read as
-        owing at least nothing). A window not limited owes nothing whatever
-        its ``S``. The heap entry stays as late as it was (the sweeper then
-        retires the bucket a little later). A state the sweeper already
-        retired is full: the refund changes nothing, as :meth:`settle` would.
-        """
-        state.minute += tokens
-        state.day += tokens
-
     def _store(self, key: str, full_at: int | None, new_full_at: int, now: int) -> None:
         """Write a request bucket's new ``full_at`` (as :meth:`acquire_now` does)."""
         shard = self._shards[hash(key) & self._mask]

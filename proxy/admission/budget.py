@@ -87,8 +87,8 @@ class Reservation:
     """The tokens reserved for one request: ``estimate`` tokens under
     ``budget``, charged to the token buckets ``key`` of ``storage``.
     ``state``: what those buckets owe (in memory, the buckets' own state,
-    refunded in place, see buckets_memory.py's ``MemoryRateLimiter.refund``;
-    from Redis, the figures its answer gave, in a state of their own).
+    refunded in place, see :meth:`reconcile`; from Redis, the figures its
+    answer gave, in a state of their own).
 
     What the exchange keeps of a request charged tokens alone (a block with
     no request limit, the usual reservation in memory), so made without an
@@ -110,7 +110,7 @@ class Reservation:
         window with the fewest tokens left, and when it is full again."""
         budget, state = self.budget, self.state
         # What the state owes may be below zero: a refund goes into it whole,
-        # and a bucket owes at least nothing (MemoryRateLimiter.refund).
+        # and a bucket owes at least nothing (Reservation.reconcile).
         owed_m, owed_d = state.minute, state.day
         if owed_m < 0.0:
             owed_m = 0.0
@@ -129,6 +129,19 @@ class Reservation:
         """Charge the buckets ``billable`` tokens (what the answer's usage
         bills; 0 when no upstream produced any) instead of the estimate: give
         back the difference or charge the overrun (see the module docstring).
+
+        The usual case, in memory, is a refund of an estimate charged whole to
+        each window (of the budget the state is still under: a reload may have
+        added one): it goes into the state in place, no clock, no lookup.
+        Exact: a bucket that owes ``S`` as of ``at`` owes ``max(0, S - drain)``
+        now, and ``max(0, max(0, S - drain) + refund)`` equals
+        ``max(0, S + refund - drain)`` for any refund <= 0, so the refund can
+        go into ``S`` itself, at any time (below zero too: a bucket is read as
+        owing at least nothing; a window not limited owes nothing whatever its
+        ``S``). The heap entry stays as late as it was (the sweeper retires the
+        bucket a little later); a state the sweeper already retired is full,
+        and the refund changes nothing, as a settle would. Anything else is
+        the store's ``settle``, window by window.
         """
         estimate = self.estimate
         refund = billable - estimate
@@ -139,25 +152,14 @@ class Reservation:
             and state.budget is self.budget
             and type(self.storage) is MemoryRateLimiter
         ):
-            # The usual case: an estimate charged whole to each window (of the
-            # budget the state is still under: a reload may have added one),
-            # and generous. Given back in place (MemoryRateLimiter.refund, written out).
             state.minute += refund
             state.day += refund
-        else:
-            self._settle(billable)
-
-    def _settle(self, billable: int) -> None:
-        """Charge each window ``billable`` instead of what the reservation charged it."""
-        budget, estimate, state = self.budget, self.estimate, self.state
+            return
+        budget = self.budget
         cap_m, cap_d = budget.cap_minute, budget.cap_day
         delta_m = billable - (estimate if estimate < cap_m else cap_m) if cap_m else 0
         delta_d = billable - (estimate if estimate < cap_d else cap_d) if cap_d else 0
-        in_place = type(self.storage) is MemoryRateLimiter and state.budget is budget
-        if in_place and delta_m <= 0 >= delta_d:
-            state.minute += delta_m
-            state.day += delta_d
-        elif delta_m or delta_d:
+        if delta_m or delta_d:
             self.storage.settle(self.key, budget, (delta_m, delta_d))
 
 

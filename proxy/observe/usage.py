@@ -101,8 +101,6 @@ def billable_tokens(usage: Usage) -> int | None:
     # Read by index: a named field is a descriptor call in CPython 3.11, and
     # unpacking a tuple's subclass goes through an iterator.
     prompt, completion, written, cached = usage[0], usage[1], usage[3], usage[4]
-    if written is None and not cached and prompt is not None and completion is not None:
-        return prompt + completion  # the usual answer: nothing cached, nothing written
     if prompt is None and completion is None:
         return None
     return max(0, (prompt or 0) - cached) + (written or 0) + (completion or 0)

@@ -276,8 +276,9 @@ def test_a_window_of_refill_repays_a_whole_budget() -> None:
 @pytest.mark.parametrize("later_ns", [0, 3 * NS, 30 * NS, 120 * NS])
 def test_a_refund_into_the_state_equals_a_settle(later_ns: int) -> None:
     # Two clients, the same reservations on the same clock; the answer's
-    # refund goes into the returned state for one and through settle for the
-    # other, some time later: the next reservation sees the same buckets.
+    # refund goes into the returned state for one (Reservation.reconcile, in
+    # place) and through settle for the other, some time later: the next
+    # reservation sees the same buckets.
     clock = Clock()
     limiter = MemoryRateLimiter(clock)
     for key in ("refunded", "settled"):
@@ -287,7 +288,7 @@ def test_a_refund_into_the_state_equals_a_settle(later_ns: int) -> None:
     limiter.reserve_now("settled", None, BOTH, 600)
     clock.now += later_ns
     assert state is not None
-    MemoryRateLimiter.refund(state, -550)
+    reservation(BOTH, 600, state, limiter, "refunded").reconcile(50)  # 550 given back
     limiter.settle("settled", BOTH, (-550, -550))
     clock.now += NS
     refunded = limiter.reserve_now("refunded", None, BOTH, 10)
