@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -21,3 +23,17 @@ def test_it_prints_the_floor_per_request(capsys: pytest.CaptureFixture[str]) -> 
     token_floor.main(["--requests", "200", "--repeat", "1", "--json"])
     figure = json.loads(capsys.readouterr().out)["token_floor_us_per_request"]
     assert 0 < figure < 1000
+
+
+def test_the_inline_floor_patch_still_applies_to_the_tree() -> None:
+    # bench/README.md, "Token budget: the floor inside the proxy": the measurement is
+    # repeatable only while the patch applies to the request path as it is.
+    root = Path(__file__).resolve().parents[2]
+    checked = subprocess.run(
+        ["git", "apply", "--check", "bench/token_floor_inline.patch"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert checked.returncode == 0, checked.stderr
