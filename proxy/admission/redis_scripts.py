@@ -68,7 +68,13 @@ SCRIPT_SHA = hashlib.sha1(SCRIPT.encode()).hexdigest()  # noqa: S324 - Redis nam
 
 # Token budgets (README: Token budgets; the arithmetic of token_buckets.py's
 # take_tokens and settle_tokens). A client's token buckets are one key holding
-# "<owed minute> <owed day> <at µs>"; it expires when both have drained.
+# "<owed minute> <owed day> <at µs> <capacity per minute> <per day>": the
+# capacities of the budget the state was last reserved under, which a settle
+# drains and cuts under (a reload may have changed the budget since the
+# answer it settles was reserved: buckets_memory.py's TokenState keeps its
+# budget for the same reason). A state of three fields (written before the
+# capacities were kept) is settled under the reservation's. The key expires
+# when both windows have drained.
 _TOKENS_LUA = """\
 local function fmt(x) return string.format('%.17g', x) end
 local function drain(owed, elapsed, cap, window)
@@ -77,14 +83,18 @@ local function drain(owed, elapsed, cap, window)
   if owed <= 0 then return 0 end
   return math.min(owed, 2 * cap)
 end
-local function read_tokens(key, cap_m, cap_d)
+local function read_state(key)
   local state = redis.call('GET', key)
-  if not state then return 0, 0 end
-  local m, d, at = string.match(state, '^(%S+) (%S+) (%S+)$')
-  if not at then return 0, 0 end
-  local elapsed = now - tonumber(at)
-  return drain(tonumber(m), elapsed, cap_m, 60000000),
-         drain(tonumber(d), elapsed, cap_d, 86400000000)
+  if not state then return nil end
+  local m, d, at, cm, cd = string.match(state, '^(%S+) (%S+) (%S+) (%S+) (%S+)$')
+  if not at then m, d, at = string.match(state, '^(%S+) (%S+) (%S+)$') end
+  if not at then return nil end
+  return tonumber(m), tonumber(d), now - tonumber(at), tonumber(cm), tonumber(cd)
+end
+local function read_tokens(key, cap_m, cap_d)
+  local m, d, elapsed = read_state(key)
+  if not m then return 0, 0 end
+  return drain(m, elapsed, cap_m, 60000000), drain(d, elapsed, cap_d, 86400000000)
 end
 local function write_tokens(key, m, d, cap_m, cap_d)
   local drained = 0
@@ -94,7 +104,8 @@ local function write_tokens(key, m, d, cap_m, cap_d)
     redis.call('DEL', key)
     return
   end
-  redis.call('SET', key, fmt(m) .. ' ' .. fmt(d) .. ' ' .. string.format('%.0f', now),
+  redis.call('SET', key, fmt(m) .. ' ' .. fmt(d) .. ' ' .. string.format('%.0f', now)
+             .. ' ' .. fmt(cap_m) .. ' ' .. fmt(cap_d),
              'PX', math.max(1, math.ceil(drained / 1000)))
 end
 """
@@ -116,16 +127,22 @@ end
 # Lua number in a reply is cut to an integer).
 #
 # ARGV[1] 'settle': what an answer really used, once it ended. KEYS[1]: token
-# buckets; ARGV[2..]: capacity per minute, per day, tokens to add to each
-# (negative: a refund).
+# buckets; ARGV[2..]: capacity per minute, per day of the reservation's budget
+# (used when the state keeps none: see _TOKENS_LUA), tokens to add to each
+# (negative: a refund; 0 for a window the reservation did not charge).
 TOKENS_SCRIPT = (
     _NOW_LUA
     + _REQUEST_BUCKET_LUA
     + _TOKENS_LUA
     + """\
 if ARGV[1] == 'settle' then
-  local cap_m, cap_d = tonumber(ARGV[2]), tonumber(ARGV[3])
-  local m, d = read_tokens(KEYS[1], cap_m, cap_d)
+  local m, d, elapsed, cap_m, cap_d = read_state(KEYS[1])
+  if not cap_d then cap_m, cap_d = tonumber(ARGV[2]), tonumber(ARGV[3]) end
+  if m then
+    m, d = drain(m, elapsed, cap_m, 60000000), drain(d, elapsed, cap_d, 86400000000)
+  else
+    m, d = 0, 0
+  end
   if cap_m > 0 then m = math.min(math.max(m + tonumber(ARGV[4]), 0), 2 * cap_m) end
   if cap_d > 0 then d = math.min(math.max(d + tonumber(ARGV[5]), 0), 2 * cap_d) end
   write_tokens(KEYS[1], m, d, cap_m, cap_d)

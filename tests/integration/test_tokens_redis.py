@@ -142,9 +142,11 @@ async def test_reconciliation_goes_through_redis_down_and_up(
     assert resp.status == 429
     wait = float(resp.headers["retry-after-ms"]) / 1000
     assert 30 < wait <= (15000 + 45 + COST - 10000) * 60 / 10000 + 0.01
-    # The state: tokens owed per minute, per day (not limited: 0), as of when.
-    owed_minute, owed_day, _ = (await redis_client.get(TOKEN_KEY)).split()
+    # The state: tokens owed per minute, per day (not limited: 0), as of when,
+    # under which capacities.
+    owed_minute, owed_day, _, cap_minute, cap_day = (await redis_client.get(TOKEN_KEY)).split()
     assert 14990 < float(owed_minute) <= 15000 + 45 and float(owed_day) == 0
+    assert (cap_minute, cap_day) == (b"10000", b"0")
     # It expires when the minute bucket has drained: ~1.5 minutes.
     assert 80_000 < await redis_client.pttl(TOKEN_KEY) <= 91_000
 
@@ -176,6 +178,48 @@ async def test_a_raised_token_limit_is_felt_at_once_and_a_debt_is_cut_to_the_cei
         await after.close()
 
 
+@pytest.mark.parametrize(("billable", "minute"), [(0, 900), (1000, 1900)])
+async def test_after_a_reload_adds_a_window_an_earlier_answer_settles_only_what_it_charged(
+    redis_server: RedisServer, billable: int, minute: int
+) -> None:
+    # The first answer was reserved under a budget with no day window, the
+    # second under the reloaded one, which has one. The first's refund (its
+    # upstream failed) or overrun goes to the minute alone: the day keeps what
+    # the second owes it (before, a settle under the first's budget wiped it).
+    before = TokenBudget(per_minute=100_000, per_day=None)
+    after = TokenBudget(per_minute=100_000, per_day=1000)
+    limiter = RedisRateLimiter(redis_server.url)
+    try:
+        assert (await reserve(limiter, "k", None, before, 800))[1].allowed
+        assert (await reserve(limiter, "k", None, after, 900))[1].allowed
+        limiter.settle("k", before, (billable - 800, 0))  # as Reservation.reconcile sends it
+        _, _, _, owed_m, owed_d, _, _ = await limiter.reserve("k", None, after, 0)
+    finally:
+        await limiter.close()
+    assert float(owed_m) == pytest.approx(minute, abs=5)  # less a few ms of refill
+    assert float(owed_d) == pytest.approx(900, abs=0.1)
+
+
+async def test_a_state_kept_without_its_capacities_settles_under_the_reservations(
+    redis_server: RedisServer, redis_client: aioredis.Redis
+) -> None:
+    # A state an earlier version wrote ("<minute> <day> <at>") during a rolling
+    # upgrade: a settle reads it under the reservation's budget, as it did then.
+    budget = TokenBudget(per_minute=100_000, per_day=None)
+    seconds, micros = await redis_client.time()
+    await redis_client.set(
+        KEY_PREFIX + "k|tokens", f"900 0 {seconds * 1_000_000 + micros}", px=60_000
+    )
+    limiter = RedisRateLimiter(redis_server.url)
+    try:
+        limiter.settle("k", budget, (-800, 0))
+        _, _, _, owed_m, owed_d, _, _ = await limiter.reserve("k", None, budget, 0)
+    finally:
+        await limiter.close()
+    assert float(owed_m) == pytest.approx(100, abs=5)
+    assert float(owed_d) == 0
+
+
 async def test_shadow_mode_charges_without_refusing_in_redis(
     serve_config: ServeConfig, upstream: UsageUpstream, upstream_url: str, redis_server: RedisServer,
     redis_client: aioredis.Redis,
@@ -184,7 +228,7 @@ async def test_shadow_mode_charges_without_refusing_in_redis(
     client = await serve_config(cfg)
     statuses = [(await client.post(CHAT, data=RAW, headers=JSON)).status for _ in range(5)]
     assert statuses == [200] * 5
-    _, owed_day, _ = (await redis_client.get(TOKEN_KEY)).split()
+    _, owed_day, *_ = (await redis_client.get(TOKEN_KEY)).split()
     assert float(owed_day) == pytest.approx(4 * COST, abs=1)  # cut at twice the budget
 
 
