@@ -12,7 +12,7 @@ peer's median minus direct's median from the same run.
 from __future__ import annotations
 
 import statistics
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,6 +64,22 @@ def _goal(ok: bool | None) -> str:
     return {True: "met", False: "NOT met", None: "n/a"}[ok]
 
 
+def _compared(
+    figure: str,
+    values: dict[str, float | None],
+    direct: Callable[[float | None, float | None], str] | None = _ratio,
+    **rest: Any,
+) -> Row:
+    """A row of ``values`` with the subject set against direct's figure (by
+    ``direct``: ``_ratio`` or ``_added``; ``None``: not compared) and as a ratio of
+    nginx's; ``rest``: the row's other fields."""
+    subject = values.get(SUBJECT)
+    vs_direct = DASH if direct is None else direct(subject, values.get("direct"))
+    return Row(
+        figure, values, vs_direct=vs_direct, vs_nginx=_ratio(subject, values.get("nginx")), **rest
+    )
+
+
 def summarize(results: dict[str, Any]) -> list[Row]:
     """The table's figures with their goals, in order, from a results dict (see the module)."""
     rows: list[Row] = []
@@ -73,47 +89,20 @@ def summarize(results: dict[str, Any]) -> list[Row]:
     # -- non-streaming throughput, latency and CPU ------------------------------------------
     for c in conns_levels:
         rps = _pick(ns, "rps", conns=c)
-        rows.append(
-            Row(
-                f"non-stream req/s, {c} conn{_s(c)}",
-                rps,
-                vs_direct=_ratio(rps.get(SUBJECT), rps.get("direct")),
-                vs_nginx=_ratio(rps.get(SUBJECT), rps.get("nginx")),
-                fmt="{:,.0f}",
-            )
-        )
+        rows.append(_compared(f"non-stream req/s, {c} conn{_s(c)}", rps, fmt="{:,.0f}"))
     for c in conns_levels:
         p50 = _pick(ns, "p50_ms", conns=c)
         p99 = _pick(ns, "p99_ms", conns=c)
-        row = Row(
-            f"latency p50 ms, {c} conn{_s(c)}",
-            p50,
-            vs_direct=_added(p50.get(SUBJECT), p50.get("direct")),
-            vs_nginx=_ratio(p50.get(SUBJECT), p50.get("nginx")),
-            fmt="{:.3f}",
-        )
+        row = _compared(f"latency p50 ms, {c} conn{_s(c)}", p50, _added, fmt="{:.3f}")
         if c == 1:
             added = _sub(p50.get(SUBJECT), p50.get("direct"))
             row.goal, row.met = "added ≤ 0.3 ms", _le(added, 0.3)
         rows.append(row)
-        rows.append(
-            Row(
-                f"latency p99 ms, {c} conn{_s(c)}",
-                p99,
-                vs_direct=_added(p99.get(SUBJECT), p99.get("direct")),
-                vs_nginx=_ratio(p99.get(SUBJECT), p99.get("nginx")),
-                fmt="{:.3f}",
-            )
-        )
+        rows.append(_compared(f"latency p99 ms, {c} conn{_s(c)}", p99, _added, fmt="{:.3f}"))
     for c in conns_levels:
         cpu = _pick(ns, "cpu_us_per_req", conns=c)
         ratio = _div(cpu.get(SUBJECT), cpu.get("nginx"))
-        row = Row(
-            f"proxy CPU µs/request, {c} conn{_s(c)}",
-            cpu,
-            vs_nginx=_ratio(cpu.get(SUBJECT), cpu.get("nginx")),
-            fmt="{:.0f}",
-        )
+        row = _compared(f"proxy CPU µs/request, {c} conn{_s(c)}", cpu, None, fmt="{:.0f}")
         if c > 1:
             # At 1 connection every request also pays an idle wake-up of the proxy's core,
             # which says more about the VM than the proxy; the goal is about work per request.
@@ -152,25 +141,14 @@ def summarize(results: dict[str, Any]) -> list[Row]:
     ks = sorted({r["k"] for r in sse})
     for k in ks:
         ttfb = _pick(sse, "ttfb_p50_ms", k=k)
-        row = Row(
-            f"SSE TTFB p50 ms, {k} stream{_s(k)}",
-            ttfb,
-            vs_direct=_added(ttfb.get(SUBJECT), ttfb.get("direct")),
-            vs_nginx=_ratio(ttfb.get(SUBJECT), ttfb.get("nginx")),
-        )
+        row = _compared(f"SSE TTFB p50 ms, {k} stream{_s(k)}", ttfb, _added)
         if k == 100:
             row.goal = "added ≤ 2 ms"
             row.met = _le(_sub(ttfb.get(SUBJECT), ttfb.get("direct")), 2.0)
         rows.append(row)
     for k in ks:
         delay = _pick(sse, "delay_p50_ms", k=k)
-        row = Row(
-            f"SSE chunk delay p50 ms, {k} stream{_s(k)}",
-            delay,
-            vs_direct=_added(delay.get(SUBJECT), delay.get("direct")),
-            vs_nginx=_ratio(delay.get(SUBJECT), delay.get("nginx")),
-            fmt="{:.3f}",
-        )
+        row = _compared(f"SSE chunk delay p50 ms, {k} stream{_s(k)}", delay, _added, fmt="{:.3f}")
         if k == 1000:
             row.goal = "added ≤ 0.5 ms"
             row.met = _le(_sub(delay.get(SUBJECT), delay.get("direct")), 0.5)
@@ -178,44 +156,25 @@ def summarize(results: dict[str, Any]) -> list[Row]:
     if sse:
         coalesced = _sum_per_peer(sse, "coalesced")
         failed = {p: float(v) for p, v in _sum_per_peer(sse, "failed").items()}
-        rows.append(
-            Row(
-                "SSE chunks coalesced (all runs)",
-                coalesced,
-                goal="0",
-                met=_le(coalesced.get(SUBJECT), 0),
-                fmt="{:.0f}",
-            )
-        )
-        rows.append(
-            Row(
-                "SSE streams failed (all runs)",
-                failed,
-                goal="0",
-                met=_le(failed.get(SUBJECT), 0),
-                fmt="{:.0f}",
-            )
-        )
+        for figure, counts in (
+            ("SSE chunks coalesced (all runs)", coalesced),
+            ("SSE streams failed (all runs)", failed),
+        ):
+            met = _le(counts.get(SUBJECT), 0)
+            rows.append(Row(figure, counts, goal="0", met=met, fmt="{:.0f}"))
 
     # -- memory and hang-up -----------------------------------------------------------------
     hold: dict[str, dict[str, Any]] = results.get("hold", {})
     if hold:
         n = max((h.get("streams_open") or 0) for h in hold.values())
         idle = {p: h.get("idle_rss_mb") for p, h in hold.items()}
-        rows.append(
-            Row(
-                "proxy idle RSS MB",
-                idle,
-                vs_nginx=_ratio(idle.get(SUBJECT), idle.get("nginx")),
-                fmt="{:.1f}",
-            )
-        )
+        rows.append(_compared("proxy idle RSS MB", idle, None, fmt="{:.1f}"))
         kb = {p: h.get("kb_per_stream") for p, h in hold.items()}
         rows.append(
-            Row(
+            _compared(
                 f"memory KB per open stream ({n} open)",
                 kb,
-                vs_nginx=_ratio(kb.get(SUBJECT), kb.get("nginx")),
+                None,
                 goal="≤ 20 KB",
                 met=_le(kb.get(SUBJECT), 20.0),
                 fmt="{:.1f}",
@@ -238,11 +197,10 @@ def summarize(results: dict[str, Any]) -> list[Row]:
         mb = next(iter(big.values())).get("body_mb", 0)
         lat = {p: b.get("model_first_ms") for p, b in big.items()}
         rows.append(
-            Row(
+            _compared(
                 f"{mb:.0f} MB JSON request, latency ms",
                 lat,
-                vs_direct=_added(lat.get(SUBJECT), lat.get("direct")),
-                vs_nginx=_ratio(lat.get(SUBJECT), lat.get("nginx")),
+                _added,
                 goal="added ≤ 10 ms",
                 met=_le(_sub(lat.get(SUBJECT), lat.get("direct")), 10.0),
                 fmt="{:.1f}",
@@ -277,11 +235,9 @@ def summarize(results: dict[str, Any]) -> list[Row]:
         mbs = {p: b.get("mb_per_s") for p, b in binary.items()}
         ratio = _div(mbs.get(SUBJECT), mbs.get("nginx"))
         rows.append(
-            Row(
+            _compared(
                 "10 MB binary response, MB/s",
                 mbs,
-                vs_direct=_ratio(mbs.get(SUBJECT), mbs.get("direct")),
-                vs_nginx=_ratio(mbs.get(SUBJECT), mbs.get("nginx")),
                 goal="≥ 0.95× nginx",
                 met=_ge(ratio, 0.95),
                 fmt="{:.0f}",

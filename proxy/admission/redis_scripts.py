@@ -83,18 +83,19 @@ local function drain(owed, elapsed, cap, window)
   if owed <= 0 then return 0 end
   return math.min(owed, 2 * cap)
 end
-local function read_state(key)
+-- What key's windows owe now, drained and cut under cap_m and cap_d, or, when
+-- kept is true, under the capacities the state keeps (if it keeps them); and
+-- the capacities used.
+local function read_tokens(key, cap_m, cap_d, kept)
   local state = redis.call('GET', key)
-  if not state then return nil end
+  if not state then return 0, 0, cap_m, cap_d end
   local m, d, at, cm, cd = string.match(state, '^(%S+) (%S+) (%S+) (%S+) (%S+)$')
   if not at then m, d, at = string.match(state, '^(%S+) (%S+) (%S+)$') end
-  if not at then return nil end
-  return tonumber(m), tonumber(d), now - tonumber(at), tonumber(cm), tonumber(cd)
-end
-local function read_tokens(key, cap_m, cap_d)
-  local m, d, elapsed = read_state(key)
-  if not m then return 0, 0 end
-  return drain(m, elapsed, cap_m, 60000000), drain(d, elapsed, cap_d, 86400000000)
+  if not at then return 0, 0, cap_m, cap_d end
+  if kept and cd then cap_m, cap_d = tonumber(cm), tonumber(cd) end
+  local elapsed = now - tonumber(at)
+  return drain(tonumber(m), elapsed, cap_m, 60000000),
+         drain(tonumber(d), elapsed, cap_d, 86400000000), cap_m, cap_d
 end
 local function write_tokens(key, m, d, cap_m, cap_d)
   local drained = 0
@@ -136,13 +137,7 @@ TOKENS_SCRIPT = (
     + _TOKENS_LUA
     + """\
 if ARGV[1] == 'settle' then
-  local m, d, elapsed, cap_m, cap_d = read_state(KEYS[1])
-  if not cap_d then cap_m, cap_d = tonumber(ARGV[2]), tonumber(ARGV[3]) end
-  if m then
-    m, d = drain(m, elapsed, cap_m, 60000000), drain(d, elapsed, cap_d, 86400000000)
-  else
-    m, d = 0, 0
-  end
+  local m, d, cap_m, cap_d = read_tokens(KEYS[1], tonumber(ARGV[2]), tonumber(ARGV[3]), true)
   if cap_m > 0 then m = math.min(math.max(m + tonumber(ARGV[4]), 0), 2 * cap_m) end
   if cap_d > 0 then d = math.min(math.max(d + tonumber(ARGV[5]), 0), 2 * cap_d) end
   write_tokens(KEYS[1], m, d, cap_m, cap_d)
@@ -152,7 +147,7 @@ local burst = tonumber(ARGV[2])
 local interval = tonumber(ARGV[3])
 local cap_m, cap_d = tonumber(ARGV[4]), tonumber(ARGV[5])
 local cost_m, cost_d = tonumber(ARGV[6]), tonumber(ARGV[7])
-local m, d = read_tokens(KEYS[2], cap_m, cap_d)
+local m, d = read_tokens(KEYS[2], cap_m, cap_d, false)
 local req = {1, 0, 0, 0}
 local debt = nil
 if burst > 0 then
